@@ -1,0 +1,47 @@
+"""One exception family, so the CLI can turn any of them into one line and an exit code.
+
+Exit codes are part of the contract with CI scripts: 0 pass, 1 an accuracy or drift failure
+(the numbers are wrong), 2 a usage or environment error (the request could not be carried out).
+"""
+
+
+class TicknormError(Exception):
+    """Base class: the message is a complete sentence a user can act on."""
+
+    exit_code = 2
+
+
+class InputSpecError(TicknormError):
+    """An `--input` spec, an `.npz` file or a feed does not fit the model."""
+
+
+class CheckpointError(TicknormError):
+    """A checkpoint, factory or model directory cannot be loaded into the model."""
+
+
+class ExportError(TicknormError):
+    """torch.onnx could not export the model."""
+
+
+class OnnxFileError(TicknormError):
+    """An ONNX file is missing, corrupt or cannot be written."""
+
+
+class FusionError(TicknormError):
+    """A fusion request cannot be carried out (for example the opset cannot hold the op)."""
+
+
+class MissingDependencyError(TicknormError):
+    """An optional dependency is not installed; the message names the pip extra."""
+
+
+class AccuracyError(TicknormError):
+    """Numbers differ beyond tolerance: a fused graph, a runtime or a drift check."""
+
+    exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: what fits in a one-line CLI error."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,230 @@
+"""Export a PyTorch module to ONNX with either torch exporter, then fuse, verify and write it.
+
+The default exporter is dynamo (`torch.export` based): it is the one torch maintains, it emits
+opset 18+ with its optimizer already applied, and it records the module path of every node
+itself. TorchScript (opset 13-17) stays available for runtimes that need an older opset.
+"""
+
+import contextlib
+import inspect
+import io
+import logging
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ticknorm._optional import require
+from ticknorm.errors import AccuracyError, ExportError, InputSpecError, first_line
+from ticknorm.exporter.fusion import FusionReport, fuse_norms
+from ticknorm.exporter.scopes import annotate_scopes
+from ticknorm.onnx_io import PROTOBUF_LIMIT, save_onnx
+from ticknorm.runtime.ort_session import run_onnx
+from ticknorm.validate.metrics import ArrayComparison, compare_arrays
+
+EXPORTERS = {"dynamo": (18, None), "torchscript": (13, 17)}
+DEFAULT_EXPORTER = "dynamo"
+# torch vs ONNX Runtime after export: ORT reorders float math, so not bit-exact.
+EXPORT_TOLERANCES = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-7), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
+
+
+@dataclass
+class ExportResult:
+    files: list
+    exporter: str
+    opset: int
+    fusion: FusionReport | None
+    accuracy: list = field(default_factory=list)  # ArrayComparison per output, torch vs ORT
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.accuracy)
+
+
+def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str = DEFAULT_EXPORTER,
+                 opset: int | None = None, dynamic_axes: dict[str, dict[int, str]] | None = None,
+                 fuse: bool = True, check: bool = True, external_data_threshold: int = PROTOBUF_LIMIT,
+                 progress=lambda message: None) -> ExportResult:
+    """Export `model` on `feeds` (name -> example array) and write `output` only if every step
+    passed: export, LayerNorm fusion with its verification, and the torch-vs-ORT comparison."""
+    torch = require("torch", "torch")
+    _check_exporter(exporter, opset)
+    _check_input_names(model, feeds)
+    model.eval()
+    tensors = {name: _to_torch(torch, array) for name, array in feeds.items()}
+    progress("running the PyTorch model")
+    with torch.no_grad():
+        try:
+            reference = _leaves(torch, model(**tensors))
+        except Exception as exc:  # noqa: BLE001 - the user's forward can fail any way
+            raise InputSpecError(f"the model's forward failed on these inputs: {type(exc).__name__}: {first_line(exc)}") from exc
+        _check_finite(reference)
+        progress(f"exporting with the {exporter} exporter")
+        proto = _export(torch, model, tensors, exporter, opset, dynamic_axes or {})
+    annotate_scopes(proto)
+    report = None
+    if fuse:
+        progress("fusing LayerNorms and verifying the fused graph in ONNX Runtime")
+        fused = fuse_norms(proto, opset=None, feeds=feeds)
+        proto, report = fused.model, fused.report
+    accuracy = []
+    if check:
+        progress("comparing PyTorch and ONNX Runtime outputs")
+        accuracy = compare_with_torch(proto, feeds, reference)
+        failed = [c for c in accuracy if not c.passed]
+        if failed:
+            raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {failed[0].name}: "
+                                f"{failed[0].reason}; nothing was written")
+    files = save_onnx(proto, output, external_data_threshold)
+    opset_now = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return ExportResult(files, exporter, opset_now, report, accuracy)
+
+
+def compare_with_torch(proto: onnx.ModelProto, feeds: dict, reference: list) -> list[ArrayComparison]:
+    names = [o.name for o in proto.graph.output]
+    if len(names) != len(reference):
+        raise ExportError(f"the ONNX graph has {len(names)} outputs but the PyTorch model returned {len(reference)} tensors")
+    actual = run_onnx(proto, feeds, names)
+    checks = []
+    for name, expected in zip(names, reference):
+        atol, rtol = EXPORT_TOLERANCES.get(str(expected.dtype), (0.0, 0.0))
+        checks.append(compare_arrays(name, expected, actual[name], atol, rtol))
+    return checks
+
+
+def _check_finite(reference: list) -> None:
+    for position, array in enumerate(reference):
+        if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
+            raise AccuracyError(f"the PyTorch model's output #{position} holds NaN or Inf on these inputs; "
+                                "a reference with non-finite values cannot validate an export")
+
+
+def _check_exporter(exporter: str, opset: int | None) -> None:
+    if exporter not in EXPORTERS:
+        raise InputSpecError(f"unknown exporter '{exporter}'; choose one of: {', '.join(EXPORTERS)}")
+    low, high = EXPORTERS[exporter]
+    if opset is not None and (opset < low or (high is not None and opset > high)):
+        allowed = f"{low}-{high}" if high else f"{low} or newer"
+        other = next(name for name in EXPORTERS if name != exporter)
+        raise InputSpecError(f"the {exporter} exporter writes opset {allowed}, not {opset}; use --exporter {other}")
+
+
+def _check_input_names(model, feeds: dict) -> None:
+    parameters = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = [name for name in feeds if name not in parameters]
+    if unknown:
+        raise InputSpecError(f"{type(model).__name__}.forward has no parameter {', '.join(unknown)}; "
+                             f"it takes: {', '.join(parameters)}")
+
+
+def _to_torch(torch, array: np.ndarray):
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _leaves(torch, outputs) -> list[np.ndarray]:
+    """The output tensors in the order the exporters flatten them (pytree order)."""
+    from torch.utils import _pytree
+
+    leaves = [leaf for leaf in _pytree.tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
+    return [leaf.detach().float().numpy() if leaf.dtype == torch.bfloat16 else leaf.detach().numpy() for leaf in leaves]
+
+
+def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dict) -> onnx.ModelProto:
+    names = list(tensors)
+    noise = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise), _quiet_loggers():
+        warnings.simplefilter("ignore")
+        try:
+            if exporter == "dynamo":
+                program = torch.onnx.export(model, (), kwargs=tensors, dynamo=True, opset_version=opset,
+                                            dynamic_shapes=_dynamic_shapes(torch, names, dynamic_axes) or None,
+                                            optimize=True, verbose=False)
+                return program.model_proto
+            buffer = io.BytesIO()
+            torch.onnx.export(model, (), buffer, kwargs=tensors, dynamo=False, opset_version=opset or 17,
+                              input_names=names, dynamic_axes=dynamic_axes or None, do_constant_folding=True)
+            return onnx.load_from_string(buffer.getvalue())
+        except Exception as exc:  # noqa: BLE001 - exporters raise many unrelated types
+            raise ExportError(_describe_failure(torch, model, tensors, exporter, exc)) from exc
+
+
+def _dynamic_shapes(torch, names: list, dynamic_axes: dict) -> dict:
+    """`{input: {axis: Dim}}` with one Dim object per axis name, so shared names stay equal."""
+    dims = {}
+    shapes = {}
+    for name in names:
+        axes = dynamic_axes.get(name, {})
+        shapes[name] = {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
+    return shapes if any(shapes.values()) else {}
+
+
+@contextlib.contextmanager
+def _quiet_loggers():
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+_OP_PATTERN = re.compile(r"aten[.:]{1,2}([A-Za-z0-9_]+)")
+
+
+def _describe_failure(torch, model, tensors: dict, exporter: str, exc: Exception) -> str:
+    """One line: which op failed and, found by re-running the model under a dispatch mode, in
+    which module it was called."""
+    text = " ".join(str(e) for e in _chain(exc))
+    found = _OP_PATTERN.search(text)
+    message = f"the {exporter} exporter failed: {type(exc).__name__}: {first_line(exc)}"
+    if not found:
+        return message
+    op = found.group(1)
+    module = _module_calling(torch, model, tensors, op)
+    where = f" in module '{module or '(root)'}' ({type(_submodule(model, module)).__name__})" if module is not None else ""
+    return f"the {exporter} exporter cannot export op aten::{op}{where}: {first_line(exc)}"
+
+
+def _chain(exc: BaseException):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _submodule(model, path: str):
+    return model.get_submodule(path) if path else model
+
+
+def _module_calling(torch, model, tensors: dict, op: str) -> str | None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    stack, hits = [""], []
+    handles = []
+    for path, module in model.named_modules():
+        if path:
+            handles.append(module.register_forward_pre_hook(lambda _m, _a, p=path: stack.append(p)))
+            handles.append(module.register_forward_hook(lambda _m, _a, _o: stack.pop()))
+
+    class _Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not hits and func._schema.name.split("::")[-1] == op:
+                hits.append(stack[-1])
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with torch.no_grad(), _Spy():
+            model(**tensors)
+    except Exception:  # noqa: BLE001 - best effort: the op name alone is still reported
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hits[0] if hits else None

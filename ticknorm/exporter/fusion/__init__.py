@@ -1,0 +1,118 @@
+"""Rewrite every decomposed LayerNorm (and RMSNorm, where the opset has it) into one node."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ticknorm.errors import AccuracyError, FusionError
+from ticknorm.exporter.fusion.graph import GraphIndex
+from ticknorm.exporter.fusion.layer_norm import find_layer_norms
+from ticknorm.exporter.fusion.norms import NormMatch
+from ticknorm.exporter.fusion.patterns import forward_means
+from ticknorm.exporter.fusion.report import FusionReport, NormRecord
+from ticknorm.exporter.fusion.rewrite import FUSED_OPS, rewrite
+from ticknorm.exporter.fusion.rms_norm import find_rms_norms
+from ticknorm.exporter.fusion.verify import verify_fused
+from ticknorm.inputs import feeds_for_graph
+
+__all__ = ["FusionResult", "FusionReport", "find_norms", "fuse_norms"]
+
+
+@dataclass
+class FusionResult:
+    model: onnx.ModelProto
+    report: FusionReport
+
+
+def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = True,
+               feeds: dict[str, np.ndarray] | None = None) -> FusionResult:
+    """Fuse, verify against the original in ONNX Runtime, and report. Raises AccuracyError (and
+    returns nothing) when a fused graph computes different numbers.
+
+    `opset` is the opset the result may use; by default the model's own, raised to 17 when a
+    LayerNorm needs it. RMSNorms fuse only when it is 23 or more; otherwise they are left and
+    reported.
+    """
+    before = GraphIndex(model).opset
+    if opset is not None and opset < before:
+        raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
+    index = GraphIndex(model)
+    found = find_norms(index)
+    target = _target_opset(found, before, opset)
+    working = model
+    if target != before:
+        working = _convert(model, target)
+        index = GraphIndex(working)
+        found = find_norms(index)
+    records, matches = _records(found, target)
+    fused = rewrite(working, index, matches) if matches else working
+    report = FusionReport(before, target, records)
+    if verify and matches:
+        _verify(model, fused, matches, records, feeds)
+        report.verified = True
+    return FusionResult(fused, report)
+
+
+def find_norms(index: GraphIndex) -> list:
+    """Every decomposed LayerNorm and RMSNorm: NormMatch when fusable, NormRefusal otherwise."""
+    return find_layer_norms(index) + find_rms_norms(index, _centered_tensors(index))
+
+
+def _centered_tensors(index: GraphIndex) -> set:
+    """x - mean(x) tensors, fused or not: an RMS tail on one of them is a LayerNorm's tail."""
+    centered = set()
+    for node in index.nodes:
+        if node.op_type == "Sub":
+            means = forward_means(index, node.input[0])
+            if any(m.output == node.input[1] for m in means):
+                centered.add(node.output[0])
+    return centered
+
+
+def _target_opset(found: list, before: int, requested: int | None) -> int:
+    needs = [FUSED_OPS[m.kind][1] for m in found if isinstance(m, NormMatch) and m.kind == "LayerNorm"]
+    target = requested or before
+    if needs and target < max(needs):
+        if requested is not None:
+            raise FusionError(f"LayerNormalization needs opset 17, and --opset {requested} cannot hold it")
+        target = max(needs)
+    return target
+
+
+def _convert(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    try:
+        return onnx.version_converter.convert_version(model, target)
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors
+        raise FusionError(f"cannot raise the model to opset {target}: {str(exc).splitlines()[0]}") from exc
+
+
+def _records(found: list, target: int) -> tuple[list, list]:
+    records, matches = [], []
+    for item in found:
+        if not isinstance(item, NormMatch):
+            records.append(NormRecord(item.kind, item.scope, "refused", item.reason, item.node))
+            continue
+        op_type, needs = FUSED_OPS[item.kind]
+        record = NormRecord(item.kind, item.scope, "fused", "", item.anchor, item.output, item.epsilon, item.notes)
+        if target < needs:
+            record.status = "left"
+            record.reason = f"{op_type} needs opset {needs}, the target is {target} (fuse with --opset {needs})"
+        else:
+            matches.append(item)
+        records.append(record)
+    return records, matches
+
+
+def _verify(original, fused, matches: list[NormMatch], records: list, feeds) -> None:
+    feeds = feeds if feeds is not None else feeds_for_graph(original)
+    checks = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds)
+    by_output = {r.output: r for r in records if r.status == "fused"}
+    for name, check in checks.items():
+        if name in by_output:
+            by_output[name].max_abs_error = check.max_abs
+    failed = [c for c in checks.values() if not c.passed]
+    if failed:
+        where = by_output.get(failed[0].name)
+        what = f"{where.kind} {where.scope or where.node}" if where else f"output '{failed[0].name}'"
+        raise AccuracyError(f"fusion changed the numbers of {what}: {failed[0].reason}; nothing was written")

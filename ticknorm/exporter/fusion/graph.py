@@ -1,0 +1,173 @@
+"""A read-only index over an ONNX graph: who produces and who consumes each tensor, which tensors
+are constants, and their inferred shapes. Matchers ask it questions; they never edit the graph."""
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Initializers above this size are weights, not shape tensors: shape inference does not need them.
+_SHAPE_RELEVANT_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    elem_type: int
+    dims: tuple  # int for a static dim, str for a named dim, None for unknown; () for a scalar
+    rank_known: bool
+
+
+class GraphIndex:
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.model = model
+        self.nodes = list(graph.node)
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        for index, node in enumerate(self.nodes):
+            for name in node.output:
+                if name:
+                    self.producer[name] = index
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(index)
+        self.graph_inputs = {value.name for value in graph.input}
+        self.graph_outputs = {value.name for value in graph.output}
+        self.initializers = {tensor.name: tensor for tensor in graph.initializer}
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.info = _infer_tensor_info(model)
+        self._constants: dict[str, np.ndarray | None] = {}
+
+    def node_name(self, index: int) -> str:
+        node = self.nodes[index]
+        return node.name or f"{node.op_type}#{index}"
+
+    def producer_op(self, name: str) -> tuple[int, onnx.NodeProto] | tuple[None, None]:
+        index = self.producer.get(name)
+        return (index, self.nodes[index]) if index is not None else (None, None)
+
+    def consumer_nodes(self, name: str) -> list[int]:
+        return self.consumers.get(name, [])
+
+    def sole_consumer(self, name: str, ignore_shape_readers: bool = False) -> int | None:
+        """The one node reading `name`, or None when it has several readers or is a graph output.
+        `ignore_shape_readers`: Shape nodes read only metadata (dynamo's dynamic Reshape targets)."""
+        readers = self.consumer_nodes(name)
+        if ignore_shape_readers:
+            readers = [r for r in readers if self.nodes[r].op_type != "Shape"]
+        if len(readers) != 1 or name in self.graph_outputs:
+            return None
+        return readers[0]
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of `name` when it is fixed at export time (initializer, Constant, Cast of one)."""
+        if name not in self._constants:
+            self._constants[name] = self._fold(name)
+        return self._constants[name]
+
+    def _fold(self, name: str) -> np.ndarray | None:
+        if name in self.graph_inputs:
+            return None  # an initializer that is also an input can be overridden by the caller
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        _, node = self.producer_op(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            return _constant_node_value(node)
+        if node.op_type in ("Cast", "Identity", "CastLike"):
+            inner = self.constant(node.input[0])
+            if inner is None:
+                return None
+            if node.op_type == "Identity":
+                return inner
+            to = _attr(node, "to") if node.op_type == "Cast" else self.elem_type(node.input[1])
+            return None if to is None else inner.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        return None
+
+    def elem_type(self, name: str) -> int | None:
+        if name in self.info:
+            return self.info[name].elem_type
+        value = self.constant(name)
+        return None if value is None else onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+
+    def rank(self, name: str) -> int | None:
+        info = self.info.get(name)
+        return len(info.dims) if info is not None and info.rank_known else None
+
+    def dims(self, name: str) -> tuple | None:
+        info = self.info.get(name)
+        return info.dims if info is not None and info.rank_known else None
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attribute in node.attribute:
+        value = onnx.helper.get_attribute_value(attribute)
+        if attribute.name == "value":
+            return numpy_helper.to_array(value)
+        if attribute.name in ("value_float", "value_floats"):
+            return np.array(value, dtype=np.float32)
+        if attribute.name in ("value_int", "value_ints"):
+            return np.array(value, dtype=np.int64)
+    return None
+
+
+def _infer_tensor_info(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    skeleton = _shape_skeleton(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - a graph shape inference cannot read still gets matched
+        inferred = skeleton
+    graph = inferred.graph
+    info = {}
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if value.type.HasField("tensor_type"):
+            tensor_type = value.type.tensor_type
+            dims = tuple(_dim(d) for d in tensor_type.shape.dim)
+            info[value.name] = TensorInfo(tensor_type.elem_type, dims, tensor_type.HasField("shape"))
+    for tensor in model.graph.initializer:
+        info.setdefault(tensor.name, TensorInfo(tensor.data_type, tuple(tensor.dims), True))
+    return info
+
+
+def _dim(dim) -> int | str | None:
+    if dim.HasField("dim_value"):
+        return dim.dim_value
+    if dim.HasField("dim_param"):
+        return dim.dim_param
+    return None
+
+
+def _shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without the big weights: shape inference serializes the model, which fails at 2 GiB,
+    and weights are never shape tensors. Big initializers become typed inputs instead."""
+    graph = model.graph
+    input_names = {value.name for value in graph.input}
+    small, weight_inputs = [], []
+    for tensor in graph.initializer:
+        if tensor.ByteSize() <= _SHAPE_RELEVANT_BYTES:
+            small.append(tensor)
+        elif tensor.name not in input_names:
+            weight_inputs.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return rebuilt(model, graph.node, small, extra_inputs=weight_inputs)
+
+
+def rebuilt(model: onnx.ModelProto, nodes, initializers, extra_inputs=()) -> onnx.ModelProto:
+    """`model` with a new node list and initializers; everything else (metadata too) kept."""
+    graph = model.graph
+    new_graph = onnx.helper.make_graph(nodes, graph.name, list(graph.input) + list(extra_inputs), graph.output,
+                                       initializers, doc_string=graph.doc_string, value_info=graph.value_info)
+    new = onnx.helper.make_model(new_graph, opset_imports=model.opset_import, functions=model.functions)
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(new, name, getattr(model, name))
+    new.metadata_props.extend(model.metadata_props)
+    return new

@@ -1,0 +1,50 @@
+"""What fusion found, fused, left and refused, per normalization, for people and for JSON."""
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class NormRecord:
+    kind: str  # LayerNorm | RMSNorm
+    scope: str  # the PyTorch module it came from
+    status: str  # fused | refused | left
+    reason: str = ""  # why refused or left
+    node: str = ""  # the ONNX node that anchors it (fused node name once fused)
+    output: str = ""
+    epsilon: float | None = None
+    notes: list = field(default_factory=list)
+    max_abs_error: float | None = None  # fused vs original, from verification
+
+
+@dataclass
+class FusionReport:
+    opset_before: int
+    opset_after: int
+    records: list = field(default_factory=list)
+    verified: bool = False
+
+    def count(self, status: str, kind: str | None = None) -> int:
+        return sum(r.status == status and (kind is None or r.kind == kind) for r in self.records)
+
+    def summary(self) -> str:
+        lines = []
+        for kind in ("LayerNorm", "RMSNorm"):
+            found = sum(r.kind == kind for r in self.records)
+            if found:
+                lines.append(f"{kind}: found {found}, fused {self.count('fused', kind)}, "
+                             f"refused {self.count('refused', kind)}, left {self.count('left', kind)}")
+        if not lines:
+            lines.append("no decomposed LayerNorm or RMSNorm found")
+        if self.opset_after != self.opset_before:
+            lines.append(f"opset raised {self.opset_before} -> {self.opset_after}")
+        for record in self.records:
+            if record.status != "fused":
+                lines.append(f"  {record.status} {record.kind} at {record.scope or '(root)'} ({record.node}): {record.reason}")
+        if self.verified and self.count("fused"):
+            worst = max(r.max_abs_error or 0.0 for r in self.records if r.status == "fused")
+            lines.append(f"verified in ONNX Runtime: max |fused - original| = {worst:.3g}")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)

@@ -1,0 +1,73 @@
+"""What is in an ONNX file, with the LayerNorm view nobody else gives: how many are fused, how
+many are still decomposed (and why), and how many nodes know their PyTorch module."""
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import onnx
+
+from ticknorm.exporter.fusion import find_norms
+from ticknorm.exporter.fusion.graph import GraphIndex
+from ticknorm.exporter.fusion.norms import NormMatch
+from ticknorm.exporter.scopes import scope_coverage
+from ticknorm.inputs import graph_inputs
+
+FUSED_NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization")
+
+
+@dataclass
+class ModelSummary:
+    opsets: dict
+    inputs: list  # [name, dims, dtype]
+    outputs: list
+    nodes: int
+    op_histogram: dict
+    fused_norms: int
+    decomposed_norms: int  # still decomposed: fusable now, or refused (see `decomposed`)
+    decomposed: list  # [kind, scope, "fusable" | reason]
+    scope_coverage: float
+
+    def text(self) -> str:
+        opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in self.opsets.items())
+        lines = [f"opset: {opsets}", "inputs:"]
+        lines += [f"  {name}: {_shape(dims)} {dtype}" for name, dims, dtype in self.inputs]
+        lines += ["outputs:"] + [f"  {name}: {_shape(dims)} {dtype}" for name, dims, dtype in self.outputs]
+        lines.append(f"nodes: {self.nodes}")
+        lines += [f"  {op:<28}{count}" for op, count in self.op_histogram.items()]
+        lines.append(f"LayerNorm/RMSNorm: {self.fused_norms} fused, {self.decomposed_norms} decomposed")
+        lines += [f"  decomposed {kind} at {scope or '(root)'}: {state}" for kind, scope, state in self.decomposed]
+        lines.append(f"node scope coverage: {self.scope_coverage:.1%}")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _shape(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def summarize(model: onnx.ModelProto) -> ModelSummary:
+    index = GraphIndex(model)
+    histogram = Counter(node.op_type for node in model.graph.node)
+    found = find_norms(index)
+    decomposed = [[m.kind, m.scope, "fusable" if isinstance(m, NormMatch) else m.reason] for m in found]
+    return ModelSummary(
+        opsets={o.domain: o.version for o in model.opset_import},
+        inputs=[_describe(v) for v in graph_inputs(model)],
+        outputs=[_describe(v) for v in model.graph.output],
+        nodes=len(model.graph.node),
+        op_histogram=dict(histogram.most_common()),
+        fused_norms=sum(histogram[op] for op in FUSED_NORM_OPS),
+        decomposed_norms=len(found),
+        decomposed=decomposed,
+        scope_coverage=scope_coverage(model),
+    )
+
+
+def _describe(value: onnx.ValueInfoProto) -> list:
+    tensor_type = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
+    dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower() if tensor_type.elem_type else "?"
+    return [value.name, dims, dtype]

@@ -1,0 +1,169 @@
+"""Build the fine-tuned model: a factory plus a checkpoint, or a Hugging Face directory.
+
+Checkpoints load with `torch.load(weights_only=True)`: tensors and plain containers only, so a
+checkpoint file can never run code. A pickled full model or a TorchScript archive needs
+`trust_pickle=True`, because unpickling executes whatever the file says.
+"""
+
+import importlib
+import importlib.util
+import pickle
+import sys
+from pathlib import Path
+
+from ticknorm._optional import require
+from ticknorm.errors import CheckpointError, first_line
+
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+_DDP_PREFIXES = ("module.", "_orig_mod.")
+
+
+def load_factory(reference: str):
+    """`pkg.module:fn` or `path/to/file.py:fn` -> the callable."""
+    module_name, sep, attribute = reference.rpartition(":")
+    if not sep or not module_name or not attribute:
+        raise CheckpointError(f"bad factory '{reference}': expected pkg.module:function or path/to/file.py:function")
+    try:
+        module = _import_file(Path(module_name)) if module_name.endswith(".py") else importlib.import_module(module_name)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user module can fail in any way while importing
+        raise CheckpointError(f"cannot import '{module_name}' for factory '{reference}': {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise CheckpointError(f"'{module_name}' has no callable '{attribute}'")
+    return factory
+
+
+def _import_file(path: Path):
+    if not path.is_file():
+        raise CheckpointError(f"factory file not found: {path}")
+    name = f"ticknorm_factory_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_model(factory: str, checkpoint=None, trust_pickle: bool = False):
+    """Call the factory, load the checkpoint into what it returns, and put it in eval mode."""
+    torch = require("torch", "torch")
+    try:
+        model = load_factory(factory)()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"factory '{factory}' failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise CheckpointError(f"factory '{factory}' returned {type(model).__name__}, not a torch.nn.Module")
+    if checkpoint is not None:
+        loaded = load_checkpoint(checkpoint, trust_pickle)
+        if isinstance(loaded, torch.nn.Module):
+            return loaded.eval()
+        apply_state_dict(model, loaded, Path(checkpoint).name)
+    return model.eval()
+
+
+def load_checkpoint(path, trust_pickle: bool = False):
+    """A state dict (name -> tensor), or a whole module when trusted pickles are allowed."""
+    torch = require("torch", "torch")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    if _is_torchscript(path):
+        if not trust_pickle:
+            raise CheckpointError(f"{path} is a TorchScript archive, which runs its own code; "
+                                  "pass --trust-pickle only if you trust where it came from")
+        return torch.jit.load(str(path), map_location="cpu")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} holds pickled objects besides tensors (for example a whole model), and "
+                              "unpickling runs code; pass --trust-pickle only if you trust where it came from") from exc
+    except Exception as exc:  # noqa: BLE001 - torch.load reports corrupt files in many ways
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line(exc)})") from exc
+    if isinstance(loaded, torch.nn.Module):
+        return loaded
+    return _unwrap_state_dict(loaded, path)
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+
+
+def _load_safetensors(path: Path) -> dict:
+    safetensors_torch = require("safetensors.torch", "torch")
+    try:
+        return safetensors_torch.load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)})") from exc
+
+
+def _unwrap_state_dict(loaded, path: Path) -> dict:
+    torch = require("torch", "torch")
+    for key in _WRAPPER_KEYS:
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+            break
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{path} holds no state dict (name -> tensor), nor one under "
+                              f"{', '.join(repr(k) for k in _WRAPPER_KEYS)}")
+    return loaded
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """Remove `module.` (DDP, DataParallel) and `_orig_mod.` (torch.compile) from every key."""
+    for prefix in _DDP_PREFIXES:
+        if state_dict and all(key.startswith(prefix) for key in state_dict):
+            state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def apply_state_dict(model, state_dict: dict, source: str = "checkpoint") -> None:
+    """Load strictly; on mismatch, one error listing missing, unexpected and wrong-shape keys."""
+    state_dict = strip_wrapper_prefixes(state_dict)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                         for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
+    if missing or unexpected or wrong_shape:
+        parts = [f"{label}: {_listing(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
+        raise CheckpointError(f"{source} does not fit the model; " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _listing(keys: list, limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_hf_directory(directory):
+    """A `save_pretrained` directory, built from its own config and weights, never downloaded."""
+    transformers = require("transformers", "hf")
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        architectures = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, architectures[0], None) if architectures else transformers.AutoModel
+        if model_class is None:
+            raise CheckpointError(f"transformers has no class {architectures[0]} named in {directory}/config.json")
+        model = model_class.from_pretrained(str(directory), local_files_only=True, use_safetensors=None)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot load the Hugging Face model in {directory}: {first_line(exc)}") from exc
+    return model.eval()
+

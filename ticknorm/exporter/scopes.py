@@ -1,0 +1,86 @@
+"""The module scope of every ONNX node: the fact that joins PyTorch modules, ONNX nodes and
+runtime layers. Stored in each node's `metadata_props` under `ticknorm.scope`."""
+
+import ast
+
+import onnx
+
+SCOPE_KEY = "ticknorm.scope"
+_DYNAMO_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def get_scope(node: onnx.NodeProto) -> str | None:
+    for prop in node.metadata_props:
+        if prop.key == SCOPE_KEY:
+            return prop.value
+    return None
+
+
+def set_scope(node: onnx.NodeProto, scope: str) -> None:
+    for prop in node.metadata_props:
+        if prop.key == SCOPE_KEY:
+            prop.value = scope
+            return
+    node.metadata_props.add(key=SCOPE_KEY, value=scope)
+
+
+def scope_from_exporter(node: onnx.NodeProto) -> str | None:
+    """The module path the exporter recorded, or None when it recorded none.
+
+    dynamo: `pkg.torch.onnx.name_scopes` lists cumulative paths, the last entry being the FX node
+    (`['', 'layers.0', 'layers.0.ln', 'layer_norm']`). TorchScript: the node name is the module
+    path with `/` separators, the last part being the op (`/layers.0/ln/ReduceMean`).
+    """
+    for prop in node.metadata_props:
+        if prop.key == _DYNAMO_KEY:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            return scopes[-2] if len(scopes) >= 2 else ""
+    if node.name.startswith("/"):
+        return ".".join(part for part in node.name.split("/")[1:-1] if part)
+    return None
+
+
+def annotate_scopes(model: onnx.ModelProto) -> None:
+    """Give every node a `ticknorm.scope`: from the exporter where it said one, else borrowed from
+    the node's first reader (constants and shape helpers serve the module that reads them), else
+    from its producer, else the root module ''."""
+    nodes = list(model.graph.node)
+    scopes = [get_scope(node) or scope_from_exporter(node) for node in nodes]
+    readers, producers = {}, {}
+    for index, node in enumerate(nodes):
+        for name in node.input:
+            readers.setdefault(name, index)
+        for name in node.output:
+            producers[name] = index
+    for index in reversed(range(len(nodes))):
+        if scopes[index] is None:
+            reader = next((readers[o] for o in nodes[index].output if o in readers), None)
+            scopes[index] = scopes[reader] if reader is not None else None
+    for index, node in enumerate(nodes):
+        if scopes[index] is None:
+            producer = next((producers[i] for i in node.input if i in producers), None)
+            scopes[index] = scopes[producer] if producer is not None and scopes[producer] is not None else ""
+        set_scope(node, scopes[index])
+
+
+def common_scope(scopes) -> str:
+    """The deepest module that contains all of `scopes` (what a fused node stands for)."""
+    paths = [s.split(".") if s else [] for s in scopes]
+    if not paths:
+        return ""
+    common = paths[0]
+    for path in paths[1:]:
+        length = 0
+        while length < min(len(common), len(path)) and common[length] == path[length]:
+            length += 1
+        common = common[:length]
+    return ".".join(common)
+
+
+def scope_coverage(model: onnx.ModelProto) -> float:
+    """Fraction of nodes that carry a `ticknorm.scope`."""
+    nodes = model.graph.node
+    return sum(get_scope(n) is not None for n in nodes) / len(nodes) if len(nodes) else 1.0

@@ -1,0 +1,142 @@
+"""Model inputs: `--input name:DIMS:DTYPE[:LOW..HIGH]` specs, `.npz` files, and seeded random data.
+
+DIMS are sizes joined by `x`; a size may carry a dynamic axis name (`batch=2xseq=16`): the export
+makes that axis dynamic and uses the number as the example size. Integer inputs draw from
+[LOW, HIGH), default [0, 2) so token ids, token types and attention masks are all valid; floats
+draw from a standard normal, or uniformly from [LOW, HIGH) when given.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+
+from ticknorm.errors import InputSpecError
+
+DTYPES = {
+    "float32": np.float32, "fp32": np.float32, "float": np.float32,
+    "float16": np.float16, "fp16": np.float16, "half": np.float16,
+    "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
+    "float64": np.float64, "fp64": np.float64, "double": np.float64,
+    "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
+    "bool": np.bool_,
+}
+_DIM = re.compile(r"(?:([A-Za-z_][A-Za-z0-9_]*)=)?([0-9]+)")
+_RANGE = re.compile(r"(-?[0-9.eE+-]+)\.\.(-?[0-9.eE+-]+)")
+_SPEC_FORMAT = "NAME:DIMS[:DTYPE[:LOW..HIGH]], e.g. input_ids:batch=2xseq=16:int64:0..30522"
+
+
+@dataclass(frozen=True)
+class Dim:
+    size: int
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dims: tuple
+    dtype: np.dtype
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(d.size for d in self.dims)
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {axis: d.name for axis, d in enumerate(self.dims) if d.name}
+
+    def sample(self, rng: np.random.Generator) -> np.ndarray:
+        return random_array(self.shape, self.dtype, rng, self.low, self.high)
+
+
+def parse_input_spec(text: str) -> InputSpec:
+    parts = text.split(":")
+    if len(parts) < 2 or len(parts) > 4 or not parts[0]:
+        raise InputSpecError(f"bad input spec '{text}': expected {_SPEC_FORMAT}")
+    name, dims_text = parts[0], parts[1]
+    dims = _parse_dims(text, dims_text)
+    dtype_name = parts[2] if len(parts) > 2 and parts[2] else "float32"
+    if dtype_name.lower() not in DTYPES:
+        raise InputSpecError(f"bad input spec '{text}': unknown dtype '{dtype_name}' (known: {', '.join(sorted(DTYPES))})")
+    low = high = None
+    if len(parts) == 4:
+        found = _RANGE.fullmatch(parts[3])
+        if not found:
+            raise InputSpecError(f"bad input spec '{text}': range '{parts[3]}' is not LOW..HIGH")
+        low, high = float(found.group(1)), float(found.group(2))
+        if not low < high:
+            raise InputSpecError(f"bad input spec '{text}': range {parts[3]} is empty (LOW must be below HIGH)")
+    return InputSpec(name, dims, np.dtype(DTYPES[dtype_name.lower()]), low, high)
+
+
+def _parse_dims(text: str, dims_text: str) -> tuple:
+    if dims_text in ("", "scalar"):
+        return ()
+    dims = []
+    for token in dims_text.split("x") if "=" not in dims_text else _split_named(dims_text):
+        found = _DIM.fullmatch(token)
+        if not found or int(found.group(2)) < 0:
+            raise InputSpecError(f"bad input spec '{text}': dim '{token}' is not SIZE or NAME=SIZE")
+        dims.append(Dim(int(found.group(2)), found.group(1)))
+    return tuple(dims)
+
+
+def _split_named(dims_text: str) -> list[str]:
+    """Split `batch=2xmax_len=16`: an `x` separates dims only right after a size's digits."""
+    return re.split(r"(?<=[0-9])x", dims_text)
+
+
+def random_array(shape, dtype, rng: np.random.Generator, low=None, high=None) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    if np.issubdtype(dtype, np.integer):
+        low, high = (0, 2) if low is None else (int(low), int(high))
+        return rng.integers(low, high, size=shape).astype(dtype)
+    if low is None:
+        return rng.standard_normal(size=shape).astype(np.float32).astype(dtype)
+    return rng.uniform(low, high, size=shape).astype(np.float32).astype(dtype)
+
+
+def feeds_from_specs(specs: list[InputSpec], seed: int = 0) -> dict[str, np.ndarray]:
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputSpecError(f"input {', '.join(duplicates)} is given more than once")
+    rng = np.random.default_rng(seed)
+    return {spec.name: spec.sample(rng) for spec in specs}
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputSpecError(f"input file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (ValueError, OSError) as exc:
+        raise InputSpecError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0]})") from exc
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs a caller must feed (initializers listed as inputs have defaults)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in initializers]
+
+
+def feeds_for_graph(model: onnx.ModelProto, seed: int = 0, dynamic_size: int = 2) -> dict[str, np.ndarray]:
+    """Seeded random feeds for every graph input; named or unknown dims get `dynamic_size`."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in graph_inputs(model):
+        tensor_type = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else dynamic_size for d in tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        feeds[value.name] = random_array(shape, dtype, rng)
+    return feeds

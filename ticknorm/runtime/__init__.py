@@ -1,0 +1,1 @@
+"""Runners: one interface over PyTorch eager, ONNX Runtime and TensorRT."""

@@ -1,0 +1,55 @@
+"""Error metrics between a reference array and another, with NaN/Inf placement checked first."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class ArrayComparison:
+    name: str
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    cosine: float
+    passed: bool
+    reason: str = ""
+
+    def line(self) -> str:
+        verdict = "ok" if self.passed else f"FAIL ({self.reason})"
+        return (f"{self.name}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}, "
+                f"mean abs {self.mean_abs:.3g}, cosine {self.cosine:.6f}  {verdict}")
+
+
+def compare_arrays(name: str, reference: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> ArrayComparison:
+    """Pass when |actual - reference| <= atol + rtol*|reference| everywhere and NaN/Inf sit in the
+    same places; non-float arrays must be equal."""
+    reference, actual = np.asarray(reference), np.asarray(actual)
+    if reference.shape != actual.shape:
+        return _failed(name, f"shape {actual.shape} instead of {reference.shape}")
+    if reference.dtype.kind not in "fc" or actual.dtype.kind not in "fc":
+        equal = np.array_equal(reference, actual)
+        return ArrayComparison(name, 0.0 if equal else float("inf"), 0.0 if equal else float("inf"), 0.0,
+                               1.0, equal, "" if equal else "values differ")
+    ref, out = reference.astype(np.float64), actual.astype(np.float64)
+    if not np.array_equal(np.isnan(ref), np.isnan(out)):
+        return _failed(name, f"NaN in {int(np.isnan(out).sum())} places, reference has {int(np.isnan(ref).sum())}")
+    infinite = np.isinf(ref) | np.isinf(out)
+    if not np.array_equal(ref[infinite], out[infinite]):
+        return _failed(name, "Inf in different places")
+    finite = np.isfinite(ref) & np.isfinite(out)
+    ref, out = ref[finite], out[finite]
+    error = np.abs(ref - out)
+    if error.size == 0:
+        return ArrayComparison(name, 0.0, 0.0, 0.0, 1.0, True)
+    max_abs = float(error.max())
+    max_rel = float((error / np.maximum(np.abs(ref), np.finfo(np.float64).tiny)).max())
+    norms = np.linalg.norm(ref) * np.linalg.norm(out)
+    cosine = float(np.dot(ref, out) / norms) if norms > 0 else float(np.array_equal(ref, out))
+    passed = bool(np.all(error <= atol + rtol * np.abs(ref)))
+    reason = "" if passed else f"max |error| {max_abs:.3g} > atol {atol:g} + rtol {rtol:g}*|ref|"
+    return ArrayComparison(name, max_abs, max_rel, float(error.mean()), cosine, passed, reason)
+
+
+def _failed(name: str, reason: str) -> ArrayComparison:
+    return ArrayComparison(name, float("inf"), float("inf"), float("inf"), float("nan"), False, reason)
