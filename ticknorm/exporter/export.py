@@ -9,7 +9,10 @@ import contextlib
 import inspect
 import io
 import logging
+import os
 import re
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +54,6 @@ def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str =
     """Export `model` on `feeds` (name -> example array) and write `output` only if every step
     passed: export, LayerNorm fusion with its verification, and the torch-vs-ORT comparison."""
     torch = require("torch", "torch")
-    _check_exporter(exporter, opset)
     _check_input_names(model, feeds)
     model.eval()
     tensors = {name: _to_torch(torch, array) for name, array in feeds.items()}
@@ -63,8 +65,7 @@ def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str =
             raise InputSpecError(f"the model's forward failed on these inputs: {type(exc).__name__}: {first_line(exc)}") from exc
         _check_finite(reference)
         progress(f"exporting with the {exporter} exporter")
-        proto = _export(torch, model, tensors, exporter, opset, dynamic_axes or {})
-    annotate_scopes(proto)
+        proto = torch_to_onnx(model, tensors, exporter, opset, dynamic_axes or {})
     report = None
     if fuse:
         progress("fusing LayerNorms and verifying the fused graph in ONNX Runtime")
@@ -136,10 +137,22 @@ def _leaves(torch, outputs) -> list[np.ndarray]:
     return [leaf.detach().float().numpy() if leaf.dtype == torch.bfloat16 else leaf.detach().numpy() for leaf in leaves]
 
 
+def torch_to_onnx(model, tensors: dict, exporter: str = DEFAULT_EXPORTER, opset=None,
+                  dynamic_axes: dict | None = None) -> onnx.ModelProto:
+    """The exporter's graph, unfused, with a `ticknorm.scope` on every node."""
+    torch = require("torch", "torch")
+    _check_exporter(exporter, opset)
+    tensors = {name: value if isinstance(value, torch.Tensor) else _to_torch(torch, value) for name, value in tensors.items()}
+    model.eval()
+    with torch.no_grad():
+        proto = _export(torch, model, tensors, exporter, opset, dynamic_axes or {})
+    annotate_scopes(proto, [name for name, _ in model.named_modules()])
+    return proto
+
+
 def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dict) -> onnx.ModelProto:
     names = list(tensors)
-    noise = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise), _quiet_loggers():
+    with warnings.catch_warnings(), _silenced(), _quiet_loggers():
         warnings.simplefilter("ignore")
         try:
             if exporter == "dynamo":
@@ -166,6 +179,25 @@ def _dynamic_shapes(torch, names: list, dynamic_axes: dict) -> dict:
 
 
 @contextlib.contextmanager
+def _silenced():
+    """Swallow what the exporters print, Python's and C++'s (the TorchScript exporter dumps its
+    whole IR graph to file descriptor 2 on failure); our error says what matters in one line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for descriptor in saved:
+                os.close(descriptor)
+
+
+@contextlib.contextmanager
 def _quiet_loggers():
     logger = logging.getLogger("torch.onnx")
     level = logger.level
@@ -177,6 +209,7 @@ def _quiet_loggers():
 
 
 _OP_PATTERN = re.compile(r"aten[.:]{1,2}([A-Za-z0-9_]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _describe_failure(torch, model, tensors: dict, exporter: str, exc: Exception) -> str:
@@ -184,13 +217,12 @@ def _describe_failure(torch, model, tensors: dict, exporter: str, exc: Exception
     which module it was called."""
     text = " ".join(str(e) for e in _chain(exc))
     found = _OP_PATTERN.search(text)
-    message = f"the {exporter} exporter failed: {type(exc).__name__}: {first_line(exc)}"
     if not found:
-        return message
+        return f"the {exporter} exporter failed: {type(exc).__name__}: {_ANSI.sub('', first_line(exc))}"
     op = found.group(1)
     module = _module_calling(torch, model, tensors, op)
     where = f" in module '{module or '(root)'}' ({type(_submodule(model, module)).__name__})" if module is not None else ""
-    return f"the {exporter} exporter cannot export op aten::{op}{where}: {first_line(exc)}"
+    return f"the {exporter} exporter cannot export op aten::{op}{where}: it has no ONNX translation for it"
 
 
 def _chain(exc: BaseException):
@@ -207,11 +239,17 @@ def _module_calling(torch, model, tensors: dict, op: str) -> str | None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     stack, hits = [""], []
+
+    def enter(path):
+        return lambda _module, _args: stack.append(path)  # append returns None: inputs unchanged
+
+    def leave(_module, _args, _output):
+        stack.pop()  # a forward hook's return value would replace the output
+
     handles = []
     for path, module in model.named_modules():
         if path:
-            handles.append(module.register_forward_pre_hook(lambda _m, _a, p=path: stack.append(p)))
-            handles.append(module.register_forward_hook(lambda _m, _a, _o: stack.pop()))
+            handles += [module.register_forward_pre_hook(enter(path)), module.register_forward_hook(leave)]
 
     class _Spy(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -24,7 +24,7 @@ def set_scope(node: onnx.NodeProto, scope: str) -> None:
     node.metadata_props.add(key=SCOPE_KEY, value=scope)
 
 
-def scope_from_exporter(node: onnx.NodeProto) -> str | None:
+def scope_from_exporter(node: onnx.NodeProto, module_paths: frozenset = frozenset()) -> str | None:
     """The module path the exporter recorded, or None when it recorded none.
 
     dynamo: `pkg.torch.onnx.name_scopes` lists cumulative paths, the last entry being the FX node
@@ -39,16 +39,38 @@ def scope_from_exporter(node: onnx.NodeProto) -> str | None:
                 return None
             return scopes[-2] if len(scopes) >= 2 else ""
     if node.name.startswith("/"):
-        return ".".join(part for part in node.name.split("/")[1:-1] if part)
+        return _resolve_torchscript(node.name.split("/")[1:-1], module_paths)
     return None
 
 
-def annotate_scopes(model: onnx.ModelProto) -> None:
+def _resolve_torchscript(parts: list, module_paths: frozenset) -> str:
+    """TorchScript names each level by a path that is sometimes relative to its parent
+    (`layers.0/attention`), sometimes already full (`layers.0/layers.0.0`), and skips modules
+    whose forward was never called (`norm` for `block.norm`). Resolve each level against the
+    model's real module paths; without them, join the parts."""
+    if not module_paths:
+        return ".".join(part for part in parts if part)
+    path = ""
+    for part in (p for p in parts if p):
+        joined = f"{path}.{part}" if path else part
+        if joined in module_paths:
+            path = joined
+        elif part in module_paths and part.startswith(path):
+            path = part
+        else:
+            below = [m for m in module_paths if m.startswith(path) and (m == part or m.endswith("." + part))]
+            path = min(below, key=len) if below else joined
+    return path
+
+
+def annotate_scopes(model: onnx.ModelProto, module_paths=()) -> None:
     """Give every node a `ticknorm.scope`: from the exporter where it said one, else borrowed from
     the node's first reader (constants and shape helpers serve the module that reads them), else
-    from its producer, else the root module ''."""
+    from its producer, else the root module ''. `module_paths` (from `named_modules()`) lets
+    TorchScript's partial names be resolved to full module paths."""
     nodes = list(model.graph.node)
-    scopes = [get_scope(node) or scope_from_exporter(node) for node in nodes]
+    module_paths = frozenset(module_paths)
+    scopes = [get_scope(node) or scope_from_exporter(node, module_paths) for node in nodes]
     readers, producers = {}, {}
     for index, node in enumerate(nodes):
         for name in node.input:

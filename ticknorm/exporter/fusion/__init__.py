@@ -11,7 +11,7 @@ from ticknorm.exporter.fusion.layer_norm import find_layer_norms
 from ticknorm.exporter.fusion.norms import NormMatch
 from ticknorm.exporter.fusion.patterns import forward_means
 from ticknorm.exporter.fusion.report import FusionReport, NormRecord
-from ticknorm.exporter.fusion.rewrite import FUSED_OPS, rewrite
+from ticknorm.exporter.fusion.rewrite import FUSED_OPS, rewrite_matches
 from ticknorm.exporter.fusion.rms_norm import find_rms_norms
 from ticknorm.exporter.fusion.verify import verify_fused
 from ticknorm.inputs import feeds_for_graph
@@ -46,7 +46,7 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
         index = GraphIndex(working)
         found = find_norms(index)
     records, matches = _records(found, target)
-    fused = rewrite(working, index, matches) if matches else working
+    fused = rewrite_matches(working, index, matches) if matches else working
     report = FusionReport(before, target, records)
     if verify and matches:
         _verify(model, fused, matches, records, feeds)

@@ -98,9 +98,12 @@ def _finish_mean(index: GraphIndex, tensor: str, reader: int, axes: tuple) -> Me
                 return mean
             divide = False
         else:
+            mean.problem = _rescale_problem(index, step, mean.output)
             break
         mean.nodes.append(nxt)
         mean.output = step.output[0]
+    if mean.problem:
+        return mean
     if restore not in ("done", "compatible"):
         mean.problem = "a reduction drops the reduced dims and nothing restores them"
     elif divide:
@@ -109,6 +112,17 @@ def _finish_mean(index: GraphIndex, tensor: str, reader: int, axes: tuple) -> Me
 
 
 _SHAPE_OPS = ("Reshape", "Unsqueeze", "Expand")
+
+
+def _rescale_problem(index: GraphIndex, step: onnx.NodeProto, name: str) -> str:
+    """Why a reduction followed by a constant Mul/Div is no mean (dynamo's unbiased variance)."""
+    if step.op_type not in ("Mul", "Div"):
+        return ""
+    factor = index.constant(_other_input(step, name))
+    if factor is None or factor.size != 1:
+        return ""
+    return (f"the reduction is rescaled by {step.op_type} {float(factor.reshape(-1)[0]):g} "
+            "(unbiased N-1 variance is not LayerNorm)")
 
 
 def _restored(index: GraphIndex, tensor: str, output: str, axes: tuple) -> str | None:
@@ -186,11 +200,11 @@ def match_tail(index: GraphIndex, variance: str, numerators: set) -> Tail:
         raise NotFused(f"the variance '{variance}' is read by more than one node", candidate=False)
     node = index.nodes[reader]
     epsilon = 0.0
-    if node.op_type in ("Mul", "Div") and index.constant(_other_input(node, variance)) is not None:
-        factor = index.constant(_other_input(node, variance)).reshape(-1)
-        raise NotFused(
-            f"the variance is rescaled by {node.op_type} {factor[0]:g} before epsilon "
-            "(unbiased N-1 variance is not LayerNorm)", index.node_name(reader))
+    if node.op_type in ("Mul", "Div"):
+        factor = index.constant(_other_input(node, variance))
+        amount = f"{factor.reshape(-1)[0]:g}" if factor is not None and factor.size == 1 else "a computed factor"
+        raise NotFused(f"the variance is rescaled by {node.op_type} {amount} before epsilon "
+                       "(unbiased N-1 variance is not LayerNorm)", index.node_name(reader))
     if node.op_type == "Add":
         value = index.constant(_other_input(node, variance))
         if value is None:
@@ -219,12 +233,17 @@ def _match_division(index: GraphIndex, root: str, numerators: set, nodes: list, 
         if node.op_type == "Div" and node.input[1] == root and node.input[0] in numerators:
             return Tail(nodes + [reader], epsilon, node.output[0], node.input[0])
         if _is_inverse(index, node, root):
-            multiply = index.sole_consumer(node.output[0])
+            inverse, steps = node.output[0], [reader]
+            multiply = index.sole_consumer(inverse)
+            while multiply is not None and _is_times_one(index, index.nodes[multiply], inverse):
+                inverse = index.nodes[multiply].output[0]  # TorchScript writes 1.0 / s as Reciprocal * 1.0
+                steps.append(multiply)
+                multiply = index.sole_consumer(inverse)
             if multiply is None or index.nodes[multiply].op_type != "Mul":
                 continue
-            numerator = _other_input(index.nodes[multiply], node.output[0])
+            numerator = _other_input(index.nodes[multiply], inverse)
             if numerator in numerators:
-                return Tail(nodes + [reader, multiply], epsilon, index.nodes[multiply].output[0], numerator)
+                return Tail(nodes + steps + [multiply], epsilon, index.nodes[multiply].output[0], numerator)
     raise NotFused("sqrt(variance + epsilon) does not divide the centered input", index.node_name(nodes[-1]),
                    candidate=False)
 
@@ -236,6 +255,13 @@ def _is_inverse(index: GraphIndex, node: onnx.NodeProto, root: str) -> bool:
         one = index.constant(node.input[0])
         return one is not None and one.size == 1 and float(one.reshape(-1)[0]) == 1.0
     return False
+
+
+def _is_times_one(index: GraphIndex, node: onnx.NodeProto, name: str) -> bool:
+    if node.op_type not in ("Mul", "Div") or (node.op_type == "Div" and node.input[0] != name):
+        return False
+    one = index.constant(_other_input(node, name))
+    return one is not None and one.size == 1 and float(one.reshape(-1)[0]) == 1.0
 
 
 def _other_input(node: onnx.NodeProto, name: str) -> str:

@@ -31,7 +31,7 @@ class _Names:
         return name
 
 
-def rewrite(model: onnx.ModelProto, index: GraphIndex, matches: list[NormMatch]) -> onnx.ModelProto:
+def rewrite_matches(model: onnx.ModelProto, index: GraphIndex, matches: list[NormMatch]) -> onnx.ModelProto:
     """A new model where each match is one fused node placed where its last node was."""
     names = _Names(model)
     reusable = _reusable_params(index, matches)

@@ -1,0 +1,188 @@
+"""LayerNorm/RMSNorm fusion on real exports of real modules, checked against PyTorch itself."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import norm_modules as nm
+from conftest import export, op_types, ort_outputs, torch_outputs
+from ticknorm.errors import AccuracyError, FusionError
+from ticknorm.exporter.fusion import fuse_norms, rewrite as rewrite_module
+from ticknorm.exporter.scopes import get_scope
+
+EXPORTERS = ["dynamo", "torchscript"]
+
+
+class Holder(nn.Module):
+    """Puts the norm at scope 'block.norm' behind a real op, as inside a model."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.block = nn.Module()
+        self.block.norm = norm
+
+    def forward(self, x):
+        return self.block.norm(x * 2.0)
+
+
+def _fuse_and_check(module, x, exporter, opset=None, fuse_opset=None, atol=1e-5):
+    torch.manual_seed(0)
+    model = Holder(module).eval()
+    feeds = {"x": x}
+    exported = export(model, feeds, exporter, opset)
+    result = fuse_norms(exported, opset=fuse_opset)
+    assert result.report.verified == bool(result.report.count("fused"))
+    expected = torch_outputs(model, feeds)
+    actual = ort_outputs(result.model, feeds)
+    for e, a in zip(expected, actual):
+        np.testing.assert_allclose(a.astype(np.float32), e, atol=atol, rtol=atol)
+    return result
+
+
+POSITIVE = [
+    (nm.PowSqrtDiv, (2, 6, 16)),
+    (nm.MulRsqrt, (2, 6, 16)),
+    (nm.VarMean, (2, 6, 16)),
+    (nm.ReciprocalSqrt, (2, 6, 16)),
+    (nm.TwoTrailingAxes, (2, 3, 4, 16)),
+    (nm.ChannelsFirst, (2, 8, 5, 5)),
+    (lambda: nm.PowSqrtDiv(scale=False, bias=False), (2, 6, 16)),
+    (lambda: nm.PowSqrtDiv(scale=True, bias=False), (2, 6, 16)),
+    (lambda: nm.PowSqrtDiv(scale=False, bias=True), (2, 6, 16)),
+]
+POSITIVE_IDS = ["pow-sqrt-div", "mul-rsqrt", "var_mean", "reciprocal", "two-axes", "channels-first",
+                "no-affine", "scale-only", "bias-only"]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("make, shape", POSITIVE, ids=POSITIVE_IDS)
+def test_every_layer_norm_spelling_fuses_to_one_node(make, shape, exporter, rng):
+    torch.manual_seed(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    result = _fuse_and_check(make(), x, exporter)
+    ops = op_types(result.model)
+    assert ops.count("LayerNormalization") == 1
+    assert not {"ReduceMean", "ReduceSum", "Sqrt", "Pow", "Div", "Reciprocal"} & set(ops), ops
+    assert [r.status for r in result.report.records] == ["fused"]
+    fused = next(n for n in result.model.graph.node if n.op_type == "LayerNormalization")
+    assert get_scope(fused) == "block.norm"
+    epsilon = next(a.f for a in fused.attribute if a.name == "epsilon")
+    assert epsilon == pytest.approx(nm.EPS, rel=1e-6)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_channels_first_layer_norm_is_wrapped_in_transposes(exporter, rng):
+    x = rng.standard_normal((2, 8, 5, 5)).astype(np.float32)
+    result = _fuse_and_check(nm.ChannelsFirst(), x, exporter)
+    assert op_types(result.model).count("Transpose") == 2
+    assert "moved last" in result.report.records[0].notes[0]
+
+
+def test_torchscript_opset13_layer_norm_is_fused_and_opset_raised(rng):
+    x = rng.standard_normal((2, 6, 16)).astype(np.float32)
+    result = _fuse_and_check(nn.LayerNorm(16), x, "torchscript", opset=13)
+    assert result.report.opset_before == 13 and result.report.opset_after == 17
+    assert op_types(result.model).count("LayerNormalization") == 1
+
+
+def test_fp16_cast_island_becomes_one_fp16_node(rng):
+    x = rng.standard_normal((2, 6, 16)).astype(np.float16)
+    result = _fuse_and_check(nm.HalfIsland().half(), x, "torchscript", atol=1e-2)
+    fused = next(n for n in result.model.graph.node if n.op_type == "LayerNormalization")
+    ops = op_types(result.model)
+    assert "Cast" not in ops, ops
+    assert next(a.i for a in fused.attribute if a.name == "stash_type") == 1
+    assert "Cast pair absorbed" in " ".join(result.report.records[0].notes)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_rms_norm_fuses_at_opset_23_and_is_left_below(exporter, rng):
+    x = rng.standard_normal((2, 6, 16)).astype(np.float32)
+    left = _fuse_and_check(nm.T5RMSNorm(), x, exporter)
+    assert [r.status for r in left.report.records] == ["left"]
+    assert "needs opset 23" in left.report.records[0].reason
+    assert "RMSNormalization" not in op_types(left.model)
+    fused = _fuse_and_check(nm.T5RMSNorm(), x, exporter, fuse_opset=23)
+    assert op_types(fused.model).count("RMSNormalization") == 1
+    assert fused.report.opset_after == 23
+
+
+REFUSED = [
+    (nm.AxesDiffer, "axes"),
+    (nm.EpsOutsideSqrt, "outside the square root"),
+    (nm.UnbiasedVariance, "N-1"),
+    (nm.CenteredAlsoReturned, "is a graph output"),
+    (nm.CenteredReusedInside, "also read by"),
+]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("make, reason", REFUSED, ids=[r[1] for r in REFUSED])
+def test_look_alikes_are_refused_with_a_reason_and_left_unchanged(make, reason, exporter, rng):
+    x = rng.standard_normal((2, 6, 6)).astype(np.float32)
+    exported = export(make(), {"x": x}, exporter)
+    result = fuse_norms(exported)
+    statuses = {(r.kind, r.status) for r in result.report.records}
+    assert ("LayerNorm", "refused") in statuses and ("LayerNorm", "fused") not in statuses
+    assert any(reason in r.reason for r in result.report.records), result.report.records
+    assert op_types(result.model) == op_types(exported)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_non_constant_epsilon_is_refused(exporter, rng):
+    feeds = {"x": rng.standard_normal((2, 6, 16)).astype(np.float32), "eps": np.array(1e-5, np.float32)}
+    result = fuse_norms(export(nm.EpsInput(), feeds, exporter), feeds=feeds)
+    assert [(r.status, r.reason) for r in result.report.records] == [("refused", "epsilon is not a constant")]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_input_scale_stays_outside_the_fused_node(exporter, rng):
+    feeds = {"x": rng.standard_normal((2, 6, 16)).astype(np.float32),
+             "gamma": rng.standard_normal((16,)).astype(np.float32)}
+    module = nm.InputScale()
+    result = fuse_norms(export(module, feeds, exporter), feeds=feeds)
+    ops = op_types(result.model)
+    assert ops.count("LayerNormalization") == 1 and "Mul" in ops
+    fused = next(n for n in result.model.graph.node if n.op_type == "LayerNormalization")
+    assert "gamma" not in fused.input
+    np.testing.assert_allclose(ort_outputs(result.model, feeds)[0], torch_outputs(module, feeds)[0], atol=1e-5)
+
+
+def test_per_token_constant_is_not_absorbed_as_scale(rng):
+    feeds = {"x": rng.standard_normal((2, 6, 16)).astype(np.float32)}
+    module = nm.PerTokenScale()
+    result = fuse_norms(export(module, feeds, "torchscript"), feeds=feeds)
+    ops = op_types(result.model)
+    assert ops.count("LayerNormalization") == 1 and "Mul" in ops
+    np.testing.assert_allclose(ort_outputs(result.model, feeds)[0], torch_outputs(module, feeds)[0], atol=1e-5)
+
+
+def test_a_wrong_rewrite_is_caught_by_verification(monkeypatch, rng):
+    feeds = {"x": rng.standard_normal((2, 6, 16)).astype(np.float32)}
+    exported = export(Holder(nm.PowSqrtDiv()), feeds, "dynamo")
+    real_param = rewrite_module._param
+    # Fault injection: every fused scale doubled, as a buggy rewrite would do.
+    monkeypatch.setattr(rewrite_module, "_param", lambda value, *rest: real_param(np.asarray(value) * 2.0, *rest))
+    with pytest.raises(AccuracyError, match="block.norm"):
+        fuse_norms(exported, feeds=feeds)
+
+
+def test_opset_that_cannot_hold_layer_norm_is_refused(rng):
+    feeds = {"x": rng.standard_normal((2, 6, 16)).astype(np.float32)}
+    exported = export(Holder(nn.LayerNorm(16)), feeds, "torchscript", opset=13)
+    with pytest.raises(FusionError, match="needs opset 17"):
+        fuse_norms(exported, opset=13)
+    with pytest.raises(FusionError, match="never lowers"):
+        fuse_norms(exported, opset=12)
+
+
+def test_shared_weights_are_reused_not_copied(rng):
+    feeds = {"x": rng.standard_normal((2, 6, 16)).astype(np.float32)}
+    exported = export(Holder(nm.PowSqrtDiv()), feeds, "torchscript")
+    result = fuse_norms(exported)
+    before = {t.name for t in exported.graph.initializer}
+    fused = next(n for n in result.model.graph.node if n.op_type == "LayerNormalization")
+    assert set(fused.input[1:]) <= before  # the model's own weight and bias initializers
+    onnx.checker.check_model(result.model)
