@@ -30,16 +30,29 @@ class VarMeanLayerNorm(PowSqrtLayerNorm):
         return (x - mean) * torch.rsqrt(variance + self.eps) * self.weight + self.bias
 
 
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(HIDDEN, 3 * HIDDEN)
+        self.out = nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, x):
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, HEADS, HIDDEN // HEADS).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / (HIDDEN // HEADS) ** 0.5, dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(batch, seq, HIDDEN))
+
+
 class Block(nn.Module):
     def __init__(self, norm: type):
         super().__init__()
-        self.attention = nn.MultiheadAttention(HIDDEN, HEADS, batch_first=True)
+        self.attention = SelfAttention()
         self.attention_norm = norm(HIDDEN)
         self.feed_forward = nn.Sequential(nn.Linear(HIDDEN, 4 * HIDDEN), nn.GELU(), nn.Linear(4 * HIDDEN, HIDDEN))
         self.output_norm = norm(HIDDEN)
 
     def forward(self, x):
-        x = self.attention_norm(x + self.attention(x, x, x, need_weights=False)[0])
+        x = self.attention_norm(x + self.attention(x))
         return self.output_norm(x + self.feed_forward(x))
 
 

@@ -60,12 +60,13 @@ def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str =
     progress("running the PyTorch model")
     with torch.no_grad():
         try:
-            reference = _leaves(torch, model(**tensors))
+            outputs = model(**tensors)
+            reference, names = _leaves(torch, outputs), output_names(torch, outputs)
         except Exception as exc:  # noqa: BLE001 - the user's forward can fail any way
             raise InputSpecError(f"the model's forward failed on these inputs: {type(exc).__name__}: {first_line(exc)}") from exc
         _check_finite(reference)
         progress(f"exporting with the {exporter} exporter")
-        proto = torch_to_onnx(model, tensors, exporter, opset, dynamic_axes or {})
+        proto = torch_to_onnx(model, tensors, exporter, opset, dynamic_axes or {}, names)
     report = None
     if fuse:
         progress("fusing LayerNorms and verifying the fused graph in ONNX Runtime")
@@ -137,20 +138,39 @@ def _leaves(torch, outputs) -> list[np.ndarray]:
     return [leaf.detach().float().numpy() if leaf.dtype == torch.bfloat16 else leaf.detach().numpy() for leaf in leaves]
 
 
+def output_names(torch, outputs) -> list[str]:
+    """Graph output names from the structure the model returns: `output` for one tensor, dict
+    keys (`last_hidden_state`) for dicts and ModelOutputs, `output_0`, `output_1` for tuples."""
+    from torch.utils import _pytree
+
+    names = []
+    for path, leaf in _pytree.tree_flatten_with_path(outputs)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        if not parts:
+            names.append("output")
+        elif all(p.isdigit() for p in parts):
+            names.append("output_" + "_".join(parts))
+        else:
+            names.append("_".join(parts))
+    return names
+
+
 def torch_to_onnx(model, tensors: dict, exporter: str = DEFAULT_EXPORTER, opset=None,
-                  dynamic_axes: dict | None = None) -> onnx.ModelProto:
+                  dynamic_axes: dict | None = None, outputs: list[str] | None = None) -> onnx.ModelProto:
     """The exporter's graph, unfused, with a `ticknorm.scope` on every node."""
     torch = require("torch", "torch")
     _check_exporter(exporter, opset)
     tensors = {name: value if isinstance(value, torch.Tensor) else _to_torch(torch, value) for name, value in tensors.items()}
     model.eval()
     with torch.no_grad():
-        proto = _export(torch, model, tensors, exporter, opset, dynamic_axes or {})
+        proto = _export(torch, model, tensors, exporter, opset, dynamic_axes or {}, outputs)
     annotate_scopes(proto, [name for name, _ in model.named_modules()])
     return proto
 
 
-def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dict) -> onnx.ModelProto:
+def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dict, outputs) -> onnx.ModelProto:
     names = list(tensors)
     with warnings.catch_warnings(), _silenced(), _quiet_loggers():
         warnings.simplefilter("ignore")
@@ -158,11 +178,12 @@ def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dic
             if exporter == "dynamo":
                 program = torch.onnx.export(model, (), kwargs=tensors, dynamo=True, opset_version=opset,
                                             dynamic_shapes=_dynamic_shapes(torch, names, dynamic_axes) or None,
-                                            optimize=True, verbose=False)
+                                            output_names=outputs, optimize=True, verbose=False)
                 return program.model_proto
             buffer = io.BytesIO()
             torch.onnx.export(model, (), buffer, kwargs=tensors, dynamo=False, opset_version=opset or 17,
-                              input_names=names, dynamic_axes=dynamic_axes or None, do_constant_folding=True)
+                              input_names=names, output_names=outputs, dynamic_axes=dynamic_axes or None,
+                              do_constant_folding=True)
             return onnx.load_from_string(buffer.getvalue())
         except Exception as exc:  # noqa: BLE001 - exporters raise many unrelated types
             raise ExportError(_describe_failure(torch, model, tensors, exporter, exc)) from exc

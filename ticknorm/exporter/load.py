@@ -82,6 +82,8 @@ def load_checkpoint(path, trust_pickle: bool = False):
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # anything else is a damaged or foreign file
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line(exc)})") from exc
         raise CheckpointError(f"{path} holds pickled objects besides tensors (for example a whole model), and "
                               "unpickling runs code; pass --trust-pickle only if you trust where it came from") from exc
     except Exception as exc:  # noqa: BLE001 - torch.load reports corrupt files in many ways

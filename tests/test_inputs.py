@@ -1,0 +1,47 @@
+import ml_dtypes
+import numpy as np
+import pytest
+
+from ticknorm.errors import InputSpecError
+from ticknorm.inputs import Dim, feeds_from_specs, load_npz, parse_input_spec
+
+
+def test_spec_with_named_dynamic_axes_dtype_and_range():
+    spec = parse_input_spec("input_ids:batch=2xmax_len=16:int64:0..30522")
+    assert spec.dims == (Dim(2, "batch"), Dim(16, "max_len"))
+    assert spec.dynamic_axes == {0: "batch", 1: "max_len"}
+    assert (spec.dtype, spec.low, spec.high) == (np.dtype(np.int64), 0, 30522)
+    values = feeds_from_specs([spec], seed=1)["input_ids"]
+    assert values.shape == (2, 16) and values.min() >= 0 and values.max() < 30522 and len(np.unique(values)) > 16
+
+
+def test_defaults_and_dtypes():
+    feeds = feeds_from_specs([parse_input_spec(s) for s in ("x:1x3x4x4", "m:2x5:bool", "h:3:bf16", "ids:2x3:int32")])
+    assert feeds["x"].dtype == np.float32 and feeds["x"].shape == (1, 3, 4, 4)
+    assert feeds["m"].dtype == np.bool_
+    assert feeds["h"].dtype == ml_dtypes.bfloat16
+    assert set(np.unique(feeds["ids"])) <= {0, 1}
+    assert np.array_equal(feeds_from_specs([parse_input_spec("x:4")], 7)["x"], feeds_from_specs([parse_input_spec("x:4")], 7)["x"])
+
+
+@pytest.mark.parametrize("text, match", [
+    ("x", "expected NAME:DIMS"),
+    ("x:2xa", "dim 'a' is not SIZE or NAME=SIZE"),
+    ("x:2:complex7", "unknown dtype 'complex7'"),
+    ("x:2:int64:9..1", "is empty"),
+    ("x:2:int64:nope", "is not LOW..HIGH"),
+    (":2", "expected NAME:DIMS"),
+])
+def test_bad_specs(text, match):
+    with pytest.raises(InputSpecError, match=match):
+        parse_input_spec(text)
+
+
+def test_duplicate_names_and_bad_npz(tmp_path):
+    with pytest.raises(InputSpecError, match="given more than once"):
+        feeds_from_specs([parse_input_spec("x:2"), parse_input_spec("x:3")])
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    with pytest.raises(InputSpecError, match="not a readable .npz"):
+        load_npz(tmp_path / "bad.npz")
+    with pytest.raises(InputSpecError, match="input file not found"):
+        load_npz(tmp_path / "none.npz")

@@ -1,0 +1,63 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from ticknorm.errors import OnnxFileError
+from ticknorm.exporter.scopes import annotate_scopes, common_scope, get_scope
+from ticknorm.onnx_io import load_onnx, save_onnx
+
+
+def _node(name, inputs, outputs, op="Relu", dynamo_scopes=None):
+    node = helper.make_node(op, inputs, outputs, name=name)
+    if dynamo_scopes is not None:
+        node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(dynamo_scopes))
+    return node
+
+
+def test_torchscript_names_resolve_against_real_module_paths():
+    graph = helper.make_graph(
+        [_node("/layers.0/layers.0.0/Gemm", ["x"], ["a"]), _node("/norm/ReduceMean", ["a"], ["b"]),
+         _node("/layers.0/attention/MatMul", ["b"], ["c"]), _node("Constant_9", [], ["k"], "Constant"),
+         _node("/Add", ["c", "k"], ["y"], "Add")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    annotate_scopes(model, ["", "layers", "layers.0", "layers.0.0", "layers.0.attention", "block", "block.norm"])
+    assert [get_scope(n) for n in model.graph.node] == ["layers.0.0", "block.norm", "layers.0.attention", "", ""]
+
+
+def test_dynamo_scopes_and_borrowed_scopes_for_constants():
+    graph = helper.make_graph(
+        [_node("c", [], ["k"], "Constant"), _node("n", ["x", "k"], ["y"], "Add", ["", "enc", "enc.layer.1", "add_3"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    annotate_scopes(model)
+    assert [get_scope(n) for n in model.graph.node] == ["enc.layer.1", "enc.layer.1"]
+
+
+def test_common_scope():
+    assert common_scope(["enc.layer.1.ln", "enc.layer.1.ln"]) == "enc.layer.1.ln"
+    assert common_scope(["enc.layer.1.ln", "enc.layer.10.ln"]) == "enc.layer"  # by segment, not by character
+    assert common_scope([]) == ""
+
+
+def test_save_is_atomic_and_external_data_round_trips(tmp_path):
+    weight = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [onnx.numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph)
+    files = save_onnx(model, tmp_path / "m.onnx", external_data_threshold=100)
+    assert [f.name for f in files] == ["m.onnx", "m.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert np.array_equal(onnx.numpy_helper.to_array(load_onnx(tmp_path / "m.onnx").graph.initializer[0]), weight)
+    assert np.array_equal(onnx.numpy_helper.to_array(model.graph.initializer[0]), weight)  # caller keeps its weights
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(OnnxFileError, match="not found"):
+        load_onnx(tmp_path / "nope.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"\xff\xff\xff")
+    with pytest.raises(OnnxFileError, match="not a readable ONNX model"):
+        load_onnx(tmp_path / "bad.onnx")
