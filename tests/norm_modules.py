@@ -21,13 +21,16 @@ class Affine(nn.Module):
         return y
 
 
-class PowSqrtDiv(Affine):
-    """BERT's TF port and many hand-written LayerNorms."""
+def pow_sqrt_div(x, eps=EPS):
+    """BERT's TF port and many hand-written LayerNorms, without the affine part."""
+    u = x.mean(-1, keepdim=True)
+    s = (x - u).pow(2).mean(-1, keepdim=True)
+    return (x - u) / torch.sqrt(s + eps)
 
+
+class PowSqrtDiv(Affine):
     def forward(self, x):
-        u = x.mean(-1, keepdim=True)
-        s = (x - u).pow(2).mean(-1, keepdim=True)
-        return self.affine((x - u) / torch.sqrt(s + EPS))
+        return self.affine(pow_sqrt_div(x))
 
 
 class MulRsqrt(Affine):
@@ -77,10 +80,7 @@ class HalfIsland(Affine):
     """fp16 model whose LayerNorm computes in fp32 between two Casts (many mixed-precision ports)."""
 
     def forward(self, x):
-        h = x.float()
-        u = h.mean(-1, keepdim=True)
-        s = (h - u).pow(2).mean(-1, keepdim=True)
-        return self.affine(((h - u) / torch.sqrt(s + EPS)).to(x.dtype))
+        return self.affine(pow_sqrt_div(x.float()).to(x.dtype))
 
 
 class T5RMSNorm(nn.Module):
@@ -120,9 +120,7 @@ class UnbiasedVariance(nn.Module):
 
 class EpsInput(nn.Module):
     def forward(self, x, eps):
-        u = x.mean(-1, keepdim=True)
-        s = (x - u).pow(2).mean(-1, keepdim=True)
-        return (x - u) / torch.sqrt(s + eps)
+        return pow_sqrt_div(x, eps)
 
 
 class CenteredAlsoReturned(nn.Module):
@@ -143,9 +141,7 @@ class InputScale(nn.Module):
     """adaLN-style: the scale is an input, so it is not absorbed; the normalization still fuses."""
 
     def forward(self, x, gamma):
-        u = x.mean(-1, keepdim=True)
-        s = (x - u).pow(2).mean(-1, keepdim=True)
-        return (x - u) / torch.sqrt(s + EPS) * gamma
+        return pow_sqrt_div(x) * gamma
 
 
 class PerTokenScale(nn.Module):
@@ -156,6 +152,4 @@ class PerTokenScale(nn.Module):
         self.register_buffer("token_scale", torch.linspace(0.5, 1.5, 6)[:, None])
 
     def forward(self, x):
-        u = x.mean(-1, keepdim=True)
-        s = (x - u).pow(2).mean(-1, keepdim=True)
-        return (x - u) / torch.sqrt(s + EPS) * self.token_scale
+        return pow_sqrt_div(x) * self.token_scale

@@ -85,11 +85,13 @@ def test_torchscript_opset13_layer_norm_is_fused_and_opset_raised(rng):
     result = _fuse_and_check(nn.LayerNorm(16), x, "torchscript", opset=13)
     assert result.report.opset_before == 13 and result.report.opset_after == 17
     assert op_types(result.model).count("LayerNormalization") == 1
+    assert {get_scope(n) for n in result.model.graph.node} == {"", "block.norm"}  # survived the conversion
 
 
-def test_fp16_cast_island_becomes_one_fp16_node(rng):
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_fp16_cast_island_becomes_one_fp16_node(exporter, rng):
     x = rng.standard_normal((2, 6, 16)).astype(np.float16)
-    result = _fuse_and_check(nm.HalfIsland().half(), x, "torchscript", atol=1e-2)
+    result = _fuse_and_check(nm.HalfIsland().half(), x, exporter, atol=1e-2)
     fused = next(n for n in result.model.graph.node if n.op_type == "LayerNormalization")
     ops = op_types(result.model)
     assert "Cast" not in ops, ops

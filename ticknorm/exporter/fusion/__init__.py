@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ticknorm.errors import AccuracyError, FusionError
+from ticknorm.errors import AccuracyError, FusionError, first_line
 from ticknorm.exporter.fusion.graph import GraphIndex
 from ticknorm.exporter.fusion.layer_norm import find_layer_norms
 from ticknorm.exporter.fusion.norms import NormMatch
@@ -14,6 +14,7 @@ from ticknorm.exporter.fusion.report import FusionReport, NormRecord
 from ticknorm.exporter.fusion.rewrite import FUSED_OPS, rewrite_matches
 from ticknorm.exporter.fusion.rms_norm import find_rms_norms
 from ticknorm.exporter.fusion.verify import verify_fused
+from ticknorm.exporter.scopes import annotate_scopes, get_scope, set_scope
 from ticknorm.inputs import feeds_for_graph
 
 __all__ = ["FusionResult", "FusionReport", "find_norms", "fuse_norms"]
@@ -34,10 +35,10 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     LayerNorm needs it. RMSNorms fuse only when it is 23 or more; otherwise they are left and
     reported.
     """
-    before = GraphIndex(model).opset
+    index = GraphIndex(model)
+    before = index.opset
     if opset is not None and opset < before:
         raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
-    index = GraphIndex(model)
     found = find_norms(index)
     target = _target_opset(found, before, opset)
     working = model
@@ -81,10 +82,19 @@ def _target_opset(found: list, before: int, requested: int | None) -> int:
 
 
 def _convert(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """The model at opset `target`. The converter drops node metadata: scopes are copied back by
+    node name, and nodes it created borrow theirs from their neighbours."""
     try:
-        return onnx.version_converter.convert_version(model, target)
+        converted = onnx.version_converter.convert_version(model, target)
     except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors
-        raise FusionError(f"cannot raise the model to opset {target}: {str(exc).splitlines()[0]}") from exc
+        raise FusionError(f"cannot raise the model to opset {target}: {first_line(exc)}") from exc
+    scopes = {node.name: get_scope(node) for node in model.graph.node if node.name and get_scope(node) is not None}
+    for node in converted.graph.node:
+        if node.name in scopes:
+            set_scope(node, scopes[node.name])
+    if scopes:
+        annotate_scopes(converted)
+    return converted
 
 
 def _records(found: list, target: int) -> tuple[list, list]:

@@ -337,7 +337,7 @@ class Layout:
         moved = aligned.transpose(order).reshape([aligned.shape[a] for a in self.axes])
         if not all(isinstance(d, int) for d in self.dims):
             return moved if all(s != 1 for s in moved.shape) or moved.size == 0 else None
-        return np.broadcast_to(moved, self.dims).copy()
+        return moved if moved.shape == tuple(self.dims) else np.broadcast_to(moved, self.dims).copy()
 
     def static_dims(self, *params) -> tuple | None:
         if all(isinstance(d, int) for d in self.dims):
