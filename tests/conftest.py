@@ -3,7 +3,7 @@ import onnx
 import pytest
 
 from ticknorm.exporter.export import torch_to_onnx
-from ticknorm.runtime.ort_session import run_onnx
+from ticknorm.runtime.ort_runner import OrtRunner
 
 torch = pytest.importorskip("torch")
 
@@ -21,7 +21,7 @@ def torch_outputs(module, feeds: dict) -> list[np.ndarray]:
 
 
 def ort_outputs(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    return list(run_onnx(model, feeds).values())
+    return list(OrtRunner(model).infer(feeds).outputs.values())
 
 
 def op_types(model: onnx.ModelProto) -> list[str]:

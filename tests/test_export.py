@@ -10,7 +10,7 @@ import torch
 from ticknorm import api
 from ticknorm.errors import AccuracyError, ExportError, InputSpecError
 from ticknorm.exporter.scopes import get_scope, scope_coverage
-from ticknorm.runtime.ort_session import run_onnx
+from ticknorm.runtime.ort_runner import OrtRunner
 
 EXAMPLE = dict(model="examples/tiny_transformer.py:build", checkpoint="examples/tiny_transformer.safetensors",
                inputs=["input_ids:batch=2xseq=16:int64:0..1000"])
@@ -48,7 +48,7 @@ def test_dynamic_axes_accept_other_shapes(exported):
     ids = np.random.default_rng(5).integers(0, 1000, (3, 7))
     with torch.no_grad():
         expected = module(torch.from_numpy(ids)).numpy()
-    np.testing.assert_allclose(run_onnx(model, {"input_ids": ids})["output"], expected, atol=1e-4)
+    np.testing.assert_allclose(OrtRunner(model).infer({"input_ids": ids}).outputs["output"], expected, atol=1e-4)
 
 
 def test_external_data_above_the_threshold(tmp_path):
@@ -58,7 +58,7 @@ def test_external_data_above_the_threshold(tmp_path):
     assert path.stat().st_size < 200_000 < (tmp_path / "tiny.onnx.data").stat().st_size
     model = onnx.load(str(path))
     ids = np.ones((1, 4), np.int64)
-    assert run_onnx(model, {"input_ids": ids})["output"].shape == (1, 2)
+    assert OrtRunner(model).infer({"input_ids": ids}).outputs["output"].shape == (1, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "tiny.onnx.data"]
 
 

@@ -25,7 +25,7 @@ from ticknorm.errors import AccuracyError, ExportError, InputSpecError, first_li
 from ticknorm.exporter.fusion import FusionReport, fuse_norms
 from ticknorm.exporter.scopes import annotate_scopes
 from ticknorm.onnx_io import PROTOBUF_LIMIT, save_onnx
-from ticknorm.runtime.ort_session import run_onnx
+from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.validate.metrics import ArrayComparison, compare_arrays
 
 EXPORTERS = {"dynamo": (18, None), "torchscript": (13, 17)}
@@ -89,7 +89,7 @@ def compare_with_torch(proto: onnx.ModelProto, feeds: dict, reference: list) -> 
     names = [o.name for o in proto.graph.output]
     if len(names) != len(reference):
         raise ExportError(f"the ONNX graph has {len(names)} outputs but the PyTorch model returned {len(reference)} tensors")
-    actual = run_onnx(proto, feeds, names)
+    actual = OrtRunner(proto).infer(feeds).outputs
     checks = []
     for name, expected in zip(names, reference):
         atol, rtol = EXPORT_TOLERANCES.get(str(expected.dtype), (0.0, 0.0))

@@ -1,0 +1,89 @@
+"""ONNX Runtime: CPU or CUDA provider, selectable graph optimization, taps as extra outputs."""
+
+import tempfile
+
+import numpy as np
+import onnx
+
+from ticknorm.errors import OnnxFileError, first_line
+from ticknorm.onnx_io import serialize_or_save
+from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeUnavailable
+
+OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class OrtRunner(Runner):
+    def __init__(self, model: onnx.ModelProto, provider: str = "cpu", optimization: str = "all",
+                 session_options=None):
+        super().__init__()
+        self.model = model
+        self.provider = provider
+        self.optimization = optimization
+        self.name = f"ort-{provider}"
+        self._extra_options = session_options
+        self._sessions = {}
+
+    def _activate_impl(self) -> None:
+        import onnxruntime as ort
+
+        if PROVIDERS[self.provider] not in ort.get_available_providers():
+            raise RuntimeUnavailable(f"{self.name}: onnxruntime {ort.__version__} has no {PROVIDERS[self.provider]} "
+                                     "(install ticknorm[gpu] on a CUDA machine)")
+        self._session(())
+
+    def _deactivate_impl(self) -> None:
+        self._sessions.clear()
+
+    def _inputs_impl(self) -> list[InputMeta]:
+        session = self._session(())
+        return [InputMeta(i.name, tuple(d if isinstance(d, int) else None for d in i.shape), _np_dtype(i.type))
+                for i in session.get_inputs()]
+
+    def session_options(self):
+        import onnxruntime as ort
+
+        options = self._extra_options() if self._extra_options else ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = {
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.optimization]
+        return options
+
+    def _session(self, taps: tuple):
+        """One session per tap set: extra outputs change what ORT may fuse, so they get their own."""
+        if taps not in self._sessions:
+            import onnxruntime as ort
+
+            model = self.model
+            if taps:
+                model = onnx.ModelProto()
+                model.CopyFrom(self.model)
+                existing = {o.name for o in model.graph.output}
+                for name in taps:
+                    if name not in existing:
+                        model.graph.output.append(onnx.ValueInfoProto(name=name))
+            with tempfile.TemporaryDirectory() as workdir:
+                try:
+                    self._sessions[taps] = ort.InferenceSession(serialize_or_save(model, workdir), self.session_options(),
+                                                                providers=[PROVIDERS[self.provider]])
+                except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
+                    raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
+        return self._sessions[taps]
+
+    def _infer_impl(self, feeds: dict, taps: tuple) -> RunOutputs:
+        session = self._session(taps)
+        graph_outputs = [o.name for o in self.model.graph.output]
+        names = graph_outputs + [t for t in taps if t not in graph_outputs]
+        values = dict(zip(names, session.run(names, feeds)))
+        return RunOutputs({n: values[n] for n in graph_outputs}, {t: values[t] for t in taps})
+
+
+def _np_dtype(ort_type: str) -> np.dtype | None:
+    name = ort_type.removeprefix("tensor(").removesuffix(")")
+    mapping = {"float": "float32", "double": "float64", "float16": "float16", "bool": "bool"}
+    try:
+        return np.dtype(mapping.get(name, name))
+    except TypeError:
+        return None

@@ -1,0 +1,112 @@
+"""PyTorch eager: the training graph, the reference every other runtime is judged against."""
+
+import numpy as np
+
+from ticknorm._optional import require
+from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeUnavailable
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+class TorchRunner(Runner):
+    """`output_names` name the flattened outputs (the ONNX graph's names, so results line up).
+    `fp32_modules` stay in fp32 when `dtype` is lower: the fix for LayerNorms that overflow fp16."""
+
+    def __init__(self, module, output_names: list[str], device: str = "cpu", dtype: str = "fp32",
+                 fp32_modules=()):
+        super().__init__()
+        self.module = module
+        self.output_names = list(output_names)
+        self.device = device
+        self.dtype = dtype
+        self.fp32_modules = tuple(fp32_modules)
+        self.name = f"torch-{device}" + ("" if dtype == "fp32" else f"-{dtype}")
+        self._hooks = []
+
+    def _activate_impl(self) -> None:
+        torch = require("torch", "torch")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeUnavailable(f"{self.name}: torch {torch.__version__} sees no CUDA device")
+        self._torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
+        self.module.eval().to(self.device, self._torch_dtype)
+        for path in self.fp32_modules:
+            submodule = self.module.get_submodule(path).float()
+            self._hooks.append(submodule.register_forward_pre_hook(_cast_inputs(torch, torch.float32)))
+            self._hooks.append(submodule.register_forward_hook(_cast_output(torch, self._torch_dtype)))
+
+    def _deactivate_impl(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def _inputs_impl(self) -> list[InputMeta]:
+        import inspect
+
+        parameters = inspect.signature(self.module.forward).parameters
+        return [InputMeta(name, (), None) for name, p in parameters.items()
+                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def infer(self, feeds, taps=()):
+        self.activate()  # optional forward parameters may be fed too: check only the required ones
+        missing = [m.name for m in self._inputs_impl() if m.name not in feeds]
+        if missing:
+            from ticknorm.errors import InputSpecError
+
+            raise InputSpecError(f"{self.name}: missing input {', '.join(missing)}")
+        return self._infer_impl(feeds, tuple(taps))
+
+    def _infer_impl(self, feeds: dict, taps: tuple) -> RunOutputs:
+        torch = require("torch", "torch")
+        from torch.utils import _pytree
+
+        tapped, handles = {}, []
+        for path in taps:
+            handles.append(self.module.get_submodule(path).register_forward_hook(_capture(torch, tapped, path)))
+        try:
+            with torch.no_grad():
+                result = self.module(**{k: self._tensor(torch, v) for k, v in feeds.items()})
+        finally:
+            for handle in handles:
+                handle.remove()
+        leaves = [leaf for leaf in _pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
+        names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
+        return RunOutputs(dict(zip(names, (to_numpy(t) for t in leaves))), tapped)
+
+    def _tensor(self, torch, array: np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(array.astype(np.float32) if array.dtype.name == "bfloat16" else array))
+        if tensor.is_floating_point():
+            tensor = tensor.to(self._torch_dtype)
+        return tensor.to(self.device)
+
+
+def to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def first_tensor(torch, value):
+    from torch.utils import _pytree
+
+    return next((leaf for leaf in _pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)), None)
+
+
+def _capture(torch, store: dict, path: str):
+    def hook(_module, _args, output):
+        tensor = first_tensor(torch, output)
+        if tensor is not None:
+            store[path] = to_numpy(tensor)
+    return hook
+
+
+def _cast_inputs(torch, dtype):
+    def hook(_module, args):
+        return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    return hook
+
+
+def _cast_output(torch, dtype):
+    def hook(_module, _args, output):
+        return output.to(dtype) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+    return hook
