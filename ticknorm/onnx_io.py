@@ -1,11 +1,13 @@
 """Load and save ONNX models with clear errors, atomic writes and external data for big models."""
 
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 from google.protobuf.message import DecodeError
 
 from ticknorm.errors import OnnxFileError, first_line
@@ -74,3 +76,17 @@ def serialize_or_save(model: onnx.ModelProto, workdir: Path) -> str | bytes:
     save_onnx(model, target, external_data_threshold=0)
     return str(target)
 
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """sha256 over the nodes, inputs, outputs and every weight's bytes: what identifies a model
+    for engine caches and drift bundles, whether its weights are inline or external."""
+    digest = hashlib.sha256()
+    graph = model.graph
+    for part in list(graph.input) + list(graph.output) + list(graph.node):
+        digest.update(part.SerializeToString(deterministic=True))
+    for tensor in graph.initializer:
+        digest.update(tensor.name.encode())
+        digest.update(str((tensor.data_type, tuple(tensor.dims))).encode())
+        digest.update(tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes())
+    return digest.hexdigest()

@@ -106,3 +106,30 @@ def scope_coverage(model: onnx.ModelProto) -> float:
     """Fraction of nodes that carry a `ticknorm.scope`."""
     nodes = model.graph.node
     return sum(get_scope(n) is not None for n in nodes) / len(nodes) if len(nodes) else 1.0
+
+
+def module_output_tensors(model: onnx.ModelProto) -> dict[str, str]:
+    """Module scope -> the ONNX tensor that is that module's output: the last tensor (in graph
+    order) made inside the module's subtree and read outside it, or a graph output."""
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        scope = get_scope(node) or ""
+        for name in node.input:
+            readers.setdefault(name, []).append(scope)
+    graph_outputs = {o.name for o in model.graph.output}
+    found: dict[str, str] = {}
+    for node in model.graph.node:
+        scope = get_scope(node)
+        if not scope:
+            continue
+        parts = scope.split(".")
+        for depth in range(1, len(parts) + 1):
+            module = ".".join(parts[:depth])
+            for name in node.output:
+                if name and (name in graph_outputs or any(not _within(r, module) for r in readers.get(name, []))):
+                    found[module] = name
+    return found
+
+
+def _within(scope: str, module: str) -> bool:
+    return scope == module or scope.startswith(module + ".")

@@ -1,0 +1,74 @@
+"""Which runtimes exist on this machine, and runners built from a runtime name.
+
+Names: `torch` (the reference), `ort` / `ort-cpu`, `ort-cuda`, `trt` / `trt-fp16` / `trt-bf16`."""
+
+import importlib
+from dataclasses import dataclass
+
+import onnx
+
+from ticknorm.errors import InputSpecError
+from ticknorm.runtime.base import Runner
+from ticknorm.runtime.ort_runner import OrtRunner
+from ticknorm.runtime.trt_runner import TrtRunner, TrtSettings
+
+RUNTIME_NAMES = ("ort", "ort-cpu", "ort-cuda", "trt", "trt-fp16", "trt-bf16")
+
+
+@dataclass
+class RuntimeStatus:
+    name: str
+    version: str
+    available: bool
+    reason: str = ""
+
+
+def _version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None
+
+
+def runtime_statuses() -> list[RuntimeStatus]:
+    statuses = []
+    torch_version = _version("torch")
+    cuda = False
+    if torch_version:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    statuses.append(RuntimeStatus("torch", torch_version or "-", bool(torch_version),
+                                  "" if torch_version else "torch is not installed (pip install 'ticknorm[torch]')"))
+    statuses.append(RuntimeStatus("torch-cuda", torch_version or "-", cuda,
+                                  "" if cuda else "no CUDA device visible to torch"))
+    ort_version = _version("onnxruntime")
+    providers = []
+    if ort_version:
+        import onnxruntime
+
+        providers = onnxruntime.get_available_providers()
+    statuses.append(RuntimeStatus("ort-cpu", ort_version or "-", "CPUExecutionProvider" in providers,
+                                  "" if ort_version else "onnxruntime is not installed"))
+    has_cuda_provider = "CUDAExecutionProvider" in providers
+    statuses.append(RuntimeStatus("ort-cuda", ort_version or "-", has_cuda_provider and cuda,
+                                  "" if has_cuda_provider and cuda else
+                                  ("no CUDA device" if has_cuda_provider else
+                                   "this onnxruntime build has no CUDAExecutionProvider (pip install 'ticknorm[gpu]')")))
+    trt_version = _version("tensorrt")
+    statuses.append(RuntimeStatus("trt", trt_version or "-", bool(trt_version) and cuda,
+                                  "" if trt_version and cuda else
+                                  ("no CUDA device" if trt_version else "tensorrt is not installed (pip install 'ticknorm[trt]')")))
+    return statuses
+
+
+def make_runner(name: str, model: onnx.ModelProto, profile: dict | None = None, ort_optimization: str = "all",
+                trt_settings: TrtSettings | None = None) -> Runner:
+    if name not in RUNTIME_NAMES:
+        raise InputSpecError(f"unknown runtime '{name}'; choose from: torch, {', '.join(RUNTIME_NAMES)}")
+    if name.startswith("ort"):
+        return OrtRunner(model, "cuda" if name == "ort-cuda" else "cpu", ort_optimization)
+    settings = trt_settings or TrtSettings()
+    settings.precision = name.partition("-")[2] or settings.precision
+    return TrtRunner(model, profile or {}, settings)
+

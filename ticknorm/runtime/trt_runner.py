@@ -1,0 +1,194 @@
+"""TensorRT from the ONNX file, kept thin and written against the `tensorrt` 10 Python API as
+NVIDIA's samples use it (Builder -> OnnxParser -> BuilderConfig -> serialized engine ->
+execute_async_v3). TensorRT is imported only when a TensorRT runner is activated.
+
+NOT VERIFIED on TensorRT: no machine this project runs on has it. Everything around the API
+calls (cache keys, profiles, precision choices) is plain Python and unit-tested."""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ticknorm.errors import OnnxFileError
+from ticknorm.onnx_io import model_digest, save_onnx
+from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeUnavailable
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+LN_TARGETS = ("native", "plugin")
+
+
+@dataclass
+class TrtSettings:
+    precision: str = "fp32"
+    ln_target: str = "native"  # TensorRT's INormalizationLayer, or ticknorm's plugin (plugin issue)
+    strongly_typed: bool = False  # TensorRT 11 style: types come from the ONNX graph, not flags
+    fp32_layers: list = field(default_factory=list)  # ONNX node names kept in fp32 (fp16 overflow)
+    workspace_bytes: int = 4 << 30
+
+
+def optimization_profile(inputs: dict[str, np.ndarray], dynamic_axes: dict[str, dict[int, str]]) -> dict:
+    """{input: (min, opt, max)}: dynamic axes range from 1 to the example size, which is also
+    the size TensorRT optimizes for; static inputs are fixed at their example shape."""
+    profile = {}
+    for name, array in inputs.items():
+        dynamic = dynamic_axes.get(name, {})
+        low = tuple(1 if axis in dynamic else size for axis, size in enumerate(array.shape))
+        profile[name] = (low, tuple(array.shape), tuple(array.shape))
+    return profile
+
+
+def engine_cache_key(model_bytes_digest: str, trt_version: str, gpu: str, settings: TrtSettings, profile: dict) -> str:
+    """An engine is only valid for the same model, TensorRT, GPU, settings and profile."""
+    payload = json.dumps({"model": model_bytes_digest, "trt": trt_version, "gpu": gpu, "settings": asdict(settings),
+                          "profile": {k: [list(s) for s in v] for k, v in sorted(profile.items())}}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TICKNORM_CACHE", Path.home() / ".cache" / "ticknorm")) / "engines"
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"trt: the tensorrt module is not installed ({exc}); install ticknorm[trt] "
+                                 "on a machine with an NVIDIA GPU") from exc
+    return tensorrt
+
+
+class TrtRunner(Runner):
+    def __init__(self, model: onnx.ModelProto, profile: dict, settings: TrtSettings | None = None, cache_dir=None):
+        super().__init__()
+        self.model = model
+        self.profile = profile
+        self.settings = settings or TrtSettings()
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.name = f"trt-{self.settings.precision}"
+
+    def _activate_impl(self) -> None:
+        trt = import_tensorrt()
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailable("trt: no CUDA device is visible")
+        self._trt, self._torch = trt, torch
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        key = engine_cache_key(model_digest(self.model), trt.__version__, torch.cuda.get_device_name(),
+                               self.settings, self.profile)
+        self._engines = {(): self._engine(key, ())}
+
+    def _engine(self, key: str, taps: tuple):
+        trt = self._trt
+        path = self.cache_dir / f"{key}{'-' + hashlib.sha256(repr(taps).encode()).hexdigest()[:8] if taps else ''}.engine"
+        if not path.exists():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            serialized = self._build(taps)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(serialized)
+            os.replace(tmp, path)
+        engine = trt.Runtime(self._logger).deserialize_cuda_engine(path.read_bytes())
+        return engine, engine.create_execution_context()
+
+    def _build(self, taps: tuple) -> bytes:
+        trt = self._trt
+        builder = trt.Builder(self._logger)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if self.settings.strongly_typed else 0
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, self._logger)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as workdir:
+            path = Path(workdir) / "model.onnx"
+            save_onnx(self.model, path)
+            if not parser.parse_from_file(str(path)):
+                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise OnnxFileError(f"trt: the TensorRT ONNX parser rejected the model: {errors}")
+        self._mark_taps(network, taps)
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.settings.workspace_bytes)
+        if not self.settings.strongly_typed:
+            if self.settings.precision == "fp16":
+                config.set_flag(trt.BuilderFlag.FP16)
+            elif self.settings.precision == "bf16":
+                config.set_flag(trt.BuilderFlag.BF16)
+            self._keep_fp32(network, config)
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in self.profile.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise OnnxFileError("trt: TensorRT could not build an engine (see the TensorRT log above)")
+        return bytes(serialized)
+
+    def _keep_fp32(self, network, config) -> None:
+        trt = self._trt
+        keep = set(self.settings.fp32_layers)
+        if not keep:
+            return
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        for index in range(network.num_layers):
+            layer = network.get_layer(index)
+            if layer.name in keep:
+                layer.precision = trt.float32
+                for output in range(layer.num_outputs):
+                    layer.set_output_type(output, trt.float32)
+
+    def _mark_taps(self, network, taps: tuple) -> None:
+        wanted = set(taps)
+        for index in range(network.num_layers):
+            layer = network.get_layer(index)
+            for output in range(layer.num_outputs):
+                tensor = layer.get_output(output)
+                if tensor.name in wanted and not tensor.is_network_output:
+                    network.mark_output(tensor)
+                    wanted.discard(tensor.name)
+        if wanted:
+            raise OnnxFileError(f"trt: TensorRT fused away or renamed {', '.join(sorted(wanted))}; cannot tap them")
+
+    def _inputs_impl(self) -> list[InputMeta]:
+        engine, _ = self._engines[()]
+        trt = self._trt
+        metas = []
+        for index in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(index)
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                shape = tuple(d if d >= 0 else None for d in engine.get_tensor_shape(name))
+                metas.append(InputMeta(name, shape, np.dtype(trt.nptype(engine.get_tensor_dtype(name)))))
+        return metas
+
+    def _infer_impl(self, feeds: dict, taps: tuple) -> RunOutputs:
+        trt, torch = self._trt, self._torch
+        if taps not in self._engines:
+            key = engine_cache_key(model_digest(self.model), trt.__version__, torch.cuda.get_device_name(),
+                                   self.settings, self.profile)
+            self._engines[taps] = self._engine(key, taps)
+        engine, context = self._engines[taps]
+        buffers = {}
+        for name, value in feeds.items():
+            buffers[name] = torch.from_numpy(np.ascontiguousarray(value)).cuda()
+            context.set_input_shape(name, tuple(value.shape))
+            context.set_tensor_address(name, buffers[name].data_ptr())
+        outputs = []
+        for index in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(index)
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+                dtype = torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+                buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+                context.set_tensor_address(name, buffers[name].data_ptr())
+                outputs.append(name)
+        stream = torch.cuda.current_stream()
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise OnnxFileError("trt: TensorRT execution failed")
+        stream.synchronize()
+        graph_outputs = [o.name for o in self.model.graph.output]
+        values = {name: buffers[name].cpu().numpy() for name in outputs}
+        return RunOutputs({n: values[n] for n in graph_outputs}, {t: values[t] for t in taps})
