@@ -10,8 +10,14 @@ from ticknorm.exporter.export import DEFAULT_EXPORTER, ExportResult, export_mode
 from ticknorm.exporter.fusion import FusionResult, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
 from ticknorm.exporter.load import build_model, load_hf_directory
-from ticknorm.inputs import feeds_from_specs, load_npz, parse_input_spec
+from ticknorm.inputs import feeds_from_specs, graph_inputs, load_npz, parse_input_spec
 from ticknorm.onnx_io import PROTOBUF_LIMIT, load_onnx, save_onnx
+from ticknorm.runtime.registry import runtime_statuses
+from ticknorm.runtime.trt_runner import TrtSettings, optimization_profile
+from ticknorm.validate.compare import CompareReport, Tolerance
+from ticknorm.validate.compare import compare as compare_models
+from ticknorm.validate.drift import DriftReport, check, history, load_bundle, plot_history, snapshot
+from ticknorm.validate.overflow import fp16_overflows
 
 
 def load_model(model: str, checkpoint=None, trust_pickle: bool = False):
@@ -61,3 +67,55 @@ def fuse(source, output, opset=None, inputs: list[str] = (), input_file=None, ve
 
 def inspect(source) -> ModelSummary:
     return summarize(load_onnx(source))
+
+
+def runtimes() -> list:
+    return runtime_statuses()
+
+
+def _trt_profile(model, feeds: dict) -> dict:
+    """TensorRT profile from the feeds, with the ONNX inputs' named or unknown dims dynamic."""
+    dynamic = {}
+    for value in graph_inputs(model):
+        dims = value.type.tensor_type.shape.dim
+        dynamic[value.name] = {axis: d.dim_param or "?" for axis, d in enumerate(dims) if not d.HasField("dim_value")}
+    return optimization_profile(feeds, dynamic)
+
+
+def compare(source, model: str, inputs: list[str] = (), input_file=None, checkpoint=None, trust_pickle=False,
+            runtimes=("ort",), tolerance: Tolerance | None = None, per_layer: bool = False, depth=None, pattern=None,
+            seed: int = 0, progress=lambda m: None) -> tuple[CompareReport, list]:
+    """PyTorch vs each runtime. Returns the report and the LayerNorms that overflow fp16 (looked for
+    when a runtime runs in fp16; TensorRT keeps those in fp32)."""
+    onnx_model = load_onnx(source)
+    feeds, _ = example_feeds(list(inputs), input_file, seed)
+    progress("loading the model")
+    module = load_model(model, checkpoint, trust_pickle)
+    overflows = []
+    trt_settings = None
+    if any(r.endswith("fp16") for r in runtimes):
+        progress("looking for LayerNorms that overflow fp16")
+        overflows = fp16_overflows(onnx_model, feeds)
+        trt_settings = TrtSettings(fp32_layers=[row.node for row in overflows])
+    report = compare_models(onnx_model, module, feeds, runtimes, tolerance, per_layer, depth, pattern,
+                            _trt_profile(onnx_model, feeds), trt_settings, progress)
+    return report, overflows
+
+
+def drift_snapshot(source, model: str, output, inputs: list[str] = (), input_file=None, checkpoint=None,
+                   trust_pickle=False, tolerance: Tolerance | None = None, depth=None, pattern=None, seed: int = 0):
+    feeds, _ = example_feeds(list(inputs), input_file, seed)
+    return snapshot(load_onnx(source), load_model(model, checkpoint, trust_pickle), feeds, output, tolerance, depth, pattern)
+
+
+def drift_check(bundle, source, runtime: str = "ort", allow_model_change: bool = False) -> DriftReport:
+    model = load_onnx(source)
+    _, inputs, _ = load_bundle(bundle)
+    return check(bundle, model, runtime, allow_model_change, _trt_profile(model, inputs[0]))
+
+
+def drift_history(bundle, plot=None) -> list[dict]:
+    entries = history(bundle)
+    if plot is not None:
+        plot_history(entries, plot)
+    return entries

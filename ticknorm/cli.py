@@ -11,8 +11,10 @@ import sys
 import click
 
 from ticknorm import api
+from ticknorm.atomic import write_text
 from ticknorm.errors import TicknormError, first_line
 from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS
+from ticknorm.validate.compare import Tolerance
 
 
 def _one_line_errors(command):
@@ -111,6 +113,113 @@ def inspect(source, as_json):
     """Opset, inputs, outputs, op histogram, LayerNorms fused and not, scope coverage."""
     summary = api.inspect(source)
     click.echo(summary.to_json() if as_json else summary.text())
+
+
+def _tolerance(atol: float, rtol: float, output_tol: tuple) -> Tolerance:
+    per_output = {}
+    for item in output_tol:
+        name, _, values = item.partition(":")
+        try:
+            low, high = (float(v) for v in values.split(":"))
+        except ValueError:
+            raise click.BadParameter(f"'{item}' is not NAME:ATOL:RTOL", param_hint="--output-tol") from None
+        per_output[name] = (low, high)
+    return Tolerance(atol, rtol, per_output)
+
+
+def tolerance_options(command):
+    command = click.option("--output-tol", multiple=True, metavar="NAME:ATOL:RTOL", help="Tolerance for one output.")(command)
+    command = click.option("--rtol", type=float, default=1e-3, show_default=True)(command)
+    return click.option("--atol", type=float, default=1e-4, show_default=True)(command)
+
+
+def tap_options(command):
+    command = click.option("--modules", "pattern", default=None, metavar="GLOB",
+                           help="Only tap modules whose path matches, e.g. 'encoder.layer.*.output'.")(command)
+    return click.option("--depth", type=int, default=None, help="Only tap modules at most this many path segments deep.")(command)
+
+
+@main.command()
+@_one_line_errors
+def runtimes():
+    """Each runtime, its version, and why an unavailable one is unavailable."""
+    for status in api.runtimes():
+        state = "available" if status.available else f"unavailable: {status.reason}"
+        click.echo(f"{status.name:<12} {status.version:<16} {state}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(dir_okay=False))
+@model_options
+@input_options
+@click.option("--runtime", "runtime_list", default="ort", show_default=True,
+              help="Comma-separated: ort, ort-cuda, trt, trt-fp16, trt-bf16.")
+@tolerance_options
+@click.option("--per-layer", is_flag=True, help="Also compare every module's output, in model order.")
+@tap_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@_one_line_errors
+def compare(source, model, checkpoint, trust_pickle, inputs, input_file, seed, runtime_list, atol, rtol, output_tol,
+            per_layer, depth, pattern, json_path):
+    """Compare runtimes with the PyTorch model, per output and per module. Exit 1 on failure."""
+    report, overflows = api.compare(source, model, inputs, input_file, checkpoint, trust_pickle,
+                                    [r.strip() for r in runtime_list.split(",") if r.strip()],
+                                    _tolerance(atol, rtol, output_tol), per_layer, depth, pattern, seed, _progress)
+    for row in overflows:
+        click.echo(f"fp16 overflow: {row.module or row.node}: {row.reason} -> kept in fp32 for TensorRT")
+    click.echo(report.text())
+    if json_path:
+        write_text(json_path, report.to_json())
+    sys.exit(0 if report.passed else 1)
+
+
+@main.group()
+def drift():
+    """Golden bundles: snapshot once, check in CI, watch the history."""
+
+
+@drift.command("snapshot")
+@click.argument("source", type=click.Path(dir_okay=False))
+@model_options
+@input_options
+@tolerance_options
+@tap_options
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@_one_line_errors
+def drift_snapshot(source, model, checkpoint, trust_pickle, inputs, input_file, seed, atol, rtol, output_tol, depth,
+                   pattern, output):
+    """Write a golden bundle: inputs, PyTorch outputs, per-module statistics, tolerances, versions."""
+    bundle = api.drift_snapshot(source, model, output, inputs, input_file, checkpoint, trust_pickle,
+                                _tolerance(atol, rtol, output_tol), depth, pattern, seed)
+    click.echo(f"wrote bundle {bundle}")
+
+
+@drift.command("check")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("--runtime", default="ort", show_default=True)
+@click.option("--allow-model-change", is_flag=True, help="Check a model whose hash differs from the bundle's.")
+@_one_line_errors
+def drift_check(bundle, source, runtime, allow_model_change):
+    """Re-run on the bundle's inputs and compare; exit 1 with a table if anything drifted."""
+    report = api.drift_check(bundle, source, runtime, allow_model_change)
+    click.echo(report.text())
+    sys.exit(0 if report.passed else 1)
+
+
+@drift.command("history")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Draw the history to a PNG.")
+@_one_line_errors
+def drift_history(bundle, plot):
+    """List past checks; --plot draws error per output and per module over time."""
+    entries = api.drift_history(bundle, plot)
+    for entry in entries:
+        worst = max(entry["outputs"].values(), default=0.0)
+        click.echo(f"{entry['time']}  {entry['runtime']:<10} {'pass' if entry['passed'] else 'DRIFT':<6} "
+                   f"max output error {worst:.3g}  model {entry['model_hash'][:12]}")
+    if plot:
+        click.echo(f"wrote {plot}")
 
 
 if __name__ == "__main__":

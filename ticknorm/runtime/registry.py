@@ -2,6 +2,7 @@
 
 Names: `torch` (the reference), `ort` / `ort-cpu`, `ort-cuda`, `trt` / `trt-fp16` / `trt-bf16`."""
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 
@@ -68,7 +69,6 @@ def make_runner(name: str, model: onnx.ModelProto, profile: dict | None = None, 
         raise InputSpecError(f"unknown runtime '{name}'; choose from: torch, {', '.join(RUNTIME_NAMES)}")
     if name.startswith("ort"):
         return OrtRunner(model, "cuda" if name == "ort-cuda" else "cpu", ort_optimization)
-    settings = trt_settings or TrtSettings()
-    settings.precision = name.partition("-")[2] or settings.precision
+    settings = dataclasses.replace(trt_settings or TrtSettings(), precision=name.partition("-")[2] or "fp32")
     return TrtRunner(model, profile or {}, settings)
 

@@ -92,19 +92,21 @@ def select_modules(scope_map: dict, depth: int | None, pattern: str | None) -> l
 
 def compare(model: onnx.ModelProto, module, feeds: dict, runtimes=("ort",), tolerance: Tolerance | None = None,
             per_layer: bool = False, depth: int | None = None, pattern: str | None = None,
-            profile: dict | None = None, progress=lambda message: None) -> CompareReport:
+            profile: dict | None = None, trt_settings=None, progress=lambda message: None) -> CompareReport:
     tolerance = tolerance or Tolerance()
     output_names = [o.name for o in model.graph.output]
     scope_map = module_output_tensors(model) if per_layer else {}
     known = {name for name, _ in module.named_modules()}
     modules = [m for m in select_modules(scope_map, depth, pattern) if m in known] if per_layer else []
+    runners = {runtime: make_runner(runtime, model, profile, trt_settings=trt_settings) for runtime in runtimes}
+    for runner in runners.values():
+        runner.activate()  # an unavailable runtime fails here, before any work, with its reason
     progress("running the PyTorch reference")
     reference = TorchRunner(module, output_names).infer(feeds, taps=modules)
     _check_reference(reference.outputs)
     report = CompareReport()
-    for runtime in runtimes:
+    for runtime, runner in runners.items():
         progress(f"running {runtime}")
-        runner = make_runner(runtime, model, profile)
         plain = runner.infer(feeds)
         report.outputs[runtime] = [compare_arrays(name, reference.outputs[name], plain.outputs[name], *tolerance.of(name))
                                    for name in output_names]

@@ -1,0 +1,207 @@
+"""Golden bundles and numeric-drift checks.
+
+A bundle is a folder: `inputs.json` (Polygraphy's input format, a list of feed dicts, so
+`polygraphy run --load-inputs` reads it), `outputs.json` (Polygraphy RunResults holding the PyTorch
+reference, readable by `polygraphy run --load-outputs`), `bundle.json` (model hash, versions,
+tolerances, per-module output statistics) and `history.jsonl` (one line per check).
+"""
+
+import importlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ticknorm.atomic import write_text
+from ticknorm.errors import AccuracyError, TicknormError
+from ticknorm.exporter.scopes import module_output_tensors
+from ticknorm.onnx_io import model_digest
+from ticknorm.runtime.registry import make_runner
+from ticknorm.runtime.torch_runner import TorchRunner
+from ticknorm.validate.compare import Tolerance, select_modules
+from ticknorm.validate.metrics import ArrayComparison, compare_arrays
+
+FORMAT = 1
+STATS = ("mean", "std", "absmax")
+
+
+class BundleError(TicknormError):
+    """A bundle that cannot be used: missing, corrupt, or made for another model."""
+
+
+def versions() -> dict:
+    found = {}
+    for module in ("torch", "onnx", "onnxruntime", "tensorrt", "ticknorm"):
+        try:
+            found[module] = importlib.import_module(module).__version__
+        except ImportError:
+            found[module] = None
+    return found
+
+
+def layer_stats(array: np.ndarray) -> dict:
+    values = array.astype(np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std()), "absmax": float(np.abs(values).max())}
+
+
+def snapshot(model: onnx.ModelProto, module, feeds: dict, bundle, tolerance: Tolerance | None = None,
+             depth: int | None = None, pattern: str | None = None) -> Path:
+    """Run the PyTorch reference on `feeds` and write the bundle."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.json import to_json
+
+    tolerance = tolerance or Tolerance()
+    bundle = Path(bundle)
+    names = [o.name for o in model.graph.output]
+    scope_map = module_output_tensors(model)
+    known = {name for name, _ in module.named_modules()}
+    modules = [m for m in select_modules(scope_map, depth, pattern) if m in known]
+    reference = TorchRunner(module, names).infer(feeds, taps=modules)
+    for name, value in reference.outputs.items():
+        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+            raise AccuracyError(f"the PyTorch reference output '{name}' holds NaN or Inf; no bundle written")
+    results = RunResults()
+    results.append(("torch", [IterationResult(reference.outputs, runner_name="torch")]))
+    meta = {
+        "format": FORMAT, "model_hash": model_digest(model), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(), "outputs": names,
+        "tolerances": {"atol": tolerance.atol, "rtol": tolerance.rtol, "per_output": tolerance.per_output},
+        "layers": {m: {"tensor": scope_map[m], **layer_stats(v)} for m, v in reference.taps.items()},
+    }
+    bundle.mkdir(parents=True, exist_ok=True)
+    write_text(bundle / "inputs.json", to_json([feeds]))
+    write_text(bundle / "outputs.json", to_json(results))
+    write_text(bundle / "bundle.json", json.dumps(meta, indent=2))
+    return bundle
+
+
+@dataclass
+class LayerDrift:
+    module: str
+    stat: str
+    reference: float
+    current: float
+    drifted: bool
+
+
+@dataclass
+class DriftReport:
+    runtime: str
+    outputs: list = field(default_factory=list)  # ArrayComparison vs the golden reference
+    layers: list = field(default_factory=list)  # LayerDrift rows that moved beyond tolerance
+    layers_checked: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.outputs) and not self.layers
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def text(self) -> str:
+        lines = [f"{self.runtime} vs golden reference:"] + ["  " + c.line() for c in self.outputs]
+        lines.append(f"per-module statistics: {self.layers_checked} modules checked, {len(self.layers)} drifted")
+        for row in self.layers:
+            lines.append(f"  {row.module or '(root)'} {row.stat}: {row.reference:.6g} -> {row.current:.6g}")
+        lines.append("PASS" if self.passed else "DRIFT")
+        return "\n".join(lines)
+
+
+def load_bundle(bundle) -> tuple[dict, list, dict]:
+    """(meta, list of feed dicts, reference outputs)."""
+    from polygraphy.json import from_json
+
+    bundle = Path(bundle)
+    try:
+        meta = json.loads((bundle / "bundle.json").read_text())
+        inputs = from_json((bundle / "inputs.json").read_text())
+        outputs = from_json((bundle / "outputs.json").read_text())
+    except FileNotFoundError as exc:
+        raise BundleError(f"{bundle} is not a ticknorm bundle: {Path(exc.filename).name} is missing") from exc
+    except (ValueError, KeyError) as exc:
+        raise BundleError(f"{bundle} holds a corrupt bundle file ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise BundleError(f"{bundle} has bundle format {meta.get('format')}, this ticknorm reads {FORMAT}")
+    return meta, [dict(feed) for feed in inputs], dict(outputs["torch"][0])
+
+
+def check(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_model_change: bool = False,
+          profile: dict | None = None) -> DriftReport:
+    """Re-run `model` on the stored inputs and compare with the stored reference; appends to the
+    bundle's history whatever the verdict."""
+    meta, inputs, golden = load_bundle(bundle)
+    digest = model_digest(model)
+    if digest != meta["model_hash"] and not allow_model_change:
+        raise BundleError(f"the bundle was made for model {meta['model_hash'][:12]}, this model is {digest[:12]}; "
+                          "pass --allow-model-change to check a re-exported model against it")
+    tolerances = meta["tolerances"]
+    tolerance = Tolerance(tolerances["atol"], tolerances["rtol"], {k: tuple(v) for k, v in tolerances["per_output"].items()})
+    layers = meta["layers"]
+    runner = make_runner(runtime, model, profile)
+    result = runner.infer(inputs[0], taps=list(dict.fromkeys(info["tensor"] for info in layers.values())))
+    report = DriftReport(runtime, [compare_arrays(name, golden[name], result.outputs[name], *tolerance.of(name))
+                                   for name in meta["outputs"]])
+    for module, info in layers.items():
+        current = layer_stats(result.taps[info["tensor"]])
+        report.layers_checked += 1
+        for stat in STATS:
+            if abs(current[stat] - info[stat]) > tolerance.atol + tolerance.rtol * abs(info[stat]):
+                report.layers.append(LayerDrift(module, stat, info[stat], current[stat], True))
+    _append_history(Path(bundle), report, digest, {m: {s: layer_stats(result.taps[i["tensor"]])[s] for s in STATS}
+                                                   for m, i in layers.items()}, layers)
+    return report
+
+
+def _append_history(bundle: Path, report: DriftReport, digest: str, current: dict, golden_layers: dict) -> None:
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime": report.runtime, "model_hash": digest,
+        "versions": versions(), "passed": report.passed,
+        "outputs": {c.name: c.max_abs for c in report.outputs},
+        "layers": {m: max(abs(current[m][s] - golden_layers[m][s]) for s in STATS) for m in current},
+    }
+    path = bundle / "history.jsonl"
+    previous = path.read_text() if path.exists() else ""
+    write_text(path, previous + json.dumps(entry) + "\n")
+
+
+def history(bundle) -> list[dict]:
+    path = Path(bundle) / "history.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_history(entries: list[dict], output, top_layers: int = 8) -> None:
+    """Error per output and the most-moved modules' statistics, check after check."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ticknorm.atomic import atomic_path
+
+    if not entries:
+        raise BundleError("the bundle has no history yet: run `ticknorm drift check` first")
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    runs = range(len(entries))
+    for name in entries[-1]["outputs"]:
+        top.plot(runs, [max(e["outputs"].get(name, np.nan), 1e-12) for e in entries], marker="o", label=name)
+    top.set_yscale("log")
+    top.set_ylabel("max |output - golden|")
+    top.legend(fontsize="small")
+    worst = sorted(entries[-1]["layers"], key=lambda m: -entries[-1]["layers"][m])[:top_layers]
+    for module in worst:
+        bottom.plot(runs, [max(e["layers"].get(module, np.nan), 1e-12) for e in entries], marker=".", label=module or "(root)")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("max |stat - golden| per module")
+    bottom.set_xticks(list(runs), [f"{e['time'][:16]}\n{e['runtime']}" for e in entries], rotation=30, fontsize="x-small")
+    bottom.legend(fontsize="x-small", ncol=2)
+    figure.suptitle("ticknorm drift history")
+    figure.tight_layout()
+    with atomic_path(output) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
