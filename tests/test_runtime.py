@@ -1,0 +1,101 @@
+"""Runners on real sessions; the TensorRT logic that runs without TensorRT; TensorRT itself where present."""
+
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import export
+from factories import Small
+from ticknorm.errors import InputSpecError
+from ticknorm.onnx_io import model_digest
+from ticknorm.runtime.base import RuntimeUnavailable
+from ticknorm.runtime.ort_runner import OrtRunner
+from ticknorm.runtime.registry import make_runner, runtime_statuses
+from ticknorm.runtime.torch_runner import TorchRunner
+from ticknorm.runtime.trt_runner import TrtSettings, engine_cache_key, optimization_profile
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    module = Small().eval()
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)}
+    return module, export(module, feeds, "torchscript", dynamic_axes={"x": {0: "batch"}}), feeds
+
+
+def test_ort_runner_checks_inputs_against_the_model(small):
+    _, model, feeds = small
+    runner = OrtRunner(model)
+    assert runner.infer(feeds).outputs[model.graph.output[0].name].shape == (2, 8)
+    assert runner.infer({"x": np.zeros((5, 8), np.float32)}).outputs  # dynamic batch
+    for bad, match in [({"x": feeds["x"].astype(np.float64)}, "is float64, the model takes float32"),
+                       ({"x": np.zeros((2, 9), np.float32)}, r"axis 1 is fixed at 8"),
+                       ({"x": np.zeros((8,), np.float32)}, "takes rank 2"),
+                       ({"y": feeds["x"]}, "missing x; unexpected y")]:
+        with pytest.raises(InputSpecError, match=match):
+            runner.infer(bad)
+
+
+def test_ort_taps_return_intermediates_without_changing_outputs(small):
+    _, model, feeds = small
+    runner = OrtRunner(model, optimization="all")
+    tap = model.graph.node[0].output[0]
+    plain, tapped = runner.infer(feeds), runner.infer(feeds, taps=[tap])
+    assert tapped.taps[tap].shape == (2, 8)
+    for name in plain.outputs:
+        np.testing.assert_array_equal(plain.outputs[name], tapped.outputs[name])
+
+
+def test_torch_runner_matches_ort_and_taps_modules(small):
+    module, model, feeds = small
+    names = [o.name for o in model.graph.output]
+    reference = TorchRunner(module, names).infer(feeds, taps=["proj"])
+    assert reference.taps["proj"].shape == (2, 8)
+    np.testing.assert_allclose(OrtRunner(model).infer(feeds).outputs[names[0]], reference.outputs[names[0]], atol=1e-5)
+
+
+def test_unknown_runtime_and_unavailable_ones_say_why(small):
+    _, model, _ = small
+    with pytest.raises(InputSpecError, match="unknown runtime 'tvm'"):
+        make_runner("tvm", model)
+    statuses = {s.name: s for s in runtime_statuses()}
+    assert statuses["ort-cpu"].available and statuses["torch"].available
+    for name in ("trt", "ort-cuda"):
+        assert statuses[name].available or statuses[name].reason
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(RuntimeUnavailable, match="tensorrt module is not installed"):
+            make_runner("trt-fp16", model, {}).activate()
+
+
+def test_trt_profile_and_cache_key_logic(small):
+    _, model, feeds = small
+    profile = optimization_profile({"ids": np.zeros((4, 128), np.int64), "pixels": np.zeros((1, 3, 8, 8))},
+                                   {"ids": {0: "batch", 1: "seq"}})
+    assert profile == {"ids": ((1, 1), (4, 128), (4, 128)), "pixels": ((1, 3, 8, 8),) * 3}
+    digest = model_digest(model)
+    base = engine_cache_key(digest, "10.9", "H100", TrtSettings(), profile)
+    assert base == engine_cache_key(digest, "10.9", "H100", TrtSettings(), profile)
+    variants = [engine_cache_key(digest, "10.10", "H100", TrtSettings(), profile),
+                engine_cache_key(digest, "10.9", "A100", TrtSettings(), profile),
+                engine_cache_key(digest, "10.9", "H100", TrtSettings(precision="fp16"), profile),
+                engine_cache_key(digest, "10.9", "H100", TrtSettings(fp32_layers=["/ln/LayerNormalization"]), profile),
+                engine_cache_key(digest, "10.9", "H100", TrtSettings(), {"ids": ((1, 1), (8, 128), (8, 128))})]
+    assert len({base, *variants}) == 6
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    weight = changed.graph.initializer[0]
+    weight.raw_data = (onnx.numpy_helper.to_array(weight) + 1).astype(np.float32).tobytes()
+    assert model_digest(changed) != digest
+
+
+@pytest.mark.tensorrt
+def test_trt_runner_matches_ort_on_a_gpu(small):
+    if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():
+        pytest.skip("needs TensorRT and a CUDA GPU (neither is on this machine)")
+    _, model, feeds = small
+    name = model.graph.output[0].name
+    result = make_runner("trt", model, optimization_profile(feeds, {"x": {0: "batch"}})).infer(feeds)
+    np.testing.assert_allclose(result.outputs[name], OrtRunner(model).infer(feeds).outputs[name], atol=1e-4)

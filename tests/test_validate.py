@@ -1,0 +1,194 @@
+"""compare, drift bundles, the pytest plugin and the fp16 overflow finder, on real exports."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import norm_modules as nm
+from conftest import export
+from ticknorm import api
+from ticknorm.cli import main
+from ticknorm.errors import AccuracyError
+from ticknorm.exporter.export import export_model
+from ticknorm.runtime.torch_runner import TorchRunner
+from ticknorm.validate.compare import Tolerance, compare
+from ticknorm.validate.drift import BundleError, check, history, snapshot
+from ticknorm.validate.overflow import fp16_overflows
+
+EXAMPLE = "examples/tiny_transformer.py:build"
+CHECKPOINT = "examples/tiny_transformer.safetensors"
+FEEDS = {"input_ids": np.random.default_rng(0).integers(0, 1000, (2, 16))}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    path = tmp_path_factory.mktemp("validate") / "tiny.onnx"
+    api.export(EXAMPLE, path, ["input_ids:batch=2xseq=16:int64:0..1000"], checkpoint=CHECKPOINT, exporter="torchscript")
+    return path, onnx.load(str(path))
+
+
+def _reference(perturb: str | None = None):
+    module = api.load_model(EXAMPLE, CHECKPOINT)
+    if perturb:
+        with torch.no_grad():
+            module.get_submodule(perturb).weight.mul_(1.05)
+    return module
+
+
+def test_per_layer_compare_passes_on_a_faithful_export(exported):
+    _, model = exported
+    report = compare(model, _reference(), FEEDS, per_layer=True)
+    assert report.passed and report.first_failure == {"ort": None}
+    modules = [row.module for row in report.layers]
+    assert modules.index("layers.0.attention_norm") < modules.index("layers.1.output_norm") < modules.index("head")
+    assert report.tap_effect["ort"] < 1e-5
+
+
+def test_first_module_over_tolerance_is_named(exported):
+    _, model = exported
+    report = compare(model, _reference("layers.1.feed_forward.2"), FEEDS, per_layer=True)
+    assert not report.passed
+    assert report.first_failure["ort"] == "layers.1.feed_forward.2"
+    failing = [row.module for row in report.layers if row.comparison and not row.comparison.passed]
+    assert "layers.0.output_norm" not in failing and "layers.1" in failing
+    shallow = compare(model, _reference("layers.1.feed_forward.2"), FEEDS, per_layer=True, depth=2)
+    assert shallow.first_failure["ort"] == "layers.1"
+    assert {row.module for row in shallow.layers} == {"embeddings", "layers.0", "layers.1", "final_norm", "head"}
+    only = compare(model, _reference(), FEEDS, per_layer=True, pattern="layers.*.output_norm")
+    assert {row.module for row in only.layers} == {"layers.0.output_norm", "layers.1.output_norm"}
+
+
+def test_per_output_tolerance_and_cli_exit_codes(exported, tmp_path):
+    path, model = exported
+    loose = compare(model, _reference("head"), FEEDS, tolerance=Tolerance(per_output={"output": (1.0, 1.0)}))
+    assert loose.passed
+    args = ["compare", str(path), "--model", EXAMPLE, "--checkpoint", CHECKPOINT, "--input", "input_ids:2x16:int64:0..1000"]
+    ok = CliRunner().invoke(main, args + ["--per-layer", "--json", str(tmp_path / "r.json")])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "r.json").read_text())["first_failure"] == {"ort": None}
+    bad_input = CliRunner().invoke(main, args[:-1] + ["input_ids:2x16:int32"])
+    assert bad_input.exit_code == 2 and "is int32, the model takes int64" in bad_input.stderr
+    missing = CliRunner().invoke(main, args + ["--runtime", "ort,trt"])
+    if missing.exit_code == 2:  # no TensorRT here: refused before any work, with the reason
+        assert "trt:" in missing.stderr and "running" not in missing.stderr
+
+
+def test_nan_reference_is_an_error(tmp_path):
+    module = nn.Sequential(nn.Linear(4, 4))
+    feeds = {"input": np.full((2, 4), np.nan, np.float32)}
+    model = export(module, feeds, "torchscript")
+    with pytest.raises(AccuracyError, match="NaN or Inf"):
+        compare(model, module, feeds)
+
+
+def test_drift_snapshot_check_history_and_plot(exported, tmp_path):
+    path, model = exported
+    bundle = snapshot(model, _reference(), FEEDS, tmp_path / "golden")
+    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "inputs.json", "outputs.json"]
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["versions"]["onnxruntime"] and "layers.1.output_norm" in meta["layers"]
+    assert check(bundle, model).passed
+    drifted = _drifted_model(model)
+    with pytest.raises(BundleError, match="--allow-model-change"):
+        check(bundle, drifted)
+    report = check(bundle, drifted, allow_model_change=True)
+    assert not report.passed and any(row.module == "head" for row in report.layers)
+    assert [e["passed"] for e in history(bundle)] == [True, False]
+    result = CliRunner().invoke(main, ["drift", "history", str(bundle), "--plot", str(tmp_path / "h.png")])
+    assert result.exit_code == 0 and (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _drifted_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with the head's weight nudged, as a re-export with other numerics would be."""
+    drifted = onnx.ModelProto()
+    drifted.CopyFrom(model)
+    for tensor in drifted.graph.initializer:
+        if tensor.name == "head.weight":
+            tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor) * 1.01, tensor.name))
+    return drifted
+
+
+def test_drift_cli_exit_codes(exported, tmp_path):
+    path, model = exported
+    bundle = tmp_path / "golden"
+    common = ["--model", EXAMPLE, "--checkpoint", CHECKPOINT, "--input", "input_ids:2x16:int64:0..1000"]
+    assert CliRunner().invoke(main, ["drift", "snapshot", str(path), *common, "-o", str(bundle)]).exit_code == 0
+    assert CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)]).exit_code == 0
+    onnx.save(_drifted_model(model), str(tmp_path / "drifted.onnx"))
+    other = CliRunner().invoke(main, ["drift", "check", str(bundle), str(tmp_path / "drifted.onnx")])
+    assert other.exit_code == 2 and "the bundle was made for model" in other.stderr
+    moved = CliRunner().invoke(main, ["drift", "check", str(bundle), str(tmp_path / "drifted.onnx"), "--allow-model-change"])
+    assert moved.exit_code == 1 and "DRIFT" in moved.output
+    broken = CliRunner().invoke(main, ["drift", "check", str(tmp_path), str(path)])
+    assert broken.exit_code == 2 and "is not a ticknorm bundle" in broken.stderr
+
+
+def test_polygraphy_reads_the_bundle(exported, tmp_path):
+    path, model = exported
+    bundle = snapshot(model, _reference(), FEEDS, tmp_path / "golden")
+    tool = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or shutil.which("polygraphy")
+    done = subprocess.run([tool, "run", str(path), "--onnxrt", "--load-inputs",
+                           str(bundle / "inputs.json"), "--load-outputs", str(bundle / "outputs.json"),
+                           "--atol", "1e-4", "--rtol", "1e-3"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "PASSED" in done.stdout
+
+
+def test_pytest_plugin_fixture_in_a_users_suite(exported, tmp_path):
+    path, model = exported
+    bundle = snapshot(model, _reference(), FEEDS, tmp_path / "golden")
+    onnx.save(_drifted_model(model), str(tmp_path / "drifted.onnx"))
+    (tmp_path / "test_user.py").write_text(textwrap.dedent(f"""
+        def test_same(ticknorm_drift):
+            ticknorm_drift({str(bundle)!r}, {str(path)!r})
+
+        def test_drifted(ticknorm_drift):
+            ticknorm_drift({str(bundle)!r}, {str(tmp_path / 'drifted.onnx')!r}, allow_model_change=True)
+    """))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_user.py")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert "1 failed, 1 passed" in done.stdout, done.stdout[-3000:]
+    assert "drifted from" in done.stdout
+
+
+class Overflowing(nn.Module):
+    """Activations around 1000: fine in fp16 (max 65504), but their squares are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.norm = nm.PowSqrtDiv()
+        with torch.no_grad():
+            self.proj.weight.mul_(4000.0)
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+
+def test_fp16_overflowing_layer_norm_is_found_and_fp32_fixes_it(tmp_path):
+    torch.manual_seed(0)
+    module = Overflowing().eval()
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 6, 16)).astype(np.float32)}
+    path = tmp_path / "o.onnx"
+    export_model(module, feeds, path, exporter="torchscript")
+    rows = fp16_overflows(onnx.load(str(path)), feeds)
+    assert [row.module for row in rows] == ["norm"]
+    assert "fp16 max" in rows[0].reason and rows[0].input_absmax < 65504
+    reference = TorchRunner(module, ["y"]).infer(feeds).outputs["y"]
+    half = TorchRunner(Overflowing().eval(), ["y"], dtype="fp16")
+    half.module.load_state_dict(module.state_dict())
+    broken = half.infer(feeds).outputs["y"].astype(np.float32)
+    assert not np.allclose(broken, reference, atol=0.5)  # the variance overflowed: garbage, not rounding
+    kept = TorchRunner(Overflowing().eval(), ["y"], dtype="fp16", fp32_modules=[r.module for r in rows])
+    kept.module.load_state_dict(module.state_dict())
+    np.testing.assert_allclose(kept.infer(feeds).outputs["y"], reference, atol=2e-2, rtol=2e-2)
