@@ -54,3 +54,29 @@ class HistogramStats(nn.Module):
 
 def histogram():
     return Histogram()
+
+
+class Overflowing(nn.Module):
+    """Activations around 1000 feed a hand-written LayerNorm: they fit fp16 (max 65504), their
+    squares do not, so the variance overflows when the norm runs in fp16."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(16, 16)
+        self.norm = PowSqrtDivNorm()
+        with torch.no_grad():
+            self.proj.weight.mul_(4000.0)
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+
+class PowSqrtDivNorm(nn.Module):
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        return (x - u) / torch.sqrt((x - u).pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+def overflowing():
+    return Overflowing()

@@ -45,3 +45,19 @@ def test_duplicate_names_and_bad_npz(tmp_path):
         load_npz(tmp_path / "bad.npz")
     with pytest.raises(InputSpecError, match="input file not found"):
         load_npz(tmp_path / "none.npz")
+
+
+def test_token_ids_span_the_vocabulary_of_the_model(tmp_path):
+    from ticknorm import api
+    from ticknorm.inputs import index_ranges
+
+    path = tmp_path / "m.onnx"
+    api.export("examples/tiny_transformer.py:build", path, ["input_ids:2x16:int64"], exporter="torchscript")
+    import onnx
+
+    model = onnx.load(str(path))
+    assert index_ranges(model) == {"input_ids": 1000}
+    feeds, _ = api.example_feeds(["input_ids:4x64:int64"], onnx_model=model)
+    assert feeds["input_ids"].max() > 500 and feeds["input_ids"].max() < 1000
+    fixed, _ = api.example_feeds(["input_ids:4x64:int64:0..3"], onnx_model=model)
+    assert fixed["input_ids"].max() <= 2

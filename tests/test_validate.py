@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-import norm_modules as nm
+from factories import Overflowing
 from conftest import export
 from ticknorm import api
 from ticknorm.cli import main
@@ -161,22 +161,7 @@ def test_pytest_plugin_fixture_in_a_users_suite(exported, tmp_path):
     assert "drifted from" in done.stdout
 
 
-class Overflowing(nn.Module):
-    """Activations around 1000: fine in fp16 (max 65504), but their squares are not."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(16, 16)
-        self.norm = nm.PowSqrtDiv()
-        with torch.no_grad():
-            self.proj.weight.mul_(4000.0)
-
-    def forward(self, x):
-        return self.norm(self.proj(x))
-
-
 def test_fp16_overflowing_layer_norm_is_found_and_fp32_fixes_it(tmp_path):
-    torch.manual_seed(0)
     module = Overflowing().eval()
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 6, 16)).astype(np.float32)}
     path = tmp_path / "o.onnx"
@@ -184,11 +169,13 @@ def test_fp16_overflowing_layer_norm_is_found_and_fp32_fixes_it(tmp_path):
     rows = fp16_overflows(onnx.load(str(path)), feeds)
     assert [row.module for row in rows] == ["norm"]
     assert "fp16 max" in rows[0].reason and rows[0].input_absmax < 65504
-    reference = TorchRunner(module, ["y"]).infer(feeds).outputs["y"]
-    half = TorchRunner(Overflowing().eval(), ["y"], dtype="fp16")
-    half.module.load_state_dict(module.state_dict())
-    broken = half.infer(feeds).outputs["y"].astype(np.float32)
+    reference = TorchRunner(Overflowing(), ["y"]).infer(feeds).outputs["y"]
+    broken = TorchRunner(Overflowing(), ["y"], dtype="fp16").infer(feeds).outputs["y"].astype(np.float32)
     assert not np.allclose(broken, reference, atol=0.5)  # the variance overflowed: garbage, not rounding
-    kept = TorchRunner(Overflowing().eval(), ["y"], dtype="fp16", fp32_modules=[r.module for r in rows])
-    kept.module.load_state_dict(module.state_dict())
-    np.testing.assert_allclose(kept.infer(feeds).outputs["y"], reference, atol=2e-2, rtol=2e-2)
+    kept = TorchRunner(Overflowing(), ["y"], dtype="fp16", fp32_modules=[r.module for r in rows]).infer(feeds)
+    np.testing.assert_allclose(kept.outputs["y"], reference, atol=2e-2, rtol=2e-2)
+    np.savez(tmp_path / "in.npz", **feeds)
+    result = CliRunner().invoke(main, ["compare", str(path), "--model", "tests/factories.py:overflowing", "--input-file",
+                                       str(tmp_path / "in.npz"), "--runtime", "torch-fp16", "--atol", "2e-2", "--rtol", "2e-2"])
+    assert result.exit_code == 0, result.output
+    assert "fp16 overflow: norm: " in result.output and "PASS" in result.output

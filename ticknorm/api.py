@@ -10,7 +10,7 @@ from ticknorm.exporter.export import DEFAULT_EXPORTER, ExportResult, export_mode
 from ticknorm.exporter.fusion import FusionResult, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
 from ticknorm.exporter.load import build_model, load_hf_directory
-from ticknorm.inputs import feeds_from_specs, graph_inputs, load_npz, parse_input_spec
+from ticknorm.inputs import feeds_from_specs, graph_inputs, index_ranges, load_npz, parse_input_spec
 from ticknorm.onnx_io import PROTOBUF_LIMIT, load_onnx, save_onnx
 from ticknorm.runtime.registry import runtime_statuses
 from ticknorm.runtime.trt_runner import TrtSettings, optimization_profile
@@ -29,8 +29,9 @@ def load_model(model: str, checkpoint=None, trust_pickle: bool = False):
     return build_model(model, checkpoint, trust_pickle)
 
 
-def example_feeds(specs: list[str], npz=None, seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
-    """Feeds from `--input` specs or an `.npz`, and the dynamic axes the specs name."""
+def example_feeds(specs: list[str], npz=None, seed: int = 0, onnx_model=None) -> tuple[dict[str, np.ndarray], dict]:
+    """Feeds from `--input` specs or an `.npz`, and the dynamic axes the specs name. With
+    `onnx_model`, token-id inputs given without a range span the model's vocabulary."""
     if npz is not None and specs:
         raise InputSpecError("give inputs either as --input specs or as an .npz file, not both")
     if npz is not None:
@@ -38,7 +39,8 @@ def example_feeds(specs: list[str], npz=None, seed: int = 0) -> tuple[dict[str, 
     if not specs:
         raise InputSpecError("no inputs: give --input NAME:DIMS:DTYPE (e.g. input_ids:batch=2xseq=16:int64) or --input-file")
     parsed = [parse_input_spec(spec) for spec in specs]
-    return feeds_from_specs(parsed, seed), {s.name: s.dynamic_axes for s in parsed if s.dynamic_axes}
+    limits = index_ranges(onnx_model) if onnx_model is not None else None
+    return feeds_from_specs(parsed, seed, limits), {s.name: s.dynamic_axes for s in parsed if s.dynamic_axes}
 
 
 def export(model: str, output, inputs: list[str] = (), input_file=None, checkpoint=None, trust_pickle=False,
@@ -88,24 +90,24 @@ def compare(source, model: str, inputs: list[str] = (), input_file=None, checkpo
     """PyTorch vs each runtime. Returns the report and the LayerNorms that overflow fp16 (looked for
     when a runtime runs in fp16; TensorRT keeps those in fp32)."""
     onnx_model = load_onnx(source)
-    feeds, _ = example_feeds(list(inputs), input_file, seed)
+    feeds, _ = example_feeds(list(inputs), input_file, seed, onnx_model)
     progress("loading the model")
     module = load_model(model, checkpoint, trust_pickle)
     overflows = []
-    trt_settings = None
     if any(r.endswith("fp16") for r in runtimes):
         progress("looking for LayerNorms that overflow fp16")
         overflows = fp16_overflows(onnx_model, feeds)
-        trt_settings = TrtSettings(fp32_layers=[row.node for row in overflows])
     report = compare_models(onnx_model, module, feeds, runtimes, tolerance, per_layer, depth, pattern,
-                            _trt_profile(onnx_model, feeds), trt_settings, progress)
+                            _trt_profile(onnx_model, feeds), TrtSettings(fp32_layers=[row.node for row in overflows]),
+                            [row.module for row in overflows], progress)
     return report, overflows
 
 
 def drift_snapshot(source, model: str, output, inputs: list[str] = (), input_file=None, checkpoint=None,
                    trust_pickle=False, tolerance: Tolerance | None = None, depth=None, pattern=None, seed: int = 0):
-    feeds, _ = example_feeds(list(inputs), input_file, seed)
-    return snapshot(load_onnx(source), load_model(model, checkpoint, trust_pickle), feeds, output, tolerance, depth, pattern)
+    onnx_model = load_onnx(source)
+    feeds, _ = example_feeds(list(inputs), input_file, seed, onnx_model)
+    return snapshot(onnx_model, load_model(model, checkpoint, trust_pickle), feeds, output, tolerance, depth, pattern)
 
 
 def drift_check(bundle, source, runtime: str = "ort", allow_model_change: bool = False) -> DriftReport:

@@ -153,7 +153,7 @@ def runtimes():
 @model_options
 @input_options
 @click.option("--runtime", "runtime_list", default="ort", show_default=True,
-              help="Comma-separated: ort, ort-cuda, trt, trt-fp16, trt-bf16.")
+              help="Comma-separated: ort, ort-cuda, trt, trt-fp16, trt-bf16, torch-fp16, torch-bf16, torch-cuda[-fp16].")
 @tolerance_options
 @click.option("--per-layer", is_flag=True, help="Also compare every module's output, in model order.")
 @tap_options
@@ -166,7 +166,7 @@ def compare(source, model, checkpoint, trust_pickle, inputs, input_file, seed, r
                                     [r.strip() for r in runtime_list.split(",") if r.strip()],
                                     _tolerance(atol, rtol, output_tol), per_layer, depth, pattern, seed, _progress)
     for row in overflows:
-        click.echo(f"fp16 overflow: {row.module or row.node}: {row.reason} -> kept in fp32 for TensorRT")
+        click.echo(f"fp16 overflow: {row.module or row.node}: {row.reason} -> kept in fp32 (TensorRT and torch fp16)")
     click.echo(report.text())
     if json_path:
         write_text(json_path, report.to_json())

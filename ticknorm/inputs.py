@@ -2,12 +2,13 @@
 
 DIMS are sizes joined by `x`; a size may carry a dynamic axis name (`batch=2xseq=16`): the export
 makes that axis dynamic and uses the number as the example size. Integer inputs draw from
-[LOW, HIGH), default [0, 2) so token ids, token types and attention masks are all valid; floats
+[LOW, HIGH), default [0, 2) so token ids, token types and attention masks are all valid (with an
+ONNX model at hand, inputs that index an embedding table draw from the whole vocabulary); floats
 draw from a standard normal, or uniformly from [LOW, HIGH) when given.
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ml_dtypes
@@ -104,13 +105,16 @@ def random_array(shape, dtype, rng: np.random.Generator, low=None, high=None) ->
     return rng.uniform(low, high, size=shape).astype(np.float32).astype(dtype)
 
 
-def feeds_from_specs(specs: list[InputSpec], seed: int = 0) -> dict[str, np.ndarray]:
+def feeds_from_specs(specs: list[InputSpec], seed: int = 0, index_limits: dict | None = None) -> dict[str, np.ndarray]:
+    """`index_limits` (from `index_ranges`) bound integer inputs given without a range."""
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InputSpecError(f"input {', '.join(duplicates)} is given more than once")
     rng = np.random.default_rng(seed)
-    return {spec.name: spec.sample(rng) for spec in specs}
+    limits = index_limits or {}
+    return {spec.name: (replace(spec, low=0, high=limits[spec.name]) if spec.low is None and spec.name in limits
+                        and np.issubdtype(spec.dtype, np.integer) else spec).sample(rng) for spec in specs}
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
@@ -140,3 +144,26 @@ def feeds_for_graph(model: onnx.ModelProto, seed: int = 0, dynamic_size: int = 2
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         feeds[value.name] = random_array(shape, dtype, rng)
     return feeds
+
+
+def index_ranges(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer inputs used as Gather indices into a weight table: input -> rows in that table, so
+    random token ids stay inside the vocabulary. Follows Cast/Reshape/Unsqueeze/Squeeze/Flatten."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    ranges = {}
+    for value in graph_inputs(model):
+        frontier, seen = [value.name], set()
+        while frontier:
+            name = frontier.pop()
+            seen.add(name)
+            for node in readers.get(name, []):
+                if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name and node.input[0] in initializers:
+                    rows = initializers[node.input[0]].dims[0]
+                    ranges[value.name] = min(ranges.get(value.name, rows), rows)
+                elif node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten") and node.input[0] == name:
+                    frontier.extend(o for o in node.output if o not in seen)
+    return ranges

@@ -25,6 +25,7 @@ class RunOutputs:
 
 class Runner:
     name = "runner"
+    taps_modules = False  # True when taps are module paths (PyTorch), False for tensor names
 
     def __init__(self):
         self.is_active = False

@@ -1,7 +1,9 @@
 """Which runtimes exist on this machine, and runners built from a runtime name.
 
-Names: `torch` (the reference), `ort` / `ort-cpu`, `ort-cuda`, `trt` / `trt-fp16` / `trt-bf16`."""
+Names: `ort` / `ort-cpu`, `ort-cuda`, `trt` / `trt-fp16` / `trt-bf16`, and PyTorch itself as a
+target: `torch-fp16`, `torch-bf16`, `torch-cuda[-fp16|-bf16]` (the reference is always fp32 CPU)."""
 
+import copy
 import dataclasses
 import importlib
 from dataclasses import dataclass
@@ -11,9 +13,11 @@ import onnx
 from ticknorm.errors import InputSpecError
 from ticknorm.runtime.base import Runner
 from ticknorm.runtime.ort_runner import OrtRunner
+from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.runtime.trt_runner import TrtRunner, TrtSettings
 
-RUNTIME_NAMES = ("ort", "ort-cpu", "ort-cuda", "trt", "trt-fp16", "trt-bf16")
+RUNTIME_NAMES = ("ort", "ort-cpu", "ort-cuda", "trt", "trt-fp16", "trt-bf16",
+                 "torch-fp16", "torch-bf16", "torch-cuda", "torch-cuda-fp16", "torch-cuda-bf16")
 
 
 @dataclass
@@ -64,9 +68,16 @@ def runtime_statuses() -> list[RuntimeStatus]:
 
 
 def make_runner(name: str, model: onnx.ModelProto, profile: dict | None = None, ort_optimization: str = "all",
-                trt_settings: TrtSettings | None = None) -> Runner:
+                trt_settings: TrtSettings | None = None, module=None, fp32_modules=()) -> Runner:
+    """`module` is the PyTorch model, needed by `torch-*` targets (PyTorch itself in another
+    precision or on CUDA, judged against the fp32 CPU reference)."""
     if name not in RUNTIME_NAMES:
-        raise InputSpecError(f"unknown runtime '{name}'; choose from: torch, {', '.join(RUNTIME_NAMES)}")
+        raise InputSpecError(f"unknown runtime '{name}'; choose from: {', '.join(RUNTIME_NAMES)}")
+    if name.startswith("torch"):
+        parts = name.split("-")[1:]
+        device = "cuda" if "cuda" in parts else "cpu"
+        dtype = next((p for p in parts if p in ("fp16", "bf16")), "fp32")
+        return TorchRunner(copy.deepcopy(module), [o.name for o in model.graph.output], device, dtype, fp32_modules)
     if name.startswith("ort"):
         return OrtRunner(model, "cuda" if name == "ort-cuda" else "cpu", ort_optimization)
     settings = dataclasses.replace(trt_settings or TrtSettings(), precision=name.partition("-")[2] or "fp32")

@@ -12,6 +12,8 @@ class TorchRunner(Runner):
     """`output_names` name the flattened outputs (the ONNX graph's names, so results line up).
     `fp32_modules` stay in fp32 when `dtype` is lower: the fix for LayerNorms that overflow fp16."""
 
+    taps_modules = True
+
     def __init__(self, module, output_names: list[str], device: str = "cpu", dtype: str = "fp32",
                  fp32_modules=()):
         super().__init__()
