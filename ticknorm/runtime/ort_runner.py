@@ -56,25 +56,23 @@ class OrtRunner(Runner):
         if taps not in self._sessions:
             import onnxruntime as ort
 
-            model = self.model
-            if taps:
-                model = onnx.ModelProto()
-                model.CopyFrom(self.model)
-                existing = {o.name for o in model.graph.output}
-                for name in taps:
-                    if name not in existing:
-                        model.graph.output.append(onnx.ValueInfoProto(name=name))
-            with tempfile.TemporaryDirectory() as workdir:
-                try:
-                    self._sessions[taps] = ort.InferenceSession(serialize_or_save(model, workdir), self.session_options(),
-                                                                providers=[PROVIDERS[self.provider]])
-                except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
-                    raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
+            outputs = self.model.graph.output
+            existing = {o.name for o in outputs}
+            added = [name for name in taps if name not in existing]
+            outputs.extend(onnx.ValueInfoProto(name=name) for name in added)  # no copy of the weights
+            try:
+                with tempfile.TemporaryDirectory() as workdir:
+                    self._sessions[taps] = ort.InferenceSession(serialize_or_save(self.model, workdir),
+                                                                self.session_options(), providers=[PROVIDERS[self.provider]])
+            except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
+                raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
+            finally:
+                del outputs[len(outputs) - len(added):]
         return self._sessions[taps]
 
     def _infer_impl(self, feeds: dict, taps: tuple) -> RunOutputs:
-        session = self._session(taps)
         graph_outputs = [o.name for o in self.model.graph.output]
+        session = self._session(taps)
         names = graph_outputs + [t for t in taps if t not in graph_outputs]
         values = dict(zip(names, session.run(names, feeds)))
         return RunOutputs({n: values[n] for n in graph_outputs}, {t: values[t] for t in taps})

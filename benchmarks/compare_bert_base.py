@@ -1,0 +1,77 @@
+"""`compare` on a BERT-base-sized encoder (108.5M parameters, input 1x128, ORT CPU): wall time of
+the PyTorch reference and of ONNX Runtime, plain vs --per-layer, and peak memory (max RSS of a
+fresh process per configuration) of --per-layer with and without a depth limit.
+
+    python benchmarks/compare_bert_base.py
+"""
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONFIGS = [("plain", {}), ("per-layer, depth 2", {"per_layer": True, "depth": 2}),
+           ("per-layer, all modules", {"per_layer": True})]
+
+
+def child(model_path: str, options: str) -> None:
+    """One configuration in this process; prints timings and peak RSS as JSON."""
+    import onnx
+
+    from _models import bert_base
+    from ticknorm.runtime.ort_runner import OrtRunner
+    from ticknorm.runtime.torch_runner import TorchRunner
+    from ticknorm.validate.compare import compare
+
+    options = json.loads(options)
+    model, module = onnx.load(model_path), bert_base()
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 30522, (1, 128))}
+    names = [o.name for o in model.graph.output]
+    start = time.perf_counter()
+    TorchRunner(module, names).infer(feeds)
+    torch_seconds = time.perf_counter() - start
+    runner = OrtRunner(model)
+    runner.infer(feeds)
+    start = time.perf_counter()
+    runner.infer(feeds)
+    ort_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    report = compare(model, module, feeds, **options)
+    compare_seconds = time.perf_counter() - start
+    print(json.dumps({"torch": torch_seconds, "ort": ort_seconds, "compare": compare_seconds,
+                      "taps": len({row.module for row in report.layers}), "passed": report.passed,
+                      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main():
+    from _models import bert_base
+    from ticknorm.exporter.export import export_model
+
+    with tempfile.TemporaryDirectory() as workdir:
+        path = Path(workdir) / "bert.onnx"
+        feeds = {"input_ids": np.random.default_rng(0).integers(0, 30522, (1, 128))}
+        export_model(bert_base(), feeds, path, exporter="torchscript", check=False)
+        rows = []
+        for label, options in CONFIGS:
+            done = subprocess.run([sys.executable, __file__, "--child", str(path), json.dumps(options)],
+                                  capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
+            rows.append((label, json.loads(done.stdout.strip().splitlines()[-1])))
+    print(f"{'configuration':<24} {'taps':>5} {'torch s':>8} {'ORT s':>7} {'compare s':>10} {'peak RSS MB':>12}")
+    for label, r in rows:
+        print(f"{label:<24} {r['taps']:>5} {r['torch']:>8.3f} {r['ort']:>7.3f} {r['compare']:>10.2f} {r['max_rss_mb']:>12.0f}")
+    plain, shallow, full = (r for _, r in rows)
+    print(f"ORT / torch single run: x{plain['ort'] / plain['torch']:.2f}")
+    print(f"compare --per-layer / plain: x{full['compare'] / plain['compare']:.2f} (depth 2: x{shallow['compare'] / plain['compare']:.2f})")
+    print(f"peak memory --per-layer / --per-layer --depth 2: x{full['max_rss_mb'] / shallow['max_rss_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3])
+    else:
+        main()
