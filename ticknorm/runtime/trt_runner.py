@@ -3,11 +3,14 @@ NVIDIA's samples use it (Builder -> OnnxParser -> BuilderConfig -> serialized en
 execute_async_v3). TensorRT is imported only when a TensorRT runner is activated.
 
 NOT VERIFIED on TensorRT: no machine this project runs on has it. Everything around the API
-calls (cache keys, profiles, precision choices) is plain Python and unit-tested."""
+calls (cache keys, profiles, precision choices) is plain Python and unit-tested. LayerNormalization
+nodes become TensorRT's own normalization layer (the ONNX parser's mapping); the plugin target
+arrives with the plugin."""
 
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,13 +22,11 @@ from ticknorm.onnx_io import model_digest, save_onnx
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeUnavailable
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-LN_TARGETS = ("native", "plugin")
 
 
 @dataclass
 class TrtSettings:
     precision: str = "fp32"
-    ln_target: str = "native"  # TensorRT's INormalizationLayer, or ticknorm's plugin (plugin issue)
     strongly_typed: bool = False  # TensorRT 11 style: types come from the ONNX graph, not flags
     fp32_layers: list = field(default_factory=list)  # ONNX node names kept in fp32 (fp16 overflow)
     workspace_bytes: int = 4 << 30
@@ -103,8 +104,6 @@ class TrtRunner(Runner):
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if self.settings.strongly_typed else 0
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, self._logger)
-        import tempfile
-
         with tempfile.TemporaryDirectory() as workdir:
             path = Path(workdir) / "model.onnx"
             save_onnx(self.model, path)
