@@ -12,6 +12,10 @@ from ticknorm.exporter.inspect import ModelSummary, summarize
 from ticknorm.exporter.load import build_model, load_hf_directory
 from ticknorm.inputs import feeds_from_specs, graph_inputs, index_ranges, load_npz, parse_input_spec
 from ticknorm.onnx_io import PROTOBUF_LIMIT, load_onnx, save_onnx
+from ticknorm.profiler.profile import ProfileResult
+from ticknorm.profiler.profile import profile as run_profile
+from ticknorm.report.joined import JoinedRow, join, write_html
+from ticknorm.report.joined import write_json as write_joined_json
 from ticknorm.runtime.registry import runtime_statuses
 from ticknorm.runtime.trt_runner import TrtSettings, optimization_profile
 from ticknorm.validate.compare import CompareReport, Tolerance
@@ -121,3 +125,35 @@ def drift_history(bundle, plot=None) -> list[dict]:
     if plot is not None:
         plot_history(entries, plot)
     return entries
+
+
+def profile(source, model: str, inputs: list[str] = (), input_file=None, checkpoint=None, trust_pickle=False,
+            runtimes=("torch", "ort"), iterations: int = 20, warmup: int = 3, depth=None, seed: int = 0,
+            on_iteration=lambda: None, progress=lambda m: None) -> ProfileResult:
+    onnx_model = load_onnx(source)
+    feeds, _ = example_feeds(list(inputs), input_file, seed, onnx_model)
+    progress("loading the model")
+    module = load_model(model, checkpoint, trust_pickle)
+    return run_profile(onnx_model, module, feeds, runtimes, iterations, warmup, depth, _trt_profile(onnx_model, feeds),
+                       on_iteration)
+
+
+def report(source, model: str, output, inputs: list[str] = (), input_file=None, checkpoint=None, trust_pickle=False,
+           runtimes=("torch", "ort"), iterations: int = 20, warmup: int = 3, depth=None, tolerance=None,
+           json_path=None, seed: int = 0, on_iteration=lambda: None, progress=lambda m: None) -> list[JoinedRow]:
+    """Latency and error per module on one row: profile every runtime, compare every non-torch
+    runtime with PyTorch per module at the same depth, write HTML (and JSON)."""
+    onnx_model = load_onnx(source)
+    feeds, _ = example_feeds(list(inputs), input_file, seed, onnx_model)
+    progress("loading the model")
+    module = load_model(model, checkpoint, trust_pickle)
+    shapes = _trt_profile(onnx_model, feeds)
+    timings = run_profile(onnx_model, module, feeds, runtimes, iterations, warmup, depth, shapes, on_iteration)
+    progress("comparing every module with PyTorch")
+    targets = [r for r in runtimes if r != "torch"]
+    accuracy = compare_models(onnx_model, module, feeds, targets, tolerance, True, depth, None, shapes)
+    rows = join(timings, accuracy)
+    write_html(rows, timings, accuracy, output, f"ticknorm report: {Path(source).name}")
+    if json_path is not None:
+        write_joined_json(rows, json_path)
+    return rows

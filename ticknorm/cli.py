@@ -12,6 +12,7 @@ import click
 
 from ticknorm import api
 from ticknorm.atomic import write_text
+from ticknorm.report import profile_outputs
 from ticknorm.errors import TicknormError, first_line
 from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS
 from ticknorm.validate.compare import Tolerance
@@ -162,8 +163,7 @@ def runtimes():
 def compare(source, model, checkpoint, trust_pickle, inputs, input_file, seed, runtime_list, atol, rtol, output_tol,
             per_layer, depth, pattern, json_path):
     """Compare runtimes with the PyTorch model, per output and per module. Exit 1 on failure."""
-    report, overflows = api.compare(source, model, inputs, input_file, checkpoint, trust_pickle,
-                                    [r.strip() for r in runtime_list.split(",") if r.strip()],
+    report, overflows = api.compare(source, model, inputs, input_file, checkpoint, trust_pickle, _runtimes(runtime_list),
                                     _tolerance(atol, rtol, output_tol), per_layer, depth, pattern, seed, _progress)
     for row in overflows:
         click.echo(f"fp16 overflow: {row.module or row.node}: {row.reason} -> kept in fp32 (TensorRT and torch fp16)")
@@ -171,6 +171,66 @@ def compare(source, model, checkpoint, trust_pickle, inputs, input_file, seed, r
     if json_path:
         write_text(json_path, report.to_json())
     sys.exit(0 if report.passed else 1)
+
+
+def _profile_options(command):
+    command = click.option("--depth", type=int, default=None, help="Roll modules up to this many path segments.")(command)
+    command = click.option("--warmup", type=int, default=3, show_default=True, help="Iterations dropped first.")(command)
+    command = click.option("--iterations", type=int, default=20, show_default=True)(command)
+    return click.option("--runtime", "runtime_list", default="torch,ort", show_default=True,
+                        help="Comma-separated: torch, ort, ort-cuda, trt, trt-fp16, torch-cuda, ...")(command)
+
+
+def _runtimes(runtime_list: str) -> list[str]:
+    return [r.strip() for r in runtime_list.split(",") if r.strip()]
+
+
+@main.command()
+@click.argument("source", type=click.Path(dir_okay=False))
+@model_options
+@input_options
+@_profile_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
+              help="Chrome/Perfetto trace, one track per runtime.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Bars per module, PNG.")
+@_one_line_errors
+def profile(source, model, checkpoint, trust_pickle, inputs, input_file, seed, runtime_list, iterations, warmup, depth,
+            json_path, csv_path, trace_path, plot_path):
+    """Per-module latency on every runtime, aligned on PyTorch modules."""
+    runtimes_ = _runtimes(runtime_list)
+    with click.progressbar(length=iterations * len(runtimes_), label="profiling", file=sys.stderr) as bar:
+        result = api.profile(source, model, inputs, input_file, checkpoint, trust_pickle, runtimes_, iterations,
+                             warmup, depth, seed, on_iteration=lambda: bar.update(1))
+    click.echo(profile_outputs.table(result))
+    for path, write in ((json_path, profile_outputs.write_json), (csv_path, profile_outputs.write_csv),
+                        (trace_path, profile_outputs.write_trace), (plot_path, profile_outputs.write_plot)):
+        if path:
+            write(result, path)
+            click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(dir_okay=False))
+@model_options
+@input_options
+@_profile_options
+@tolerance_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="The same rows as JSON.")
+@_one_line_errors
+def report(source, model, checkpoint, trust_pickle, inputs, input_file, seed, runtime_list, iterations, warmup, depth,
+           atol, rtol, output_tol, output, json_path):
+    """One HTML page: per module, latency and error against PyTorch on every runtime."""
+    runtimes_ = _runtimes(runtime_list)
+    with click.progressbar(length=iterations * len(runtimes_), label="profiling", file=sys.stderr) as bar:
+        rows = api.report(source, model, output, inputs, input_file, checkpoint, trust_pickle, runtimes_, iterations,
+                          warmup, depth, _tolerance(atol, rtol, output_tol), json_path, seed,
+                          on_iteration=lambda: bar.update(1))
+    flagged = [row.module for row in rows if row.flagged]
+    click.echo(f"wrote {output}: {len(rows)} modules, {len(flagged)} slow and inaccurate"
+               + (f" ({', '.join(flagged[:5])})" if flagged else ""))
 
 
 @main.group()

@@ -37,7 +37,10 @@ def scope_from_exporter(node: onnx.NodeProto, module_paths: frozenset = frozense
                 scopes = ast.literal_eval(prop.value)
             except (ValueError, SyntaxError):
                 return None
-            return scopes[-2] if len(scopes) >= 2 else ""
+            candidates = scopes[-2::-1]  # innermost first; dynamo adds hook names that are no module
+            if module_paths:
+                return next((c for c in candidates if c in module_paths), "")
+            return candidates[0] if candidates else ""
     if node.name.startswith("/"):
         return _resolve_torchscript(node.name.split("/")[1:-1], module_paths)
     return None

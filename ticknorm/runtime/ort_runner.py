@@ -30,13 +30,13 @@ class OrtRunner(Runner):
         if PROVIDERS[self.provider] not in ort.get_available_providers():
             raise RuntimeUnavailable(f"{self.name}: onnxruntime {ort.__version__} has no {PROVIDERS[self.provider]} "
                                      "(install ticknorm[gpu] on a CUDA machine)")
-        self._session(())
+        self.session(())
 
     def _deactivate_impl(self) -> None:
         self._sessions.clear()
 
     def _inputs_impl(self) -> list[InputMeta]:
-        session = self._session(())
+        session = self.session(())
         return [InputMeta(i.name, tuple(d if isinstance(d, int) else None for d in i.shape), _np_dtype(i.type))
                 for i in session.get_inputs()]
 
@@ -51,7 +51,7 @@ class OrtRunner(Runner):
         }[self.optimization]
         return options
 
-    def _session(self, taps: tuple):
+    def session(self, taps: tuple = ()):
         """One session per tap set: extra outputs change what ORT may fuse, so they get their own."""
         if taps not in self._sessions:
             import onnxruntime as ort
@@ -72,7 +72,7 @@ class OrtRunner(Runner):
 
     def _infer_impl(self, feeds: dict, taps: tuple) -> RunOutputs:
         graph_outputs = [o.name for o in self.model.graph.output]
-        session = self._session(taps)
+        session = self.session(taps)
         names = graph_outputs + [t for t in taps if t not in graph_outputs]
         values = dict(zip(names, session.run(names, feeds)))
         return RunOutputs({n: values[n] for n in graph_outputs}, {t: values[t] for t in taps})

@@ -153,6 +153,11 @@ class TrtRunner(Runner):
         if wanted:
             raise OnnxFileError(f"trt: TensorRT fused away or renamed {', '.join(sorted(wanted))}; cannot tap them")
 
+    def context(self):
+        """The execution context of the untapped engine (the profiler attaches here)."""
+        self.activate()
+        return self._engines[()][1]
+
     def _inputs_impl(self) -> list[InputMeta]:
         engine, _ = self._engines[()]
         trt = self._trt

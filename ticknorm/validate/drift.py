@@ -177,16 +177,11 @@ def history(bundle) -> list[dict]:
 
 def plot_history(entries: list[dict], output, top_layers: int = 8) -> None:
     """Error per output and the most-moved modules' statistics, check after check."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ticknorm.atomic import atomic_path
+    from ticknorm.report.figures import pyplot, save_png
 
     if not entries:
         raise BundleError("the bundle has no history yet: run `ticknorm drift check` first")
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    figure, (top, bottom) = pyplot().subplots(2, 1, figsize=(10, 7), sharex=True)
     runs = range(len(entries))
     for name in entries[-1]["outputs"]:
         top.plot(runs, [max(e["outputs"].get(name, np.nan), 1e-12) for e in entries], marker="o", label=name)
@@ -202,6 +197,4 @@ def plot_history(entries: list[dict], output, top_layers: int = 8) -> None:
     bottom.legend(fontsize="x-small", ncol=2)
     figure.suptitle("ticknorm drift history")
     figure.tight_layout()
-    with atomic_path(output) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    save_png(figure, output)

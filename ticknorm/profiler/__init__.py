@@ -1,0 +1,1 @@
+"""Tick-based per-layer latency on every runtime, every row mapped back to a PyTorch module."""

@@ -1,0 +1,64 @@
+"""Runtime layer names -> ONNX nodes -> PyTorch modules.
+
+ONNX Runtime keeps a node's name and appends what fused it (`node_matmul/MatMulScaleFusion/`,
+`/layers.0/attention/MatMul/MatMulScaleFusion/`); TensorRT joins fused layers with ` + `, wraps
+Myelin regions as `{ForeignNode[first...last]}` (every node from first to last in graph order)
+and adds `Reformatting CopyNode for ...` layers of its own."""
+
+import re
+
+import onnx
+
+from ticknorm.exporter.scopes import get_scope
+
+_FOREIGN = re.compile(r"\{ForeignNode\[(.*?)\.\.\.(.*?)\]\}")
+
+
+class ScopeTable:
+    def __init__(self, model: onnx.ModelProto):
+        self.order = [node.name for node in model.graph.node]
+        self.position = {name: index for index, name in enumerate(self.order)}
+        self.scope = {node.name: get_scope(node) or "" for node in model.graph.node}
+        self.module_order = {}
+        for node in model.graph.node:
+            self.module_order.setdefault(get_scope(node) or "", len(self.module_order))
+
+    def learn_rewritten(self, original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
+        """Scopes for nodes a runtime created (ORT's SkipLayerNormalization, BiasGelu, Transpose
+        optimizer tokens): a fused node usually keeps the output tensor of what it replaced,
+        else it reads that tensor."""
+        producer_scope = {out: get_scope(node) or "" for node in original.graph.node for out in node.output}
+        for node in rewritten.graph.node:
+            if node.name in self.scope:
+                continue
+            known = [producer_scope[t] for t in list(node.output) + list(node.input) if t in producer_scope]
+            if known:
+                self.scope[node.name] = known[0]
+
+    def node_for(self, runtime_name: str) -> str | None:
+        """The ONNX node a runtime-renamed node came from: the longest `/`-prefix that is a node."""
+        name = runtime_name
+        while name:
+            if name in self.scope:
+                return name
+            name = name.rstrip("/").rpartition("/")[0] if "/" in name.rstrip("/") else ""
+        return None
+
+    def modules_for_ort(self, ort_name: str) -> tuple:
+        node = self.node_for(ort_name)
+        return (self.scope[node],) if node is not None else ()
+
+    def modules_for_trt(self, layer_name: str) -> tuple:
+        nodes = []
+        for part in layer_name.split(" + "):
+            foreign = _FOREIGN.search(part)
+            if foreign:
+                first, last = (self.node_for(n.strip()) for n in foreign.groups())
+                if first is not None and last is not None:
+                    low, high = sorted((self.position[first], self.position[last]))
+                    nodes.extend(self.order[low:high + 1])
+                continue
+            node = self.node_for(part.strip())
+            if node is not None:
+                nodes.append(node)
+        return tuple(sorted({self.scope[n] for n in nodes}))

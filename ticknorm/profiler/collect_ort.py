@@ -1,0 +1,66 @@
+"""ONNX Runtime: its built-in profiler (`enable_profiling`), node events parsed per run."""
+
+import json
+import os
+import tempfile
+import time
+
+import onnx
+
+from ticknorm.profiler.align import ScopeTable
+from ticknorm.profiler.ticks import Span, Tick, TickLog
+from ticknorm.runtime.ort_runner import OrtRunner
+
+_RUN_EVENTS = ("model_run", "SequentialExecutor::Execute")
+
+
+def collect_ort(runner: OrtRunner, feeds: dict, iterations: int, warmup: int, table: ScopeTable,
+                on_iteration=lambda: None) -> TickLog:
+    log = TickLog(runner.name, "runtime", iterations=iterations)
+    for _ in range(warmup):
+        runner.infer(feeds)
+    for _ in range(iterations):  # end to end without the profiler
+        start = time.perf_counter_ns()
+        runner.infer(feeds)
+        log.end_to_end_ns.append(time.perf_counter_ns() - start)
+    with tempfile.TemporaryDirectory() as workdir:
+        def profiled():
+            options = runner.session_options()
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(workdir, "ort")
+            options.optimized_model_filepath = os.path.join(workdir, "optimized.onnx")
+            return options
+
+        profiling = OrtRunner(runner.model, runner.provider, runner.optimization, session_options=profiled)
+        session = profiling.session()
+        table.learn_rewritten(runner.model, onnx.load(os.path.join(workdir, "optimized.onnx"), load_external_data=False))
+        for _ in range(warmup):
+            session.run(None, feeds)
+        for _ in range(iterations):
+            start = time.perf_counter_ns()
+            session.run(None, feeds)
+            log.instrumented_ns.append(time.perf_counter_ns() - start)
+            on_iteration()
+        with open(session.end_profiling()) as handle:
+            events = json.load(handle)
+    log.spans = _spans(events, warmup, iterations, table)
+    return log
+
+
+def _spans(events: list, warmup: int, iterations: int, table: ScopeTable) -> list[Span]:
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") in _RUN_EVENTS),
+                  key=lambda e: e["ts"])
+    kind = next((name for name in _RUN_EVENTS if any(r["name"] == name for r in runs)), None)
+    runs = [r for r in runs if r["name"] == kind][warmup:warmup + iterations]
+    spans = []
+    nodes = sorted((e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
+                   key=lambda e: e["ts"])
+    for iteration, run in enumerate(runs):
+        end = run["ts"] + run["dur"]
+        for event in nodes:
+            if run["ts"] <= event["ts"] <= end:
+                name = event["name"].removesuffix("_kernel_time")
+                begin = event["ts"] * 1000
+                spans.append(Span(name, table.modules_for_ort(name), iteration, Tick("runtime", begin),
+                                  Tick("runtime", begin + event["dur"] * 1000)))
+    return spans

@@ -1,0 +1,94 @@
+"""Ticks, spans and the log that aggregates them into per-module statistics.
+
+A tick is a timestamp with its clock: `host` (time.perf_counter_ns), `cuda` (a CUDA event, read
+after the iteration), or `runtime` (ORT's profiler or TensorRT's IProfiler reported the duration).
+Spans from different clocks are never mixed in one number without saying so: each TickLog has one.
+"""
+
+import statistics
+from dataclasses import dataclass, field
+
+UNATTRIBUTED = "(unattributed)"
+ROOT = "(root)"  # ops the top-level module runs itself, outside any submodule
+
+
+@dataclass(frozen=True)
+class Tick:
+    clock: str  # host | cuda | runtime
+    ns: int
+
+
+@dataclass(frozen=True)
+class Span:
+    layer: str  # the runtime's own name for what ran (module path, ORT node, TensorRT layer)
+    modules: tuple  # the PyTorch modules it covers; () when it maps to none
+    iteration: int
+    begin: Tick
+    end: Tick
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end.ns - self.begin.ns
+
+
+@dataclass
+class ModuleTiming:
+    module: str
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    samples: int
+
+
+def roll_up(module: str, depth: int | None) -> str:
+    if depth is None or not module:
+        return module
+    return ".".join(module.split(".")[:depth])
+
+
+@dataclass
+class TickLog:
+    runtime: str
+    clock: str
+    spans: list = field(default_factory=list)
+    end_to_end_ns: list = field(default_factory=list)  # measured without instrumentation
+    instrumented_ns: list = field(default_factory=list)  # the same iterations with instrumentation
+    iterations: int = 0
+
+    def row_key(self, span: Span, depth: int | None) -> str:
+        """A span covering several modules (a fused TensorRT layer) becomes one group row."""
+        modules = sorted({roll_up(m, depth) or ROOT for m in span.modules})
+        if not modules:
+            return UNATTRIBUTED
+        return modules[0] if len(modules) == 1 else " + ".join(modules)
+
+    def per_module(self, depth: int | None = None) -> dict[str, ModuleTiming]:
+        totals: dict[str, list[int]] = {}
+        for span in self.spans:
+            per_iteration = totals.setdefault(self.row_key(span, depth), [0] * self.iterations)
+            per_iteration[span.iteration] += span.duration_ns
+        return {key: timing(key, values) for key, values in totals.items()}
+
+    @property
+    def end_to_end_ms(self) -> float:
+        return statistics.median(self.end_to_end_ns) / 1e6 if self.end_to_end_ns else float("nan")
+
+    @property
+    def overhead(self) -> float:
+        """Median instrumented / median uninstrumented end-to-end time, minus one."""
+        if not self.end_to_end_ns or not self.instrumented_ns:
+            return float("nan")
+        return statistics.median(self.instrumented_ns) / statistics.median(self.end_to_end_ns) - 1.0
+
+    def coverage(self) -> float:
+        """Time attributed to modules / end-to-end time of the same instrumented runs. (Against
+        the uninstrumented time it can pass 100%: profilers inflate what they time.)"""
+        attributed = sum(s.duration_ns for s in self.spans if s.modules)
+        total = sum(self.instrumented_ns)
+        return attributed / total if total else float("nan")
+
+
+def timing(key: str, values_ns: list[int]) -> ModuleTiming:
+    values = sorted(v / 1e6 for v in values_ns)
+    p90 = values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
+    return ModuleTiming(key, statistics.median(values), p90, values[0], len(values))

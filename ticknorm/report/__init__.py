@@ -1,0 +1,1 @@
+"""Profiles and accuracy for people and tools: terminal table, JSON, CSV, Chrome trace, PNG, HTML."""
