@@ -1,0 +1,115 @@
+"""The profiler: tick aggregation, runtime-name alignment, real profiles on torch and ORT."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ticknorm import api
+from ticknorm.cli import main
+from ticknorm.profiler.align import ScopeTable
+from ticknorm.profiler.profile import profile
+from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, Span, Tick, TickLog
+from ticknorm.report import profile_outputs
+from ticknorm.report.joined import join, write_html
+from ticknorm.validate.compare import compare
+
+EXAMPLE = "examples/tiny_transformer.py:build"
+CHECKPOINT = "examples/tiny_transformer.safetensors"
+FEEDS = {"input_ids": np.random.default_rng(0).integers(0, 1000, (2, 16))}
+
+
+def _span(layer, modules, iteration, begin, end):
+    return Span(layer, modules, iteration, Tick("host", begin), Tick("host", end))
+
+
+def test_ticklog_rolls_up_groups_and_keeps_unattributed():
+    log = TickLog("rt", "host", iterations=3, instrumented_ns=[100, 100, 100], end_to_end_ns=[90, 95, 100])
+    for i, (a, b) in enumerate([(10, 20), (12, 30), (11, 40)]):
+        log.spans += [_span("x", ("enc.layer.0.attn",), i, 0, a), _span("y", ("enc.layer.0.ffn",), i, a, a + b),
+                      _span("fused", ("enc.layer.1.attn", "enc.layer.1.ffn", "head"), i, 0, 5),
+                      _span("copy", (), i, 0, 7), _span("glue", ("",), i, 0, 3)]
+    rows = log.per_module(depth=3)
+    assert rows["enc.layer.0"].median_ms == pytest.approx(42e-6)  # per iteration 30, 42, 51 ns
+    assert rows["enc.layer.0"].min_ms == pytest.approx(30e-6) and rows["enc.layer.0"].p90_ms == pytest.approx(51e-6)
+    assert rows["enc.layer.1 + head"].samples == 3
+    assert rows[UNATTRIBUTED].median_ms == pytest.approx(7e-6)
+    assert ROOT in rows
+    assert log.coverage() == pytest.approx((30 + 42 + 51 + 3 * (5 + 3)) / 300)
+    assert log.end_to_end_ms == pytest.approx(95e-6)
+    assert log.overhead == pytest.approx(100 / 95 - 1)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile") / "tiny.onnx"
+    api.export(EXAMPLE, path, ["input_ids:batch=2xseq=16:int64:0..1000"], checkpoint=CHECKPOINT, exporter="torchscript")
+    return path, onnx.load(str(path))
+
+
+def test_runtime_names_map_back_to_modules(exported):
+    _, model = exported
+    table = ScopeTable(model)
+    nodes = {node.name: node for node in model.graph.node}
+    ln = next(n for n in nodes if nodes[n].op_type == "LayerNormalization")
+    matmuls = [n for n in nodes if nodes[n].op_type in ("MatMul", "Gemm")]
+    assert table.modules_for_ort(ln + "/LayerNormFusion/") == table.modules_for_ort(ln)
+    assert table.modules_for_ort("Reformat_999") == ()
+    fused = table.modules_for_trt(f"{matmuls[0]} + {ln}")
+    assert len(fused) == 2
+    foreign = table.modules_for_trt(f"{{ForeignNode[{matmuls[0]}...{matmuls[-1]}]}}")
+    assert {"layers.0.attention.qkv", "layers.1.feed_forward.2"} <= set(foreign)
+    assert table.modules_for_trt("Reformatting CopyNode for Input Tensor 0 to x") == ()
+
+
+def test_profile_torch_and_ort_aligned_per_module(exported, tmp_path):
+    _, model = exported
+    result = profile(model, api.load_model(EXAMPLE, CHECKPOINT), FEEDS, ("torch", "ort"), iterations=5, warmup=1, depth=2)
+    rows = dict(result.rows())
+    for module in ("embeddings", "layers.0", "layers.1", "final_norm", "head"):
+        assert set(rows[module]) == {"torch", "ort"}, module
+    assert UNATTRIBUTED not in rows  # ORT's own fused nodes mapped back through its optimized graph
+    assert [m for m, _ in result.rows()].index("layers.0") < [m for m, _ in result.rows()].index("layers.1")
+    for log in result.logs.values():
+        assert 0.3 < log.coverage() <= 1.0 and len(log.end_to_end_ns) == 5
+    profile_outputs.write_trace(result, tmp_path / "t.json")
+    trace = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    assert {e["pid"] for e in trace} == {1, 2} and any(e.get("args", {}).get("modules") for e in trace)
+    profile_outputs.write_csv(result, tmp_path / "p.csv")
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "module,runtime,median_ms,p90_ms,min_ms,samples"
+    profile_outputs.write_plot(result, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_joins_latency_and_error_and_flags_slow_inaccurate_modules(exported, tmp_path):
+    _, model = exported
+    module = api.load_model(EXAMPLE, CHECKPOINT)
+    timings = profile(model, module, FEEDS, ("torch", "ort"), iterations=3, warmup=1, depth=2)
+    with torch.no_grad():
+        module.get_submodule("layers.1.feed_forward.2").weight.mul_(1.05)
+    accuracy = compare(model, module, FEEDS, ["ort"], per_layer=True, depth=2)
+    rows = {row.module: row for row in join(timings, accuracy)}
+    assert rows["layers.0"].passed == {"ort": True} and rows["layers.1"].passed == {"ort": False}
+    assert rows["layers.1"].flagged and not rows["layers.0"].flagged
+    assert set(rows["layers.1"].latency_ms) == {"torch", "ort"}
+    write_html(list(rows.values()), timings, accuracy, tmp_path / "r.html", "tiny")
+    page = (tmp_path / "r.html").read_text()
+    assert "<tr class='flag'><td>layers.1</td>" in page and "data:image/png;base64," in page
+
+
+def test_profile_and_report_cli(exported, tmp_path):
+    path, _ = exported
+    common = [str(path), "--model", EXAMPLE, "--checkpoint", CHECKPOINT, "--input", "input_ids:2x16:int64",
+              "--iterations", "3", "--warmup", "1", "--depth", "2"]
+    result = CliRunner().invoke(main, ["profile", *common, "--json", str(tmp_path / "p.json")])
+    assert result.exit_code == 0, result.output
+    assert "ort/torch" in result.output and "coverage" in result.output
+    assert json.loads((tmp_path / "p.json").read_text())["rows"][0]["module"]
+    report = CliRunner().invoke(main, ["report", *common, "-o", str(tmp_path / "r.html"), "--json", str(tmp_path / "r.json")])
+    assert report.exit_code == 0, report.output
+    assert "0 slow and inaccurate" in report.output
+    bad = CliRunner().invoke(main, ["profile", *common[:-6], "--iterations", "0"])
+    assert bad.exit_code == 2 and "--iterations must be at least 1" in bad.stderr
