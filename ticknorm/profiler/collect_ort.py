@@ -17,12 +17,8 @@ _RUN_EVENTS = ("model_run", "SequentialExecutor::Execute")
 def collect_ort(runner: OrtRunner, feeds: dict, iterations: int, warmup: int, table: ScopeTable,
                 on_iteration=lambda: None) -> TickLog:
     log = TickLog(runner.name, "runtime", iterations=iterations)
-    for _ in range(warmup):
-        runner.infer(feeds)
-    for _ in range(iterations):  # end to end without the profiler
-        start = time.perf_counter_ns()
-        runner.infer(feeds)
-        log.end_to_end_ns.append(time.perf_counter_ns() - start)
+    runner.infer(feeds)  # checks the feeds against the model before anything is timed
+    plain = runner.session()
     with tempfile.TemporaryDirectory() as workdir:
         def profiled():
             options = runner.session_options()
@@ -35,8 +31,12 @@ def collect_ort(runner: OrtRunner, feeds: dict, iterations: int, warmup: int, ta
         session = profiling.session()
         table.learn_rewritten(runner.model, onnx.load(os.path.join(workdir, "optimized.onnx"), load_external_data=False))
         for _ in range(warmup):
+            plain.run(None, feeds)
             session.run(None, feeds)
-        for _ in range(iterations):
+        for _ in range(iterations):  # alternating, so drift in machine load hits both alike
+            start = time.perf_counter_ns()
+            plain.run(None, feeds)
+            log.end_to_end_ns.append(time.perf_counter_ns() - start)
             start = time.perf_counter_ns()
             session.run(None, feeds)
             log.instrumented_ns.append(time.perf_counter_ns() - start)

@@ -36,32 +36,36 @@ def collect_torch(runner: TorchRunner, feeds: dict, iterations: int, warmup: int
         if cuda:
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        run()
-    for _ in range(iterations):
-        start = time.perf_counter_ns()
-        run()
-        log.end_to_end_ns.append(time.perf_counter_ns() - start)
     paths = hooked_modules(runner.module, depth)
     marks: list = []
-    handles = []
-    for path in paths:
-        submodule = runner.module.get_submodule(path)
-        handles.append(submodule.register_forward_pre_hook(_mark(torch, marks, path, "begin", cuda)))
-        handles.append(submodule.register_forward_hook(_mark(torch, marks, path, "end", cuda)))
-    try:
-        for iteration in range(-warmup, iterations):
-            marks.clear()
+
+    def attach():
+        handles = []
+        for path in paths:
+            submodule = runner.module.get_submodule(path)
+            handles.append(submodule.register_forward_pre_hook(_mark(torch, marks, path, "begin", cuda)))
+            handles.append(submodule.register_forward_hook(_mark(torch, marks, path, "end", cuda)))
+        return handles
+
+    # Plain and hooked iterations alternate, so drift in machine load hits both alike.
+    for iteration in range(-warmup, iterations):
+        start = time.perf_counter_ns()
+        run()
+        plain = time.perf_counter_ns() - start
+        handles = attach()
+        marks.clear()
+        try:
             start = time.perf_counter_ns()
             run()
-            elapsed = time.perf_counter_ns() - start
-            if iteration >= 0:
-                log.instrumented_ns.append(elapsed)
-                log.spans.extend(_pair(marks, iteration, cuda))
-                on_iteration()
-    finally:
-        for handle in handles:
-            handle.remove()
+            hooked = time.perf_counter_ns() - start
+        finally:
+            for handle in handles:
+                handle.remove()
+        if iteration >= 0:
+            log.end_to_end_ns.append(plain)
+            log.instrumented_ns.append(hooked)
+            log.spans.extend(_pair(marks, iteration, cuda))
+            on_iteration()
     return log
 
 

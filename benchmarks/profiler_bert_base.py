@@ -1,0 +1,49 @@
+"""Profiler overhead, stability and coverage on a BERT-base-sized encoder at batch 1 (seq 128),
+torch CPU and ORT CPU. Targets: median overhead < 5%; per-module medians of two consecutive runs
+within 10% for modules above 1% of the total; >= 95% of ORT time attributed to modules.
+
+    python benchmarks/profiler_bert_base.py [--iterations 30] [--depth 2]
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from _models import bert_base
+from ticknorm.exporter.export import export_model
+from ticknorm.profiler.profile import profile
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--depth", type=int, default=2)
+    args = parser.parse_args()
+    module = bert_base()
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 30522, (1, 128))}
+    with tempfile.TemporaryDirectory() as workdir:
+        path = Path(workdir) / "bert.onnx"
+        export_model(module, feeds, path, exporter="torchscript", check=False)
+        model = onnx.load(str(path))
+    runs = [profile(model, module, feeds, ("torch", "ort"), args.iterations, 5, args.depth) for _ in range(2)]
+    print(f"BERT-base-sized encoder, batch 1, seq 128, depth {args.depth}, {args.iterations} iterations, 2 runs")
+    for runtime in ("torch", "ort"):
+        first, second = (run.logs[runtime] for run in runs)
+        print(f"\n{runtime}: end-to-end {first.end_to_end_ms:.2f} ms uninstrumented; overhead run 1 {first.overhead:+.1%}, "
+              f"run 2 {second.overhead:+.1%} (target < +5%); coverage {first.coverage():.1%} / {second.coverage():.1%}")
+        a, b = first.per_module(args.depth), second.per_module(args.depth)
+        total = sum(t.median_ms for t in a.values())
+        worst, checked = 0.0, 0
+        for key, timing in a.items():
+            if key in b and timing.median_ms > 0.01 * total:
+                checked += 1
+                worst = max(worst, abs(b[key].median_ms / timing.median_ms - 1))
+        print(f"  stability: {checked} modules above 1% of the total; largest run-to-run change of a median "
+              f"{worst:.1%} (target <= 10%)")
+
+
+if __name__ == "__main__":
+    main()
