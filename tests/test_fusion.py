@@ -115,7 +115,7 @@ REFUSED = [
     (nm.AxesDiffer, "axes"),
     (nm.EpsOutsideSqrt, "outside the square root"),
     (nm.UnbiasedVariance, "N-1"),
-    (nm.CenteredAlsoReturned, "is a graph output"),
+    (nm.CenteredAlsoReturned, "escapes (a graph output"),
     (nm.CenteredReusedInside, "also read by"),
 ]
 
@@ -188,3 +188,48 @@ def test_shared_weights_are_reused_not_copied(rng):
     fused = next(n for n in result.model.graph.node if n.op_type == "LayerNormalization")
     assert set(fused.input[1:]) <= before  # the model's own weight and bias initializers
     onnx.checker.check_model(result.model)
+
+
+class TwoNormsOneInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.LayerNorm(16, eps=1e-5), nn.LayerNorm(16, eps=1e-3)
+
+    def forward(self, x):
+        return self.a(x) + 2 * self.b(x)
+
+
+@pytest.mark.parametrize("opset", [13, 16])
+def test_two_layer_norms_reading_one_input_are_both_fused(opset, rng):
+    x = rng.standard_normal((2, 6, 16)).astype(np.float32)
+    feeds = {"x": x}
+    module = TwoNormsOneInput().eval()
+    result = fuse_norms(export(module, feeds, "torchscript", opset=opset), feeds=feeds)
+    assert [(r.scope, r.status) for r in result.report.records] == [("a", "fused"), ("b", "fused")]
+    epsilons = sorted(next(a.f for a in n.attribute if a.name == "epsilon")
+                      for n in result.model.graph.node if n.op_type == "LayerNormalization")
+    assert epsilons == pytest.approx([1e-5, 1e-3])
+    np.testing.assert_allclose(ort_outputs(result.model, feeds)[0], torch_outputs(module, feeds)[0], atol=1e-5)
+
+
+def test_tensors_read_inside_subgraphs_are_never_removed(rng):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1]), helper.make_node("Sub", ["x", "m"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["v"], axes=[-1]),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
+             helper.make_node("Div", ["d", "s"], ["y"])]
+    branch = helper.make_graph([helper.make_node("Identity", ["d"], ["out"])], "then", [],
+                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 8])])
+    other = helper.make_graph([helper.make_node("Identity", ["y"], ["out2"])], "else", [],
+                              [helper.make_tensor_value_info("out2", TensorProto.FLOAT, [2, 8])])
+    nodes.append(helper.make_node("If", ["flag"], ["z"], then_branch=branch, else_branch=other))
+    graph = helper.make_graph(nodes, "g", [x, helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32), "flag": np.array(True)}
+    result = fuse_norms(model, feeds=feeds)
+    assert [r.status for r in result.report.records] == ["refused"]
+    assert "escapes" in result.report.records[0].reason  # `d` is read inside the If branch

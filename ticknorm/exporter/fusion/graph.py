@@ -34,7 +34,8 @@ class GraphIndex:
                 if name:
                     self.consumers[name].append(index)
         self.graph_inputs = {value.name for value in graph.input}
-        self.graph_outputs = {value.name for value in graph.output}
+        # Tensors read inside If/Loop/Scan bodies escape like graph outputs: a fusion may not remove them.
+        self.graph_outputs = {value.name for value in graph.output} | subgraph_reads(graph)
         self.initializers = {tensor.name: tensor for tensor in graph.initializer}
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.info = _infer_tensor_info(model)
@@ -87,6 +88,15 @@ class GraphIndex:
             return None if to is None else inner.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
         return None
 
+    def scalar(self, name: str, beside: str) -> float | None:
+        """The value of a one-element constant that broadcasts with `beside` without raising its
+        rank (a [1,1,1,1] epsilon on a rank-3 tensor would change the output's shape)."""
+        value = self.constant(name)
+        rank = self.rank(beside)
+        if value is None or value.size != 1 or (rank is not None and value.ndim > rank) or (rank is None and value.ndim):
+            return None
+        return float(value.reshape(-1)[0])
+
     def elem_type(self, name: str) -> int | None:
         if name in self.info:
             return self.info[name].elem_type
@@ -100,6 +110,17 @@ class GraphIndex:
     def dims(self, name: str) -> tuple | None:
         info = self.info.get(name)
         return info.dims if info is not None and info.rank_known else None
+
+
+def subgraph_reads(graph: onnx.GraphProto) -> set:
+    """Every name read by a node inside a subgraph of `graph` (at any depth)."""
+    names = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            bodies = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for body in bodies:
+                names |= {name for inner in body.node for name in inner.input} | subgraph_reads(body)
+    return names
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -165,7 +186,9 @@ def rebuilt(model: onnx.ModelProto, nodes, initializers, extra_inputs=()) -> onn
     """`model` with a new node list and initializers; everything else (metadata too) kept."""
     graph = model.graph
     new_graph = onnx.helper.make_graph(nodes, graph.name, list(graph.input) + list(extra_inputs), graph.output,
-                                       initializers, doc_string=graph.doc_string, value_info=graph.value_info)
+                                       initializers, doc_string=graph.doc_string, value_info=graph.value_info,
+                                       sparse_initializer=graph.sparse_initializer)
+    new_graph.metadata_props.extend(graph.metadata_props)
     new = onnx.helper.make_model(new_graph, opset_imports=model.opset_import, functions=model.functions)
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(new, name, getattr(model, name))

@@ -108,7 +108,8 @@ def _check_private(index: GraphIndex, nodes: list, output: str, kind: str) -> No
             if name == output:
                 continue
             if name in index.graph_outputs:
-                raise NotFused(f"the intermediate '{name}' is a graph output", index.node_name(member))
+                raise NotFused(f"the intermediate '{name}' escapes (a graph output, or read inside a subgraph)",
+                           index.node_name(member))
             for reader in index.consumer_nodes(name):
                 if reader not in members:
                     raise NotFused(

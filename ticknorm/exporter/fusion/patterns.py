@@ -28,9 +28,8 @@ class NotFused(Exception):
 
 @dataclass
 class MeanOf:
-    """`output` holds the mean of `source` over `axes`, with the reduced dims kept as size 1."""
+    """`output` holds the mean of the reduced tensor over `axes`, with the reduced dims kept as size 1."""
 
-    source: str
     output: str
     axes: tuple
     nodes: list = field(default_factory=list)
@@ -69,7 +68,7 @@ def forward_means(index: GraphIndex, tensor: str) -> list[MeanOf]:
             continue
         axes = reduce_axes(index, node)
         if axes is None:
-            means.append(MeanOf(tensor, node.output[0], (), [reader], "the reduction axes are not constant"))
+            means.append(MeanOf(node.output[0], (), [reader], "the reduction axes are not constant"))
             continue
         means.append(_finish_mean(index, tensor, reader, axes))
     return means
@@ -79,7 +78,7 @@ def _finish_mean(index: GraphIndex, tensor: str, reader: int, axes: tuple) -> Me
     """Follow a reduction through the shape ops that restore its dims (dynamo writes
     Reshape + Expand after a keepdims=0 reduction) and through the division by N of a ReduceSum."""
     node = index.nodes[reader]
-    mean = MeanOf(tensor, node.output[0], axes, [reader])
+    mean = MeanOf(node.output[0], axes, [reader])
     restore = "pending" if not _attr(node, "keepdims", 1) else "done"
     divide = node.op_type == "ReduceSum"
     while restore != "done" or divide:
@@ -91,8 +90,8 @@ def _finish_mean(index: GraphIndex, tensor: str, reader: int, axes: tuple) -> Me
             restore = _restored(index, tensor, step.output[0], axes)
             if restore is None:
                 break
-        elif divide and step.op_type in ("Div", "Mul") and step.input[0] == mean.output:
-            problem = _divisor_check(index, tensor, axes, step)
+        elif divide and (step.op_type == "Mul" or step.input[0] == mean.output) and step.op_type in ("Div", "Mul"):
+            problem = _divisor_check(index, tensor, axes, step, mean.output)
             if problem:
                 mean.problem = problem
                 return mean
@@ -118,11 +117,10 @@ def _rescale_problem(index: GraphIndex, step: onnx.NodeProto, name: str) -> str:
     """Why a reduction followed by a constant Mul/Div is no mean (dynamo's unbiased variance)."""
     if step.op_type not in ("Mul", "Div"):
         return ""
-    factor = index.constant(_other_input(step, name))
-    if factor is None or factor.size != 1:
+    factor = index.scalar(_other_input(step, name), beside=name)
+    if factor is None:
         return ""
-    return (f"the reduction is rescaled by {step.op_type} {float(factor.reshape(-1)[0]):g} "
-            "(unbiased N-1 variance is not LayerNorm)")
+    return f"the reduction is rescaled by {step.op_type} {factor:g} (unbiased N-1 variance is not LayerNorm)"
 
 
 def _restored(index: GraphIndex, tensor: str, output: str, axes: tuple) -> str | None:
@@ -143,12 +141,11 @@ def _restored(index: GraphIndex, tensor: str, output: str, axes: tuple) -> str |
     return verdict
 
 
-def _divisor_check(index: GraphIndex, tensor: str, axes: tuple, step: onnx.NodeProto) -> str:
+def _divisor_check(index: GraphIndex, tensor: str, axes: tuple, step: onnx.NodeProto, total: str) -> str:
     count = _reduced_count(index, tensor, axes)
-    divisor = index.constant(step.input[1])
-    if divisor is None or divisor.size != 1 or count is None:
+    divisor = index.scalar(_other_input(step, total), beside=total)
+    if divisor is None or count is None:
         return "a ReduceSum is divided by something that is not the element count"
-    divisor = float(divisor.reshape(-1)[0])
     if step.op_type == "Mul":
         divisor = 1.0 / divisor if divisor else 0.0
     return "" if np.isclose(divisor, count, rtol=1e-6) else _divisor_problem(divisor, count)
@@ -175,10 +172,8 @@ def squares_of(index: GraphIndex, tensor: str) -> list[int]:
         node = index.nodes[reader]
         if node.op_type == "Mul" and list(node.input) == [tensor, tensor]:
             found.append(reader)
-        elif node.op_type == "Pow" and node.input[0] == tensor:
-            exponent = index.constant(node.input[1])
-            if exponent is not None and exponent.size == 1 and float(exponent.reshape(-1)[0]) == 2.0:
-                found.append(reader)
+        elif node.op_type == "Pow" and node.input[0] == tensor and index.scalar(node.input[1], beside=tensor) == 2.0:
+            found.append(reader)
     return found
 
 
@@ -201,17 +196,18 @@ def match_tail(index: GraphIndex, variance: str, numerators: set) -> Tail:
     node = index.nodes[reader]
     epsilon = 0.0
     if node.op_type in ("Mul", "Div"):
-        factor = index.constant(_other_input(node, variance))
-        amount = f"{factor.reshape(-1)[0]:g}" if factor is not None and factor.size == 1 else "a computed factor"
+        factor = index.scalar(_other_input(node, variance), beside=variance)
+        amount = f"{factor:g}" if factor is not None else "a computed factor"
         raise NotFused(f"the variance is rescaled by {node.op_type} {amount} before epsilon "
                        "(unbiased N-1 variance is not LayerNorm)", index.node_name(reader))
     if node.op_type == "Add":
         value = index.constant(_other_input(node, variance))
         if value is None:
             raise NotFused("epsilon is not a constant", index.node_name(reader))
-        if value.size != 1:
-            raise NotFused(f"epsilon has shape {list(value.shape)}, not a scalar", index.node_name(reader))
-        epsilon = float(value.reshape(-1)[0])
+        epsilon = index.scalar(_other_input(node, variance), beside=variance)
+        if epsilon is None:
+            raise NotFused(f"epsilon has shape {list(value.shape)}, not a scalar that keeps the variance's shape",
+                           index.node_name(reader))
         nodes.append(reader)
         reader = index.sole_consumer(node.output[0])
         node = index.nodes[reader] if reader is not None else None
@@ -252,16 +248,14 @@ def _is_inverse(index: GraphIndex, node: onnx.NodeProto, root: str) -> bool:
     if node.op_type == "Reciprocal":
         return True
     if node.op_type == "Div" and node.input[1] == root:
-        one = index.constant(node.input[0])
-        return one is not None and one.size == 1 and float(one.reshape(-1)[0]) == 1.0
+        return index.scalar(node.input[0], beside=root) == 1.0
     return False
 
 
 def _is_times_one(index: GraphIndex, node: onnx.NodeProto, name: str) -> bool:
     if node.op_type not in ("Mul", "Div") or (node.op_type == "Div" and node.input[0] != name):
         return False
-    one = index.constant(_other_input(node, name))
-    return one is not None and one.size == 1 and float(one.reshape(-1)[0]) == 1.0
+    return index.scalar(_other_input(node, name), beside=name) == 1.0
 
 
 def _other_input(node: onnx.NodeProto, name: str) -> str:
@@ -337,7 +331,12 @@ class Layout:
         moved = aligned.transpose(order).reshape([aligned.shape[a] for a in self.axes])
         if not all(isinstance(d, int) for d in self.dims):
             return moved if all(s != 1 for s in moved.shape) or moved.size == 0 else None
-        return moved if moved.shape == tuple(self.dims) else np.broadcast_to(moved, self.dims).copy()
+        if moved.shape == tuple(self.dims):
+            return moved
+        try:
+            return np.broadcast_to(moved, self.dims).copy()
+        except ValueError:
+            return None  # does not broadcast over the normalized dims: not a scale of this norm
 
     def static_dims(self, *params) -> tuple | None:
         if all(isinstance(d, int) for d in self.dims):
