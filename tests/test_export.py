@@ -116,3 +116,12 @@ def test_hugging_face_directory_exports(tmp_path):
     assert [o.name for o in model.graph.output][0] == "last_hidden_state"
     assert [n.op_type for n in model.graph.node].count("LayerNormalization") == 5
     assert scope_coverage(model) == 1.0
+
+
+def test_arguments_the_graph_dropped_do_not_break_export_or_compare(tmp_path):
+    result = api.export("tests/factories.py:ignores_mask", tmp_path / "m.onnx", ["x:2x8", "mask:2x8:int64"],
+                        exporter="torchscript")
+    assert result.passed
+    report, _ = api.compare(tmp_path / "m.onnx", "tests/factories.py:ignores_mask", ["x:2x8", "mask:2x8:int64"])
+    assert not report.passed  # a fresh factory call has other random weights than the exported one
+    assert report.outputs["ort"][0].max_abs > 0

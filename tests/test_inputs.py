@@ -61,3 +61,17 @@ def test_token_ids_span_the_vocabulary_of_the_model(tmp_path):
     assert feeds["input_ids"].max() > 500 and feeds["input_ids"].max() < 1000
     fixed, _ = api.example_feeds(["input_ids:4x64:int64:0..3"], onnx_model=model)
     assert fixed["input_ids"].max() <= 2
+
+
+@pytest.mark.parametrize("text, match", [
+    ("x:2:int64:0..0.5", "whole numbers"), ("x:2:uint8:-5..5", "whole numbers"), ("x:2:int64:-..5", "not LOW..HIGH"),
+])
+def test_ranges_that_do_not_fit_the_dtype(text, match):
+    with pytest.raises(InputSpecError, match=match):
+        parse_input_spec(text)
+
+
+def test_a_single_array_npy_is_refused(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    with pytest.raises(InputSpecError, match="one array, not named inputs"):
+        load_npz(tmp_path / "x.npy")

@@ -179,3 +179,14 @@ def test_fp16_overflowing_layer_norm_is_found_and_fp32_fixes_it(tmp_path):
                                        str(tmp_path / "in.npz"), "--runtime", "torch-fp16", "--atol", "2e-2", "--rtol", "2e-2"])
     assert result.exit_code == 0, result.output
     assert "fp16 overflow: norm: " in result.output and "PASS" in result.output
+
+
+def test_damaged_bundles_and_bad_tolerances_are_one_line_errors(exported, tmp_path):
+    path, model = exported
+    bundle = snapshot(model, _reference(), FEEDS, tmp_path / "golden")
+    (bundle / "outputs.json").write_text('{"lst": []}')
+    result = CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)])
+    assert result.exit_code == 2 and "damaged bundle" in result.stderr
+    bad = CliRunner().invoke(main, ["compare", str(path), "--model", EXAMPLE, "--input", "input_ids:2x16:int64",
+                                    "--output-tol", "abc"])
+    assert bad.exit_code == 2 and bad.stderr.strip() == "error: --output-tol 'abc' is not NAME:ATOL:RTOL"

@@ -10,17 +10,17 @@ from ticknorm.exporter.export import DEFAULT_EXPORTER, ExportResult, export_mode
 from ticknorm.exporter.fusion import FusionResult, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
 from ticknorm.exporter.load import build_model, load_hf_directory
-from ticknorm.inputs import feeds_from_specs, graph_inputs, index_ranges, load_npz, parse_input_spec
+from ticknorm.inputs import feeds_from_specs, index_ranges, load_npz, parse_input_spec
 from ticknorm.onnx_io import PROTOBUF_LIMIT, load_onnx, save_onnx
 from ticknorm.profiler.profile import ProfileResult
 from ticknorm.profiler.profile import profile as run_profile
 from ticknorm.report.joined import JoinedRow, join, write_html
 from ticknorm.report.joined import write_json as write_joined_json
 from ticknorm.runtime.registry import runtime_statuses
-from ticknorm.runtime.trt_runner import TrtSettings, optimization_profile
+from ticknorm.runtime.trt_runner import TrtSettings, profile_for
 from ticknorm.validate.compare import CompareReport, Tolerance
 from ticknorm.validate.compare import compare as compare_models
-from ticknorm.validate.drift import DriftReport, check, history, load_bundle, plot_history, snapshot
+from ticknorm.validate.drift import DriftReport, check, history, plot_history, snapshot
 from ticknorm.validate.overflow import fp16_overflows
 
 
@@ -79,15 +79,6 @@ def runtimes() -> list:
     return runtime_statuses()
 
 
-def _trt_profile(model, feeds: dict) -> dict:
-    """TensorRT profile from the feeds, with the ONNX inputs' named or unknown dims dynamic."""
-    dynamic = {}
-    for value in graph_inputs(model):
-        dims = value.type.tensor_type.shape.dim
-        dynamic[value.name] = {axis: d.dim_param or "?" for axis, d in enumerate(dims) if not d.HasField("dim_value")}
-    return optimization_profile(feeds, dynamic)
-
-
 def compare(source, model: str, inputs: list[str] = (), input_file=None, checkpoint=None, trust_pickle=False,
             runtimes=("ort",), tolerance: Tolerance | None = None, per_layer: bool = False, depth=None, pattern=None,
             seed: int = 0, progress=lambda m: None) -> tuple[CompareReport, list]:
@@ -102,7 +93,7 @@ def compare(source, model: str, inputs: list[str] = (), input_file=None, checkpo
         progress("looking for LayerNorms that overflow fp16")
         overflows = fp16_overflows(onnx_model, feeds)
     report = compare_models(onnx_model, module, feeds, runtimes, tolerance, per_layer, depth, pattern,
-                            _trt_profile(onnx_model, feeds), TrtSettings(fp32_layers=[row.node for row in overflows]),
+                            profile_for(onnx_model, feeds), TrtSettings(fp32_layers=[row.node for row in overflows]),
                             [row.module for row in overflows], progress)
     return report, overflows
 
@@ -115,9 +106,7 @@ def drift_snapshot(source, model: str, output, inputs: list[str] = (), input_fil
 
 
 def drift_check(bundle, source, runtime: str = "ort", allow_model_change: bool = False) -> DriftReport:
-    model = load_onnx(source)
-    _, inputs, _ = load_bundle(bundle)
-    return check(bundle, model, runtime, allow_model_change, _trt_profile(model, inputs[0]))
+    return check(bundle, load_onnx(source), runtime, allow_model_change)
 
 
 def drift_history(bundle, plot=None) -> list[dict]:
@@ -134,7 +123,7 @@ def profile(source, model: str, inputs: list[str] = (), input_file=None, checkpo
     feeds, _ = example_feeds(list(inputs), input_file, seed, onnx_model)
     progress("loading the model")
     module = load_model(model, checkpoint, trust_pickle)
-    return run_profile(onnx_model, module, feeds, runtimes, iterations, warmup, depth, _trt_profile(onnx_model, feeds),
+    return run_profile(onnx_model, module, feeds, runtimes, iterations, warmup, depth, profile_for(onnx_model, feeds),
                        on_iteration)
 
 
@@ -147,7 +136,7 @@ def report(source, model: str, output, inputs: list[str] = (), input_file=None, 
     feeds, _ = example_feeds(list(inputs), input_file, seed, onnx_model)
     progress("loading the model")
     module = load_model(model, checkpoint, trust_pickle)
-    shapes = _trt_profile(onnx_model, feeds)
+    shapes = profile_for(onnx_model, feeds)
     timings = run_profile(onnx_model, module, feeds, runtimes, iterations, warmup, depth, shapes, on_iteration)
     progress("comparing every module with PyTorch")
     targets = [r for r in runtimes if r != "torch"]

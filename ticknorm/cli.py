@@ -13,7 +13,7 @@ import click
 from ticknorm import api
 from ticknorm.atomic import write_text
 from ticknorm.report import profile_outputs
-from ticknorm.errors import TicknormError, first_line
+from ticknorm.errors import InputSpecError, TicknormError, first_line
 from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS
 from ticknorm.validate.compare import Tolerance
 
@@ -123,7 +123,7 @@ def _tolerance(atol: float, rtol: float, output_tol: tuple) -> Tolerance:
         try:
             low, high = (float(v) for v in values.split(":"))
         except ValueError:
-            raise click.BadParameter(f"'{item}' is not NAME:ATOL:RTOL", param_hint="--output-tol") from None
+            raise InputSpecError(f"--output-tol '{item}' is not NAME:ATOL:RTOL") from None
         per_output[name] = (low, high)
     return Tolerance(atol, rtol, per_output)
 

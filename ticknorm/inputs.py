@@ -67,13 +67,23 @@ def parse_input_spec(text: str) -> InputSpec:
         raise InputSpecError(f"bad input spec '{text}': unknown dtype '{dtype_name}' (known: {', '.join(sorted(DTYPES))})")
     low = high = None
     if len(parts) == 4:
-        found = _RANGE.fullmatch(parts[3])
-        if not found:
-            raise InputSpecError(f"bad input spec '{text}': range '{parts[3]}' is not LOW..HIGH")
-        low, high = float(found.group(1)), float(found.group(2))
-        if not low < high:
-            raise InputSpecError(f"bad input spec '{text}': range {parts[3]} is empty (LOW must be below HIGH)")
+        low, high = _parse_range(text, parts[3], np.dtype(DTYPES[dtype_name.lower()]))
     return InputSpec(name, dims, np.dtype(DTYPES[dtype_name.lower()]), low, high)
+
+
+def _parse_range(text: str, range_text: str, dtype: np.dtype) -> tuple[float, float]:
+    found = _RANGE.fullmatch(range_text)
+    try:
+        low, high = float(found.group(1)), float(found.group(2))
+    except (AttributeError, ValueError):
+        raise InputSpecError(f"bad input spec '{text}': range '{range_text}' is not LOW..HIGH") from None
+    if not low < high:
+        raise InputSpecError(f"bad input spec '{text}': range {range_text} is empty (LOW must be below HIGH)")
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if low != int(low) or high != int(high) or low < info.min or high - 1 > info.max:
+            raise InputSpecError(f"bad input spec '{text}': {dtype} takes whole numbers in [{info.min}, {info.max}]")
+    return low, high
 
 
 def _parse_dims(text: str, dims_text: str) -> tuple:
@@ -122,16 +132,26 @@ def load_npz(path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise InputSpecError(f"input file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):
+            raise ValueError("it holds one array, not named inputs (save with np.savez(path, name=array))")
+        with data:
             return {name: data[name] for name in data.files}
-    except (ValueError, OSError) as exc:
-        raise InputSpecError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0]})") from exc
+    except Exception as exc:  # noqa: BLE001 - numpy reports damaged archives in many ways
+        raise InputSpecError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0] or type(exc).__name__})") from exc
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The inputs a caller must feed (initializers listed as inputs have defaults)."""
     initializers = {t.name for t in model.graph.initializer}
     return [value for value in model.graph.input if value.name not in initializers]
+
+
+def graph_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
+    """The feeds an ONNX graph takes: exporters drop forward() arguments the model never reads,
+    so PyTorch may be fed more than the graph."""
+    names = {value.name for value in graph_inputs(model)}
+    return {name: value for name, value in feeds.items() if name in names}
 
 
 def feeds_for_graph(model: onnx.ModelProto, seed: int = 0, dynamic_size: int = 2) -> dict[str, np.ndarray]:

@@ -24,9 +24,10 @@ from ticknorm._optional import require
 from ticknorm.errors import AccuracyError, ExportError, InputSpecError, first_line
 from ticknorm.exporter.fusion import FusionReport, fuse_norms
 from ticknorm.exporter.scopes import annotate_scopes
+from ticknorm.inputs import graph_feeds
 from ticknorm.onnx_io import PROTOBUF_LIMIT, save_onnx
 from ticknorm.runtime.ort_runner import OrtRunner
-from ticknorm.validate.metrics import ArrayComparison, compare_arrays
+from ticknorm.validate.metrics import ArrayComparison, compare_arrays, ensure_finite
 
 EXPORTERS = {"dynamo": (18, None), "torchscript": (13, 17)}
 DEFAULT_EXPORTER = "dynamo"
@@ -64,13 +65,13 @@ def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str =
             reference, names = _leaves(torch, outputs), output_names(torch, outputs)
         except Exception as exc:  # noqa: BLE001 - the user's forward can fail any way
             raise InputSpecError(f"the model's forward failed on these inputs: {type(exc).__name__}: {first_line(exc)}") from exc
-        _check_finite(reference)
+        ensure_finite(dict(zip(names, reference)), "the PyTorch model's")
         progress(f"exporting with the {exporter} exporter")
         proto = torch_to_onnx(model, tensors, exporter, opset, dynamic_axes or {}, names)
     report = None
     if fuse:
         progress("fusing LayerNorms and verifying the fused graph in ONNX Runtime")
-        fused = fuse_norms(proto, opset=None, feeds=feeds)
+        fused = fuse_norms(proto, opset=opset, feeds=graph_feeds(proto, feeds))
         proto, report = fused.model, fused.report
     accuracy = []
     if check:
@@ -89,19 +90,12 @@ def compare_with_torch(proto: onnx.ModelProto, feeds: dict, reference: list) -> 
     names = [o.name for o in proto.graph.output]
     if len(names) != len(reference):
         raise ExportError(f"the ONNX graph has {len(names)} outputs but the PyTorch model returned {len(reference)} tensors")
-    actual = OrtRunner(proto).infer(feeds).outputs
+    actual = OrtRunner(proto).infer(graph_feeds(proto, feeds)).outputs
     checks = []
     for name, expected in zip(names, reference):
         atol, rtol = EXPORT_TOLERANCES.get(str(expected.dtype), (0.0, 0.0))
         checks.append(compare_arrays(name, expected, actual[name], atol, rtol))
     return checks
-
-
-def _check_finite(reference: list) -> None:
-    for position, array in enumerate(reference):
-        if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
-            raise AccuracyError(f"the PyTorch model's output #{position} holds NaN or Inf on these inputs; "
-                                "a reference with non-finite values cannot validate an export")
 
 
 def _check_exporter(exporter: str, opset: int | None) -> None:

@@ -47,10 +47,6 @@ class Runner:
             self._deactivate_impl()
             self.is_active = False
 
-    def inputs(self) -> list[InputMeta]:
-        self.activate()
-        return self._inputs_impl()
-
     def infer(self, feeds: dict[str, np.ndarray], taps=()) -> RunOutputs:
         """Run once. `taps` name intermediates in this runtime's terms (module paths for PyTorch,
         tensor names for ONNX Runtime and TensorRT)."""
@@ -94,3 +90,7 @@ def check_feeds(runner: str, expected: list[InputMeta], feeds: dict) -> None:
 
 class RuntimeUnavailable(TicknormError):
     """A runtime was asked for that this machine cannot provide; the message says why."""
+
+
+class RuntimeFailure(TicknormError):
+    """A runtime could not run the model on these inputs (its own error, in one line)."""

@@ -7,7 +7,7 @@ import onnx
 
 from ticknorm.errors import OnnxFileError, first_line
 from ticknorm.onnx_io import serialize_or_save
-from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeUnavailable
+from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeFailure, RuntimeUnavailable
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -74,7 +74,10 @@ class OrtRunner(Runner):
         graph_outputs = [o.name for o in self.model.graph.output]
         session = self.session(taps)
         names = graph_outputs + [t for t in taps if t not in graph_outputs]
-        values = dict(zip(names, session.run(names, feeds)))
+        try:
+            values = dict(zip(names, session.run(names, feeds)))
+        except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors (bad shapes, no kernel, bf16 I/O)
+            raise RuntimeFailure(f"{self.name} failed to run the model: {first_line(exc)}") from exc
         return RunOutputs({n: values[n] for n in graph_outputs}, {t: values[t] for t in taps})
 
 

@@ -74,6 +74,8 @@ def make_runner(name: str, model: onnx.ModelProto, profile: dict | None = None, 
     if name not in RUNTIME_NAMES:
         raise InputSpecError(f"unknown runtime '{name}'; choose from: {', '.join(RUNTIME_NAMES)}")
     if name.startswith("torch"):
+        if module is None:
+            raise InputSpecError(f"{name} runs the PyTorch model, and none was given here")
         parts = name.split("-")[1:]
         device = "cuda" if "cuda" in parts else "cpu"
         dtype = next((p for p in parts if p in ("fp16", "bf16")), "fp32")

@@ -3,6 +3,7 @@
 import numpy as np
 
 from ticknorm._optional import require
+from ticknorm.errors import InputSpecError
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeUnavailable
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -52,8 +53,6 @@ class TorchRunner(Runner):
         self.activate()  # optional forward parameters may be fed too: check only the required ones
         missing = [m.name for m in self._inputs_impl() if m.name not in feeds]
         if missing:
-            from ticknorm.errors import InputSpecError
-
             raise InputSpecError(f"{self.name}: missing input {', '.join(missing)}")
         return self._infer_impl(feeds, tuple(taps))
 
@@ -71,6 +70,9 @@ class TorchRunner(Runner):
             for handle in handles:
                 handle.remove()
         leaves = [leaf for leaf in _pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
+        if self.output_names and len(leaves) != len(self.output_names):
+            raise InputSpecError(f"{self.name}: the model returned {len(leaves)} tensors but the ONNX graph has "
+                                 f"{len(self.output_names)} outputs ({', '.join(self.output_names)}); is it the same model?")
         names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
         return RunOutputs(dict(zip(names, (to_numpy(t) for t in leaves))), tapped)
 

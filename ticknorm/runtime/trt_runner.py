@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ticknorm.atomic import atomic_path
 from ticknorm.errors import OnnxFileError
+from ticknorm.inputs import graph_inputs
 from ticknorm.onnx_io import model_digest, save_onnx
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeUnavailable
 
@@ -41,6 +43,15 @@ def optimization_profile(inputs: dict[str, np.ndarray], dynamic_axes: dict[str, 
         low = tuple(1 if axis in dynamic else size for axis, size in enumerate(array.shape))
         profile[name] = (low, tuple(array.shape), tuple(array.shape))
     return profile
+
+
+def profile_for(model: onnx.ModelProto, feeds: dict) -> dict:
+    """The profile for `feeds`, with the ONNX inputs' named or unknown dims dynamic."""
+    dynamic = {}
+    for value in graph_inputs(model):
+        dims = value.type.tensor_type.shape.dim
+        dynamic[value.name] = {axis: d.dim_param or "?" for axis, d in enumerate(dims) if not d.HasField("dim_value")}
+    return optimization_profile(feeds, dynamic)
 
 
 def engine_cache_key(model_bytes_digest: str, trt_version: str, gpu: str, settings: TrtSettings, profile: dict) -> str:
@@ -82,19 +93,18 @@ class TrtRunner(Runner):
             raise RuntimeUnavailable("trt: no CUDA device is visible")
         self._trt, self._torch = trt, torch
         self._logger = trt.Logger(trt.Logger.WARNING)
-        key = engine_cache_key(model_digest(self.model), trt.__version__, torch.cuda.get_device_name(),
-                               self.settings, self.profile)
-        self._engines = {(): self._engine(key, ())}
+        self._key = engine_cache_key(model_digest(self.model), trt.__version__, torch.cuda.get_device_name(),
+                                     self.settings, self.profile)
+        self._engines = {(): self._engine(())}
 
-    def _engine(self, key: str, taps: tuple):
+    def _engine(self, taps: tuple):
         trt = self._trt
-        path = self.cache_dir / f"{key}{'-' + hashlib.sha256(repr(taps).encode()).hexdigest()[:8] if taps else ''}.engine"
+        suffix = "-" + hashlib.sha256(repr(taps).encode()).hexdigest()[:8] if taps else ""
+        path = self.cache_dir / f"{self._key}{suffix}.engine"
         if not path.exists():
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
             serialized = self._build(taps)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(serialized)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:  # two processes building the same engine never tear it
+                tmp.write_bytes(serialized)
         engine = trt.Runtime(self._logger).deserialize_cuda_engine(path.read_bytes())
         return engine, engine.create_execution_context()
 
@@ -172,9 +182,7 @@ class TrtRunner(Runner):
     def _infer_impl(self, feeds: dict, taps: tuple) -> RunOutputs:
         trt, torch = self._trt, self._torch
         if taps not in self._engines:
-            key = engine_cache_key(model_digest(self.model), trt.__version__, torch.cuda.get_device_name(),
-                                   self.settings, self.profile)
-            self._engines[taps] = self._engine(key, taps)
+            self._engines[taps] = self._engine(taps)
         engine, context = self._engines[taps]
         buffers = {}
         for name, value in feeds.items():

@@ -16,13 +16,15 @@ import numpy as np
 import onnx
 
 from ticknorm.atomic import write_text
-from ticknorm.errors import AccuracyError, TicknormError
+from ticknorm.errors import TicknormError
 from ticknorm.exporter.scopes import module_output_tensors
 from ticknorm.onnx_io import model_digest
+from ticknorm.inputs import graph_feeds
 from ticknorm.runtime.registry import make_runner
+from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.validate.compare import Tolerance, select_modules
-from ticknorm.validate.metrics import ArrayComparison, compare_arrays
+from ticknorm.validate.metrics import compare_arrays, ensure_finite
 
 FORMAT = 1
 STATS = ("mean", "std", "absmax")
@@ -61,9 +63,7 @@ def snapshot(model: onnx.ModelProto, module, feeds: dict, bundle, tolerance: Tol
     known = {name for name, _ in module.named_modules()}
     modules = [m for m in select_modules(scope_map, depth, pattern) if m in known]
     reference = TorchRunner(module, names).infer(feeds, taps=modules)
-    for name, value in reference.outputs.items():
-        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
-            raise AccuracyError(f"the PyTorch reference output '{name}' holds NaN or Inf; no bundle written")
+    ensure_finite(reference.outputs, "the PyTorch reference")
     results = RunResults()
     results.append(("torch", [IterationResult(reference.outputs, runner_name="torch")]))
     meta = {
@@ -122,15 +122,22 @@ def load_bundle(bundle) -> tuple[dict, list, dict]:
         outputs = from_json((bundle / "outputs.json").read_text())
     except FileNotFoundError as exc:
         raise BundleError(f"{bundle} is not a ticknorm bundle: {Path(exc.filename).name} is missing") from exc
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"{bundle} holds a corrupt bundle file ({exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise BundleError(f"{bundle} has bundle format {meta.get('format')}, this ticknorm reads {FORMAT}")
-    return meta, [dict(feed) for feed in inputs], dict(outputs["torch"][0])
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BundleError(f"{bundle} is not a bundle of format {FORMAT}")
+    missing = [key for key in ("model_hash", "outputs", "tolerances", "layers") if key not in meta]
+    try:
+        reference = dict(outputs["torch"][0])
+        feeds = [dict(feed) for feed in inputs]
+    except (KeyError, IndexError, TypeError, ValueError):
+        missing.append("outputs.json: torch results")
+    if missing or not feeds:
+        raise BundleError(f"{bundle} is a damaged bundle: {', '.join(missing) or 'no inputs'} missing")
+    return meta, feeds, reference
 
 
-def check(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_model_change: bool = False,
-          profile: dict | None = None) -> DriftReport:
+def check(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_model_change: bool = False) -> DriftReport:
     """Re-run `model` on the stored inputs and compare with the stored reference; appends to the
     bundle's history whatever the verdict."""
     meta, inputs, golden = load_bundle(bundle)
@@ -141,8 +148,11 @@ def check(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_model_chan
     tolerances = meta["tolerances"]
     tolerance = Tolerance(tolerances["atol"], tolerances["rtol"], {k: tuple(v) for k, v in tolerances["per_output"].items()})
     layers = meta["layers"]
-    runner = make_runner(runtime, model, profile)
-    result = runner.infer(inputs[0], taps=list(dict.fromkeys(info["tensor"] for info in layers.values())))
+    if runtime.startswith("torch"):
+        raise BundleError("drift check runs the exported model; torch-* runtimes are PyTorch, not the export")
+    feeds = graph_feeds(model, inputs[0])
+    runner = make_runner(runtime, model, profile_for(model, feeds))
+    result = runner.infer(feeds, taps=list(dict.fromkeys(info["tensor"] for info in layers.values())))
     report = DriftReport(runtime, [compare_arrays(name, golden[name], result.outputs[name], *tolerance.of(name))
                                    for name in meta["outputs"]])
     for module, info in layers.items():
@@ -163,9 +173,8 @@ def _append_history(bundle: Path, report: DriftReport, digest: str, current: dic
         "outputs": {c.name: c.max_abs for c in report.outputs},
         "layers": {m: max(abs(current[m][s] - golden_layers[m][s]) for s in STATS) for m in current},
     }
-    path = bundle / "history.jsonl"
-    previous = path.read_text() if path.exists() else ""
-    write_text(path, previous + json.dumps(entry) + "\n")
+    with open(bundle / "history.jsonl", "a") as history_file:  # one appended line: concurrent checks keep theirs
+        history_file.write(json.dumps(entry) + "\n")
 
 
 def history(bundle) -> list[dict]:

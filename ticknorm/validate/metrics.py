@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ticknorm.errors import AccuracyError
+
 
 @dataclass
 class ArrayComparison:
@@ -24,7 +26,7 @@ class ArrayComparison:
 def compare_arrays(name: str, reference: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> ArrayComparison:
     """Pass when |actual - reference| <= atol + rtol*|reference| everywhere and NaN/Inf sit in the
     same places; non-float arrays must be equal."""
-    reference, actual = np.asarray(reference), np.asarray(actual)
+    reference, actual = _widen(np.asarray(reference)), _widen(np.asarray(actual))
     if reference.shape != actual.shape:
         return _failed(name, f"shape {actual.shape} instead of {reference.shape}")
     if reference.dtype.kind not in "fc" or actual.dtype.kind not in "fc":
@@ -49,6 +51,18 @@ def compare_arrays(name: str, reference: np.ndarray, actual: np.ndarray, atol: f
     passed = bool(np.all(error <= atol + rtol * np.abs(ref)))
     reason = "" if passed else f"max |error| {max_abs:.3g} > atol {atol:g} + rtol {rtol:g}*|ref|"
     return ArrayComparison(name, max_abs, max_rel, float(error.mean()), cosine, passed, reason)
+
+
+def _widen(array: np.ndarray) -> np.ndarray:
+    """bfloat16 (an ml_dtypes type numpy files under kind 'V') compares as the float it is."""
+    return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+
+
+def ensure_finite(outputs: dict, what: str) -> None:
+    """A reference with NaN or Inf cannot judge anything: stop with the output's name."""
+    for name, value in outputs.items():
+        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+            raise AccuracyError(f"{what} output '{name}' holds NaN or Inf on these inputs; it cannot serve as a reference")
 
 
 def _failed(name: str, reason: str) -> ArrayComparison:

@@ -4,6 +4,8 @@ fp16 holds magnitudes up to 65504. A LayerNorm breaks in fp16 when its input is 
 or when the squares it sums are: |x| > 256 already gives x^2 > 65504, so a kernel that
 accumulates E[x^2] or (x - mean)^2 in fp16 returns inf or NaN although the input fits. Those
 modules are listed, and their node names handed to TensorRT to keep in fp32 (or to the plugin).
+It reads fused LayerNormalization/RMSNormalization nodes: run `fuse` first on a graph that still
+holds decomposed ones.
 """
 
 from dataclasses import dataclass

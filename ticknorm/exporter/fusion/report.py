@@ -10,7 +10,7 @@ class NormRecord:
     scope: str  # the PyTorch module it came from
     status: str  # fused | refused | left
     reason: str = ""  # why refused or left
-    node: str = ""  # the ONNX node that anchors it (fused node name once fused)
+    node: str = ""  # the first original ONNX node of the match (where to look in the input graph)
     output: str = ""
     epsilon: float | None = None
     notes: list = field(default_factory=list)
