@@ -81,7 +81,7 @@ def runtimes() -> list:
 
 def compare(source, model: str, inputs: list[str] = (), input_file=None, checkpoint=None, trust_pickle=False,
             runtimes=("ort",), tolerance: Tolerance | None = None, per_layer: bool = False, depth=None, pattern=None,
-            seed: int = 0, progress=lambda m: None) -> tuple[CompareReport, list]:
+            seed: int = 0, ort_optimization: str = "all", progress=lambda m: None) -> tuple[CompareReport, list]:
     """PyTorch vs each runtime. Returns the report and the LayerNorms that overflow fp16 (looked for
     when a runtime runs in fp16; TensorRT keeps those in fp32)."""
     onnx_model = load_onnx(source)
@@ -94,7 +94,7 @@ def compare(source, model: str, inputs: list[str] = (), input_file=None, checkpo
         overflows = fp16_overflows(onnx_model, feeds)
     report = compare_models(onnx_model, module, feeds, runtimes, tolerance, per_layer, depth, pattern,
                             profile_for(onnx_model, feeds), TrtSettings(fp32_layers=[row.node for row in overflows]),
-                            [row.module for row in overflows], progress)
+                            [row.module for row in overflows], ort_optimization, progress)
     return report, overflows
 
 

@@ -15,6 +15,7 @@ from ticknorm.atomic import write_text
 from ticknorm.report import profile_outputs
 from ticknorm.errors import InputSpecError, TicknormError, first_line
 from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS
+from ticknorm.runtime.ort_runner import OPTIMIZATION_LEVELS
 from ticknorm.validate.compare import Tolerance
 
 
@@ -157,14 +158,17 @@ def runtimes():
               help="Comma-separated: ort, ort-cuda, trt, trt-fp16, trt-bf16, torch-fp16, torch-bf16, torch-cuda[-fp16].")
 @tolerance_options
 @click.option("--per-layer", is_flag=True, help="Also compare every module's output, in model order.")
+@click.option("--ort-optimization", type=click.Choice(OPTIMIZATION_LEVELS), default="all", show_default=True,
+              help="ONNX Runtime graph optimization level.")
 @tap_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @_one_line_errors
 def compare(source, model, checkpoint, trust_pickle, inputs, input_file, seed, runtime_list, atol, rtol, output_tol,
-            per_layer, depth, pattern, json_path):
+            per_layer, ort_optimization, depth, pattern, json_path):
     """Compare runtimes with the PyTorch model, per output and per module. Exit 1 on failure."""
     report, overflows = api.compare(source, model, inputs, input_file, checkpoint, trust_pickle, _runtimes(runtime_list),
-                                    _tolerance(atol, rtol, output_tol), per_layer, depth, pattern, seed, _progress)
+                                    _tolerance(atol, rtol, output_tol), per_layer, depth, pattern, seed,
+                                    ort_optimization, _progress)
     for row in overflows:
         click.echo(f"fp16 overflow: {row.module or row.node}: {row.reason} -> kept in fp32 (TensorRT and torch fp16)")
     click.echo(report.text())

@@ -97,14 +97,15 @@ def select_modules(scope_map: dict, depth: int | None, pattern: str | None) -> l
 
 def compare(model: onnx.ModelProto, module, feeds: dict, runtimes=("ort",), tolerance: Tolerance | None = None,
             per_layer: bool = False, depth: int | None = None, pattern: str | None = None,
-            profile: dict | None = None, trt_settings=None, fp32_modules=(), progress=lambda message: None) -> CompareReport:
+            profile: dict | None = None, trt_settings=None, fp32_modules=(), ort_optimization: str = "all",
+            progress=lambda message: None) -> CompareReport:
     tolerance = tolerance or Tolerance()
     output_names = [o.name for o in model.graph.output]
     scope_map = module_output_tensors(model) if per_layer else {}
     known = {name for name, _ in module.named_modules()}
     modules = [m for m in select_modules(scope_map, depth, pattern) if m in known] if per_layer else []
-    runners = {runtime: make_runner(runtime, model, profile, trt_settings=trt_settings, module=module,
-                                    fp32_modules=fp32_modules) for runtime in runtimes}
+    runners = {runtime: make_runner(runtime, model, profile, ort_optimization, trt_settings, module, fp32_modules)
+               for runtime in runtimes}
     for runner in runners.values():
         runner.activate()  # an unavailable runtime fails here, before any work, with its reason
     progress("running the PyTorch reference")
