@@ -1,6 +1,6 @@
-"""The Triton LayerNorm kernel, run for real on the CPU by Triton's interpreter (TRITON_INTERPRET=1
-is set before triton is imported: conftest-independent, this module sets it for its own process
-only when it is not on a GPU machine), against an fp64 reference."""
+"""The Triton LayerNorm kernel, run for real on the CPU by Triton's interpreter against an fp64
+reference. TRITON_INTERPRET=1 must be set before triton is first imported, so this module sets it
+(unless the caller chose otherwise); the tensors are CPU tensors either way."""
 
 import os
 
