@@ -27,6 +27,7 @@ from ticknorm.exporter.scopes import annotate_scopes
 from ticknorm.inputs import graph_feeds
 from ticknorm.onnx_io import PROTOBUF_LIMIT, save_onnx
 from ticknorm.runtime.ort_runner import OrtRunner
+from ticknorm.runtime.torch_runner import from_numpy, tensor_leaves, to_numpy
 from ticknorm.validate.metrics import ArrayComparison, compare_arrays, ensure_finite
 
 EXPORTERS = {"dynamo": (18, None), "torchscript": (13, 17)}
@@ -57,12 +58,12 @@ def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str =
     torch = require("torch", "torch")
     _check_input_names(model, feeds)
     model.eval()
-    tensors = {name: _to_torch(torch, array) for name, array in feeds.items()}
+    tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
     progress("running the PyTorch model")
     with torch.no_grad():
         try:
             outputs = model(**tensors)
-            reference, names = _leaves(torch, outputs), output_names(torch, outputs)
+            reference, names = [to_numpy(t) for t in tensor_leaves(torch, outputs)], output_names(torch, outputs)
         except Exception as exc:  # noqa: BLE001 - the user's forward can fail any way
             raise InputSpecError(f"the model's forward failed on these inputs: {type(exc).__name__}: {first_line(exc)}") from exc
         ensure_finite(dict(zip(names, reference)), "the PyTorch model's")
@@ -118,20 +119,6 @@ def _check_input_names(model, feeds: dict) -> None:
                              f"it takes: {', '.join(parameters)}")
 
 
-def _to_torch(torch, array: np.ndarray):
-    if array.dtype.name == "bfloat16":
-        return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def _leaves(torch, outputs) -> list[np.ndarray]:
-    """The output tensors in the order the exporters flatten them (pytree order)."""
-    from torch.utils import _pytree
-
-    leaves = [leaf for leaf in _pytree.tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
-    return [leaf.detach().float().numpy() if leaf.dtype == torch.bfloat16 else leaf.detach().numpy() for leaf in leaves]
-
-
 def output_names(torch, outputs) -> list[str]:
     """Graph output names from the structure the model returns: `output` for one tensor, dict
     keys (`last_hidden_state`) for dicts and ModelOutputs, `output_0`, `output_1` for tuples."""
@@ -156,7 +143,7 @@ def torch_to_onnx(model, tensors: dict, exporter: str = DEFAULT_EXPORTER, opset=
     """The exporter's graph, unfused, with a `ticknorm.scope` on every node."""
     torch = require("torch", "torch")
     _check_exporter(exporter, opset)
-    tensors = {name: value if isinstance(value, torch.Tensor) else _to_torch(torch, value) for name, value in tensors.items()}
+    tensors = {name: value if isinstance(value, torch.Tensor) else from_numpy(torch, value) for name, value in tensors.items()}
     model.eval()
     with torch.no_grad():
         proto = _export(torch, model, tensors, exporter, opset, dynamic_axes or {}, outputs)

@@ -58,8 +58,6 @@ class TorchRunner(Runner):
 
     def _infer_impl(self, feeds: dict, taps: tuple) -> RunOutputs:
         torch = require("torch", "torch")
-        from torch.utils import _pytree
-
         tapped, handles = {}, []
         for path in taps:
             handles.append(self.module.get_submodule(path).register_forward_hook(_capture(torch, tapped, path)))
@@ -69,7 +67,7 @@ class TorchRunner(Runner):
         finally:
             for handle in handles:
                 handle.remove()
-        leaves = [leaf for leaf in _pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
+        leaves = tensor_leaves(torch, result)
         if self.output_names and len(leaves) != len(self.output_names):
             raise InputSpecError(f"{self.name}: the model returned {len(leaves)} tensors but the ONNX graph has "
                                  f"{len(self.output_names)} outputs ({', '.join(self.output_names)}); is it the same model?")
@@ -77,10 +75,24 @@ class TorchRunner(Runner):
         return RunOutputs(dict(zip(names, (to_numpy(t) for t in leaves))), tapped)
 
     def _tensor(self, torch, array: np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(array.astype(np.float32) if array.dtype.name == "bfloat16" else array))
+        tensor = from_numpy(torch, array)
         if tensor.is_floating_point():
             tensor = tensor.to(self._torch_dtype)
         return tensor.to(self.device)
+
+
+def from_numpy(torch, array: np.ndarray):
+    """A tensor from an array; bfloat16 (ml_dtypes, which torch cannot read) goes through fp32."""
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def tensor_leaves(torch, value) -> list:
+    """The tensors in a model's output, in the order the exporters flatten it (pytree order)."""
+    from torch.utils import _pytree
+
+    return [leaf for leaf in _pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
 def to_numpy(tensor) -> np.ndarray:
@@ -91,9 +103,7 @@ def to_numpy(tensor) -> np.ndarray:
 
 
 def first_tensor(torch, value):
-    from torch.utils import _pytree
-
-    return next((leaf for leaf in _pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)), None)
+    return next(iter(tensor_leaves(torch, value)), None)
 
 
 def _capture(torch, store: dict, path: str):
