@@ -75,6 +75,16 @@ def inspect(source) -> ModelSummary:
     return summarize(load_onnx(source))
 
 
+def _exported_and_reference(source, model, inputs, input_file, checkpoint, trust_pickle, seed,
+                            progress=lambda m: None):
+    """The ONNX model, the PyTorch model it came from, and feeds for both: what every command that
+    judges an export against PyTorch starts with."""
+    onnx_model = load_onnx(source)
+    feeds, _ = example_feeds(list(inputs), input_file, seed, onnx_model)
+    progress("loading the model")
+    return onnx_model, load_model(model, checkpoint, trust_pickle), feeds
+
+
 def runtimes() -> list:
     return runtime_statuses()
 
@@ -84,10 +94,8 @@ def compare(source, model: str, inputs: list[str] = (), input_file=None, checkpo
             seed: int = 0, ort_optimization: str = "all", progress=lambda m: None) -> tuple[CompareReport, list]:
     """PyTorch vs each runtime. Returns the report and the LayerNorms that overflow fp16 (looked for
     when a runtime runs in fp16; TensorRT keeps those in fp32)."""
-    onnx_model = load_onnx(source)
-    feeds, _ = example_feeds(list(inputs), input_file, seed, onnx_model)
-    progress("loading the model")
-    module = load_model(model, checkpoint, trust_pickle)
+    onnx_model, module, feeds = _exported_and_reference(source, model, inputs, input_file, checkpoint, trust_pickle,
+                                                         seed, progress)
     overflows = []
     if any(r.endswith("fp16") for r in runtimes):
         progress("looking for LayerNorms that overflow fp16")
@@ -100,9 +108,8 @@ def compare(source, model: str, inputs: list[str] = (), input_file=None, checkpo
 
 def drift_snapshot(source, model: str, output, inputs: list[str] = (), input_file=None, checkpoint=None,
                    trust_pickle=False, tolerance: Tolerance | None = None, depth=None, pattern=None, seed: int = 0):
-    onnx_model = load_onnx(source)
-    feeds, _ = example_feeds(list(inputs), input_file, seed, onnx_model)
-    return snapshot(onnx_model, load_model(model, checkpoint, trust_pickle), feeds, output, tolerance, depth, pattern)
+    onnx_model, module, feeds = _exported_and_reference(source, model, inputs, input_file, checkpoint, trust_pickle, seed)
+    return snapshot(onnx_model, module, feeds, output, tolerance, depth, pattern)
 
 
 def drift_check(bundle, source, runtime: str = "ort", allow_model_change: bool = False) -> DriftReport:
@@ -119,10 +126,8 @@ def drift_history(bundle, plot=None) -> list[dict]:
 def profile(source, model: str, inputs: list[str] = (), input_file=None, checkpoint=None, trust_pickle=False,
             runtimes=("torch", "ort"), iterations: int = 20, warmup: int = 3, depth=None, seed: int = 0,
             on_iteration=lambda: None, progress=lambda m: None) -> ProfileResult:
-    onnx_model = load_onnx(source)
-    feeds, _ = example_feeds(list(inputs), input_file, seed, onnx_model)
-    progress("loading the model")
-    module = load_model(model, checkpoint, trust_pickle)
+    onnx_model, module, feeds = _exported_and_reference(source, model, inputs, input_file, checkpoint, trust_pickle,
+                                                         seed, progress)
     return run_profile(onnx_model, module, feeds, runtimes, iterations, warmup, depth, profile_for(onnx_model, feeds),
                        on_iteration)
 
@@ -132,10 +137,8 @@ def report(source, model: str, output, inputs: list[str] = (), input_file=None, 
            json_path=None, seed: int = 0, on_iteration=lambda: None, progress=lambda m: None) -> list[JoinedRow]:
     """Latency and error per module on one row: profile every runtime, compare every non-torch
     runtime with PyTorch per module at the same depth, write HTML (and JSON)."""
-    onnx_model = load_onnx(source)
-    feeds, _ = example_feeds(list(inputs), input_file, seed, onnx_model)
-    progress("loading the model")
-    module = load_model(model, checkpoint, trust_pickle)
+    onnx_model, module, feeds = _exported_and_reference(source, model, inputs, input_file, checkpoint, trust_pickle,
+                                                         seed, progress)
     shapes = profile_for(onnx_model, feeds)
     timings = run_profile(onnx_model, module, feeds, runtimes, iterations, warmup, depth, shapes, on_iteration)
     progress("comparing every module with PyTorch")
