@@ -1,50 +1,78 @@
-"""The Triton LayerNorm kernel, run for real on the CPU by Triton's interpreter against an fp64
-reference. TRITON_INTERPRET=1 must be set before triton is first imported, so this module sets it
-(unless the caller chose otherwise); the tensors are CPU tensors either way."""
+"""The Triton LayerNorm kernel against an fp64 reference: compiled on a CUDA GPU where there is
+one, else run for real on the CPU by Triton's interpreter (TRITON_INTERPRET=1, which must be set
+before triton is first imported, so this module sets it). On a GPU the PTX TensorRT would get is
+also launched the way TensorRT launches it."""
 
 import os
 
 import pytest
 
-if not os.environ.get("TRITON_INTERPRET"):
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported; harmless for the other tests
-
 torch = pytest.importorskip("torch")
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and not os.environ.get("TRITON_INTERPRET"):
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported; harmless for the other tests
+DEVICE = "cuda" if ON_GPU else "cpu"
 pytest.importorskip("triton", reason="the kernel extra (triton) is not installed")
 
 from ticknorm.errors import InputSpecError  # noqa: E402
 from ticknorm.plugins import layer_norm  # noqa: E402
+from ticknorm.plugins.aot import compile_layer_norm, driver_ptx_version  # noqa: E402
 from ticknorm.plugins.launch import launch_config, next_power_of_two  # noqa: E402
 
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 
 
 def _reference(x, weight, bias, eps):
-    w = weight.double() if weight is not None else None
-    b = bias.double() if bias is not None else None
-    return torch.nn.functional.layer_norm(x.double(), (x.shape[-1],), w, b, eps)
+    w = weight.double().cpu() if weight is not None else None
+    b = bias.double().cpu() if bias is not None else None
+    return torch.nn.functional.layer_norm(x.double().cpu(), (x.shape[-1],), w, b, eps)
+
+
+def _assert_within(out, reference, dtype, what="kernel"):
+    atol, rtol = TOLERANCES[dtype]
+    error = (out.double().cpu() - reference).abs()
+    assert bool((error <= atol + rtol * reference.abs()).all()), f"{what}: max error {error.max().item():.3g}"
+
+
+def _case(rows, hidden, dtype, affine="both"):
+    generator = torch.Generator().manual_seed(rows * 10_000 + hidden)
+    # An offset mean far from zero: E[x^2] - E[x]^2 would lose the variance; two passes do not.
+    x = (torch.randn(rows, hidden, generator=generator) * 2 + 30).to(dtype)
+    weight = torch.randn(hidden, generator=generator).to(dtype) if affine != "none" else None
+    bias = torch.randn(hidden, generator=generator).to(dtype) if affine == "both" else None
+    return [t.to(DEVICE) if t is not None else None for t in (x, weight, bias)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("rows, hidden", [(1, 1), (3, 7), (17, 64), (5, 768), (4, 1000), (3, 2041), (2, 4096)])
 @pytest.mark.parametrize("affine", ["both", "weight", "none"])
 def test_kernel_matches_fp64_within_dtype_tolerance(dtype, rows, hidden, affine):
-    generator = torch.Generator().manual_seed(rows * 10_000 + hidden)
-    # An offset mean far from zero: E[x^2] - E[x]^2 would lose the variance; two passes do not.
-    x = (torch.randn(rows, hidden, generator=generator) * 2 + 30).to(dtype)
-    weight = torch.randn(hidden, generator=generator).to(dtype) if affine != "none" else None
-    bias = torch.randn(hidden, generator=generator).to(dtype) if affine == "both" else None
+    x, weight, bias = _case(rows, hidden, dtype, affine)
     eps = 1e-5 if hidden > 1 else 1e-3
     out = layer_norm(x, weight, bias, eps)
-    assert out.dtype == dtype and out.shape == x.shape
+    assert out.dtype == dtype and out.shape == x.shape and out.device == x.device
     reference = _reference(x, weight, bias, eps)
-    atol, rtol = TOLERANCES[dtype]
-    error = (out.double() - reference).abs()
-    assert bool((error <= atol + rtol * reference.abs()).all()), f"max error {error.max().item():.3g}"
+    _assert_within(out, reference, dtype)
+    if ON_GPU:  # PyTorch's own CUDA kernel meets the same bar on the same inputs
+        _assert_within(torch.nn.functional.layer_norm(x, (hidden,), weight, bias, eps), reference, dtype, "F.layer_norm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("rows, hidden", [(3, 7), (5, 768), (3, 2041)])
+def test_plugin_entry_point_matches_fp64(dtype, rows, hidden):
+    """`layer_norm_plugin`, TensorRT's argument order with eps compiled in, on the same body."""
+    from ticknorm.plugins.ln_kernel import layer_norm_plugin
+
+    x, weight, bias = _case(rows, hidden, dtype)
+    out = torch.empty_like(x)
+    config = launch_config(rows, hidden)
+    layer_norm_plugin[(config.grid,)](x, weight, bias, rows, hidden, out, EPS=1e-5, BLOCK_N=config.block_n,
+                                      ROWS=config.rows, num_warps=config.num_warps)
+    _assert_within(out, _reference(x, weight, bias, 1e-5), dtype)
 
 
 def test_leading_dims_and_non_contiguous_rows():
-    x = torch.randn(2, 3, 8, 10)[..., :8]  # last dim sliced: rows not contiguous
+    x = torch.randn(2, 3, 8, 10, device=DEVICE)[..., :8]  # last dim sliced: rows not contiguous
     out = layer_norm(x, eps=1e-5)
     torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (8,), eps=1e-5), atol=1e-5, rtol=1e-5)
 
@@ -73,9 +101,12 @@ from ticknorm.plugins.aot import compile_layer_norm
 rows = []
 for arch in (80, 90):
     for dtype, hidden in (("fp16", 768), ("bf16", 2041), ("fp32", 8192)):
-        k = compile_layer_norm(dtype, hidden, arch)
+        k = compile_layer_norm(dtype, hidden, arch, 1e-5)
         rows.append(dict(arch=arch, dtype=dtype, hidden=hidden, entry=k.entry, types=k.param_types, hidden_params=k.hidden_params,
-                         target=k.ptx.split(".target ")[1].split()[0], warps=k.num_warps, block=k.block_n))
+                         target=k.ptx.split(".target ")[1].split()[0], warps=k.num_warps, block=k.block_n,
+                         eps_constant="0f3727C5AC" in k.ptx))
+lowered = compile_layer_norm("fp16", 768, 80, 1e-5, max_ptx_version=80)
+rows.append(dict(lowered=lowered.ptx.split(".version ")[1].split()[0]))
 print(json.dumps(rows))
 """
 
@@ -90,11 +121,38 @@ def test_ahead_of_time_ptx_for_sm80_and_sm90_without_a_gpu():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     done = subprocess.run([sys.executable, "-c", AOT_PROBE], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    *rows, lowered = json.loads(done.stdout.strip().splitlines()[-1])
     assert {(r["arch"], r["target"]) for r in rows} == {(80, "sm_80"), (90, "sm_90a")}
     for row in rows:
-        assert row["entry"] == "layer_norm_fwd"
-        # X, Y, W, B pointers; strides, n_rows, n_cols; eps; then Triton's hidden scratch pointers
-        assert row["types"][:9] == ["u64"] * 4 + ["u32"] * 4 + ["f32"]
-        assert row["hidden_params"] == 2 and row["types"][9:] == ["u64", "u64"]
+        assert row["entry"] == "layer_norm_plugin" and row["eps_constant"]  # eps 1e-5 compiled in
+        # What TensorRT passes (X, W, B, n_rows, n_cols, Y), then Triton's hidden scratch pointers,
+        # which TensorRT passes as null
+        assert row["types"][:6] == ["u64"] * 3 + ["u32"] * 2 + ["u64"]
+        assert row["hidden_params"] == 2 and row["types"][6:] == ["u64", "u64"]
+    assert lowered == {"lowered": "8.0"}  # an older driver's ISA on request
     assert {(r["hidden"], r["block"], r["warps"]) for r in rows} >= {(768, 1024, 4), (2041, 2048, 8), (8192, 8192, 16)}
+
+
+@pytest.mark.parametrize("dtype, rows, hidden", [("fp16", 1000, 768), ("bf16", 37, 2041), ("fp32", 5, 8192)])
+def test_aot_ptx_launched_the_way_tensorrt_launches_it(dtype, rows, hidden):
+    """The PTX loaded by the driver and launched with exactly TensorRT's arguments: input pointers,
+    int32 extra arguments, output pointer, null for every further parameter."""
+    if not ON_GPU:
+        pytest.skip("needs a CUDA GPU (none on this machine); CI checks the PTX's parameter list instead")
+    cupy = pytest.importorskip("cupy", reason="launching raw PTX uses cupy")
+    import numpy as np
+
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    x, weight, bias = _case(rows, hidden, torch_dtype)
+    out = torch.full_like(x, float("nan"))
+    major, minor = torch.cuda.get_device_capability()
+    kernel = compile_layer_norm(dtype, hidden, major * 10 + minor, 1e-5, driver_ptx_version())
+    module = cupy.cuda.function.Module()
+    module.load(kernel.ptx.encode())
+    function = module.get_function(kernel.entry)
+    pointers = [np.uint64(t.data_ptr()) for t in (x, weight, bias)]
+    args = (*pointers, np.int32(rows), np.int32(hidden), np.uint64(out.data_ptr())) + (np.uint64(0),) * kernel.hidden_params
+    torch.cuda.synchronize()
+    function((kernel.grid(rows), 1, 1), (kernel.threads, 1, 1), args, shared_mem=kernel.shared_bytes)
+    cupy.cuda.Device().synchronize()
+    _assert_within(out, _reference(x, weight, bias, 1e-5), torch_dtype)

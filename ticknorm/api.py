@@ -9,6 +9,7 @@ from ticknorm.errors import InputSpecError
 from ticknorm.exporter.export import DEFAULT_EXPORTER, ExportResult, export_model
 from ticknorm.exporter.fusion import FusionResult, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
+from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.load import build_model, load_hf_directory
 from ticknorm.inputs import feeds_from_specs, index_ranges, load_npz, parse_input_spec
 from ticknorm.onnx_io import PROTOBUF_LIMIT, load_onnx, save_onnx
@@ -49,26 +50,31 @@ def example_feeds(specs: list[str], npz=None, seed: int = 0, onnx_model=None) ->
 
 def export(model: str, output, inputs: list[str] = (), input_file=None, checkpoint=None, trust_pickle=False,
            exporter: str = DEFAULT_EXPORTER, opset=None, fuse: bool = True, check: bool = True, report=None,
-           external_data_threshold: int = PROTOBUF_LIMIT, seed: int = 0, progress=lambda m: None) -> ExportResult:
+           external_data_threshold: int = PROTOBUF_LIMIT, seed: int = 0, ln_target: str = "native",
+           progress=lambda m: None) -> ExportResult:
     feeds, dynamic_axes = example_feeds(list(inputs), input_file, seed)
     progress("loading the model")
     module = load_model(model, checkpoint, trust_pickle)
     result = export_model(module, feeds, output, exporter=exporter, opset=opset, dynamic_axes=dynamic_axes,
-                          fuse=fuse, check=check, external_data_threshold=external_data_threshold, progress=progress)
+                          fuse=fuse, check=check, external_data_threshold=external_data_threshold,
+                          ln_target=ln_target, progress=progress)
     if report is not None and result.fusion is not None:
         write_text(report, result.fusion.to_json())
     return result
 
 
 def fuse(source, output, opset=None, inputs: list[str] = (), input_file=None, verify: bool = True, report=None,
-         seed: int = 0) -> FusionResult:
+         seed: int = 0, ln_target: str = "native") -> tuple[FusionResult, PluginTargetResult | None]:
+    """Fuse and verify (on the native graph, which ONNX Runtime runs), then retarget to the plugin
+    when asked: the plugin result comes second, None for the native target."""
     model = load_onnx(source)
     feeds = example_feeds(list(inputs), input_file, seed)[0] if (inputs or input_file) else None
     result = fuse_norms(model, opset=opset, verify=verify, feeds=feeds)
-    save_onnx(result.model, output)
+    retargeted = to_plugin_target(result.model) if ln_target == "plugin" else None
+    save_onnx(retargeted.model if retargeted else result.model, output)
     if report is not None:
         write_text(report, result.report.to_json())
-    return result
+    return result, retargeted
 
 
 def inspect(source) -> ModelSummary:

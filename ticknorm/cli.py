@@ -15,6 +15,7 @@ from ticknorm.atomic import write_text
 from ticknorm.report import profile_outputs
 from ticknorm.errors import InputSpecError, TicknormError, first_line
 from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS
+from ticknorm.exporter.plugin_target import LN_TARGETS
 from ticknorm.runtime.ort_runner import OPTIMIZATION_LEVELS
 from ticknorm.validate.compare import Tolerance
 
@@ -59,6 +60,12 @@ def model_options(command):
                         help="pkg.module:fn or path/file.py:fn returning an nn.Module, or a save_pretrained directory.")(command)
 
 
+def ln_target_option(command):
+    return click.option("--ln-target", type=click.Choice(LN_TARGETS), default="native", show_default=True,
+                        help="native: ONNX LayerNormalization (every runtime, TensorRT's own layer); plugin: "
+                             "ticknorm::LayerNorm, our kernel as a TensorRT plugin (TensorRT only).")(command)
+
+
 @click.group()
 @click.version_option(package_name="ticknorm")
 def main():
@@ -76,16 +83,20 @@ def main():
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the fusion report as JSON.")
 @click.option("--external-data-threshold", type=int, default=api.PROTOBUF_LIMIT, show_default=True,
               help="Bytes of weights above which they go to OUTPUT.data.")
+@ln_target_option
 @_one_line_errors
 def export(model, checkpoint, trust_pickle, inputs, input_file, seed, output, exporter, opset, no_fuse, no_check,
-           report, external_data_threshold):
+           report, external_data_threshold, ln_target):
     """Export a model to ONNX, fuse every LayerNorm, verify, and compare with PyTorch."""
     result = api.export(model, output, inputs, input_file, checkpoint, trust_pickle, exporter, opset,
                         fuse=not no_fuse, check=not no_check, report=report,
-                        external_data_threshold=external_data_threshold, seed=seed, progress=_progress)
+                        external_data_threshold=external_data_threshold, seed=seed, ln_target=ln_target,
+                        progress=_progress)
     click.echo(f"wrote {', '.join(str(f) for f in result.files)} ({result.exporter} exporter, opset {result.opset})")
     if result.fusion is not None:
         click.echo(result.fusion.summary())
+    if result.plugin_target is not None:
+        click.echo(result.plugin_target.summary())
     if result.accuracy:
         click.echo("PyTorch vs ONNX Runtime (CPU):")
         for check in result.accuracy:
@@ -99,12 +110,16 @@ def export(model, checkpoint, trust_pickle, inputs, input_file, seed, output, ex
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the fusion report as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime check of the fused graph (not recommended).")
 @input_options
+@ln_target_option
 @_one_line_errors
-def fuse(source, output, opset, report, no_verify, inputs, input_file, seed):
+def fuse(source, output, opset, report, no_verify, inputs, input_file, seed, ln_target):
     """Rewrite decomposed LayerNorms (and RMSNorms) in an ONNX file into single nodes."""
-    result = api.fuse(source, output, opset, inputs, input_file, verify=not no_verify, report=report, seed=seed)
+    result, retargeted = api.fuse(source, output, opset, inputs, input_file, verify=not no_verify, report=report,
+                                  seed=seed, ln_target=ln_target)
     click.echo(f"wrote {output}")
     click.echo(result.report.summary())
+    if retargeted is not None:
+        click.echo(retargeted.summary())
 
 
 @main.command()

@@ -25,6 +25,7 @@ from ticknorm.errors import AccuracyError, ExportError, InputSpecError, first_li
 from ticknorm.exporter.fusion import FusionReport, fuse_norms
 from ticknorm.exporter.scopes import annotate_scopes
 from ticknorm.inputs import graph_feeds
+from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.onnx_io import PROTOBUF_LIMIT, save_onnx
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.torch_runner import from_numpy, tensor_leaves, to_numpy
@@ -43,6 +44,7 @@ class ExportResult:
     opset: int
     fusion: FusionReport | None
     accuracy: list = field(default_factory=list)  # ArrayComparison per output, torch vs ORT
+    plugin_target: PluginTargetResult | None = None  # with --ln-target plugin
 
     @property
     def passed(self) -> bool:
@@ -52,9 +54,11 @@ class ExportResult:
 def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str = DEFAULT_EXPORTER,
                  opset: int | None = None, dynamic_axes: dict[str, dict[int, str]] | None = None,
                  fuse: bool = True, check: bool = True, external_data_threshold: int = PROTOBUF_LIMIT,
-                 progress=lambda message: None) -> ExportResult:
+                 ln_target: str = "native", progress=lambda message: None) -> ExportResult:
     """Export `model` on `feeds` (name -> example array) and write `output` only if every step
-    passed: export, LayerNorm fusion with its verification, and the torch-vs-ORT comparison."""
+    passed: export, LayerNorm fusion with its verification, and the torch-vs-ORT comparison.
+    With `ln_target="plugin"` the checked graph's LayerNorms then become the TensorRT plugin op
+    (ONNX Runtime cannot run that graph, so every check runs before the rewrite)."""
     torch = require("torch", "torch")
     _check_input_names(model, feeds)
     model.eval()
@@ -82,9 +86,13 @@ def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str =
         if failed:
             raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {failed[0].name}: "
                                 f"{failed[0].reason}; nothing was written")
+    retargeted = None
+    if ln_target == "plugin":
+        retargeted = to_plugin_target(proto)
+        proto = retargeted.model
     files = save_onnx(proto, output, external_data_threshold)
     opset_now = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return ExportResult(files, exporter, opset_now, report, accuracy)
+    return ExportResult(files, exporter, opset_now, report, accuracy, retargeted)
 
 
 def compare_with_torch(proto: onnx.ModelProto, feeds: dict, reference: list) -> list[ArrayComparison]:

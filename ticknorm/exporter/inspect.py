@@ -12,8 +12,12 @@ from ticknorm.exporter.fusion.graph import GraphIndex
 from ticknorm.exporter.fusion.norms import NormMatch
 from ticknorm.exporter.scopes import scope_coverage
 from ticknorm.inputs import graph_inputs
+from ticknorm.plugins import PLUGIN_NAME, PLUGIN_NAMESPACE
 
-FUSED_NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization")
+# Ops of other domains than ONNX's are counted as domain::op (an ORT-optimized file, the plugin target).
+FUSED_NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+                  "com.microsoft::SkipLayerNormalization", "com.microsoft::SkipSimplifiedLayerNormalization",
+                  f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}")
 
 
 @dataclass
@@ -50,7 +54,8 @@ def _shape(dims) -> str:
 
 def summarize(model: onnx.ModelProto) -> ModelSummary:
     index = GraphIndex(model)
-    histogram = Counter(node.op_type for node in model.graph.node)
+    histogram = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+                        for node in model.graph.node)
     found = find_norms(index)
     decomposed = [[m.kind, m.scope, "fusable" if isinstance(m, NormMatch) else m.reason] for m in found]
     return ModelSummary(

@@ -7,6 +7,17 @@ from ticknorm._optional import require
 from ticknorm.errors import InputSpecError
 from ticknorm.plugins.launch import launch_config
 
+# The TensorRT plugin: ONNX nodes of this op type in this domain (with `plugin_namespace` and
+# `plugin_version` attributes, which TensorRT's ONNX parser reads) become `ticknorm::LayerNorm`.
+PLUGIN_NAMESPACE = "ticknorm"
+PLUGIN_NAME = "LayerNorm"
+PLUGIN_VERSION = "1"
+
+
+def plugin_nodes(model) -> list[str]:
+    """Names of the graph's plugin nodes: the graphs only TensorRT (with the plugin) can run."""
+    return [node.name for node in model.graph.node if node.domain == PLUGIN_NAMESPACE and node.op_type == PLUGIN_NAME]
+
 
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
     """LayerNorm over the last dim of `x` (fp32/fp16/bf16), fp32 statistics, output in x's dtype."""

@@ -7,6 +7,7 @@ import onnx
 
 from ticknorm.errors import OnnxFileError, first_line
 from ticknorm.onnx_io import serialize_or_save
+from ticknorm.plugins import plugin_nodes
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeFailure, RuntimeUnavailable
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
@@ -27,6 +28,10 @@ class OrtRunner(Runner):
     def _activate_impl(self) -> None:
         import onnxruntime as ort
 
+        held = plugin_nodes(self.model)
+        if held:
+            raise RuntimeUnavailable(f"{self.name}: the graph holds {len(held)} TensorRT plugin node(s) (first: {held[0]}) "
+                                     "that ONNX Runtime cannot run; export with --ln-target native for it")
         if PROVIDERS[self.provider] not in ort.get_available_providers():
             raise RuntimeUnavailable(f"{self.name}: onnxruntime {ort.__version__} has no {PROVIDERS[self.provider]} "
                                      "(install ticknorm[gpu] on a CUDA machine)")

@@ -4,8 +4,8 @@ execute_async_v3). TensorRT is imported only when a TensorRT runner is activated
 
 NOT VERIFIED on TensorRT: no machine this project runs on has it. Everything around the API
 calls (cache keys, profiles, precision choices) is plain Python and unit-tested. LayerNormalization
-nodes become TensorRT's own normalization layer (the ONNX parser's mapping); the plugin target
-arrives with the plugin."""
+nodes become TensorRT's own normalization layer (the ONNX parser's mapping); `ticknorm::LayerNorm`
+nodes (`--ln-target plugin`) become our plugin, registered before the parser runs."""
 
 import hashlib
 import json
@@ -21,6 +21,8 @@ from ticknorm.atomic import atomic_path
 from ticknorm.errors import OnnxFileError
 from ticknorm.inputs import graph_inputs
 from ticknorm.onnx_io import model_digest, save_onnx
+from ticknorm.plugins import plugin_nodes
+from ticknorm.plugins.trt_plugin import register_plugin
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeUnavailable
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -61,8 +63,6 @@ def engine_cache_key(model_bytes_digest: str, trt_version: str, gpu: str, settin
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("TICKNORM_CACHE", Path.home() / ".cache" / "ticknorm")) / "engines"
 
@@ -92,6 +92,8 @@ class TrtRunner(Runner):
         if not torch.cuda.is_available():
             raise RuntimeUnavailable("trt: no CUDA device is visible")
         self._trt, self._torch = trt, torch
+        if plugin_nodes(self.model):
+            register_plugin()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._key = engine_cache_key(model_digest(self.model), trt.__version__, torch.cuda.get_device_name(),
                                      self.settings, self.profile)

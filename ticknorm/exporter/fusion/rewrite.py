@@ -12,7 +12,7 @@ from ticknorm.exporter.scopes import set_scope
 FUSED_OPS = {"LayerNorm": ("LayerNormalization", 17), "RMSNorm": ("RMSNormalization", 23)}
 
 
-class _Names:
+class UniqueNames:
     """Unique tensor and node names, from a counter (as onnx-graphsurgeon does)."""
 
     def __init__(self, model: onnx.ModelProto):
@@ -33,7 +33,7 @@ class _Names:
 
 def rewrite_matches(model: onnx.ModelProto, index: GraphIndex, matches: list[NormMatch]) -> onnx.ModelProto:
     """A new model where each match is one fused node placed where its last node was."""
-    names = _Names(model)
+    names = UniqueNames(model)
     reusable = _reusable_params(index, matches)
     replacement, removed, new_initializers = {}, set(), []
     for match in matches:
@@ -63,7 +63,7 @@ def _reusable_params(index: GraphIndex, matches: list[NormMatch]) -> dict:
     return found
 
 
-def _param(value, match: NormMatch, stem: str, names: _Names, reusable: dict, created: list) -> str:
+def _param(value, match: NormMatch, stem: str, names: UniqueNames, reusable: dict, created: list) -> str:
     dtype = helper.tensor_dtype_to_np_dtype(match.elem_type)
     array = np.ascontiguousarray(np.broadcast_to(np.asarray(value).astype(dtype), match.layout.dims))
     key = (array.dtype.str, array.shape, array.tobytes())
@@ -73,7 +73,7 @@ def _param(value, match: NormMatch, stem: str, names: _Names, reusable: dict, cr
     return reusable[key]
 
 
-def _fused_nodes(match: NormMatch, names: _Names, reusable: dict) -> tuple[list, list]:
+def _fused_nodes(match: NormMatch, names: UniqueNames, reusable: dict) -> tuple[list, list]:
     op_type, _ = FUSED_OPS[match.kind]
     stem = match.scope or match.output
     created: list = []
