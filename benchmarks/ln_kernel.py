@@ -8,12 +8,17 @@ weight and bias are one row). Goals: >= 90% of the copy's bandwidth at hidden >=
 
     python benchmarks/ln_kernel.py [--iterations 100] [--json out.json] [--plot out.png]
     python benchmarks/ln_kernel.py --sweep   # also time every (rows per program, warps) choice
+
+`--device cpu` runs the same script through Triton's interpreter (TRITON_INTERPRET=1) with a
+wall clock: its timings mean nothing, it is how CI checks that the script itself works.
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -26,31 +31,43 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Timer:
-    """Median milliseconds of single launches, each after an L2 flush."""
+    """Median milliseconds of single launches, each after an L2 flush: CUDA events on a GPU, the
+    wall clock on the CPU (the interpreter's smoke run)."""
 
-    def __init__(self, iterations: int):
+    def __init__(self, iterations: int, device: str):
         self.iterations = iterations
-        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        self.device = device
+        self.flush = torch.empty(256 << 20 if device == "cuda" else 1 << 20, dtype=torch.uint8, device=device)
 
     def __call__(self, fn) -> float:
         fn()  # compile / warm up
         times = []
         for _ in range(self.iterations):
             self.flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(self._cuda_ms(fn) if self.device == "cuda" else self._wall_ms(fn))
         return statistics.median(times)
 
+    @staticmethod
+    def _cuda_ms(fn) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
 
-def _inputs(rows: int, hidden: int, dtype):
-    generator = torch.Generator(device="cuda").manual_seed(hidden)
-    x = torch.randn(rows, hidden, device="cuda", generator=generator).mul_(2).add_(3).to(dtype)
-    weight = torch.randn(hidden, device="cuda", generator=generator).to(dtype)
-    bias = torch.randn(hidden, device="cuda", generator=generator).to(dtype)
+    @staticmethod
+    def _wall_ms(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+
+def _inputs(rows: int, hidden: int, dtype, device: str):
+    generator = torch.Generator(device=device).manual_seed(hidden)
+    x = torch.randn(rows, hidden, device=device, generator=generator).mul_(2).add_(3).to(dtype)
+    weight = torch.randn(hidden, device=device, generator=generator).to(dtype)
+    bias = torch.randn(hidden, device=device, generator=generator).to(dtype)
     return x, weight, bias
 
 
@@ -60,7 +77,7 @@ def _max_error(out, x, weight, bias) -> float:
 
 
 def measure(timer: Timer, rows: int, hidden: int, dtype) -> dict:
-    x, weight, bias = _inputs(rows, hidden, dtype)
+    x, weight, bias = _inputs(rows, hidden, dtype, timer.device)
     copy_out = torch.empty_like(x)
     moved = 2 * x.numel() * x.element_size()
     ms = {"ours": timer(lambda: layer_norm(x, weight, bias, 1e-5)),
@@ -91,7 +108,7 @@ def goals(row: dict) -> list[str]:
 
 def sweep(timer: Timer, rows: int, hidden: int, dtype) -> list[dict]:
     """Every (rows per program, warps) up to 16K elements per program, fastest first."""
-    x, weight, bias = _inputs(rows, hidden, dtype)
+    x, weight, bias = _inputs(rows, hidden, dtype, timer.device)
     block = next_power_of_two(hidden)
     results = []
     for per_program in (1, 2, 4, 8, 16):
@@ -106,7 +123,7 @@ def sweep(timer: Timer, rows: int, hidden: int, dtype) -> list[dict]:
     return sorted(results, key=lambda r: r["ms"])
 
 
-def plot(results: list, path: str) -> None:
+def plot(results: list, path: str, device_name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,7 +137,7 @@ def plot(results: list, path: str) -> None:
     axes.axhline(90, color="grey", linestyle=":", linewidth=1)
     axes.set_xticks(list(positions), labels)
     axes.set_ylabel("% of D2D copy bandwidth")
-    axes.set_title(f"LayerNorm, 16384 rows, {torch.cuda.get_device_name()}")
+    axes.set_title(f"LayerNorm, {results[0]['rows']} rows, {device_name}")
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -134,20 +151,25 @@ def main():
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--sweep", action="store_true",
                         help="Also time every launch configuration for the first dtype (slow: compiles each).")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a smoke run through Triton's interpreter; its timings mean nothing.")
     parser.add_argument("--json", dest="json_path")
     parser.add_argument("--plot", dest="plot_path")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("error: this benchmark needs a CUDA GPU")
-    timer = Timer(args.iterations)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: this benchmark needs a CUDA GPU (--device cpu is a smoke run of the script only)")
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel module is first imported
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU, Triton interpreter (timings meaningless)"
+    timer = Timer(args.iterations, args.device)
     hidden_sizes = [int(h) for h in args.hidden.split(",")]
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.rows} rows, median of {args.iterations}")
+    print(f"{device_name}, torch {torch.__version__}, {args.rows} rows, median of {args.iterations}")
     print(f"{'dtype':<5} {'hidden':>6} {'ours us':>8} {'torch us':>8} {'copy us':>8} {'ours TB/s':>9} "
           f"{'of copy':>7} {'torch of copy':>13} {'x torch':>7} {'err ours':>9} {'err torch':>9}  goals")
     results, sweeps = [], []
     for dtype_name in args.dtypes.split(","):
         for hidden in hidden_sizes:
-            row = {"dtype": dtype_name, **measure(timer, args.rows, hidden, DTYPES[dtype_name])}
+            row = {"dtype": dtype_name, "rows": args.rows, **measure(timer, args.rows, hidden, DTYPES[dtype_name])}
             results.append(row)
             missed = goals(row)
             print(f"{dtype_name:<5} {hidden:>6} {row['ms']['ours'] * 1e3:>8.1f} {row['ms']['torch'] * 1e3:>8.1f} "
@@ -168,10 +190,10 @@ def main():
                   + ", ".join(f"{r['rows']}/{r['warps']}:{r['ms'] * 1e3:.1f}" for r in found[1:5]), flush=True)
     if args.json_path:
         with open(args.json_path, "w") as handle:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": args.rows, "results": results,
+            json.dump({"device": device_name, "rows": args.rows, "results": results,
                        "sweeps": sweeps}, handle, indent=2)
     if args.plot_path:
-        plot(results, args.plot_path)
+        plot(results, args.plot_path, device_name)
     missed = sum(bool(goals(r)) for r in results)
     print(f"goals met at {len(results) - missed} of {len(results)} shapes")
 

@@ -156,3 +156,23 @@ def test_aot_ptx_launched_the_way_tensorrt_launches_it(dtype, rows, hidden):
     function((kernel.grid(rows), 1, 1), (kernel.threads, 1, 1), args, shared_mem=kernel.shared_bytes)
     cupy.cuda.Device().synchronize()
     _assert_within(out, _reference(x, weight, bias, 1e-5), torch_dtype)
+
+
+def test_benchmark_script_runs_end_to_end_through_the_interpreter(tmp_path):
+    """benchmarks/ln_kernel.py's own smoke mode: the GPU figures come from it, so CI runs it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ln_kernel.py"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--rows", "8", "--hidden", "64,1000",
+                           "--dtypes", "fp16", "--iterations", "1", "--sweep", "--json", str(tmp_path / "b.json"),
+                           "--plot", str(tmp_path / "b.png")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "timings meaningless" in done.stdout and "goals met at" in done.stdout
+    written = json.loads((tmp_path / "b.json").read_text())
+    assert [r["hidden"] for r in written["results"]] == [64, 1000]
+    assert all(r["err_ours"] < 1e-2 for r in written["results"])  # the kernel's fp16 output, checked again
+    assert [s["hidden"] for s in written["sweeps"]] == [64, 1000] and (tmp_path / "b.png").stat().st_size > 0
