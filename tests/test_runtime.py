@@ -15,6 +15,7 @@ from ticknorm.runtime.base import RuntimeUnavailable
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.registry import make_runner, runtime_statuses
 from ticknorm.runtime.torch_runner import TorchRunner
+from ticknorm.plugins.trt_plugin import kernel_source_digest
 from ticknorm.runtime.trt_runner import TrtSettings, engine_cache_key, optimization_profile
 
 
@@ -82,8 +83,9 @@ def test_trt_profile_and_cache_key_logic(small):
                 engine_cache_key(digest, "10.9", "A100", TrtSettings(), profile),
                 engine_cache_key(digest, "10.9", "H100", TrtSettings(precision="fp16"), profile),
                 engine_cache_key(digest, "10.9", "H100", TrtSettings(fp32_layers=["/ln/LayerNormalization"]), profile),
-                engine_cache_key(digest, "10.9", "H100", TrtSettings(), {"ids": ((1, 1), (8, 128), (8, 128))})]
-    assert len({base, *variants}) == 6
+                engine_cache_key(digest, "10.9", "H100", TrtSettings(), {"ids": ((1, 1), (8, 128), (8, 128))}),
+                engine_cache_key(digest, "10.9", "H100", TrtSettings(), profile, kernel_source_digest())]
+    assert len({base, *variants}) == 7 and len(kernel_source_digest()) == 16
     changed = onnx.ModelProto()
     changed.CopyFrom(model)
     weight = changed.graph.initializer[0]

@@ -15,8 +15,10 @@ TensorRT launches it (tests/test_ln_kernel.py); the `tensorrt.plugin` calls foll
 samples for TensorRT 10.9+."""
 
 import functools
+import hashlib
 import math
 import operator
+from pathlib import Path
 from typing import List, Tuple, Union
 
 from ticknorm.errors import TicknormError
@@ -59,6 +61,15 @@ def launch_grid(n_rows, rows_per_program: int, ceil_div):
     if isinstance(n_rows, int):
         return -(-n_rows // rows_per_program)
     return n_rows if rows_per_program == 1 else ceil_div(n_rows, rows_per_program)
+
+
+def kernel_source_digest() -> str:
+    """A hash of what decides the plugin's PTX: the kernel, its launch choices, its compiler call
+    (read as files: importing the kernel would import triton)."""
+    digest = hashlib.sha256()
+    for name in ("ln_kernel.py", "launch.py", "aot.py"):
+        digest.update(Path(__file__).with_name(name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,17 +18,23 @@ def collect_ort(runner: OrtRunner, feeds: dict, iterations: int, warmup: int, ta
                 on_iteration=lambda: None) -> TickLog:
     log = TickLog(runner.name, "runtime", iterations=iterations)
     runner.infer(feeds)  # checks the feeds against the model before anything is timed
-    plain = runner.session()
     with tempfile.TemporaryDirectory() as workdir:
-        def profiled():
-            options = runner.session_options()
-            options.enable_profiling = True
-            options.profile_file_prefix = os.path.join(workdir, "ort")
-            options.optimized_model_filepath = os.path.join(workdir, "optimized.onnx")
-            return options
+        def options(profiling: bool):
+            def make():
+                made = runner.session_options()
+                # The plain and the profiling session run in turn: pool threads still spinning after
+                # one session's run would take the cores from the other's and make both noisy. They
+                # spin during a run as usual, and stop when it returns.
+                made.add_session_config_entry("session.force_spinning_stop", "1")
+                if profiling:
+                    made.enable_profiling = True
+                    made.profile_file_prefix = os.path.join(workdir, "ort")
+                    made.optimized_model_filepath = os.path.join(workdir, "optimized.onnx")
+                return made
+            return make
 
-        profiling = OrtRunner(runner.model, runner.provider, runner.optimization, session_options=profiled)
-        session = profiling.session()
+        plain = OrtRunner(runner.model, runner.provider, runner.optimization, session_options=options(False)).session()
+        session = OrtRunner(runner.model, runner.provider, runner.optimization, session_options=options(True)).session()
         table.learn_rewritten(runner.model, onnx.load(os.path.join(workdir, "optimized.onnx"), load_external_data=False))
         for _ in range(warmup):
             plain.run(None, feeds)

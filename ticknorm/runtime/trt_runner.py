@@ -22,7 +22,7 @@ from ticknorm.errors import OnnxFileError
 from ticknorm.inputs import graph_inputs
 from ticknorm.onnx_io import model_digest, save_onnx
 from ticknorm.plugins import plugin_nodes
-from ticknorm.plugins.trt_plugin import register_plugin
+from ticknorm.plugins.trt_plugin import kernel_source_digest, register_plugin
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeUnavailable
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -56,9 +56,12 @@ def profile_for(model: onnx.ModelProto, feeds: dict) -> dict:
     return optimization_profile(feeds, dynamic)
 
 
-def engine_cache_key(model_bytes_digest: str, trt_version: str, gpu: str, settings: TrtSettings, profile: dict) -> str:
-    """An engine is only valid for the same model, TensorRT, GPU, settings and profile."""
+def engine_cache_key(model_bytes_digest: str, trt_version: str, gpu: str, settings: TrtSettings, profile: dict,
+                     plugin_kernel: str = "") -> str:
+    """An engine is only valid for the same model, TensorRT, GPU, settings and profile, and,
+    when it holds our plugin, the same kernel source (its PTX is inside the engine)."""
     payload = json.dumps({"model": model_bytes_digest, "trt": trt_version, "gpu": gpu, "settings": asdict(settings),
+                          "plugin_kernel": plugin_kernel,
                           "profile": {k: [list(s) for s in v] for k, v in sorted(profile.items())}}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
@@ -92,11 +95,13 @@ class TrtRunner(Runner):
         if not torch.cuda.is_available():
             raise RuntimeUnavailable("trt: no CUDA device is visible")
         self._trt, self._torch = trt, torch
+        kernel = ""
         if plugin_nodes(self.model):
             register_plugin()
+            kernel = kernel_source_digest()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._key = engine_cache_key(model_digest(self.model), trt.__version__, torch.cuda.get_device_name(),
-                                     self.settings, self.profile)
+                                     self.settings, self.profile, kernel)
         self._engines = {(): self._engine(())}
 
     def _engine(self, taps: tuple):
