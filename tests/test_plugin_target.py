@@ -85,18 +85,19 @@ def test_plugin_graph_computes_what_the_native_graph_computes(fused_pair):
     np.testing.assert_allclose(plugin_out, ort_outputs(native, feeds)[0], atol=2e-5, rtol=1e-5)
 
 
-def _one_ln_graph(x_type=TensorProto.FLOAT, hidden=8, scale_as_input=False, mean_output=False):
-    x = helper.make_tensor_value_info("x", x_type, ["b", hidden])
-    y = helper.make_tensor_value_info("y", x_type, ["b", hidden])
+def _one_ln_graph(x_type=TensorProto.FLOAT, hidden=8, scale_as_input=False, mean_output=False, axis=-1,
+                  scale_dims=None):
+    x = helper.make_tensor_value_info("x", x_type, ["b", 4, hidden])
+    y = helper.make_tensor_value_info("y", x_type, ["b", 4, hidden])
     outputs, graph_outputs = ["y"], [y]
     if mean_output:
         outputs.append("mean")
-        graph_outputs.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["b", 1]))
+        graph_outputs.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["b", 4, 1]))
     scale_dtype = helper.tensor_dtype_to_np_dtype(x_type)
-    inputs, initializers = [x], [numpy_helper.from_array(np.ones(hidden, scale_dtype), "s")]
+    inputs, initializers = [x], [numpy_helper.from_array(np.ones(scale_dims or hidden, scale_dtype), "s")]
     if scale_as_input:
         inputs, initializers = [x, helper.make_tensor_value_info("s", x_type, ["h"])], []
-    node = helper.make_node("LayerNormalization", ["x", "s"], outputs, "ln")
+    node = helper.make_node("LayerNormalization", ["x", "s"], outputs, "ln", axis=axis)
     graph = helper.make_graph([node], "g", inputs, graph_outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -106,11 +107,21 @@ def _one_ln_graph(x_type=TensorProto.FLOAT, hidden=8, scale_as_input=False, mean
     (_one_ln_graph(TensorProto.DOUBLE), "input dtype is DOUBLE"),
     (_one_ln_graph(scale_as_input=True), "shape of its scale is not known"),
     (_one_ln_graph(hidden=MAX_HIDDEN + 1), f"at most {MAX_HIDDEN}"),
-], ids=["mean-output", "double", "dynamic-scale", "too-long"])
+    (_one_ln_graph(axis=-2), "not of the normalized shape (4, 8); the plugin does not broadcast them"),
+], ids=["mean-output", "double", "dynamic-scale", "too-long", "broadcast-scale"])
 def test_nodes_the_plugin_cannot_compute_stay_native_with_the_reason(graph, reason):
     result = to_plugin_target(graph)
     assert result.converted == [] and reason in result.kept["ln"]
     assert result.model is graph and "kept ln: " in result.summary()
+
+
+def test_two_trailing_axes_take_a_zero_bias_of_the_normalized_shape():
+    result = to_plugin_target(_one_ln_graph(axis=-2, scale_dims=(4, 8)))
+    assert result.converted == ["ln"]
+    (node,) = result.model.graph.node
+    zero_bias = next(t for t in result.model.graph.initializer if t.name == node.input[2])
+    assert tuple(zero_bias.dims) == (4, 8) and not numpy_helper.to_array(zero_bias).any()
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["axis"] == -2
 
 
 def test_cli_fuse_to_plugin_then_ort_refuses_in_one_line(tmp_path):

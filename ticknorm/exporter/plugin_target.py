@@ -82,6 +82,13 @@ def _plugin_problem(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, tuple
     dims = index.dims(node.input[1])
     if dims is None or not all(isinstance(d, int) for d in dims):
         return "the shape of its scale is not known statically", ()
+    x_dims = index.dims(node.input[0])
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
+    normalized = tuple(x_dims[axis:]) if x_dims is not None and -len(x_dims) <= axis < len(x_dims) else None
+    params = [dims] + ([index.dims(node.input[2])] if len(node.input) > 2 and node.input[2] else [])
+    if any(tuple(p or ()) != normalized for p in params):
+        # The kernel reads one scale and bias value per normalized element: no broadcasting.
+        return f"its scale/bias are not of the normalized shape {normalized}; the plugin does not broadcast them", ()
     hidden = math.prod(dims)
     if hidden > MAX_HIDDEN:
         return f"it normalizes {hidden} elements per row; the plugin kernel holds at most {MAX_HIDDEN}", ()
@@ -97,4 +104,3 @@ def _plugin_node(node: onnx.NodeProto, name: str, bias: str) -> onnx.NodeProto:
     plugin.metadata_props.extend(node.metadata_props)  # the module scope goes with it
     plugin.doc_string = node.doc_string
     return plugin
-
