@@ -9,8 +9,8 @@ from ticknorm.errors import InputSpecError
 from ticknorm.exporter.export import DEFAULT_EXPORTER, ExportResult, export_model
 from ticknorm.exporter.fusion import FusionResult, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
-from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.load import build_model, load_hf_directory
+from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.inputs import feeds_from_specs, index_ranges, load_npz, parse_input_spec
 from ticknorm.onnx_io import PROTOBUF_LIMIT, load_onnx, save_onnx
 from ticknorm.profiler.profile import ProfileResult

@@ -23,9 +23,9 @@ import onnx
 from ticknorm._optional import require
 from ticknorm.errors import AccuracyError, ExportError, InputSpecError, first_line
 from ticknorm.exporter.fusion import FusionReport, fuse_norms
+from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.scopes import annotate_scopes
 from ticknorm.inputs import graph_feeds
-from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.onnx_io import PROTOBUF_LIMIT, save_onnx
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.torch_runner import from_numpy, tensor_leaves, to_numpy

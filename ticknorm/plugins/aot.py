@@ -17,7 +17,6 @@ from ticknorm.plugins.launch import launch_config
 
 TRITON_DTYPES = ("fp32", "fp16", "bf16")
 PLUGIN_PARAMS = ("X", "W", "B", "n_rows", "n_cols", "Y")  # inputs, int32 extra arguments, output
-EXTRA_ARGS = ("n_rows", "n_cols")
 
 
 class KernelAbiError(TicknormError):

@@ -9,10 +9,10 @@ the input flattened at `axis` (ONNX LayerNormalization's meaning): the normalize
 build-time constants (they size the kernel), the leading ones may be dynamic (they size the grid).
 
 NOT VERIFIED on TensorRT: no machine this project runs on has it. The arithmetic below
-(`split_at_axis`, `kernel_dtype`, `launch_grid`) is plain Python and unit-tested, the PTX is
-compiled and its parameter list checked in CI, and the PTX has been launched on a GPU the way
-TensorRT launches it (tests/test_ln_kernel.py); the `tensorrt.plugin` calls follow NVIDIA's
-samples for TensorRT 10.9+."""
+(`split_at_axis`, `kernel_dtype`, `launch_grid`) is plain Python and unit-tested, and the PTX is
+compiled and its parameter list checked in CI. tests/test_ln_kernel.py launches the PTX the way
+TensorRT does, but only on a CUDA GPU, which no run has had yet. The `tensorrt.plugin` calls
+follow NVIDIA's samples for TensorRT 10.9+."""
 
 import functools
 import hashlib

@@ -17,7 +17,6 @@ _RUN_EVENTS = ("model_run", "SequentialExecutor::Execute")
 def collect_ort(runner: OrtRunner, feeds: dict, iterations: int, warmup: int, table: ScopeTable,
                 on_iteration=lambda: None) -> TickLog:
     log = TickLog(runner.name, "runtime", iterations=iterations)
-    runner.infer(feeds)  # checks the feeds against the model before anything is timed
     with tempfile.TemporaryDirectory() as workdir:
         def options(profiling: bool):
             def make():
@@ -33,7 +32,12 @@ def collect_ort(runner: OrtRunner, feeds: dict, iterations: int, warmup: int, ta
                 return made
             return make
 
-        plain = OrtRunner(runner.model, runner.provider, runner.optimization, session_options=options(False)).session()
+        plain_runner = OrtRunner(runner.model, runner.provider, runner.optimization, session_options=options(False))
+        plain_runner.infer(feeds)  # checks the feeds against the model before anything is timed
+        # `runner`'s own session is timed by neither loop: free its copy of the weights (it
+        # reactivates on its next use) while the plain and the profiling session hold theirs.
+        runner.deactivate()
+        plain = plain_runner.session()
         session = OrtRunner(runner.model, runner.provider, runner.optimization, session_options=options(True)).session()
         table.learn_rewritten(runner.model, onnx.load(os.path.join(workdir, "optimized.onnx"), load_external_data=False))
         for _ in range(warmup):
