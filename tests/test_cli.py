@@ -53,11 +53,24 @@ def test_fuse_then_inspect(tmp_path, decomposed):
     assert after["inputs"] == [["x", [2, 6, 16], "float"]]
 
 
-def test_fuse_refuses_an_opset_that_cannot_hold_the_op(tmp_path, decomposed):
+def test_fuse_at_an_opset_without_the_op_leaves_the_norm_and_says_so(tmp_path, decomposed):
     result = run("fuse", decomposed, "-o", tmp_path / "f.onnx", "--opset", "13")
-    assert result.exit_code == 2
-    assert result.stderr.strip() == "error: LayerNormalization needs opset 17, and --opset 13 cannot hold it"
-    assert not (tmp_path / "f.onnx").exists()
+    assert result.exit_code == 0, result.output
+    assert "LayerNorm: found 1, fused 0, refused 0, left 1" in result.output
+    assert "LayerNormalization needs opset 17, the target is 13 (fuse with --opset 17, or export with " \
+           "--ln-target plugin)" in result.output
+    fused = onnx.load(str(tmp_path / "f.onnx"))
+    assert fused.opset_import[0].version == 13 and "ReduceMean" in [n.op_type for n in fused.graph.node]
+
+
+def test_fuse_at_an_opset_without_the_op_fuses_onto_the_plugin(tmp_path, decomposed):
+    result = run("fuse", decomposed, "-o", tmp_path / "f.onnx", "--opset", "13", "--ln-target", "plugin")
+    assert result.exit_code == 0, result.output
+    fused = onnx.load(str(tmp_path / "f.onnx"))
+    assert [n.op_type for n in fused.graph.node].count("LayerNorm") == 1
+    assert {o.domain: o.version for o in fused.opset_import}[""] == 13
+    assert "LayerNormalization" not in [n.op_type for n in fused.graph.node]
+    onnx.checker.check_model(fused)
 
 
 def test_failed_verification_exits_1_and_writes_nothing(tmp_path, decomposed, monkeypatch):

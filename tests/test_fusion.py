@@ -9,7 +9,7 @@ from torch import nn
 import norm_modules as nm
 from conftest import export, op_types, ort_outputs, torch_outputs
 from ticknorm.errors import AccuracyError, FusionError
-from ticknorm.exporter.fusion import fuse_norms, rewrite as rewrite_module
+from ticknorm.exporter.fusion import NormTargets, fuse_norms, rewrite as rewrite_module
 from ticknorm.exporter.scopes import get_scope
 
 EXPORTERS = ["dynamo", "torchscript"]
@@ -100,9 +100,13 @@ def test_fp16_cast_island_becomes_one_fp16_node(exporter, rng):
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_rms_norm_fuses_at_opset_23_and_is_left_below(exporter, rng):
+def test_rms_norm_is_onnx_runtimes_op_below_opset_23_and_onnxs_from_23(exporter, rng):
     x = rng.standard_normal((2, 6, 16)).astype(np.float32)
-    left = _fuse_and_check(nm.T5RMSNorm(), x, exporter)
+    below = _fuse_and_check(nm.T5RMSNorm(), x, exporter)
+    assert [(r.status, r.op) for r in below.report.records] == [("fused", "SimplifiedLayerNormalization")]
+    assert op_types(below.model).count("SimplifiedLayerNormalization") == 1
+    assert below.report.opset_after == below.report.opset_before
+    left = fuse_norms(export(Holder(nm.T5RMSNorm()), {"x": x}, exporter), targets=NormTargets(rms="onnx"))
     assert [r.status for r in left.report.records] == ["left"]
     assert "needs opset 23" in left.report.records[0].reason
     assert "RMSNormalization" not in op_types(left.model)
@@ -171,11 +175,13 @@ def test_a_wrong_rewrite_is_caught_by_verification(monkeypatch, rng):
         fuse_norms(exported, feeds=feeds)
 
 
-def test_opset_that_cannot_hold_layer_norm_is_refused(rng):
+def test_opset_that_cannot_hold_layer_norm_leaves_it_decomposed(rng):
     feeds = {"x": rng.standard_normal((2, 6, 16)).astype(np.float32)}
     exported = export(Holder(nn.LayerNorm(16)), feeds, "torchscript", opset=13)
-    with pytest.raises(FusionError, match="needs opset 17"):
-        fuse_norms(exported, opset=13)
+    result = fuse_norms(exported, opset=13)
+    assert [(r.status, r.op) for r in result.report.records] == [("left", "LayerNormalization")]
+    assert "needs opset 17, the target is 13" in result.report.records[0].reason
+    assert result.model.opset_import[0].version == 13
     with pytest.raises(FusionError, match="never lowers"):
         fuse_norms(exported, opset=12)
 

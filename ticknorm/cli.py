@@ -15,7 +15,9 @@ from ticknorm.atomic import write_text
 from ticknorm.report import profile_outputs
 from ticknorm.errors import InputSpecError, TicknormError, first_line
 from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS
+from ticknorm.exporter.fusion import RMS_TARGETS
 from ticknorm.exporter.plugin_target import LN_TARGETS
+from ticknorm.exporter.tasks import TASKS
 from ticknorm.runtime.ort_runner import OPTIMIZATION_LEVELS
 from ticknorm.validate.compare import Tolerance
 
@@ -54,6 +56,8 @@ def model_options(command):
     """How to build the PyTorch reference; the same on every command that needs it."""
     command = click.option("--trust-pickle", is_flag=True,
                            help="Allow checkpoints that unpickle objects (whole models, TorchScript); this runs code from the file.")(command)
+    command = click.option("--adapter", type=click.Path(file_okay=False), default=None,
+                           help="A PEFT/LoRA adapter folder (save_pretrained), merged into the model first.")(command)
     command = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
                            help="Weights: .pt/.pth/.bin state dict (wrappers and DDP prefixes handled) or .safetensors.")(command)
     return click.option("--model", "model", required=True, metavar="FACTORY|HF_DIR",
@@ -64,6 +68,13 @@ def ln_target_option(command):
     return click.option("--ln-target", type=click.Choice(LN_TARGETS), default="native", show_default=True,
                         help="native: ONNX LayerNormalization (every runtime, TensorRT's own layer); plugin: "
                              "ticknorm::LayerNorm, our kernel as a TensorRT plugin (TensorRT only).")(command)
+
+
+def rms_target_option(command):
+    return click.option("--rms-target", type=click.Choice(RMS_TARGETS), default="auto", show_default=True,
+                        help="RMSNorms become: auto: RMSNormalization at opset 23+, ONNX Runtime's "
+                             "SimplifiedLayerNormalization below; onnx: RMSNormalization only (left decomposed "
+                             "below 23); ort: SimplifiedLayerNormalization at any opset (ONNX Runtime only).")(command)
 
 
 @click.group()
@@ -83,15 +94,19 @@ def main():
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the fusion report as JSON.")
 @click.option("--external-data-threshold", type=int, default=api.PROTOBUF_LIMIT, show_default=True,
               help="Bytes of weights above which they go to OUTPUT.data.")
+@click.option("--task", type=click.Choice(TASKS), default="default", show_default=True,
+              help="Hugging Face models: default (no cache) or text-generation-with-past (a decoder step with "
+                   "past_key_values.N.key/value in and present.N.* out), as Optimum names them.")
 @ln_target_option
+@rms_target_option
 @_one_line_errors
-def export(model, checkpoint, trust_pickle, inputs, input_file, seed, output, exporter, opset, no_fuse, no_check,
-           report, external_data_threshold, ln_target):
+def export(model, checkpoint, adapter, trust_pickle, inputs, input_file, seed, output, exporter, opset, no_fuse,
+           no_check, report, external_data_threshold, task, ln_target, rms_target):
     """Export a model to ONNX, fuse every LayerNorm, verify, and compare with PyTorch."""
     result = api.export(model, output, inputs, input_file, checkpoint, trust_pickle, exporter, opset,
                         fuse=not no_fuse, check=not no_check, report=report,
                         external_data_threshold=external_data_threshold, seed=seed, ln_target=ln_target,
-                        progress=_progress)
+                        rms_target=rms_target, adapter=adapter, task=task, progress=_progress)
     click.echo(f"wrote {', '.join(str(f) for f in result.files)} ({result.exporter} exporter, opset {result.opset})")
     if result.fusion is not None:
         click.echo(result.fusion.summary())
@@ -111,11 +126,12 @@ def export(model, checkpoint, trust_pickle, inputs, input_file, seed, output, ex
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime check of the fused graph (not recommended).")
 @input_options
 @ln_target_option
+@rms_target_option
 @_one_line_errors
-def fuse(source, output, opset, report, no_verify, inputs, input_file, seed, ln_target):
+def fuse(source, output, opset, report, no_verify, inputs, input_file, seed, ln_target, rms_target):
     """Rewrite decomposed LayerNorms (and RMSNorms) in an ONNX file into single nodes."""
     result, retargeted = api.fuse(source, output, opset, inputs, input_file, verify=not no_verify, report=report,
-                                  seed=seed, ln_target=ln_target)
+                                  seed=seed, ln_target=ln_target, rms_target=rms_target)
     click.echo(f"wrote {output}")
     click.echo(result.report.summary())
     if retargeted is not None:
@@ -178,12 +194,12 @@ def runtimes():
 @tap_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @_one_line_errors
-def compare(source, model, checkpoint, trust_pickle, inputs, input_file, seed, runtime_list, atol, rtol, output_tol,
+def compare(source, model, checkpoint, adapter, trust_pickle, inputs, input_file, seed, runtime_list, atol, rtol, output_tol,
             per_layer, ort_optimization, depth, pattern, json_path):
     """Compare runtimes with the PyTorch model, per output and per module. Exit 1 on failure."""
     report, overflows = api.compare(source, model, inputs, input_file, checkpoint, trust_pickle, _runtimes(runtime_list),
                                     _tolerance(atol, rtol, output_tol), per_layer, depth, pattern, seed,
-                                    ort_optimization, _progress)
+                                    ort_optimization, _progress, adapter=adapter)
     for row in overflows:
         click.echo(f"fp16 overflow: {row.module or row.node}: {row.reason} -> kept in fp32 (TensorRT and torch fp16)")
     click.echo(report.text())
@@ -215,13 +231,13 @@ def _runtimes(runtime_list: str) -> list[str]:
               help="Chrome/Perfetto trace, one track per runtime.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Bars per module, PNG.")
 @_one_line_errors
-def profile(source, model, checkpoint, trust_pickle, inputs, input_file, seed, runtime_list, iterations, warmup, depth,
+def profile(source, model, checkpoint, adapter, trust_pickle, inputs, input_file, seed, runtime_list, iterations, warmup, depth,
             json_path, csv_path, trace_path, plot_path):
     """Per-module latency on every runtime, aligned on PyTorch modules."""
     runtimes_ = _runtimes(runtime_list)
     with click.progressbar(length=iterations * len(runtimes_), label="profiling", file=sys.stderr) as bar:
         result = api.profile(source, model, inputs, input_file, checkpoint, trust_pickle, runtimes_, iterations,
-                             warmup, depth, seed, on_iteration=lambda: bar.update(1))
+                             warmup, depth, seed, on_iteration=lambda: bar.update(1), adapter=adapter)
     click.echo(profile_outputs.table(result))
     for path, write in ((json_path, profile_outputs.write_json), (csv_path, profile_outputs.write_csv),
                         (trace_path, profile_outputs.write_trace), (plot_path, profile_outputs.write_plot)):
@@ -239,14 +255,14 @@ def profile(source, model, checkpoint, trust_pickle, inputs, input_file, seed, r
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="The same rows as JSON.")
 @_one_line_errors
-def report(source, model, checkpoint, trust_pickle, inputs, input_file, seed, runtime_list, iterations, warmup, depth,
+def report(source, model, checkpoint, adapter, trust_pickle, inputs, input_file, seed, runtime_list, iterations, warmup, depth,
            atol, rtol, output_tol, output, json_path):
     """One HTML page: per module, latency and error against PyTorch on every runtime."""
     runtimes_ = _runtimes(runtime_list)
     with click.progressbar(length=iterations * len(runtimes_), label="profiling", file=sys.stderr) as bar:
         rows = api.report(source, model, output, inputs, input_file, checkpoint, trust_pickle, runtimes_, iterations,
                           warmup, depth, _tolerance(atol, rtol, output_tol), json_path, seed,
-                          on_iteration=lambda: bar.update(1))
+                          on_iteration=lambda: bar.update(1), adapter=adapter)
     flagged = [row.module for row in rows if row.flagged]
     click.echo(f"wrote {output}: {len(rows)} modules, {len(flagged)} slow and inaccurate"
                + (f" ({', '.join(flagged[:5])})" if flagged else ""))
@@ -265,11 +281,11 @@ def drift():
 @tap_options
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @_one_line_errors
-def drift_snapshot(source, model, checkpoint, trust_pickle, inputs, input_file, seed, atol, rtol, output_tol, depth,
+def drift_snapshot(source, model, checkpoint, adapter, trust_pickle, inputs, input_file, seed, atol, rtol, output_tol, depth,
                    pattern, output):
     """Write a golden bundle: inputs, PyTorch outputs, per-module statistics, tolerances, versions."""
     bundle = api.drift_snapshot(source, model, output, inputs, input_file, checkpoint, trust_pickle,
-                                _tolerance(atol, rtol, output_tol), depth, pattern, seed)
+                                _tolerance(atol, rtol, output_tol), depth, pattern, seed, adapter=adapter)
     click.echo(f"wrote bundle {bundle}")
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 
 from ticknorm._optional import require
-from ticknorm.errors import AccuracyError, ExportError, InputSpecError, first_line
-from ticknorm.exporter.fusion import FusionReport, fuse_norms
+from ticknorm.errors import AccuracyError, ExportError, InputSpecError, TicknormError, first_line
+from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.scopes import annotate_scopes
 from ticknorm.inputs import graph_feeds
@@ -54,34 +54,33 @@ class ExportResult:
 def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str = DEFAULT_EXPORTER,
                  opset: int | None = None, dynamic_axes: dict[str, dict[int, str]] | None = None,
                  fuse: bool = True, check: bool = True, external_data_threshold: int = PROTOBUF_LIMIT,
-                 ln_target: str = "native", progress=lambda message: None) -> ExportResult:
+                 ln_target: str = "native", rms_target: str = "auto", extra_checks=(),
+                 progress=lambda message: None) -> ExportResult:
     """Export `model` on `feeds` (name -> example array) and write `output` only if every step
-    passed: export, LayerNorm fusion with its verification, and the torch-vs-ORT comparison.
+    passed: export, LayerNorm fusion with its verification, and the torch-vs-ORT comparison, on
+    `feeds` and on each `(label, feeds)` of `extra_checks` (a decoder's prefill and decode steps).
     With `ln_target="plugin"` the checked graph's LayerNorms then become the TensorRT plugin op
     (ONNX Runtime cannot run that graph, so every check runs before the rewrite)."""
     torch = require("torch", "torch")
     _check_input_names(model, feeds)
     model.eval()
-    tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
     progress("running the PyTorch model")
-    with torch.no_grad():
-        try:
-            outputs = model(**tensors)
-            reference, names = [to_numpy(t) for t in tensor_leaves(torch, outputs)], output_names(torch, outputs)
-        except Exception as exc:  # noqa: BLE001 - the user's forward can fail any way
-            raise InputSpecError(f"the model's forward failed on these inputs: {type(exc).__name__}: {first_line(exc)}") from exc
-        ensure_finite(dict(zip(names, reference)), "the PyTorch model's")
-        progress(f"exporting with the {exporter} exporter")
-        proto = torch_to_onnx(model, tensors, exporter, opset, dynamic_axes or {}, names)
+    names, reference = torch_reference(model, feeds)
+    tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
+    progress(f"exporting with the {exporter} exporter")
+    proto = torch_to_onnx(model, tensors, exporter, opset, dynamic_axes or {}, names)
     report = None
     if fuse:
         progress("fusing LayerNorms and verifying the fused graph in ONNX Runtime")
-        fused = fuse_norms(proto, opset=opset, feeds=graph_feeds(proto, feeds))
+        targets = NormTargets(rms=rms_target, plugin=ln_target == "plugin")
+        fused = fuse_norms(proto, opset=opset, feeds=graph_feeds(proto, feeds), targets=targets)
         proto, report = fused.model, fused.report
     accuracy = []
     if check:
         progress("comparing PyTorch and ONNX Runtime outputs")
         accuracy = compare_with_torch(proto, feeds, reference)
+        for label, step_feeds in extra_checks:
+            accuracy += compare_with_torch(proto, step_feeds, torch_reference(model, step_feeds)[1], label)
         failed = [c for c in accuracy if not c.passed]
         if failed:
             raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {failed[0].name}: "
@@ -95,7 +94,23 @@ def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str =
     return ExportResult(files, exporter, opset_now, report, accuracy, retargeted)
 
 
-def compare_with_torch(proto: onnx.ModelProto, feeds: dict, reference: list) -> list[ArrayComparison]:
+def torch_reference(model, feeds: dict) -> tuple[list[str], list[np.ndarray]]:
+    """The model's output names (what the graph outputs will be called) and values on `feeds`."""
+    torch = require("torch", "torch")
+    tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
+    with torch.no_grad():
+        try:
+            outputs = model(**tensors)
+        except TicknormError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's forward can fail any way
+            raise InputSpecError(f"the model's forward failed on these inputs: {type(exc).__name__}: {first_line(exc)}") from exc
+    names, reference = output_names(torch, outputs), [to_numpy(t) for t in tensor_leaves(torch, outputs)]
+    ensure_finite(dict(zip(names, reference)), "the PyTorch model's")
+    return names, reference
+
+
+def compare_with_torch(proto: onnx.ModelProto, feeds: dict, reference: list, label: str = "") -> list[ArrayComparison]:
     names = [o.name for o in proto.graph.output]
     if len(names) != len(reference):
         raise ExportError(f"the ONNX graph has {len(names)} outputs but the PyTorch model returned {len(reference)} tensors")
@@ -103,7 +118,7 @@ def compare_with_torch(proto: onnx.ModelProto, feeds: dict, reference: list) -> 
     checks = []
     for name, expected in zip(names, reference):
         atol, rtol = EXPORT_TOLERANCES.get(str(expected.dtype), (0.0, 0.0))
-        checks.append(compare_arrays(name, expected, actual[name], atol, rtol))
+        checks.append(compare_arrays(f"{name} ({label})" if label else name, expected, actual[name], atol, rtol))
     return checks
 
 
@@ -160,17 +175,17 @@ def torch_to_onnx(model, tensors: dict, exporter: str = DEFAULT_EXPORTER, opset=
 
 
 def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dict, outputs) -> onnx.ModelProto:
-    names = list(tensors)
-    with warnings.catch_warnings(), _silenced(), _quiet_loggers():
+    kwargs, structure, names = _arguments(model, tensors, dynamic_axes)
+    with warnings.catch_warnings(), _silenced(), _quiet_loggers(), _fast_attention_off(torch):
         warnings.simplefilter("ignore")
         try:
             if exporter == "dynamo":
-                program = torch.onnx.export(model, (), kwargs=tensors, dynamo=True, opset_version=opset,
-                                            dynamic_shapes=_dynamic_shapes(torch, names, dynamic_axes) or None,
+                program = torch.onnx.export(model, (), kwargs=kwargs, dynamo=True, opset_version=opset,
+                                            dynamic_shapes=_dynamic_shapes(torch, structure), input_names=names,
                                             output_names=outputs, optimize=True, verbose=False)
                 return program.model_proto
             buffer = io.BytesIO()
-            torch.onnx.export(model, (), buffer, kwargs=tensors, dynamo=False, opset_version=opset or 17,
+            torch.onnx.export(model, (), buffer, kwargs=kwargs, dynamo=False, opset_version=opset or 17,
                               input_names=names, output_names=outputs, dynamic_axes=dynamic_axes or None,
                               do_constant_folding=True)
             return onnx.load_from_string(buffer.getvalue())
@@ -178,14 +193,40 @@ def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dic
             raise ExportError(_describe_failure(torch, model, tensors, exporter, exc)) from exc
 
 
-def _dynamic_shapes(torch, names: list, dynamic_axes: dict) -> dict:
-    """`{input: {axis: Dim}}` with one Dim object per axis name, so shared names stay equal."""
+def _arguments(model, tensors: dict, dynamic_axes: dict) -> tuple[dict, dict, list]:
+    """Keyword arguments, their dynamic axes in the same structure, and the flat input names: as
+    given, or nested the way a wrapper such as `HfGraph` takes them (a KV cache as pairs)."""
+    if hasattr(model, "export_arguments"):
+        return model.export_arguments(tensors, dynamic_axes)
+    return tensors, {name: dynamic_axes.get(name, {}) for name in tensors}, list(tensors)
+
+
+def _dynamic_shapes(torch, structure):
+    """`{input: {axis: Dim}}` (nested like the arguments) with one Dim object per axis name, so
+    shared names stay equal; None when nothing is dynamic."""
     dims = {}
-    shapes = {}
-    for name in names:
-        axes = dynamic_axes.get(name, {})
-        shapes[name] = {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
-    return shapes if any(shapes.values()) else {}
+
+    def convert(node):
+        if isinstance(node, list):
+            return [convert(item) for item in node]
+        if all(isinstance(key, int) for key in node):
+            return {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in node.items()}
+        return {name: convert(value) for name, value in node.items()}
+
+    shapes = convert(structure)
+    return shapes if dims else None
+
+
+@contextlib.contextmanager
+def _fast_attention_off(torch):
+    """`nn.MultiheadAttention`'s inference fast path (`aten::_native_multi_head_attention`, taken
+    in eval under no_grad) has no ONNX translation: export the plain path, as training runs it."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 @contextlib.contextmanager

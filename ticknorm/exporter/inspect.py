@@ -10,14 +10,12 @@ import onnx
 from ticknorm.exporter.fusion import find_norms
 from ticknorm.exporter.fusion.graph import GraphIndex
 from ticknorm.exporter.fusion.norms import NormMatch
+from ticknorm.exporter.fusion.report import NORM_OP_RUNTIMES
 from ticknorm.exporter.scopes import scope_coverage
 from ticknorm.inputs import graph_inputs
-from ticknorm.plugins import PLUGIN_NAME, PLUGIN_NAMESPACE
 
 # Ops of other domains than ONNX's are counted as domain::op (an ORT-optimized file, the plugin target).
-FUSED_NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
-                  "com.microsoft::SkipLayerNormalization", "com.microsoft::SkipSimplifiedLayerNormalization",
-                  f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}")
+FUSED_NORM_OPS = tuple(NORM_OP_RUNTIMES)
 
 
 @dataclass
@@ -40,6 +38,8 @@ class ModelSummary:
         lines.append(f"nodes: {self.nodes}")
         lines += [f"  {op:<28}{count}" for op, count in self.op_histogram.items()]
         lines.append(f"LayerNorm/RMSNorm: {self.fused_norms} fused, {self.decomposed_norms} decomposed")
+        lines += [f"  {op} x{count}: {NORM_OP_RUNTIMES[op]}" for op, count in self.op_histogram.items()
+                  if op in NORM_OP_RUNTIMES]
         lines += [f"  decomposed {kind} at {scope or '(root)'}: {state}" for kind, scope, state in self.decomposed]
         lines.append(f"node scope coverage: {self.scope_coverage:.1%}")
         return "\n".join(lines)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ticknorm._optional import require
 from ticknorm.errors import CheckpointError, first_line
+from ticknorm.exporter.lora import is_peft_state_dict, unwrap_peft_state_dict
 
-STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _DDP_PREFIXES = ("module.", "_orig_mod.")
 
@@ -133,6 +133,8 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
 def apply_state_dict(model, state_dict: dict, source: str = "checkpoint") -> None:
     """Load strictly; on mismatch, one error listing missing, unexpected and wrong-shape keys."""
     state_dict = strip_wrapper_prefixes(state_dict)
+    if is_peft_state_dict(state_dict):
+        state_dict = unwrap_peft_state_dict(state_dict, source)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -156,10 +158,11 @@ def load_hf_directory(directory):
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    transformers.utils.logging.disable_progress_bar()  # ticknorm prints its own progress
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
         architectures = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, architectures[0], None) if architectures else transformers.AutoModel
+        model_class = _model_class(transformers, config, architectures[0]) if architectures else transformers.AutoModel
         if model_class is None:
             raise CheckpointError(f"transformers has no class {architectures[0]} named in {directory}/config.json")
         model = model_class.from_pretrained(str(directory), local_files_only=True, use_safetensors=None)
@@ -169,3 +172,15 @@ def load_hf_directory(directory):
         raise CheckpointError(f"cannot load the Hugging Face model in {directory}: {first_line(exc)}") from exc
     return model.eval()
 
+
+
+def _model_class(transformers, config, name: str):
+    """A class transformers exports by name, or one only its model module has (`WhisperEncoder`)."""
+    found = getattr(transformers, name, None)
+    if found is not None:
+        return found
+    try:
+        module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    except ImportError:
+        return None
+    return getattr(module, name, None)

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ticknorm.errors import FusionError
 from ticknorm.exporter.fusion.graph import GraphIndex, rebuilt
 from ticknorm.exporter.fusion.rewrite import UniqueNames
 from ticknorm.plugins import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
@@ -63,6 +64,10 @@ def to_plugin_target(model: onnx.ModelProto) -> PluginTargetResult:
             created.append(numpy_helper.from_array(np.zeros(hidden_dims, dtype), bias))
         nodes.append(_plugin_node(node, name, bias))
         result.converted.append(name)
+    if result.kept and index.opset < 17:
+        first = next(iter(result.kept.items()))
+        raise FusionError(f"LayerNormalization {first[0]} cannot go on the plugin ({first[1]}), and opset "
+                          f"{index.opset} has no LayerNormalization to keep it as; use --opset 17 or newer")
     if result.converted:
         converted = rebuilt(model, nodes, list(model.graph.initializer) + created)
         if not any(o.domain == PLUGIN_NAMESPACE for o in converted.opset_import):

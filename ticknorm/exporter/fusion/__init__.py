@@ -11,13 +11,13 @@ from ticknorm.exporter.fusion.layer_norm import find_layer_norms
 from ticknorm.exporter.fusion.norms import NormMatch
 from ticknorm.exporter.fusion.patterns import forward_means
 from ticknorm.exporter.fusion.report import FusionReport, NormRecord
-from ticknorm.exporter.fusion.rewrite import FUSED_OPS, rewrite_matches
+from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets, rewrite_matches
 from ticknorm.exporter.fusion.rms_norm import find_rms_norms
 from ticknorm.exporter.fusion.verify import verify_fused
 from ticknorm.exporter.scopes import annotate_scopes, get_scope, set_scope
 from ticknorm.inputs import feeds_for_graph
 
-__all__ = ["FusionResult", "FusionReport", "find_norms", "fuse_norms"]
+__all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms"]
 
 
 @dataclass
@@ -27,27 +27,31 @@ class FusionResult:
 
 
 def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = True,
-               feeds: dict[str, np.ndarray] | None = None) -> FusionResult:
+               feeds: dict[str, np.ndarray] | None = None, targets: NormTargets = NormTargets()) -> FusionResult:
     """Fuse, verify against the original in ONNX Runtime, and report. Raises AccuracyError (and
     returns nothing) when a fused graph computes different numbers.
 
     `opset` is the opset the result may use; by default the model's own, raised to 17 when a
-    LayerNorm needs it. RMSNorms fuse only when it is 23 or more; otherwise they are left and
-    reported.
+    LayerNorm needs it. An `opset` below 17 keeps LayerNorms decomposed, and reports them. RMSNorms
+    become RMSNormalization at opset 23+ and ONNX Runtime's SimplifiedLayerNormalization below
+    (`targets.rms`, see `rewrite.RMS_TARGETS`).
     """
+    if targets.rms not in RMS_TARGETS:
+        raise FusionError(f"unknown RMSNorm target '{targets.rms}'; choose one of: {', '.join(RMS_TARGETS)}")
     index = GraphIndex(model)
     before = index.opset
     if opset is not None and opset < before:
         raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
     found = find_norms(index)
-    target = _target_opset(found, before, opset)
+    target = _target_opset(found, before, opset, targets)
     working = model
     if target != before:
         working = _convert(model, target)
         index = GraphIndex(working)
         found = find_norms(index)
-    records, matches = _records(found, target)
-    fused = rewrite_matches(working, index, matches) if matches else working
+    op_types = {kind: targets.op(kind, target)[0] for kind in FUSED_OPS}
+    records, matches = _records(found, target, targets)
+    fused = rewrite_matches(working, index, matches, op_types) if matches else working
     report = FusionReport(before, target, records)
     if verify and matches:
         _verify(model, fused, matches, records, feeds)
@@ -71,14 +75,14 @@ def _centered_tensors(index: GraphIndex) -> set:
     return centered
 
 
-def _target_opset(found: list, before: int, requested: int | None) -> int:
-    needs = [FUSED_OPS[m.kind][1] for m in found if isinstance(m, NormMatch) and m.kind == "LayerNorm"]
-    target = requested or before
-    if needs and target < max(needs):
-        if requested is not None:
-            raise FusionError(f"LayerNormalization needs opset 17, and --opset {requested} cannot hold it")
-        target = max(needs)
-    return target
+def _target_opset(found: list, before: int, requested: int | None, targets: NormTargets) -> int:
+    """The opset asked for (below 17 the LayerNorms stay decomposed, reported as left), else the
+    model's own raised to what its LayerNorms need; never raised for RMSNorms (they have a
+    target at every opset)."""
+    if requested is not None:
+        return requested
+    needs = [targets.op(m.kind, before)[1] for m in found if isinstance(m, NormMatch) and m.kind == "LayerNorm"]
+    return max([before] + needs)
 
 
 def _convert(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
@@ -97,17 +101,19 @@ def _convert(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return converted
 
 
-def _records(found: list, target: int) -> tuple[list, list]:
+def _records(found: list, target: int, targets: NormTargets) -> tuple[list, list]:
     records, matches = [], []
     for item in found:
         if not isinstance(item, NormMatch):
             records.append(NormRecord(item.kind, item.scope, "refused", item.reason, item.node))
             continue
-        op_type, needs = FUSED_OPS[item.kind]
-        record = NormRecord(item.kind, item.scope, "fused", "", item.anchor, item.output, item.epsilon, item.notes)
+        op_type, needs = targets.op(item.kind, target)
+        record = NormRecord(item.kind, item.scope, "fused", "", item.anchor, item.output, item.epsilon, item.notes,
+                            op=op_type)
         if target < needs:
             record.status = "left"
-            record.reason = f"{op_type} needs opset {needs}, the target is {target} (fuse with --opset {needs})"
+            record.reason = (f"{op_type} needs opset {needs}, the target is {target} (fuse with --opset {needs}"
+                             + (", or export with --ln-target plugin)" if item.kind == "LayerNorm" else ")"))
         else:
             matches.append(item)
         records.append(record)

@@ -3,6 +3,19 @@
 import json
 from dataclasses import asdict, dataclass, field
 
+from ticknorm.plugins import PLUGIN_NAME, PLUGIN_NAMESPACE
+
+
+# Which runtimes take each fused norm op: the reason a user picks --opset / --rms-target / --ln-target.
+NORM_OP_RUNTIMES = {
+    "LayerNormalization": "ONNX Runtime; TensorRT (its own normalization layer)",
+    "RMSNormalization": "ONNX Runtime (opset 23); TensorRT only where its ONNX parser lists the op",
+    "SimplifiedLayerNormalization": "ONNX Runtime only (its own op; --opset 23 gives the standard RMSNormalization)",
+    "com.microsoft::SkipLayerNormalization": "ONNX Runtime only",
+    "com.microsoft::SkipSimplifiedLayerNormalization": "ONNX Runtime only",
+    f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}": "TensorRT with ticknorm's plugin only",
+}
+
 
 @dataclass
 class NormRecord:
@@ -15,6 +28,7 @@ class NormRecord:
     epsilon: float | None = None
     notes: list = field(default_factory=list)
     max_abs_error: float | None = None  # fused vs original, from verification
+    op: str = ""  # the op it became (or would become at a higher opset)
 
 
 @dataclass
@@ -41,6 +55,8 @@ class FusionReport:
         for record in self.records:
             if record.status != "fused":
                 lines.append(f"  {record.status} {record.kind} at {record.scope or '(root)'} ({record.node}): {record.reason}")
+        for op in sorted({r.op for r in self.records if r.status == "fused"}):
+            lines.append(f"{op}: {NORM_OP_RUNTIMES.get(op, 'ONNX Runtime')}")
         if self.verified and self.count("fused"):
             worst = max(r.max_abs_error or 0.0 for r in self.records if r.status == "fused")
             lines.append(f"verified in ONNX Runtime: max |fused - original| = {worst:.3g}")

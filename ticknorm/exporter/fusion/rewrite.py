@@ -1,5 +1,7 @@
 """Replace matched normalizations by single nodes, keeping names, order and module scopes."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -10,6 +12,31 @@ from ticknorm.exporter.scopes import set_scope
 
 # The op each kind becomes, and the first default-domain opset that has it.
 FUSED_OPS = {"LayerNorm": ("LayerNormalization", 17), "RMSNorm": ("RMSNormalization", 23)}
+# ONNX Runtime's own fused RMSNorm, registered in the default domain at every opset: what its
+# optimizer and the GenAI model builder write. Runtimes other than ONNX Runtime do not take it.
+ORT_RMS_NORM = "SimplifiedLayerNormalization"
+# auto: RMSNormalization at opset 23+, ONNX Runtime's op below; onnx: RMSNormalization only (left
+# decomposed below 23); ort: ONNX Runtime's op at any opset.
+RMS_TARGETS = ("auto", "onnx", "ort")
+
+
+@dataclass(frozen=True)
+class NormTargets:
+    """What each kind of norm becomes. With `plugin`, LayerNorms go on to the TensorRT plugin op
+    (a domain of its own, any opset): they fuse below opset 17 too, as the LayerNormalization that
+    ONNX Runtime runs at any opset, so that verification sees them before the plugin rewrite."""
+
+    rms: str = "auto"
+    plugin: bool = False
+
+    def op(self, kind: str, opset: int) -> tuple[str, int]:
+        """The op a `kind` of norm becomes in a graph of `opset`, and the opset that op needs."""
+        op_type, needs = FUSED_OPS[kind]
+        if kind == "RMSNorm" and (self.rms == "ort" or (self.rms == "auto" and opset < needs)):
+            return ORT_RMS_NORM, 1
+        if kind == "LayerNorm" and self.plugin:
+            return op_type, 1
+        return op_type, needs
 
 
 class UniqueNames:
@@ -31,13 +58,15 @@ class UniqueNames:
         return name
 
 
-def rewrite_matches(model: onnx.ModelProto, index: GraphIndex, matches: list[NormMatch]) -> onnx.ModelProto:
-    """A new model where each match is one fused node placed where its last node was."""
+def rewrite_matches(model: onnx.ModelProto, index: GraphIndex, matches: list[NormMatch],
+                    op_types: dict[str, str]) -> onnx.ModelProto:
+    """A new model where each match is one fused node (of `op_types[kind]`) placed where its last
+    node was."""
     names = UniqueNames(model)
     reusable = _reusable_params(index, matches)
     replacement, removed, new_initializers = {}, set(), []
     for match in matches:
-        nodes, params = _fused_nodes(match, names, reusable)
+        nodes, params = _fused_nodes(match, op_types[match.kind], names, reusable)
         replacement[max(match.nodes)] = nodes
         removed.update(match.nodes)
         new_initializers.extend(params)
@@ -73,8 +102,7 @@ def _param(value, match: NormMatch, stem: str, names: UniqueNames, reusable: dic
     return reusable[key]
 
 
-def _fused_nodes(match: NormMatch, names: UniqueNames, reusable: dict) -> tuple[list, list]:
-    op_type, _ = FUSED_OPS[match.kind]
+def _fused_nodes(match: NormMatch, op_type: str, names: UniqueNames, reusable: dict) -> tuple[list, list]:
     stem = match.scope or match.output
     created: list = []
     inputs = [match.input, _param(1.0 if match.scale is None else match.scale, match, f"{stem}.scale", names, reusable, created)]

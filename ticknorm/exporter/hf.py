@@ -1,0 +1,210 @@
+"""Hugging Face models as graphs with named inputs and outputs, with or without a KV cache.
+
+A `PreTrainedModel` returns a `ModelOutput` holding a cache object, and its forward takes flags
+(`use_cache`, `return_dict`) that no exporter can pass: both exporters fail on it. `HfGraph` is the
+thin wrapper that Optimum and onnx-diagnostic also put around such a model: tensors in by name,
+a dict of named tensors out (`logits`, `last_hidden_state`, `present.0.key`, ...), flags set for the
+user. It shares the model's submodules, parameters and buffers instead of holding the model as a
+child, so every module path (and so every node scope) is the model's own: `model.layers.0...`,
+not `hf.model.layers.0...`.
+
+Tasks follow Optimum's names: `default` (no cache; what a classifier or an encoder serves) and
+`text-generation-with-past` (a decoder step: `past_key_values.N.key/value` in, `present.N.*` out,
+dynamic batch / sequence / past axes, the mask spanning past + sequence).
+"""
+
+import inspect
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+from ticknorm.errors import InputSpecError
+from ticknorm.exporter.tasks import PAST_INPUT as _PAST
+from ticknorm.exporter.tasks import TASKS, WITH_PAST
+# The tensor arguments HfGraph.forward passes on, in the order the graph lists them.
+TENSOR_ARGUMENTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values",
+                    "input_features", "decoder_input_ids", "decoder_attention_mask")
+BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+
+def is_hf_model(model) -> bool:
+    """True for a transformers model, without importing transformers for anyone else."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def past_names(layers: int, prefix: str = "past_key_values") -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+class HfGraph(nn.Module):
+    """`forward(**named tensors) -> {name: tensor}` around a transformers model."""
+
+    def __init__(self, model, task: str = "default"):
+        super().__init__()
+        if task not in TASKS:
+            raise InputSpecError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+        object.__setattr__(self, "hf", model)  # not a child: its children are ours, under their own names
+        self._modules, self._parameters, self._buffers = model._modules, model._parameters, model._buffers
+        self.task = task
+        self.accepts = _accepted(model)
+        if task == WITH_PAST and not model.can_generate():
+            raise InputSpecError(f"{type(model).__name__} takes no KV cache; --task {WITH_PAST} needs a decoder")
+
+    @property
+    def architecture(self) -> str:
+        return type(self.hf).__name__
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, pixel_values=None,
+                input_features=None, decoder_input_ids=None, decoder_attention_mask=None, past_key_values=None,
+                **flat_past):
+        """`past_key_values` is `[[key, value], ...]` (how the exporters see it) or given flat as
+        `past_key_values.N.key=...` keywords (how ticknorm's feeds and the ONNX graph name it)."""
+        given = dict(zip(TENSOR_ARGUMENTS, (input_ids, attention_mask, token_type_ids, position_ids, pixel_values,
+                                            input_features, decoder_input_ids, decoder_attention_mask)))
+        arguments = {name: value for name, value in given.items() if value is not None}
+        unknown = [name for name in [*arguments, *flat_past] if name not in self.accepts and not _PAST.fullmatch(name)]
+        if unknown:
+            raise InputSpecError(f"{self.architecture}.forward has no parameter {', '.join(unknown)}; it takes: "
+                                 f"{', '.join(n for n in TENSOR_ARGUMENTS if n in self.accepts)}")
+        if self.task == WITH_PAST:
+            arguments[self._cache_argument()] = self._cache(past_key_values or _nested_past(flat_past))
+        if "use_cache" in self.accepts:
+            arguments["use_cache"] = self.task == WITH_PAST
+        outputs = self.hf.forward(**arguments, return_dict=True)
+        return self._named_outputs(outputs)
+
+    def _cache_argument(self) -> str:
+        return "cache" if "cache" in self.accepts else "past_key_values"  # transformers 5.24 renames it
+
+    def _cache(self, past: list):
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=[tuple(pair) for pair in past], config=self.hf.config)
+
+    def _named_outputs(self, outputs) -> dict:
+        named = {}
+        for key, value in outputs.items():
+            if isinstance(value, torch.Tensor):
+                named[key] = value
+            elif self.task == WITH_PAST and hasattr(value, "layers"):  # the cache: present.N.key/value
+                for layer, cached in enumerate(value.layers):
+                    named[f"present.{layer}.key"], named[f"present.{layer}.value"] = cached.keys, cached.values
+        return named
+
+    def export_arguments(self, tensors: dict, dynamic_axes: dict) -> tuple[dict, dict, list]:
+        """What the exporters take: keyword arguments with the past nested as `[[k, v], ...]`, the
+        dynamic shapes in the same structure, and the flat input names in the order they flatten."""
+        kwargs = {name: tensors[name] for name in TENSOR_ARGUMENTS if name in tensors}
+        shapes = {name: dynamic_axes.get(name, {}) for name in kwargs}
+        names = list(kwargs)
+        layers = sorted({int(_PAST.fullmatch(n).group(1)) for n in tensors if _PAST.fullmatch(n)})
+        if layers:
+            flat = past_names(len(layers))
+            kwargs["past_key_values"] = [[tensors[flat[2 * i]], tensors[flat[2 * i + 1]]] for i in layers]
+            shapes["past_key_values"] = [[dynamic_axes.get(flat[2 * i], {}), dynamic_axes.get(flat[2 * i + 1], {})]
+                                         for i in layers]
+            names += flat
+        return kwargs, shapes, names
+
+
+def _accepted(model) -> set:
+    parameters = inspect.signature(model.forward).parameters
+    return set(parameters)
+
+
+def _nested_past(flat: dict) -> list:
+    layers = sorted({int(_PAST.fullmatch(n).group(1)) for n in flat if _PAST.fullmatch(n)})
+    if layers != list(range(len(layers))) or any(f"past_key_values.{i}.{k}" not in flat for i in layers for k in ("key", "value")):
+        raise InputSpecError("past_key_values.N.key/value must be given for every layer 0..N-1, keys and values both")
+    return [[flat[f"past_key_values.{i}.key"], flat[f"past_key_values.{i}.value"]] for i in layers]
+
+
+def complete_inputs(graph: HfGraph, feeds: dict[str, np.ndarray], dynamic_axes: dict, past_length: int | None = None,
+                    seed: int = 0) -> tuple[dict, dict]:
+    """The feeds and dynamic axes the task needs beyond what the user gave: an all-ones
+    `attention_mask` when the model takes one, `decoder_input_ids` for an encoder-decoder, and for
+    a decoder with past the KV cache (from a real prefill run of the model) with its mask of past +
+    sequence. Axes the user named keep their names; the ones added follow Optimum's."""
+    feeds, axes = dict(feeds), {name: dict(a) for name, a in dynamic_axes.items()}
+    ids = feeds.get("input_ids")
+    if ids is None or ids.ndim != 2:
+        return feeds, axes
+    with_past = graph.task == WITH_PAST
+    if with_past:  # a decoder step serves any batch and length: both axes are dynamic
+        axes.setdefault("input_ids", {}).setdefault(0, BATCH)
+        axes["input_ids"].setdefault(1, SEQUENCE)
+    batch_axis = axes.get("input_ids", {}).get(0)
+    if "decoder_input_ids" in graph.accepts and "decoder_input_ids" not in feeds and graph.hf.config.is_encoder_decoder:
+        feeds["decoder_input_ids"] = ids.copy()
+        axes["decoder_input_ids"] = {a: f"decoder_{n}" if a == 1 else n for a, n in axes.get("input_ids", {}).items()}
+    past = {}
+    if with_past:
+        length = past_length or _distinct_length(ids.shape)
+        past = prefill_cache(graph, ids.shape[0], length, seed)
+        for name, value in past.items():
+            feeds[name] = value
+            axes[name] = {**({0: batch_axis} if batch_axis else {}), 2: PAST}
+    if "attention_mask" in graph.accepts:
+        mask = feeds.get("attention_mask", np.ones(ids.shape, np.int64))
+        if with_past and mask.shape[-1] == ids.shape[1]:
+            mask = np.concatenate([np.ones((ids.shape[0], _past_length(past)), mask.dtype), mask], axis=1)
+        feeds["attention_mask"] = mask
+        mask_axis = TOTAL if with_past else axes.get("input_ids", {}).get(1)
+        axes["attention_mask"] = {a: n for a, n in ((0, batch_axis), (1, mask_axis)) if n}
+    return feeds, {name: a for name, a in axes.items() if a}
+
+
+def _past_length(past: dict) -> int:
+    return next(iter(past.values())).shape[2] if past else 0
+
+
+def _distinct_length(shape) -> int:
+    """An example past length unlike every other example size (and so is past + sequence), so the
+    exporter cannot mistake one dynamic axis for another."""
+    return next(n for n in range(3, 64) if n not in shape and n + shape[1] not in shape)
+
+
+def prefill_cache(graph: HfGraph, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`past_key_values.N.key/value` as the model itself fills them on `length` random tokens."""
+    vocabulary = getattr(graph.hf.config.get_text_config(), "vocab_size", 2)
+    ids = np.random.default_rng(seed + 1).integers(0, vocabulary, (batch, length))
+    return _as_past(step(graph, ids, {}))
+
+
+def _as_past(outputs: dict) -> dict:
+    """A step's `present.N.*` outputs as the next step's `past_key_values.N.*` inputs."""
+    return {name.replace("present", "past_key_values", 1): value for name, value in outputs.items()
+            if name.startswith("present.")}
+
+
+def step_feeds(graph: HfGraph, ids: np.ndarray, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    feeds = {"input_ids": ids, **past}
+    if "attention_mask" in graph.accepts:
+        feeds["attention_mask"] = np.ones((ids.shape[0], _past_length(past) + ids.shape[1]), np.int64)
+    return feeds
+
+
+def step(graph: HfGraph, ids: np.ndarray, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One decoder step in PyTorch: new tokens `ids` after the cache `past` (empty for a prefill)."""
+    feeds = step_feeds(graph, ids, past)
+    with torch.no_grad():
+        outputs = graph(**{name: torch.from_numpy(value) for name, value in feeds.items()})
+    return {name: tensor.numpy() for name, tensor in outputs.items()}
+
+
+def generation_checks(graph: HfGraph, feeds: dict[str, np.ndarray], decode_steps: int = 2, seed: int = 0) -> list:
+    """Feeds for a prefill (empty cache) and `decode_steps` one-token steps, each past being the
+    present PyTorch returned for the step before: what a generation loop feeds the graph."""
+    ids = feeds["input_ids"]
+    empty = {name: value[:, :, :0] for name, value in feeds.items() if _PAST.fullmatch(name)}
+    rng = np.random.default_rng(seed + 2)
+    vocabulary = getattr(graph.hf.config.get_text_config(), "vocab_size", 2)
+    checks, past, tokens = [], empty, ids
+    for label in ["prefill"] + [f"decode {n + 1}" for n in range(decode_steps)]:
+        checks.append((label, step_feeds(graph, tokens, past)))
+        past = _as_past(step(graph, tokens, past))
+        tokens = rng.integers(0, vocabulary, (ids.shape[0], 1))
+    return checks
