@@ -95,3 +95,22 @@ class IgnoresMask(nn.Module):
 
 def ignores_mask():
     return IgnoresMask()
+
+
+class TorchEncoder(nn.Module):
+    """PyTorch's own encoder layers, which take the `_native_multi_head_attention` fast path in
+    eval under no_grad (as torchvision's ViT does)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(self.encoder(x))
+
+
+def torch_encoder():
+    return TorchEncoder()

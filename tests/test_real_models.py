@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ticknorm import api
-from ticknorm.errors import ExportError, InputSpecError
+from ticknorm.errors import InputSpecError
 from ticknorm.exporter.inspect import FUSED_NORM_OPS, summarize
 from ticknorm.exporter.scopes import get_scope
 from ticknorm.runtime.ort_runner import OrtRunner
@@ -17,8 +17,6 @@ transformers = pytest.importorskip("transformers")
 from hf_models import CONFIGS, DECODERS, build, norms_that_run  # noqa: E402
 
 WITH_PAST = "text-generation-with-past"
-# What the TorchScript exporter cannot represent, and says so in one line.
-TORCHSCRIPT_CANNOT = {}
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +65,6 @@ def test_architecture_exports_with_every_norm_fused(architecture, folders, tmp_p
 @pytest.mark.parametrize("architecture", list(CONFIGS))
 def test_torchscript_exports_them_too(architecture, folders, tmp_path):
     specs = CONFIGS[architecture][1]
-    if architecture in TORCHSCRIPT_CANNOT:
-        with pytest.raises(ExportError, match=TORCHSCRIPT_CANNOT[architecture]):
-            api.export(folders(architecture), tmp_path / "m.onnx", specs, exporter="torchscript")
-        assert list(tmp_path.iterdir()) == []
-        return
     result = api.export(folders(architecture), tmp_path / "m.onnx", specs, exporter="torchscript")
     assert result.passed
     assert summarize(onnx.load(str(tmp_path / "m.onnx"))).decomposed_norms == 0
@@ -161,3 +154,26 @@ def test_task_with_past_on_an_encoder_is_one_clear_error(folders, tmp_path):
 def test_an_input_the_model_does_not_take_is_named(folders, tmp_path):
     with pytest.raises(InputSpecError, match="LlamaForCausalLM.forward has no parameter token_type_ids"):
         api.export(folders("LlamaForCausalLM"), tmp_path / "m.onnx", ["input_ids:2x8:int64", "token_type_ids:2x8:int64"])
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_pytorch_attention_fast_path_is_off_while_exporting(exporter, tmp_path):
+    """`nn.TransformerEncoderLayer` in eval runs `aten::_native_multi_head_attention`, which has no
+    ONNX translation; the export takes the plain path and still matches the fast one."""
+    result = api.export("tests/factories.py:torch_encoder", tmp_path / "e.onnx", ["x:2x5x16"], exporter=exporter)
+    assert result.passed
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "e.onnx")).graph.node]
+    assert ops.count("LayerNormalization") == 5
+    assert torch.backends.mha.get_fastpath_enabled()  # restored for the user's own code
+
+
+def test_opset_below_17_leaves_channels_first_norms_or_puts_them_on_the_plugin(folders, tmp_path):
+    folder, specs = folders("ConvNextModel"), CONFIGS["ConvNextModel"][1]
+    left = api.export(folder, tmp_path / "a.onnx", specs, exporter="torchscript", opset=14)
+    assert left.passed and left.opset == 14
+    assert left.fusion.count("left", "LayerNorm") > 0 and left.fusion.count("fused") == 0
+    plugin = api.export(folder, tmp_path / "b.onnx", specs, exporter="torchscript", opset=14, ln_target="plugin")
+    assert plugin.passed and plugin.opset == 14 and plugin.fusion.verified
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "b.onnx")).graph.node]
+    assert ops.count("LayerNorm") == plugin.fusion.count("fused") == left.fusion.count("left", "LayerNorm")
+    assert "LayerNormalization" not in ops

@@ -43,7 +43,7 @@ class PluginTargetResult:
 def to_plugin_target(model: onnx.ModelProto) -> PluginTargetResult:
     """A copy of `model` where every LayerNormalization the plugin can compute is the plugin op.
     Only top-level nodes: TensorRT parses If/Loop bodies, but nothing we export puts a norm there."""
-    index = GraphIndex(model)
+    index = _typed_index(model)
     names = UniqueNames(model)
     result = PluginTargetResult(model)
     nodes, created = [], []
@@ -74,6 +74,23 @@ def to_plugin_target(model: onnx.ModelProto) -> PluginTargetResult:
             converted.opset_import.append(helper.make_opsetid(PLUGIN_NAMESPACE, int(PLUGIN_VERSION)))
         result.model = converted
     return result
+
+
+def _typed_index(model: onnx.ModelProto) -> GraphIndex:
+    """The graph indexed with its tensor types. Below opset 17 the fused LayerNormalization nodes
+    (ONNX Runtime's op there) stop ONNX shape inference; types then come from a view of the graph
+    at opset 17, which only this rewrite reads and nothing writes."""
+    index = GraphIndex(model)
+    if index.opset >= 17:
+        return index
+    view = onnx.ModelProto()
+    view.CopyFrom(model)
+    for opset in view.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 17
+    typed = GraphIndex(view)
+    typed.opset = index.opset
+    return typed
 
 
 def _plugin_problem(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, tuple]:
