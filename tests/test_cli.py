@@ -105,3 +105,28 @@ def test_corrupt_onnx_gets_no_traceback_from_the_real_process(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: {bad} is not a readable ONNX model")
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_export_of_a_decoder_with_past_from_the_command_line(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from hf_models import build
+
+    build("GPT2LMHeadModel").save_pretrained(tmp_path / "gpt2")
+    result = run("export", "--model", tmp_path / "gpt2", "--input", "input_ids:2x8:int64", "--task",
+                 "text-generation-with-past", "-o", tmp_path / "g.onnx")
+    assert result.exit_code == 0, result.output
+    assert "logits (decode 2):" in result.output and "present.1.value (prefill):" in result.output
+    assert transformers is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "text-generation-with-past"], "error: --task text-generation-with-past needs a Hugging Face decoder; "
+                                              "Small is not a transformers model"),
+    (["--adapter", "tests"], "error: tests is not a PEFT adapter folder (no adapter_config.json); save the adapter "
+                             "with model.save_pretrained(DIR) on the PeftModel"),
+])
+def test_bad_task_or_adapter_is_one_line_exit_2(tmp_path, args, message):
+    result = run("export", "--model", "tests/factories.py:small", "--input", "x:2x8", "-o", tmp_path / "m.onnx", *args)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == message  # after the progress lines
+    assert list(tmp_path.iterdir()) == []

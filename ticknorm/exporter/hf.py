@@ -35,8 +35,8 @@ def is_hf_model(model) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
-def past_names(layers: int, prefix: str = "past_key_values") -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+def past_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
 
 class HfGraph(nn.Module):
@@ -49,7 +49,7 @@ class HfGraph(nn.Module):
         object.__setattr__(self, "hf", model)  # not a child: its children are ours, under their own names
         self._modules, self._parameters, self._buffers = model._modules, model._parameters, model._buffers
         self.task = task
-        self.accepts = _accepted(model)
+        self.accepts = set(inspect.signature(model.forward).parameters)
         if task == WITH_PAST and not model.can_generate():
             raise InputSpecError(f"{type(model).__name__} takes no KV cache; --task {WITH_PAST} needs a decoder")
 
@@ -100,19 +100,12 @@ class HfGraph(nn.Module):
         kwargs = {name: tensors[name] for name in TENSOR_ARGUMENTS if name in tensors}
         shapes = {name: dynamic_axes.get(name, {}) for name in kwargs}
         names = list(kwargs)
-        layers = sorted({int(_PAST.fullmatch(n).group(1)) for n in tensors if _PAST.fullmatch(n)})
-        if layers:
-            flat = past_names(len(layers))
-            kwargs["past_key_values"] = [[tensors[flat[2 * i]], tensors[flat[2 * i + 1]]] for i in layers]
-            shapes["past_key_values"] = [[dynamic_axes.get(flat[2 * i], {}), dynamic_axes.get(flat[2 * i + 1], {})]
-                                         for i in layers]
-            names += flat
+        past = [name for name in tensors if _PAST.fullmatch(name)]
+        if past:
+            kwargs["past_key_values"] = _nested_past(tensors)
+            shapes["past_key_values"] = _nested_past({name: dynamic_axes.get(name, {}) for name in past})
+            names += past_names(len(kwargs["past_key_values"]))
         return kwargs, shapes, names
-
-
-def _accepted(model) -> set:
-    parameters = inspect.signature(model.forward).parameters
-    return set(parameters)
 
 
 def _nested_past(flat: dict) -> list:
@@ -140,13 +133,13 @@ def complete_inputs(graph: HfGraph, feeds: dict[str, np.ndarray], dynamic_axes: 
     if "decoder_input_ids" in graph.accepts and "decoder_input_ids" not in feeds and graph.hf.config.is_encoder_decoder:
         feeds["decoder_input_ids"] = ids.copy()
         axes["decoder_input_ids"] = {a: f"decoder_{n}" if a == 1 else n for a, n in axes.get("input_ids", {}).items()}
-    past = {}
-    if with_past:
+    past = {name: value for name, value in feeds.items() if _PAST.fullmatch(name)}  # the user's own, if given
+    if with_past and not past:
         length = past_length or _distinct_length(ids.shape)
         past = prefill_cache(graph, ids.shape[0], length, seed)
-        for name, value in past.items():
-            feeds[name] = value
-            axes[name] = {**({0: batch_axis} if batch_axis else {}), 2: PAST}
+        feeds.update(past)
+    for name in past:
+        axes.setdefault(name, {**({0: batch_axis} if batch_axis else {}), 2: PAST})
     if "attention_mask" in graph.accepts:
         mask = feeds.get("attention_mask", np.ones(ids.shape, np.int64))
         if with_past and mask.shape[-1] == ids.shape[1]:
