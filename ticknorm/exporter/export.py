@@ -58,7 +58,8 @@ def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str =
                  progress=lambda message: None) -> ExportResult:
     """Export `model` on `feeds` (name -> example array) and write `output` only if every step
     passed: export, LayerNorm fusion with its verification, and the torch-vs-ORT comparison, on
-    `feeds` and on each `(label, feeds)` of `extra_checks` (a decoder's prefill and decode steps).
+    `feeds` and on each `(label, feeds, PyTorch outputs)` of `extra_checks` (a decoder's prefill
+    and decode steps, whose PyTorch outputs the step chain already computed).
     With `ln_target="plugin"` the checked graph's LayerNorms then become the TensorRT plugin op
     (ONNX Runtime cannot run that graph, so every check runs before the rewrite)."""
     torch = require("torch", "torch")
@@ -79,8 +80,9 @@ def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str =
     if check:
         progress("comparing PyTorch and ONNX Runtime outputs")
         accuracy = compare_with_torch(proto, feeds, reference)
-        for label, step_feeds in extra_checks:
-            accuracy += compare_with_torch(proto, step_feeds, torch_reference(model, step_feeds)[1], label)
+        for label, step_feeds, expected in extra_checks:
+            ensure_finite(dict(zip(names, expected)), f"the PyTorch model's ({label})")
+            accuracy += compare_with_torch(proto, step_feeds, expected, label)
         failed = [c for c in accuracy if not c.passed]
         if failed:
             raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {failed[0].name}: "

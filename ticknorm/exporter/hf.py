@@ -110,7 +110,7 @@ class HfGraph(nn.Module):
 
 def _nested_past(flat: dict) -> list:
     layers = sorted({int(_PAST.fullmatch(n).group(1)) for n in flat if _PAST.fullmatch(n)})
-    if layers != list(range(len(layers))) or any(f"past_key_values.{i}.{k}" not in flat for i in layers for k in ("key", "value")):
+    if layers != list(range(len(layers))) or not set(past_names(len(layers))) <= flat.keys():
         raise InputSpecError("past_key_values.N.key/value must be given for every layer 0..N-1, keys and values both")
     return [[flat[f"past_key_values.{i}.key"], flat[f"past_key_values.{i}.value"]] for i in layers]
 
@@ -162,9 +162,12 @@ def _distinct_length(shape) -> int:
 
 def prefill_cache(graph: HfGraph, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
     """`past_key_values.N.key/value` as the model itself fills them on `length` random tokens."""
-    vocabulary = getattr(graph.hf.config.get_text_config(), "vocab_size", 2)
-    ids = np.random.default_rng(seed + 1).integers(0, vocabulary, (batch, length))
-    return _as_past(step(graph, ids, {}))
+    ids = np.random.default_rng(seed + 1).integers(0, _vocabulary(graph), (batch, length))
+    return _as_past(step(graph, step_feeds(graph, ids, {})))
+
+
+def _vocabulary(graph: HfGraph) -> int:
+    return getattr(graph.hf.config.get_text_config(), "vocab_size", 2)
 
 
 def _as_past(outputs: dict) -> dict:
@@ -174,30 +177,32 @@ def _as_past(outputs: dict) -> dict:
 
 
 def step_feeds(graph: HfGraph, ids: np.ndarray, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A decoder step's feeds: new tokens `ids` after the cache `past` (empty for a prefill)."""
     feeds = {"input_ids": ids, **past}
     if "attention_mask" in graph.accepts:
         feeds["attention_mask"] = np.ones((ids.shape[0], _past_length(past) + ids.shape[1]), np.int64)
     return feeds
 
 
-def step(graph: HfGraph, ids: np.ndarray, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One decoder step in PyTorch: new tokens `ids` after the cache `past` (empty for a prefill)."""
-    feeds = step_feeds(graph, ids, past)
+def step(graph: HfGraph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One decoder step in PyTorch: output name -> array, in the graph's output order."""
     with torch.no_grad():
         outputs = graph(**{name: torch.from_numpy(value) for name, value in feeds.items()})
     return {name: tensor.numpy() for name, tensor in outputs.items()}
 
 
 def generation_checks(graph: HfGraph, feeds: dict[str, np.ndarray], decode_steps: int = 2, seed: int = 0) -> list:
-    """Feeds for a prefill (empty cache) and `decode_steps` one-token steps, each past being the
-    present PyTorch returned for the step before: what a generation loop feeds the graph."""
+    """`(label, feeds, PyTorch outputs)` for a prefill (empty cache) and `decode_steps` one-token
+    steps, each past being the present PyTorch returned for the step before: what a generation
+    loop feeds the graph, with the reference each step is judged by."""
     ids = feeds["input_ids"]
-    empty = {name: value[:, :, :0] for name, value in feeds.items() if _PAST.fullmatch(name)}
+    past = {name: value[:, :, :0] for name, value in feeds.items() if _PAST.fullmatch(name)}
     rng = np.random.default_rng(seed + 2)
-    vocabulary = getattr(graph.hf.config.get_text_config(), "vocab_size", 2)
-    checks, past, tokens = [], empty, ids
+    checks, tokens = [], ids
     for label in ["prefill"] + [f"decode {n + 1}" for n in range(decode_steps)]:
-        checks.append((label, step_feeds(graph, tokens, past)))
-        past = _as_past(step(graph, tokens, past))
-        tokens = rng.integers(0, vocabulary, (ids.shape[0], 1))
+        inputs = step_feeds(graph, tokens, past)
+        outputs = step(graph, inputs)
+        checks.append((label, inputs, list(outputs.values())))
+        past = _as_past(outputs)
+        tokens = rng.integers(0, _vocabulary(graph), (ids.shape[0], 1))
     return checks
