@@ -1,6 +1,7 @@
 """End-to-end exports of real modules through both torch exporters."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -125,3 +126,28 @@ def test_arguments_the_graph_dropped_do_not_break_export_or_compare(tmp_path):
     report, _ = api.compare(tmp_path / "m.onnx", "tests/factories.py:ignores_mask", ["x:2x8", "mask:2x8:int64"])
     assert not report.passed  # a fresh factory call has other random weights than the exported one
     assert report.outputs["ort"][0].max_abs > 0
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("threshold", [api.PROTOBUF_LIMIT, 1000], ids=["inline", "external"])
+def test_weights_staged_on_disk_make_the_same_model(exporter, threshold, tmp_path, monkeypatch):
+    """Big models go through export, fusion, verification and the comparison with their weights in
+    a file (here forced for a small one): the written model is whole and computes the same."""
+    import tempfile
+
+    from ticknorm.exporter import export as export_module
+
+    monkeypatch.setattr(export_module, "WEIGHTS_ON_DISK_BYTES", 0)
+    stages_before = set(Path(tempfile.gettempdir()).glob("ticknorm-weights-*"))
+    result = api.export(output=tmp_path / "m.onnx", exporter=exporter, external_data_threshold=threshold, **EXAMPLE)
+    assert result.passed and result.fusion.count("fused") == 4 and result.fusion.verified
+    expected_files = ["m.onnx"] + (["m.onnx.data"] if threshold == 1000 else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected_files
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert [n.op_type for n in model.graph.node].count("LayerNormalization") == 5
+    module = api.load_model(EXAMPLE["model"], EXAMPLE["checkpoint"])
+    ids = np.random.default_rng(7).integers(0, 1000, (3, 5))
+    with torch.no_grad():
+        reference = module(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(OrtRunner(model).infer({"input_ids": ids}).outputs["output"], reference, atol=1e-4)
+    assert set(Path(tempfile.gettempdir()).glob("ticknorm-weights-*")) == stages_before  # the stage is gone

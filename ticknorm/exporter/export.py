@@ -26,7 +26,7 @@ from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.scopes import annotate_scopes
 from ticknorm.inputs import graph_feeds
-from ticknorm.onnx_io import PROTOBUF_LIMIT, save_onnx
+from ticknorm.onnx_io import PROTOBUF_LIMIT, WEIGHTS_ON_DISK_BYTES, save_onnx, stage_weights
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.torch_runner import from_numpy, tensor_leaves, to_numpy
 from ticknorm.validate.metrics import ArrayComparison, compare_arrays, ensure_finite
@@ -68,32 +68,46 @@ def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str =
     progress("running the PyTorch model")
     names, reference = torch_reference(model, feeds)
     tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
-    progress(f"exporting with the {exporter} exporter")
-    proto = torch_to_onnx(model, tensors, exporter, opset, dynamic_axes or {}, names)
-    report = None
-    if fuse:
-        progress("fusing LayerNorms and verifying the fused graph in ONNX Runtime")
-        targets = NormTargets(rms=rms_target, plugin=ln_target == "plugin")
-        fused = fuse_norms(proto, opset=opset, feeds=graph_feeds(proto, feeds), targets=targets)
-        proto, report = fused.model, fused.report
-    accuracy = []
-    if check:
-        progress("comparing PyTorch and ONNX Runtime outputs")
-        accuracy = compare_with_torch(proto, feeds, reference)
-        for label, step_feeds, expected in extra_checks:
-            ensure_finite(dict(zip(names, expected)), f"the PyTorch model's ({label})")
-            accuracy += compare_with_torch(proto, step_feeds, expected, label)
-        failed = [c for c in accuracy if not c.passed]
-        if failed:
-            raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {failed[0].name}: "
-                                f"{failed[0].reason}; nothing was written")
-    retargeted = None
-    if ln_target == "plugin":
-        retargeted = to_plugin_target(proto)
-        proto = retargeted.model
-    files = save_onnx(proto, output, external_data_threshold)
+    with _weights_stage(model) as weights_dir:
+        progress(f"exporting with the {exporter} exporter")
+        proto = torch_to_onnx(model, tensors, exporter, opset, dynamic_axes or {}, names, weights_dir)
+        report = None
+        if fuse:
+            progress("fusing LayerNorms and verifying the fused graph in ONNX Runtime")
+            targets = NormTargets(rms=rms_target, plugin=ln_target == "plugin")
+            fused = fuse_norms(proto, opset=opset, feeds=graph_feeds(proto, feeds), targets=targets,
+                               weights_dir=weights_dir)
+            proto, report = fused.model, fused.report
+        accuracy = []
+        if check:
+            progress("comparing PyTorch and ONNX Runtime outputs")
+            accuracy = compare_with_torch(proto, feeds, reference, weights_dir=weights_dir)
+            for label, step_feeds, expected in extra_checks:
+                ensure_finite(dict(zip(names, expected)), f"the PyTorch model's ({label})")
+                accuracy += compare_with_torch(proto, step_feeds, expected, label, weights_dir)
+            failed = [c for c in accuracy if not c.passed]
+            if failed:
+                raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {failed[0].name}: "
+                                    f"{failed[0].reason}; nothing was written")
+        retargeted = None
+        if ln_target == "plugin":
+            retargeted = to_plugin_target(proto)
+            proto = retargeted.model
+        files = save_onnx(proto, output, external_data_threshold, weights_dir)
     opset_now = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return ExportResult(files, exporter, opset_now, report, accuracy, retargeted)
+
+
+@contextlib.contextmanager
+def _weights_stage(model):
+    """A folder for the exported weights when the model is big enough that holding them in
+    memory would cost a copy per rewrite and two per ONNX Runtime session; None otherwise."""
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if weights < WEIGHTS_ON_DISK_BYTES:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="ticknorm-weights-") as directory:
+        yield Path(directory)
 
 
 def torch_reference(model, feeds: dict) -> tuple[list[str], list[np.ndarray]]:
@@ -112,11 +126,12 @@ def torch_reference(model, feeds: dict) -> tuple[list[str], list[np.ndarray]]:
     return names, reference
 
 
-def compare_with_torch(proto: onnx.ModelProto, feeds: dict, reference: list, label: str = "") -> list[ArrayComparison]:
+def compare_with_torch(proto: onnx.ModelProto, feeds: dict, reference: list, label: str = "",
+                       weights_dir=None) -> list[ArrayComparison]:
     names = [o.name for o in proto.graph.output]
     if len(names) != len(reference):
         raise ExportError(f"the ONNX graph has {len(names)} outputs but the PyTorch model returned {len(reference)} tensors")
-    actual = OrtRunner(proto).infer(graph_feeds(proto, feeds)).outputs
+    actual = OrtRunner(proto, weights_dir=weights_dir).infer(graph_feeds(proto, feeds)).outputs
     checks = []
     for name, expected in zip(names, reference):
         atol, rtol = EXPORT_TOLERANCES.get(str(expected.dtype), (0.0, 0.0))
@@ -164,20 +179,24 @@ def output_names(torch, outputs) -> list[str]:
 
 
 def torch_to_onnx(model, tensors: dict, exporter: str = DEFAULT_EXPORTER, opset=None,
-                  dynamic_axes: dict | None = None, outputs: list[str] | None = None) -> onnx.ModelProto:
-    """The exporter's graph, unfused, with a `ticknorm.scope` on every node."""
+                  dynamic_axes: dict | None = None, outputs: list[str] | None = None,
+                  weights_dir=None) -> onnx.ModelProto:
+    """The exporter's graph, unfused, with a `ticknorm.scope` on every node. With `weights_dir`
+    the exporter writes there and the graph comes back staged: weights referenced, not held."""
     torch = require("torch", "torch")
     _check_exporter(exporter, opset)
     tensors = {name: value if isinstance(value, torch.Tensor) else from_numpy(torch, value) for name, value in tensors.items()}
     model.eval()
     with torch.no_grad():
-        proto = _export(torch, model, tensors, exporter, opset, dynamic_axes or {}, outputs)
+        proto = _export(torch, model, tensors, exporter, opset, dynamic_axes or {}, outputs, weights_dir)
     annotate_scopes(proto, [name for name, _ in model.named_modules()])
     return proto
 
 
-def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dict, outputs) -> onnx.ModelProto:
+def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dict, outputs,
+            weights_dir=None) -> onnx.ModelProto:
     kwargs, structure, names = _arguments(model, tensors, dynamic_axes)
+    target = Path(weights_dir) / "exported.onnx" if weights_dir is not None else None
     with warnings.catch_warnings(), _silenced(), _quiet_loggers(), _fast_attention_off(torch):
         warnings.simplefilter("ignore")
         try:
@@ -185,12 +204,15 @@ def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dic
                 program = torch.onnx.export(model, (), kwargs=kwargs, dynamo=True, opset_version=opset,
                                             dynamic_shapes=_dynamic_shapes(torch, structure), input_names=names,
                                             output_names=outputs, optimize=True, verbose=False)
-                return program.model_proto
-            buffer = io.BytesIO()
+                if target is None:
+                    return program.model_proto
+                program.save(str(target), external_data=True)  # from the torch tensors, no proto of them
+                return stage_weights(target)
+            buffer = io.BytesIO() if target is None else str(target)
             torch.onnx.export(model, (), buffer, kwargs=kwargs, dynamo=False, opset_version=opset or 17,
                               input_names=names, output_names=outputs, dynamic_axes=dynamic_axes or None,
                               do_constant_folding=True)
-            return onnx.load_from_string(buffer.getvalue())
+            return onnx.load_from_string(buffer.getvalue()) if target is None else stage_weights(target)
         except Exception as exc:  # noqa: BLE001 - exporters raise many unrelated types
             raise ExportError(_describe_failure(torch, model, tensors, exporter, exc)) from exc
 

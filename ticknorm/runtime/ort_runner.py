@@ -1,12 +1,10 @@
 """ONNX Runtime: CPU or CUDA provider, selectable graph optimization, taps as extra outputs."""
 
-import tempfile
-
 import numpy as np
 import onnx
 
 from ticknorm.errors import OnnxFileError, first_line
-from ticknorm.onnx_io import serialize_or_save
+from ticknorm.onnx_io import session_source
 from ticknorm.plugins import plugin_nodes
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeFailure, RuntimeUnavailable
 
@@ -16,9 +14,12 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 class OrtRunner(Runner):
     def __init__(self, model: onnx.ModelProto, provider: str = "cpu", optimization: str = "all",
-                 session_options=None):
+                 session_options=None, weights_dir=None):
+        """`weights_dir` holds the weights of a staged model (`onnx_io.stage_weights`): sessions
+        memory-map them from there instead of copying them."""
         super().__init__()
         self.model = model
+        self.weights_dir = weights_dir
         self.provider = provider
         self.optimization = optimization
         self.name = f"ort-{provider}"
@@ -50,6 +51,8 @@ class OrtRunner(Runner):
 
         options = self._extra_options() if self._extra_options else ort.SessionOptions()
         options.log_severity_level = 3
+        if self.weights_dir is not None:  # prepacked weights would be private copies of the mapped file
+            options.add_session_config_entry("session.disable_prepacking", "1")
         options.graph_optimization_level = {
             "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -66,9 +69,9 @@ class OrtRunner(Runner):
             added = [name for name in taps if name not in existing]
             outputs.extend(onnx.ValueInfoProto(name=name) for name in added)  # no copy of the weights
             try:
-                with tempfile.TemporaryDirectory() as workdir:
-                    self._sessions[taps] = ort.InferenceSession(serialize_or_save(self.model, workdir),
-                                                                self.session_options(), providers=[PROVIDERS[self.provider]])
+                with session_source(self.model, self.weights_dir) as source:
+                    self._sessions[taps] = ort.InferenceSession(source, self.session_options(),
+                                                                providers=[PROVIDERS[self.provider]])
             except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
                 raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
             finally:

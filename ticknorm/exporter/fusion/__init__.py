@@ -27,14 +27,16 @@ class FusionResult:
 
 
 def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = True,
-               feeds: dict[str, np.ndarray] | None = None, targets: NormTargets = NormTargets()) -> FusionResult:
+               feeds: dict[str, np.ndarray] | None = None, targets: NormTargets = NormTargets(),
+               weights_dir=None) -> FusionResult:
     """Fuse, verify against the original in ONNX Runtime, and report. Raises AccuracyError (and
     returns nothing) when a fused graph computes different numbers.
 
     `opset` is the opset the result may use; by default the model's own, raised to 17 when a
     LayerNorm needs it. An `opset` below 17 keeps LayerNorms decomposed, and reports them. RMSNorms
     become RMSNormalization at opset 23+ and ONNX Runtime's SimplifiedLayerNormalization below
-    (`targets.rms`, see `rewrite.RMS_TARGETS`).
+    (`targets.rms`, see `rewrite.RMS_TARGETS`). `weights_dir` holds the weights of a model staged
+    on disk (`onnx_io.stage_weights`), which verification sessions map from there.
     """
     if targets.rms not in RMS_TARGETS:
         raise FusionError(f"unknown RMSNorm target '{targets.rms}'; choose one of: {', '.join(RMS_TARGETS)}")
@@ -54,7 +56,7 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     fused = rewrite_matches(working, index, matches, op_types) if matches else working
     report = FusionReport(before, target, records)
     if verify and matches:
-        _verify(model, fused, matches, records, feeds)
+        _verify(model, fused, matches, records, feeds, weights_dir)
         report.verified = True
     return FusionResult(fused, report)
 
@@ -120,9 +122,9 @@ def _records(found: list, target: int, targets: NormTargets) -> tuple[list, list
     return records, matches
 
 
-def _verify(original, fused, matches: list[NormMatch], records: list, feeds) -> None:
+def _verify(original, fused, matches: list[NormMatch], records: list, feeds, weights_dir) -> None:
     feeds = feeds if feeds is not None else feeds_for_graph(original)
-    checks = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds)
+    checks = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds, weights_dir)
     by_output = {r.output: r for r in records if r.status == "fused"}
     for name, check in checks.items():
         if name in by_output:

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ticknorm.onnx_io import is_external
+
 # Initializers above this size are weights, not shape tensors: shape inference does not need them.
 _SHAPE_RELEVANT_BYTES = 4096
 
@@ -72,7 +74,8 @@ class GraphIndex:
         if name in self.graph_inputs:
             return None  # an initializer that is also an input can be overridden by the caller
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            tensor = self.initializers[name]
+            return None if is_external(tensor) else numpy_helper.to_array(tensor)  # staged weights are no constants we read
         _, node = self.producer_op(name)
         if node is None:
             return None
@@ -175,7 +178,7 @@ def _shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     input_names = {value.name for value in graph.input}
     small, weight_inputs = [], []
     for tensor in graph.initializer:
-        if tensor.ByteSize() <= _SHAPE_RELEVANT_BYTES:
+        if tensor.ByteSize() <= _SHAPE_RELEVANT_BYTES and not is_external(tensor):
             small.append(tensor)
         elif tensor.name not in input_names:
             weight_inputs.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))

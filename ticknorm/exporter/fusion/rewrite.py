@@ -9,6 +9,7 @@ from onnx import helper, numpy_helper
 from ticknorm.exporter.fusion.graph import GraphIndex, rebuilt
 from ticknorm.exporter.fusion.norms import NormMatch
 from ticknorm.exporter.scopes import set_scope
+from ticknorm.onnx_io import is_external
 
 # The op each kind becomes, and the first default-domain opset that has it.
 FUSED_OPS = {"LayerNorm": ("LayerNormalization", 17), "RMSNorm": ("RMSNormalization", 23)}
@@ -86,7 +87,7 @@ def _reusable_params(index: GraphIndex, matches: list[NormMatch]) -> dict:
     shapes = {tuple(m.layout.dims) for m in matches}
     found = {}
     for name, tensor in index.initializers.items():
-        if tuple(tensor.dims) in shapes and name not in index.graph_inputs:
+        if tuple(tensor.dims) in shapes and name not in index.graph_inputs and not is_external(tensor):
             array = numpy_helper.to_array(tensor)
             found.setdefault((array.dtype.str, array.shape, array.tobytes()), name)
     return found

@@ -21,10 +21,11 @@ TOLERANCES = {
 
 
 def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dict[str, int],
-                 feeds: dict[str, np.ndarray]) -> dict[str, ArrayComparison]:
-    """`tensors` maps each tensor to check (outputs of fused nodes) to its element type."""
-    expected = _run_with_outputs(original, feeds, tensors)
-    actual = _run_with_outputs(fused, feeds, tensors)
+                 feeds: dict[str, np.ndarray], weights_dir=None) -> dict[str, ArrayComparison]:
+    """`tensors` maps each tensor to check (outputs of fused nodes) to its element type. The two
+    sessions run one after the other, so only one holds the weights at a time."""
+    expected = _run_with_outputs(original, feeds, tensors, weights_dir)
+    actual = _run_with_outputs(fused, feeds, tensors, weights_dir)
     checks = {}
     for name, reference in expected.items():
         elem_type = tensors.get(name) or onnx.helper.np_dtype_to_tensor_dtype(reference.dtype)
@@ -32,6 +33,6 @@ def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dic
     return checks
 
 
-def _run_with_outputs(model: onnx.ModelProto, feeds: dict, extra: dict[str, int]) -> dict[str, np.ndarray]:
-    result = OrtRunner(model, optimization="disabled").infer(feeds, taps=list(extra))
+def _run_with_outputs(model: onnx.ModelProto, feeds: dict, extra: dict[str, int], weights_dir) -> dict[str, np.ndarray]:
+    result = OrtRunner(model, optimization="disabled", weights_dir=weights_dir).infer(feeds, taps=list(extra))
     return {**result.outputs, **result.taps}
