@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ticknorm import api
-from ticknorm.errors import AccuracyError, ExportError, InputSpecError
-from ticknorm.exporter.scopes import get_scope, scope_coverage
+from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError
+from ticknorm.base.scopes import get_scope, scope_coverage
 from ticknorm.runtime.ort_runner import OrtRunner
 
 EXAMPLE = dict(model="examples/tiny_transformer.py:build", checkpoint="examples/tiny_transformer.safetensors",

@@ -8,9 +8,9 @@ from torch import nn
 
 import norm_modules as nm
 from conftest import export, op_types, ort_outputs, torch_outputs
-from ticknorm.errors import AccuracyError, FusionError
+from ticknorm.base.errors import AccuracyError, FusionError
 from ticknorm.exporter.fusion import NormTargets, fuse_norms, rewrite as rewrite_module
-from ticknorm.exporter.scopes import get_scope
+from ticknorm.base.scopes import get_scope
 
 EXPORTERS = ["dynamo", "torchscript"]
 

@@ -2,8 +2,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ticknorm.errors import InputSpecError
-from ticknorm.inputs import Dim, feeds_from_specs, load_npz, parse_input_spec
+from ticknorm.base.errors import InputSpecError
+from ticknorm.base.inputs import Dim, feeds_from_specs, load_npz, parse_input_spec
 
 
 def test_spec_with_named_dynamic_axes_dtype_and_range():
@@ -49,7 +49,7 @@ def test_duplicate_names_and_bad_npz(tmp_path):
 
 def test_token_ids_span_the_vocabulary_of_the_model(tmp_path):
     from ticknorm import api
-    from ticknorm.inputs import index_ranges
+    from ticknorm.base.inputs import index_ranges
 
     path = tmp_path / "m.onnx"
     api.export("examples/tiny_transformer.py:build", path, ["input_ids:2x16:int64"], exporter="torchscript")

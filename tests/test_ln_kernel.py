@@ -14,7 +14,7 @@ if not ON_GPU and not os.environ.get("TRITON_INTERPRET"):
 DEVICE = "cuda" if ON_GPU else "cpu"
 pytest.importorskip("triton", reason="the kernel extra (triton) is not installed")
 
-from ticknorm.errors import InputSpecError  # noqa: E402
+from ticknorm.base.errors import InputSpecError  # noqa: E402
 from ticknorm.plugins import layer_norm  # noqa: E402
 from ticknorm.plugins.aot import compile_layer_norm, driver_ptx_version  # noqa: E402
 from ticknorm.plugins.launch import launch_config, next_power_of_two  # noqa: E402

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ticknorm.errors import CheckpointError
+from ticknorm.base.errors import CheckpointError
 from ticknorm.exporter.load import build_model, load_factory, load_hf_directory
 
 FACTORY = "tests/factories.py:small"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ticknorm import api
-from ticknorm.errors import CheckpointError
+from ticknorm.base.errors import CheckpointError
 from ticknorm.runtime.ort_runner import OrtRunner
 
 peft = pytest.importorskip("peft")

@@ -16,7 +16,7 @@ from conftest import export, ort_outputs
 from test_cli import EXAMPLE_ARGS, run
 from ticknorm.exporter.fusion import fuse_norms
 from ticknorm.exporter.plugin_target import to_plugin_target
-from ticknorm.exporter.scopes import get_scope
+from ticknorm.base.scopes import get_scope
 from ticknorm.plugins import PLUGIN_NAME, PLUGIN_NAMESPACE, plugin_nodes
 from ticknorm.plugins.launch import MAX_HIDDEN
 
@@ -161,7 +161,7 @@ class _DataType:
 
 
 def test_plugin_launch_arithmetic_without_tensorrt():
-    from ticknorm.errors import TicknormError
+    from ticknorm.base.errors import TicknormError
     from ticknorm.plugins.trt_plugin import kernel_dtype, launch_grid, product, split_at_axis
 
     assert [kernel_dtype(_DataType(n)) for n in ("FLOAT", "HALF", "BF16")] == ["fp32", "fp16", "bf16"]
@@ -183,7 +183,7 @@ def test_registering_without_tensorrt_says_what_is_missing():
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here")
     from ticknorm.plugins.trt_plugin import register_plugin
-    from ticknorm.runtime.base import RuntimeUnavailable
+    from ticknorm.base.errors import RuntimeUnavailable
 
     with pytest.raises(RuntimeUnavailable, match="needs TensorRT 10.9 or newer"):
         register_plugin()

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ticknorm import api
-from ticknorm.errors import InputSpecError
+from ticknorm.base.errors import InputSpecError
 from ticknorm.exporter.inspect import FUSED_NORM_OPS, summarize
-from ticknorm.exporter.scopes import get_scope
+from ticknorm.base.scopes import get_scope
 from ticknorm.runtime.ort_runner import OrtRunner
 
 transformers = pytest.importorskip("transformers")

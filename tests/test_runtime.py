@@ -9,9 +9,9 @@ import torch
 
 from conftest import export
 from factories import Small
-from ticknorm.errors import InputSpecError
-from ticknorm.onnx_io import model_digest
-from ticknorm.runtime.base import RuntimeUnavailable
+from ticknorm.base.errors import InputSpecError
+from ticknorm.base.onnx_io import model_digest
+from ticknorm.base.errors import RuntimeUnavailable
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.registry import make_runner, runtime_statuses
 from ticknorm.runtime.torch_runner import TorchRunner

@@ -3,9 +3,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from ticknorm.errors import OnnxFileError
-from ticknorm.exporter.scopes import annotate_scopes, common_scope, get_scope
-from ticknorm.onnx_io import load_onnx, save_onnx
+from ticknorm.base.errors import OnnxFileError
+from ticknorm.base.scopes import annotate_scopes, common_scope, get_scope
+from ticknorm.base.onnx_io import load_onnx, save_onnx
 
 
 def _node(name, inputs, outputs, op="Relu", dynamo_scopes=None):

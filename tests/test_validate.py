@@ -18,11 +18,12 @@ from factories import Overflowing
 from conftest import export
 from ticknorm import api
 from ticknorm.cli import main
-from ticknorm.errors import AccuracyError
+from ticknorm.base.errors import AccuracyError
 from ticknorm.exporter.export import export_model
 from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.validate.compare import Tolerance, compare
-from ticknorm.validate.drift import BundleError, check, history, snapshot
+from ticknorm.base.errors import BundleError
+from ticknorm.validate.drift import check, history, snapshot
 from ticknorm.validate.overflow import fp16_overflows
 
 EXAMPLE = "examples/tiny_transformer.py:build"

@@ -4,6 +4,6 @@ imported where used."""
 
 __version__ = "0.1.0"
 
-from ticknorm.errors import TicknormError  # noqa: E402
+from ticknorm.base.errors import TicknormError  # noqa: E402
 
 __all__ = ["TicknormError", "__version__"]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ticknorm.atomic import write_text
-from ticknorm.errors import InputSpecError
+from ticknorm.base.atomic import write_text
+from ticknorm.base.errors import InputSpecError
 from ticknorm.exporter.export import DEFAULT_EXPORTER, ExportResult, export_model
 from ticknorm.exporter.fusion import FusionResult, NormTargets, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
@@ -13,8 +13,8 @@ from ticknorm.exporter.load import build_model, load_hf_directory
 from ticknorm.exporter.lora import merge_adapter
 from ticknorm.exporter.tasks import WITH_PAST, task_of_graph
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
-from ticknorm.inputs import feeds_from_specs, index_ranges, load_npz, parse_input_spec
-from ticknorm.onnx_io import PROTOBUF_LIMIT, load_onnx, save_onnx
+from ticknorm.base.inputs import feeds_from_specs, index_ranges, load_npz, parse_input_spec
+from ticknorm.base.onnx_io import PROTOBUF_LIMIT, load_onnx, save_onnx
 from ticknorm.profiler.profile import ProfileResult
 from ticknorm.profiler.profile import profile as run_profile
 from ticknorm.report.joined import JoinedRow, join, write_html
@@ -23,7 +23,8 @@ from ticknorm.runtime.registry import runtime_statuses
 from ticknorm.runtime.trt_runner import TrtSettings, profile_for
 from ticknorm.validate.compare import CompareReport, Tolerance
 from ticknorm.validate.compare import compare as compare_models
-from ticknorm.validate.drift import DriftReport, check, history, plot_history, snapshot
+from ticknorm.report.drift_plot import plot_history
+from ticknorm.validate.drift import DriftReport, check, history, snapshot
 from ticknorm.validate.overflow import fp16_overflows
 
 

@@ -11,9 +11,9 @@ import sys
 import click
 
 from ticknorm import api
-from ticknorm.atomic import write_text
+from ticknorm.base.atomic import write_text
 from ticknorm.report import profile_outputs
-from ticknorm.errors import InputSpecError, TicknormError, first_line
+from ticknorm.base.errors import InputSpecError, TicknormError, first_line
 from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS
 from ticknorm.exporter.fusion import RMS_TARGETS
 from ticknorm.exporter.plugin_target import LN_TARGETS

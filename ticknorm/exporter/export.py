@@ -20,16 +20,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ticknorm._optional import require
-from ticknorm.errors import AccuracyError, ExportError, InputSpecError, TicknormError, first_line
+from ticknorm.base.optional import require
+from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError, TicknormError, first_line
 from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
-from ticknorm.exporter.scopes import annotate_scopes
-from ticknorm.inputs import graph_feeds
-from ticknorm.onnx_io import PROTOBUF_LIMIT, WEIGHTS_ON_DISK_BYTES, save_onnx, stage_weights
+from ticknorm.base.scopes import annotate_scopes
+from ticknorm.base.inputs import graph_feeds
+from ticknorm.base.onnx_io import PROTOBUF_LIMIT, WEIGHTS_ON_DISK_BYTES, save_onnx, stage_weights
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.torch_runner import from_numpy, tensor_leaves, to_numpy
-from ticknorm.validate.metrics import ArrayComparison, compare_arrays, ensure_finite
+from ticknorm.base.metrics import ArrayComparison, compare_arrays, ensure_finite
 
 EXPORTERS = {"dynamo": (18, None), "torchscript": (13, 17)}
 DEFAULT_EXPORTER = "dynamo"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ticknorm.errors import InputSpecError
+from ticknorm.base.errors import InputSpecError
 from ticknorm.exporter.tasks import PAST_INPUT as _PAST
 from ticknorm.exporter.tasks import TASKS, WITH_PAST
 # The tensor arguments HfGraph.forward passes on, in the order the graph lists them.

@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass
 import onnx
 
 from ticknorm.exporter.fusion import find_norms
-from ticknorm.exporter.fusion.graph import GraphIndex
+from ticknorm.base.graph import GraphIndex
 from ticknorm.exporter.fusion.norms import NormMatch
 from ticknorm.exporter.fusion.report import NORM_OP_RUNTIMES
-from ticknorm.exporter.scopes import scope_coverage
-from ticknorm.inputs import graph_inputs
+from ticknorm.base.scopes import scope_coverage
+from ticknorm.base.inputs import graph_inputs
 
 # Ops of other domains than ONNX's are counted as domain::op (an ORT-optimized file, the plugin target).
 FUSED_NORM_OPS = tuple(NORM_OP_RUNTIMES)

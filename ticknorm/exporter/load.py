@@ -11,8 +11,8 @@ import pickle
 import sys
 from pathlib import Path
 
-from ticknorm._optional import require
-from ticknorm.errors import CheckpointError, first_line
+from ticknorm.base.optional import require
+from ticknorm.base.errors import CheckpointError, first_line
 from ticknorm.exporter.lora import is_peft_state_dict, unwrap_peft_state_dict
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")

@@ -9,8 +9,8 @@ would in the user's own training code; ticknorm only checks that the adapter fit
 
 from pathlib import Path
 
-from ticknorm._optional import require
-from ticknorm.errors import CheckpointError, first_line
+from ticknorm.base.optional import require
+from ticknorm.base.errors import CheckpointError, first_line
 
 PEFT_PREFIX = "base_model.model."
 _LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")

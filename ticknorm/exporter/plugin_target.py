@@ -17,9 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ticknorm.errors import FusionError
-from ticknorm.exporter.fusion.graph import GraphIndex, rebuilt
-from ticknorm.exporter.fusion.rewrite import UniqueNames
+from ticknorm.base.errors import FusionError
+from ticknorm.base.graph import GraphIndex, UniqueNames, rebuilt
 from ticknorm.plugins import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from ticknorm.plugins.launch import MAX_HIDDEN
 

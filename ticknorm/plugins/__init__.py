@@ -4,8 +4,8 @@ TRITON_INTERPRET=1 — the same function and kernel source CI tests)."""
 import dataclasses
 import os
 
-from ticknorm._optional import require
-from ticknorm.errors import InputSpecError
+from ticknorm.base.optional import require
+from ticknorm.base.errors import InputSpecError
 from ticknorm.plugins.launch import LaunchConfig, launch_config
 
 # The TensorRT plugin: ONNX nodes of this op type in this domain (with `plugin_namespace` and

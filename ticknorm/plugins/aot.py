@@ -11,16 +11,12 @@ assumes. The hidden parameters are counted from the PTX itself."""
 import re
 from dataclasses import dataclass
 
-from ticknorm._optional import require
-from ticknorm.errors import TicknormError
+from ticknorm.base.optional import require
+from ticknorm.base.errors import KernelAbiError
 from ticknorm.plugins.launch import launch_config
 
 TRITON_DTYPES = ("fp32", "fp16", "bf16")
 PLUGIN_PARAMS = ("X", "W", "B", "n_rows", "n_cols", "Y")  # inputs, int32 extra arguments, output
-
-
-class KernelAbiError(TicknormError):
-    """The compiled kernel needs something TensorRT's launch does not give it."""
 
 
 @dataclass(frozen=True)

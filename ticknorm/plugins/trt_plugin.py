@@ -21,10 +21,9 @@ import operator
 from pathlib import Path
 from typing import List, Tuple, Union
 
-from ticknorm.errors import TicknormError
+from ticknorm.base.errors import RuntimeUnavailable, TicknormError
 from ticknorm.plugins import PLUGIN_NAME, PLUGIN_NAMESPACE
 from ticknorm.plugins.aot import AotKernel, compile_layer_norm, driver_ptx_version
-from ticknorm.runtime.base import RuntimeUnavailable
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 KERNEL_DTYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}  # trt.DataType name -> Triton dtype

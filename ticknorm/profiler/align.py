@@ -9,7 +9,7 @@ import re
 
 import onnx
 
-from ticknorm.exporter.scopes import get_scope
+from ticknorm.base.scopes import get_scope
 
 _FOREIGN = re.compile(r"\{ForeignNode\[(.*?)\.\.\.(.*?)\]\}")
 

@@ -6,7 +6,7 @@ difference is reported as the overhead, never subtracted from a module."""
 
 import time
 
-from ticknorm._optional import require
+from ticknorm.base.optional import require
 from ticknorm.profiler.ticks import Span, Tick, TickLog
 from ticknorm.runtime.torch_runner import TorchRunner
 

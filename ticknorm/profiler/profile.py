@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from ticknorm.errors import InputSpecError
+from ticknorm.base.errors import InputSpecError
 from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.collect_ort import collect_ort
 from ticknorm.profiler.collect_torch import collect_torch

@@ -3,7 +3,7 @@
 import base64
 import io
 
-from ticknorm.atomic import atomic_path
+from ticknorm.base.atomic import atomic_path
 
 
 def pyplot():

@@ -5,7 +5,7 @@ import html
 import json
 from dataclasses import asdict, dataclass, field
 
-from ticknorm.atomic import write_text
+from ticknorm.base.atomic import write_text
 from ticknorm.profiler.profile import ProfileResult
 from ticknorm.report.figures import png_base64
 from ticknorm.report.profile_outputs import draw_bars

@@ -4,7 +4,7 @@ import csv
 import io
 import json
 
-from ticknorm.atomic import write_text
+from ticknorm.base.atomic import write_text
 from ticknorm.profiler.profile import ProfileResult
 from ticknorm.report.figures import pyplot, save_png
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ticknorm.errors import InputSpecError, TicknormError
+from ticknorm.base.errors import InputSpecError
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,3 @@ def check_feeds(runner: str, expected: list[InputMeta], feeds: dict) -> None:
                 raise InputSpecError(f"{runner}: input '{meta.name}' has shape {list(value.shape)}, the model takes "
                                      f"{list(meta.shape)} (axis {axis} is fixed at {want})")
 
-
-class RuntimeUnavailable(TicknormError):
-    """A runtime was asked for that this machine cannot provide; the message says why."""
-
-
-class RuntimeFailure(TicknormError):
-    """A runtime could not run the model on these inputs (its own error, in one line)."""

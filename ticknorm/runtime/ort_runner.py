@@ -3,10 +3,10 @@
 import numpy as np
 import onnx
 
-from ticknorm.errors import OnnxFileError, first_line
-from ticknorm.onnx_io import session_source
+from ticknorm.base.errors import OnnxFileError, RuntimeFailure, RuntimeUnavailable, first_line
+from ticknorm.base.onnx_io import session_source
 from ticknorm.plugins import plugin_nodes
-from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeFailure, RuntimeUnavailable
+from ticknorm.runtime.base import InputMeta, Runner, RunOutputs
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from ticknorm.errors import InputSpecError
+from ticknorm.base.errors import InputSpecError
 from ticknorm.runtime.base import Runner
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.torch_runner import TorchRunner

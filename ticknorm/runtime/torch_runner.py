@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from ticknorm._optional import require
-from ticknorm.errors import InputSpecError
-from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeUnavailable
+from ticknorm.base.optional import require
+from ticknorm.base.errors import InputSpecError, RuntimeUnavailable
+from ticknorm.runtime.base import InputMeta, Runner, RunOutputs
 
 DTYPES = ("fp32", "fp16", "bf16")
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ticknorm.atomic import atomic_path
-from ticknorm.errors import OnnxFileError
-from ticknorm.inputs import graph_inputs
-from ticknorm.onnx_io import model_digest, save_onnx
+from ticknorm.base.atomic import atomic_path
+from ticknorm.base.errors import RuntimeFailure, RuntimeUnavailable
+from ticknorm.base.inputs import graph_inputs
+from ticknorm.base.onnx_io import model_digest, save_onnx
 from ticknorm.plugins import plugin_nodes
 from ticknorm.plugins.trt_plugin import kernel_source_digest, register_plugin
-from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, RuntimeUnavailable
+from ticknorm.runtime.base import InputMeta, Runner, RunOutputs
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -126,7 +126,7 @@ class TrtRunner(Runner):
             save_onnx(self.model, path)
             if not parser.parse_from_file(str(path)):
                 errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-                raise OnnxFileError(f"trt: the TensorRT ONNX parser rejected the model: {errors}")
+                raise RuntimeFailure(f"trt: the TensorRT ONNX parser rejected the model: {errors}")
         self._mark_taps(network, taps)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.settings.workspace_bytes)
@@ -142,7 +142,7 @@ class TrtRunner(Runner):
         config.add_optimization_profile(profile)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise OnnxFileError("trt: TensorRT could not build an engine (see the TensorRT log above)")
+            raise RuntimeFailure("trt: TensorRT could not build an engine (see the TensorRT log above)")
         return bytes(serialized)
 
     def _keep_fp32(self, network, config) -> None:
@@ -168,7 +168,7 @@ class TrtRunner(Runner):
                     network.mark_output(tensor)
                     wanted.discard(tensor.name)
         if wanted:
-            raise OnnxFileError(f"trt: TensorRT fused away or renamed {', '.join(sorted(wanted))}; cannot tap them")
+            raise RuntimeFailure(f"trt: TensorRT fused away or renamed {', '.join(sorted(wanted))}; cannot tap them")
 
     def context(self):
         """The execution context of the untapped engine (the profiler attaches here)."""
@@ -206,7 +206,7 @@ class TrtRunner(Runner):
                 outputs.append(name)
         stream = torch.cuda.current_stream()
         if not context.execute_async_v3(stream.cuda_stream):
-            raise OnnxFileError("trt: TensorRT execution failed")
+            raise RuntimeFailure("trt: TensorRT execution failed")
         stream.synchronize()
         graph_outputs = [o.name for o in self.model.graph.output]
         values = {name: buffers[name].cpu().numpy() for name in outputs}

@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from ticknorm.exporter.scopes import module_output_tensors
+from ticknorm.base.scopes import module_output_tensors
 from ticknorm.runtime.registry import make_runner
 from ticknorm.runtime.torch_runner import TorchRunner
-from ticknorm.inputs import graph_feeds
-from ticknorm.validate.metrics import ArrayComparison, compare_arrays, ensure_finite
+from ticknorm.base.inputs import graph_feeds
+from ticknorm.base.metrics import ArrayComparison, compare_arrays, ensure_finite
 
 
 # Above this, tapping changed what the runtime computes (it could not fuse across a tap).

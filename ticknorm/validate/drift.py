@@ -15,23 +15,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ticknorm.atomic import write_text
-from ticknorm.errors import TicknormError
-from ticknorm.exporter.scopes import module_output_tensors
-from ticknorm.onnx_io import model_digest
-from ticknorm.inputs import graph_feeds
+from ticknorm.base.atomic import write_text
+from ticknorm.base.errors import BundleError
+from ticknorm.base.scopes import module_output_tensors
+from ticknorm.base.onnx_io import model_digest
+from ticknorm.base.inputs import graph_feeds
 from ticknorm.runtime.registry import make_runner
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.validate.compare import Tolerance, select_modules
-from ticknorm.validate.metrics import compare_arrays, ensure_finite
+from ticknorm.base.metrics import compare_arrays, ensure_finite
 
 FORMAT = 1
 STATS = ("mean", "std", "absmax")
-
-
-class BundleError(TicknormError):
-    """A bundle that cannot be used: missing, corrupt, or made for another model."""
 
 
 def versions() -> dict:
@@ -182,28 +178,3 @@ def history(bundle) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_history(entries: list[dict], output, top_layers: int = 8) -> None:
-    """Error per output and the most-moved modules' statistics, check after check."""
-    from ticknorm.report.figures import pyplot, save_png
-
-    if not entries:
-        raise BundleError("the bundle has no history yet: run `ticknorm drift check` first")
-    figure, (top, bottom) = pyplot().subplots(2, 1, figsize=(10, 7), sharex=True)
-    runs = range(len(entries))
-    for name in entries[-1]["outputs"]:
-        top.plot(runs, [max(e["outputs"].get(name, np.nan), 1e-12) for e in entries], marker="o", label=name)
-    top.set_yscale("log")
-    top.set_ylabel("max |output - golden|")
-    top.legend(fontsize="small")
-    worst = sorted(entries[-1]["layers"], key=lambda m: -entries[-1]["layers"][m])[:top_layers]
-    for module in worst:
-        bottom.plot(runs, [max(e["layers"].get(module, np.nan), 1e-12) for e in entries], marker=".", label=module or "(root)")
-    bottom.set_yscale("log")
-    bottom.set_ylabel("max |stat - golden| per module")
-    bottom.set_xticks(list(runs), [f"{e['time'][:16]}\n{e['runtime']}" for e in entries], rotation=30, fontsize="x-small")
-    bottom.legend(fontsize="x-small", ncol=2)
-    figure.suptitle("ticknorm drift history")
-    figure.tight_layout()
-    save_png(figure, output)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ticknorm.exporter.scopes import get_scope
+from ticknorm.base.scopes import get_scope
 from ticknorm.runtime.ort_runner import OrtRunner
 
 FP16_MAX = 65504.0

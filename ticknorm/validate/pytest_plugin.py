@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture
 def ticknorm_drift():
-    from ticknorm.onnx_io import load_onnx
+    from ticknorm.base.onnx_io import load_onnx
     from ticknorm.validate.drift import check
 
     def verify(bundle, model_path, runtime: str = "ort", allow_model_change: bool = False):

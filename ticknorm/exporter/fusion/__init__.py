@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ticknorm.errors import AccuracyError, FusionError, first_line
-from ticknorm.exporter.fusion.graph import GraphIndex
+from ticknorm.base.errors import AccuracyError, FusionError, first_line
+from ticknorm.base.graph import GraphIndex
 from ticknorm.exporter.fusion.layer_norm import find_layer_norms
 from ticknorm.exporter.fusion.norms import NormMatch
 from ticknorm.exporter.fusion.patterns import forward_means
@@ -14,8 +14,8 @@ from ticknorm.exporter.fusion.report import FusionReport, NormRecord
 from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets, rewrite_matches
 from ticknorm.exporter.fusion.rms_norm import find_rms_norms
 from ticknorm.exporter.fusion.verify import verify_fused
-from ticknorm.exporter.scopes import annotate_scopes, get_scope, set_scope
-from ticknorm.inputs import feeds_for_graph
+from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
+from ticknorm.base.inputs import feeds_for_graph
 
 __all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms"]
 

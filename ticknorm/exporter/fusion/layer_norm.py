@@ -1,6 +1,6 @@
 """Find decomposed LayerNorms: (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) * scale + bias."""
 
-from ticknorm.exporter.fusion.graph import GraphIndex
+from ticknorm.base.graph import GraphIndex
 from ticknorm.exporter.fusion.norms import NormMatch, NormRefusal, complete_match, refusal
 from ticknorm.exporter.fusion.patterns import NotFused, forward_means, layout_of, match_tail, squares_of
 

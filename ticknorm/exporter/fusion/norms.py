@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ticknorm.exporter.fusion.graph import GraphIndex, _attr
+from ticknorm.base.graph import GraphIndex, attr
 from ticknorm.exporter.fusion.patterns import Layout, NotFused, absorb_affine, Tail
-from ticknorm.exporter.scopes import common_scope, get_scope
+from ticknorm.base.scopes import common_scope, get_scope
 
 _LOW_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
@@ -71,7 +71,7 @@ def complete_match(index: GraphIndex, kind: str, source: str, layout: Layout, fr
 def _input_cast(index: GraphIndex, source: str) -> tuple[int | None, str]:
     """The Cast that lifts a fp16/bf16 tensor into the fp32 island, if `source` comes from one."""
     producer, node = index.producer_op(source)
-    if node is not None and node.op_type == "Cast" and _attr(node, "to") == onnx.TensorProto.FLOAT:
+    if node is not None and node.op_type == "Cast" and attr(node, "to") == onnx.TensorProto.FLOAT:
         if index.elem_type(node.input[0]) in _LOW_PRECISION:
             return producer, node.input[0]
     return None, source

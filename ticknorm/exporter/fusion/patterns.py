@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ticknorm.exporter.fusion.graph import GraphIndex, _attr
+from ticknorm.base.graph import GraphIndex, attr
 
 
 class NotFused(Exception):
@@ -38,14 +38,14 @@ class MeanOf:
 
 def reduce_axes(index: GraphIndex, node: onnx.NodeProto) -> tuple | None:
     """Axes of a Reduce* node from its attribute (old opsets) or its second input (newer ones)."""
-    axes = _attr(node, "axes")
+    axes = attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         value = index.constant(node.input[1])
         if value is None:
             return None
         axes = value.reshape(-1).tolist()
     if axes is None or len(axes) == 0:
-        if _attr(node, "noop_with_empty_axes", 0):
+        if attr(node, "noop_with_empty_axes", 0):
             return None
         rank = index.rank(node.input[0])
         return None if rank is None else tuple(range(rank))
@@ -79,7 +79,7 @@ def _finish_mean(index: GraphIndex, tensor: str, reader: int, axes: tuple) -> Me
     Reshape + Expand after a keepdims=0 reduction) and through the division by N of a ReduceSum."""
     node = index.nodes[reader]
     mean = MeanOf(node.output[0], axes, [reader])
-    restore = "pending" if not _attr(node, "keepdims", 1) else "done"
+    restore = "pending" if not attr(node, "keepdims", 1) else "done"
     divide = node.op_type == "ReduceSum"
     while restore != "done" or divide:
         nxt = index.sole_consumer(mean.output, ignore_shape_readers=True)
@@ -282,7 +282,7 @@ def absorb_affine(index: GraphIndex, start: str, layout: "Layout", allow_bias: b
         if reader is None:
             return affine
         node = index.nodes[reader]
-        if node.op_type == "Cast" and cast_to is not None and not affine.cast_back and _attr(node, "to") == cast_to:
+        if node.op_type == "Cast" and cast_to is not None and not affine.cast_back and attr(node, "to") == cast_to:
             affine.cast_back = True
         elif node.op_type == "Mul" and affine.scale is None and affine.bias is None:
             affine.scale = layout.feature_param(index.constant(_other_input(node, affine.output)))

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ticknorm.exporter.fusion.graph import GraphIndex, rebuilt
+from ticknorm.base.graph import GraphIndex, UniqueNames, rebuilt
 from ticknorm.exporter.fusion.norms import NormMatch
-from ticknorm.exporter.scopes import set_scope
-from ticknorm.onnx_io import is_external
+from ticknorm.base.scopes import set_scope
+from ticknorm.base.onnx_io import is_external
 
 # The op each kind becomes, and the first default-domain opset that has it.
 FUSED_OPS = {"LayerNorm": ("LayerNormalization", 17), "RMSNorm": ("RMSNormalization", 23)}
@@ -38,25 +38,6 @@ class NormTargets:
         if kind == "LayerNorm" and self.plugin:
             return op_type, 1
         return op_type, needs
-
-
-class UniqueNames:
-    """Unique tensor and node names, from a counter (as onnx-graphsurgeon does)."""
-
-    def __init__(self, model: onnx.ModelProto):
-        graph = model.graph
-        self.taken = {t.name for t in graph.initializer} | {v.name for v in graph.input}
-        for node in graph.node:
-            self.taken.update(node.output)
-            self.taken.add(node.name)
-
-    def fresh(self, stem: str) -> str:
-        name, count = stem, 0
-        while name in self.taken:
-            count += 1
-            name = f"{stem}_{count}"
-        self.taken.add(name)
-        return name
 
 
 def rewrite_matches(model: onnx.ModelProto, index: GraphIndex, matches: list[NormMatch],

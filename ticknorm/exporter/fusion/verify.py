@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from ticknorm.runtime.ort_runner import OrtRunner
-from ticknorm.validate.metrics import ArrayComparison, compare_arrays
+from ticknorm.base.metrics import ArrayComparison, compare_arrays
 
 # |fused - original| <= atol + rtol * |original|, by the dtype the tensor is computed in.
 TOLERANCES = {

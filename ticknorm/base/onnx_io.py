@@ -11,7 +11,7 @@ import onnx
 import onnx.numpy_helper
 from google.protobuf.message import DecodeError
 
-from ticknorm.errors import OnnxFileError, first_line
+from ticknorm.base.errors import OnnxFileError, first_line
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of the limit.
 PROTOBUF_LIMIT = 2**31 - 2**26

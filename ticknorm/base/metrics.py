@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ticknorm.errors import AccuracyError
+from ticknorm.base.errors import AccuracyError
 
 
 @dataclass

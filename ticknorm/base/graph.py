@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ticknorm.onnx_io import is_external
+from ticknorm.base.onnx_io import is_external
 
 # Initializers above this size are weights, not shape tensors: shape inference does not need them.
 _SHAPE_RELEVANT_BYTES = 4096
@@ -87,7 +87,7 @@ class GraphIndex:
                 return None
             if node.op_type == "Identity":
                 return inner
-            to = _attr(node, "to") if node.op_type == "Cast" else self.elem_type(node.input[1])
+            to = attr(node, "to") if node.op_type == "Cast" else self.elem_type(node.input[1])
             return None if to is None else inner.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
         return None
 
@@ -126,7 +126,7 @@ def subgraph_reads(graph: onnx.GraphProto) -> set:
     return names
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
+def attr(node: onnx.NodeProto, name: str, default=None):
     for attribute in node.attribute:
         if attribute.name == name:
             return onnx.helper.get_attribute_value(attribute)
@@ -197,3 +197,22 @@ def rebuilt(model: onnx.ModelProto, nodes, initializers, extra_inputs=()) -> onn
         setattr(new, name, getattr(model, name))
     new.metadata_props.extend(model.metadata_props)
     return new
+
+
+class UniqueNames:
+    """Unique tensor and node names, from a counter (as onnx-graphsurgeon does)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.taken = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+        for node in graph.node:
+            self.taken.update(node.output)
+            self.taken.add(node.name)
+
+    def fresh(self, stem: str) -> str:
+        name, count = stem, 0
+        while name in self.taken:
+            count += 1
+            name = f"{stem}_{count}"
+        self.taken.add(name)
+        return name

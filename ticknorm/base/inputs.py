@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from ticknorm.errors import InputSpecError
+from ticknorm.base.errors import InputSpecError
 
 DTYPES = {
     "float32": np.float32, "fp32": np.float32, "float": np.float32,

@@ -41,6 +41,23 @@ class AccuracyError(TicknormError):
     exit_code = 1
 
 
+class RuntimeUnavailable(TicknormError):
+    """A runtime was asked for that this machine cannot provide; the message says why."""
+
+
+class RuntimeFailure(TicknormError):
+    """A runtime could not build or run the model (its own error, in one line): ONNX Runtime
+    refusing a graph or a feed, TensorRT's parser, builder or execution failing."""
+
+
+class BundleError(TicknormError):
+    """A golden bundle that cannot be used: missing, corrupt, or made for another model."""
+
+
+class KernelAbiError(TicknormError):
+    """The compiled LayerNorm kernel does not have the argument list TensorRT will call it with."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message: what fits in a one-line CLI error."""
     text = str(exc).strip() or type(exc).__name__

@@ -2,7 +2,7 @@
 
 import importlib
 
-from ticknorm.errors import MissingDependencyError
+from ticknorm.base.errors import MissingDependencyError
 
 
 def require(module: str, extra: str):
