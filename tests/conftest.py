@@ -20,8 +20,14 @@ def torch_outputs(module, feeds: dict) -> list[np.ndarray]:
     return [o.float().numpy() for o in out]
 
 
+def ort_run(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
+    """One run of a real ONNX Runtime session, closed after."""
+    with OrtRunner(model) as runner:
+        return runner.infer(feeds).outputs
+
+
 def ort_outputs(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    return list(OrtRunner(model).infer(feeds).outputs.values())
+    return list(ort_run(model, feeds).values())
 
 
 def op_types(model: onnx.ModelProto) -> list[str]:

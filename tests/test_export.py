@@ -8,20 +8,21 @@ import onnx
 import pytest
 import torch
 
-from ticknorm import api
+from conftest import ort_run
+from ticknorm import ExportOptions, Inputs, ModelRef, api
 from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError
+from ticknorm.base.onnx_io import PROTOBUF_LIMIT
 from ticknorm.base.scopes import get_scope, scope_coverage
-from ticknorm.runtime.ort_runner import OrtRunner
 
-EXAMPLE = dict(model="examples/tiny_transformer.py:build", checkpoint="examples/tiny_transformer.safetensors",
-               inputs=["input_ids:batch=2xseq=16:int64:0..1000"])
+MODEL = ModelRef("examples/tiny_transformer.py:build", "examples/tiny_transformer.safetensors")
+INPUTS = Inputs(("input_ids:batch=2xseq=16:int64:0..1000",))
 
 
 @pytest.fixture(scope="module", params=["dynamo", "torchscript"])
 def exported(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param) / "tiny.onnx"
     report = path.with_suffix(".json")
-    result = api.export(output=path, exporter=request.param, report=report, **EXAMPLE)
+    result = api.export(MODEL, INPUTS, path, ExportOptions(exporter=request.param), report=report)
     return request.param, path, result, report
 
 
@@ -45,28 +46,28 @@ def test_dynamic_axes_accept_other_shapes(exported):
     model = onnx.load(str(path))
     dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "seq"]
-    module = api.load_model(EXAMPLE["model"], EXAMPLE["checkpoint"])
+    module = MODEL.load()
     ids = np.random.default_rng(5).integers(0, 1000, (3, 7))
     with torch.no_grad():
         expected = module(torch.from_numpy(ids)).numpy()
-    np.testing.assert_allclose(OrtRunner(model).infer({"input_ids": ids}).outputs["output"], expected, atol=1e-4)
+    np.testing.assert_allclose(ort_run(model, {"input_ids": ids})["output"], expected, atol=1e-4)
 
 
 def test_external_data_above_the_threshold(tmp_path):
     path = tmp_path / "tiny.onnx"
-    result = api.export(output=path, external_data_threshold=1000, **EXAMPLE)
+    result = api.export(MODEL, INPUTS, path, ExportOptions(external_data_threshold=1000))
     assert result.files == [path, tmp_path / "tiny.onnx.data"]
     assert path.stat().st_size < 200_000 < (tmp_path / "tiny.onnx.data").stat().st_size
     model = onnx.load(str(path))
     ids = np.ones((1, 4), np.int64)
-    assert OrtRunner(model).infer({"input_ids": ids}).outputs["output"].shape == (1, 2)
+    assert ort_run(model, {"input_ids": ids})["output"].shape == (1, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "tiny.onnx.data"]
 
 
 def test_unexportable_op_names_the_op_and_module(tmp_path):
     for exporter in ("dynamo", "torchscript"):
         with pytest.raises(ExportError, match=r"aten::histc in module 'stats' \(HistogramStats\)"):
-            api.export("tests/factories.py:histogram", tmp_path / "h.onnx", ["x:4x8"], exporter=exporter)
+            api.export("tests/factories.py:histogram", Inputs(("x:4x8",)), tmp_path / "h.onnx", ExportOptions(exporter=exporter))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -78,27 +79,26 @@ def test_unexportable_op_names_the_op_and_module(tmp_path):
 ])
 def test_bad_inputs_are_one_clear_error(tmp_path, inputs, error, match):
     with pytest.raises(error, match=match):
-        api.export(EXAMPLE["model"], tmp_path / "m.onnx", inputs, checkpoint=EXAMPLE["checkpoint"])
+        api.export(MODEL, Inputs(tuple(inputs)), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_opset_outside_the_exporters_range_is_refused(tmp_path):
     with pytest.raises(InputSpecError, match="torchscript exporter writes opset 13-17, not 18; use --exporter dynamo"):
-        api.export(output=tmp_path / "m.onnx", exporter="torchscript", opset=18, **EXAMPLE)
+        api.export(MODEL, INPUTS, tmp_path / "m.onnx", ExportOptions(exporter="torchscript", opset=18))
     with pytest.raises(InputSpecError, match="dynamo exporter writes opset 18 or newer, not 17"):
-        api.export(output=tmp_path / "m.onnx", exporter="dynamo", opset=17, **EXAMPLE)
+        api.export(MODEL, INPUTS, tmp_path / "m.onnx", ExportOptions(exporter="dynamo", opset=17))
 
 
 def test_nan_reference_output_is_refused(tmp_path):
     with pytest.raises(AccuracyError, match="NaN or Inf"):
-        api.export("tests/factories.py:nan_output", tmp_path / "n.onnx", ["x:2x4"])
+        api.export("tests/factories.py:nan_output", Inputs(("x:2x4",)), tmp_path / "n.onnx")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_npz_inputs_drive_the_export(tmp_path):
     np.savez(tmp_path / "in.npz", input_ids=np.arange(12, dtype=np.int64).reshape(2, 6))
-    result = api.export(EXAMPLE["model"], tmp_path / "m.onnx", input_file=tmp_path / "in.npz",
-                        checkpoint=EXAMPLE["checkpoint"], exporter="torchscript")
+    result = api.export(MODEL, Inputs(file=tmp_path / "in.npz"), tmp_path / "m.onnx", ExportOptions(exporter="torchscript"))
     assert result.passed
     dims = [d.dim_value for d in onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [2, 6]
@@ -110,8 +110,8 @@ def test_hugging_face_directory_exports(tmp_path):
                                      intermediate_size=64, max_position_embeddings=64)
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(tmp_path / "bert")
-    result = api.export(str(tmp_path / "bert"), tmp_path / "bert.onnx",
-                        ["input_ids:batch=2xseq=8:int64:0..100", "attention_mask:batch=2xseq=8:int64:1..2"])
+    result = api.export(str(tmp_path / "bert"), Inputs(("input_ids:batch=2xseq=8:int64:0..100",
+                                                         "attention_mask:batch=2xseq=8:int64:1..2")), tmp_path / "bert.onnx")
     assert result.passed
     model = onnx.load(str(tmp_path / "bert.onnx"))
     assert [o.name for o in model.graph.output][0] == "last_hidden_state"
@@ -120,16 +120,24 @@ def test_hugging_face_directory_exports(tmp_path):
 
 
 def test_arguments_the_graph_dropped_do_not_break_export_or_compare(tmp_path):
-    result = api.export("tests/factories.py:ignores_mask", tmp_path / "m.onnx", ["x:2x8", "mask:2x8:int64"],
-                        exporter="torchscript")
+    torch.save(_fresh_module("tests/factories.py:ignores_mask").state_dict(), tmp_path / "weights.pt")
+    model = ModelRef("tests/factories.py:ignores_mask", str(tmp_path / "weights.pt"))
+    inputs = Inputs(("x:2x8", "mask:2x8:int64"))
+    result = api.export(model, inputs, tmp_path / "m.onnx", ExportOptions(exporter="torchscript"))
     assert result.passed
-    report, _ = api.compare(tmp_path / "m.onnx", "tests/factories.py:ignores_mask", ["x:2x8", "mask:2x8:int64"])
-    assert not report.passed  # a fresh factory call has other random weights than the exported one
-    assert report.outputs["ort"][0].max_abs > 0
+    assert [i.name for i in onnx.load(str(tmp_path / "m.onnx")).graph.input] == ["x"]  # the mask was dropped
+    report = api.compare(tmp_path / "m.onnx", model, inputs)
+    assert report.passed and report.outputs["ort"][0].max_abs < 1e-5
+    other_weights = api.compare(tmp_path / "m.onnx", "tests/factories.py:ignores_mask", inputs)
+    assert not other_weights.passed  # the same graph judged against another random init fails
+
+
+def _fresh_module(factory: str):
+    return ModelRef(factory).load()
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-@pytest.mark.parametrize("threshold", [api.PROTOBUF_LIMIT, 1000], ids=["inline", "external"])
+@pytest.mark.parametrize("threshold", [PROTOBUF_LIMIT, 1000], ids=["inline", "external"])
 def test_weights_staged_on_disk_make_the_same_model(exporter, threshold, tmp_path, monkeypatch):
     """Big models go through export, fusion, verification and the comparison with their weights in
     a file (here forced for a small one): the written model is whole and computes the same."""
@@ -139,15 +147,15 @@ def test_weights_staged_on_disk_make_the_same_model(exporter, threshold, tmp_pat
 
     monkeypatch.setattr(export_module, "WEIGHTS_ON_DISK_BYTES", 0)
     stages_before = set(Path(tempfile.gettempdir()).glob("ticknorm-weights-*"))
-    result = api.export(output=tmp_path / "m.onnx", exporter=exporter, external_data_threshold=threshold, **EXAMPLE)
+    result = api.export(MODEL, INPUTS, tmp_path / "m.onnx", ExportOptions(exporter=exporter, external_data_threshold=threshold))
     assert result.passed and result.fusion.count("fused") == 4 and result.fusion.verified
     expected_files = ["m.onnx"] + (["m.onnx.data"] if threshold == 1000 else [])
     assert sorted(p.name for p in tmp_path.iterdir()) == expected_files
     model = onnx.load(str(tmp_path / "m.onnx"))
     assert [n.op_type for n in model.graph.node].count("LayerNormalization") == 5
-    module = api.load_model(EXAMPLE["model"], EXAMPLE["checkpoint"])
+    module = MODEL.load()
     ids = np.random.default_rng(7).integers(0, 1000, (3, 5))
     with torch.no_grad():
         reference = module(torch.from_numpy(ids)).numpy()
-    np.testing.assert_allclose(OrtRunner(model).infer({"input_ids": ids}).outputs["output"], reference, atol=1e-4)
+    np.testing.assert_allclose(ort_run(model, {"input_ids": ids})["output"], reference, atol=1e-4)
     assert set(Path(tempfile.gettempdir()).glob("ticknorm-weights-*")) == stages_before  # the stage is gone

@@ -48,18 +48,18 @@ def test_duplicate_names_and_bad_npz(tmp_path):
 
 
 def test_token_ids_span_the_vocabulary_of_the_model(tmp_path):
-    from ticknorm import api
+    from ticknorm import ExportOptions, Inputs, api
     from ticknorm.base.inputs import index_ranges
 
     path = tmp_path / "m.onnx"
-    api.export("examples/tiny_transformer.py:build", path, ["input_ids:2x16:int64"], exporter="torchscript")
+    api.export("examples/tiny_transformer.py:build", Inputs(("input_ids:2x16:int64",)), path, ExportOptions(exporter="torchscript"))
     import onnx
 
     model = onnx.load(str(path))
     assert index_ranges(model) == {"input_ids": 1000}
-    feeds, _ = api.example_feeds(["input_ids:4x64:int64"], onnx_model=model)
+    feeds, _ = Inputs(("input_ids:4x64:int64",)).feeds(model)
     assert feeds["input_ids"].max() > 500 and feeds["input_ids"].max() < 1000
-    fixed, _ = api.example_feeds(["input_ids:4x64:int64:0..3"], onnx_model=model)
+    fixed, _ = Inputs(("input_ids:4x64:int64:0..3",)).feeds(model)
     assert fixed["input_ids"].max() <= 2
 
 

@@ -145,11 +145,12 @@ def test_cli_fuse_to_plugin_then_ort_refuses_in_one_line(tmp_path):
 def test_trt_engine_with_the_plugin_matches_ort_native(fused_pair):
     if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():
         pytest.skip("needs TensorRT 10.9+ and a CUDA GPU (neither is on this machine)")
-    from ticknorm.runtime.registry import make_runner
+    from ticknorm.runtime.registry import RunnerSetup, make_runner
     from ticknorm.runtime.trt_runner import profile_for
 
     native, result, feeds = fused_pair
-    trt = make_runner("trt", result.model, profile_for(result.model, feeds)).infer(feeds)
+    with make_runner("trt", result.model, RunnerSetup(profile=profile_for(result.model, feeds))) as runner:
+        trt = runner.infer(feeds)
     np.testing.assert_allclose(next(iter(trt.outputs.values())), ort_outputs(native, feeds)[0], atol=1e-4, rtol=1e-4)
 
 

@@ -8,14 +8,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ticknorm import api
+from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Timing, api
 from ticknorm.cli import main
 from ticknorm.profiler.align import ScopeTable
-from ticknorm.profiler.profile import profile
+from ticknorm.profiler.profile import profile_runtimes
 from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, Span, Tick, TickLog
 from ticknorm.report import profile_outputs
 from ticknorm.report.joined import join, write_html
-from ticknorm.validate.compare import compare
+from ticknorm.runtime.registry import RunnerSetup
+from ticknorm.validate.compare import compare_runtimes
 
 EXAMPLE = "examples/tiny_transformer.py:build"
 CHECKPOINT = "examples/tiny_transformer.safetensors"
@@ -48,7 +49,8 @@ def test_ticklog_rolls_up_groups_and_keeps_unattributed():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     path = tmp_path_factory.mktemp("profile") / "tiny.onnx"
-    api.export(EXAMPLE, path, ["input_ids:batch=2xseq=16:int64:0..1000"], checkpoint=CHECKPOINT, exporter="torchscript")
+    api.export(ModelRef(EXAMPLE, CHECKPOINT), Inputs(("input_ids:batch=2xseq=16:int64:0..1000",)), path,
+               ExportOptions(exporter="torchscript"))
     return path, onnx.load(str(path))
 
 
@@ -69,7 +71,8 @@ def test_runtime_names_map_back_to_modules(exported):
 
 def test_profile_torch_and_ort_aligned_per_module(exported, tmp_path):
     _, model = exported
-    result = profile(model, api.load_model(EXAMPLE, CHECKPOINT), FEEDS, ("torch", "ort"), iterations=5, warmup=1, depth=2)
+    setup = RunnerSetup(ModelRef(EXAMPLE, CHECKPOINT).load())
+    result = profile_runtimes(model, FEEDS, ("torch", "ort"), setup, Timing(iterations=5, warmup=1, depth=2))
     rows = dict(result.rows())
     for module in ("embeddings", "layers.0", "layers.1", "final_norm", "head"):
         assert set(rows[module]) == {"torch", "ort"}, module
@@ -88,11 +91,11 @@ def test_profile_torch_and_ort_aligned_per_module(exported, tmp_path):
 
 def test_report_joins_latency_and_error_and_flags_slow_inaccurate_modules(exported, tmp_path):
     _, model = exported
-    module = api.load_model(EXAMPLE, CHECKPOINT)
-    timings = profile(model, module, FEEDS, ("torch", "ort"), iterations=3, warmup=1, depth=2)
+    setup = RunnerSetup(ModelRef(EXAMPLE, CHECKPOINT).load())
+    timings = profile_runtimes(model, FEEDS, ("torch", "ort"), setup, Timing(iterations=3, warmup=1, depth=2))
     with torch.no_grad():
-        module.get_submodule("layers.1.feed_forward.2").weight.mul_(1.05)
-    accuracy = compare(model, module, FEEDS, ["ort"], per_layer=True, depth=2)
+        setup.module.get_submodule("layers.1.feed_forward.2").weight.mul_(1.05)
+    accuracy = compare_runtimes(model, FEEDS, ["ort"], setup, layers=LayerSelection(depth=2))
     rows = {row.module: row for row in join(timings, accuracy)}
     assert rows["layers.0"].passed == {"ort": True} and rows["layers.1"].passed == {"ort": False}
     assert rows["layers.1"].flagged and not rows["layers.0"].flagged

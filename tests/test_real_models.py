@@ -7,10 +7,11 @@ import onnx
 import pytest
 import torch
 
-from ticknorm import api
+from ticknorm import ExportOptions, Inputs, ModelRef, api
 from ticknorm.base.errors import InputSpecError
-from ticknorm.exporter.inspect import FUSED_NORM_OPS, summarize
 from ticknorm.base.scopes import get_scope
+from ticknorm.exporter.inspect import FUSED_NORM_OPS, summarize
+from ticknorm.exporter.model_ref import task_feeds
 from ticknorm.runtime.ort_runner import OrtRunner
 
 transformers = pytest.importorskip("transformers")
@@ -38,16 +39,20 @@ def _norm_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def _feeds(folder: str, specs: list, task: str = "default") -> tuple:
-    module = api.load_model(folder, task=task)
-    feeds, axes = api.model_feeds(module, *api.example_feeds(specs, seed=0), seed=0)
+    module = ModelRef(folder).load(task)
+    feeds, _ = task_feeds(module, *Inputs(tuple(specs)).feeds())
     return module, feeds
+
+
+def export(model, path, specs, **options):
+    return api.export(model, Inputs(tuple(specs)), path, ExportOptions(**options))
 
 
 @pytest.mark.parametrize("architecture", list(CONFIGS))
 def test_architecture_exports_with_every_norm_fused(architecture, folders, tmp_path):
     specs = CONFIGS[architecture][1]
     path = tmp_path / "model.onnx"
-    result = api.export(folders(architecture), path, specs)
+    result = export(folders(architecture), path, specs)
     assert result.passed and max(c.max_abs for c in result.accuracy) < 1e-4
     model = onnx.load(str(path))
     summary = summarize(model)
@@ -65,7 +70,7 @@ def test_architecture_exports_with_every_norm_fused(architecture, folders, tmp_p
 @pytest.mark.parametrize("architecture", list(CONFIGS))
 def test_torchscript_exports_them_too(architecture, folders, tmp_path):
     specs = CONFIGS[architecture][1]
-    result = api.export(folders(architecture), tmp_path / "m.onnx", specs, exporter="torchscript")
+    result = export(folders(architecture), tmp_path / "m.onnx", specs, exporter="torchscript")
     assert result.passed
     assert summarize(onnx.load(str(tmp_path / "m.onnx"))).decomposed_norms == 0
 
@@ -75,7 +80,7 @@ def test_torchscript_exports_them_too(architecture, folders, tmp_path):
 def with_past(request, folders, tmp_path_factory):
     architecture, exporter = request.param
     path = tmp_path_factory.mktemp("past") / "decoder.onnx"
-    result = api.export(folders(architecture), path, ["input_ids:batch=2xseq=8:int64"], exporter=exporter,
+    result = export(folders(architecture), path, ["input_ids:batch=2xseq=8:int64"], exporter=exporter,
                         task=WITH_PAST)
     return architecture, folders(architecture), path, result
 
@@ -100,19 +105,20 @@ def test_decoder_with_past_serves_a_generation_loop(with_past):
     model gives on the whole sequence at once (no cache, no wrapper)."""
     _, folder, path, _ = with_past
     reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    runner = OrtRunner(onnx.load(str(path)))
-    names = [i.name for i in runner.model.graph.input if i.name.startswith("past_key_values.")]
-    heads_dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in runner.model.graph.input}
+    model = onnx.load(str(path))
+    names = [i.name for i in model.graph.input if i.name.startswith("past_key_values.")]
+    heads_dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     tokens = np.random.default_rng(3).integers(0, 128, (2, 5))
     past = {n: np.zeros((2, heads_dims[n][1], 0, heads_dims[n][3]), np.float32) for n in names}
     step, logits = tokens, []
-    for _ in range(3):
-        length = step.shape[1] + next(iter(past.values())).shape[2]
-        out = runner.infer({"input_ids": step, "attention_mask": np.ones((2, length), np.int64), **past}).outputs
-        logits.append(out["logits"][:, -1])
-        past = {n: out[n.replace("past_key_values", "present")] for n in names}
-        step = out["logits"][:, -1:].argmax(-1)
-        tokens = np.concatenate([tokens, step], axis=1)
+    with OrtRunner(model) as runner:
+        for _ in range(3):
+            length = step.shape[1] + next(iter(past.values())).shape[2]
+            out = runner.infer({"input_ids": step, "attention_mask": np.ones((2, length), np.int64), **past}).outputs
+            logits.append(out["logits"][:, -1])
+            past = {n: out[n.replace("past_key_values", "present")] for n in names}
+            step = out["logits"][:, -1:].argmax(-1)
+            tokens = np.concatenate([tokens, step], axis=1)
     with torch.no_grad():
         full = reference(input_ids=torch.from_numpy(tokens), use_cache=False).logits.numpy()
     for n, got in enumerate(logits):
@@ -121,12 +127,12 @@ def test_decoder_with_past_serves_a_generation_loop(with_past):
 
 def test_compare_finds_the_task_in_the_graph(with_past):
     _, folder, path, _ = with_past
-    report, _ = api.compare(path, folder, ["input_ids:batch=2xseq=8:int64"])
+    report = api.compare(path, folder, Inputs(("input_ids:batch=2xseq=8:int64",)))
     assert report.passed and "present.0.key" in [c.name for c in report.outputs["ort"]]
 
 
 def test_factory_of_a_transformers_model_exports_the_same_way(tmp_path):
-    result = api.export("tests/hf_models.py:llama", tmp_path / "l.onnx", ["input_ids:batch=2xseq=8:int64"])
+    result = export("tests/hf_models.py:llama", tmp_path / "l.onnx", ["input_ids:batch=2xseq=8:int64"])
     assert result.passed and [c.name for c in result.accuracy] == ["logits"]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "l.onnx")).graph.node]
     assert ops.count("SimplifiedLayerNormalization") == 5
@@ -134,33 +140,33 @@ def test_factory_of_a_transformers_model_exports_the_same_way(tmp_path):
 
 def test_rms_norm_targets(folders, tmp_path):
     folder = folders("LlamaForCausalLM")
-    onnx23 = api.export(folder, tmp_path / "a.onnx", ["input_ids:2x8:int64"], opset=23)
+    onnx23 = export(folder, tmp_path / "a.onnx", ["input_ids:2x8:int64"], opset=23)
     assert onnx23.passed
     ops = [n.op_type for n in onnx.load(str(tmp_path / "a.onnx")).graph.node]
     assert ops.count("RMSNormalization") == 5 and "SimplifiedLayerNormalization" not in ops
-    left = api.export(folder, tmp_path / "b.onnx", ["input_ids:2x8:int64"], rms_target="onnx")
+    left = export(folder, tmp_path / "b.onnx", ["input_ids:2x8:int64"], rms_target="onnx")
     assert left.fusion.count("left", "RMSNorm") == 5
     assert "RMSNormalization needs opset 23" in left.fusion.summary()
 
 
 def test_task_with_past_on_an_encoder_is_one_clear_error(folders, tmp_path):
     with pytest.raises(InputSpecError, match="BertModel takes no KV cache"):
-        api.export(folders("BertModel"), tmp_path / "m.onnx", ["input_ids:2x8:int64"], task=WITH_PAST)
+        export(folders("BertModel"), tmp_path / "m.onnx", ["input_ids:2x8:int64"], task=WITH_PAST)
     with pytest.raises(InputSpecError, match="needs a Hugging Face decoder"):
-        api.export("tests/factories.py:small", tmp_path / "m.onnx", ["x:2x8"], task=WITH_PAST)
+        export("tests/factories.py:small", tmp_path / "m.onnx", ["x:2x8"], task=WITH_PAST)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_an_input_the_model_does_not_take_is_named(folders, tmp_path):
     with pytest.raises(InputSpecError, match="LlamaForCausalLM.forward has no parameter token_type_ids"):
-        api.export(folders("LlamaForCausalLM"), tmp_path / "m.onnx", ["input_ids:2x8:int64", "token_type_ids:2x8:int64"])
+        export(folders("LlamaForCausalLM"), tmp_path / "m.onnx", ["input_ids:2x8:int64", "token_type_ids:2x8:int64"])
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_pytorch_attention_fast_path_is_off_while_exporting(exporter, tmp_path):
     """`nn.TransformerEncoderLayer` in eval runs `aten::_native_multi_head_attention`, which has no
     ONNX translation; the export takes the plain path and still matches the fast one."""
-    result = api.export("tests/factories.py:torch_encoder", tmp_path / "e.onnx", ["x:2x5x16"], exporter=exporter)
+    result = export("tests/factories.py:torch_encoder", tmp_path / "e.onnx", ["x:2x5x16"], exporter=exporter)
     assert result.passed
     ops = [n.op_type for n in onnx.load(str(tmp_path / "e.onnx")).graph.node]
     assert ops.count("LayerNormalization") == 5
@@ -169,10 +175,10 @@ def test_pytorch_attention_fast_path_is_off_while_exporting(exporter, tmp_path):
 
 def test_opset_below_17_leaves_channels_first_norms_or_puts_them_on_the_plugin(folders, tmp_path):
     folder, specs = folders("ConvNextModel"), CONFIGS["ConvNextModel"][1]
-    left = api.export(folder, tmp_path / "a.onnx", specs, exporter="torchscript", opset=14)
+    left = export(folder, tmp_path / "a.onnx", specs, exporter="torchscript", opset=14)
     assert left.passed and left.opset == 14
     assert left.fusion.count("left", "LayerNorm") > 0 and left.fusion.count("fused") == 0
-    plugin = api.export(folder, tmp_path / "b.onnx", specs, exporter="torchscript", opset=14, ln_target="plugin")
+    plugin = export(folder, tmp_path / "b.onnx", specs, exporter="torchscript", opset=14, ln_target="plugin")
     assert plugin.passed and plugin.opset == 14 and plugin.fusion.verified
     ops = [n.op_type for n in onnx.load(str(tmp_path / "b.onnx")).graph.node]
     assert ops.count("LayerNorm") == plugin.fusion.count("fused") == left.fusion.count("left", "LayerNorm")

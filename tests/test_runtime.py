@@ -7,13 +7,12 @@ import onnx
 import pytest
 import torch
 
-from conftest import export
+from conftest import export, ort_run
 from factories import Small
-from ticknorm.base.errors import InputSpecError
+from ticknorm.base.errors import InputSpecError, RuntimeUnavailable, TicknormError
 from ticknorm.base.onnx_io import model_digest
-from ticknorm.base.errors import RuntimeUnavailable
 from ticknorm.runtime.ort_runner import OrtRunner
-from ticknorm.runtime.registry import make_runner, runtime_statuses
+from ticknorm.runtime.registry import RunnerSetup, make_runner, runtime_statuses
 from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.plugins.trt_plugin import kernel_source_digest
 from ticknorm.runtime.trt_runner import TrtSettings, engine_cache_key, optimization_profile
@@ -29,33 +28,40 @@ def small():
 
 def test_ort_runner_checks_inputs_against_the_model(small):
     _, model, feeds = small
-    runner = OrtRunner(model)
-    assert runner.infer(feeds).outputs[model.graph.output[0].name].shape == (2, 8)
-    assert runner.infer({"x": np.zeros((5, 8), np.float32)}).outputs  # dynamic batch
-    for bad, match in [({"x": feeds["x"].astype(np.float64)}, "is float64, the model takes float32"),
-                       ({"x": np.zeros((2, 9), np.float32)}, r"axis 1 is fixed at 8"),
-                       ({"x": np.zeros((8,), np.float32)}, "takes rank 2"),
-                       ({"y": feeds["x"]}, "missing x; unexpected y")]:
-        with pytest.raises(InputSpecError, match=match):
-            runner.infer(bad)
+    with OrtRunner(model) as runner:
+        assert runner.infer(feeds).outputs[model.graph.output[0].name].shape == (2, 8)
+        assert runner.infer({"x": np.zeros((5, 8), np.float32)}).outputs  # dynamic batch
+        for bad, match in [({"x": feeds["x"].astype(np.float64)}, "is float64, the model takes float32"),
+                           ({"x": np.zeros((2, 9), np.float32)}, r"axis 1 is fixed at 8"),
+                           ({"x": np.zeros((8,), np.float32)}, "takes rank 2"),
+                           ({"y": feeds["x"]}, "missing x; unexpected y")]:
+            with pytest.raises(InputSpecError, match=match):
+                runner.infer(bad)
+    with pytest.raises(TicknormError, match="is not active"):
+        runner.infer(feeds)
 
 
-def test_ort_taps_return_intermediates_without_changing_outputs(small):
+def test_ort_taps_are_modules_and_leave_the_outputs_unchanged(small):
     _, model, feeds = small
-    runner = OrtRunner(model, optimization="all")
-    tap = model.graph.node[0].output[0]
-    plain, tapped = runner.infer(feeds), runner.infer(feeds, taps=[tap])
-    assert tapped.taps[tap].shape == (2, 8)
-    for name in plain.outputs:
-        np.testing.assert_array_equal(plain.outputs[name], tapped.outputs[name])
+    with OrtRunner(model, optimization="all", taps=["proj", "no.such.module"]) as runner:
+        tapped = runner.infer(feeds)
+        assert len(runner.session.get_outputs()) == 2  # one session: graph output + the tapped tensor
+    assert set(tapped.taps) == {"proj"} and tapped.taps["proj"].shape == (2, 8)
+    for name, value in ort_run(model, feeds).items():
+        np.testing.assert_array_equal(value, tapped.outputs[name])
 
 
 def test_torch_runner_matches_ort_and_taps_modules(small):
     module, model, feeds = small
     names = [o.name for o in model.graph.output]
-    reference = TorchRunner(module, names).infer(feeds, taps=["proj"])
+    with TorchRunner(module, names, taps=["proj"]) as runner:
+        reference = runner.infer(feeds)
+        with pytest.raises(InputSpecError, match="missing x; unexpected y"):
+            runner.infer({"y": feeds["x"]})
     assert reference.taps["proj"].shape == (2, 8)
-    np.testing.assert_allclose(OrtRunner(model).infer(feeds).outputs[names[0]], reference.outputs[names[0]], atol=1e-5)
+    np.testing.assert_allclose(ort_run(model, feeds)[names[0]], reference.outputs[names[0]], atol=1e-5)
+    with OrtRunner(model, taps=["proj"]) as runner:
+        np.testing.assert_allclose(runner.infer(feeds).taps["proj"], reference.taps["proj"], atol=1e-5)
 
 
 def test_unknown_runtime_and_unavailable_ones_say_why(small):
@@ -64,11 +70,19 @@ def test_unknown_runtime_and_unavailable_ones_say_why(small):
         make_runner("tvm", model)
     statuses = {s.name: s for s in runtime_statuses()}
     assert statuses["ort-cpu"].available and statuses["torch"].available
-    for name in ("trt", "ort-cuda"):
-        assert statuses[name].available or statuses[name].reason
-    if importlib.util.find_spec("tensorrt") is None:
+    cuda = torch.cuda.is_available()
+    assert statuses["torch-cuda"].available == cuda
+    tensorrt = importlib.util.find_spec("tensorrt") is not None
+    assert statuses["trt"].available == (tensorrt and cuda)
+    if not tensorrt:
+        assert statuses["trt"].reason == "tensorrt is not installed (pip install 'ticknorm[trt]')"
         with pytest.raises(RuntimeUnavailable, match="tensorrt module is not installed"):
-            make_runner("trt-fp16", model, {}).activate()
+            make_runner("trt-fp16", model).check_available()
+    if not statuses["ort-cuda"].available:
+        assert statuses["ort-cuda"].reason in ("no CUDA device", "this onnxruntime build has no CUDAExecutionProvider "
+                                               "(pip install 'ticknorm[gpu]')")
+        with pytest.raises(RuntimeUnavailable, match="ort-cuda"):
+            make_runner("ort-cuda", model).check_available()
 
 
 def test_trt_profile_and_cache_key_logic(small):
@@ -99,5 +113,6 @@ def test_trt_runner_matches_ort_on_a_gpu(small):
         pytest.skip("needs TensorRT and a CUDA GPU (neither is on this machine)")
     _, model, feeds = small
     name = model.graph.output[0].name
-    result = make_runner("trt", model, optimization_profile(feeds, {"x": {0: "batch"}})).infer(feeds)
-    np.testing.assert_allclose(result.outputs[name], OrtRunner(model).infer(feeds).outputs[name], atol=1e-4)
+    with make_runner("trt", model, RunnerSetup(profile=optimization_profile(feeds, {"x": {0: "batch"}}))) as runner:
+        result = runner.infer(feeds)
+    np.testing.assert_allclose(result.outputs[name], ort_run(model, feeds)[name], atol=1e-4)

@@ -43,11 +43,18 @@ def upward_imports() -> list[str]:
     return upward
 
 
+def _signature_is_given(node: ast.FunctionDef) -> bool:
+    """A Triton kernel's parameters are its ABI (TensorRT calls it in that order, scalars only) and
+    a module's forward() parameters are the ONNX graph's inputs: neither can become an object."""
+    jit = any("jit" in ast.unparse(decorator) for decorator in node.decorator_list)
+    return jit or node.name == "forward"
+
+
 def long_parameter_lists() -> list[tuple[int, str]]:
     found = []
     for module, path in _modules():
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _signature_is_given(node):
                 arguments = node.args
                 names = [a.arg for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs)]
                 names += [a.arg for a in (arguments.vararg, arguments.kwarg) if a is not None]

@@ -16,14 +16,14 @@ from torch import nn
 
 from factories import Overflowing
 from conftest import export
-from ticknorm import api
+from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Tolerance, api
+from ticknorm.base.errors import AccuracyError, BundleError
 from ticknorm.cli import main
-from ticknorm.base.errors import AccuracyError
 from ticknorm.exporter.export import export_model
+from ticknorm.runtime.registry import RunnerSetup, runtime_statuses
 from ticknorm.runtime.torch_runner import TorchRunner
-from ticknorm.validate.compare import Tolerance, compare
-from ticknorm.base.errors import BundleError
-from ticknorm.validate.drift import check, history, snapshot
+from ticknorm.validate.compare import compare_runtimes
+from ticknorm.validate.drift import check_bundle, history, write_bundle
 from ticknorm.validate.overflow import fp16_overflows
 
 EXAMPLE = "examples/tiny_transformer.py:build"
@@ -34,12 +34,13 @@ FEEDS = {"input_ids": np.random.default_rng(0).integers(0, 1000, (2, 16))}
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     path = tmp_path_factory.mktemp("validate") / "tiny.onnx"
-    api.export(EXAMPLE, path, ["input_ids:batch=2xseq=16:int64:0..1000"], checkpoint=CHECKPOINT, exporter="torchscript")
+    api.export(ModelRef(EXAMPLE, CHECKPOINT), Inputs(("input_ids:batch=2xseq=16:int64:0..1000",)), path,
+               ExportOptions(exporter="torchscript"))
     return path, onnx.load(str(path))
 
 
 def _reference(perturb: str | None = None):
-    module = api.load_model(EXAMPLE, CHECKPOINT)
+    module = ModelRef(EXAMPLE, CHECKPOINT).load()
     if perturb:
         with torch.no_grad():
             module.get_submodule(perturb).weight.mul_(1.05)
@@ -48,7 +49,7 @@ def _reference(perturb: str | None = None):
 
 def test_per_layer_compare_passes_on_a_faithful_export(exported):
     _, model = exported
-    report = compare(model, _reference(), FEEDS, per_layer=True)
+    report = compare(model, _reference(), layers=LayerSelection())
     assert report.passed and report.first_failure == {"ort": None}
     modules = [row.module for row in report.layers]
     assert modules.index("layers.0.attention_norm") < modules.index("layers.1.output_norm") < modules.index("head")
@@ -57,21 +58,21 @@ def test_per_layer_compare_passes_on_a_faithful_export(exported):
 
 def test_first_module_over_tolerance_is_named(exported):
     _, model = exported
-    report = compare(model, _reference("layers.1.feed_forward.2"), FEEDS, per_layer=True)
+    report = compare(model, _reference("layers.1.feed_forward.2"), layers=LayerSelection())
     assert not report.passed
     assert report.first_failure["ort"] == "layers.1.feed_forward.2"
     failing = [row.module for row in report.layers if row.comparison and not row.comparison.passed]
     assert "layers.0.output_norm" not in failing and "layers.1" in failing
-    shallow = compare(model, _reference("layers.1.feed_forward.2"), FEEDS, per_layer=True, depth=2)
+    shallow = compare(model, _reference("layers.1.feed_forward.2"), layers=LayerSelection(depth=2))
     assert shallow.first_failure["ort"] == "layers.1"
     assert {row.module for row in shallow.layers} == {"embeddings", "layers.0", "layers.1", "final_norm", "head"}
-    only = compare(model, _reference(), FEEDS, per_layer=True, pattern="layers.*.output_norm")
+    only = compare(model, _reference(), layers=LayerSelection(pattern="layers.*.output_norm"))
     assert {row.module for row in only.layers} == {"layers.0.output_norm", "layers.1.output_norm"}
 
 
 def test_per_output_tolerance_and_cli_exit_codes(exported, tmp_path):
     path, model = exported
-    loose = compare(model, _reference("head"), FEEDS, tolerance=Tolerance(per_output={"output": (1.0, 1.0)}))
+    loose = compare(model, _reference("head"), tolerance=Tolerance(per_output={"output": (1.0, 1.0)}))
     assert loose.passed
     args = ["compare", str(path), "--model", EXAMPLE, "--checkpoint", CHECKPOINT, "--input", "input_ids:2x16:int64:0..1000"]
     ok = CliRunner().invoke(main, args + ["--per-layer", "--json", str(tmp_path / "r.json")])
@@ -79,9 +80,12 @@ def test_per_output_tolerance_and_cli_exit_codes(exported, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["first_failure"] == {"ort": None}
     bad_input = CliRunner().invoke(main, args[:-1] + ["input_ids:2x16:int32"])
     assert bad_input.exit_code == 2 and "is int32, the model takes int64" in bad_input.stderr
-    missing = CliRunner().invoke(main, args + ["--runtime", "ort,trt"])
-    if missing.exit_code == 2:  # no TensorRT here: refused before any work, with the reason
-        assert "trt:" in missing.stderr and "running" not in missing.stderr
+    absent = next((s.name for s in runtime_statuses() if not s.available and s.name != "torch-cuda"), None)
+    if absent is None:
+        pytest.skip("every runtime is available on this machine: none to be refused")
+    missing = CliRunner().invoke(main, args + ["--runtime", f"ort,{absent}"])
+    assert missing.exit_code == 2 and f"{absent.removesuffix('-cpu')}" in missing.stderr  # refused with the reason
+    assert "running" not in missing.stderr  # before any work
 
 
 def test_nan_reference_is_an_error(tmp_path):
@@ -89,24 +93,28 @@ def test_nan_reference_is_an_error(tmp_path):
     feeds = {"input": np.full((2, 4), np.nan, np.float32)}
     model = export(module, feeds, "torchscript")
     with pytest.raises(AccuracyError, match="NaN or Inf"):
-        compare(model, module, feeds)
+        compare(model, module, feeds=feeds)
 
 
 def test_drift_snapshot_check_history_and_plot(exported, tmp_path):
     path, model = exported
-    bundle = snapshot(model, _reference(), FEEDS, tmp_path / "golden")
+    bundle = write_bundle(model, _reference(), FEEDS, tmp_path / "golden")
     assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "inputs.json", "outputs.json"]
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["versions"]["onnxruntime"] and "layers.1.output_norm" in meta["layers"]
-    assert check(bundle, model).passed
+    assert check_bundle(bundle, model).passed
     drifted = _drifted_model(model)
     with pytest.raises(BundleError, match="--allow-model-change"):
-        check(bundle, drifted)
-    report = check(bundle, drifted, allow_model_change=True)
+        check_bundle(bundle, drifted)
+    report = check_bundle(bundle, drifted, allow_model_change=True)
     assert not report.passed and any(row.module == "head" for row in report.layers)
     assert [e["passed"] for e in history(bundle)] == [True, False]
     result = CliRunner().invoke(main, ["drift", "history", str(bundle), "--plot", str(tmp_path / "h.png")])
     assert result.exit_code == 0 and (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def compare(model, module, feeds=FEEDS, **options):
+    return compare_runtimes(model, feeds, ["ort"], RunnerSetup(module), **options)
 
 
 def _drifted_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -136,7 +144,7 @@ def test_drift_cli_exit_codes(exported, tmp_path):
 
 def test_polygraphy_reads_the_bundle(exported, tmp_path):
     path, model = exported
-    bundle = snapshot(model, _reference(), FEEDS, tmp_path / "golden")
+    bundle = write_bundle(model, _reference(), FEEDS, tmp_path / "golden")
     tool = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or shutil.which("polygraphy")
     done = subprocess.run([tool, "run", str(path), "--onnxrt", "--load-inputs",
                            str(bundle / "inputs.json"), "--load-outputs", str(bundle / "outputs.json"),
@@ -147,7 +155,7 @@ def test_polygraphy_reads_the_bundle(exported, tmp_path):
 
 def test_pytest_plugin_fixture_in_a_users_suite(exported, tmp_path):
     path, model = exported
-    bundle = snapshot(model, _reference(), FEEDS, tmp_path / "golden")
+    bundle = write_bundle(model, _reference(), FEEDS, tmp_path / "golden")
     onnx.save(_drifted_model(model), str(tmp_path / "drifted.onnx"))
     (tmp_path / "test_user.py").write_text(textwrap.dedent(f"""
         def test_same(ticknorm_drift):
@@ -166,25 +174,39 @@ def test_fp16_overflowing_layer_norm_is_found_and_fp32_fixes_it(tmp_path):
     module = Overflowing().eval()
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 6, 16)).astype(np.float32)}
     path = tmp_path / "o.onnx"
-    export_model(module, feeds, path, exporter="torchscript")
+    export_model(module, feeds, path, ExportOptions(exporter="torchscript"))
     rows = fp16_overflows(onnx.load(str(path)), feeds)
     assert [row.module for row in rows] == ["norm"]
     assert "fp16 max" in rows[0].reason and rows[0].input_absmax < 65504
-    reference = TorchRunner(Overflowing(), ["y"]).infer(feeds).outputs["y"]
-    broken = TorchRunner(Overflowing(), ["y"], dtype="fp16").infer(feeds).outputs["y"].astype(np.float32)
+    reference = _torch_run(TorchRunner(Overflowing(), ["y"]), feeds)
+    broken = _torch_run(TorchRunner(Overflowing(), ["y"], dtype="fp16"), feeds).astype(np.float32)
     assert not np.allclose(broken, reference, atol=0.5)  # the variance overflowed: garbage, not rounding
-    kept = TorchRunner(Overflowing(), ["y"], dtype="fp16", fp32_modules=[r.module for r in rows]).infer(feeds)
-    np.testing.assert_allclose(kept.outputs["y"], reference, atol=2e-2, rtol=2e-2)
+    kept = _torch_run(TorchRunner(Overflowing(), ["y"], dtype="fp16", fp32_modules=[r.module for r in rows]), feeds)
+    np.testing.assert_allclose(kept, reference, atol=2e-2, rtol=2e-2)
     np.savez(tmp_path / "in.npz", **feeds)
     result = CliRunner().invoke(main, ["compare", str(path), "--model", "tests/factories.py:overflowing", "--input-file",
                                        str(tmp_path / "in.npz"), "--runtime", "torch-fp16", "--atol", "2e-2", "--rtol", "2e-2"])
     assert result.exit_code == 0, result.output
     assert "fp16 overflow: norm: " in result.output and "PASS" in result.output
+    # report applies the same precision policy as compare: the same module passes on both
+    rows = tmp_path / "rows.json"
+    page = CliRunner().invoke(main, ["report", str(path), "--model", "tests/factories.py:overflowing", "--input-file",
+                                     str(tmp_path / "in.npz"), "--runtime", "torch,torch-fp16", "--atol", "2e-2",
+                                     "--rtol", "2e-2", "--iterations", "2", "--warmup", "0", "-o",
+                                     str(tmp_path / "r.html"), "--json", str(rows)])
+    assert page.exit_code == 0, page.output
+    norm = next(row for row in json.loads(rows.read_text()) if row["module"] == "norm")
+    assert norm["passed"] == {"torch-fp16": True}
+
+
+def _torch_run(runner: TorchRunner, feeds: dict) -> np.ndarray:
+    with runner:
+        return runner.infer(feeds).outputs["y"]
 
 
 def test_damaged_bundles_and_bad_tolerances_are_one_line_errors(exported, tmp_path):
     path, model = exported
-    bundle = snapshot(model, _reference(), FEEDS, tmp_path / "golden")
+    bundle = write_bundle(model, _reference(), FEEDS, tmp_path / "golden")
     (bundle / "outputs.json").write_text('{"lst": []}')
     result = CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)])
     assert result.exit_code == 2 and "damaged bundle" in result.stderr

@@ -6,7 +6,7 @@ import importlib
 import onnx
 import pytest
 
-from ticknorm import api
+from ticknorm import ExportOptions, Inputs, api
 from ticknorm.exporter.inspect import summarize
 
 
@@ -30,8 +30,8 @@ def test_vision_model_exports_with_every_layer_norm_fused(factory, package, argu
     reason = _importable(package)
     if reason:
         pytest.skip(reason)
-    result = api.export(f"tests/vision_models.py:{factory}", tmp_path / "m.onnx", [f"{argument}:batch=2x3x32x32"],
-                        exporter=exporter)
+    result = api.export(f"tests/vision_models.py:{factory}", Inputs((f"{argument}:batch=2x3x32x32",)), tmp_path / "m.onnx",
+                        ExportOptions(exporter=exporter))
     assert result.passed and result.accuracy[0].max_abs < 1e-4
     summary = summarize(onnx.load(str(tmp_path / "m.onnx")))
     assert summary.decomposed_norms == 0 and summary.fused_norms > 0

@@ -1,9 +1,25 @@
 """ticknorm: export a fine-tuned PyTorch model to ONNX with every LayerNorm fused, and prove it is
 still the same model. `import ticknorm` needs only numpy and onnx; torch and the runtimes are
-imported where used."""
+imported where used.
+
+    import ticknorm
+    result = ticknorm.export(model, (input_ids,), "model.onnx")
+    report = ticknorm.compare("model.onnx", model, (input_ids,), runtimes=["ort"], layers=ticknorm.LayerSelection())
+"""
 
 __version__ = "0.1.0"
 
+from ticknorm.api import check, compare, export, fuse, history, inspect, profile, report, runtimes, snapshot  # noqa: E402
 from ticknorm.base.errors import TicknormError  # noqa: E402
+from ticknorm.base.inputs import Inputs  # noqa: E402
+from ticknorm.base.metrics import Tolerance  # noqa: E402
+from ticknorm.base.progress import Progress  # noqa: E402
+from ticknorm.base.scopes import LayerSelection  # noqa: E402
+from ticknorm.exporter.export import ExportOptions  # noqa: E402
+from ticknorm.exporter.fusion import NormTargets  # noqa: E402
+from ticknorm.exporter.model_ref import ModelRef  # noqa: E402
+from ticknorm.profiler.profile import Timing  # noqa: E402
 
-__all__ = ["TicknormError", "__version__"]
+__all__ = ["ExportOptions", "Inputs", "LayerSelection", "ModelRef", "NormTargets", "Progress", "TicknormError",
+           "Timing", "Tolerance", "__version__", "check", "compare", "export", "fuse", "history", "inspect", "profile",
+           "report", "runtimes", "snapshot"]

@@ -12,21 +12,33 @@ import click
 
 from ticknorm import api
 from ticknorm.base.atomic import write_text
-from ticknorm.report import profile_outputs
 from ticknorm.base.errors import InputSpecError, TicknormError, first_line
-from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS
-from ticknorm.exporter.fusion import RMS_TARGETS
+from ticknorm.base.inputs import Inputs
+from ticknorm.base.metrics import Tolerance
+from ticknorm.base.onnx_io import PROTOBUF_LIMIT
+from ticknorm.base.progress import Progress
+from ticknorm.base.scopes import LayerSelection
+from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS, ExportOptions
+from ticknorm.exporter.fusion import RMS_TARGETS, NormTargets
+from ticknorm.exporter.model_ref import ModelRef
 from ticknorm.exporter.plugin_target import LN_TARGETS
 from ticknorm.exporter.tasks import TASKS
+from ticknorm.profiler.profile import Timing
+from ticknorm.report import joined, profile_outputs
 from ticknorm.runtime.ort_runner import OPTIMIZATION_LEVELS
-from ticknorm.validate.compare import Tolerance
+
+DEFAULT_TOLERANCE = Tolerance()
 
 
-def _one_line_errors(command):
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+class OneLineErrors(click.Group):
+    """Every command's failure as one line on stderr and an exit code: 1 for wrong numbers, 2 for a
+    request that could not be carried out; click's own usage errors pass through as click says them."""
+
+    def invoke(self, ctx):
         try:
-            return command(*args, **kwargs)
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except TicknormError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
@@ -36,116 +48,71 @@ def _one_line_errors(command):
             click.echo(f"error: unexpected {type(exc).__name__}: {first_line(exc)} "
                        "(set TICKNORM_DEBUG=1 for the traceback)", err=True)
             sys.exit(2)
-    return wrapper
 
 
-def _progress(message: str) -> None:
+def _say(message: str) -> None:
     click.echo(f"... {message}", err=True)
 
 
-def input_options(command):
-    """`--input` specs or `--input-file`, shared by every command that feeds a model."""
-    command = click.option("--input-file", type=click.Path(dir_okay=False), default=None,
-                           help=".npz with one array per input name.")(command)
-    command = click.option("--input", "inputs", multiple=True, metavar="NAME:DIMS[:DTYPE[:LOW..HIGH]]",
-                           help="e.g. input_ids:batch=2xseq=16:int64:0..30522 (repeat per input; NAME=SIZE makes an axis dynamic).")(command)
-    return click.option("--seed", type=int, default=0, show_default=True, help="Seed for random inputs.")(command)
+def grouped(name: str, build, *options):
+    """Click options whose values become one parameter object, built here once: the command gets
+    `name=build(**values)` instead of one argument per option."""
+    def decorate(command):
+        def wrapper(**kwargs):
+            values = {key: kwargs.pop(key) for key in keys}
+            return command(**kwargs, **{name: build(**values)})
+
+        functools.update_wrapper(wrapper, command)
+        before = len(getattr(wrapper, "__click_params__", []))
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        keys = [param.name for param in wrapper.__click_params__[before:]]
+        return wrapper
+    return decorate
 
 
-def model_options(command):
-    """How to build the PyTorch reference; the same on every command that needs it."""
-    command = click.option("--trust-pickle", is_flag=True,
-                           help="Allow checkpoints that unpickle objects (whole models, TorchScript); this runs code from the file.")(command)
-    command = click.option("--adapter", type=click.Path(file_okay=False), default=None,
-                           help="A PEFT/LoRA adapter folder (save_pretrained), merged into the model first.")(command)
-    command = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                           help="Weights: .pt/.pth/.bin state dict (wrappers and DDP prefixes handled) or .safetensors.")(command)
-    return click.option("--model", "model", required=True, metavar="FACTORY|HF_DIR",
-                        help="pkg.module:fn or path/file.py:fn returning an nn.Module, or a save_pretrained directory.")(command)
+input_options = grouped(
+    "inputs", lambda inputs, input_file, seed: Inputs(tuple(inputs), input_file, seed),
+    click.option("--input", "inputs", multiple=True, metavar="NAME:DIMS[:DTYPE[:LOW..HIGH]]",
+                 help="e.g. input_ids:batch=2xseq=16:int64:0..30522 (repeat per input; NAME=SIZE makes an axis dynamic)."),
+    click.option("--input-file", type=click.Path(dir_okay=False), default=None, help=".npz with one array per input name."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for random inputs."))
 
+model_options = grouped(
+    "model", lambda model_source, **loading: ModelRef(model_source, **loading),
+    click.option("--model", "model_source", required=True, metavar="FACTORY|HF_DIR",
+                 help="pkg.module:fn or path/file.py:fn returning an nn.Module, or a save_pretrained directory."),
+    click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                 help="Weights: .pt/.pth/.bin state dict (wrappers and DDP prefixes handled) or .safetensors."),
+    click.option("--adapter", type=click.Path(file_okay=False), default=None,
+                 help="A PEFT/LoRA adapter folder (save_pretrained), merged into the model first."),
+    click.option("--trust-pickle", is_flag=True,
+                 help="Allow checkpoints that unpickle objects (whole models, TorchScript); this runs code from the file."))
 
-def ln_target_option(command):
-    return click.option("--ln-target", type=click.Choice(LN_TARGETS), default="native", show_default=True,
-                        help="native: ONNX LayerNormalization (every runtime, TensorRT's own layer); plugin: "
-                             "ticknorm::LayerNorm, our kernel as a TensorRT plugin (TensorRT only).")(command)
+_LN_TARGET = click.option("--ln-target", type=click.Choice(LN_TARGETS), default="native", show_default=True,
+                          help="native: ONNX LayerNormalization (every runtime, TensorRT's own layer); plugin: "
+                               "ticknorm::LayerNorm, our kernel as a TensorRT plugin (TensorRT only).")
+_RMS_TARGET = click.option("--rms-target", type=click.Choice(RMS_TARGETS), default="auto", show_default=True,
+                           help="RMSNorms become: auto: RMSNormalization at opset 23+, ONNX Runtime's "
+                                "SimplifiedLayerNormalization below; onnx: RMSNormalization only (left decomposed "
+                                "below 23); ort: SimplifiedLayerNormalization at any opset (ONNX Runtime only).")
 
+norm_target_options = grouped(
+    "targets", lambda ln_target, rms_target: NormTargets(rms=rms_target, plugin=ln_target == "plugin"),
+    _LN_TARGET, _RMS_TARGET)
 
-def rms_target_option(command):
-    return click.option("--rms-target", type=click.Choice(RMS_TARGETS), default="auto", show_default=True,
-                        help="RMSNorms become: auto: RMSNormalization at opset 23+, ONNX Runtime's "
-                             "SimplifiedLayerNormalization below; onnx: RMSNormalization only (left decomposed "
-                             "below 23); ort: SimplifiedLayerNormalization at any opset (ONNX Runtime only).")(command)
-
-
-@click.group()
-@click.version_option(package_name="ticknorm")
-def main():
-    """Export PyTorch models to ONNX with fused LayerNorms, and prove they are still the same model."""
-
-
-@main.command()
-@model_options
-@input_options
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
-@click.option("--exporter", type=click.Choice(sorted(EXPORTERS)), default=DEFAULT_EXPORTER, show_default=True)
-@click.option("--opset", type=int, default=None, help="dynamo: 18+, torchscript: 13-17 (default 17).")
-@click.option("--no-fuse", is_flag=True, help="Keep decomposed LayerNorms as exported.")
-@click.option("--no-check", is_flag=True, help="Skip the PyTorch vs ONNX Runtime comparison.")
-@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the fusion report as JSON.")
-@click.option("--external-data-threshold", type=int, default=api.PROTOBUF_LIMIT, show_default=True,
-              help="Bytes of weights above which they go to OUTPUT.data.")
-@click.option("--task", type=click.Choice(TASKS), default="default", show_default=True,
-              help="Hugging Face models: default (no cache) or text-generation-with-past (a decoder step with "
-                   "past_key_values.N.key/value in and present.N.* out), as Optimum names them.")
-@ln_target_option
-@rms_target_option
-@_one_line_errors
-def export(model, checkpoint, adapter, trust_pickle, inputs, input_file, seed, output, exporter, opset, no_fuse,
-           no_check, report, external_data_threshold, task, ln_target, rms_target):
-    """Export a model to ONNX, fuse every LayerNorm, verify, and compare with PyTorch."""
-    result = api.export(model, output, inputs, input_file, checkpoint, trust_pickle, exporter, opset,
-                        fuse=not no_fuse, check=not no_check, report=report,
-                        external_data_threshold=external_data_threshold, seed=seed, ln_target=ln_target,
-                        rms_target=rms_target, adapter=adapter, task=task, progress=_progress)
-    click.echo(f"wrote {', '.join(str(f) for f in result.files)} ({result.exporter} exporter, opset {result.opset})")
-    if result.fusion is not None:
-        click.echo(result.fusion.summary())
-    if result.plugin_target is not None:
-        click.echo(result.plugin_target.summary())
-    if result.accuracy:
-        click.echo("PyTorch vs ONNX Runtime (CPU):")
-        for check in result.accuracy:
-            click.echo("  " + check.line())
-
-
-@main.command()
-@click.argument("source", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
-@click.option("--opset", type=int, default=None, help="Opset of the result (17+ for LayerNormalization, 23+ for RMSNormalization).")
-@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the fusion report as JSON.")
-@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime check of the fused graph (not recommended).")
-@input_options
-@ln_target_option
-@rms_target_option
-@_one_line_errors
-def fuse(source, output, opset, report, no_verify, inputs, input_file, seed, ln_target, rms_target):
-    """Rewrite decomposed LayerNorms (and RMSNorms) in an ONNX file into single nodes."""
-    result, retargeted = api.fuse(source, output, opset, inputs, input_file, verify=not no_verify, report=report,
-                                  seed=seed, ln_target=ln_target, rms_target=rms_target)
-    click.echo(f"wrote {output}")
-    click.echo(result.report.summary())
-    if retargeted is not None:
-        click.echo(retargeted.summary())
-
-
-@main.command()
-@click.argument("source", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-@_one_line_errors
-def inspect(source, as_json):
-    """Opset, inputs, outputs, op histogram, LayerNorms fused and not, scope coverage."""
-    summary = api.inspect(source)
-    click.echo(summary.to_json() if as_json else summary.text())
+export_options = grouped(
+    "options", lambda no_fuse, no_check, **values: ExportOptions(fuse=not no_fuse, check=not no_check, **values),
+    click.option("--exporter", type=click.Choice(sorted(EXPORTERS)), default=DEFAULT_EXPORTER, show_default=True),
+    click.option("--opset", type=int, default=None, help="dynamo: 18+, torchscript: 13-17 (default 17)."),
+    click.option("--no-fuse", is_flag=True, help="Keep decomposed LayerNorms as exported."),
+    click.option("--no-check", is_flag=True, help="Skip the PyTorch vs ONNX Runtime comparison."),
+    click.option("--external-data-threshold", type=int, default=PROTOBUF_LIMIT, show_default=True,
+                 help="Bytes of weights above which they go to OUTPUT.data."),
+    click.option("--task", type=click.Choice(TASKS), default="default", show_default=True,
+                 help="Hugging Face models: default (no cache) or text-generation-with-past (a decoder step with "
+                      "past_key_values.N.key/value in and present.N.* out), as Optimum names them."),
+    _LN_TARGET, _RMS_TARGET)
 
 
 def _tolerance(atol: float, rtol: float, output_tol: tuple) -> Tolerance:
@@ -160,109 +127,156 @@ def _tolerance(atol: float, rtol: float, output_tol: tuple) -> Tolerance:
     return Tolerance(atol, rtol, per_output)
 
 
-def tolerance_options(command):
-    command = click.option("--output-tol", multiple=True, metavar="NAME:ATOL:RTOL", help="Tolerance for one output.")(command)
-    command = click.option("--rtol", type=float, default=1e-3, show_default=True)(command)
-    return click.option("--atol", type=float, default=1e-4, show_default=True)(command)
+tolerance_options = grouped(
+    "tolerance", _tolerance,
+    click.option("--atol", type=float, default=DEFAULT_TOLERANCE.atol, show_default=True),
+    click.option("--rtol", type=float, default=DEFAULT_TOLERANCE.rtol, show_default=True),
+    click.option("--output-tol", multiple=True, metavar="NAME:ATOL:RTOL", help="Tolerance for one output."))
+
+_DEPTH = click.option("--depth", type=int, default=None, help="Only tap modules at most this many path segments deep.")
+_MODULES = click.option("--modules", "pattern", default=None, metavar="GLOB",
+                        help="Only tap modules whose path matches, e.g. 'encoder.layer.*.output'.")
+layer_options = grouped("layers", LayerSelection, _DEPTH, _MODULES)
+per_layer_options = grouped(
+    "layers", lambda per_layer, depth, pattern: LayerSelection(depth, pattern) if per_layer else None,
+    click.option("--per-layer", is_flag=True, help="Also compare every module's output, in model order."),
+    _DEPTH, _MODULES)
+
+timing_options = grouped(
+    "timing", Timing,
+    click.option("--iterations", type=int, default=20, show_default=True),
+    click.option("--warmup", type=int, default=3, show_default=True, help="Iterations dropped first."),
+    click.option("--depth", type=int, default=None, help="Roll modules up to this many path segments."))
 
 
-def tap_options(command):
-    command = click.option("--modules", "pattern", default=None, metavar="GLOB",
-                           help="Only tap modules whose path matches, e.g. 'encoder.layer.*.output'.")(command)
-    return click.option("--depth", type=int, default=None, help="Only tap modules at most this many path segments deep.")(command)
+def runtime_option(default: str):
+    return click.option("--runtime", "runtimes", default=default, show_default=True,
+                        callback=lambda _ctx, _param, value: [r.strip() for r in value.split(",") if r.strip()],
+                        help="Comma-separated: torch, ort, ort-cuda, trt, trt-fp16, trt-bf16, torch-fp16, torch-bf16, "
+                             "torch-cuda[-fp16].")
 
 
-@main.command()
-@_one_line_errors
-def runtimes():
+@click.group(cls=OneLineErrors)
+@click.version_option(package_name="ticknorm")
+def main():
+    """Export PyTorch models to ONNX with fused LayerNorms, and prove they are still the same model."""
+
+
+@main.command("export")
+@model_options
+@input_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@export_options
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the fusion report as JSON.")
+def export_command(model, inputs, output, options, report):
+    """Export a model to ONNX, fuse every LayerNorm, verify, and compare with PyTorch."""
+    result = api.export(model, inputs, output, options, report, Progress(_say))
+    click.echo(f"wrote {', '.join(str(f) for f in result.files)} ({result.exporter} exporter, opset {result.opset})")
+    if result.fusion is not None:
+        click.echo(result.fusion.summary())
+    if result.plugin_target is not None:
+        click.echo(result.plugin_target.summary())
+    if result.accuracy:
+        click.echo("PyTorch vs ONNX Runtime (CPU):")
+        for check in result.accuracy:
+            click.echo("  " + check.line())
+
+
+@main.command("fuse")
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--opset", type=int, default=None, help="Opset of the result (17+ for LayerNormalization, 23+ for RMSNormalization).")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the fusion report as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime check of the fused graph (not recommended).")
+@input_options
+@norm_target_options
+def fuse_command(source, output, opset, report, no_verify, inputs, targets):
+    """Rewrite decomposed LayerNorms (and RMSNorms) in an ONNX file into single nodes."""
+    result, retargeted = api.fuse(source, output, inputs, opset, not no_verify, report, targets)
+    click.echo(f"wrote {output}")
+    click.echo(result.report.summary())
+    if retargeted is not None:
+        click.echo(retargeted.summary())
+
+
+@main.command("inspect")
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect_command(source, as_json):
+    """Opset, inputs, outputs, op histogram, LayerNorms fused and not, scope coverage."""
+    summary = api.inspect(source)
+    click.echo(summary.to_json() if as_json else summary.text())
+
+
+@main.command("runtimes")
+def runtimes_command():
     """Each runtime, its version, and why an unavailable one is unavailable."""
     for status in api.runtimes():
         state = "available" if status.available else f"unavailable: {status.reason}"
         click.echo(f"{status.name:<12} {status.version:<16} {state}")
 
 
-@main.command()
+@main.command("compare")
 @click.argument("source", type=click.Path(dir_okay=False))
 @model_options
 @input_options
-@click.option("--runtime", "runtime_list", default="ort", show_default=True,
-              help="Comma-separated: ort, ort-cuda, trt, trt-fp16, trt-bf16, torch-fp16, torch-bf16, torch-cuda[-fp16].")
+@runtime_option("ort")
 @tolerance_options
-@click.option("--per-layer", is_flag=True, help="Also compare every module's output, in model order.")
+@per_layer_options
 @click.option("--ort-optimization", type=click.Choice(OPTIMIZATION_LEVELS), default="all", show_default=True,
               help="ONNX Runtime graph optimization level.")
-@tap_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
-@_one_line_errors
-def compare(source, model, checkpoint, adapter, trust_pickle, inputs, input_file, seed, runtime_list, atol, rtol, output_tol,
-            per_layer, ort_optimization, depth, pattern, json_path):
+def compare_command(source, model, inputs, runtimes, tolerance, layers, ort_optimization, json_path):
     """Compare runtimes with the PyTorch model, per output and per module. Exit 1 on failure."""
-    report, overflows = api.compare(source, model, inputs, input_file, checkpoint, trust_pickle, _runtimes(runtime_list),
-                                    _tolerance(atol, rtol, output_tol), per_layer, depth, pattern, seed,
-                                    ort_optimization, _progress, adapter=adapter)
-    for row in overflows:
-        click.echo(f"fp16 overflow: {row.module or row.node}: {row.reason} -> kept in fp32 (TensorRT and torch fp16)")
+    report = api.compare(source, model, inputs, runtimes, tolerance, layers, ort_optimization, Progress(_say))
     click.echo(report.text())
     if json_path:
         write_text(json_path, report.to_json())
     sys.exit(0 if report.passed else 1)
 
 
-def _profile_options(command):
-    command = click.option("--depth", type=int, default=None, help="Roll modules up to this many path segments.")(command)
-    command = click.option("--warmup", type=int, default=3, show_default=True, help="Iterations dropped first.")(command)
-    command = click.option("--iterations", type=int, default=20, show_default=True)(command)
-    return click.option("--runtime", "runtime_list", default="torch,ort", show_default=True,
-                        help="Comma-separated: torch, ort, ort-cuda, trt, trt-fp16, torch-cuda, ...")(command)
+def _progress_bar(timing: Timing, runtimes: list):
+    return click.progressbar(length=timing.iterations * len(runtimes), label="profiling", file=sys.stderr)
 
 
-def _runtimes(runtime_list: str) -> list[str]:
-    return [r.strip() for r in runtime_list.split(",") if r.strip()]
-
-
-@main.command()
+@main.command("profile")
 @click.argument("source", type=click.Path(dir_okay=False))
 @model_options
 @input_options
-@_profile_options
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None)
-@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
-              help="Chrome/Perfetto trace, one track per runtime.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Bars per module, PNG.")
-@_one_line_errors
-def profile(source, model, checkpoint, adapter, trust_pickle, inputs, input_file, seed, runtime_list, iterations, warmup, depth,
-            json_path, csv_path, trace_path, plot_path):
+@runtime_option("torch,ort")
+@timing_options
+@grouped("files", lambda **paths: {kind: path for kind, path in paths.items() if path},
+         click.option("--json", type=click.Path(dir_okay=False), default=None),
+         click.option("--csv", type=click.Path(dir_okay=False), default=None),
+         click.option("--trace", type=click.Path(dir_okay=False), default=None,
+                      help="Chrome/Perfetto trace, one track per runtime."),
+         click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Bars per module, PNG."))
+def profile_command(source, model, inputs, runtimes, timing, files):
     """Per-module latency on every runtime, aligned on PyTorch modules."""
-    runtimes_ = _runtimes(runtime_list)
-    with click.progressbar(length=iterations * len(runtimes_), label="profiling", file=sys.stderr) as bar:
-        result = api.profile(source, model, inputs, input_file, checkpoint, trust_pickle, runtimes_, iterations,
-                             warmup, depth, seed, on_iteration=lambda: bar.update(1), adapter=adapter)
+    with _progress_bar(timing, runtimes) as bar:
+        result = api.profile(source, model, inputs, runtimes, timing, Progress(advance=lambda: bar.update(1)))
     click.echo(profile_outputs.table(result))
-    for path, write in ((json_path, profile_outputs.write_json), (csv_path, profile_outputs.write_csv),
-                        (trace_path, profile_outputs.write_trace), (plot_path, profile_outputs.write_plot)):
-        if path:
-            write(result, path)
-            click.echo(f"wrote {path}")
+    for kind, path in files.items():
+        profile_outputs.WRITERS[kind](result, path)
+        click.echo(f"wrote {path}")
 
 
-@main.command()
+@main.command("report")
 @click.argument("source", type=click.Path(dir_okay=False))
 @model_options
 @input_options
-@_profile_options
+@runtime_option("torch,ort")
+@timing_options
 @tolerance_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="The same rows as JSON.")
-@_one_line_errors
-def report(source, model, checkpoint, adapter, trust_pickle, inputs, input_file, seed, runtime_list, iterations, warmup, depth,
-           atol, rtol, output_tol, output, json_path):
+def report_command(source, model, inputs, runtimes, timing, tolerance, output, json_path):
     """One HTML page: per module, latency and error against PyTorch on every runtime."""
-    runtimes_ = _runtimes(runtime_list)
-    with click.progressbar(length=iterations * len(runtimes_), label="profiling", file=sys.stderr) as bar:
-        rows = api.report(source, model, output, inputs, input_file, checkpoint, trust_pickle, runtimes_, iterations,
-                          warmup, depth, _tolerance(atol, rtol, output_tol), json_path, seed,
-                          on_iteration=lambda: bar.update(1), adapter=adapter)
+    with _progress_bar(timing, runtimes) as bar:
+        rows = api.report(source, model, inputs, output, runtimes, timing, tolerance,
+                          Progress(advance=lambda: bar.update(1)))
+    if json_path is not None:
+        joined.write_json(rows, json_path)
     flagged = [row.module for row in rows if row.flagged]
     click.echo(f"wrote {output}: {len(rows)} modules, {len(flagged)} slow and inaccurate"
                + (f" ({', '.join(flagged[:5])})" if flagged else ""))
@@ -278,14 +292,11 @@ def drift():
 @model_options
 @input_options
 @tolerance_options
-@tap_options
+@layer_options
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
-@_one_line_errors
-def drift_snapshot(source, model, checkpoint, adapter, trust_pickle, inputs, input_file, seed, atol, rtol, output_tol, depth,
-                   pattern, output):
+def drift_snapshot(source, model, inputs, tolerance, layers, output):
     """Write a golden bundle: inputs, PyTorch outputs, per-module statistics, tolerances, versions."""
-    bundle = api.drift_snapshot(source, model, output, inputs, input_file, checkpoint, trust_pickle,
-                                _tolerance(atol, rtol, output_tol), depth, pattern, seed, adapter=adapter)
+    bundle = api.snapshot(source, model, inputs, output, tolerance, layers)
     click.echo(f"wrote bundle {bundle}")
 
 
@@ -294,10 +305,9 @@ def drift_snapshot(source, model, checkpoint, adapter, trust_pickle, inputs, inp
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.option("--runtime", default="ort", show_default=True)
 @click.option("--allow-model-change", is_flag=True, help="Check a model whose hash differs from the bundle's.")
-@_one_line_errors
 def drift_check(bundle, source, runtime, allow_model_change):
     """Re-run on the bundle's inputs and compare; exit 1 with a table if anything drifted."""
-    report = api.drift_check(bundle, source, runtime, allow_model_change)
+    report = api.check(bundle, source, runtime, allow_model_change)
     click.echo(report.text())
     sys.exit(0 if report.passed else 1)
 
@@ -305,10 +315,9 @@ def drift_check(bundle, source, runtime, allow_model_change):
 @drift.command("history")
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Draw the history to a PNG.")
-@_one_line_errors
 def drift_history(bundle, plot):
     """List past checks; --plot draws error per output and per module over time."""
-    entries = api.drift_history(bundle, plot)
+    entries = api.history(bundle, plot)
     for entry in entries:
         worst = max(entry["outputs"].values(), default=0.0)
         click.echo(f"{entry['time']}  {entry['runtime']:<10} {'pass' if entry['passed'] else 'DRIFT':<6} "

@@ -8,7 +8,7 @@ draw from a standard normal, or uniformly from [LOW, HIGH) when given.
 """
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ml_dtypes
@@ -139,6 +139,39 @@ def load_npz(path) -> dict[str, np.ndarray]:
             return {name: data[name] for name in data.files}
     except Exception as exc:  # noqa: BLE001 - numpy reports damaged archives in many ways
         raise InputSpecError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0] or type(exc).__name__})") from exc
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Example inputs, given once: `--input` specs, an `.npz` file, or arrays a caller already
+    holds (name -> array), with the axes that are dynamic (specs name their own)."""
+
+    specs: tuple = ()
+    file: str | None = None
+    seed: int = 0
+    arrays: dict | None = None
+    dynamic_axes: dict = field(default_factory=dict)  # input -> {axis: name}
+
+    @property
+    def given(self) -> bool:
+        return bool(self.specs) or self.file is not None or self.arrays is not None
+
+    def feeds(self, onnx_model: onnx.ModelProto | None = None) -> tuple[dict[str, np.ndarray], dict]:
+        """(feeds, dynamic axes). With `onnx_model`, token-id specs given without a range span the
+        model's vocabulary."""
+        if sum((bool(self.specs), self.file is not None, self.arrays is not None)) > 1:
+            raise InputSpecError("give inputs either as --input specs or as an .npz file, not both")
+        if self.arrays is not None:
+            return dict(self.arrays), dict(self.dynamic_axes)
+        if self.file is not None:
+            return load_npz(self.file), dict(self.dynamic_axes)
+        if not self.specs:
+            raise InputSpecError("no inputs: give --input NAME:DIMS:DTYPE (e.g. input_ids:batch=2xseq=16:int64) "
+                                 "or --input-file")
+        parsed = [parse_input_spec(spec) for spec in self.specs]
+        limits = index_ranges(onnx_model) if onnx_model is not None else None
+        axes = {spec.name: spec.dynamic_axes for spec in parsed if spec.dynamic_axes}
+        return feeds_from_specs(parsed, self.seed, limits), {**axes, **self.dynamic_axes}
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

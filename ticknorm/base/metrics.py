@@ -1,10 +1,30 @@
 """Error metrics between a reference array and another, with NaN/Inf placement checked first."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ticknorm.base.errors import AccuracyError
+
+# |actual - reference| <= atol + rtol*|reference|, by the dtype the reference is computed in: the
+# default of every comparison ticknorm makes (fusion, export, compare, drift). Float math is
+# reordered by every runtime, so even fp32 is not bit-exact.
+DTYPE_TOLERANCES = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-7), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
+
+
+def dtype_tolerance(dtype) -> tuple[float, float]:
+    """(atol, rtol) for a tensor of `dtype`; exact for integers and booleans."""
+    return DTYPE_TOLERANCES.get(np.dtype(dtype).name, (0.0, 0.0))
+
+
+@dataclass
+class Tolerance:
+    atol: float = DTYPE_TOLERANCES["float32"][0]
+    rtol: float = DTYPE_TOLERANCES["float32"][1]
+    per_output: dict = field(default_factory=dict)  # output name -> (atol, rtol)
+
+    def of(self, name: str) -> tuple[float, float]:
+        return self.per_output.get(name, (self.atol, self.rtol))
 
 
 @dataclass

@@ -2,6 +2,8 @@
 runtime layers. Stored in each node's `metadata_props` under `ticknorm.scope`."""
 
 import ast
+import fnmatch
+from dataclasses import dataclass
 
 import onnx
 
@@ -136,3 +138,22 @@ def module_output_tensors(model: onnx.ModelProto) -> dict[str, str]:
 
 def _within(scope: str, module: str) -> bool:
     return scope == module or scope.startswith(module + ".")
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which modules a per-module comparison taps: every module of the model that the scope map
+    gives an output tensor, cut by depth (segments of the path) and a glob on the path, so a large
+    model's taps fit in memory."""
+
+    depth: int | None = None
+    pattern: str | None = None
+
+    def modules(self, model: onnx.ModelProto, module_paths) -> list[str]:
+        known = set(module_paths)
+        return [module for module in module_output_tensors(model) if module in known and self.keeps(module)]
+
+    def keeps(self, module: str) -> bool:
+        if self.depth is not None and len(module.split(".")) > self.depth:
+            return False
+        return not self.pattern or fnmatch.fnmatchcase(module, self.pattern)

@@ -20,21 +20,40 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ticknorm.base.optional import require
 from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError, TicknormError, first_line
+from ticknorm.base.inputs import graph_feeds
+from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance, ensure_finite
+from ticknorm.base.onnx_io import PROTOBUF_LIMIT, WEIGHTS_ON_DISK_BYTES, save_onnx, stage_weights
+from ticknorm.base.optional import require
+from ticknorm.base.scopes import annotate_scopes
 from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
-from ticknorm.base.scopes import annotate_scopes
-from ticknorm.base.inputs import graph_feeds
-from ticknorm.base.onnx_io import PROTOBUF_LIMIT, WEIGHTS_ON_DISK_BYTES, save_onnx, stage_weights
+from ticknorm.exporter.tasks import DEFAULT as DEFAULT_TASK
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.torch_runner import from_numpy, tensor_leaves, to_numpy
-from ticknorm.base.metrics import ArrayComparison, compare_arrays, ensure_finite
 
 EXPORTERS = {"dynamo": (18, None), "torchscript": (13, 17)}
 DEFAULT_EXPORTER = "dynamo"
-# torch vs ONNX Runtime after export: ORT reorders float math, so not bit-exact.
-EXPORT_TOLERANCES = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-7), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export: which torch exporter and opset, whether to fuse norms (and into what) and to
+    check against PyTorch, the task of a Hugging Face model, and from how many bytes of weights
+    they go to a `.data` file beside the model."""
+
+    exporter: str = DEFAULT_EXPORTER
+    opset: int | None = None
+    fuse: bool = True
+    check: bool = True
+    ln_target: str = "native"  # native: LayerNormalization; plugin: ticknorm::LayerNorm (TensorRT)
+    rms_target: str = "auto"  # see fusion.RMS_TARGETS
+    task: str = DEFAULT_TASK
+    external_data_threshold: int = PROTOBUF_LIMIT
+
+    @property
+    def targets(self) -> NormTargets:
+        return NormTargets(rms=self.rms_target, plugin=self.ln_target == "plugin")
 
 
 @dataclass
@@ -51,16 +70,14 @@ class ExportResult:
         return all(check.passed for check in self.accuracy)
 
 
-def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str = DEFAULT_EXPORTER,
-                 opset: int | None = None, dynamic_axes: dict[str, dict[int, str]] | None = None,
-                 fuse: bool = True, check: bool = True, external_data_threshold: int = PROTOBUF_LIMIT,
-                 ln_target: str = "native", rms_target: str = "auto", extra_checks=(),
+def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOptions = ExportOptions(),
+                 dynamic_axes: dict[str, dict[int, str]] | None = None, extra_checks=(),
                  progress=lambda message: None) -> ExportResult:
     """Export `model` on `feeds` (name -> example array) and write `output` only if every step
     passed: export, LayerNorm fusion with its verification, and the torch-vs-ORT comparison, on
     `feeds` and on each `(label, feeds, PyTorch outputs)` of `extra_checks` (a decoder's prefill
     and decode steps, whose PyTorch outputs the step chain already computed).
-    With `ln_target="plugin"` the checked graph's LayerNorms then become the TensorRT plugin op
+    With `options.ln_target="plugin"` the checked graph's LayerNorms then become the TensorRT plugin op
     (ONNX Runtime cannot run that graph, so every check runs before the rewrite)."""
     torch = require("torch", "torch")
     _check_input_names(model, feeds)
@@ -69,17 +86,16 @@ def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str =
     names, reference = torch_reference(model, feeds)
     tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
     with _weights_stage(model) as weights_dir:
-        progress(f"exporting with the {exporter} exporter")
-        proto = torch_to_onnx(model, tensors, exporter, opset, dynamic_axes or {}, names, weights_dir)
+        progress(f"exporting with the {options.exporter} exporter")
+        proto = torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes or {}, names, weights_dir)
         report = None
-        if fuse:
+        if options.fuse:
             progress("fusing LayerNorms and verifying the fused graph in ONNX Runtime")
-            targets = NormTargets(rms=rms_target, plugin=ln_target == "plugin")
-            fused = fuse_norms(proto, opset=opset, feeds=graph_feeds(proto, feeds), targets=targets,
+            fused = fuse_norms(proto, opset=options.opset, feeds=graph_feeds(proto, feeds), targets=options.targets,
                                weights_dir=weights_dir)
             proto, report = fused.model, fused.report
         accuracy = []
-        if check:
+        if options.check:
             progress("comparing PyTorch and ONNX Runtime outputs")
             accuracy = compare_with_torch(proto, feeds, reference, weights_dir=weights_dir)
             for label, step_feeds, expected in extra_checks:
@@ -90,12 +106,12 @@ def export_model(model, feeds: dict[str, np.ndarray], output, *, exporter: str =
                 raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {failed[0].name}: "
                                     f"{failed[0].reason}; nothing was written")
         retargeted = None
-        if ln_target == "plugin":
+        if options.ln_target == "plugin":
             retargeted = to_plugin_target(proto)
             proto = retargeted.model
-        files = save_onnx(proto, output, external_data_threshold, weights_dir)
+        files = save_onnx(proto, output, options.external_data_threshold, weights_dir)
     opset_now = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return ExportResult(files, exporter, opset_now, report, accuracy, retargeted)
+    return ExportResult(files, options.exporter, opset_now, report, accuracy, retargeted)
 
 
 @contextlib.contextmanager
@@ -131,12 +147,10 @@ def compare_with_torch(proto: onnx.ModelProto, feeds: dict, reference: list, lab
     names = [o.name for o in proto.graph.output]
     if len(names) != len(reference):
         raise ExportError(f"the ONNX graph has {len(names)} outputs but the PyTorch model returned {len(reference)} tensors")
-    actual = OrtRunner(proto, weights_dir=weights_dir).infer(graph_feeds(proto, feeds)).outputs
-    checks = []
-    for name, expected in zip(names, reference):
-        atol, rtol = EXPORT_TOLERANCES.get(str(expected.dtype), (0.0, 0.0))
-        checks.append(compare_arrays(f"{name} ({label})" if label else name, expected, actual[name], atol, rtol))
-    return checks
+    with OrtRunner(proto, weights_dir=weights_dir) as runner:
+        actual = runner.infer(graph_feeds(proto, feeds)).outputs
+    return [compare_arrays(f"{name} ({label})" if label else name, expected, actual[name], *dtype_tolerance(expected.dtype))
+            for name, expected in zip(names, reference)]
 
 
 def _check_exporter(exporter: str, opset: int | None) -> None:

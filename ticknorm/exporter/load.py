@@ -59,11 +59,18 @@ def build_model(factory: str, checkpoint=None, trust_pickle: bool = False):
     if not isinstance(model, torch.nn.Module):
         raise CheckpointError(f"factory '{factory}' returned {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
-        loaded = load_checkpoint(checkpoint, trust_pickle)
-        if isinstance(loaded, torch.nn.Module):
-            return loaded.eval()
-        apply_state_dict(model, loaded, Path(checkpoint).name)
+        model = load_apply_checkpoint(model, checkpoint, trust_pickle)
     return model.eval()
+
+
+def load_apply_checkpoint(model, checkpoint, trust_pickle: bool = False):
+    """`model` with the checkpoint's weights, or the whole module the checkpoint holds."""
+    torch = require("torch", "torch")
+    loaded = load_checkpoint(checkpoint, trust_pickle)
+    if isinstance(loaded, torch.nn.Module):
+        return loaded
+    apply_state_dict(model, loaded, Path(checkpoint).name)
+    return model
 
 
 def load_checkpoint(path, trust_pickle: bool = False):

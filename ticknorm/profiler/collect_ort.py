@@ -14,9 +14,11 @@ from ticknorm.runtime.ort_runner import OrtRunner
 _RUN_EVENTS = ("model_run", "SequentialExecutor::Execute")
 
 
-def collect_ort(runner: OrtRunner, feeds: dict, iterations: int, warmup: int, table: ScopeTable,
-                on_iteration=lambda: None) -> TickLog:
-    log = TickLog(runner.name, "runtime", iterations=iterations)
+def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration=lambda: None) -> TickLog:
+    """`runner` says what to run (model, provider, optimization); two runners like it are timed:
+    a plain one and one with ONNX Runtime's profiler on, both with pool threads that stop
+    spinning when a run returns."""
+    log = TickLog(runner.name, "runtime", iterations=timing.iterations)
     with tempfile.TemporaryDirectory() as workdir:
         def options(profiling: bool):
             def make():
@@ -32,29 +34,29 @@ def collect_ort(runner: OrtRunner, feeds: dict, iterations: int, warmup: int, ta
                 return made
             return make
 
-        plain_runner = OrtRunner(runner.model, runner.provider, runner.optimization, session_options=options(False))
-        plain_runner.infer(feeds)  # checks the feeds against the model before anything is timed
-        # `runner`'s own session is timed by neither loop: free its copy of the weights (it
-        # reactivates on its next use) while the plain and the profiling session hold theirs.
-        runner.deactivate()
-        plain = plain_runner.session()
-        session = OrtRunner(runner.model, runner.provider, runner.optimization, session_options=options(True)).session()
-        table.learn_rewritten(runner.model, onnx.load(os.path.join(workdir, "optimized.onnx"), load_external_data=False))
-        for _ in range(warmup):
-            plain.run(None, feeds)
-            session.run(None, feeds)
-        for _ in range(iterations):  # alternating, so drift in machine load hits both alike
-            start = time.perf_counter_ns()
-            plain.run(None, feeds)
-            log.end_to_end_ns.append(time.perf_counter_ns() - start)
-            start = time.perf_counter_ns()
-            session.run(None, feeds)
-            log.instrumented_ns.append(time.perf_counter_ns() - start)
-            on_iteration()
-        with open(session.end_profiling()) as handle:
-            events = json.load(handle)
-    log.spans = _spans(events, warmup, iterations, table)
+        with runner.variant(options(False)) as plain_runner, runner.variant(options(True)) as profiling_runner:
+            plain_runner.infer(feeds)  # checks the feeds against the model before anything is timed
+            table.learn_rewritten(runner.model, onnx.load(os.path.join(workdir, "optimized.onnx"), load_external_data=False))
+            events = _timed(plain_runner.session, profiling_runner.session, feeds, timing, log, on_iteration)
+    log.spans = _spans(events, timing.warmup, timing.iterations, table)
     return log
+
+
+def _timed(plain, profiling, feeds: dict, timing, log: TickLog, on_iteration) -> list:
+    """Time the plain session into `log`, and return the profiling session's events."""
+    for _ in range(timing.warmup):
+        plain.run(None, feeds)
+        profiling.run(None, feeds)
+    for _ in range(timing.iterations):  # alternating, so drift in machine load hits both alike
+        start = time.perf_counter_ns()
+        plain.run(None, feeds)
+        log.end_to_end_ns.append(time.perf_counter_ns() - start)
+        start = time.perf_counter_ns()
+        profiling.run(None, feeds)
+        log.instrumented_ns.append(time.perf_counter_ns() - start)
+        on_iteration()
+    with open(profiling.end_profiling()) as handle:
+        return json.load(handle)
 
 
 def _spans(events: list, warmup: int, iterations: int, table: ScopeTable) -> list[Span]:

@@ -24,19 +24,22 @@ def hooked_modules(module, depth: int | None) -> list[str]:
     return chosen
 
 
-def collect_torch(runner: TorchRunner, feeds: dict, iterations: int, warmup: int, depth: int | None,
-                  on_iteration=lambda: None) -> TickLog:
+def collect_torch(runner: TorchRunner, feeds: dict, timing, on_iteration=lambda: None) -> TickLog:
+    with runner:
+        return _timed(runner, feeds, timing, on_iteration)
+
+
+def _timed(runner: TorchRunner, feeds: dict, timing, on_iteration) -> TickLog:
     torch = require("torch", "torch")
-    runner.activate()
     cuda = runner.device.startswith("cuda")
-    log = TickLog(runner.name, "cuda" if cuda else "host", iterations=iterations)
+    log = TickLog(runner.name, "cuda" if cuda else "host", iterations=timing.iterations)
 
     def run():
         runner.infer(feeds)
         if cuda:
             torch.cuda.synchronize()
 
-    paths = hooked_modules(runner.module, depth)
+    paths = hooked_modules(runner.module, timing.depth)
     marks: list = []
 
     def attach():
@@ -48,7 +51,7 @@ def collect_torch(runner: TorchRunner, feeds: dict, iterations: int, warmup: int
         return handles
 
     # Plain and hooked iterations alternate, so drift in machine load hits both alike.
-    for iteration in range(-warmup, iterations):
+    for iteration in range(-timing.warmup, timing.iterations):
         start = time.perf_counter_ns()
         run()
         plain = time.perf_counter_ns() - start

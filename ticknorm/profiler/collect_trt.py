@@ -11,9 +11,14 @@ from ticknorm.profiler.ticks import Span, Tick, TickLog
 from ticknorm.runtime.trt_runner import TrtRunner, import_tensorrt
 
 
-def collect_trt(runner: TrtRunner, feeds: dict, iterations: int, warmup: int, table: ScopeTable,
-                on_iteration=lambda: None) -> TickLog:
+def collect_trt(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration=lambda: None) -> TickLog:
+    with runner:
+        return _timed(runner, feeds, timing, table, on_iteration)
+
+
+def _timed(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration) -> TickLog:
     trt = import_tensorrt()
+    iterations, warmup = timing.iterations, timing.warmup
     log = TickLog(runner.name, "runtime", iterations=iterations)
     for _ in range(warmup):
         runner.infer(feeds)
@@ -31,7 +36,7 @@ def collect_trt(runner: TrtRunner, feeds: dict, iterations: int, warmup: int, ta
             self.reports.append((layer_name, ms))
 
     profiler = LayerTimes()
-    runner.context().profiler = profiler
+    runner.context.profiler = profiler
     try:
         for iteration in range(-warmup, iterations):
             profiler.reports.clear()
@@ -49,5 +54,5 @@ def collect_trt(runner: TrtRunner, feeds: dict, iterations: int, warmup: int, ta
                 cursor += duration
             on_iteration()
     finally:
-        runner.context().profiler = None
+        runner.context.profiler = None
     return log

@@ -5,15 +5,25 @@ from dataclasses import dataclass, field
 import onnx
 
 from ticknorm.base.errors import InputSpecError
+from ticknorm.base.inputs import graph_feeds
 from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.collect_ort import collect_ort
 from ticknorm.profiler.collect_torch import collect_torch
 from ticknorm.profiler.collect_trt import collect_trt
 from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, TickLog, roll_up
 from ticknorm.runtime.ort_runner import OrtRunner
-from ticknorm.runtime.registry import make_runner
+from ticknorm.runtime.registry import RunnerSetup, make_runner
 from ticknorm.runtime.torch_runner import TorchRunner
-from ticknorm.runtime.trt_runner import TrtRunner
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How a profile is taken: timed iterations after dropped warm-up ones, modules rolled up to
+    `depth` path segments (None: every leaf)."""
+
+    iterations: int = 20
+    warmup: int = 3
+    depth: int | None = None
 
 
 @dataclass
@@ -34,29 +44,24 @@ class ProfileResult:
                 if any(key in t for t in timings.values())]
 
 
-def profile(model: onnx.ModelProto, module, feeds: dict, runtimes=("torch", "ort"), iterations: int = 20,
-            warmup: int = 3, depth: int | None = None, profile_shapes: dict | None = None,
-            on_iteration=lambda: None) -> ProfileResult:
-    if iterations < 1 or warmup < 0:
+def profile_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: RunnerSetup, timing: Timing = Timing(),
+                     on_iteration=lambda: None) -> ProfileResult:
+    """Every runtime timed per module, one after the other (`torch` is `setup.module` itself).
+    Every runtime is checked for availability before any of them is timed."""
+    if timing.iterations < 1 or timing.warmup < 0:
         raise InputSpecError("--iterations must be at least 1 and --warmup at least 0")
     table = ScopeTable(model)
-    result = ProfileResult(depth)
-    result.order = list(dict.fromkeys(roll_up(m, depth) or ROOT for m in table.module_order))
+    result = ProfileResult(timing.depth)
+    result.order = list(dict.fromkeys(roll_up(m, timing.depth) or ROOT for m in table.module_order))
     names = [o.name for o in model.graph.output]
-    runners = {r: (TorchRunner(module, names) if r == "torch" else make_runner(r, model, profile_shapes, module=module))
-               for r in runtimes}
+    runners = {r: (TorchRunner(setup.module, names) if r == "torch" else make_runner(r, model, setup)) for r in runtimes}
     for runner in runners.values():
-        runner.activate()
+        runner.check_available()
     for runtime, runner in runners.items():
-        result.logs[runtime] = _collect(runner, feeds, iterations, warmup, depth, table, on_iteration)
+        if isinstance(runner, TorchRunner):
+            result.logs[runtime] = collect_torch(runner, feeds, timing, on_iteration)
+        elif isinstance(runner, OrtRunner):
+            result.logs[runtime] = collect_ort(runner, graph_feeds(model, feeds), timing, table, on_iteration)
+        else:
+            result.logs[runtime] = collect_trt(runner, graph_feeds(model, feeds), timing, table, on_iteration)
     return result
-
-
-def _collect(runner, feeds, iterations, warmup, depth, table, on_iteration) -> TickLog:
-    if isinstance(runner, TorchRunner):
-        return collect_torch(runner, feeds, iterations, warmup, depth, on_iteration)
-    if isinstance(runner, OrtRunner):
-        return collect_ort(runner, feeds, iterations, warmup, table, on_iteration)
-    if isinstance(runner, TrtRunner):
-        return collect_trt(runner, feeds, iterations, warmup, table, on_iteration)
-    raise InputSpecError(f"{runner.name} cannot be profiled")

@@ -91,3 +91,6 @@ def draw_bars(result: ProfileResult, top: int = 30):
 
 def write_plot(result: ProfileResult, path) -> None:
     save_png(draw_bars(result), path)
+
+
+WRITERS = {"json": write_json, "csv": write_csv, "trace": write_trace, "plot": write_plot}  # the files `profile` writes

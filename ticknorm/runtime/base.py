@@ -1,11 +1,13 @@
 """The Runner protocol, shaped after Polygraphy's runners: public `activate/infer/deactivate`
-check state and inputs, then call the `_impl` hooks a runtime fills in."""
+check state and inputs, then call the `_impl` hooks a runtime fills in. Taps speak one
+vocabulary on every runtime, PyTorch's module paths: each row of every report is a module."""
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ticknorm.base.errors import InputSpecError
+from ticknorm.base.errors import InputSpecError, TicknormError
+from ticknorm.base.scopes import module_output_tensors
 
 
 @dataclass(frozen=True)
@@ -13,21 +15,28 @@ class InputMeta:
     name: str
     shape: tuple  # int for a static dim, str or None for a dynamic one
     dtype: np.dtype | None  # None when the runtime does not declare it (eager PyTorch)
+    required: bool = True  # False for a forward() parameter with a default
 
 
 @dataclass
 class RunOutputs:
-    """Graph outputs by name, and tapped intermediates by the key the caller asked for."""
+    """Graph outputs by name, and the tapped modules' outputs by module path."""
 
     outputs: dict = field(default_factory=dict)
     taps: dict = field(default_factory=dict)
 
 
 class Runner:
-    name = "runner"
-    taps_modules = False  # True when taps are module paths (PyTorch), False for tensor names
+    """One runtime holding one model, built once with what it returns: the graph's outputs and,
+    for each module path in `taps`, that module's output (PyTorch: a forward hook; ONNX runtimes:
+    the tensor the scope map names, made an output of the one session or engine). Use it as a
+    context manager: `activate` builds the session, `deactivate` frees it."""
 
-    def __init__(self):
+    name = "runner"
+    open_inputs = False  # True when the model takes any keyword (a forward with **kwargs)
+
+    def __init__(self, taps=()):
+        self.taps = tuple(dict.fromkeys(taps))
         self.is_active = False
 
     def __enter__(self):
@@ -37,8 +46,12 @@ class Runner:
     def __exit__(self, *exc):
         self.deactivate()
 
+    def check_available(self) -> None:
+        """Raise RuntimeUnavailable, with the reason, before anything is built or run."""
+
     def activate(self) -> None:
         if not self.is_active:
+            self.check_available()
             self._activate_impl()
             self.is_active = True
 
@@ -47,12 +60,11 @@ class Runner:
             self._deactivate_impl()
             self.is_active = False
 
-    def infer(self, feeds: dict[str, np.ndarray], taps=()) -> RunOutputs:
-        """Run once. `taps` name intermediates in this runtime's terms (module paths for PyTorch,
-        tensor names for ONNX Runtime and TensorRT)."""
-        self.activate()
-        check_feeds(self.name, self._inputs_impl(), feeds)
-        return self._infer_impl(feeds, tuple(taps))
+    def infer(self, feeds: dict[str, np.ndarray]) -> RunOutputs:
+        if not self.is_active:
+            raise TicknormError(f"{self.name} is not active: use it as `with runner: runner.infer(feeds)`")
+        check_feeds(self.name, self._inputs_impl(), feeds, self.open_inputs)
+        return self._infer_impl(feeds)
 
     def _activate_impl(self) -> None:
         raise NotImplementedError
@@ -63,19 +75,21 @@ class Runner:
     def _inputs_impl(self) -> list[InputMeta]:
         raise NotImplementedError
 
-    def _infer_impl(self, feeds: dict, taps: tuple) -> RunOutputs:
+    def _infer_impl(self, feeds: dict) -> RunOutputs:
         raise NotImplementedError
 
 
-def check_feeds(runner: str, expected: list[InputMeta], feeds: dict) -> None:
+def check_feeds(runner: str, expected: list[InputMeta], feeds: dict, open_inputs: bool = False) -> None:
     """Names, ranks, static dims and dtypes, with what exists named in the error."""
     names = [meta.name for meta in expected]
-    missing = [n for n in names if n not in feeds]
-    unexpected = [n for n in feeds if n not in names]
+    missing = [meta.name for meta in expected if meta.required and meta.name not in feeds]
+    unexpected = [] if open_inputs else [n for n in feeds if n not in names]
     if missing or unexpected:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(unexpected)}"] if unexpected else [])
         raise InputSpecError(f"{runner}: inputs do not match the model ({'; '.join(parts)}); it takes: {', '.join(names)}")
     for meta in expected:
+        if meta.name not in feeds:
+            continue
         value = feeds[meta.name]
         if meta.dtype is not None and value.dtype != meta.dtype:
             raise InputSpecError(f"{runner}: input '{meta.name}' is {value.dtype}, the model takes {meta.dtype}")
@@ -87,3 +101,18 @@ def check_feeds(runner: str, expected: list[InputMeta], feeds: dict) -> None:
                 raise InputSpecError(f"{runner}: input '{meta.name}' has shape {list(value.shape)}, the model takes "
                                      f"{list(meta.shape)} (axis {axis} is fixed at {want})")
 
+
+
+def tapped_tensors(model, taps: tuple) -> dict[str, str]:
+    """Module path -> the ONNX tensor that is its output, for the taps the graph's scope map knows
+    (a module without one is left out: its row then says so)."""
+    if not taps:
+        return {}
+    scope_map = module_output_tensors(model)
+    return {module: scope_map[module] for module in taps if module in scope_map}
+
+
+def split_outputs(values: dict, graph_outputs: list, taps: dict) -> RunOutputs:
+    """A run's values by tensor name, as graph outputs and tapped modules."""
+    return RunOutputs({name: values[name] for name in graph_outputs},
+                      {module: values[tensor] for module, tensor in taps.items()})

@@ -6,27 +6,36 @@ import onnx
 from ticknorm.base.errors import OnnxFileError, RuntimeFailure, RuntimeUnavailable, first_line
 from ticknorm.base.onnx_io import session_source
 from ticknorm.plugins import plugin_nodes
-from ticknorm.runtime.base import InputMeta, Runner, RunOutputs
+from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, split_outputs, tapped_tensors
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 class OrtRunner(Runner):
+    """One InferenceSession. Tapped modules' tensors and `extra_outputs` (ONNX tensor names, for
+    checks that read the graph itself: fused norms, norm inputs) are outputs of that session;
+    extra outputs come back among the outputs."""
+
     def __init__(self, model: onnx.ModelProto, provider: str = "cpu", optimization: str = "all",
-                 session_options=None, weights_dir=None):
-        """`weights_dir` holds the weights of a staged model (`onnx_io.stage_weights`): sessions
-        memory-map them from there instead of copying them."""
-        super().__init__()
+                 session_options=None, weights_dir=None, taps=(), extra_outputs=()):
+        """`weights_dir` holds the weights of a staged model (`onnx_io.stage_weights`): the session
+        memory-maps them from there instead of copying them. `session_options` makes the
+        `onnxruntime.SessionOptions` to start from (the profiler's)."""
+        super().__init__(taps)
         self.model = model
         self.weights_dir = weights_dir
         self.provider = provider
         self.optimization = optimization
         self.name = f"ort-{provider}"
         self._extra_options = session_options
-        self._sessions = {}
+        self._tap_tensors = tapped_tensors(model, self.taps)
+        graph_outputs = [o.name for o in model.graph.output]
+        self._outputs = list(dict.fromkeys([*graph_outputs, *extra_outputs]))
+        self._fetched = list(dict.fromkeys([*self._outputs, *self._tap_tensors.values()]))
+        self._session = None
 
-    def _activate_impl(self) -> None:
+    def check_available(self) -> None:
         import onnxruntime as ort
 
         held = plugin_nodes(self.model)
@@ -36,15 +45,37 @@ class OrtRunner(Runner):
         if PROVIDERS[self.provider] not in ort.get_available_providers():
             raise RuntimeUnavailable(f"{self.name}: onnxruntime {ort.__version__} has no {PROVIDERS[self.provider]} "
                                      "(install ticknorm[gpu] on a CUDA machine)")
-        self.session(())
+
+    def _activate_impl(self) -> None:
+        import onnxruntime as ort
+
+        outputs = self.model.graph.output
+        existing = {o.name for o in outputs}
+        added = [name for name in self._fetched if name not in existing]
+        outputs.extend(onnx.ValueInfoProto(name=name) for name in added)  # no copy of the weights
+        try:
+            with session_source(self.model, self.weights_dir) as source:
+                self._session = ort.InferenceSession(source, self.session_options(), providers=[PROVIDERS[self.provider]])
+        except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
+            raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
+        finally:
+            del outputs[len(outputs) - len(added):]
 
     def _deactivate_impl(self) -> None:
-        self._sessions.clear()
+        self._session = None
+
+    def variant(self, session_options) -> "OrtRunner":
+        """A runner of the same model, provider and optimization with other session options."""
+        return OrtRunner(self.model, self.provider, self.optimization, session_options, self.weights_dir, self.taps)
+
+    @property
+    def session(self):
+        """The one session (the profiler runs it directly, to time nothing but ONNX Runtime)."""
+        return self._session
 
     def _inputs_impl(self) -> list[InputMeta]:
-        session = self.session(())
         return [InputMeta(i.name, tuple(d if isinstance(d, int) else None for d in i.shape), _np_dtype(i.type))
-                for i in session.get_inputs()]
+                for i in self._session.get_inputs()]
 
     def session_options(self):
         import onnxruntime as ort
@@ -59,34 +90,12 @@ class OrtRunner(Runner):
         }[self.optimization]
         return options
 
-    def session(self, taps: tuple = ()):
-        """One session per tap set: extra outputs change what ORT may fuse, so they get their own."""
-        if taps not in self._sessions:
-            import onnxruntime as ort
-
-            outputs = self.model.graph.output
-            existing = {o.name for o in outputs}
-            added = [name for name in taps if name not in existing]
-            outputs.extend(onnx.ValueInfoProto(name=name) for name in added)  # no copy of the weights
-            try:
-                with session_source(self.model, self.weights_dir) as source:
-                    self._sessions[taps] = ort.InferenceSession(source, self.session_options(),
-                                                                providers=[PROVIDERS[self.provider]])
-            except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
-                raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
-            finally:
-                del outputs[len(outputs) - len(added):]
-        return self._sessions[taps]
-
-    def _infer_impl(self, feeds: dict, taps: tuple) -> RunOutputs:
-        graph_outputs = [o.name for o in self.model.graph.output]
-        session = self.session(taps)
-        names = graph_outputs + [t for t in taps if t not in graph_outputs]
+    def _infer_impl(self, feeds: dict) -> RunOutputs:
         try:
-            values = dict(zip(names, session.run(names, feeds)))
+            values = dict(zip(self._fetched, self._session.run(self._fetched, feeds)))
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors (bad shapes, no kernel, bf16 I/O)
             raise RuntimeFailure(f"{self.name} failed to run the model: {first_line(exc)}") from exc
-        return RunOutputs({n: values[n] for n in graph_outputs}, {t: values[t] for t in taps})
+        return split_outputs(values, self._outputs, self._tap_tensors)
 
 
 def _np_dtype(ort_type: str) -> np.dtype | None:

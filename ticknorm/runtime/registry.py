@@ -4,13 +4,13 @@ Names: `ort` / `ort-cpu`, `ort-cuda`, `trt` / `trt-fp16` / `trt-bf16`, and PyTor
 target: `torch-fp16`, `torch-bf16`, `torch-cuda[-fp16|-bf16]` (the reference is always fp32 CPU)."""
 
 import copy
-import dataclasses
 import importlib
 from dataclasses import dataclass
 
 import onnx
 
 from ticknorm.base.errors import InputSpecError
+from ticknorm.base.precision import Precision
 from ticknorm.runtime.base import Runner
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.torch_runner import TorchRunner
@@ -67,21 +67,32 @@ def runtime_statuses() -> list[RuntimeStatus]:
     return statuses
 
 
-def make_runner(name: str, model: onnx.ModelProto, profile: dict | None = None, ort_optimization: str = "all",
-                trt_settings: TrtSettings | None = None, module=None, fp32_modules=()) -> Runner:
-    """`module` is the PyTorch model, needed by `torch-*` targets (PyTorch itself in another
-    precision or on CUDA, judged against the fp32 CPU reference)."""
+@dataclass(frozen=True)
+class RunnerSetup:
+    """What a runner needs besides its runtime's name and the graph: the PyTorch model (for the
+    `torch-*` targets, judged against the fp32 CPU reference), TensorRT's shape profile, ONNX
+    Runtime's optimization level, and the precision policy of low-precision targets."""
+
+    module: object = None
+    profile: dict | None = None
+    ort_optimization: str = "all"
+    precision: Precision = Precision()
+
+
+def make_runner(name: str, model: onnx.ModelProto, setup: RunnerSetup = RunnerSetup(), taps=()) -> Runner:
     if name not in RUNTIME_NAMES:
         raise InputSpecError(f"unknown runtime '{name}'; choose from: {', '.join(RUNTIME_NAMES)}")
     if name.startswith("torch"):
-        if module is None:
+        if setup.module is None:
             raise InputSpecError(f"{name} runs the PyTorch model, and none was given here")
         parts = name.split("-")[1:]
         device = "cuda" if "cuda" in parts else "cpu"
         dtype = next((p for p in parts if p in ("fp16", "bf16")), "fp32")
-        return TorchRunner(copy.deepcopy(module), [o.name for o in model.graph.output], device, dtype, fp32_modules)
+        fp32_modules = setup.precision.modules if dtype != "fp32" else ()
+        return TorchRunner(copy.deepcopy(setup.module), [o.name for o in model.graph.output], device, dtype,
+                           fp32_modules, taps)
     if name.startswith("ort"):
-        return OrtRunner(model, "cuda" if name == "ort-cuda" else "cpu", ort_optimization)
-    settings = dataclasses.replace(trt_settings or TrtSettings(), precision=name.partition("-")[2] or "fp32")
-    return TrtRunner(model, profile or {}, settings)
-
+        return OrtRunner(model, "cuda" if name == "ort-cuda" else "cpu", setup.ort_optimization, taps=taps)
+    precision = name.partition("-")[2] or "fp32"
+    settings = TrtSettings(precision, setup.precision.nodes if precision != "fp32" else [])
+    return TrtRunner(model, setup.profile or {}, settings, taps=taps)

@@ -1,41 +1,45 @@
 """PyTorch eager: the training graph, the reference every other runtime is judged against."""
 
+import inspect
+
 import numpy as np
 
 from ticknorm.base.optional import require
 from ticknorm.base.errors import InputSpecError, RuntimeUnavailable
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs
 
-DTYPES = ("fp32", "fp16", "bf16")
-
-
 class TorchRunner(Runner):
     """`output_names` name the flattened outputs (the ONNX graph's names, so results line up).
     `fp32_modules` stay in fp32 when `dtype` is lower: the fix for LayerNorms that overflow fp16."""
 
-    taps_modules = True
-
     def __init__(self, module, output_names: list[str], device: str = "cpu", dtype: str = "fp32",
-                 fp32_modules=()):
-        super().__init__()
+                 fp32_modules=(), taps=()):
+        super().__init__(taps)
         self.module = module
         self.output_names = list(output_names)
         self.device = device
         self.dtype = dtype
         self.fp32_modules = tuple(fp32_modules)
         self.name = f"torch-{device}" + ("" if dtype == "fp32" else f"-{dtype}")
+        self.open_inputs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _parameters(module))
         self._hooks = []
+        self._tapped = {}
 
-    def _activate_impl(self) -> None:
+    def check_available(self) -> None:
         torch = require("torch", "torch")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeUnavailable(f"{self.name}: torch {torch.__version__} sees no CUDA device")
+
+    def _activate_impl(self) -> None:
+        torch = require("torch", "torch")
         self._torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
         self.module.eval().to(self.device, self._torch_dtype)
         for path in self.fp32_modules:
             submodule = self.module.get_submodule(path).float()
             self._hooks.append(submodule.register_forward_pre_hook(_cast_inputs(torch, torch.float32)))
             self._hooks.append(submodule.register_forward_hook(_cast_output(torch, self._torch_dtype)))
+        for path in self.taps:
+            self._hooks.append(self.module.get_submodule(path).register_forward_hook(_capture(torch, self._tapped, path)))
 
     def _deactivate_impl(self) -> None:
         for handle in self._hooks:
@@ -43,36 +47,21 @@ class TorchRunner(Runner):
         self._hooks.clear()
 
     def _inputs_impl(self) -> list[InputMeta]:
-        import inspect
+        """forward()'s named parameters; those with a default may be left out."""
+        return [InputMeta(p.name, (), None, required=p.default is inspect.Parameter.empty)
+                for p in _parameters(self.module) if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
-        parameters = inspect.signature(self.module.forward).parameters
-        return [InputMeta(name, (), None) for name, p in parameters.items()
-                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-    def infer(self, feeds, taps=()):
-        self.activate()  # optional forward parameters may be fed too: check only the required ones
-        missing = [m.name for m in self._inputs_impl() if m.name not in feeds]
-        if missing:
-            raise InputSpecError(f"{self.name}: missing input {', '.join(missing)}")
-        return self._infer_impl(feeds, tuple(taps))
-
-    def _infer_impl(self, feeds: dict, taps: tuple) -> RunOutputs:
+    def _infer_impl(self, feeds: dict) -> RunOutputs:
         torch = require("torch", "torch")
-        tapped, handles = {}, []
-        for path in taps:
-            handles.append(self.module.get_submodule(path).register_forward_hook(_capture(torch, tapped, path)))
-        try:
-            with torch.no_grad():
-                result = self.module(**{k: self._tensor(torch, v) for k, v in feeds.items()})
-        finally:
-            for handle in handles:
-                handle.remove()
+        self._tapped.clear()
+        with torch.no_grad():
+            result = self.module(**{k: self._tensor(torch, v) for k, v in feeds.items()})
         leaves = tensor_leaves(torch, result)
         if self.output_names and len(leaves) != len(self.output_names):
             raise InputSpecError(f"{self.name}: the model returned {len(leaves)} tensors but the ONNX graph has "
                                  f"{len(self.output_names)} outputs ({', '.join(self.output_names)}); is it the same model?")
         names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
-        return RunOutputs(dict(zip(names, (to_numpy(t) for t in leaves))), tapped)
+        return RunOutputs(dict(zip(names, (to_numpy(t) for t in leaves))), dict(self._tapped))
 
     def _tensor(self, torch, array: np.ndarray):
         tensor = from_numpy(torch, array)
@@ -100,6 +89,10 @@ def to_numpy(tensor) -> np.ndarray:
 
     tensor = tensor.detach().cpu()
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def _parameters(module) -> list:
+    return list(inspect.signature(module.forward).parameters.values())
 
 
 def first_tensor(torch, value):

@@ -23,15 +23,11 @@ from ticknorm.base.inputs import graph_inputs
 from ticknorm.base.onnx_io import model_digest, save_onnx
 from ticknorm.plugins import plugin_nodes
 from ticknorm.plugins.trt_plugin import kernel_source_digest, register_plugin
-from ticknorm.runtime.base import InputMeta, Runner, RunOutputs
-
-PRECISIONS = ("fp32", "fp16", "bf16")
-
+from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, split_outputs, tapped_tensors
 
 @dataclass
 class TrtSettings:
     precision: str = "fp32"
-    strongly_typed: bool = False  # TensorRT 11 style: types come from the ONNX graph, not flags
     fp32_layers: list = field(default_factory=list)  # ONNX node names kept in fp32 (fp16 overflow)
     workspace_bytes: int = 4 << 30
 
@@ -80,46 +76,57 @@ def import_tensorrt():
 
 
 class TrtRunner(Runner):
-    def __init__(self, model: onnx.ModelProto, profile: dict, settings: TrtSettings | None = None, cache_dir=None):
-        super().__init__()
+    """One engine (cached on disk) and its execution context. Tapped modules' tensors are marked
+    as network outputs before the build, so a tapped runner has an engine of its own."""
+
+    def __init__(self, model: onnx.ModelProto, profile: dict, settings: TrtSettings | None = None, cache_dir=None,
+                 taps=()):
+        super().__init__(taps)
         self.model = model
         self.profile = profile
         self.settings = settings or TrtSettings()
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.name = f"trt-{self.settings.precision}"
+        self._tap_tensors = tapped_tensors(model, self.taps)
 
-    def _activate_impl(self) -> None:
-        trt = import_tensorrt()
+    def check_available(self) -> None:
+        import_tensorrt()
         import torch
 
         if not torch.cuda.is_available():
             raise RuntimeUnavailable("trt: no CUDA device is visible")
-        self._trt, self._torch = trt, torch
+
+    def _activate_impl(self) -> None:
+        import torch
+
+        self._trt, self._torch = import_tensorrt(), torch
         kernel = ""
         if plugin_nodes(self.model):
             register_plugin()
             kernel = kernel_source_digest()
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._key = engine_cache_key(model_digest(self.model), trt.__version__, torch.cuda.get_device_name(),
-                                     self.settings, self.profile, kernel)
-        self._engines = {(): self._engine(())}
+        self._logger = self._trt.Logger(self._trt.Logger.WARNING)
+        key = engine_cache_key(model_digest(self.model), self._trt.__version__, torch.cuda.get_device_name(),
+                               self.settings, self.profile, kernel)
+        self._engine, self.context = self._load_engine(key)
 
-    def _engine(self, taps: tuple):
-        trt = self._trt
+    def _deactivate_impl(self) -> None:
+        self._engine = self.context = None
+
+    def _load_engine(self, key: str):
+        taps = tuple(sorted(set(self._tap_tensors.values())))
         suffix = "-" + hashlib.sha256(repr(taps).encode()).hexdigest()[:8] if taps else ""
-        path = self.cache_dir / f"{self._key}{suffix}.engine"
+        path = self.cache_dir / f"{key}{suffix}.engine"
         if not path.exists():
             serialized = self._build(taps)
             with atomic_path(path) as tmp:  # two processes building the same engine never tear it
                 tmp.write_bytes(serialized)
-        engine = trt.Runtime(self._logger).deserialize_cuda_engine(path.read_bytes())
+        engine = self._trt.Runtime(self._logger).deserialize_cuda_engine(path.read_bytes())
         return engine, engine.create_execution_context()
 
     def _build(self, taps: tuple) -> bytes:
         trt = self._trt
         builder = trt.Builder(self._logger)
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if self.settings.strongly_typed else 0
-        network = builder.create_network(flags)
+        network = builder.create_network(0)
         parser = trt.OnnxParser(network, self._logger)
         with tempfile.TemporaryDirectory() as workdir:
             path = Path(workdir) / "model.onnx"
@@ -130,12 +137,11 @@ class TrtRunner(Runner):
         self._mark_taps(network, taps)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.settings.workspace_bytes)
-        if not self.settings.strongly_typed:
-            if self.settings.precision == "fp16":
-                config.set_flag(trt.BuilderFlag.FP16)
-            elif self.settings.precision == "bf16":
-                config.set_flag(trt.BuilderFlag.BF16)
-            self._keep_fp32(network, config)
+        if self.settings.precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif self.settings.precision == "bf16":
+            config.set_flag(trt.BuilderFlag.BF16)
+        self._keep_fp32(network, config)
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in self.profile.items():
             profile.set_shape(name, low, opt, high)
@@ -170,14 +176,8 @@ class TrtRunner(Runner):
         if wanted:
             raise RuntimeFailure(f"trt: TensorRT fused away or renamed {', '.join(sorted(wanted))}; cannot tap them")
 
-    def context(self):
-        """The execution context of the untapped engine (the profiler attaches here)."""
-        self.activate()
-        return self._engines[()][1]
-
     def _inputs_impl(self) -> list[InputMeta]:
-        engine, _ = self._engines[()]
-        trt = self._trt
+        engine, trt = self._engine, self._trt
         metas = []
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
@@ -186,11 +186,9 @@ class TrtRunner(Runner):
                 metas.append(InputMeta(name, shape, np.dtype(trt.nptype(engine.get_tensor_dtype(name)))))
         return metas
 
-    def _infer_impl(self, feeds: dict, taps: tuple) -> RunOutputs:
+    def _infer_impl(self, feeds: dict) -> RunOutputs:
         trt, torch = self._trt, self._torch
-        if taps not in self._engines:
-            self._engines[taps] = self._engine(taps)
-        engine, context = self._engines[taps]
+        engine, context = self._engine, self.context
         buffers = {}
         for name, value in feeds.items():
             buffers[name] = torch.from_numpy(np.ascontiguousarray(value)).cuda()
@@ -208,6 +206,5 @@ class TrtRunner(Runner):
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeFailure("trt: TensorRT execution failed")
         stream.synchronize()
-        graph_outputs = [o.name for o in self.model.graph.output]
         values = {name: buffers[name].cpu().numpy() for name in outputs}
-        return RunOutputs({n: values[n] for n in graph_outputs}, {t: values[t] for t in taps})
+        return split_outputs(values, [o.name for o in self.model.graph.output], self._tap_tensors)

@@ -5,32 +5,22 @@ scope map names as that module's output, tapped as an extra output. Tapping may 
 from fusing across that tensor, so the final outputs of the tapped run are checked against the
 untapped run and the difference is reported."""
 
-import fnmatch
 import json
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
-from ticknorm.base.scopes import module_output_tensors
-from ticknorm.runtime.registry import make_runner
-from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.base.inputs import graph_feeds
-from ticknorm.base.metrics import ArrayComparison, compare_arrays, ensure_finite
+from ticknorm.base.metrics import ArrayComparison, Tolerance, compare_arrays, ensure_finite
+from ticknorm.base.scopes import LayerSelection, module_output_tensors
+from ticknorm.runtime.registry import RunnerSetup, make_runner
+from ticknorm.runtime.torch_runner import TorchRunner
 
 
 # Above this, tapping changed what the runtime computes (it could not fuse across a tap).
 TAP_EFFECT_LIMIT = 1e-5
-
-
-@dataclass
-class Tolerance:
-    atol: float = 1e-4
-    rtol: float = 1e-3
-    per_output: dict = field(default_factory=dict)  # output name -> (atol, rtol)
-
-    def of(self, name: str) -> tuple[float, float]:
-        return self.per_output.get(name, (self.atol, self.rtol))
 
 
 @dataclass
@@ -48,6 +38,7 @@ class CompareReport:
     layers: list = field(default_factory=list)  # LayerRow, in the order PyTorch finished the modules
     first_failure: dict = field(default_factory=dict)  # runtime -> module or None
     tap_effect: dict = field(default_factory=dict)  # runtime -> max |tapped - untapped| of final outputs
+    fp32_islands: list = field(default_factory=list)  # Fp32Island: kept in fp32 by the low-precision targets
 
     @property
     def passed(self) -> bool:
@@ -57,7 +48,8 @@ class CompareReport:
         return self.passed
 
     def text(self) -> str:
-        lines = []
+        lines = [f"fp16 overflow: {island.module or island.node}: {island.reason} -> kept in fp32 (TensorRT and torch fp16)"
+                 for island in self.fp32_islands]
         for runtime, checks in self.outputs.items():
             lines.append(f"{runtime} vs torch:")
             lines += ["  " + check.line() for check in checks]
@@ -82,69 +74,60 @@ class CompareReport:
         return json.dumps(asdict(self), indent=2, default=float)
 
 
-def select_modules(scope_map: dict, depth: int | None, pattern: str | None) -> list[str]:
-    """Modules to tap: all that the scope map knows, cut by depth (segments of the path) and a
-    glob on the path, so a large model's taps fit in memory."""
-    chosen = []
-    for module in scope_map:
-        if depth is not None and len(module.split(".")) > depth:
-            continue
-        if pattern and not fnmatch.fnmatchcase(module, pattern):
-            continue
-        chosen.append(module)
-    return chosen
-
-
-def compare(model: onnx.ModelProto, module, feeds: dict, runtimes=("ort",), tolerance: Tolerance | None = None,
-            per_layer: bool = False, depth: int | None = None, pattern: str | None = None,
-            profile: dict | None = None, trt_settings=None, fp32_modules=(), ort_optimization: str = "all",
-            progress=lambda message: None) -> CompareReport:
+def compare_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: RunnerSetup,
+                     tolerance: Tolerance | None = None, layers: LayerSelection | None = None,
+                     progress=lambda message: None) -> CompareReport:
+    """PyTorch (`setup.module`, fp32 CPU) vs each runtime, per output and, with `layers`, per
+    module. Every runtime is checked for availability before any work; then one runner at a time
+    holds the model: the plain one, then (with `layers`) the tapped one."""
     tolerance = tolerance or Tolerance()
     output_names = [o.name for o in model.graph.output]
-    scope_map = module_output_tensors(model) if per_layer else {}
-    known = {name for name, _ in module.named_modules()}
-    modules = [m for m in select_modules(scope_map, depth, pattern) if m in known] if per_layer else []
-    runners = {runtime: make_runner(runtime, model, profile, ort_optimization, trt_settings, module, fp32_modules)
-               for runtime in runtimes}
+    modules = layers.modules(model, (name for name, _ in setup.module.named_modules())) if layers else []
+    runners = {runtime: make_runner(runtime, model, setup) for runtime in runtimes}
     for runner in runners.values():
-        runner.activate()  # an unavailable runtime fails here, before any work, with its reason
+        runner.check_available()  # an unavailable runtime fails here, before any work, with its reason
     progress("running the PyTorch reference")
-    reference = TorchRunner(module, output_names).infer(feeds, taps=modules)
+    with TorchRunner(setup.module, output_names, taps=modules) as torch_runner:
+        reference = torch_runner.infer(feeds)
     ensure_finite(reference.outputs, "the PyTorch reference")
-    runtime_feeds = graph_feeds(model, feeds)
     report = CompareReport()
     for runtime, runner in runners.items():
         progress(f"running {runtime}")
-        feeds_here = feeds if runner.taps_modules else runtime_feeds
-        plain = runner.infer(feeds_here)
+        runtime_feeds = feeds if isinstance(runner, TorchRunner) else graph_feeds(model, feeds)
+        with runner:
+            plain = runner.infer(runtime_feeds)
         report.outputs[runtime] = [compare_arrays(name, reference.outputs[name], plain.outputs[name], *tolerance.of(name))
                                    for name in output_names]
-        if per_layer:
+        if modules:
             progress(f"running {runtime} with {len(modules)} taps")
-            _compare_layers(report, runtime, runner, feeds_here, reference, modules, scope_map, plain, tolerance)
+            with make_runner(runtime, model, setup, taps=[m for m in modules if m in reference.taps]) as tapped_runner:
+                tapped = tapped_runner.infer(runtime_feeds)
+            report.tap_effect[runtime] = _largest_difference(plain.outputs, tapped.outputs)
+            _compare_layers(report, runtime, module_output_tensors(model), (reference.taps, tapped.taps), tolerance)
     return report
 
 
-def _compare_layers(report, runtime, runner, feeds, reference, modules, scope_map, plain, tolerance) -> None:
-    if runner.taps_modules:
-        scope_map = {m: m for m in modules}
-    tensors = [scope_map[m] for m in modules if m in reference.taps]
-    tapped = runner.infer(feeds, taps=list(dict.fromkeys(tensors)))
-    report.tap_effect[runtime] = max(
-        (float(np.max(np.abs(tapped.outputs[n].astype(np.float64) - plain.outputs[n].astype(np.float64))))
-         for n in plain.outputs if plain.outputs[n].size and plain.outputs[n].dtype.kind in "fc"), default=0.0)
+def _largest_difference(plain: dict, tapped: dict) -> float:
+    """How far tapping moved the final outputs (a runtime that cannot fuse across a tap)."""
+    return max((float(np.max(np.abs(tapped[n].astype(np.float64) - plain[n].astype(np.float64))))
+                for n in plain if plain[n].size and plain[n].dtype.kind in "fc"), default=0.0)
+
+
+def _compare_layers(report: CompareReport, runtime: str, tensors: dict, taps: tuple, tolerance: Tolerance) -> None:
+    """One row per module PyTorch tapped (`taps`: PyTorch's and the runtime's, by module), in the
+    order PyTorch finished them; `tensors` is the scope map (module -> ONNX tensor)."""
+    expected, actual = taps
     first = None
-    for module, expected in reference.taps.items():
-        tensor = scope_map.get(module)
-        actual = tapped.taps.get(tensor)
-        if actual is None:
-            report.layers.append(LayerRow(module, tensor or "", runtime, None, "no ONNX tensor"))
+    for module, reference in expected.items():
+        value, tensor = actual.get(module), tensors.get(module, "")
+        if value is None:
+            report.layers.append(LayerRow(module, tensor, runtime, None, "no ONNX tensor"))
             continue
-        if actual.shape != expected.shape:
+        if value.shape != reference.shape:
             report.layers.append(LayerRow(module, tensor, runtime, None,
-                                          f"shape {list(actual.shape)} vs torch {list(expected.shape)}: not compared"))
+                                          f"shape {list(value.shape)} vs torch {list(reference.shape)}: not compared"))
             continue
-        comparison = compare_arrays(module, expected, actual, tolerance.atol, tolerance.rtol)
+        comparison = compare_arrays(module, reference, value, tolerance.atol, tolerance.rtol)
         report.layers.append(LayerRow(module, tensor, runtime, comparison))
         if first is None and not comparison.passed:
             first = module

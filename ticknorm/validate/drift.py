@@ -20,11 +20,11 @@ from ticknorm.base.errors import BundleError
 from ticknorm.base.scopes import module_output_tensors
 from ticknorm.base.onnx_io import model_digest
 from ticknorm.base.inputs import graph_feeds
-from ticknorm.runtime.registry import make_runner
+from ticknorm.base.metrics import Tolerance, compare_arrays, ensure_finite
+from ticknorm.base.scopes import LayerSelection
+from ticknorm.runtime.registry import RunnerSetup, make_runner
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import TorchRunner
-from ticknorm.validate.compare import Tolerance, select_modules
-from ticknorm.base.metrics import compare_arrays, ensure_finite
 
 FORMAT = 1
 STATS = ("mean", "std", "absmax")
@@ -45,8 +45,8 @@ def layer_stats(array: np.ndarray) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std()), "absmax": float(np.abs(values).max())}
 
 
-def snapshot(model: onnx.ModelProto, module, feeds: dict, bundle, tolerance: Tolerance | None = None,
-             depth: int | None = None, pattern: str | None = None) -> Path:
+def write_bundle(model: onnx.ModelProto, module, feeds: dict, bundle, tolerance: Tolerance | None = None,
+                 layers: LayerSelection = LayerSelection()) -> Path:
     """Run the PyTorch reference on `feeds` and write the bundle."""
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
@@ -56,9 +56,8 @@ def snapshot(model: onnx.ModelProto, module, feeds: dict, bundle, tolerance: Tol
     bundle = Path(bundle)
     names = [o.name for o in model.graph.output]
     scope_map = module_output_tensors(model)
-    known = {name for name, _ in module.named_modules()}
-    modules = [m for m in select_modules(scope_map, depth, pattern) if m in known]
-    reference = TorchRunner(module, names).infer(feeds, taps=modules)
+    with TorchRunner(module, names, taps=layers.modules(model, (name for name, _ in module.named_modules()))) as runner:
+        reference = runner.infer(feeds)
     ensure_finite(reference.outputs, "the PyTorch reference")
     results = RunResults()
     results.append(("torch", [IterationResult(reference.outputs, runner_name="torch")]))
@@ -81,7 +80,6 @@ class LayerDrift:
     stat: str
     reference: float
     current: float
-    drifted: bool
 
 
 @dataclass
@@ -90,6 +88,7 @@ class DriftReport:
     outputs: list = field(default_factory=list)  # ArrayComparison vs the golden reference
     layers: list = field(default_factory=list)  # LayerDrift rows that moved beyond tolerance
     layers_checked: int = 0
+    unmatched: list = field(default_factory=list)  # bundle modules this graph has no output tensor for
 
     @property
     def passed(self) -> bool:
@@ -103,6 +102,8 @@ class DriftReport:
         lines.append(f"per-module statistics: {self.layers_checked} modules checked, {len(self.layers)} drifted")
         for row in self.layers:
             lines.append(f"  {row.module or '(root)'} {row.stat}: {row.reference:.6g} -> {row.current:.6g}")
+        if self.unmatched:
+            lines.append(f"not checked, no output tensor for them in this graph: {', '.join(self.unmatched)}")
         lines.append("PASS" if self.passed else "DRIFT")
         return "\n".join(lines)
 
@@ -133,7 +134,7 @@ def load_bundle(bundle) -> tuple[dict, list, dict]:
     return meta, feeds, reference
 
 
-def check(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_model_change: bool = False) -> DriftReport:
+def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_model_change: bool = False) -> DriftReport:
     """Re-run `model` on the stored inputs and compare with the stored reference; appends to the
     bundle's history whatever the verdict."""
     meta, inputs, golden = load_bundle(bundle)
@@ -147,18 +148,19 @@ def check(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_model_chan
     if runtime.startswith("torch"):
         raise BundleError("drift check runs the exported model; torch-* runtimes are PyTorch, not the export")
     feeds = graph_feeds(model, inputs[0])
-    runner = make_runner(runtime, model, profile_for(model, feeds))
-    result = runner.infer(feeds, taps=list(dict.fromkeys(info["tensor"] for info in layers.values())))
+    with make_runner(runtime, model, RunnerSetup(profile=profile_for(model, feeds)), taps=list(layers)) as runner:
+        result = runner.infer(feeds)
     report = DriftReport(runtime, [compare_arrays(name, golden[name], result.outputs[name], *tolerance.of(name))
                                    for name in meta["outputs"]])
-    for module, info in layers.items():
-        current = layer_stats(result.taps[info["tensor"]])
+    current = {module: layer_stats(value) for module, value in result.taps.items()}
+    report.unmatched = [module for module in layers if module not in current]
+    for module, stats in current.items():
         report.layers_checked += 1
+        golden_stats = layers[module]
         for stat in STATS:
-            if abs(current[stat] - info[stat]) > tolerance.atol + tolerance.rtol * abs(info[stat]):
-                report.layers.append(LayerDrift(module, stat, info[stat], current[stat], True))
-    _append_history(Path(bundle), report, digest, {m: {s: layer_stats(result.taps[i["tensor"]])[s] for s in STATS}
-                                                   for m, i in layers.items()}, layers)
+            if abs(stats[stat] - golden_stats[stat]) > tolerance.atol + tolerance.rtol * abs(golden_stats[stat]):
+                report.layers.append(LayerDrift(module, stat, golden_stats[stat], stats[stat]))
+    _append_history(Path(bundle), report, digest, current, layers)
     return report
 
 

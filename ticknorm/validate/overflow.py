@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ticknorm.base.precision import Fp32Island, Precision
 from ticknorm.base.scopes import get_scope
 from ticknorm.runtime.ort_runner import OrtRunner
 
@@ -42,7 +43,8 @@ def fp16_overflows(model: onnx.ModelProto, feeds: dict) -> list[OverflowRow]:
     if not norms:
         return []
     inputs = list(dict.fromkeys(node.input[0] for node in norms))
-    tapped = OrtRunner(model, optimization="disabled").infer(feeds, taps=inputs).taps
+    with OrtRunner(model, optimization="disabled", extra_outputs=inputs) as runner:
+        tapped = runner.infer(feeds).outputs
     rows = []
     for node in norms:
         x = tapped[node.input[0]].astype(np.float64)
@@ -55,3 +57,8 @@ def fp16_overflows(model: onnx.ModelProto, feeds: dict) -> list[OverflowRow]:
         if max(row.input_absmax, row.square_mean_max, row.variance_max) > FP16_MAX:
             rows.append(row)
     return rows
+
+
+def fp16_precision(model: onnx.ModelProto, feeds: dict) -> Precision:
+    """The policy of every fp16 target: each norm the fp32 run shows overflowing stays in fp32."""
+    return Precision(tuple(Fp32Island(row.module, row.node, row.reason) for row in fp16_overflows(model, feeds)))

@@ -12,10 +12,10 @@ import pytest
 @pytest.fixture
 def ticknorm_drift():
     from ticknorm.base.onnx_io import load_onnx
-    from ticknorm.validate.drift import check
+    from ticknorm.validate.drift import check_bundle
 
     def verify(bundle, model_path, runtime: str = "ort", allow_model_change: bool = False):
-        report = check(bundle, load_onnx(model_path), runtime, allow_model_change)
+        report = check_bundle(bundle, load_onnx(model_path), runtime, allow_model_change)
         if not report.passed:
             pytest.fail(f"{model_path} drifted from {bundle}:\n{report.text()}", pytrace=False)
         return report

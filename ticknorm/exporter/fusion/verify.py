@@ -9,16 +9,7 @@ import numpy as np
 import onnx
 
 from ticknorm.runtime.ort_runner import OrtRunner
-from ticknorm.base.metrics import ArrayComparison, compare_arrays
-
-# |fused - original| <= atol + rtol * |original|, by the dtype the tensor is computed in.
-TOLERANCES = {
-    onnx.TensorProto.FLOAT: (1e-4, 1e-3),
-    onnx.TensorProto.DOUBLE: (1e-8, 1e-7),
-    onnx.TensorProto.FLOAT16: (1e-2, 1e-2),
-    onnx.TensorProto.BFLOAT16: (5e-2, 5e-2),
-}
-
+from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
 
 def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dict[str, int],
                  feeds: dict[str, np.ndarray], weights_dir=None) -> dict[str, ArrayComparison]:
@@ -28,11 +19,11 @@ def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dic
     actual = _run_with_outputs(fused, feeds, tensors, weights_dir)
     checks = {}
     for name, reference in expected.items():
-        elem_type = tensors.get(name) or onnx.helper.np_dtype_to_tensor_dtype(reference.dtype)
-        checks[name] = compare_arrays(name, reference, actual[name], *TOLERANCES.get(elem_type, (0.0, 0.0)))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensors[name]) if name in tensors else reference.dtype
+        checks[name] = compare_arrays(name, reference, actual[name], *dtype_tolerance(dtype))
     return checks
 
 
 def _run_with_outputs(model: onnx.ModelProto, feeds: dict, extra: dict[str, int], weights_dir) -> dict[str, np.ndarray]:
-    result = OrtRunner(model, optimization="disabled", weights_dir=weights_dir).infer(feeds, taps=list(extra))
-    return {**result.outputs, **result.taps}
+    with OrtRunner(model, optimization="disabled", weights_dir=weights_dir, extra_outputs=list(extra)) as runner:
+        return runner.infer(feeds).outputs

@@ -1,0 +1,60 @@
+"""The PyTorch model a command judges or exports: a module object, a factory (`pkg.mod:fn`,
+`file.py:fn`) or a Hugging Face `save_pretrained` folder, with the checkpoint and LoRA adapter
+that make it the fine-tuned model."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ticknorm.base.errors import InputSpecError
+from ticknorm.exporter.load import build_model, load_apply_checkpoint, load_hf_directory
+from ticknorm.exporter.lora import merge_adapter
+from ticknorm.exporter.tasks import DEFAULT, WITH_PAST
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    source: object  # an nn.Module, a factory string, or a Hugging Face folder
+    checkpoint: str | None = None  # .pt/.pth/.bin state dict or .safetensors
+    adapter: str | None = None  # a PEFT adapter folder, merged in
+    trust_pickle: bool = False  # allow checkpoints that unpickle objects (runs code from the file)
+
+    def load(self, task: str = DEFAULT):
+        """The model as the exporters and the PyTorch runner call it: a transformers model behind
+        `HfGraph` (named tensors in and out, flags and cache handled for `task`), any other
+        module as it is, in eval mode."""
+        module = self._module()
+        if self.adapter is not None:
+            module = merge_adapter(module, self.adapter)
+        return exportable(module.eval(), task)
+
+    def _module(self):
+        if not isinstance(self.source, (str, Path)):
+            if self.checkpoint is not None:
+                return load_apply_checkpoint(self.source, self.checkpoint, self.trust_pickle)
+            return self.source
+        if Path(self.source).is_dir():
+            if self.checkpoint is not None:
+                raise InputSpecError(f"{self.source} is a Hugging Face directory with its own weights; drop --checkpoint")
+            return load_hf_directory(self.source)
+        return build_model(str(self.source), self.checkpoint, self.trust_pickle)
+
+
+def task_feeds(module, feeds: dict, dynamic_axes: dict, seed: int = 0) -> tuple[dict, dict]:
+    """The feeds and dynamic axes completed with what the model's task needs (a transformers
+    model's masks, decoder ids, a KV cache); any other model's as they are."""
+    from ticknorm.exporter.hf import HfGraph, complete_inputs
+
+    return complete_inputs(module, feeds, dynamic_axes, seed=seed) if isinstance(module, HfGraph) else (feeds, dynamic_axes)
+
+
+def exportable(module, task: str = DEFAULT):
+    from ticknorm.exporter.hf import HfGraph, is_hf_model
+
+    if isinstance(module, HfGraph):
+        return module
+    if is_hf_model(module):
+        return HfGraph(module, task)
+    if task == WITH_PAST:
+        raise InputSpecError(f"--task {task} needs a Hugging Face decoder; {type(module).__name__} is not a "
+                             "transformers model")
+    return module
