@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-CONFIGS = [("plain", {}), ("per-layer, depth 2", {"per_layer": True, "depth": 2}),
-           ("per-layer, all modules", {"per_layer": True})]
+CONFIGS = [("plain", None), ("per-layer, depth 2", {"depth": 2}), ("per-layer, all modules", {})]
 
 
 def child(model_path: str, options: str) -> None:
@@ -24,24 +23,28 @@ def child(model_path: str, options: str) -> None:
     import onnx
 
     from _models import bert_base
+    from ticknorm import LayerSelection
     from ticknorm.runtime.ort_runner import OrtRunner
+    from ticknorm.runtime.registry import RunnerSetup
     from ticknorm.runtime.torch_runner import TorchRunner
-    from ticknorm.validate.compare import compare
+    from ticknorm.validate.compare import compare_runtimes
 
     options = json.loads(options)
     model, module = onnx.load(model_path), bert_base()
     feeds = {"input_ids": np.random.default_rng(0).integers(0, 30522, (1, 128))}
     names = [o.name for o in model.graph.output]
+    with TorchRunner(module, names) as runner:
+        start = time.perf_counter()
+        runner.infer(feeds)
+        torch_seconds = time.perf_counter() - start
+    with OrtRunner(model) as runner:
+        runner.infer(feeds)
+        start = time.perf_counter()
+        runner.infer(feeds)
+        ort_seconds = time.perf_counter() - start
+    layers = LayerSelection(**options) if options is not None else None
     start = time.perf_counter()
-    TorchRunner(module, names).infer(feeds)
-    torch_seconds = time.perf_counter() - start
-    runner = OrtRunner(model)
-    runner.infer(feeds)
-    start = time.perf_counter()
-    runner.infer(feeds)
-    ort_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    report = compare(model, module, feeds, **options)
+    report = compare_runtimes(model, feeds, ["ort"], RunnerSetup(module), layers=layers)
     compare_seconds = time.perf_counter() - start
     print(json.dumps({"torch": torch_seconds, "ort": ort_seconds, "compare": compare_seconds,
                       "taps": len({row.module for row in report.layers}), "passed": report.passed,
@@ -50,12 +53,12 @@ def child(model_path: str, options: str) -> None:
 
 def main():
     from _models import bert_base
-    from ticknorm.exporter.export import export_model
+    from ticknorm.exporter.export import ExportOptions, export_model
 
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "bert.onnx"
         feeds = {"input_ids": np.random.default_rng(0).integers(0, 30522, (1, 128))}
-        export_model(bert_base(), feeds, path, exporter="torchscript", check=False)
+        export_model(bert_base(), feeds, path, ExportOptions(exporter="torchscript", check=False))
         rows = []
         for label, options in CONFIGS:
             done = subprocess.run([sys.executable, __file__, "--child", str(path), json.dumps(options)],

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from _models import bert_base
-from ticknorm.exporter.export import export_model
+from ticknorm.exporter.export import ExportOptions, export_model
 
 
 def main():
@@ -30,8 +30,8 @@ def main():
 
         with tempfile.TemporaryDirectory() as workdir:
             start = time.perf_counter()
-            result = export_model(model, feeds, Path(workdir) / "bert.onnx", exporter=exporter,
-                                  dynamic_axes={"input_ids": {0: "batch", 1: "seq"}}, progress=progress)
+            result = export_model(model, feeds, Path(workdir) / "bert.onnx", ExportOptions(exporter=exporter),
+                                  {"input_ids": {0: "batch", 1: "seq"}}, progress=progress)
             total = time.perf_counter() - start
         stages[-1][1] = time.perf_counter() - last[0]
         print(f"\n{exporter}: total {total:.1f} s, LayerNorms fused {result.fusion.count('fused')}, "

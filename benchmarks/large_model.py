@@ -19,8 +19,8 @@ import numpy as np
 import psutil
 import transformers
 
-from ticknorm import api
-from ticknorm.exporter.export import export_model
+from ticknorm.exporter.export import ExportOptions, export_model
+from ticknorm.exporter.model_ref import ModelRef, task_feeds
 
 
 class PhaseClock:
@@ -63,16 +63,16 @@ def main():
     config = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                                       num_key_value_heads=args.hidden // 256, max_position_embeddings=512)
-    model = api.exportable(transformers.LlamaForCausalLM(config).eval())
+    model = ModelRef(transformers.LlamaForCausalLM(config)).load()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"Llama-shaped decoder: {weights / 4e9:.2f}B parameters, {weights / 2**30:.2f} GiB of fp32 weights, "
           f"{args.layers} layers, hidden {args.hidden}; input 1x32; {args.exporter} exporter")
-    feeds, axes = api.model_feeds(model, {"input_ids": np.random.default_rng(0).integers(0, args.vocab, (1, 32))},
-                                  {"input_ids": {0: "batch", 1: "seq"}})
+    feeds, axes = task_feeds(model, {"input_ids": np.random.default_rng(0).integers(0, args.vocab, (1, 32))},
+                             {"input_ids": {0: "batch", 1: "seq"}})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        result = export_model(model, feeds, Path(workdir) / "llama.onnx", exporter=args.exporter, dynamic_axes=axes,
-                              external_data_threshold=1 << 20, progress=clock)
+        options = ExportOptions(exporter=args.exporter, external_data_threshold=1 << 20)
+        result = export_model(model, feeds, Path(workdir) / "llama.onnx", options, axes, progress=clock)
         clock("writing done")
         end = time.perf_counter()
         files = {p.name: p.stat().st_size for p in Path(workdir).iterdir()}

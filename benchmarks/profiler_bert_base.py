@@ -13,8 +13,9 @@ import numpy as np
 import onnx
 
 from _models import bert_base
-from ticknorm.exporter.export import export_model
-from ticknorm.profiler.profile import profile
+from ticknorm.exporter.export import ExportOptions, export_model
+from ticknorm.profiler.profile import Timing, profile_runtimes
+from ticknorm.runtime.registry import RunnerSetup
 
 
 def main():
@@ -26,9 +27,10 @@ def main():
     feeds = {"input_ids": np.random.default_rng(0).integers(0, 30522, (1, 128))}
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "bert.onnx"
-        export_model(module, feeds, path, exporter="torchscript", check=False)
+        export_model(module, feeds, path, ExportOptions(exporter="torchscript", check=False))
         model = onnx.load(str(path))
-    runs = [profile(model, module, feeds, ("torch", "ort"), args.iterations, 5, args.depth) for _ in range(2)]
+    timing = Timing(args.iterations, 5, args.depth)
+    runs = [profile_runtimes(model, feeds, ("torch", "ort"), RunnerSetup(module), timing) for _ in range(2)]
     print(f"BERT-base-sized encoder, batch 1, seq 128, depth {args.depth}, {args.iterations} iterations, 2 runs")
     for runtime in ("torch", "ort"):
         first, second = (run.logs[runtime] for run in runs)

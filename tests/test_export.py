@@ -159,3 +159,24 @@ def test_weights_staged_on_disk_make_the_same_model(exporter, threshold, tmp_pat
         reference = module(torch.from_numpy(ids)).numpy()
     np.testing.assert_allclose(ort_run(model, {"input_ids": ids})["output"], reference, atol=1e-4)
     assert set(Path(tempfile.gettempdir()).glob("ticknorm-weights-*")) == stages_before  # the stage is gone
+
+
+def test_every_session_an_export_builds_runs(tmp_path, monkeypatch):
+    """One ONNX Runtime session per runner, and no runner that does not run: verifying the fusion
+    takes the original and the fused graph, comparing with PyTorch the written one."""
+    import onnxruntime
+
+    built, ran = [], set()
+
+    class CountedSession(onnxruntime.InferenceSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(id(self))
+
+        def run(self, *args, **kwargs):
+            ran.add(id(self))
+            return super().run(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", CountedSession)
+    api.export(MODEL, INPUTS, tmp_path / "m.onnx", ExportOptions(exporter="torchscript"))
+    assert len(built) == 3 and set(built) == ran
