@@ -133,6 +133,7 @@ def test_ahead_of_time_ptx_for_sm80_and_sm90_without_a_gpu():
     assert {(r["hidden"], r["block"], r["warps"]) for r in rows} >= {(768, 1024, 4), (2041, 2048, 8), (8192, 8192, 16)}
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype, rows, hidden", [("fp16", 1000, 768), ("bf16", 37, 2041), ("fp32", 5, 8192)])
 def test_aot_ptx_launched_the_way_tensorrt_launches_it(dtype, rows, hidden):
     """The PTX loaded by the driver and launched with exactly TensorRT's arguments: input pointers,

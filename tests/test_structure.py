@@ -76,3 +76,16 @@ def test_the_layering_check_sees_an_upward_import():
 def test_no_function_takes_more_than_eight_parameters():
     longest = long_parameter_lists()
     assert longest[0][0] <= MAX_PARAMETERS, [f"{name}: {count}" for count, name in longest if count > MAX_PARAMETERS]
+
+
+def test_import_ticknorm_needs_only_numpy_and_onnx():
+    import subprocess
+    import sys
+
+    blocked = ("torch", "onnxruntime", "polygraphy", "matplotlib", "click", "transformers", "triton", "tensorrt", "peft")
+    code = ("import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in blocked)
+            + "import ticknorm\nprint(sorted(set(ticknorm.__all__) & {'export', 'compare', 'profile', 'report', "
+              "'snapshot', 'check', 'fuse'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['check', 'compare', 'export', 'fuse', 'profile', 'report', 'snapshot']"

@@ -23,7 +23,7 @@ from ticknorm.exporter.export import export_model
 from ticknorm.runtime.registry import RunnerSetup, runtime_statuses
 from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.validate.compare import compare_runtimes
-from ticknorm.validate.drift import check_bundle, history, write_bundle
+from ticknorm.validate.drift import check_bundle, read_history, write_bundle
 from ticknorm.validate.overflow import fp16_overflows
 
 EXAMPLE = "examples/tiny_transformer.py:build"
@@ -108,7 +108,7 @@ def test_drift_snapshot_check_history_and_plot(exported, tmp_path):
         check_bundle(bundle, drifted)
     report = check_bundle(bundle, drifted, allow_model_change=True)
     assert not report.passed and any(row.module == "head" for row in report.layers)
-    assert [e["passed"] for e in history(bundle)] == [True, False]
+    assert [e["passed"] for e in read_history(bundle)] == [True, False]
     result = CliRunner().invoke(main, ["drift", "history", str(bundle), "--plot", str(tmp_path / "h.png")])
     assert result.exit_code == 0 and (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -34,7 +34,7 @@ from ticknorm.runtime.registry import RunnerSetup, RuntimeStatus, runtime_status
 from ticknorm.runtime.torch_runner import to_numpy
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.validate.compare import CompareReport, compare_runtimes
-from ticknorm.validate.drift import DriftReport, check_bundle, history as bundle_history, write_bundle
+from ticknorm.validate.drift import DriftReport, check_bundle, read_history, write_bundle
 from ticknorm.validate.overflow import fp16_precision
 
 
@@ -49,7 +49,8 @@ def export(model, inputs, output, options: ExportOptions = ExportOptions(), repo
     module = _model_ref(model).load(options.task)
     feeds, dynamic_axes = _feeds(inputs, module)
     extra_checks = generation_checks(module, feeds, seed=_seed(inputs)) if options.task == WITH_PAST and options.check else ()
-    result = export_model(module, feeds, output, options, dynamic_axes, extra_checks, progress.step)
+    result = export_model(module, feeds, output, options=options, dynamic_axes=dynamic_axes, extra_checks=extra_checks,
+                          progress=progress.step)
     if report is not None and result.fusion is not None:
         write_text(report, result.fusion.to_json())
     return result
@@ -85,7 +86,8 @@ def compare(source, model, inputs, runtimes=("ort",), tolerance: Tolerance | Non
     targets keep in fp32 the norms a measured fp32 run shows overflowing (`report.fp32_islands`)."""
     onnx_model, module, feeds = _judged(source, model, inputs, progress)
     setup = replace(_setup(onnx_model, module, feeds, runtimes, progress), ort_optimization=ort_optimization)
-    report = compare_runtimes(onnx_model, feeds, runtimes, setup, tolerance, layers, progress.step)
+    report = compare_runtimes(onnx_model, feeds, runtimes, setup, tolerance=tolerance, layers=layers,
+                              progress=progress.step)
     report.fp32_islands = list(setup.precision.islands)
     return report
 
@@ -95,7 +97,7 @@ def profile(source, model, inputs, runtimes=("torch", "ort"), timing: Timing = T
     """Per-module latency on every runtime, aligned on PyTorch modules."""
     onnx_model, module, feeds = _judged(source, model, inputs, progress)
     setup = _setup(onnx_model, module, feeds, runtimes, progress)
-    return profile_runtimes(onnx_model, feeds, runtimes, setup, timing, progress.advance)
+    return profile_runtimes(onnx_model, feeds, runtimes, setup, timing=timing, on_iteration=progress.advance)
 
 
 def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Timing = Timing(),
@@ -105,10 +107,11 @@ def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Tim
     `compare`), and write the HTML page to `output`."""
     onnx_model, module, feeds = _judged(source, model, inputs, progress)
     setup = _setup(onnx_model, module, feeds, runtimes, progress)
-    timings = profile_runtimes(onnx_model, feeds, runtimes, setup, timing, progress.advance)
+    timings = profile_runtimes(onnx_model, feeds, runtimes, setup, timing=timing, on_iteration=progress.advance)
     progress.step("comparing every module with PyTorch")
     targets = [r for r in runtimes if r != "torch"]
-    accuracy = compare_runtimes(onnx_model, feeds, targets, setup, tolerance, LayerSelection(timing.depth), progress.step)
+    accuracy = compare_runtimes(onnx_model, feeds, targets, setup, tolerance=tolerance,
+                                layers=LayerSelection(timing.depth), progress=progress.step)
     rows = join(timings, accuracy)
     write_html(rows, timings, accuracy, output, f"ticknorm report: {_name(source)}")
     return rows
@@ -118,17 +121,17 @@ def snapshot(source, model, inputs, output, tolerance: Tolerance | None = None,
              layers: LayerSelection = LayerSelection()) -> Path:
     """Write a golden bundle: inputs, PyTorch outputs, per-module statistics, tolerances, versions."""
     onnx_model, module, feeds = _judged(source, model, inputs, QUIET)
-    return write_bundle(onnx_model, module, feeds, output, tolerance, layers)
+    return write_bundle(onnx_model, module, feeds, output, tolerance=tolerance, layers=layers)
 
 
 def check(bundle, source, runtime: str = "ort", allow_model_change: bool = False) -> DriftReport:
     """Re-run the model on the bundle's inputs and compare with its reference; the verdict is
     appended to the bundle's history."""
-    return check_bundle(bundle, _onnx(source), runtime, allow_model_change)
+    return check_bundle(bundle, _onnx(source), runtime=runtime, allow_model_change=allow_model_change)
 
 
 def history(bundle, plot=None) -> list[dict]:
-    entries = bundle_history(bundle)
+    entries = read_history(bundle)
     if plot is not None:
         plot_history(entries, plot)
     return entries

@@ -170,7 +170,7 @@ def main():
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the fusion report as JSON.")
 def export_command(model, inputs, output, options, report):
     """Export a model to ONNX, fuse every LayerNorm, verify, and compare with PyTorch."""
-    result = api.export(model, inputs, output, options, report, Progress(_say))
+    result = api.export(model, inputs, output, options=options, report=report, progress=Progress(_say))
     click.echo(f"wrote {', '.join(str(f) for f in result.files)} ({result.exporter} exporter, opset {result.opset})")
     if result.fusion is not None:
         click.echo(result.fusion.summary())
@@ -192,7 +192,8 @@ def export_command(model, inputs, output, options, report):
 @norm_target_options
 def fuse_command(source, output, opset, report, no_verify, inputs, targets):
     """Rewrite decomposed LayerNorms (and RMSNorms) in an ONNX file into single nodes."""
-    result, retargeted = api.fuse(source, output, inputs, opset, not no_verify, report, targets)
+    result, retargeted = api.fuse(source, output, inputs, opset=opset, verify=not no_verify, report=report,
+                                   targets=targets)
     click.echo(f"wrote {output}")
     click.echo(result.report.summary())
     if retargeted is not None:
@@ -228,7 +229,8 @@ def runtimes_command():
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 def compare_command(source, model, inputs, runtimes, tolerance, layers, ort_optimization, json_path):
     """Compare runtimes with the PyTorch model, per output and per module. Exit 1 on failure."""
-    report = api.compare(source, model, inputs, runtimes, tolerance, layers, ort_optimization, Progress(_say))
+    report = api.compare(source, model, inputs, runtimes=runtimes, tolerance=tolerance, layers=layers,
+                         ort_optimization=ort_optimization, progress=Progress(_say))
     click.echo(report.text())
     if json_path:
         write_text(json_path, report.to_json())
@@ -254,7 +256,8 @@ def _progress_bar(timing: Timing, runtimes: list):
 def profile_command(source, model, inputs, runtimes, timing, files):
     """Per-module latency on every runtime, aligned on PyTorch modules."""
     with _progress_bar(timing, runtimes) as bar:
-        result = api.profile(source, model, inputs, runtimes, timing, Progress(advance=lambda: bar.update(1)))
+        result = api.profile(source, model, inputs, runtimes=runtimes, timing=timing,
+                             progress=Progress(advance=lambda: bar.update(1)))
     click.echo(profile_outputs.table(result))
     for kind, path in files.items():
         profile_outputs.WRITERS[kind](result, path)
@@ -273,10 +276,10 @@ def profile_command(source, model, inputs, runtimes, timing, files):
 def report_command(source, model, inputs, runtimes, timing, tolerance, output, json_path):
     """One HTML page: per module, latency and error against PyTorch on every runtime."""
     with _progress_bar(timing, runtimes) as bar:
-        rows = api.report(source, model, inputs, output, runtimes, timing, tolerance,
-                          Progress(advance=lambda: bar.update(1)))
+        rows = api.report(source, model, inputs, output, runtimes=runtimes, timing=timing, tolerance=tolerance,
+                          progress=Progress(advance=lambda: bar.update(1)))
     if json_path is not None:
-        joined.write_json(rows, json_path)
+        joined.write_rows_json(rows, json_path)
     flagged = [row.module for row in rows if row.flagged]
     click.echo(f"wrote {output}: {len(rows)} modules, {len(flagged)} slow and inaccurate"
                + (f" ({', '.join(flagged[:5])})" if flagged else ""))
@@ -296,7 +299,7 @@ def drift():
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 def drift_snapshot(source, model, inputs, tolerance, layers, output):
     """Write a golden bundle: inputs, PyTorch outputs, per-module statistics, tolerances, versions."""
-    bundle = api.snapshot(source, model, inputs, output, tolerance, layers)
+    bundle = api.snapshot(source, model, inputs, output, tolerance=tolerance, layers=layers)
     click.echo(f"wrote bundle {bundle}")
 
 
@@ -307,7 +310,7 @@ def drift_snapshot(source, model, inputs, tolerance, layers, output):
 @click.option("--allow-model-change", is_flag=True, help="Check a model whose hash differs from the bundle's.")
 def drift_check(bundle, source, runtime, allow_model_change):
     """Re-run on the bundle's inputs and compare; exit 1 with a table if anything drifted."""
-    report = api.check(bundle, source, runtime, allow_model_change)
+    report = api.check(bundle, source, runtime=runtime, allow_model_change=allow_model_change)
     click.echo(report.text())
     sys.exit(0 if report.passed else 1)
 

@@ -47,7 +47,7 @@ def join(profile: ProfileResult, accuracy: CompareReport) -> list[JoinedRow]:
     return rows
 
 
-def write_json(rows: list[JoinedRow], path) -> None:
+def write_rows_json(rows: list[JoinedRow], path) -> None:
     write_text(path, json.dumps([asdict(r) for r in rows], indent=2, default=float))
 
 

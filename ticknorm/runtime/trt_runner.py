@@ -88,6 +88,7 @@ class TrtRunner(Runner):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.name = f"trt-{self.settings.precision}"
         self._tap_tensors = tapped_tensors(model, self.taps)
+        self._engine = self.context = None  # the context is where the profiler attaches
 
     def check_available(self) -> None:
         import_tensorrt()

@@ -175,7 +175,7 @@ def _append_history(bundle: Path, report: DriftReport, digest: str, current: dic
         history_file.write(json.dumps(entry) + "\n")
 
 
-def history(bundle) -> list[dict]:
+def read_history(bundle) -> list[dict]:
     path = Path(bundle) / "history.jsonl"
     if not path.exists():
         return []
