@@ -10,7 +10,7 @@ from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.collect_ort import collect_ort
 from ticknorm.profiler.collect_torch import collect_torch
 from ticknorm.profiler.collect_trt import collect_trt
-from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, TickLog, roll_up
+from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, roll_up
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.registry import RunnerSetup, make_runner
 from ticknorm.runtime.torch_runner import TorchRunner

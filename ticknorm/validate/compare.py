@@ -1,4 +1,4 @@
-"""Accuracy of runtimes against the PyTorch graph: per output, and per module with `per_layer`.
+"""Accuracy of runtimes against the PyTorch graph: per output, and per module with a `LayerSelection`.
 
 Per module, PyTorch's output comes from a forward hook and the runtime's from the ONNX tensor the
 scope map names as that module's output, tapped as an extra output. Tapping may stop a runtime
@@ -6,7 +6,6 @@ from fusing across that tensor, so the final outputs of the tapped run are check
 untapped run and the difference is reported."""
 
 import json
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
 import numpy as np

@@ -9,7 +9,7 @@ tolerances, per-module output statistics) and `history.jsonl` (one line per chec
 import importlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
