@@ -153,3 +153,15 @@ class PerTokenScale(nn.Module):
 
     def forward(self, x):
         return pow_sqrt_div(x) * self.token_scale
+
+
+class IslandThenShift(nn.Module):
+    """An fp32 model that rounds to fp16 around its LayerNorm and goes on in fp32 (`x.half().float()`,
+    output cast back): one fp16 step flipped by the fusion stays one step after the shift."""
+
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return pow_sqrt_div(self.proj(x).half().float()).half().float() - 2.0

@@ -10,6 +10,9 @@ from onnx import numpy_helper
 
 from ticknorm.base.onnx_io import is_external
 
+# Mantissa bits of each float type: how finely it rounds.
+FLOAT_PRECISION = {onnx.TensorProto.BFLOAT16: 8, onnx.TensorProto.FLOAT16: 11, onnx.TensorProto.FLOAT: 24,
+                   onnx.TensorProto.DOUBLE: 53}
 # Initializers above this size are weights, not shape tensors: shape inference does not need them.
 _SHAPE_RELEVANT_BYTES = 4096
 
@@ -105,6 +108,24 @@ class GraphIndex:
             return self.info[name].elem_type
         value = self.constant(name)
         return None if value is None else onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+
+    def coarsest_float_upstream(self, name: str) -> int | None:
+        """The float type with the fewest mantissa bits among `name` and every tensor it is computed
+        from: once a value was rounded to fp16 or bf16 on its way, a change before that rounding
+        can move it by one step of that type, and it is judged at that type's tolerance."""
+        seen, frontier, found = set(), [name], []
+        while frontier:
+            tensor = frontier.pop()
+            if tensor in seen or not tensor:
+                continue
+            seen.add(tensor)
+            elem_type = self.elem_type(tensor) if tensor in self.info else None
+            if elem_type in FLOAT_PRECISION:
+                found.append(elem_type)
+            _, node = self.producer_op(tensor)
+            if node is not None:
+                frontier.extend(node.input)
+        return min(found, key=FLOAT_PRECISION.get, default=None)
 
     def rank(self, name: str) -> int | None:
         info = self.info.get(name)

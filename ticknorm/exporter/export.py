@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError, TicknormError, first_line
+from ticknorm.base.graph import GraphIndex
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance, ensure_finite
 from ticknorm.base.onnx_io import PROTOBUF_LIMIT, WEIGHTS_ON_DISK_BYTES, save_onnx, stage_weights
@@ -149,8 +150,16 @@ def compare_with_torch(proto: onnx.ModelProto, feeds: dict, reference: list, lab
         raise ExportError(f"the ONNX graph has {len(names)} outputs but the PyTorch model returned {len(reference)} tensors")
     with OrtRunner(proto, weights_dir=weights_dir) as runner:
         actual = runner.infer(graph_feeds(proto, feeds)).outputs
-    return [compare_arrays(f"{name} ({label})" if label else name, expected, actual[name], *dtype_tolerance(expected.dtype))
+    index = GraphIndex(proto)
+    return [compare_arrays(f"{name} ({label})" if label else name, expected, actual[name],
+                           *dtype_tolerance(_coarsest_dtype(index, name, expected.dtype)))
             for name, expected in zip(names, reference)]
+
+
+def _coarsest_dtype(index: GraphIndex, output: str, dtype) -> np.dtype:
+    """An output computed through an fp16/bf16 tensor is judged at that type's tolerance."""
+    coarsest = index.coarsest_float_upstream(output)
+    return onnx.helper.tensor_dtype_to_np_dtype(coarsest) if coarsest else np.dtype(dtype)
 
 
 def _check_exporter(exporter: str, opset: int | None) -> None:

@@ -8,8 +8,9 @@ fused normalization, which survives fusion under its original name.
 import numpy as np
 import onnx
 
-from ticknorm.runtime.ort_runner import OrtRunner
+from ticknorm.base.graph import GraphIndex
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
+from ticknorm.runtime.ort_runner import OrtRunner
 
 def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dict[str, int],
                  feeds: dict[str, np.ndarray], weights_dir=None) -> dict[str, ArrayComparison]:
@@ -17,9 +18,11 @@ def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dic
     sessions run one after the other, so only one holds the weights at a time."""
     expected = _run_with_outputs(original, feeds, tensors, weights_dir)
     actual = _run_with_outputs(fused, feeds, tensors, weights_dir)
+    index = GraphIndex(original)
     checks = {}
     for name, reference in expected.items():
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensors[name]) if name in tensors else reference.dtype
+        coarsest = index.coarsest_float_upstream(name) or tensors.get(name)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(coarsest) if coarsest else reference.dtype
         checks[name] = compare_arrays(name, reference, actual[name], *dtype_tolerance(dtype))
     return checks
 
