@@ -77,7 +77,9 @@ def test_unknown_runtime_and_unavailable_ones_say_why(small):
     if not tensorrt:
         assert statuses["trt"].reason == "tensorrt is not installed (pip install 'ticknorm[trt]')"
         with pytest.raises(RuntimeUnavailable, match="tensorrt module is not installed"):
-            make_runner("trt-fp16", model).check_available()
+            make_runner("trt", model).check_available()
+    with pytest.raises(InputSpecError, match="trt-fp16 builds a fp16 graph and this one is fp32: convert it first"):
+        make_runner("trt-fp16", model)  # TensorRT takes its precision from the graph: no builder flag
     if not statuses["ort-cuda"].available:
         assert statuses["ort-cuda"].reason in ("no CUDA device", "this onnxruntime build has no CUDAExecutionProvider "
                                                "(pip install 'ticknorm[gpu]')")
@@ -96,7 +98,7 @@ def test_trt_profile_and_cache_key_logic(small):
     variants = [engine_cache_key(digest, "10.10", "H100", TrtSettings(), profile),
                 engine_cache_key(digest, "10.9", "A100", TrtSettings(), profile),
                 engine_cache_key(digest, "10.9", "H100", TrtSettings(precision="fp16"), profile),
-                engine_cache_key(digest, "10.9", "H100", TrtSettings(fp32_layers=["/ln/LayerNormalization"]), profile),
+                engine_cache_key(digest, "11.4", "H100", TrtSettings(workspace_bytes=1 << 30), profile),
                 engine_cache_key(digest, "10.9", "H100", TrtSettings(), {"ids": ((1, 1), (8, 128), (8, 128))}),
                 engine_cache_key(digest, "10.9", "H100", TrtSettings(), profile, kernel_source_digest())]
     assert len({base, *variants}) == 7 and len(kernel_source_digest()) == 16

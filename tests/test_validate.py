@@ -16,7 +16,7 @@ from torch import nn
 
 from factories import Overflowing
 from conftest import export
-from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Tolerance, api
+from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Precision, Tolerance, api
 from ticknorm.base.errors import AccuracyError, BundleError
 from ticknorm.cli import main
 from ticknorm.exporter.export import export_model
@@ -24,7 +24,7 @@ from ticknorm.runtime.registry import RunnerSetup, runtime_statuses
 from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.validate.compare import compare_runtimes
 from ticknorm.validate.drift import check_bundle, read_history, write_bundle
-from ticknorm.validate.overflow import fp16_overflows
+from ticknorm.exporter.precision.plan import plan_precision
 
 EXAMPLE = "examples/tiny_transformer.py:build"
 CHECKPOINT = "examples/tiny_transformer.safetensors"
@@ -175,9 +175,9 @@ def test_fp16_overflowing_layer_norm_is_found_and_fp32_fixes_it(tmp_path):
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 6, 16)).astype(np.float32)}
     path = tmp_path / "o.onnx"
     export_model(module, feeds, path, ExportOptions(exporter="torchscript"))
-    rows = fp16_overflows(onnx.load(str(path)), feeds)
+    rows = plan_precision(onnx.load(str(path)), feeds, Precision("fp16")).islands
     assert [row.module for row in rows] == ["norm"]
-    assert "fp16 max" in rows[0].reason and rows[0].input_absmax < 65504
+    assert rows[0].reason.startswith("mean of squares reaches") and rows[0].reason.endswith("> fp16 max 65504")
     reference = _torch_run(TorchRunner(Overflowing(), ["y"]), feeds)
     broken = _torch_run(TorchRunner(Overflowing(), ["y"], dtype="fp16"), feeds).astype(np.float32)
     assert not np.allclose(broken, reference, atol=0.5)  # the variance overflowed: garbage, not rounding
@@ -187,7 +187,8 @@ def test_fp16_overflowing_layer_norm_is_found_and_fp32_fixes_it(tmp_path):
     result = CliRunner().invoke(main, ["compare", str(path), "--model", "tests/factories.py:overflowing", "--input-file",
                                        str(tmp_path / "in.npz"), "--runtime", "torch-fp16", "--atol", "2e-2", "--rtol", "2e-2"])
     assert result.exit_code == 0, result.output
-    assert "fp16 overflow: norm: " in result.output and "PASS" in result.output
+    assert "kept in fp32 for fp16: norm [/norm/LayerNormalization]: mean of squares reaches" in result.output
+    assert "torch-fp16 vs torch (atol 0.02, rtol 0.02):" in result.output and "PASS" in result.output
     # report applies the same precision policy as compare: the same module passes on both
     rows = tmp_path / "rows.json"
     page = CliRunner().invoke(main, ["report", str(path), "--model", "tests/factories.py:overflowing", "--input-file",

@@ -9,17 +9,19 @@ imported where used.
 
 __version__ = "0.1.0"
 
-from ticknorm.api import check, compare, export, fuse, history, inspect, profile, report, runtimes, snapshot  # noqa: E402
+from ticknorm.api import check, compare, convert, export, fuse, history, inspect, profile, report, runtimes, snapshot  # noqa: E402
 from ticknorm.base.errors import TicknormError  # noqa: E402
 from ticknorm.base.inputs import Inputs  # noqa: E402
 from ticknorm.base.metrics import Tolerance  # noqa: E402
+from ticknorm.base.precision import Precision  # noqa: E402
 from ticknorm.base.progress import Progress  # noqa: E402
 from ticknorm.base.scopes import LayerSelection  # noqa: E402
 from ticknorm.exporter.export import ExportOptions  # noqa: E402
 from ticknorm.exporter.fusion import NormTargets  # noqa: E402
 from ticknorm.exporter.model_ref import ModelRef  # noqa: E402
 from ticknorm.profiler.profile import Timing  # noqa: E402
+from ticknorm.runtime.registry import Runtimes  # noqa: E402
 
-__all__ = ["ExportOptions", "Inputs", "LayerSelection", "ModelRef", "NormTargets", "Progress", "TicknormError",
-           "Timing", "Tolerance", "__version__", "check", "compare", "export", "fuse", "history", "inspect", "profile",
-           "report", "runtimes", "snapshot"]
+__all__ = ["ExportOptions", "Inputs", "LayerSelection", "ModelRef", "NormTargets", "Precision", "Progress", "Runtimes",
+           "TicknormError", "Timing", "Tolerance", "__version__", "check", "compare", "convert", "export", "fuse",
+           "history", "inspect", "profile", "report", "runtimes", "snapshot"]

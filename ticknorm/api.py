@@ -7,7 +7,7 @@ parameter objects instead of long keyword lists.
     report = ticknorm.compare("model.onnx", model, (input_ids,), runtimes=["ort"])
 """
 
-from dataclasses import replace
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import onnx
 
 from ticknorm.base.atomic import write_text
 from ticknorm.base.errors import InputSpecError
-from ticknorm.base.inputs import Inputs
+from ticknorm.base.inputs import Inputs, feeds_for_graph
 from ticknorm.base.metrics import Tolerance
 from ticknorm.base.onnx_io import load_onnx, save_onnx
 from ticknorm.base.precision import Precision
@@ -30,12 +30,14 @@ from ticknorm.exporter.tasks import WITH_PAST, task_of_graph
 from ticknorm.profiler.profile import ProfileResult, Timing, profile_runtimes
 from ticknorm.report.drift_plot import plot_history
 from ticknorm.report.joined import JoinedRow, join, write_html
-from ticknorm.runtime.registry import RunnerSetup, RuntimeStatus, runtime_statuses
+from ticknorm.exporter.precision.convert import Conversion
+from ticknorm.exporter.precision.convert import convert as convert_graph
+from ticknorm.exporter.precision.targets import runner_setup
+from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, runtime_statuses
 from ticknorm.runtime.torch_runner import to_numpy
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.validate.compare import CompareReport, compare_runtimes
 from ticknorm.validate.drift import DriftReport, check_bundle, read_history, write_bundle
-from ticknorm.validate.overflow import fp16_precision
 
 
 def export(model, inputs, output, options: ExportOptions = ExportOptions(), report=None,
@@ -51,9 +53,28 @@ def export(model, inputs, output, options: ExportOptions = ExportOptions(), repo
     extra_checks = generation_checks(module, feeds, seed=_seed(inputs)) if options.task == WITH_PAST and options.check else ()
     result = export_model(module, feeds, output, options=options, dynamic_axes=dynamic_axes, extra_checks=extra_checks,
                           progress=progress.step)
-    if report is not None and result.fusion is not None:
-        write_text(report, result.fusion.to_json())
+    if report is not None and (result.fusion is not None or result.conversion is not None):
+        written = json.loads(result.fusion.to_json()) if result.fusion is not None else {}
+        written.update(result.conversion.to_dict() if result.conversion is not None else {})
+        write_text(report, json.dumps(written, indent=2, default=float))
     return result
+
+
+def convert(source, output, precision: Precision, inputs=None, report=None, progress: Progress = QUIET) -> Conversion:
+    """An fp32 ONNX file in `precision.dtype` with fp32 islands measured on `inputs` (seeded random
+    feeds when none are given), checked against the fp32 graph's own outputs, then written."""
+    model = _onnx(source)
+    if not precision.low:
+        raise InputSpecError("convert needs --precision fp16 or bf16")
+    if Precision.of_graph(model).low:
+        raise InputSpecError(f"the graph is already {Precision.of_graph(model).dtype}; convert its fp32 export")
+    feeds = _feeds(inputs, onnx_model=model)[0] if inputs is not None and _given(inputs) else feeds_for_graph(model)
+    progress.step(f"measuring the fp32 run, converting to {precision.dtype} and checking it")
+    conversion = convert_graph(model, feeds, precision)
+    save_onnx(conversion.model, output)
+    if report is not None:
+        write_text(report, conversion.to_json())
+    return conversion
 
 
 def fuse(source, output, inputs=None, opset=None, verify: bool = True, report=None,
@@ -80,36 +101,39 @@ def runtimes() -> list[RuntimeStatus]:
 
 
 def compare(source, model, inputs, runtimes=("ort",), tolerance: Tolerance | None = None,
-            layers: LayerSelection | None = None, ort_optimization: str = "all",
-            progress: Progress = QUIET) -> CompareReport:
-    """PyTorch (fp32 CPU) vs each runtime, per output and, with `layers`, per module. Low-precision
-    targets keep in fp32 the norms a measured fp32 run shows overflowing (`report.fp32_islands`)."""
+            layers: LayerSelection | None = None, progress: Progress = QUIET) -> CompareReport:
+    """PyTorch (fp32 CPU) vs each runtime (names, or a `Runtimes`), per output and, with `layers`,
+    per module, each at the tolerance of the type it computes in unless `tolerance` says otherwise.
+    Low-precision targets run with fp32 islands measured on these inputs (`report.fp32_islands`)."""
     onnx_model, module, feeds = _judged(source, model, inputs, progress)
-    setup = replace(_setup(onnx_model, module, feeds, runtimes, progress), ort_optimization=ort_optimization)
-    report = compare_runtimes(onnx_model, feeds, runtimes, setup, tolerance=tolerance, layers=layers,
+    runtimes = Runtimes.of(runtimes)
+    setup = _setup(onnx_model, module, feeds, runtimes, progress)
+    report = compare_runtimes(onnx_model, feeds, runtimes.names, setup, tolerance=tolerance, layers=layers,
                               progress=progress.step)
-    report.fp32_islands = list(setup.precision.islands)
+    report.fp32_islands = {dtype: list(low.policy.islands) for dtype, low in setup.low.items()}
     return report
 
 
 def profile(source, model, inputs, runtimes=("torch", "ort"), timing: Timing = Timing(),
             progress: Progress = QUIET) -> ProfileResult:
-    """Per-module latency on every runtime, aligned on PyTorch modules."""
+    """Per-module latency on every runtime (names, or a `Runtimes`), aligned on PyTorch modules."""
     onnx_model, module, feeds = _judged(source, model, inputs, progress)
+    runtimes = Runtimes.of(runtimes)
     setup = _setup(onnx_model, module, feeds, runtimes, progress)
-    return profile_runtimes(onnx_model, feeds, runtimes, setup, timing=timing, on_iteration=progress.advance)
+    return profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, on_iteration=progress.advance)
 
 
 def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Timing = Timing(),
            tolerance: Tolerance | None = None, progress: Progress = QUIET) -> list[JoinedRow]:
     """Latency and error per module on one row: profile every runtime, compare every non-torch
-    runtime with PyTorch per module at the same depth (with the same precision policy as
-    `compare`), and write the HTML page to `output`."""
+    runtime with PyTorch per module at the same depth (with the same precision policy and
+    tolerances as `compare`), and write the HTML page to `output`."""
     onnx_model, module, feeds = _judged(source, model, inputs, progress)
+    runtimes = Runtimes.of(runtimes)
     setup = _setup(onnx_model, module, feeds, runtimes, progress)
-    timings = profile_runtimes(onnx_model, feeds, runtimes, setup, timing=timing, on_iteration=progress.advance)
+    timings = profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, on_iteration=progress.advance)
     progress.step("comparing every module with PyTorch")
-    targets = [r for r in runtimes if r != "torch"]
+    targets = [r for r in runtimes.names if r != "torch"]
     accuracy = compare_runtimes(onnx_model, feeds, targets, setup, tolerance=tolerance,
                                 layers=LayerSelection(timing.depth), progress=progress.step)
     rows = join(timings, accuracy)
@@ -196,11 +220,5 @@ def _judged(source, model, inputs, progress: Progress):
     return onnx_model, module, _feeds(inputs, module, onnx_model)[0]
 
 
-def _setup(onnx_model, module, feeds, runtimes, progress: Progress) -> RunnerSetup:
-    """One runner setup for every runtime of a command: the same shape profile and the same
-    precision policy (fp16 targets keep the norms that overflow fp16 in fp32)."""
-    precision = Precision()
-    if any(r.endswith("fp16") for r in runtimes):
-        progress.step("looking for LayerNorms that overflow fp16")
-        precision = fp16_precision(onnx_model, feeds)
-    return RunnerSetup(module, profile_for(onnx_model, feeds), precision=precision)
+def _setup(onnx_model, module, feeds, runtimes: Runtimes, progress: Progress) -> RunnerSetup:
+    return runner_setup(onnx_model, module, feeds, runtimes, progress.step)

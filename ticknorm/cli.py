@@ -16,6 +16,7 @@ from ticknorm.base.errors import InputSpecError, TicknormError, first_line
 from ticknorm.base.inputs import Inputs
 from ticknorm.base.metrics import Tolerance
 from ticknorm.base.onnx_io import PROTOBUF_LIMIT
+from ticknorm.base.precision import PRECISIONS, Precision
 from ticknorm.base.progress import Progress
 from ticknorm.base.scopes import LayerSelection
 from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS, ExportOptions
@@ -26,9 +27,7 @@ from ticknorm.exporter.tasks import TASKS
 from ticknorm.profiler.profile import Timing
 from ticknorm.report import joined, profile_outputs
 from ticknorm.runtime.ort_runner import OPTIMIZATION_LEVELS
-
-DEFAULT_TOLERANCE = Tolerance()
-
+from ticknorm.runtime.registry import Runtimes
 
 class OneLineErrors(click.Group):
     """Every command's failure as one line on stderr and an exit code: 1 for wrong numbers, 2 for a
@@ -101,8 +100,25 @@ norm_target_options = grouped(
     "targets", lambda ln_target, rms_target: NormTargets(rms=rms_target, plugin=ln_target == "plugin"),
     _LN_TARGET, _RMS_TARGET)
 
+_KEEP_FP32 = click.option("--keep-fp32", multiple=True, metavar="GLOB",
+                          help="Keep the modules whose path matches in fp32 (repeat), e.g. 'encoder.layer.*.output'.")
+_PRECISION_OPTIONS = (
+    click.option("--precision", "dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                 help="Weights and activations in this type, with fp32 islands chosen from a measured fp32 run."),
+    click.option("--io-types", type=click.Choice(("fp32", "low")), default="fp32", show_default=True,
+                 help="Graph inputs and outputs: fp32, or the low type."),
+    _KEEP_FP32)
+
+
+def _precision(dtype: str, io_types: str, keep_fp32: tuple) -> Precision:
+    return Precision(dtype, io_types, tuple(keep_fp32))
+
+
+precision_options = grouped("precision", _precision, *_PRECISION_OPTIONS)
+
 export_options = grouped(
-    "options", lambda no_fuse, no_check, **values: ExportOptions(fuse=not no_fuse, check=not no_check, **values),
+    "options", lambda no_fuse, no_check, dtype, io_types, keep_fp32, **values: ExportOptions(
+        fuse=not no_fuse, check=not no_check, precision=_precision(dtype, io_types, keep_fp32), **values),
     click.option("--exporter", type=click.Choice(sorted(EXPORTERS)), default=DEFAULT_EXPORTER, show_default=True),
     click.option("--opset", type=int, default=None, help="dynamo: 18+, torchscript: 13-17 (default 17)."),
     click.option("--no-fuse", is_flag=True, help="Keep decomposed LayerNorms as exported."),
@@ -112,7 +128,7 @@ export_options = grouped(
     click.option("--task", type=click.Choice(TASKS), default="default", show_default=True,
                  help="Hugging Face models: default (no cache) or text-generation-with-past (a decoder step with "
                       "past_key_values.N.key/value in and present.N.* out), as Optimum names them."),
-    _LN_TARGET, _RMS_TARGET)
+    _LN_TARGET, _RMS_TARGET, *_PRECISION_OPTIONS)
 
 
 def _tolerance(atol: float, rtol: float, output_tol: tuple) -> Tolerance:
@@ -129,8 +145,9 @@ def _tolerance(atol: float, rtol: float, output_tol: tuple) -> Tolerance:
 
 tolerance_options = grouped(
     "tolerance", _tolerance,
-    click.option("--atol", type=float, default=DEFAULT_TOLERANCE.atol, show_default=True),
-    click.option("--rtol", type=float, default=DEFAULT_TOLERANCE.rtol, show_default=True),
+    click.option("--atol", type=float, default=None,
+                 help="Default: by the type the runtime computes in: fp32 1e-4, fp16 1e-2, bf16 5e-2."),
+    click.option("--rtol", type=float, default=None, help="Default: fp32 1e-3, fp16 1e-2, bf16 5e-2."),
     click.option("--output-tol", multiple=True, metavar="NAME:ATOL:RTOL", help="Tolerance for one output."))
 
 _DEPTH = click.option("--depth", type=int, default=None, help="Only tap modules at most this many path segments deep.")
@@ -149,11 +166,20 @@ timing_options = grouped(
     click.option("--depth", type=int, default=None, help="Roll modules up to this many path segments."))
 
 
-def runtime_option(default: str):
-    return click.option("--runtime", "runtimes", default=default, show_default=True,
-                        callback=lambda _ctx, _param, value: [r.strip() for r in value.split(",") if r.strip()],
-                        help="Comma-separated: torch, ort, ort-cuda, trt, trt-fp16, trt-bf16, torch-fp16, torch-bf16, "
-                             "torch-cuda[-fp16].")
+def _runtimes(names: str, keep_fp32: tuple, ort_optimization: str = "all") -> Runtimes:
+    return Runtimes(tuple(r.strip() for r in names.split(",") if r.strip()), ort_optimization,
+                    Precision(keep_fp32=tuple(keep_fp32)))
+
+
+def runtime_options(default: str, *more):
+    """`--runtime` names and how they run: `--keep-fp32` for the low-precision targets."""
+    return grouped(
+        "runtimes", _runtimes,
+        click.option("--runtime", "names", default=default, show_default=True,
+                     help="Comma-separated: torch, ort, ort-cuda, trt, trt-fp16, trt-bf16, torch-fp16, torch-bf16, "
+                          "torch-cuda[-fp16|-bf16]. An fp32 graph is converted for trt-fp16/-bf16 with fp32 islands "
+                          "measured on the inputs."),
+        _KEEP_FP32, *more)
 
 
 @click.group(cls=OneLineErrors)
@@ -176,6 +202,8 @@ def export_command(model, inputs, output, options, report):
         click.echo(result.fusion.summary())
     if result.plugin_target is not None:
         click.echo(result.plugin_target.summary())
+    if result.conversion is not None:
+        click.echo(result.conversion.summary())
     if result.accuracy:
         click.echo("PyTorch vs ONNX Runtime (CPU):")
         for check in result.accuracy:
@@ -200,6 +228,21 @@ def fuse_command(source, output, opset, report, no_verify, inputs, targets):
         click.echo(retargeted.summary())
 
 
+@main.command("convert")
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@precision_options
+@input_options
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Write the islands and the checks as JSON.")
+def convert_command(source, output, precision, inputs, report):
+    """Convert an fp32 ONNX file to fp16 or bf16 with fp32 islands measured on the inputs (or
+    seeded random ones), checked against the fp32 graph before anything is written."""
+    result = api.convert(source, output, precision, inputs, report=report, progress=Progress(_say))
+    click.echo(f"wrote {output}")
+    click.echo(result.summary())
+
+
 @main.command("inspect")
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -221,31 +264,30 @@ def runtimes_command():
 @click.argument("source", type=click.Path(dir_okay=False))
 @model_options
 @input_options
-@runtime_option("ort")
+@runtime_options("ort", click.option("--ort-optimization", type=click.Choice(OPTIMIZATION_LEVELS), default="all",
+                                     show_default=True, help="ONNX Runtime graph optimization level."))
 @tolerance_options
 @per_layer_options
-@click.option("--ort-optimization", type=click.Choice(OPTIMIZATION_LEVELS), default="all", show_default=True,
-              help="ONNX Runtime graph optimization level.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
-def compare_command(source, model, inputs, runtimes, tolerance, layers, ort_optimization, json_path):
+def compare_command(source, model, inputs, runtimes, tolerance, layers, json_path):
     """Compare runtimes with the PyTorch model, per output and per module. Exit 1 on failure."""
     report = api.compare(source, model, inputs, runtimes=runtimes, tolerance=tolerance, layers=layers,
-                         ort_optimization=ort_optimization, progress=Progress(_say))
+                         progress=Progress(_say))
     click.echo(report.text())
     if json_path:
         write_text(json_path, report.to_json())
     sys.exit(0 if report.passed else 1)
 
 
-def _progress_bar(timing: Timing, runtimes: list):
-    return click.progressbar(length=timing.iterations * len(runtimes), label="profiling", file=sys.stderr)
+def _progress_bar(timing: Timing, runtimes: Runtimes):
+    return click.progressbar(length=timing.iterations * len(runtimes.names), label="profiling", file=sys.stderr)
 
 
 @main.command("profile")
 @click.argument("source", type=click.Path(dir_okay=False))
 @model_options
 @input_options
-@runtime_option("torch,ort")
+@runtime_options("torch,ort")
 @timing_options
 @grouped("files", lambda **paths: {kind: path for kind, path in paths.items() if path},
          click.option("--json", type=click.Path(dir_okay=False), default=None),
@@ -268,7 +310,7 @@ def profile_command(source, model, inputs, runtimes, timing, files):
 @click.argument("source", type=click.Path(dir_okay=False))
 @model_options
 @input_options
-@runtime_option("torch,ort")
+@runtime_options("torch,ort")
 @timing_options
 @tolerance_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")

@@ -19,12 +19,22 @@ def dtype_tolerance(dtype) -> tuple[float, float]:
 
 @dataclass
 class Tolerance:
-    atol: float = DTYPE_TOLERANCES["float32"][0]
-    rtol: float = DTYPE_TOLERANCES["float32"][1]
+    """What the user asked for; None takes the tolerance of the type a run computes in, so an fp16
+    run is judged at fp16's bar in every command."""
+
+    atol: float | None = None
+    rtol: float | None = None
     per_output: dict = field(default_factory=dict)  # output name -> (atol, rtol)
 
+    def at(self, type_name: str = "float32") -> "Tolerance":
+        """Every number filled in, for a run computing in `type_name` (float32, float16, bfloat16)."""
+        atol, rtol = DTYPE_TOLERANCES[type_name]
+        return Tolerance(atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol,
+                         self.per_output)
+
     def of(self, name: str) -> tuple[float, float]:
-        return self.per_output.get(name, (self.atol, self.rtol))
+        """(atol, rtol) for one output of a resolved tolerance."""
+        return tuple(self.per_output.get(name, (self.atol, self.rtol)))
 
 
 @dataclass

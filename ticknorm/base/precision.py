@@ -1,21 +1,54 @@
-"""The precision policy: which parts of a model stay in fp32 when a runtime computes in fp16.
+"""The precision policy: what to compute in fp16 or bf16, and which parts stay in fp32.
 
-Built once, from a measured fp32 run, and handed to every runtime alike (TensorRT keeps the ONNX
-nodes in fp32, PyTorch the modules), so `compare` and `report` judge the same fp16 model."""
+One object from the command line down: the low type, the I/O types, the modules the user keeps in
+fp32, the limits of the measured rules, and, once an fp32 reference run measured the model, the
+fp32 islands with their reasons. The ONNX conversion writes it into the graph; the PyTorch
+targets keep the islands' modules in fp32; TensorRT builds the converted graph; every command
+judges a low-precision run at its type's tolerance, so one model gets one verdict everywhere."""
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, replace
+
+import onnx
+
+from ticknorm.base.errors import InputSpecError
+
+LOW_TYPES = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
+PRECISIONS = ("fp32", *LOW_TYPES)
+TYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+LARGEST = {"fp16": 65504.0, "bf16": 3.3895314e38}
+SMALLEST_NORMAL = {"fp16": 6.103515625e-05, "bf16": 1.1754944e-38}
+PRECISION_KEY = "ticknorm.precision"  # model metadata: the policy a converted graph was written with
 
 
 @dataclass(frozen=True)
 class Fp32Island:
     module: str  # the PyTorch module ('' for the root)
     node: str  # the ONNX node
-    reason: str  # what the fp32 run measured, e.g. "variance reaches 7.2e+05 > fp16 max"
+    reason: str  # what the fp32 run measured, e.g. "variance reaches 7.2e+05 > fp16 max 65504"
 
 
 @dataclass(frozen=True)
 class Precision:
-    islands: tuple = ()  # Fp32Island
+    dtype: str = "fp32"  # fp32, fp16 or bf16
+    io_types: str = "fp32"  # fp32: graph inputs and outputs stay fp32; low: they take the low type
+    keep_fp32: tuple = ()  # globs on module scopes the user keeps in fp32
+    underflow_limit: float = 0.01  # share of a tensor's nonzero values the low type may flush to zero or subnormals
+    islands: tuple = ()  # Fp32Island, measured
+
+    def __post_init__(self):
+        if self.dtype not in PRECISIONS:
+            raise InputSpecError(f"unknown precision '{self.dtype}'; choose one of: {', '.join(PRECISIONS)}")
+        if self.io_types not in ("fp32", "low"):
+            raise InputSpecError(f"--io-types takes fp32 or low, not '{self.io_types}'")
+
+    @property
+    def low(self) -> bool:
+        return self.dtype != "fp32"
+
+    @property
+    def elem_type(self) -> int:
+        return LOW_TYPES.get(self.dtype, onnx.TensorProto.FLOAT)
 
     @property
     def nodes(self) -> list[str]:
@@ -23,4 +56,24 @@ class Precision:
 
     @property
     def modules(self) -> list[str]:
-        return [island.module for island in self.islands]
+        return list(dict.fromkeys(island.module for island in self.islands))
+
+    def with_dtype(self, dtype: str) -> "Precision":
+        """The same requests for another low type (its islands are measured anew)."""
+        return replace(self, dtype=dtype, islands=())
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def of_graph(cls, model: onnx.ModelProto) -> "Precision":
+        """The policy a converted graph carries; fp32 for any other graph."""
+        for prop in model.metadata_props:
+            if prop.key == PRECISION_KEY:
+                data = json.loads(prop.value)
+                islands = tuple(Fp32Island(**island) for island in data.pop("islands", ()))
+                return cls(**{**data, "keep_fp32": tuple(data.get("keep_fp32", ()))}, islands=islands)
+        return cls()
+
+    def island_lines(self) -> list[str]:
+        return [f"{island.module or '(root)'} [{island.node}]: {island.reason}" for island in self.islands]

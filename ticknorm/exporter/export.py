@@ -28,7 +28,9 @@ from ticknorm.base.onnx_io import PROTOBUF_LIMIT, WEIGHTS_ON_DISK_BYTES, save_on
 from ticknorm.base.optional import require
 from ticknorm.base.scopes import annotate_scopes
 from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
+from ticknorm.base.precision import Precision
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
+from ticknorm.exporter.precision.convert import Conversion, convert
 from ticknorm.exporter.tasks import DEFAULT as DEFAULT_TASK
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.torch_runner import from_numpy, tensor_leaves, to_numpy
@@ -51,6 +53,7 @@ class ExportOptions:
     rms_target: str = "auto"  # see fusion.RMS_TARGETS
     task: str = DEFAULT_TASK
     external_data_threshold: int = PROTOBUF_LIMIT
+    precision: Precision = Precision()  # fp16/bf16: converted after every fp32 check, with measured fp32 islands
 
     @property
     def targets(self) -> NormTargets:
@@ -65,6 +68,7 @@ class ExportResult:
     fusion: FusionReport | None
     accuracy: list = field(default_factory=list)  # ArrayComparison per output, torch vs ORT
     plugin_target: PluginTargetResult | None = None  # with --ln-target plugin
+    conversion: Conversion | None = None  # with a low precision: islands, and the checks against PyTorch
 
     @property
     def passed(self) -> bool:
@@ -106,13 +110,18 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
             if failed:
                 raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {failed[0].name}: "
                                     f"{failed[0].reason}; nothing was written")
+        conversion = None
+        if options.precision.low:
+            progress(f"measuring the fp32 run, converting to {options.precision.dtype} and checking it against PyTorch")
+            conversion = convert(proto, feeds, options.precision, dict(zip(names, reference)), weights_dir)
+            proto = conversion.model
         retargeted = None
         if options.ln_target == "plugin":
             retargeted = to_plugin_target(proto)
             proto = retargeted.model
         files = save_onnx(proto, output, options.external_data_threshold, weights_dir)
     opset_now = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return ExportResult(files, options.exporter, opset_now, report, accuracy, retargeted)
+    return ExportResult(files, options.exporter, opset_now, report, accuracy, retargeted, conversion)
 
 
 @contextlib.contextmanager

@@ -5,12 +5,12 @@ target: `torch-fp16`, `torch-bf16`, `torch-cuda[-fp16|-bf16]` (the reference is 
 
 import copy
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 
 from ticknorm.base.errors import InputSpecError
-from ticknorm.base.precision import Precision
+from ticknorm.base.precision import LOW_TYPES, Precision
 from ticknorm.runtime.base import Runner
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.torch_runner import TorchRunner
@@ -68,31 +68,75 @@ def runtime_statuses() -> list[RuntimeStatus]:
 
 
 @dataclass(frozen=True)
+class LowPrecision:
+    """A low type's measured policy, and the graph converted with it for runtimes whose precision
+    comes from the graph (TensorRT's strongly typed networks); None where none needs it."""
+
+    policy: Precision
+    graph: onnx.ModelProto | None = None
+
+
+@dataclass(frozen=True)
 class RunnerSetup:
     """What a runner needs besides its runtime's name and the graph: the PyTorch model (for the
     `torch-*` targets, judged against the fp32 CPU reference), TensorRT's shape profile, ONNX
-    Runtime's optimization level, and the precision policy of low-precision targets."""
+    Runtime's optimization level, and per low type ('fp16', 'bf16') the precision it runs with."""
 
     module: object = None
     profile: dict | None = None
     ort_optimization: str = "all"
+    low: dict = field(default_factory=dict)  # 'fp16' | 'bf16' -> LowPrecision
+
+
+@dataclass(frozen=True)
+class Runtimes:
+    """The runtimes a command runs, and how: ONNX Runtime's optimization level, and the precision
+    policy low-precision targets (`trt-fp16`, `torch-bf16`, ...) measure their fp32 islands with
+    (`keep_fp32` globs, the underflow limit)."""
+
+    names: tuple = ("ort",)
+    ort_optimization: str = "all"
     precision: Precision = Precision()
+
+    @classmethod
+    def of(cls, value) -> "Runtimes":
+        """A `Runtimes`, or runtime names as a list ('ort', 'trt-fp16', ...)."""
+        return value if isinstance(value, Runtimes) else cls(tuple(value))
+
+
+def runtime_precision(name: str, model: onnx.ModelProto) -> str:
+    """The type a runtime computes in: its own suffix (`trt-fp16`, `torch-bf16`), else PyTorch's
+    fp32 for `torch*`, else the graph's own precision."""
+    suffix = name.rsplit("-", 1)[-1]
+    if suffix in LOW_TYPES:
+        return suffix
+    return "fp32" if name.startswith("torch") else Precision.of_graph(model).dtype
 
 
 def make_runner(name: str, model: onnx.ModelProto, setup: RunnerSetup = RunnerSetup(), taps=()) -> Runner:
     if name not in RUNTIME_NAMES:
         raise InputSpecError(f"unknown runtime '{name}'; choose from: {', '.join(RUNTIME_NAMES)}")
+    precision = runtime_precision(name, model)
     if name.startswith("torch"):
         if setup.module is None:
             raise InputSpecError(f"{name} runs the PyTorch model, and none was given here")
-        parts = name.split("-")[1:]
-        device = "cuda" if "cuda" in parts else "cpu"
-        dtype = next((p for p in parts if p in ("fp16", "bf16")), "fp32")
-        fp32_modules = setup.precision.modules if dtype != "fp32" else ()
-        return TorchRunner(copy.deepcopy(setup.module), [o.name for o in model.graph.output], device, dtype,
+        device = "cuda" if "cuda" in name.split("-") else "cpu"
+        fp32_modules = setup.low[precision].policy.modules if precision in setup.low else ()
+        return TorchRunner(copy.deepcopy(setup.module), [o.name for o in model.graph.output], device, precision,
                            fp32_modules, taps)
     if name.startswith("ort"):
         return OrtRunner(model, "cuda" if name == "ort-cuda" else "cpu", setup.ort_optimization, taps=taps)
-    precision = name.partition("-")[2] or "fp32"
-    settings = TrtSettings(precision, setup.precision.nodes if precision != "fp32" else [])
-    return TrtRunner(model, setup.profile or {}, settings, taps=taps)
+    return TrtRunner(_graph_in(precision, model, setup, name), setup.profile or {}, TrtSettings(precision), taps=taps)
+
+
+def _graph_in(precision: str, model: onnx.ModelProto, setup: RunnerSetup, name: str) -> onnx.ModelProto:
+    """The graph a strongly typed runtime builds for `precision`: the model itself when it is in
+    that precision, else the one converted for it."""
+    if Precision.of_graph(model).dtype == precision:
+        return model
+    converted = setup.low.get(precision)
+    if converted is None or converted.graph is None:
+        raise InputSpecError(f"{name} builds a {precision} graph and this one is "
+                             f"{Precision.of_graph(model).dtype}: convert it first (ticknorm convert --precision "
+                             f"{precision}), or run it through ticknorm compare/profile/report, which convert it")
+    return converted.graph

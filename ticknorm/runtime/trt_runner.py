@@ -1,6 +1,12 @@
-"""TensorRT from the ONNX file, kept thin and written against the `tensorrt` 10 Python API as
-NVIDIA's samples use it (Builder -> OnnxParser -> BuilderConfig -> serialized engine ->
-execute_async_v3). TensorRT is imported only when a TensorRT runner is activated.
+"""TensorRT from the ONNX file, kept thin and written against the `tensorrt` Python API that 10.x
+and 11.x share, as NVIDIA's samples use it (Builder -> OnnxParser -> BuilderConfig -> serialized
+engine -> execute_async_v3). TensorRT is imported only when a TensorRT runner is activated.
+
+Networks are strongly typed: the precision comes from the ONNX graph (TensorRT 11 knows no other
+way; 10.x is asked for it with the STRONGLY_TYPED flag, which 11 keeps and ignores). So `trt-fp16`
+and `trt-bf16` build a graph converted to that type (`ticknorm convert`), never builder flags:
+BuilderFlag.FP16/BF16, OBEY_PRECISION_CONSTRAINTS, ILayer.precision and set_output_type are gone
+in 11, and tests/test_tensorrt_names.py keeps them out.
 
 NOT VERIFIED on TensorRT: no machine this project runs on has it. Everything around the API
 calls (cache keys, profiles, precision choices) is plain Python and unit-tested. LayerNormalization
@@ -11,9 +17,10 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 
@@ -24,11 +31,14 @@ from ticknorm.base.onnx_io import model_digest, save_onnx
 from ticknorm.plugins import plugin_nodes
 from ticknorm.plugins.trt_plugin import kernel_source_digest, register_plugin
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, split_outputs, tapped_tensors
+from ticknorm.runtime.torch_runner import from_numpy, to_numpy
+
+SUPPORTED = "TensorRT 10.x (10.9+ for the plugin) and 11.x"
+
 
 @dataclass
 class TrtSettings:
-    precision: str = "fp32"
-    fp32_layers: list = field(default_factory=list)  # ONNX node names kept in fp32 (fp16 overflow)
+    precision: str = "fp32"  # the graph's: names the runner and keys the engine cache
     workspace_bytes: int = 4 << 30
 
 
@@ -62,6 +72,22 @@ def engine_cache_key(model_bytes_digest: str, trt_version: str, gpu: str, settin
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+# trt.DataType member -> the numpy/torch type name (trt.nptype knows no bfloat16).
+TYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+              "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+
+
+def type_name(trt_dtype) -> str:
+    if trt_dtype.name not in TYPE_NAMES:
+        raise RuntimeFailure(f"trt: an engine tensor of type {trt_dtype.name}, which ticknorm does not feed or read")
+    return TYPE_NAMES[trt_dtype.name]
+
+
+def numpy_dtype(trt_dtype) -> np.dtype:
+    name = type_name(trt_dtype)
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("TICKNORM_CACHE", Path.home() / ".cache" / "ticknorm")) / "engines"
 
@@ -72,6 +98,10 @@ def import_tensorrt():
     except ImportError as exc:
         raise RuntimeUnavailable(f"trt: the tensorrt module is not installed ({exc}); install ticknorm[trt] "
                                  "on a machine with an NVIDIA GPU") from exc
+    major = int(str(getattr(tensorrt, "__version__", "0")).split(".")[0] or 0)
+    if major not in (10, 11):
+        raise RuntimeUnavailable(f"trt: TensorRT {getattr(tensorrt, '__version__', '?')} is installed; ticknorm is "
+                                 f"written for {SUPPORTED}")
     return tensorrt
 
 
@@ -83,7 +113,7 @@ class TrtRunner(Runner):
                  taps=()):
         super().__init__(taps)
         self.model = model
-        self.profile = profile
+        self.shape_profile = profile
         self.settings = settings or TrtSettings()
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.name = f"trt-{self.settings.precision}"
@@ -107,7 +137,7 @@ class TrtRunner(Runner):
             kernel = kernel_source_digest()
         self._logger = self._trt.Logger(self._trt.Logger.WARNING)
         key = engine_cache_key(model_digest(self.model), self._trt.__version__, torch.cuda.get_device_name(),
-                               self.settings, self.profile, kernel)
+                               self.settings, self.shape_profile, kernel)
         self._engine, self.context = self._load_engine(key)
 
     def _deactivate_impl(self) -> None:
@@ -127,7 +157,7 @@ class TrtRunner(Runner):
     def _build(self, taps: tuple) -> bytes:
         trt = self._trt
         builder = trt.Builder(self._logger)
-        network = builder.create_network(0)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, self._logger)
         with tempfile.TemporaryDirectory() as workdir:
             path = Path(workdir) / "model.onnx"
@@ -138,32 +168,14 @@ class TrtRunner(Runner):
         self._mark_taps(network, taps)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.settings.workspace_bytes)
-        if self.settings.precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif self.settings.precision == "bf16":
-            config.set_flag(trt.BuilderFlag.BF16)
-        self._keep_fp32(network, config)
-        profile = builder.create_optimization_profile()
-        for name, (low, opt, high) in self.profile.items():
-            profile.set_shape(name, low, opt, high)
-        config.add_optimization_profile(profile)
+        shapes = builder.create_optimization_profile()
+        for name, (low, opt, high) in self.shape_profile.items():
+            shapes.set_shape(name, low, opt, high)
+        config.add_optimization_profile(shapes)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise RuntimeFailure("trt: TensorRT could not build an engine (see the TensorRT log above)")
         return bytes(serialized)
-
-    def _keep_fp32(self, network, config) -> None:
-        trt = self._trt
-        keep = set(self.settings.fp32_layers)
-        if not keep:
-            return
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        for index in range(network.num_layers):
-            layer = network.get_layer(index)
-            if layer.name in keep:
-                layer.precision = trt.float32
-                for output in range(layer.num_outputs):
-                    layer.set_output_type(output, trt.float32)
 
     def _mark_taps(self, network, taps: tuple) -> None:
         wanted = set(taps)
@@ -184,7 +196,7 @@ class TrtRunner(Runner):
             name = engine.get_tensor_name(index)
             if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 shape = tuple(d if d >= 0 else None for d in engine.get_tensor_shape(name))
-                metas.append(InputMeta(name, shape, np.dtype(trt.nptype(engine.get_tensor_dtype(name)))))
+                metas.append(InputMeta(name, shape, numpy_dtype(engine.get_tensor_dtype(name))))
         return metas
 
     def _infer_impl(self, feeds: dict) -> RunOutputs:
@@ -192,14 +204,14 @@ class TrtRunner(Runner):
         engine, context = self._engine, self.context
         buffers = {}
         for name, value in feeds.items():
-            buffers[name] = torch.from_numpy(np.ascontiguousarray(value)).cuda()
+            buffers[name] = from_numpy(torch, value).cuda()
             context.set_input_shape(name, tuple(value.shape))
             context.set_tensor_address(name, buffers[name].data_ptr())
         outputs = []
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
             if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                dtype = torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+                dtype = getattr(torch, type_name(engine.get_tensor_dtype(name)))
                 buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
                 context.set_tensor_address(name, buffers[name].data_ptr())
                 outputs.append(name)
@@ -207,5 +219,5 @@ class TrtRunner(Runner):
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeFailure("trt: TensorRT execution failed")
         stream.synchronize()
-        values = {name: buffers[name].cpu().numpy() for name in outputs}
+        values = {name: to_numpy(buffers[name]) for name in outputs}
         return split_outputs(values, [o.name for o in self.model.graph.output], self._tap_tensors)

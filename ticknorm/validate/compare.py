@@ -14,7 +14,8 @@ import onnx
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.metrics import ArrayComparison, Tolerance, compare_arrays, ensure_finite
 from ticknorm.base.scopes import LayerSelection, module_output_tensors
-from ticknorm.runtime.registry import RunnerSetup, make_runner
+from ticknorm.base.precision import TYPE_NAMES
+from ticknorm.runtime.registry import RunnerSetup, make_runner, runtime_precision
 from ticknorm.runtime.torch_runner import TorchRunner
 
 
@@ -37,7 +38,8 @@ class CompareReport:
     layers: list = field(default_factory=list)  # LayerRow, in the order PyTorch finished the modules
     first_failure: dict = field(default_factory=dict)  # runtime -> module or None
     tap_effect: dict = field(default_factory=dict)  # runtime -> max |tapped - untapped| of final outputs
-    fp32_islands: list = field(default_factory=list)  # Fp32Island: kept in fp32 by the low-precision targets
+    fp32_islands: dict = field(default_factory=dict)  # low type -> [Fp32Island] its targets kept in fp32
+    tolerances: dict = field(default_factory=dict)  # runtime -> (atol, rtol) it was judged at
 
     @property
     def passed(self) -> bool:
@@ -47,10 +49,11 @@ class CompareReport:
         return self.passed
 
     def text(self) -> str:
-        lines = [f"fp16 overflow: {island.module or island.node}: {island.reason} -> kept in fp32 (TensorRT and torch fp16)"
-                 for island in self.fp32_islands]
+        lines = [f"kept in fp32 for {dtype}: {island.module or '(root)'} [{island.node}]: {island.reason}"
+                 for dtype, islands in self.fp32_islands.items() for island in islands]
         for runtime, checks in self.outputs.items():
-            lines.append(f"{runtime} vs torch:")
+            atol, rtol = self.tolerances.get(runtime, (None, None))
+            lines.append(f"{runtime} vs torch" + (f" (atol {atol:g}, rtol {rtol:g}):" if atol is not None else ":"))
             lines += ["  " + check.line() for check in checks]
         if self.layers:
             lines.append(f"per module ({len({r.module for r in self.layers})} tapped):")
@@ -95,14 +98,16 @@ def compare_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: Runne
         runtime_feeds = feeds if isinstance(runner, TorchRunner) else graph_feeds(model, feeds)
         with runner:
             plain = runner.infer(runtime_feeds)
-        report.outputs[runtime] = [compare_arrays(name, reference.outputs[name], plain.outputs[name], *tolerance.of(name))
+        judged = tolerance.at(TYPE_NAMES[runtime_precision(runtime, model)])
+        report.tolerances[runtime] = (judged.atol, judged.rtol)
+        report.outputs[runtime] = [compare_arrays(name, reference.outputs[name], plain.outputs[name], *judged.of(name))
                                    for name in output_names]
         if modules:
             progress(f"running {runtime} with {len(modules)} taps")
             with make_runner(runtime, model, setup, taps=[m for m in modules if m in reference.taps]) as tapped_runner:
                 tapped = tapped_runner.infer(runtime_feeds)
             report.tap_effect[runtime] = _largest_difference(plain.outputs, tapped.outputs)
-            _compare_layers(report, runtime, module_output_tensors(model), (reference.taps, tapped.taps), tolerance)
+            _compare_layers(report, runtime, module_output_tensors(model), (reference.taps, tapped.taps), judged)
     return report
 
 

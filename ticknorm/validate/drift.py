@@ -22,8 +22,9 @@ from ticknorm.base.onnx_io import model_digest
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.metrics import Tolerance, compare_arrays, ensure_finite
 from ticknorm.base.scopes import LayerSelection
-from ticknorm.runtime.registry import RunnerSetup, make_runner
-from ticknorm.runtime.trt_runner import profile_for
+from ticknorm.base.precision import TYPE_NAMES
+from ticknorm.exporter.precision.targets import runner_setup
+from ticknorm.runtime.registry import Runtimes, make_runner, runtime_precision
 from ticknorm.runtime.torch_runner import TorchRunner
 
 FORMAT = 1
@@ -144,11 +145,13 @@ def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_mod
                           "pass --allow-model-change to check a re-exported model against it")
     tolerances = meta["tolerances"]
     tolerance = Tolerance(tolerances["atol"], tolerances["rtol"], {k: tuple(v) for k, v in tolerances["per_output"].items()})
+    tolerance = tolerance.at(TYPE_NAMES[runtime_precision(runtime, model)])
     layers = meta["layers"]
     if runtime.startswith("torch"):
         raise BundleError("drift check runs the exported model; torch-* runtimes are PyTorch, not the export")
     feeds = graph_feeds(model, inputs[0])
-    with make_runner(runtime, model, RunnerSetup(profile=profile_for(model, feeds)), taps=list(layers)) as runner:
+    setup = runner_setup(model, None, feeds, Runtimes((runtime,)))
+    with make_runner(runtime, model, setup, taps=list(layers)) as runner:
         result = runner.infer(feeds)
     report = DriftReport(runtime, [compare_arrays(name, golden[name], result.outputs[name], *tolerance.of(name))
                                    for name in meta["outputs"]])

@@ -1,0 +1,218 @@
+"""Write a planned precision into the graph: a strongly typed fp16/bf16 graph (what TensorRT 11 and
+ONNX Runtime's CUDA provider run), and an emulation of it in fp32 (every value the low graph holds
+in the low type rounded to it, the arithmetic in fp32) that ONNX Runtime's CPU provider runs for
+either type, so a conversion is judged even where no runtime computes in that type.
+
+Every float32 tensor has a home type: a node computing in the low type writes it low, an fp32
+island writes fp32; a graph input is fp32 unless the I/O types are low; a weight is low when every
+reader computes low. Where a reader wants the other type, one Cast per tensor and type is placed
+before its first reader. Graph outputs keep their names and take the I/O type."""
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ticknorm.base.graph import GraphIndex, UniqueNames, rebuilt
+from ticknorm.base.precision import PRECISION_KEY, Precision
+from ticknorm.base.scopes import get_scope, set_scope
+from ticknorm.exporter.precision.plan import NEUTRAL_OPS, arithmetic
+
+FLOAT = onnx.TensorProto.FLOAT
+# Inputs a low-precision node still takes in fp32 (the op's own type constraint says so).
+FP32_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
+
+
+@dataclass
+class Lowering:
+    """The plan laid on a graph: nodes computing low, and the type each float tensor is held in."""
+
+    index: GraphIndex
+    precision: Precision
+    low_nodes: set  # node positions
+    home: dict  # float32 tensor -> FLOAT or the low type
+
+    def wanted(self, position: int, slot: int, name: str) -> int:
+        node = self.index.nodes[position]
+        if node.op_type in NEUTRAL_OPS:
+            return self.home[name]
+        if position in self.low_nodes and slot not in FP32_INPUTS.get(node.op_type, ()):
+            return self.precision.elem_type
+        return FLOAT
+
+
+def lay_out(model: onnx.ModelProto, precision: Precision) -> Lowering:
+    index = GraphIndex(model)
+    islands = set(precision.nodes)
+    low_nodes = {p for p, node in enumerate(index.nodes)
+                 if arithmetic(index, node) and index.node_name(p) not in islands}
+    lowering = Lowering(index, precision, low_nodes, {})
+    low = precision.elem_type
+    for value in model.graph.input:
+        if index.elem_type(value.name) == FLOAT:
+            lowering.home[value.name] = low if precision.io_types == "low" else FLOAT
+    for position, node in enumerate(index.nodes):
+        for name in node.output:
+            if name and index.elem_type(name) == FLOAT:
+                lowering.home[name] = low if position in low_nodes else FLOAT
+    for name, tensor in index.initializers.items():
+        if tensor.data_type == FLOAT:
+            lowering.home[name] = FLOAT
+            readers = [(p, s) for p in index.consumer_nodes(name) for s, i in enumerate(index.nodes[p].input) if i == name]
+            if readers and all(lowering.wanted(p, s, name) == low for p, s in readers):
+                lowering.home[name] = low
+    return lowering
+
+
+def low_precision_graph(model: onnx.ModelProto, precision: Precision, weights_dir=None) -> onnx.ModelProto:
+    """The strongly typed graph: low weights and activations, fp32 islands, Casts between them."""
+    lowering = lay_out(model, precision)
+    index, low = lowering.index, precision.elem_type
+    names = UniqueNames(model)
+    initializers = [_held(t, lowering.home.get(t.name, t.data_type), precision.dtype, weights_dir)
+                    for t in model.graph.initializer]
+    nodes, casts = [], {}
+    for position, node in enumerate(index.nodes):
+        node = _copy(node)
+        for slot, name in enumerate(node.input):
+            if name in lowering.home and lowering.wanted(position, slot, name) != lowering.home[name]:
+                node.input[slot] = _cast(nodes, casts, names, name, lowering.wanted(position, slot, name), get_scope(node))
+        if position in lowering.low_nodes:
+            _lower_attributes(node, low, precision.dtype)
+        nodes.append(node)
+    outputs = _typed_outputs(model, lowering, nodes, names)
+    lowered = rebuilt(model, nodes, initializers)
+    del lowered.graph.value_info[:]
+    for value in lowered.graph.input:
+        if value.name in lowering.home:
+            value.type.tensor_type.elem_type = lowering.home[value.name]
+    del lowered.graph.output[:]
+    lowered.graph.output.extend(outputs)
+    _mark(lowered, precision)
+    return lowered
+
+
+def emulated_graph(model: onnx.ModelProto, precision: Precision, weights_dir=None) -> onnx.ModelProto:
+    """The same numbers in fp32: each value the low graph holds low is rounded to the low type
+    (Cast there and back) where it is made, or where a low reader takes it; weights held low are
+    rounded in place; the arithmetic stays fp32."""
+    lowering = lay_out(model, precision)
+    index, low = lowering.index, precision.elem_type
+    names = UniqueNames(model)
+    initializers = [_rounded(t, precision.dtype, weights_dir) if lowering.home.get(t.name) == low else t
+                    for t in model.graph.initializer]
+    low_outputs = {name for p in lowering.low_nodes for name in index.nodes[p].output if lowering.home.get(name) == low}
+    rounded_at_source = low_outputs | {t.name for t in model.graph.initializer if lowering.home.get(t.name) == low}
+    nodes, rounded = [], {}
+    for position, node in enumerate(index.nodes):
+        node = _copy(node)
+        for slot, name in enumerate(node.input):
+            if (name in lowering.home and name not in rounded_at_source
+                    and lowering.wanted(position, slot, name) == low):
+                if name not in rounded:
+                    rounded[name] = _round_trip(nodes, names, name, low, get_scope(node))
+                node.input[slot] = rounded[name]
+        nodes.append(node)
+        for slot, name in enumerate(node.output):
+            if name in low_outputs:
+                node.output[slot] = names.fresh(f"{name}_unrounded")
+                nodes.extend(_round_trip_nodes(names, node.output[slot], name, low, get_scope(node)))
+    return rebuilt(model, nodes, initializers)
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copied = onnx.NodeProto()
+    copied.CopyFrom(node)
+    return copied
+
+
+def _cast(nodes: list, casts: dict, names: UniqueNames, name: str, to: int, scope: str | None) -> str:
+    """The name of `name` cast to `to`, the Cast placed once, before its first reader."""
+    if (name, to) not in casts:
+        suffix = "fp32" if to == FLOAT else onnx.helper.tensor_dtype_to_np_dtype(to).name
+        cast = helper.make_node("Cast", [name], [names.fresh(f"{name}_{suffix}")], to=to,
+                                name=names.fresh(f"{name}_cast_{suffix}"))
+        set_scope(cast, scope or "")
+        nodes.append(cast)
+        casts[(name, to)] = cast.output[0]
+    return casts[(name, to)]
+
+
+def _round_trip_nodes(names: UniqueNames, source: str, target: str, low: int, scope: str | None) -> list:
+    held = names.fresh(f"{target}_low")
+    down = helper.make_node("Cast", [source], [held], to=low, name=names.fresh(f"{target}_round"))
+    up = helper.make_node("Cast", [held], [target], to=FLOAT, name=names.fresh(f"{target}_unround"))
+    for cast in (down, up):
+        set_scope(cast, scope or "")
+    return [down, up]
+
+
+def _round_trip(nodes: list, names: UniqueNames, name: str, low: int, scope: str | None) -> str:
+    target = names.fresh(f"{name}_rounded")
+    nodes.extend(_round_trip_nodes(names, name, target, low, scope))
+    return target
+
+
+def _lower_attributes(node: onnx.NodeProto, low: int, dtype: str) -> None:
+    for attribute in node.attribute:
+        if node.op_type == "Cast" and attribute.name == "to" and attribute.i == FLOAT:
+            attribute.i = low
+        elif attribute.name == "value" and attribute.t.data_type == FLOAT:
+            attribute.t.CopyFrom(_low_tensor(numpy_helper.to_array(attribute.t), attribute.t.name, dtype))
+
+
+def _typed_outputs(model: onnx.ModelProto, lowering: Lowering, nodes: list, names: UniqueNames) -> list:
+    """Graph outputs under their own names in the I/O type, cast where their home differs."""
+    io_type = lowering.precision.elem_type if lowering.precision.io_types == "low" else FLOAT
+    outputs = []
+    for value in model.graph.output:
+        output = onnx.ValueInfoProto()
+        output.CopyFrom(value)
+        home = lowering.home.get(value.name)
+        if home is not None and home != io_type:
+            inner = names.fresh(f"{value.name}_{'low' if home != FLOAT else 'fp32'}")
+            for node in nodes:
+                node.output[:] = [inner if o == value.name else o for o in node.output]
+                node.input[:] = [inner if i == value.name else i for i in node.input]
+            cast = helper.make_node("Cast", [inner], [value.name], to=io_type, name=names.fresh(f"{value.name}_cast"))
+            set_scope(cast, next((get_scope(n) or "" for n in nodes if inner in n.output), ""))
+            nodes.append(cast)
+        if home is not None:
+            output.type.tensor_type.elem_type = io_type
+        outputs.append(output)
+    return outputs
+
+
+def _held(tensor: onnx.TensorProto, home: int, dtype: str, weights_dir) -> onnx.TensorProto:
+    if tensor.data_type != FLOAT or home == FLOAT:
+        return tensor
+    return _low_tensor(_array(tensor, weights_dir), tensor.name, dtype)
+
+
+def _rounded(tensor: onnx.TensorProto, dtype: str, weights_dir) -> onnx.TensorProto:
+    return numpy_helper.from_array(low_array(_array(tensor, weights_dir), dtype).astype(np.float32), tensor.name)
+
+
+def _array(tensor: onnx.TensorProto, weights_dir) -> np.ndarray:
+    return numpy_helper.to_array(tensor, base_dir=str(weights_dir) if weights_dir is not None else "")
+
+
+def low_array(array: np.ndarray, dtype: str) -> np.ndarray:
+    """`array` held in the low type (bfloat16 through ml_dtypes)."""
+    return array.astype(np.float16 if dtype == "fp16" else ml_dtypes.bfloat16)
+
+
+def _low_tensor(array: np.ndarray, name: str, dtype: str) -> onnx.TensorProto:
+    held = low_array(array, dtype)
+    if dtype == "fp16":
+        return numpy_helper.from_array(held, name)
+    return helper.make_tensor(name, onnx.TensorProto.BFLOAT16, held.shape, held.view(np.uint16).tobytes(), raw=True)
+
+
+def _mark(model: onnx.ModelProto, precision: Precision) -> None:
+    kept = [p for p in model.metadata_props if p.key != PRECISION_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=PRECISION_KEY, value=precision.to_json())

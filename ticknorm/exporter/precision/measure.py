@@ -1,0 +1,86 @@
+"""The fp32 reference run the precision policy is measured on: every float tensor of the graph,
+its largest magnitude and the share of its values the low type cannot hold as normal numbers, and
+the statistics norms and reductions compute inside themselves (a variance can overflow fp16
+although every input fits: |x| > 256 already gives x^2 > 65504)."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ticknorm.base.errors import AccuracyError
+from ticknorm.base.graph import GraphIndex, attr
+from ticknorm.base.onnx_io import is_external
+from ticknorm.base.precision import SMALLEST_NORMAL
+from ticknorm.runtime.ort_runner import OrtRunner
+
+NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
+# Reductions whose running sum is larger than their result: the sum is what a low-precision
+# accumulator holds.
+SUMMING_REDUCTIONS = ("ReduceMean", "ReduceL2")
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    absmax: float
+    underflow: float  # share of the nonzero values below the low type's smallest normal
+
+
+@dataclass
+class Measurement:
+    tensors: dict  # float tensor -> TensorRange (node outputs, graph inputs, initializers)
+    statistics: dict  # node index -> (what, largest value): a norm's variance, a reduction's sum
+
+
+def measure(index: GraphIndex, feeds: dict, dtype: str, weights_dir=None) -> Measurement:
+    """Run the graph in fp32 (ONNX Runtime, optimizations off, every float tensor an output)."""
+    floats = [name for name in _float_tensors(index) if name not in index.initializers]
+    with OrtRunner(index.model, optimization="disabled", weights_dir=weights_dir, extra_outputs=floats) as runner:
+        values = runner.infer(feeds).outputs
+    bad = [name for name in floats if name in values and not np.all(np.isfinite(values[name]))]
+    if bad:
+        raise AccuracyError(f"the fp32 run already holds NaN or Inf (first in '{bad[0]}'): there is no reference to "
+                            "choose a precision from")
+    smallest = SMALLEST_NORMAL.get(dtype, 0.0)
+    tensors = {name: _range(values[name], smallest) for name in floats if name in values}
+    for name, tensor in index.initializers.items():
+        if tensor.data_type == onnx.TensorProto.FLOAT and not is_external(tensor):
+            tensors[name] = _range(numpy_helper.to_array(tensor), smallest)
+    statistics = {}
+    for position, node in enumerate(index.nodes):
+        found = _statistic(node, values)
+        if found is not None:
+            statistics[position] = found
+    return Measurement(tensors, statistics)
+
+
+def _float_tensors(index: GraphIndex) -> list[str]:
+    names = [value.name for value in index.model.graph.input]
+    names += [out for node in index.nodes for out in node.output if out]
+    return [name for name in dict.fromkeys(names) if index.elem_type(name) == onnx.TensorProto.FLOAT]
+
+
+def _range(array: np.ndarray, smallest: float) -> TensorRange:
+    magnitude = np.abs(array.astype(np.float64)).reshape(-1)
+    nonzero = magnitude[magnitude > 0]
+    underflow = float(np.mean(nonzero < smallest)) if nonzero.size else 0.0
+    return TensorRange(float(magnitude.max()) if magnitude.size else 0.0, underflow)
+
+
+def _statistic(node: onnx.NodeProto, values: dict) -> tuple[str, float] | None:
+    x = values.get(node.input[0]) if node.input else None
+    if x is None or x.ndim == 0:
+        return None
+    x = x.astype(np.float64)
+    if node.op_type in NORM_OPS:
+        axes = tuple(range(attr(node, "axis", -1) % x.ndim, x.ndim))
+        square_mean = float((x * x).mean(axis=axes).max())
+        variance = float(x.var(axis=axes).max())
+        return ("variance", variance) if variance >= square_mean else ("mean of squares", square_mean)
+    output = values.get(node.output[0])
+    if node.op_type in SUMMING_REDUCTIONS and output is not None and output.size:
+        count = x.size // output.size
+        total = np.abs(output.astype(np.float64)).max() * count if node.op_type == "ReduceMean" else output.max() ** 2
+        return (f"sum over {count} values", float(total))
+    return None
