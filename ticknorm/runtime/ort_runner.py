@@ -5,6 +5,7 @@ import onnx
 
 from ticknorm.base.errors import OnnxFileError, RuntimeFailure, RuntimeUnavailable, first_line
 from ticknorm.base.onnx_io import session_source
+from ticknorm.base.precision import Precision
 from ticknorm.plugins import plugin_nodes
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, split_outputs, tapped_tensors
 
@@ -45,6 +46,10 @@ class OrtRunner(Runner):
         if PROVIDERS[self.provider] not in ort.get_available_providers():
             raise RuntimeUnavailable(f"{self.name}: onnxruntime {ort.__version__} has no {PROVIDERS[self.provider]} "
                                      "(install ticknorm[gpu] on a CUDA machine)")
+        if self.provider == "cpu" and Precision.of_graph(self.model).dtype == "bf16":
+            raise RuntimeUnavailable(f"{self.name}: ONNX Runtime's CPU provider has no bf16 kernels for this bf16 graph; "
+                                     "run it with trt-bf16 or ort-cuda, judge the model with torch-bf16, or export "
+                                     "--precision fp16")
 
     def _activate_impl(self) -> None:
         import onnxruntime as ort

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ticknorm.base.errors import AccuracyError
+from ticknorm.base.errors import InputSpecError
 from ticknorm.base.graph import GraphIndex, attr
 from ticknorm.base.onnx_io import is_external
 from ticknorm.base.precision import SMALLEST_NORMAL
@@ -40,8 +40,8 @@ def measure(index: GraphIndex, feeds: dict, dtype: str, weights_dir=None) -> Mea
         values = runner.infer(feeds).outputs
     bad = [name for name in floats if name in values and not np.all(np.isfinite(values[name]))]
     if bad:
-        raise AccuracyError(f"the fp32 run already holds NaN or Inf (first in '{bad[0]}'): there is no reference to "
-                            "choose a precision from")
+        raise InputSpecError(f"the fp32 run already holds NaN or Inf (first in '{bad[0]}') on these inputs: there "
+                             "is no reference to choose a precision from")
     smallest = SMALLEST_NORMAL.get(dtype, 0.0)
     tensors = {name: _range(values[name], smallest) for name in floats if name in values}
     for name, tensor in index.initializers.items():

@@ -1,0 +1,146 @@
+"""fp16/bf16 in the graph: measured fp32 islands, strongly typed graphs that ONNX checks and ONNX
+Runtime runs, one policy in every command, and the refusals."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import ort_run
+from factories import Overflowing
+from ticknorm import ExportOptions, Inputs, ModelRef, Precision, Runtimes, api
+from ticknorm.base.errors import InputSpecError, RuntimeUnavailable
+from ticknorm.cli import main
+from ticknorm.exporter.precision.targets import runner_setup
+from ticknorm.runtime.registry import make_runner
+
+FEEDS = {"x": np.random.default_rng(0).standard_normal((2, 6, 16)).astype(np.float32)}
+FLOAT, HALF, BF16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16
+
+
+@pytest.fixture(scope="module")
+def fp32_export(tmp_path_factory):
+    path = tmp_path_factory.mktemp("precision") / "o.onnx"
+    torch.manual_seed(0)
+    module = Overflowing().eval()
+    api.export(module, FEEDS, path, ExportOptions(exporter="torchscript"))
+    return path, module
+
+
+def _types(model: onnx.ModelProto) -> dict:
+    return {"inputs": [i.type.tensor_type.elem_type for i in model.graph.input],
+            "outputs": [o.type.tensor_type.elem_type for o in model.graph.output],
+            "weights": sorted({t.data_type for t in model.graph.initializer})}
+
+
+@pytest.mark.parametrize("io_types", ["fp32", "low"])
+def test_fp16_export_keeps_the_overflowing_norm_in_fp32(io_types, tmp_path):
+    torch.manual_seed(0)
+    module = Overflowing().eval()
+    path = tmp_path / "o16.onnx"
+    result = api.export(module, FEEDS, path, ExportOptions(exporter="torchscript", precision=Precision("fp16", io_types)),
+                        report=tmp_path / "r.json")
+    islands = result.conversion.precision.islands
+    assert [(i.module, i.node) for i in islands] == [("norm", "/norm/LayerNormalization")]
+    assert islands[0].reason.startswith("mean of squares reaches")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)  # strongly typed: every type is consistent
+    io = HALF if io_types == "low" else FLOAT
+    assert _types(model) == {"inputs": [io], "outputs": [io], "weights": [FLOAT, HALF]}  # the island keeps its scale fp32
+    norm = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    assert next((a.i for a in norm.attribute if a.name == "stash_type"), 1) == 1
+    assert {c.name.split(" (")[1] for c in result.conversion.checks} == {"fp16 emulated in fp32)", "fp16 graph, ONNX Runtime CPU)"}
+    assert result.conversion.passed
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["precision"]["islands"][0]["module"] == "norm" and written["records"]  # fusion report and islands
+    feeds = {"x": FEEDS["x"].astype(np.float16)} if io_types == "low" else FEEDS
+    with torch.no_grad():
+        expected = module(torch.from_numpy(FEEDS["x"])).numpy()
+    np.testing.assert_allclose(ort_run(model, feeds)["output"].astype(np.float32), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_bf16_export_is_judged_through_its_emulation_and_ort_cpu_refuses_to_run_it(fp32_export, tmp_path):
+    path, module = fp32_export
+    result = api.export(module, FEEDS, tmp_path / "b.onnx", ExportOptions(exporter="torchscript",
+                                                                            precision=Precision("bf16")))
+    assert result.conversion.precision.islands == ()  # bf16 has fp32's range
+    assert [c.name for c in result.conversion.checks] == ["output (bf16 emulated in fp32)"]
+    model = onnx.load(str(tmp_path / "b.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert BF16 in _types(model)["weights"]
+    refused = CliRunner().invoke(main, ["compare", str(tmp_path / "b.onnx"), "--model", "tests/factories.py:overflowing",
+                                        "--input", "x:2x6x16"])
+    assert refused.exit_code == 2
+    errors = [line for line in refused.stderr.splitlines() if not line.startswith("... ")]
+    assert errors == ["error: ort-cpu: ONNX Runtime's CPU provider has no bf16 kernels for this bf16 graph; run it with "
+                      "trt-bf16 or ort-cuda, judge the model with torch-bf16, or export --precision fp16"]
+
+
+def test_one_policy_and_the_types_tolerance_in_compare(fp32_export, tmp_path):
+    path, module = fp32_export
+    api.export(module, FEEDS, tmp_path / "o16.onnx", ExportOptions(exporter="torchscript", precision=Precision("fp16")))
+    report = api.compare(tmp_path / "o16.onnx", module, FEEDS, runtimes=["ort", "torch-fp16"])
+    assert report.passed and report.tolerances == {"ort": (1e-2, 1e-2), "torch-fp16": (1e-2, 1e-2)}
+    assert [i.module for i in report.fp32_islands["fp16"]] == ["norm"]  # the graph's own islands, for torch too
+    fp32 = api.compare(path, module, FEEDS, runtimes=["ort", "torch-bf16"])
+    assert fp32.tolerances == {"ort": (1e-4, 1e-3), "torch-bf16": (5e-2, 5e-2)} and fp32.passed
+
+
+def test_keep_fp32_globs_and_their_refusal(fp32_export, tmp_path):
+    path, module = fp32_export
+    kept = api.convert(path, tmp_path / "k.onnx", Precision("fp16", keep_fp32=("proj",)), Inputs(arrays=FEEDS))
+    assert {(i.module, i.reason) for i in kept.precision.islands} >= {("proj", "--keep-fp32 proj")}
+    with pytest.raises(InputSpecError, match=r"--keep-fp32 'encoder\.\*' matches no module of the graph"):
+        api.convert(path, tmp_path / "none.onnx", Precision("fp16", keep_fp32=("encoder.*",)), Inputs(arrays=FEEDS))
+    assert not (tmp_path / "none.onnx").exists()
+
+
+def test_convert_command_and_its_bad_input(fp32_export, tmp_path):
+    path, _ = fp32_export
+    np.savez(tmp_path / "calibration.npz", **FEEDS)
+    done = CliRunner().invoke(main, ["convert", str(path), "-o", str(tmp_path / "c.onnx"), "--precision", "fp16",
+                                     "--input-file", str(tmp_path / "calibration.npz"), "--report", str(tmp_path / "c.json")])
+    assert done.exit_code == 0, done.output
+    assert "fp16: 1 node(s) kept in fp32, I/O fp32" in done.output and "norm [/norm/LayerNormalization]" in done.output
+    assert json.loads((tmp_path / "c.json").read_text())["precision"]["islands"][0]["module"] == "norm"
+    again = CliRunner().invoke(main, ["convert", str(tmp_path / "c.onnx"), "-o", str(tmp_path / "d.onnx"), "--precision", "fp16"])
+    assert again.exit_code == 2 and "is already fp16" in again.stderr and not (tmp_path / "d.onnx").exists()
+    nan = {"x": np.full((2, 6, 16), np.nan, np.float32)}
+    np.savez(tmp_path / "nan.npz", **nan)
+    bad = CliRunner().invoke(main, ["convert", str(path), "-o", str(tmp_path / "n.onnx"), "--precision", "fp16",
+                                    "--input-file", str(tmp_path / "nan.npz")])
+    assert bad.exit_code == 2 and "already holds NaN or Inf" in bad.stderr and not (tmp_path / "n.onnx").exists()
+
+
+def test_tensorrt_low_precision_targets_build_a_converted_graph(fp32_export):
+    """TensorRT takes its types from the graph: `trt-fp16` on an fp32 file gets the graph the
+    policy converted (built here without TensorRT; the engine build needs a GPU)."""
+    path, module = fp32_export
+    model = onnx.load(str(path))
+    setup = runner_setup(model, module, FEEDS, Runtimes(("trt-fp16", "torch-fp16")))
+    runner = make_runner("trt-fp16", model, setup)
+    assert runner.name == "trt-fp16" and Precision.of_graph(runner.model).dtype == "fp16"
+    assert HALF in _types(runner.model)["weights"] and runner.model is setup.low["fp16"].graph
+    torch_runner = make_runner("torch-fp16", model, setup)
+    assert torch_runner.fp32_modules == ("norm",)
+    with pytest.raises(RuntimeUnavailable):
+        make_runner("trt", model, setup).check_available()
+
+
+def test_a_real_transformer_exports_in_fp16(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    result = api.export(ModelRef(model), Inputs(("input_ids:batch=2xseq=8:int64:0..100",)), tmp_path / "bert16.onnx",
+                        ExportOptions(precision=Precision("fp16")))
+    assert result.conversion.passed
+    graph = onnx.load(str(tmp_path / "bert16.onnx"))
+    onnx.checker.check_model(graph, full_check=True)
+    assert [n.op_type for n in graph.graph.node].count("LayerNormalization") == 5
+    report = api.compare(tmp_path / "bert16.onnx", ModelRef(model), Inputs(("input_ids:batch=2xseq=8:int64:0..100",)))
+    assert report.passed and report.tolerances["ort"] == (1e-2, 1e-2)
