@@ -83,10 +83,10 @@ def test_one_policy_and_the_types_tolerance_in_compare(fp32_export, tmp_path):
     path, module = fp32_export
     api.export(module, FEEDS, tmp_path / "o16.onnx", ExportOptions(exporter="torchscript", precision=Precision("fp16")))
     report = api.compare(tmp_path / "o16.onnx", module, FEEDS, runtimes=["ort", "torch-fp16"])
-    assert report.passed and report.tolerances == {"ort": (1e-2, 1e-2), "torch-fp16": (1e-2, 1e-2)}
+    assert report.passed and report.tolerances == {"ort": (2e-2, 2e-2), "torch-fp16": (2e-2, 2e-2)}
     assert [i.module for i in report.fp32_islands["fp16"]] == ["norm"]  # the graph's own islands, for torch too
     fp32 = api.compare(path, module, FEEDS, runtimes=["ort", "torch-bf16"])
-    assert fp32.tolerances == {"ort": (1e-4, 1e-3), "torch-bf16": (5e-2, 5e-2)} and fp32.passed
+    assert fp32.tolerances == {"ort": (1e-4, 1e-3), "torch-bf16": (2e-1, 2e-1)} and fp32.passed
 
 
 def test_keep_fp32_globs_and_their_refusal(fp32_export, tmp_path):
@@ -143,4 +143,4 @@ def test_a_real_transformer_exports_in_fp16(tmp_path):
     onnx.checker.check_model(graph, full_check=True)
     assert [n.op_type for n in graph.graph.node].count("LayerNormalization") == 5
     report = api.compare(tmp_path / "bert16.onnx", ModelRef(model), Inputs(("input_ids:batch=2xseq=8:int64:0..100",)))
-    assert report.passed and report.tolerances["ort"] == (1e-2, 1e-2)
+    assert report.passed and report.tolerances["ort"] == (2e-2, 2e-2)

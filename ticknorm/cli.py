@@ -146,8 +146,8 @@ def _tolerance(atol: float, rtol: float, output_tol: tuple) -> Tolerance:
 tolerance_options = grouped(
     "tolerance", _tolerance,
     click.option("--atol", type=float, default=None,
-                 help="Default: by the type the runtime computes in: fp32 1e-4, fp16 1e-2, bf16 5e-2."),
-    click.option("--rtol", type=float, default=None, help="Default: fp32 1e-3, fp16 1e-2, bf16 5e-2."),
+                 help="Default: by the type the runtime computes in: fp32 1e-4, fp16 2e-2, bf16 2e-1."),
+    click.option("--rtol", type=float, default=None, help="Default: fp32 1e-3, fp16 2e-2, bf16 2e-1."),
     click.option("--output-tol", multiple=True, metavar="NAME:ATOL:RTOL", help="Tolerance for one output."))
 
 _DEPTH = click.option("--depth", type=int, default=None, help="Only tap modules at most this many path segments deep.")

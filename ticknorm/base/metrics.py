@@ -7,9 +7,12 @@ import numpy as np
 from ticknorm.base.errors import AccuracyError
 
 # |actual - reference| <= atol + rtol*|reference|, by the dtype the reference is computed in: the
-# default of every comparison ticknorm makes (fusion, export, compare, drift). Float math is
-# reordered by every runtime, so even fp32 is not bit-exact.
-DTYPE_TOLERANCES = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-7), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
+# default of every comparison ticknorm makes (fusion, export, convert, compare, drift). Float math
+# is reordered by every runtime, so even fp32 is not bit-exact. The low types' bars are what a
+# whole deep model's rounding adds up to: a BERT-base-sized encoder with every value rounded to
+# the type (benchmarks/precision.py) ends 0.033 from fp32 in fp16 (1 of 98k values past 1e-2) and
+# 0.23 in bf16 (1 past 0.1); bf16 keeps 8 mantissa bits to fp16's 11.
+DTYPE_TOLERANCES = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-7), "float16": (2e-2, 2e-2), "bfloat16": (2e-1, 2e-1)}
 
 
 def dtype_tolerance(dtype) -> tuple[float, float]:

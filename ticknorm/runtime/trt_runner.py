@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from ticknorm.base.atomic import atomic_path
-from ticknorm.base.errors import RuntimeFailure, RuntimeUnavailable
+from ticknorm.base.errors import RuntimeFailure, RuntimeUnavailable, first_line
 from ticknorm.base.inputs import graph_inputs
 from ticknorm.base.onnx_io import model_digest, save_onnx
 from ticknorm.plugins import plugin_nodes
@@ -128,6 +128,13 @@ class TrtRunner(Runner):
             raise RuntimeUnavailable("trt: no CUDA device is visible")
 
     def _activate_impl(self) -> None:
+        try:
+            self._build_context()
+        except AttributeError as exc:  # an API this TensorRT lacks: name both, in one line
+            raise RuntimeUnavailable(f"trt: TensorRT {self._trt.__version__} has no {exc.name or first_line(exc)} "
+                                     f"that ticknorm uses; it is written for {SUPPORTED}") from exc
+
+    def _build_context(self) -> None:
         import torch
 
         self._trt, self._torch = import_tensorrt(), torch
