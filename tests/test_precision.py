@@ -131,16 +131,14 @@ def test_tensorrt_low_precision_targets_build_a_converted_graph(fp32_export):
 
 
 def test_a_real_transformer_exports_in_fp16(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
-    result = api.export(ModelRef(model), Inputs(("input_ids:batch=2xseq=8:int64:0..100",)), tmp_path / "bert16.onnx",
-                        ExportOptions(precision=Precision("fp16")))
+    pytest.importorskip("transformers")
+    from hf_models import CONFIGS, build
+
+    model, inputs = build("BertModel"), Inputs(tuple(CONFIGS["BertModel"][1]))
+    result = api.export(ModelRef(model), inputs, tmp_path / "bert16.onnx", ExportOptions(precision=Precision("fp16")))
     assert result.conversion.passed
     graph = onnx.load(str(tmp_path / "bert16.onnx"))
     onnx.checker.check_model(graph, full_check=True)
     assert [n.op_type for n in graph.graph.node].count("LayerNormalization") == 5
-    report = api.compare(tmp_path / "bert16.onnx", ModelRef(model), Inputs(("input_ids:batch=2xseq=8:int64:0..100",)))
+    report = api.compare(tmp_path / "bert16.onnx", ModelRef(model), inputs)
     assert report.passed and report.tolerances["ort"] == (2e-2, 2e-2)

@@ -35,7 +35,6 @@ from ticknorm.exporter.precision.convert import convert as convert_graph
 from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, runtime_statuses
 from ticknorm.runtime.torch_runner import to_numpy
-from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.validate.compare import CompareReport, compare_runtimes
 from ticknorm.validate.drift import DriftReport, check_bundle, read_history, write_bundle
 
