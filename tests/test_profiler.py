@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Timing, api
 from ticknorm.cli import main
 from ticknorm.profiler.align import ScopeTable
+from ticknorm.profiler.collect_torch import own_time
 from ticknorm.profiler.profile import profile_runtimes
 from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, Span, Tick, TickLog
 from ticknorm.report import profile_outputs
@@ -44,6 +45,37 @@ def test_ticklog_rolls_up_groups_and_keeps_unattributed():
     assert log.coverage() == pytest.approx((30 + 5 + 3) / 100)  # moves to the next run's share, not to 2%
     assert log.end_to_end_ms == pytest.approx(95e-6)
     assert log.overhead == pytest.approx(100 / 95 - 1)
+
+
+def test_torch_time_goes_to_the_innermost_running_module():
+    """A parent's stretch stops where a child starts and resumes where it ends; the root's own ops
+    are the root's; nothing overlaps, so rolled up to a depth nothing is counted twice."""
+    marks = [("", "begin", 0), ("enc", "begin", 2), ("enc.attn", "begin", 3), ("enc.attn", "end", 7),
+             ("enc", "end", 10), ("head", "begin", 10), ("head", "end", 14), ("", "end", 15)]
+    spans = own_time(marks, 0, "host")
+    assert [(s.layer, s.begin.ns, s.end.ns) for s in spans] == [
+        ("", 0, 2), ("enc", 2, 3), ("enc.attn", 3, 7), ("enc", 7, 10), ("head", 10, 14), ("", 14, 15)]
+    log = TickLog("torch", "host", spans=spans, iterations=1)
+    assert {k: t.median_ms * 1e6 for k, t in log.per_module(depth=1).items()} == pytest.approx(
+        {ROOT: 3, "enc": 8, "head": 4})
+
+
+def test_modules_that_compute_with_their_own_weights_get_a_torch_figure(tmp_path):
+    """nn.MultiheadAttention's out_proj never runs as a module: the attention's time is its own."""
+    from factories import TorchEncoder
+
+    module = TorchEncoder().eval()
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)}
+    api.export(module, feeds, tmp_path / "e.onnx", ExportOptions(exporter="torchscript"))
+    result = profile_runtimes(onnx.load(str(tmp_path / "e.onnx")), feeds, ("torch", "ort"), RunnerSetup(module),
+                              Timing(iterations=3, warmup=1))
+    rows = dict(result.rows())
+    attention = "encoder.layers.0.self_attn"
+    assert set(rows[attention]) == {"torch", "ort"}
+    ran = {name for name, _ in module.named_modules()} - {"encoder.layers.0.self_attn.out_proj",
+                                                           "encoder.layers.1.self_attn.out_proj"}
+    missing = [m for m, timings in rows.items() if "ort" in timings and m in ran and "torch" not in timings]
+    assert missing == []
 
 
 @pytest.fixture(scope="module")

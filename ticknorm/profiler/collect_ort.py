@@ -15,48 +15,41 @@ _RUN_EVENTS = ("model_run", "SequentialExecutor::Execute")
 
 
 def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration=lambda: None) -> TickLog:
-    """`runner` says what to run (model, provider, optimization); two runners like it are timed:
-    a plain one and one with ONNX Runtime's profiler on, both with pool threads that stop
-    spinning when a run returns."""
+    """`runner`'s plain session is timed on its own first, as a deployment runs it; then a session
+    like it with ONNX Runtime's profiler on runs the instrumented iterations. One session at a time
+    holds the model."""
     log = TickLog(runner.name, "runtime", iterations=timing.iterations)
+    with runner:
+        runner.infer(feeds)  # checks the feeds against the model before anything is timed
+        log.end_to_end_ns = _times(runner.session, feeds, timing)
     with tempfile.TemporaryDirectory() as workdir:
-        def options(profiling: bool):
-            def make():
-                made = runner.session_options()
-                # The plain and the profiling session run in turn: pool threads still spinning after
-                # one session's run would take the cores from the other's and make both noisy. They
-                # spin during a run as usual, and stop when it returns.
-                made.add_session_config_entry("session.force_spinning_stop", "1")
-                if profiling:
-                    made.enable_profiling = True
-                    made.profile_file_prefix = os.path.join(workdir, "ort")
-                    made.optimized_model_filepath = os.path.join(workdir, "optimized.onnx")
-                return made
-            return make
+        def profiling_options():
+            made = runner.session_options()
+            made.enable_profiling = True
+            made.profile_file_prefix = os.path.join(workdir, "ort")
+            made.optimized_model_filepath = os.path.join(workdir, "optimized.onnx")
+            return made
 
-        with runner.variant(options(False)) as plain_runner, runner.variant(options(True)) as profiling_runner:
-            plain_runner.infer(feeds)  # checks the feeds against the model before anything is timed
+        with runner.variant(profiling_options) as profiling:
             table.learn_rewritten(runner.model, onnx.load(os.path.join(workdir, "optimized.onnx"), load_external_data=False))
-            events = _timed(plain_runner.session, profiling_runner.session, feeds, timing, log, on_iteration)
+            log.instrumented_ns = _times(profiling.session, feeds, timing, on_iteration)
+            with open(profiling.session.end_profiling()) as handle:
+                events = json.load(handle)
     log.spans = _spans(events, timing.warmup, timing.iterations, table)
     return log
 
 
-def _timed(plain, profiling, feeds: dict, timing, log: TickLog, on_iteration) -> list:
-    """Time the plain session into `log`, and return the profiling session's events."""
+def _times(session, feeds: dict, timing, on_iteration=lambda: None) -> list[int]:
+    """Nanoseconds per timed run, after the warm-up runs."""
     for _ in range(timing.warmup):
-        plain.run(None, feeds)
-        profiling.run(None, feeds)
-    for _ in range(timing.iterations):  # alternating, so drift in machine load hits both alike
+        session.run(None, feeds)
+    times = []
+    for _ in range(timing.iterations):
         start = time.perf_counter_ns()
-        plain.run(None, feeds)
-        log.end_to_end_ns.append(time.perf_counter_ns() - start)
-        start = time.perf_counter_ns()
-        profiling.run(None, feeds)
-        log.instrumented_ns.append(time.perf_counter_ns() - start)
+        session.run(None, feeds)
+        times.append(time.perf_counter_ns() - start)
         on_iteration()
-    with open(profiling.end_profiling()) as handle:
-        return json.load(handle)
+    return times
 
 
 def _spans(events: list, warmup: int, iterations: int, table: ScopeTable) -> list[Span]:

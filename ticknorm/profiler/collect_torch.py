@@ -1,27 +1,20 @@
-"""PyTorch eager: forward pre/post hooks on the modules at the chosen depth.
+"""PyTorch eager: forward pre/post hooks on every module, the root included.
 
-Host clock on CPU; CUDA events on GPU, read once per iteration (no synchronization per layer).
-The hooks cost time themselves: end-to-end time is measured with and without them, and the
-difference is reported as the overhead, never subtracted from a module."""
+Each stretch of time goes to the innermost module running then (its own ops, outside any child):
+a module that computes with its own weights (`nn.MultiheadAttention`, whose `out_proj` never runs
+as a module) has a figure like any other, and rolling up to a depth sums a module's own time and
+its children's, so a module's time excludes nothing that ran inside it. ONNX Runtime's rows are
+the same: each node's time goes to its scope and rolls up.
+
+Host clock on CPU; CUDA events on GPU, read once per iteration (no synchronization per module).
+Plain iterations run in a block of their own, then the hooked ones: the plain figure is what a
+deployment sees, and the hooks' cost is reported as the overhead, never subtracted from a module."""
 
 import time
 
 from ticknorm.base.optional import require
 from ticknorm.profiler.ticks import Span, Tick, TickLog
 from ticknorm.runtime.torch_runner import TorchRunner
-
-
-def hooked_modules(module, depth: int | None) -> list[str]:
-    """Modules at exactly `depth` path segments, plus shallower leaves (nothing deeper to hook)."""
-    chosen = []
-    for path, child in module.named_modules():
-        if not path:
-            continue
-        level = len(path.split("."))
-        leaf = not any(True for _ in child.children())
-        if depth is None and leaf or depth is not None and (level == depth or (level < depth and leaf)):
-            chosen.append(path)
-    return chosen
 
 
 def collect_torch(runner: TorchRunner, feeds: dict, timing, on_iteration=lambda: None) -> TickLog:
@@ -34,42 +27,39 @@ def _timed(runner: TorchRunner, feeds: dict, timing, on_iteration) -> TickLog:
     cuda = runner.device.startswith("cuda")
     log = TickLog(runner.name, "cuda" if cuda else "host", iterations=timing.iterations)
 
-    def run():
+    def run() -> int:
+        start = time.perf_counter_ns()
         runner.infer(feeds)
         if cuda:
             torch.cuda.synchronize()
+        return time.perf_counter_ns() - start
 
-    paths = hooked_modules(runner.module, timing.depth)
-    marks: list = []
-
-    def attach():
-        handles = []
-        for path in paths:
-            submodule = runner.module.get_submodule(path)
-            handles.append(submodule.register_forward_pre_hook(_mark(torch, marks, path, "begin", cuda)))
-            handles.append(submodule.register_forward_hook(_mark(torch, marks, path, "end", cuda)))
-        return handles
-
-    # Plain and hooked iterations alternate, so drift in machine load hits both alike.
     for iteration in range(-timing.warmup, timing.iterations):
-        start = time.perf_counter_ns()
-        run()
-        plain = time.perf_counter_ns() - start
-        handles = attach()
-        marks.clear()
-        try:
-            start = time.perf_counter_ns()
-            run()
-            hooked = time.perf_counter_ns() - start
-        finally:
-            for handle in handles:
-                handle.remove()
+        elapsed = run()
         if iteration >= 0:
-            log.end_to_end_ns.append(plain)
-            log.instrumented_ns.append(hooked)
-            log.spans.extend(_pair(marks, iteration, cuda))
-            on_iteration()
+            log.end_to_end_ns.append(elapsed)
+    marks: list = []
+    handles = _attach(torch, runner.module, marks, cuda)
+    try:
+        for iteration in range(-timing.warmup, timing.iterations):
+            marks.clear()
+            elapsed = run()
+            if iteration >= 0:
+                log.instrumented_ns.append(elapsed)
+                log.spans.extend(own_time(_stamps(marks, cuda), iteration, "cuda" if cuda else "host"))
+                on_iteration()
+    finally:
+        for handle in handles:
+            handle.remove()
     return log
+
+
+def _attach(torch, module, marks: list, cuda: bool) -> list:
+    handles = []
+    for path, submodule in module.named_modules():
+        handles.append(submodule.register_forward_pre_hook(_mark(torch, marks, path, "begin", cuda)))
+        handles.append(submodule.register_forward_hook(_mark(torch, marks, path, "end", cuda)))
+    return handles
 
 
 def _mark(torch, marks: list, path: str, edge: str, cuda: bool):
@@ -84,18 +74,25 @@ def _mark(torch, marks: list, path: str, edge: str, cuda: bool):
     return hook
 
 
-def _pair(marks: list, iteration: int, cuda: bool) -> list[Span]:
-    spans, open_marks = [], {}
-    first = marks[0][2] if marks else None
+def _stamps(marks: list, cuda: bool) -> list:
+    """Marks with nanosecond stamps (CUDA events: relative to the iteration's first event)."""
+    if not cuda or not marks:
+        return marks
+    first = marks[0][2]
+    return [(path, edge, int(first.elapsed_time(event) * 1e6)) for path, edge, event in marks]
+
+
+def own_time(marks: list, iteration: int, clock: str) -> list[Span]:
+    """Non-overlapping spans, each given to the innermost module running: a parent's span stops
+    where a child starts and resumes where it ends."""
+    spans, running = [], []  # running: [path, start of its current stretch]
     for path, edge, stamp in marks:
+        if running and running[-1][1] < stamp:
+            spans.append(Span(running[-1][0], (running[-1][0],), iteration, Tick(clock, running[-1][1]), Tick(clock, stamp)))
         if edge == "begin":
-            open_marks.setdefault(path, []).append(stamp)
-            continue
-        begin = open_marks[path].pop()
-        if cuda:  # elapsed_time is in ms relative to the first event of the iteration
-            begin_ns, end_ns = int(first.elapsed_time(begin) * 1e6), int(first.elapsed_time(stamp) * 1e6)
-        else:
-            begin_ns, end_ns = begin, stamp
-        clock = "cuda" if cuda else "host"
-        spans.append(Span(path, (path,), iteration, Tick(clock, begin_ns), Tick(clock, end_ns)))
+            running.append([path, stamp])
+        elif running:
+            running.pop()
+        if running:
+            running[-1][1] = stamp
     return spans
