@@ -12,10 +12,10 @@ from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Timing, ap
 from ticknorm.cli import main
 from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.collect_torch import own_time
-from ticknorm.profiler.profile import profile_runtimes
+from ticknorm.profiler.profile import ProfileResult, profile_runtimes
 from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, Span, Tick, TickLog
 from ticknorm.report import profile_outputs
-from ticknorm.report.joined import join, write_html
+from ticknorm.report.joined import JoinedReport, join, write_html
 from ticknorm.runtime.registry import RunnerSetup
 from ticknorm.validate.compare import compare_runtimes
 
@@ -45,6 +45,18 @@ def test_ticklog_rolls_up_groups_and_keeps_unattributed():
     assert log.coverage() == pytest.approx((30 + 5 + 3) / 100)  # moves to the next run's share, not to 2%
     assert log.end_to_end_ms == pytest.approx(95e-6)
     assert log.overhead == pytest.approx(100 / 95 - 1)
+
+
+def test_the_table_keeps_whole_names_and_marks_spread_rows():
+    name = "encoder.layer.11.attention.output.LayerNorm.with.a.very.long.path.indeed"
+    log = TickLog("ort", "runtime", iterations=4, instrumented_ns=[10] * 4, end_to_end_ns=[10] * 4)
+    log.spans = [_span("n", (name,), i, 0, d) for i, d in enumerate((100, 100, 100, 100))]
+    noisy = TickLog("torch", "host", iterations=4, instrumented_ns=[10] * 4, end_to_end_ns=[10] * 4)
+    noisy.spans = [_span("m", (name,), i, 0, d) for i, d in enumerate((100, 100, 100, 5000))]
+    text = profile_outputs.table(ProfileResult(None, {"torch": noisy, "ort": log}, [name]))
+    row = next(line for line in text.splitlines() if line.startswith(name))
+    assert row.split()[0] == name and " !" in row and row.rstrip().endswith("?")
+    assert "1 row(s) spread wider than 50% of their median" in text
 
 
 def test_torch_time_goes_to_the_innermost_running_module():
@@ -116,7 +128,7 @@ def test_profile_torch_and_ort_aligned_per_module(exported, tmp_path):
     trace = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
     assert {e["pid"] for e in trace} == {1, 2} and any(e.get("args", {}).get("modules") for e in trace)
     profile_outputs.write_csv(result, tmp_path / "p.csv")
-    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "module,runtime,median_ms,p90_ms,min_ms,samples"
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "module,runtime,median_ms,p10_ms,p90_ms,min_ms,samples,unstable"
     profile_outputs.write_plot(result, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -132,9 +144,11 @@ def test_report_joins_latency_and_error_and_flags_slow_inaccurate_modules(export
     assert rows["layers.0"].passed == {"ort": True} and rows["layers.1"].passed == {"ort": False}
     assert rows["layers.1"].flagged and not rows["layers.0"].flagged
     assert set(rows["layers.1"].latency_ms) == {"torch", "ort"}
-    write_html(list(rows.values()), timings, accuracy, tmp_path / "r.html", "tiny")
+    write_html(JoinedReport(list(rows.values()), timings, accuracy, {"model_digest": "abc"}), tmp_path / "r.html", "tiny")
     page = (tmp_path / "r.html").read_text()
     assert "<tr class='flag'><td>layers.1</td>" in page and "data:image/png;base64," in page
+    assert "<p class=\"verdict\">FAIL</p>" in page and "<dt>model_digest</dt><dd>abc</dd>" in page
+    assert "at atol 0.0001 rtol 0.001: FAIL" in page
 
 
 def test_profile_and_report_cli(exported, tmp_path):
@@ -147,6 +161,13 @@ def test_profile_and_report_cli(exported, tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["rows"][0]["module"]
     report = CliRunner().invoke(main, ["report", *common, "-o", str(tmp_path / "r.html"), "--json", str(tmp_path / "r.json")])
     assert report.exit_code == 0, report.output
-    assert "0 slow and inaccurate" in report.output
+    assert "0 slow and inaccurate" in report.output and report.output.strip().endswith("PASS")
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["schema"] == 1 and written["passed"] is True and written["rows"][0]["module"]
+    assert {"model_digest", "inputs", "tolerances", "timing", "created", "versions"} <= set(written["meta"])
+    assert written["meta"]["inputs"] == {"input_ids": "[2, 16] int64"} and written["meta"]["timing"]["iterations"] == 3
+    assert written["meta"]["tolerances"] == {"ort": {"atol": 1e-4, "rtol": 1e-3}}
+    strict = CliRunner().invoke(main, ["report", *common, "-o", str(tmp_path / "s.html"), "--atol", "0", "--rtol", "0"])
+    assert strict.exit_code == 1 and strict.output.strip().endswith("FAIL")  # ORT is not bit-exact: over a zero tolerance
     bad = CliRunner().invoke(main, ["profile", *common[:-6], "--iterations", "0"])
     assert bad.exit_code == 2 and "--iterations must be at least 1" in bad.stderr

@@ -196,7 +196,7 @@ def test_fp16_overflowing_layer_norm_is_found_and_fp32_fixes_it(tmp_path):
                                      "--rtol", "2e-2", "--iterations", "2", "--warmup", "0", "-o",
                                      str(tmp_path / "r.html"), "--json", str(rows)])
     assert page.exit_code == 0, page.output
-    norm = next(row for row in json.loads(rows.read_text()) if row["module"] == "norm")
+    norm = next(row for row in json.loads(rows.read_text())["rows"] if row["module"] == "norm")
     assert norm["passed"] == {"torch-fp16": True}
 
 

@@ -8,6 +8,8 @@ parameter objects instead of long keyword lists.
 """
 
 import json
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from ticknorm.base.atomic import write_text
 from ticknorm.base.errors import InputSpecError
 from ticknorm.base.inputs import Inputs, feeds_for_graph
 from ticknorm.base.metrics import Tolerance
-from ticknorm.base.onnx_io import load_onnx, save_onnx
+from ticknorm.base.onnx_io import load_onnx, model_digest, save_onnx
 from ticknorm.base.precision import Precision
 from ticknorm.base.progress import QUIET, Progress
 from ticknorm.base.scopes import LayerSelection
@@ -29,14 +31,14 @@ from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.tasks import WITH_PAST, task_of_graph
 from ticknorm.profiler.profile import ProfileResult, Timing, profile_runtimes
 from ticknorm.report.drift_plot import plot_history
-from ticknorm.report.joined import JoinedRow, join, write_html
+from ticknorm.report.joined import JoinedReport, join, write_html
 from ticknorm.exporter.precision.convert import Conversion
 from ticknorm.exporter.precision.convert import convert as convert_graph
 from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, runtime_statuses
 from ticknorm.runtime.torch_runner import to_numpy
 from ticknorm.validate.compare import CompareReport, compare_runtimes
-from ticknorm.validate.drift import DriftReport, check_bundle, read_history, write_bundle
+from ticknorm.validate.drift import DriftReport, check_bundle, read_history, versions, write_bundle
 
 
 def export(model, inputs, output, options: ExportOptions = ExportOptions(), report=None,
@@ -119,25 +121,30 @@ def profile(source, model, inputs, runtimes=("torch", "ort"), timing: Timing = T
     onnx_model, module, feeds = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
     setup = _setup(onnx_model, module, feeds, runtimes, progress)
-    return profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, on_iteration=progress.advance)
+    return profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, progress=progress)
 
 
 def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Timing = Timing(),
-           tolerance: Tolerance | None = None, progress: Progress = QUIET) -> list[JoinedRow]:
+           tolerance: Tolerance | None = None, progress: Progress = QUIET) -> JoinedReport:
     """Latency and error per module on one row: profile every runtime, compare every non-torch
     runtime with PyTorch per module at the same depth (with the same precision policy and
-    tolerances as `compare`), and write the HTML page to `output`."""
+    tolerances as `compare`), and write the HTML page to `output`. The report's `passed` is the
+    comparison's verdict."""
     onnx_model, module, feeds = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
     setup = _setup(onnx_model, module, feeds, runtimes, progress)
-    timings = profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, on_iteration=progress.advance)
+    timings = profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, progress=progress)
     progress.step("comparing every module with PyTorch")
     targets = [r for r in runtimes.names if r != "torch"]
     accuracy = compare_runtimes(onnx_model, feeds, targets, setup, tolerance=tolerance,
                                 layers=LayerSelection(timing.depth), progress=progress.step)
-    rows = join(timings, accuracy)
-    write_html(rows, timings, accuracy, output, f"ticknorm report: {_name(source)}")
-    return rows
+    meta = {"model": _name(source), "model_digest": model_digest(onnx_model),
+            "inputs": {name: f"{list(value.shape)} {value.dtype}" for name, value in feeds.items()},
+            "tolerances": {r: {"atol": atol, "rtol": rtol} for r, (atol, rtol) in accuracy.tolerances.items()},
+            "timing": asdict(timing), "created": time.strftime("%Y-%m-%d %H:%M:%S %z"), "versions": versions()}
+    joined = JoinedReport(join(timings, accuracy), timings, accuracy, meta)
+    write_html(joined, output, f"ticknorm report: {_name(source)}")
+    return joined
 
 
 def snapshot(source, model, inputs, output, tolerance: Tolerance | None = None,

@@ -279,8 +279,29 @@ def compare_command(source, model, inputs, runtimes, tolerance, layers, json_pat
     sys.exit(0 if report.passed else 1)
 
 
-def _progress_bar(timing: Timing, runtimes: Runtimes):
-    return click.progressbar(length=timing.iterations * len(runtimes.names), label="profiling", file=sys.stderr)
+class TimingProgress:
+    """Step lines on stderr (what a non-TTY log keeps), and a bar that appears when the timed
+    iterations start, not during setup, so its estimate is of the timing alone."""
+
+    def __init__(self, timing: Timing, runtimes: Runtimes):
+        self.length = 2 * timing.iterations * len(runtimes.names)  # plain, then instrumented iterations
+        self.bar = None
+
+    def __enter__(self) -> Progress:
+        return Progress(self.step, self.advance)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.render_finish()
+
+    def step(self, message: str) -> None:
+        if self.bar is None:
+            _say(message)
+
+    def advance(self) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=self.length, label="timing", file=sys.stderr)
+        self.bar.update(1)
 
 
 @main.command("profile")
@@ -297,9 +318,8 @@ def _progress_bar(timing: Timing, runtimes: Runtimes):
          click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Bars per module, PNG."))
 def profile_command(source, model, inputs, runtimes, timing, files):
     """Per-module latency on every runtime, aligned on PyTorch modules."""
-    with _progress_bar(timing, runtimes) as bar:
-        result = api.profile(source, model, inputs, runtimes=runtimes, timing=timing,
-                             progress=Progress(advance=lambda: bar.update(1)))
+    with TimingProgress(timing, runtimes) as progress:
+        result = api.profile(source, model, inputs, runtimes=runtimes, timing=timing, progress=progress)
     click.echo(profile_outputs.table(result))
     for kind, path in files.items():
         profile_outputs.WRITERS[kind](result, path)
@@ -314,17 +334,20 @@ def profile_command(source, model, inputs, runtimes, timing, files):
 @timing_options
 @tolerance_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="The same rows as JSON.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="The same report as JSON (rows, verdict, tolerances, versions, model digest, inputs).")
 def report_command(source, model, inputs, runtimes, timing, tolerance, output, json_path):
-    """One HTML page: per module, latency and error against PyTorch on every runtime."""
-    with _progress_bar(timing, runtimes) as bar:
-        rows = api.report(source, model, inputs, output, runtimes=runtimes, timing=timing, tolerance=tolerance,
-                          progress=Progress(advance=lambda: bar.update(1)))
+    """One HTML page: per module, latency and error against PyTorch on every runtime. Exit 1 when a
+    runtime's outputs fail tolerance."""
+    with TimingProgress(timing, runtimes) as progress:
+        report = api.report(source, model, inputs, output, runtimes=runtimes, timing=timing, tolerance=tolerance,
+                            progress=progress)
     if json_path is not None:
-        joined.write_rows_json(rows, json_path)
-    flagged = [row.module for row in rows if row.flagged]
-    click.echo(f"wrote {output}: {len(rows)} modules, {len(flagged)} slow and inaccurate"
-               + (f" ({', '.join(flagged[:5])})" if flagged else ""))
+        joined.write_json(report, json_path)
+    flagged = [row.module for row in report.rows if row.flagged]
+    click.echo(f"wrote {output}: {len(report.rows)} modules, {len(flagged)} slow and inaccurate"
+               + (f" ({', '.join(flagged[:5])})" if flagged else "") + f"; {'PASS' if report.passed else 'FAIL'}")
+    sys.exit(0 if report.passed else 1)
 
 
 @main.group()

@@ -21,7 +21,7 @@ def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_it
     log = TickLog(runner.name, "runtime", iterations=timing.iterations)
     with runner:
         runner.infer(feeds)  # checks the feeds against the model before anything is timed
-        log.end_to_end_ns = _times(runner.session, feeds, timing)
+        log.end_to_end_ns = _times(runner.session, feeds, timing, on_iteration)
     with tempfile.TemporaryDirectory() as workdir:
         def profiling_options():
             made = runner.session_options()

@@ -38,6 +38,7 @@ def _timed(runner: TorchRunner, feeds: dict, timing, on_iteration) -> TickLog:
         elapsed = run()
         if iteration >= 0:
             log.end_to_end_ns.append(elapsed)
+            on_iteration()
     marks: list = []
     handles = _attach(torch, runner.module, marks, cuda)
     try:

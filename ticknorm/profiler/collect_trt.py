@@ -22,10 +22,12 @@ def _timed(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_iterati
     log = TickLog(runner.name, "runtime", iterations=iterations)
     for _ in range(warmup):
         runner.infer(feeds)
-    for _ in range(iterations):
+    for _ in range(iterations):  # plain iterations in a block of their own, then the instrumented ones
         start = time.perf_counter_ns()
         runner.infer(feeds)
-        log.end_to_end_ns.append(time.perf_counter_ns() - start)
+        log.end_to_end_ns.append(time.perf_counter_ns() - start)  # with the host<->device copies
+        log.device_ns.append(runner.compute_ns)  # execute_async_v3 alone, between CUDA events: trtexec's GPU compute
+        on_iteration()
 
     class LayerTimes(trt.IProfiler):
         def __init__(self):

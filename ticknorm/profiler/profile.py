@@ -6,6 +6,7 @@ import onnx
 
 from ticknorm.base.errors import InputSpecError
 from ticknorm.base.inputs import graph_feeds
+from ticknorm.base.progress import QUIET, Progress
 from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.collect_ort import collect_ort
 from ticknorm.profiler.collect_torch import collect_torch
@@ -45,7 +46,7 @@ class ProfileResult:
 
 
 def profile_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: RunnerSetup, timing: Timing = Timing(),
-                     on_iteration=lambda: None) -> ProfileResult:
+                     progress: Progress = QUIET) -> ProfileResult:
     """Every runtime timed per module, one after the other (`torch` is `setup.module` itself).
     Every runtime is checked for availability before any of them is timed."""
     if timing.iterations < 1 or timing.warmup < 0:
@@ -58,10 +59,11 @@ def profile_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: Runne
     for runner in runners.values():
         runner.check_available()
     for runtime, runner in runners.items():
+        progress.step(f"timing {runtime}: {timing.iterations} plain, then {timing.iterations} instrumented iterations")
         if isinstance(runner, TorchRunner):
-            result.logs[runtime] = collect_torch(runner, feeds, timing, on_iteration)
+            result.logs[runtime] = collect_torch(runner, feeds, timing, progress.advance)
         elif isinstance(runner, OrtRunner):
-            result.logs[runtime] = collect_ort(runner, graph_feeds(model, feeds), timing, table, on_iteration)
+            result.logs[runtime] = collect_ort(runner, graph_feeds(model, feeds), timing, table, progress.advance)
         else:
-            result.logs[runtime] = collect_trt(runner, graph_feeds(model, feeds), timing, table, on_iteration)
+            result.logs[runtime] = collect_trt(runner, graph_feeds(model, feeds), timing, table, progress.advance)
     return result

@@ -31,6 +31,11 @@ class Span:
         return self.end.ns - self.begin.ns
 
 
+# A row whose middle 80 % of iterations spread wider than half its median is no figure to take a
+# ratio of: the table says so instead of printing one.
+SPREAD_LIMIT = 0.5
+
+
 @dataclass
 class ModuleTiming:
     module: str
@@ -38,6 +43,16 @@ class ModuleTiming:
     p90_ms: float
     min_ms: float
     samples: int
+    p10_ms: float = 0.0
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: how far apart the iterations were."""
+        return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+    @property
+    def unstable(self) -> bool:
+        return self.spread > SPREAD_LIMIT
 
 
 def roll_up(module: str, depth: int | None) -> str:
@@ -54,6 +69,7 @@ class TickLog:
     end_to_end_ns: list = field(default_factory=list)  # measured without instrumentation
     instrumented_ns: list = field(default_factory=list)  # the same iterations with instrumentation
     iterations: int = 0
+    device_ns: list = field(default_factory=list)  # GPU compute per plain iteration, copies excluded (TensorRT)
 
     def row_key(self, span: Span, depth: int | None) -> str:
         """A span covering several modules (a fused TensorRT layer) becomes one group row."""
@@ -72,6 +88,10 @@ class TickLog:
     @property
     def end_to_end_ms(self) -> float:
         return statistics.median(self.end_to_end_ns) / 1e6 if self.end_to_end_ns else float("nan")
+
+    @property
+    def device_ms(self) -> float:
+        return statistics.median(self.device_ns) / 1e6 if self.device_ns else float("nan")
 
     @property
     def overhead(self) -> float:
@@ -95,5 +115,8 @@ class TickLog:
 
 def timing(key: str, values_ns: list[int]) -> ModuleTiming:
     values = sorted(v / 1e6 for v in values_ns)
-    p90 = values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
-    return ModuleTiming(key, statistics.median(values), p90, values[0], len(values))
+
+    def quantile(q: float) -> float:
+        return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+    return ModuleTiming(key, statistics.median(values), quantile(0.9), values[0], len(values), quantile(0.1))

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from ticknorm.base.atomic import write_text
 from ticknorm.profiler.profile import ProfileResult
 from ticknorm.report.figures import png_base64
-from ticknorm.report.profile_outputs import draw_bars
+from ticknorm.report.profile_outputs import draw_bars, runtime_line, to_dict
 from ticknorm.validate.compare import CompareReport
 
 
@@ -47,37 +47,80 @@ def join(profile: ProfileResult, accuracy: CompareReport) -> list[JoinedRow]:
     return rows
 
 
-def write_rows_json(rows: list[JoinedRow], path) -> None:
-    write_text(path, json.dumps([asdict(r) for r in rows], indent=2, default=float))
+SCHEMA = 1  # of the JSON `report --json` writes; raised when a field changes meaning
 
 
-def write_html(rows: list[JoinedRow], profile: ProfileResult, accuracy: CompareReport, path, title: str) -> None:
+@dataclass
+class JoinedReport:
+    """The rows, and what a reader needs to sign them off: the verdict, the tolerances each runtime
+    was judged at, the model's digest, the inputs, the timing settings, the versions, the date."""
+
+    rows: list  # JoinedRow
+    profile: ProfileResult
+    accuracy: CompareReport
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.accuracy.passed
+
+    def to_dict(self) -> dict:
+        outputs = {runtime: [asdict(check) for check in checks] for runtime, checks in self.accuracy.outputs.items()}
+        return {"schema": SCHEMA, "passed": self.passed, "meta": self.meta, "outputs": outputs,
+                "profile": to_dict(self.profile), "rows": [asdict(row) for row in self.rows]}
+
+
+def write_json(report: JoinedReport, path) -> None:
+    write_text(path, json.dumps(report.to_dict(), indent=2, default=float))
+
+
+def _cosine(value: float) -> str:
+    """Six decimals, or how far from 1 where six decimals would print 1.000000."""
+    return f"1-{1 - value:.1e}" if 1 - value < 5e-7 and value != 1.0 else f"{value:.6f}"
+
+
+def _latency(timing) -> str:
+    mark = " <b title='p10-p90 spread wider than half the median'>!</b>" if timing.unstable else ""
+    return f"{timing.median_ms:.3f}<small> ({timing.p10_ms:.3f}&ndash;{timing.p90_ms:.3f})</small>{mark}"
+
+
+def write_html(report: JoinedReport, path, title: str) -> None:
+    profile, accuracy = report.profile, report.accuracy
     runtimes = list(profile.logs)
     compared = list(accuracy.outputs)
-    head = "".join(f"<th>{html.escape(r)} ms</th>" for r in runtimes)
+    head = "".join(f"<th>{html.escape(r)} ms (p10&ndash;p90)</th>" for r in runtimes)
     head += "".join(f"<th>{html.escape(r)} max abs</th><th>{html.escape(r)} cosine</th>" for r in compared)
+    timings = dict(profile.rows())
     body = []
-    for row in rows:
-        cells = "".join(f"<td>{row.latency_ms[r]:.3f}</td>" if r in row.latency_ms else "<td>-</td>" for r in runtimes)
+    for row in report.rows:
+        cells = "".join(f"<td>{_latency(timings[row.module][r])}</td>" if r in timings.get(row.module, {}) else "<td>-</td>"
+                        for r in runtimes)
         for r in compared:
             if r in row.max_abs:
                 cls = "" if row.passed[r] else " class='bad'"
-                cells += f"<td{cls}>{row.max_abs[r]:.3g}</td><td{cls}>{row.cosine[r]:.6f}</td>"
+                cells += f"<td{cls}>{row.max_abs[r]:.3g}</td><td>{_cosine(row.cosine[r])}</td>"
             else:
                 cells += "<td>-</td><td>-</td>"
         css = " class='flag'" if row.flagged else ""
         body.append(f"<tr{css}><td>{html.escape(row.module)}</td>{cells}</tr>")
-    summary = "".join(f"<li>{html.escape(r)}: end-to-end {log.end_to_end_ms:.3f} ms, coverage {log.coverage():.1%}, "
-                      f"overhead {log.overhead:+.1%}</li>" for r, log in profile.logs.items())
-    summary += "".join(f"<li>{html.escape(c.name)} on {html.escape(r)}: max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}, "
-                       f"{'ok' if c.passed else 'FAIL'}</li>" for r, checks in accuracy.outputs.items() for c in checks)
+    summary = "".join(f"<li>{html.escape(runtime_line(r, log))}</li>" for r, log in profile.logs.items())
+    summary += "".join(f"<li class='{'ok' if c.passed else 'bad'}'>{html.escape(r)} vs torch, {html.escape(c.name)}: "
+                       f"max abs {c.max_abs:.3g}, cosine {_cosine(c.cosine)}, at atol {accuracy.tolerances[r][0]:g} "
+                       f"rtol {accuracy.tolerances[r][1]:g}: {'ok' if c.passed else 'FAIL'}</li>"
+                       for r, checks in accuracy.outputs.items() for c in checks)
+    meta = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</dd>"
+                   for k, v in report.meta.items())
+    verdict = "PASS" if report.passed else "FAIL"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;
-text-align:right}} td:first-child{{text-align:left;font-family:monospace}} tr.flag{{background:#fde2e2}}
-td.bad{{color:#b00;font-weight:bold}}</style></head><body><h1>{html.escape(title)}</h1>
-<p>Rows are PyTorch modules in model order. Highlighted: slow (at or above the median share of time) and
-over tolerance against PyTorch on some runtime.</p><ul>{summary}</ul>
+text-align:right;white-space:nowrap}} td:first-child{{text-align:left;font-family:monospace}} tr.flag{{background:#fde2e2}}
+td.bad,li.bad{{color:#b00;font-weight:bold}} .verdict{{font-size:1.4em;font-weight:bold;color:{'#070' if report.passed else '#b00'}}}
+dl{{display:grid;grid-template-columns:max-content auto;gap:2px 12px;font-size:0.9em}} dt{{font-weight:bold}} dd{{margin:0;
+font-family:monospace}} small{{color:#666}}</style></head><body><h1>{html.escape(title)}</h1>
+<p class="verdict">{verdict}</p><dl>{meta}</dl><ul>{summary}</ul>
+<p>Rows are PyTorch modules in model order, with each runtime's median latency and its p10&ndash;p90 spread
+(<b>!</b>: wider than half the median, no figure to take a ratio of). Highlighted: slow (at or above the median
+share of time) and over tolerance against PyTorch on some runtime (max abs in red).</p>
 <img alt="latency per module" src="data:image/png;base64,{png_base64(draw_bars(profile))}">
 <table><tr><th>module</th>{head}</tr>{''.join(body)}</table></body></html>"""
     write_text(path, page)
-

@@ -5,36 +5,60 @@ import io
 import json
 
 from ticknorm.base.atomic import write_text
+from ticknorm.base.text_table import render
 from ticknorm.profiler.profile import ProfileResult
+from ticknorm.profiler.ticks import SPREAD_LIMIT
 from ticknorm.report.figures import pyplot, save_png
 
 
 def table(result: ProfileResult) -> str:
+    """Median ms per module and runtime with its spread, ratios to the first runtime (marked where a
+    spread makes them meaningless), then one line per runtime."""
     runtimes = list(result.logs)
     base = runtimes[0]
-    head = f"{'module':<44}" + "".join(f"{r + ' ms':>14}" for r in runtimes)
-    head += "".join(f"{r + '/' + base:>16}" for r in runtimes[1:])
-    lines = [head]
+    columns = ["module"] + [f"{r} ms (p10-p90)" for r in runtimes] + [f"{r}/{base}" for r in runtimes[1:]]
+    rows, unstable = [], 0
     for module, timings in result.rows():
-        cells = "".join(f"{timings[r].median_ms:>14.3f}" if r in timings else f"{'-':>14}" for r in runtimes)
-        ratios = "".join(f"{timings[r].median_ms / timings[base].median_ms:>16.2f}"
-                         if r in timings and base in timings and timings[base].median_ms > 0 else f"{'-':>16}"
-                         for r in runtimes[1:])
-        lines.append(f"{module[:44]:<44}{cells}{ratios}")
-    lines.append("")
-    for runtime, log in result.logs.items():
-        lines.append(f"{runtime}: end-to-end {log.end_to_end_ms:.3f} ms (median, uninstrumented), "
-                     f"coverage {log.coverage():.1%}, instrumentation overhead {log.overhead:+.1%}, "
-                     f"{log.iterations} iterations, clock {log.clock}")
+        cells = [module]
+        for runtime in runtimes:
+            t = timings.get(runtime)
+            cells.append(f"{t.median_ms:.3f} ({t.p10_ms:.3f}-{t.p90_ms:.3f}){' !' if t.unstable else ''}" if t else "-")
+        unstable += any(t.unstable for t in timings.values())
+        cells += [ratio(timings, runtime, base) for runtime in runtimes[1:]]
+        rows.append(cells)
+    lines = [render(columns, rows), ""]
+    if unstable:
+        lines.append(f"! {unstable} row(s) spread wider than {SPREAD_LIMIT:.0%} of their median between p10 and p90: "
+                     "their ratios are marked '?'; rerun with more --iterations on a quieter machine")
+    lines += [runtime_line(runtime, log) for runtime, log in result.logs.items()]
     return "\n".join(lines)
+
+
+def ratio(timings: dict, runtime: str, base: str) -> str:
+    if runtime not in timings or base not in timings or timings[base].median_ms <= 0:
+        return "-"
+    value = timings[runtime].median_ms / timings[base].median_ms
+    return f"{value:.2f}" + ("?" if timings[runtime].unstable or timings[base].unstable else "")
+
+
+def runtime_line(runtime: str, log) -> str:
+    warning = ""
+    if log.overhead < -0.05:
+        warning = " (negative: the plain and the instrumented runs disagree beyond noise; rerun with more iterations)"
+    device = f", GPU compute {log.device_ms:.3f} ms without copies" if log.device_ns else ""
+    return (f"{runtime}: end-to-end {log.end_to_end_ms:.3f} ms (median, uninstrumented{device}), coverage "
+            f"{log.coverage():.1%}, instrumentation overhead {log.overhead:+.1%}{warning}, {log.iterations} "
+            f"iterations, clock {log.clock}")
 
 
 def to_dict(result: ProfileResult) -> dict:
     return {
         "depth": result.depth,
-        "runtimes": {r: {"end_to_end_ms": log.end_to_end_ms, "coverage": log.coverage(), "overhead": log.overhead,
-                         "iterations": log.iterations, "clock": log.clock} for r, log in result.logs.items()},
-        "rows": [{"module": module, **{r: {"median_ms": t.median_ms, "p90_ms": t.p90_ms, "min_ms": t.min_ms}
+        "runtimes": {r: {"end_to_end_ms": log.end_to_end_ms, "gpu_compute_ms": log.device_ms if log.device_ns else None,
+                         "coverage": log.coverage(), "overhead": log.overhead, "iterations": log.iterations,
+                         "clock": log.clock} for r, log in result.logs.items()},
+        "rows": [{"module": module, **{r: {"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
+                                           "min_ms": t.min_ms, "spread": t.spread, "unstable": t.unstable}
                                        for r, t in timings.items()}} for module, timings in result.rows()],
     }
 
@@ -46,10 +70,11 @@ def write_json(result: ProfileResult, path) -> None:
 def write_csv(result: ProfileResult, path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["module", "runtime", "median_ms", "p90_ms", "min_ms", "samples"])
+    writer.writerow(["module", "runtime", "median_ms", "p10_ms", "p90_ms", "min_ms", "samples", "unstable"])
     for module, timings in result.rows():
         for runtime, t in timings.items():
-            writer.writerow([module, runtime, f"{t.median_ms:.6f}", f"{t.p90_ms:.6f}", f"{t.min_ms:.6f}", t.samples])
+            writer.writerow([module, runtime, f"{t.median_ms:.6f}", f"{t.p10_ms:.6f}", f"{t.p90_ms:.6f}", f"{t.min_ms:.6f}",
+                             t.samples, int(t.unstable)])
     write_text(path, buffer.getvalue())
 
 
@@ -68,12 +93,14 @@ def write_trace(result: ProfileResult, path) -> None:
 
 
 def draw_bars(result: ProfileResult, top: int = 30):
-    """Horizontal bars per module (the `top` slowest on any runtime), one colour per runtime."""
+    """Horizontal bars per module (the `top` slowest on any runtime), one colour per runtime; the
+    title says what was left out."""
     import numpy as np
 
     plt = pyplot()
-    slowest = sorted(result.rows(), key=lambda row: -max(t.median_ms for t in row[1].values()))[:top]
-    rows = [row for row in result.rows() if row in slowest]  # back in model order
+    everything = result.rows()
+    slowest = sorted(everything, key=lambda row: -max(t.median_ms for t in row[1].values()))[:top]
+    rows = [row for row in everything if row in slowest]  # back in model order
     runtimes = list(result.logs)
     height = 0.8 / len(runtimes)
     figure, axes = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
@@ -81,9 +108,15 @@ def draw_bars(result: ProfileResult, top: int = 30):
     for index, runtime in enumerate(runtimes):
         values = [timings[runtime].median_ms if runtime in timings else 0.0 for _, timings in rows]
         axes.barh(positions + index * height, values, height, label=runtime)
-    axes.set_yticks(positions + height * (len(runtimes) - 1) / 2, [module[:50] for module, _ in rows], fontsize="small")
+    axes.set_yticks(positions + height * (len(runtimes) - 1) / 2, [module for module, _ in rows], fontsize="small")
     axes.invert_yaxis()
     axes.set_xlabel("median latency per iteration (ms)")
+    left_out = len(everything) - len(rows)
+    if left_out:
+        total = sum(max(t.median_ms for t in timings.values()) for _, timings in everything)
+        hidden = total - sum(max(t.median_ms for t in timings.values()) for _, timings in rows)
+        axes.set_title(f"the {len(rows)} slowest of {len(everything)} modules; {left_out} not drawn "
+                       f"({hidden / total:.1%} of the time)" if total else "", fontsize="small")
     axes.legend()
     figure.tight_layout()
     return figure

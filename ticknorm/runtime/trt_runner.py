@@ -119,6 +119,7 @@ class TrtRunner(Runner):
         self.name = f"trt-{self.settings.precision}"
         self._tap_tensors = tapped_tensors(model, self.taps)
         self._engine = self.context = None  # the context is where the profiler attaches
+        self.compute_ns = 0
 
     def check_available(self) -> None:
         import_tensorrt()
@@ -223,8 +224,12 @@ class TrtRunner(Runner):
                 context.set_tensor_address(name, buffers[name].data_ptr())
                 outputs.append(name)
         stream = torch.cuda.current_stream()
+        began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        began.record(stream)
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeFailure("trt: TensorRT execution failed")
+        ended.record(stream)
         stream.synchronize()
+        self.compute_ns = int(began.elapsed_time(ended) * 1e6)  # GPU compute of this run, copies excluded
         values = {name: to_numpy(buffers[name]) for name in outputs}
         return split_outputs(values, [o.name for o in self.model.graph.output], self._tap_tensors)
