@@ -107,7 +107,12 @@ def test_drift_snapshot_check_history_and_plot(exported, tmp_path):
     with pytest.raises(BundleError, match="--allow-model-change"):
         check_bundle(bundle, drifted)
     report = check_bundle(bundle, drifted, allow_model_change=True)
-    assert not report.passed and any(row.module == "head" for row in report.layers)
+    assert not report.passed and report.drifted_modules == ["head"]  # modules counted as modules
+    text = report.text()
+    assert f"{report.layers_checked} modules checked, 1 drifted ({len(report.layers)} statistics); first drifted " \
+           "module: head" in text
+    assert len([line for line in text.splitlines() if line.strip().startswith("head ")]) == 1  # one line per module
+    assert "(atol 0.0001, rtol 0.001)" in text
     assert [e["passed"] for e in read_history(bundle)] == [True, False]
     result = CliRunner().invoke(main, ["drift", "history", str(bundle), "--plot", str(tmp_path / "h.png")])
     assert result.exit_code == 0 and (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"

@@ -148,16 +148,18 @@ def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Tim
 
 
 def snapshot(source, model, inputs, output, tolerance: Tolerance | None = None,
-             layers: LayerSelection = LayerSelection()) -> Path:
+             layers: LayerSelection = LayerSelection(), progress: Progress = QUIET) -> Path:
     """Write a golden bundle: inputs, PyTorch outputs, per-module statistics, tolerances, versions."""
-    onnx_model, module, feeds = _judged(source, model, inputs, QUIET)
-    return write_bundle(onnx_model, module, feeds, output, tolerance=tolerance, layers=layers)
+    onnx_model, module, feeds = _judged(source, model, inputs, progress)
+    return write_bundle(onnx_model, module, feeds, output, tolerance=tolerance, layers=layers, progress=progress.step)
 
 
-def check(bundle, source, runtime: str = "ort", allow_model_change: bool = False) -> DriftReport:
+def check(bundle, source, runtime: str = "ort", allow_model_change: bool = False,
+          progress: Progress = QUIET) -> DriftReport:
     """Re-run the model on the bundle's inputs and compare with its reference; the verdict is
     appended to the bundle's history."""
-    return check_bundle(bundle, _onnx(source), runtime=runtime, allow_model_change=allow_model_change)
+    return check_bundle(bundle, _onnx(source), runtime=runtime, allow_model_change=allow_model_change,
+                        progress=progress.step)
 
 
 def history(bundle, plot=None) -> list[dict]:

@@ -364,7 +364,7 @@ def drift():
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 def drift_snapshot(source, model, inputs, tolerance, layers, output):
     """Write a golden bundle: inputs, PyTorch outputs, per-module statistics, tolerances, versions."""
-    bundle = api.snapshot(source, model, inputs, output, tolerance=tolerance, layers=layers)
+    bundle = api.snapshot(source, model, inputs, output, tolerance=tolerance, layers=layers, progress=Progress(_say))
     click.echo(f"wrote bundle {bundle}")
 
 
@@ -375,7 +375,7 @@ def drift_snapshot(source, model, inputs, tolerance, layers, output):
 @click.option("--allow-model-change", is_flag=True, help="Check a model whose hash differs from the bundle's.")
 def drift_check(bundle, source, runtime, allow_model_change):
     """Re-run on the bundle's inputs and compare; exit 1 with a table if anything drifted."""
-    report = api.check(bundle, source, runtime=runtime, allow_model_change=allow_model_change)
+    report = api.check(bundle, source, runtime=runtime, allow_model_change=allow_model_change, progress=Progress(_say))
     click.echo(report.text())
     sys.exit(0 if report.passed else 1)
 

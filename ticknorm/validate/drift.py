@@ -22,6 +22,7 @@ from ticknorm.base.onnx_io import model_digest
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.metrics import Tolerance, compare_arrays, ensure_finite
 from ticknorm.base.scopes import LayerSelection
+from ticknorm.base.text_table import render
 from ticknorm.base.precision import TYPE_NAMES
 from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.runtime.registry import Runtimes, make_runner, runtime_precision
@@ -47,7 +48,7 @@ def layer_stats(array: np.ndarray) -> dict:
 
 
 def write_bundle(model: onnx.ModelProto, module, feeds: dict, bundle, tolerance: Tolerance | None = None,
-                 layers: LayerSelection = LayerSelection()) -> Path:
+                 layers: LayerSelection = LayerSelection(), progress=lambda message: None) -> Path:
     """Run the PyTorch reference on `feeds` and write the bundle."""
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
@@ -57,6 +58,7 @@ def write_bundle(model: onnx.ModelProto, module, feeds: dict, bundle, tolerance:
     bundle = Path(bundle)
     names = [o.name for o in model.graph.output]
     scope_map = module_output_tensors(model)
+    progress("running the PyTorch reference with every module tapped")
     with TorchRunner(module, names, taps=layers.modules(model, (name for name, _ in module.named_modules()))) as runner:
         reference = runner.infer(feeds)
     ensure_finite(reference.outputs, "the PyTorch reference")
@@ -87,9 +89,15 @@ class LayerDrift:
 class DriftReport:
     runtime: str
     outputs: list = field(default_factory=list)  # ArrayComparison vs the golden reference
-    layers: list = field(default_factory=list)  # LayerDrift rows that moved beyond tolerance
+    layers: list = field(default_factory=list)  # LayerDrift rows that moved beyond tolerance, in model order
     layers_checked: int = 0
     unmatched: list = field(default_factory=list)  # bundle modules this graph has no output tensor for
+    tolerance: tuple = ()  # (atol, rtol) the check used
+
+    @property
+    def drifted_modules(self) -> list[str]:
+        """Modules with a drifted statistic, in the order PyTorch finished them."""
+        return list(dict.fromkeys(row.module for row in self.layers))
 
     @property
     def passed(self) -> bool:
@@ -99,10 +107,20 @@ class DriftReport:
         return self.passed
 
     def text(self) -> str:
-        lines = [f"{self.runtime} vs golden reference:"] + ["  " + c.line() for c in self.outputs]
-        lines.append(f"per-module statistics: {self.layers_checked} modules checked, {len(self.layers)} drifted")
-        for row in self.layers:
-            lines.append(f"  {row.module or '(root)'} {row.stat}: {row.reference:.6g} -> {row.current:.6g}")
+        atol, rtol = self.tolerance or (None, None)
+        head = f"{self.runtime} vs golden reference" + (f" (atol {atol:g}, rtol {rtol:g})" if atol is not None else "")
+        lines = [head + ":"] + ["  " + c.line() for c in self.outputs]
+        drifted = self.drifted_modules
+        lines.append(f"per-module statistics: {self.layers_checked} modules checked, {len(drifted)} drifted"
+                     + (f" ({len(self.layers)} statistics); first drifted module: {drifted[0] or '(root)'}" if drifted else ""))
+        if drifted:
+            rows = []
+            for module in drifted:
+                moved = [row for row in self.layers if row.module == module]
+                worst = max(moved, key=lambda row: abs(row.current - row.reference) / max(abs(row.reference), 1e-12))
+                rows.append([module or "(root)", worst.stat, f"{worst.reference:.6g}", f"{worst.current:.6g}",
+                             f"+{len(moved) - 1}" if len(moved) > 1 else ""])
+            lines += ["  " + line for line in render(["module", "statistic", "golden", "now", "more"], rows, 2).splitlines()]
         if self.unmatched:
             lines.append(f"not checked, no output tensor for them in this graph: {', '.join(self.unmatched)}")
         lines.append("PASS" if self.passed else "DRIFT")
@@ -135,7 +153,8 @@ def load_bundle(bundle) -> tuple[dict, list, dict]:
     return meta, feeds, reference
 
 
-def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_model_change: bool = False) -> DriftReport:
+def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_model_change: bool = False,
+                 progress=lambda message: None) -> DriftReport:
     """Re-run `model` on the stored inputs and compare with the stored reference; appends to the
     bundle's history whatever the verdict."""
     meta, inputs, golden = load_bundle(bundle)
@@ -151,10 +170,11 @@ def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_mod
         raise BundleError("drift check runs the exported model; torch-* runtimes are PyTorch, not the export")
     feeds = graph_feeds(model, inputs[0])
     setup = runner_setup(model, None, feeds, Runtimes((runtime,)))
+    progress(f"running {runtime} on the bundle's inputs with {len(layers)} modules tapped")
     with make_runner(runtime, model, setup, taps=list(layers)) as runner:
         result = runner.infer(feeds)
     report = DriftReport(runtime, [compare_arrays(name, golden[name], result.outputs[name], *tolerance.of(name))
-                                   for name in meta["outputs"]])
+                                   for name in meta["outputs"]], tolerance=(tolerance.atol, tolerance.rtol))
     current = {module: layer_stats(value) for module, value in result.taps.items()}
     report.unmatched = [module for module in layers if module not in current]
     for module, stats in current.items():
@@ -171,7 +191,8 @@ def _append_history(bundle: Path, report: DriftReport, digest: str, current: dic
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime": report.runtime, "model_hash": digest,
         "versions": versions(), "passed": report.passed,
-        "outputs": {c.name: c.max_abs for c in report.outputs},
+        "outputs": {c.name: c.max_abs for c in report.outputs}, "atol": report.tolerance[0],
+        "drifted_modules": report.drifted_modules,
         "layers": {m: max(abs(current[m][s] - golden_layers[m][s]) for s in STATS) for m in current},
     }
     with open(bundle / "history.jsonl", "a") as history_file:  # one appended line: concurrent checks keep theirs
