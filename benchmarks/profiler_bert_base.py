@@ -1,12 +1,18 @@
 """Profiler overhead, stability and coverage on a BERT-base-sized encoder at batch 1 (seq 128),
-torch CPU and ORT CPU. Targets: median overhead < 5%; per-module medians of two consecutive runs
-within 10% for modules above 1% of the total; >= 95% of ORT time attributed to modules.
+torch CPU and ORT CPU, and its "uninstrumented" end to end beside a plain ONNX Runtime session and
+a plain PyTorch forward timed on their own, in the same process (also for the bundled tiny
+example at 2x16). Targets: median overhead < 5%; per-module medians of two consecutive runs
+within 10% for modules above 1% of the total; >= 95% of ORT time attributed to modules; the
+profile's end to end within 10% of the plain one.
 
     python benchmarks/profiler_bert_base.py [--iterations 30] [--depth 2]
 """
 
 import argparse
+import statistics
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +22,42 @@ from _models import bert_base
 from ticknorm.exporter.export import ExportOptions, export_model
 from ticknorm.profiler.profile import Timing, profile_runtimes
 from ticknorm.runtime.registry import RunnerSetup
+
+
+def plain_ms(model: onnx.ModelProto, module, feeds: dict, iterations: int) -> dict:
+    """Median ms of a default ONNX Runtime session and of a no_grad forward, each on its own."""
+    import onnxruntime
+    import torch
+
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    tensors = {name: torch.from_numpy(value) for name, value in feeds.items()}
+    timed = {"ort": lambda: session.run(None, feeds), "torch": lambda: module(**tensors)}
+    medians = {}
+    with torch.no_grad():
+        for runtime, run in timed.items():
+            for _ in range(5):
+                run()
+            times = []
+            for _ in range(iterations):
+                start = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - start) * 1e3)
+            medians[runtime] = statistics.median(times)
+    return medians
+
+
+def uninstrumented_vs_plain(label: str, module, feeds: dict, iterations: int) -> None:
+    with tempfile.TemporaryDirectory() as workdir:
+        path = Path(workdir) / "m.onnx"
+        export_model(module, feeds, path, ExportOptions(exporter="torchscript", check=False))
+        model = onnx.load(str(path))
+    run = profile_runtimes(model, feeds, ("torch", "ort"), RunnerSetup(module), Timing(iterations, 5, 2))
+    plain = plain_ms(model, module, feeds, iterations)
+    for runtime in ("torch", "ort"):
+        log = run.logs[runtime]
+        print(f"{label} {runtime}: profile's uninstrumented end to end {log.end_to_end_ms:.3f} ms, plain alone "
+              f"{plain[runtime]:.3f} ms: x{log.end_to_end_ms / plain[runtime]:.3f} (target within 10%); "
+              f"overhead {log.overhead:+.1%}, coverage {log.coverage():.1%}")
 
 
 def main():
@@ -49,6 +91,15 @@ def main():
         shares = {key: (b[key].median_ms / total_b) / (a[key].median_ms / total) - 1 for key in changes}
         print(f"  as shares of each run's total (machine-wide drift removed): largest change "
               f"{max(abs(v) for v in shares.values()):.1%}")
+
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from tiny_transformer import build
+
+    print()
+    uninstrumented_vs_plain("BERT-base-sized", module, feeds, args.iterations)
+    uninstrumented_vs_plain("tiny example 2x16", build().eval(), {"input_ids": np.random.default_rng(0).integers(0, 1000, (2, 16))},
+                            args.iterations * 10)
 
 
 if __name__ == "__main__":

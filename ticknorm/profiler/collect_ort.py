@@ -8,20 +8,16 @@ import time
 import onnx
 
 from ticknorm.profiler.align import ScopeTable
-from ticknorm.profiler.ticks import Span, Tick, TickLog
+from ticknorm.profiler.ticks import Span, Tick, TickLog, blocks
 from ticknorm.runtime.ort_runner import OrtRunner
 
 _RUN_EVENTS = ("model_run", "SequentialExecutor::Execute")
 
 
 def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration=lambda: None) -> TickLog:
-    """`runner`'s plain session is timed on its own first, as a deployment runs it; then a session
-    like it with ONNX Runtime's profiler on runs the instrumented iterations. One session at a time
-    holds the model."""
+    """`runner`'s plain session and a session like it with ONNX Runtime's profiler on, timed in
+    alternating blocks (`ticks.blocks`), each block after one untimed run of its session."""
     log = TickLog(runner.name, "runtime", iterations=timing.iterations)
-    with runner:
-        runner.infer(feeds)  # checks the feeds against the model before anything is timed
-        log.end_to_end_ns = _times(runner.session, feeds, timing, on_iteration)
     with tempfile.TemporaryDirectory() as workdir:
         def profiling_options():
             made = runner.session_options()
@@ -30,33 +26,44 @@ def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_it
             made.optimized_model_filepath = os.path.join(workdir, "optimized.onnx")
             return made
 
-        with runner.variant(profiling_options) as profiling:
+        with runner, runner.variant(profiling_options) as profiling:
+            runner.infer(feeds)  # checks the feeds against the model before anything is timed
             table.learn_rewritten(runner.model, onnx.load(os.path.join(workdir, "optimized.onnx"), load_external_data=False))
-            log.instrumented_ns = _times(profiling.session, feeds, timing, on_iteration)
+            timed_runs = _alternate(runner.session, profiling.session, feeds, timing, log, on_iteration)
             with open(profiling.session.end_profiling()) as handle:
                 events = json.load(handle)
-    log.spans = _spans(events, timing.warmup, timing.iterations, table)
+    log.spans = _spans(events, timed_runs, table)
     return log
 
 
-def _times(session, feeds: dict, timing, on_iteration=lambda: None) -> list[int]:
-    """Nanoseconds per timed run, after the warm-up runs."""
+def _alternate(plain, profiling, feeds: dict, timing, log: TickLog, on_iteration) -> list[int]:
+    """Time both sessions into `log`; return which of the profiling session's runs were timed."""
+    timed, count = [], 0
     for _ in range(timing.warmup):
-        session.run(None, feeds)
-    times = []
-    for _ in range(timing.iterations):
-        start = time.perf_counter_ns()
-        session.run(None, feeds)
-        times.append(time.perf_counter_ns() - start)
-        on_iteration()
-    return times
+        plain.run(None, feeds)
+        profiling.run(None, feeds)
+        count += 1
+    for block in blocks(timing.iterations):
+        for session, into in ((plain, log.end_to_end_ns), (profiling, log.instrumented_ns)):
+            session.run(None, feeds)  # one untimed run after the other session's block
+            count += session is profiling
+            for _ in block:
+                start = time.perf_counter_ns()
+                session.run(None, feeds)
+                into.append(time.perf_counter_ns() - start)
+                if session is profiling:
+                    timed.append(count)
+                    count += 1
+                on_iteration()
+    return timed
 
 
-def _spans(events: list, warmup: int, iterations: int, table: ScopeTable) -> list[Span]:
+def _spans(events: list, timed_runs: list[int], table: ScopeTable) -> list[Span]:
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") in _RUN_EVENTS),
                   key=lambda e: e["ts"])
     kind = next((name for name in _RUN_EVENTS if any(r["name"] == name for r in runs)), None)
-    runs = [r for r in runs if r["name"] == kind][warmup:warmup + iterations]
+    runs = [r for r in runs if r["name"] == kind]
+    runs = [runs[index] for index in timed_runs if index < len(runs)]
     spans = []
     nodes = sorted((e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
                    key=lambda e: e["ts"])

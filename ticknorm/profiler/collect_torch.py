@@ -7,13 +7,13 @@ its children's, so a module's time excludes nothing that ran inside it. ONNX Run
 the same: each node's time goes to its scope and rolls up.
 
 Host clock on CPU; CUDA events on GPU, read once per iteration (no synchronization per module).
-Plain iterations run in a block of their own, then the hooked ones: the plain figure is what a
+Plain and hooked iterations alternate in blocks (`ticks.blocks`): the plain figure is what a
 deployment sees, and the hooks' cost is reported as the overhead, never subtracted from a module."""
 
 import time
 
 from ticknorm.base.optional import require
-from ticknorm.profiler.ticks import Span, Tick, TickLog
+from ticknorm.profiler.ticks import Span, Tick, TickLog, blocks
 from ticknorm.runtime.torch_runner import TorchRunner
 
 
@@ -25,7 +25,8 @@ def collect_torch(runner: TorchRunner, feeds: dict, timing, on_iteration=lambda:
 def _timed(runner: TorchRunner, feeds: dict, timing, on_iteration) -> TickLog:
     torch = require("torch", "torch")
     cuda = runner.device.startswith("cuda")
-    log = TickLog(runner.name, "cuda" if cuda else "host", iterations=timing.iterations)
+    clock = "cuda" if cuda else "host"
+    log = TickLog(runner.name, clock, iterations=timing.iterations)
 
     def run() -> int:
         start = time.perf_counter_ns()
@@ -34,24 +35,25 @@ def _timed(runner: TorchRunner, feeds: dict, timing, on_iteration) -> TickLog:
             torch.cuda.synchronize()
         return time.perf_counter_ns() - start
 
-    for iteration in range(-timing.warmup, timing.iterations):
-        elapsed = run()
-        if iteration >= 0:
-            log.end_to_end_ns.append(elapsed)
-            on_iteration()
     marks: list = []
-    handles = _attach(torch, runner.module, marks, cuda)
-    try:
-        for iteration in range(-timing.warmup, timing.iterations):
-            marks.clear()
-            elapsed = run()
-            if iteration >= 0:
-                log.instrumented_ns.append(elapsed)
-                log.spans.extend(own_time(_stamps(marks, cuda), iteration, "cuda" if cuda else "host"))
+    for _ in range(timing.warmup):
+        run()
+    for block in blocks(timing.iterations):
+        run()  # after the hooked block: one untimed plain run
+        for _ in block:
+            log.end_to_end_ns.append(run())
+            on_iteration()
+        handles = _attach(torch, runner.module, marks, cuda)
+        try:
+            run()
+            for iteration in block:
+                marks.clear()
+                log.instrumented_ns.append(run())
+                log.spans.extend(own_time(_stamps(marks, cuda), iteration, clock))
                 on_iteration()
-    finally:
-        for handle in handles:
-            handle.remove()
+        finally:
+            for handle in handles:
+                handle.remove()
     return log
 
 

@@ -7,7 +7,7 @@ name mapping it relies on (`ScopeTable.modules_for_trt`) is unit-tested."""
 import time
 
 from ticknorm.profiler.align import ScopeTable
-from ticknorm.profiler.ticks import Span, Tick, TickLog
+from ticknorm.profiler.ticks import Span, Tick, TickLog, blocks
 from ticknorm.runtime.trt_runner import TrtRunner, import_tensorrt
 
 
@@ -17,17 +17,9 @@ def collect_trt(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_it
 
 
 def _timed(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration) -> TickLog:
+    """Plain and profiled runs alternate in blocks (`ticks.blocks`), each after one untimed run."""
     trt = import_tensorrt()
-    iterations, warmup = timing.iterations, timing.warmup
-    log = TickLog(runner.name, "runtime", iterations=iterations)
-    for _ in range(warmup):
-        runner.infer(feeds)
-    for _ in range(iterations):  # plain iterations in a block of their own, then the instrumented ones
-        start = time.perf_counter_ns()
-        runner.infer(feeds)
-        log.end_to_end_ns.append(time.perf_counter_ns() - start)  # with the host<->device copies
-        log.device_ns.append(runner.compute_ns)  # execute_async_v3 alone, between CUDA events: trtexec's GPU compute
-        on_iteration()
+    log = TickLog(runner.name, "runtime", iterations=timing.iterations)
 
     class LayerTimes(trt.IProfiler):
         def __init__(self):
@@ -38,23 +30,40 @@ def _timed(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_iterati
             self.reports.append((layer_name, ms))
 
     profiler = LayerTimes()
-    runner.context.profiler = profiler
+    for _ in range(timing.warmup):
+        runner.infer(feeds)
     try:
-        for iteration in range(-warmup, iterations):
-            profiler.reports.clear()
-            start = time.perf_counter_ns()
+        for block in blocks(timing.iterations):
+            runner.context.profiler = None
             runner.infer(feeds)
-            elapsed = time.perf_counter_ns() - start
-            if iteration < 0:
-                continue
-            log.instrumented_ns.append(elapsed)
-            cursor = 0
-            for name, ms in profiler.reports:
-                duration = int(ms * 1e6)
-                log.spans.append(Span(name, table.modules_for_trt(name), iteration, Tick("runtime", cursor),
-                                      Tick("runtime", cursor + duration)))
-                cursor += duration
-            on_iteration()
+            for _ in block:
+                log.end_to_end_ns.append(_elapsed(runner, feeds))  # with the host<->device copies
+                log.device_ns.append(runner.compute_ns)  # execute_async_v3 alone: trtexec's GPU compute time
+                on_iteration()
+            runner.context.profiler = profiler
+            runner.infer(feeds)
+            for iteration in block:
+                profiler.reports.clear()
+                log.instrumented_ns.append(_elapsed(runner, feeds))
+                log.spans += _layer_spans(profiler.reports, iteration, table)
+                on_iteration()
     finally:
         runner.context.profiler = None
     return log
+
+
+def _elapsed(runner: TrtRunner, feeds: dict) -> int:
+    start = time.perf_counter_ns()
+    runner.infer(feeds)
+    return time.perf_counter_ns() - start
+
+
+def _layer_spans(reports: list, iteration: int, table: ScopeTable) -> list[Span]:
+    """TensorRT reports durations only: the layers laid end to end, in the order it reported them."""
+    spans, cursor = [], 0
+    for name, ms in reports:
+        duration = int(ms * 1e6)
+        spans.append(Span(name, table.modules_for_trt(name), iteration, Tick("runtime", cursor),
+                          Tick("runtime", cursor + duration)))
+        cursor += duration
+    return spans

@@ -59,7 +59,8 @@ def profile_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: Runne
     for runner in runners.values():
         runner.check_available()
     for runtime, runner in runners.items():
-        progress.step(f"timing {runtime}: {timing.iterations} plain, then {timing.iterations} instrumented iterations")
+        progress.step(f"timing {runtime}: {timing.iterations} plain and {timing.iterations} instrumented iterations, "
+                      "in alternating blocks")
         if isinstance(runner, TorchRunner):
             result.logs[runtime] = collect_torch(runner, feeds, timing, progress.advance)
         elif isinstance(runner, OrtRunner):

@@ -55,6 +55,17 @@ class ModuleTiming:
         return self.spread > SPREAD_LIMIT
 
 
+# Plain and instrumented iterations alternate in blocks of this many, each block after one untimed
+# run of its kind: a plain run never follows an instrumented one (whose caches and pools it would
+# inherit), and a change in machine load between blocks still hits both kinds alike.
+BLOCK = 5
+
+
+def blocks(iterations: int) -> list[range]:
+    """The timed iterations, in the blocks they run in."""
+    return [range(start, min(start + BLOCK, iterations)) for start in range(0, iterations, BLOCK)]
+
+
 def roll_up(module: str, depth: int | None) -> str:
     if depth is None or not module:
         return module

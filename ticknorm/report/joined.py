@@ -75,8 +75,9 @@ def write_json(report: JoinedReport, path) -> None:
 
 
 def _cosine(value: float) -> str:
-    """Six decimals, or how far from 1 where six decimals would print 1.000000."""
-    return f"1-{1 - value:.1e}" if 1 - value < 5e-7 and value != 1.0 else f"{value:.6f}"
+    """Six decimals, or how far from 1 where six decimals would print 1.000000 for a value that
+    rounding alone does not explain (a failing row's cosine is never shown as a clean 1)."""
+    return f"1-{1 - value:.1e}" if 1e-12 < 1 - value < 5e-7 else f"{value:.6f}"
 
 
 def _latency(timing) -> str:
@@ -113,7 +114,7 @@ def write_html(report: JoinedReport, path, title: str) -> None:
     verdict = "PASS" if report.passed else "FAIL"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;
-text-align:right;white-space:nowrap}} td:first-child{{text-align:left;font-family:monospace}} tr.flag{{background:#fde2e2}}
+text-align:right;white-space:nowrap}} td:first-child,th:first-child{{text-align:left}} td:first-child{{font-family:monospace}} tr.flag{{background:#fde2e2}}
 td.bad,li.bad{{color:#b00;font-weight:bold}} .verdict{{font-size:1.4em;font-weight:bold;color:{'#070' if report.passed else '#b00'}}}
 dl{{display:grid;grid-template-columns:max-content auto;gap:2px 12px;font-size:0.9em}} dt{{font-weight:bold}} dd{{margin:0;
 font-family:monospace}} small{{color:#666}}</style></head><body><h1>{html.escape(title)}</h1>
