@@ -12,7 +12,7 @@ def render(columns: list[str], rows: list[list[str]], left_columns: int = 1) -> 
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for index, column in enumerate(columns):
-        table.add_column(column, justify="left" if index < left_columns else "right", no_wrap=True, overflow="ignore")
+        table.add_column(column, justify="left" if index < left_columns else "right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
     buffer = io.StringIO()

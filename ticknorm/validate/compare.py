@@ -14,6 +14,7 @@ import onnx
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.metrics import ArrayComparison, Tolerance, compare_arrays, ensure_finite
 from ticknorm.base.scopes import LayerSelection, module_output_tensors
+from ticknorm.base.text_table import render
 from ticknorm.base.precision import TYPE_NAMES
 from ticknorm.runtime.registry import RunnerSetup, make_runner, runtime_precision
 from ticknorm.runtime.torch_runner import TorchRunner
@@ -57,12 +58,10 @@ class CompareReport:
             lines += ["  " + check.line() for check in checks]
         if self.layers:
             lines.append(f"per module ({len({r.module for r in self.layers})} tapped):")
-            lines.append(f"  {'module':<40} {'runtime':<10} {'max abs':>10} {'cosine':>10}  verdict")
-            for row in self.layers:
-                c = row.comparison
-                verdict = row.note if c is None else ("ok" if c.passed else "FAIL")
-                numbers = f"{c.max_abs:>10.3g} {c.cosine:>10.6f}" if c else f"{'-':>10} {'-':>10}"
-                lines.append(f"  {row.module or '(root)':<40} {row.runtime:<10} {numbers}  {verdict}")
+            cells = [[row.module or "(root)", row.runtime, *((f"{row.comparison.max_abs:.3g}", f"{row.comparison.cosine:.6f}",
+                      "ok" if row.comparison.passed else "FAIL") if row.comparison else ("-", "-", row.note))]
+                     for row in self.layers]
+            lines += ["  " + line for line in render(["module", "runtime", "max abs", "cosine", "verdict"], cells, 2).splitlines()]
             for runtime, module in self.first_failure.items():
                 lines.append(f"{runtime}: first module over tolerance: {module}" if module else
                              f"{runtime}: every tapped module within tolerance")
