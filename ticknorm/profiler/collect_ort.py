@@ -21,6 +21,9 @@ def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_it
     with tempfile.TemporaryDirectory() as workdir:
         def profiling_options():
             made = runner.session_options()
+            # Its pool threads stop spinning when a run returns, so they take no cores from the plain
+            # session's block that follows; the plain session spins as a deployment's does.
+            made.add_session_config_entry("session.force_spinning_stop", "1")
             made.enable_profiling = True
             made.profile_file_prefix = os.path.join(workdir, "ort")
             made.optimized_model_filepath = os.path.join(workdir, "optimized.onnx")

@@ -55,7 +55,7 @@ class TorchRunner(Runner):
         torch = require("torch", "torch")
         self._tapped.clear()
         with torch.no_grad():
-            result = self.module(**{k: self._tensor(torch, v) for k, v in feeds.items()})
+            result = self.module(**self.tensors(feeds))
         leaves = tensor_leaves(torch, result)
         if self.output_names and len(leaves) != len(self.output_names):
             raise InputSpecError(f"{self.name}: the model returned {len(leaves)} tensors but the ONNX graph has "
@@ -63,11 +63,15 @@ class TorchRunner(Runner):
         names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
         return RunOutputs(dict(zip(names, (to_numpy(t) for t in leaves))), dict(self._tapped))
 
-    def _tensor(self, torch, array: np.ndarray):
-        tensor = from_numpy(torch, array)
-        if tensor.is_floating_point():
-            tensor = tensor.to(self._torch_dtype)
-        return tensor.to(self.device)
+    def tensors(self, feeds: dict) -> dict:
+        """The feeds as the module takes them: tensors on the runner's device, floats in its dtype
+        (the profiler times the forward on these alone, as a deployment calls it)."""
+        torch = require("torch", "torch")
+        converted = {}
+        for name, array in feeds.items():
+            tensor = from_numpy(torch, array)
+            converted[name] = (tensor.to(self._torch_dtype) if tensor.is_floating_point() else tensor).to(self.device)
+        return converted
 
 
 def from_numpy(torch, array: np.ndarray):
