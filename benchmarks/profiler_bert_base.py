@@ -25,25 +25,28 @@ from ticknorm.runtime.registry import RunnerSetup
 
 
 def plain_ms(model: onnx.ModelProto, module, feeds: dict, iterations: int) -> dict:
-    """Median ms of a default ONNX Runtime session and of a no_grad forward, each on its own."""
+    """Median ms of a no_grad forward, then of a default ONNX Runtime session, each on its own: the
+    forward first, as no ORT session (whose pool threads spin after a run) may exist beside it."""
     import onnxruntime
     import torch
 
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     tensors = {name: torch.from_numpy(value) for name, value in feeds.items()}
-    timed = {"ort": lambda: session.run(None, feeds), "torch": lambda: module(**tensors)}
-    medians = {}
     with torch.no_grad():
-        for runtime, run in timed.items():
-            for _ in range(5):
-                run()
-            times = []
-            for _ in range(iterations):
-                start = time.perf_counter()
-                run()
-                times.append((time.perf_counter() - start) * 1e3)
-            medians[runtime] = statistics.median(times)
+        medians = {"torch": _median_ms(lambda: module(**tensors), iterations)}
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    medians["ort"] = _median_ms(lambda: session.run(None, feeds), iterations)
     return medians
+
+
+def _median_ms(run, iterations: int) -> float:
+    for _ in range(5):
+        run()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def uninstrumented_vs_plain(label: str, module, feeds: dict, iterations: int, rounds: int = 3) -> None:
