@@ -15,24 +15,27 @@ _RUN_EVENTS = ("model_run", "SequentialExecutor::Execute")
 
 
 def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration=lambda: None) -> TickLog:
-    """`runner`'s plain session and a session like it with ONNX Runtime's profiler on, timed in
-    alternating blocks (`ticks.blocks`), each block after one untimed run of its session."""
+    """A plain session like `runner`'s and one with ONNX Runtime's profiler on, timed in alternating
+    blocks (`ticks.blocks`), each block after one untimed run of its session. Both sessions' pool
+    threads stop spinning when a run returns (they spin during a run as usual), so neither takes
+    the cores of the other's block."""
     log = TickLog(runner.name, "runtime", iterations=timing.iterations)
     with tempfile.TemporaryDirectory() as workdir:
-        def profiling_options():
-            made = runner.session_options()
-            # Its pool threads stop spinning when a run returns, so they take no cores from the plain
-            # session's block that follows; the plain session spins as a deployment's does.
-            made.add_session_config_entry("session.force_spinning_stop", "1")
-            made.enable_profiling = True
-            made.profile_file_prefix = os.path.join(workdir, "ort")
-            made.optimized_model_filepath = os.path.join(workdir, "optimized.onnx")
-            return made
+        def options(profiling: bool):
+            def make():
+                made = runner.session_options()
+                made.add_session_config_entry("session.force_spinning_stop", "1")
+                if profiling:
+                    made.enable_profiling = True
+                    made.profile_file_prefix = os.path.join(workdir, "ort")
+                    made.optimized_model_filepath = os.path.join(workdir, "optimized.onnx")
+                return made
+            return make
 
-        with runner, runner.variant(profiling_options) as profiling:
-            runner.infer(feeds)  # checks the feeds against the model before anything is timed
+        with runner.variant(options(False)) as plain, runner.variant(options(True)) as profiling:
+            plain.infer(feeds)  # checks the feeds against the model before anything is timed
             table.learn_rewritten(runner.model, onnx.load(os.path.join(workdir, "optimized.onnx"), load_external_data=False))
-            timed_runs = _alternate(runner.session, profiling.session, feeds, timing, log, on_iteration)
+            timed_runs = _alternate(plain.session, profiling.session, feeds, timing, log, on_iteration)
             with open(profiling.session.end_profiling()) as handle:
                 events = json.load(handle)
     log.spans = _spans(events, timed_runs, table)
