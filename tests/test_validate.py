@@ -17,7 +17,8 @@ from torch import nn
 from factories import Overflowing
 from conftest import export
 from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Precision, Tolerance, api
-from ticknorm.base.errors import AccuracyError, BundleError
+from ticknorm.base.errors import AccuracyError, BundleError, InputSpecError
+from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.cli import main
 from ticknorm.exporter.export import export_model
 from ticknorm.runtime.registry import RunnerSetup, runtime_statuses
@@ -112,7 +113,8 @@ def test_drift_snapshot_check_history_and_plot(exported, tmp_path):
     assert f"{report.layers_checked} modules checked, 1 drifted ({len(report.layers)} statistics); first drifted " \
            "module: head" in text
     assert len([line for line in text.splitlines() if line.strip().startswith("head ")]) == 1  # one line per module
-    assert "(atol 0.0001, rtol 0.001)" in text
+    assert "(atol 0.0001, rtol 0.001, ticknorm rule)" in text
+    assert "the verdict is the untapped run's; tapping moved the outputs by at most" in text
     assert [e["passed"] for e in read_history(bundle)] == [True, False]
     result = CliRunner().invoke(main, ["drift", "history", str(bundle), "--plot", str(tmp_path / "h.png")])
     assert result.exit_code == 0 and (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
@@ -219,3 +221,42 @@ def test_damaged_bundles_and_bad_tolerances_are_one_line_errors(exported, tmp_pa
     bad = CliRunner().invoke(main, ["compare", str(path), "--model", EXAMPLE, "--input", "input_ids:2x16:int64",
                                     "--output-tol", "abc"])
     assert bad.exit_code == 2 and bad.stderr.strip() == "error: --output-tol 'abc' is not NAME:ATOL:RTOL"
+
+
+def test_check_modes_give_polygraphys_verdict_when_asked():
+    """Polygraphy fails a value only when both its absolute and relative error are over; ticknorm
+    when the absolute error is over atol + rtol*|ref|: 10.015 against 10 at atol 1e-2, rtol 1e-3
+    passes one and fails the other."""
+    from ticknorm.base.metrics import compare_arrays
+
+    reference, actual = np.array([10.0, 0.0]), np.array([10.015, 0.0])
+    assert compare_arrays("y", reference, actual, 1e-2, 1e-3).passed
+    strict = compare_arrays("y", reference, actual, 1e-2, 1e-3, "polygraphy")
+    assert not strict.passed and "Polygraphy's rule" in strict.reason
+    with pytest.raises(InputSpecError, match="unknown check mode 'numpy'"):
+        Tolerance(rule="numpy")
+
+
+def test_bundles_keep_their_check_mode_and_read_polygraphy_written_outputs(exported, tmp_path):
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.json import save_json
+
+    path, model = exported
+    common = ["--model", EXAMPLE, "--checkpoint", CHECKPOINT, "--input", "input_ids:2x16:int64:0..1000"]
+    bundle = tmp_path / "golden"
+    done = CliRunner().invoke(main, ["drift", "snapshot", str(path), *common, "--check-mode", "polygraphy", "-o", str(bundle)])
+    assert done.exit_code == 0, done.output
+    assert json.loads((bundle / "bundle.json").read_text())["tolerances"]["rule"] == "polygraphy"
+    checked = CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)])
+    assert checked.exit_code == 0 and "polygraphy rule" in checked.output
+    with OrtRunner(model) as runner:  # what `polygraphy run --onnxrt --save-outputs` writes: its own runner name
+        outputs = runner.infer(FEEDS).outputs
+    written = RunResults()
+    written.append(("onnxrt-runner-N0-12/04/26-17:00:00", [IterationResult(outputs, runner_name="onnxrt-runner-N0")]))
+    save_json(written, str(bundle / "outputs.json"))
+    assert CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)]).exit_code == 0
+    (bundle / "outputs.json").write_text(json.dumps({"objs": [], "polygraphy_class": "NotAClass"}))
+    foreign = CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)])
+    assert foreign.exit_code == 2 and "corrupt or foreign bundle file" in foreign.stderr
+    assert len(foreign.stderr.strip().splitlines()) == 1

@@ -14,7 +14,7 @@ from ticknorm import api
 from ticknorm.base.atomic import write_text
 from ticknorm.base.errors import InputSpecError, TicknormError, first_line
 from ticknorm.base.inputs import Inputs
-from ticknorm.base.metrics import Tolerance
+from ticknorm.base.metrics import CHECK_RULES, Tolerance
 from ticknorm.base.onnx_io import PROTOBUF_LIMIT
 from ticknorm.base.precision import PRECISIONS, Precision
 from ticknorm.base.progress import Progress
@@ -131,7 +131,7 @@ export_options = grouped(
     _LN_TARGET, _RMS_TARGET, *_PRECISION_OPTIONS)
 
 
-def _tolerance(atol: float, rtol: float, output_tol: tuple) -> Tolerance:
+def _tolerance(atol: float, rtol: float, output_tol: tuple, check_mode: str = "ticknorm") -> Tolerance:
     per_output = {}
     for item in output_tol:
         name, _, values = item.partition(":")
@@ -140,7 +140,7 @@ def _tolerance(atol: float, rtol: float, output_tol: tuple) -> Tolerance:
         except ValueError:
             raise InputSpecError(f"--output-tol '{item}' is not NAME:ATOL:RTOL") from None
         per_output[name] = (low, high)
-    return Tolerance(atol, rtol, per_output)
+    return Tolerance(atol, rtol, per_output, check_mode)
 
 
 tolerance_options = grouped(
@@ -148,7 +148,10 @@ tolerance_options = grouped(
     click.option("--atol", type=float, default=None,
                  help="Default: by the type the runtime computes in: fp32 1e-4, fp16 2e-2, bf16 2e-1."),
     click.option("--rtol", type=float, default=None, help="Default: fp32 1e-3, fp16 2e-2, bf16 2e-1."),
-    click.option("--output-tol", multiple=True, metavar="NAME:ATOL:RTOL", help="Tolerance for one output."))
+    click.option("--output-tol", multiple=True, metavar="NAME:ATOL:RTOL", help="Tolerance for one output."),
+    click.option("--check-mode", type=click.Choice(CHECK_RULES), default="ticknorm", show_default=True,
+                 help="ticknorm: a value passes when |error| <= atol + rtol*|ref|; polygraphy: it fails only when "
+                      "|error| > atol and |error|/|ref| > rtol (Polygraphy's default). A bundle keeps its mode."))
 
 _DEPTH = click.option("--depth", type=int, default=None, help="Only tap modules at most this many path segments deep.")
 _MODULES = click.option("--modules", "pattern", default=None, metavar="GLOB",

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ticknorm.base.errors import AccuracyError
+from ticknorm.base.errors import AccuracyError, InputSpecError
 
 # |actual - reference| <= atol + rtol*|reference|, by the dtype the reference is computed in: the
 # default of every comparison ticknorm makes (fusion, export, convert, compare, drift). Float math
@@ -13,6 +13,21 @@ from ticknorm.base.errors import AccuracyError
 # the type (benchmarks/precision.py) ends 0.033 from fp32 in fp16 (1 of 98k values past 1e-2) and
 # 0.23 in bf16 (1 past 0.1); bf16 keeps 8 mantissa bits to fp16's 11.
 DTYPE_TOLERANCES = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-7), "float16": (2e-2, 2e-2), "bfloat16": (2e-1, 2e-1)}
+
+
+# How a value passes. ticknorm: |error| <= atol + rtol*|ref| (numpy's allclose). polygraphy: it fails
+# only when |error| > atol and |error|/|ref| > rtol both hold (Polygraphy's default check), so the
+# same bundle gets the verdict Polygraphy gives it.
+CHECK_RULES = ("ticknorm", "polygraphy")
+
+
+def within(error: np.ndarray, reference: np.ndarray, atol: float, rtol: float, rule: str = "ticknorm") -> np.ndarray:
+    """Which values pass, by `rule`."""
+    if rule == "polygraphy":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative = np.where(reference != 0, error / np.abs(reference), np.where(error > 0, np.inf, 0.0))
+        return ~((error > atol) & (relative > rtol))
+    return error <= atol + rtol * np.abs(reference)
 
 
 def dtype_tolerance(dtype) -> tuple[float, float]:
@@ -28,16 +43,21 @@ class Tolerance:
     atol: float | None = None
     rtol: float | None = None
     per_output: dict = field(default_factory=dict)  # output name -> (atol, rtol)
+    rule: str = "ticknorm"  # see CHECK_RULES
+
+    def __post_init__(self):
+        if self.rule not in CHECK_RULES:
+            raise InputSpecError(f"unknown check mode '{self.rule}'; choose one of: {', '.join(CHECK_RULES)}")
 
     def at(self, type_name: str = "float32") -> "Tolerance":
         """Every number filled in, for a run computing in `type_name` (float32, float16, bfloat16)."""
         atol, rtol = DTYPE_TOLERANCES[type_name]
         return Tolerance(atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol,
-                         self.per_output)
+                         self.per_output, self.rule)
 
-    def of(self, name: str) -> tuple[float, float]:
-        """(atol, rtol) for one output of a resolved tolerance."""
-        return tuple(self.per_output.get(name, (self.atol, self.rtol)))
+    def of(self, name: str) -> tuple:
+        """(atol, rtol, rule) for one output of a resolved tolerance: `compare_arrays`'s last three."""
+        return (*self.per_output.get(name, (self.atol, self.rtol)), self.rule)
 
 
 @dataclass
@@ -56,8 +76,9 @@ class ArrayComparison:
                 f"mean abs {self.mean_abs:.3g}, cosine {self.cosine:.6f}  {verdict}")
 
 
-def compare_arrays(name: str, reference: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> ArrayComparison:
-    """Pass when |actual - reference| <= atol + rtol*|reference| everywhere and NaN/Inf sit in the
+def compare_arrays(name: str, reference: np.ndarray, actual: np.ndarray, atol: float, rtol: float,
+                   rule: str = "ticknorm") -> ArrayComparison:
+    """Pass when every value is within tolerance by `rule` (see CHECK_RULES) and NaN/Inf sit in the
     same places; non-float arrays must be equal."""
     reference, actual = _widen(np.asarray(reference)), _widen(np.asarray(actual))
     if reference.shape != actual.shape:
@@ -81,8 +102,12 @@ def compare_arrays(name: str, reference: np.ndarray, actual: np.ndarray, atol: f
     max_rel = float((error / np.maximum(np.abs(ref), np.finfo(np.float64).tiny)).max())
     norms = np.linalg.norm(ref) * np.linalg.norm(out)
     cosine = float(np.dot(ref, out) / norms) if norms > 0 else float(np.array_equal(ref, out))
-    passed = bool(np.all(error <= atol + rtol * np.abs(ref)))
-    reason = "" if passed else f"max |error| {max_abs:.3g} > atol {atol:g} + rtol {rtol:g}*|ref|"
+    passed = bool(np.all(within(error, ref, atol, rtol, rule)))
+    if rule == "polygraphy":
+        reason = f"max |error| {max_abs:.3g} where |error| > atol {atol:g} and |error|/|ref| > rtol {rtol:g} (Polygraphy's rule)"
+    else:
+        reason = f"max |error| {max_abs:.3g} > atol {atol:g} + rtol {rtol:g}*|ref|"
+    reason = "" if passed else reason
     return ArrayComparison(name, max_abs, max_rel, float(error.mean()), cosine, passed, reason)
 
 

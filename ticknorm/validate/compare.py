@@ -105,12 +105,12 @@ def compare_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: Runne
             progress(f"running {runtime} with {len(modules)} taps")
             with make_runner(runtime, model, setup, taps=[m for m in modules if m in reference.taps]) as tapped_runner:
                 tapped = tapped_runner.infer(runtime_feeds)
-            report.tap_effect[runtime] = _largest_difference(plain.outputs, tapped.outputs)
+            report.tap_effect[runtime] = largest_difference(plain.outputs, tapped.outputs)
             _compare_layers(report, runtime, module_output_tensors(model), (reference.taps, tapped.taps), judged)
     return report
 
 
-def _largest_difference(plain: dict, tapped: dict) -> float:
+def largest_difference(plain: dict, tapped: dict) -> float:
     """How far tapping moved the final outputs (a runtime that cannot fuse across a tap)."""
     return max((float(np.max(np.abs(tapped[n].astype(np.float64) - plain[n].astype(np.float64))))
                 for n in plain if plain[n].size and plain[n].dtype.kind in "fc"), default=0.0)
@@ -130,7 +130,7 @@ def _compare_layers(report: CompareReport, runtime: str, tensors: dict, taps: tu
             report.layers.append(LayerRow(module, tensor, runtime, None,
                                           f"shape {list(value.shape)} vs torch {list(reference.shape)}: not compared"))
             continue
-        comparison = compare_arrays(module, reference, value, tolerance.atol, tolerance.rtol)
+        comparison = compare_arrays(module, reference, value, tolerance.atol, tolerance.rtol, tolerance.rule)
         report.layers.append(LayerRow(module, tensor, runtime, comparison))
         if first is None and not comparison.passed:
             first = module
