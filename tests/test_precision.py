@@ -142,3 +142,18 @@ def test_a_real_transformer_exports_in_fp16(tmp_path):
     assert [n.op_type for n in graph.graph.node].count("LayerNormalization") == 5
     report = api.compare(tmp_path / "bert16.onnx", ModelRef(model), inputs)
     assert report.passed and report.tolerances["ort"] == (2e-2, 2e-2)
+
+
+def test_convert_takes_a_file_another_exporter_wrote(tmp_path):
+    """A plain torch.onnx.export file: no ticknorm scopes, yet --keep-fp32 finds modules by the
+    exporter's own node names."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16),
+                                 torch.nn.LayerNorm(16)).eval()
+    torch.onnx.export(module, (torch.randn(2, 4, 16),), str(tmp_path / "plain.onnx"), dynamo=False, opset_version=17,
+                      input_names=["x"])
+    done = CliRunner().invoke(main, ["convert", str(tmp_path / "plain.onnx"), "-o", str(tmp_path / "p16.onnx"),
+                                     "--precision", "fp16", "--keep-fp32", "3"])
+    assert done.exit_code == 0, done.output
+    assert "3 [/3/LayerNormalization]: --keep-fp32 3" in done.output
+    onnx.checker.check_model(onnx.load(str(tmp_path / "p16.onnx")), full_check=True)

@@ -22,7 +22,7 @@ from ticknorm.base.metrics import Tolerance
 from ticknorm.base.onnx_io import load_onnx, model_digest, save_onnx
 from ticknorm.base.precision import Precision
 from ticknorm.base.progress import QUIET, Progress
-from ticknorm.base.scopes import LayerSelection
+from ticknorm.base.scopes import LayerSelection, annotate_scopes
 from ticknorm.exporter.export import ExportOptions, ExportResult, export_model
 from ticknorm.exporter.fusion import FusionResult, NormTargets, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
@@ -70,6 +70,7 @@ def convert(source, output, precision: Precision, inputs=None, report=None, prog
     if Precision.of_graph(model).low:
         raise InputSpecError(f"the graph is already {Precision.of_graph(model).dtype}; convert its fp32 export")
     feeds = _feeds(inputs, onnx_model=model)[0] if inputs is not None and _given(inputs) else feeds_for_graph(model)
+    annotate_scopes(model)  # a file another exporter wrote: module scopes from its node names, for --keep-fp32
     progress.step(f"measuring the fp32 run, converting to {precision.dtype} and checking it")
     conversion = convert_graph(model, feeds, precision)
     save_onnx(conversion.model, output)
