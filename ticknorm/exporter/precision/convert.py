@@ -16,7 +16,7 @@ from ticknorm.base.errors import AccuracyError
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.metrics import ArrayComparison, Tolerance, compare_arrays
 from ticknorm.base.precision import LOW_TYPES, TYPE_NAMES, Precision
-from ticknorm.exporter.precision.lower import emulated_graph, low_array, low_precision_graph
+from ticknorm.exporter.precision.lower import lay_out, low_array, write_emulated, write_low
 from ticknorm.exporter.precision.plan import plan_precision
 from ticknorm.runtime.ort_runner import OrtRunner
 
@@ -54,9 +54,10 @@ def convert(model: onnx.ModelProto, feeds: dict, precision: Precision, reference
     planned = plan_precision(model, feeds, precision, weights_dir)
     if reference is None:
         reference = _run(model, feeds, weights_dir, "all")
-    conversion = Conversion(low_precision_graph(model, planned, weights_dir), planned)
+    lowering = lay_out(model, planned)  # one layout for both graphs
+    conversion = Conversion(write_low(lowering, weights_dir), planned)
     tolerance = Tolerance().at(TYPE_NAMES[planned.dtype])
-    emulated = _run(emulated_graph(model, planned, weights_dir), feeds, weights_dir, "disabled")
+    emulated = _run(write_emulated(lowering, weights_dir), feeds, weights_dir, "disabled")
     conversion.checks += _judged(reference, emulated, tolerance, f"{planned.dtype} emulated in fp32")
     if planned.dtype == "fp16":  # ONNX Runtime's CPU provider runs fp16 graphs (not bf16 ones)
         low_feeds = {name: _fed(value, conversion.model, name, planned.dtype) for name, value in feeds.items()}

@@ -68,7 +68,11 @@ def lay_out(model: onnx.ModelProto, precision: Precision) -> Lowering:
 
 def low_precision_graph(model: onnx.ModelProto, precision: Precision, weights_dir=None) -> onnx.ModelProto:
     """The strongly typed graph: low weights and activations, fp32 islands, Casts between them."""
-    lowering = lay_out(model, precision)
+    return write_low(lay_out(model, precision), weights_dir)
+
+
+def write_low(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
+    model, precision = lowering.index.model, lowering.precision
     index, low = lowering.index, precision.elem_type
     names = UniqueNames(model)
     initializers = [_held(t, lowering.home.get(t.name, t.data_type), precision.dtype, weights_dir)
@@ -98,7 +102,11 @@ def emulated_graph(model: onnx.ModelProto, precision: Precision, weights_dir=Non
     """The same numbers in fp32: each value the low graph holds low is rounded to the low type
     (Cast there and back) where it is made, or where a low reader takes it; weights held low are
     rounded in place; the arithmetic stays fp32."""
-    lowering = lay_out(model, precision)
+    return write_emulated(lay_out(model, precision), weights_dir)
+
+
+def write_emulated(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
+    model, precision = lowering.index.model, lowering.precision
     index, low = lowering.index, precision.elem_type
     names = UniqueNames(model)
     initializers = [_rounded(t, precision.dtype, weights_dir) if lowering.home.get(t.name) == low else t
@@ -119,7 +127,20 @@ def emulated_graph(model: onnx.ModelProto, precision: Precision, weights_dir=Non
             if name in low_outputs:
                 node.output[slot] = names.fresh(f"{name}_unrounded")
                 nodes.extend(_round_trip_nodes(names, node.output[slot], name, low, get_scope(node)))
+    if precision.io_types == "low":  # fp32 outputs leave the low graph through a Cast to the low type
+        for value in model.graph.output:
+            if lowering.home.get(value.name) == FLOAT:
+                raw = names.fresh(f"{value.name}_unrounded")
+                _rename(nodes, value.name, raw)
+                nodes.extend(_round_trip_nodes(names, raw, value.name, low, ""))
     return rebuilt(model, nodes, initializers)
+
+
+def _rename(nodes: list, old: str, new: str) -> None:
+    """Every node's reference to tensor `old` becomes `new`."""
+    for node in nodes:
+        node.output[:] = [new if o == old else o for o in node.output]
+        node.input[:] = [new if i == old else i for i in node.input]
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
@@ -173,9 +194,7 @@ def _typed_outputs(model: onnx.ModelProto, lowering: Lowering, nodes: list, name
         home = lowering.home.get(value.name)
         if home is not None and home != io_type:
             inner = names.fresh(f"{value.name}_{'low' if home != FLOAT else 'fp32'}")
-            for node in nodes:
-                node.output[:] = [inner if o == value.name else o for o in node.output]
-                node.input[:] = [inner if i == value.name else i for i in node.input]
+            _rename(nodes, value.name, inner)
             cast = helper.make_node("Cast", [inner], [value.name], to=io_type, name=names.fresh(f"{value.name}_cast"))
             set_scope(cast, next((get_scope(n) or "" for n in nodes if inner in n.output), ""))
             nodes.append(cast)
