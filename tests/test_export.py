@@ -180,3 +180,14 @@ def test_every_session_an_export_builds_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(onnxruntime, "InferenceSession", CountedSession)
     api.export(MODEL, INPUTS, tmp_path / "m.onnx", ExportOptions(exporter="torchscript"))
     assert len(built) == 3 and set(built) == ran
+
+
+def test_every_iteration_of_an_inputs_file_is_checked_on_export(tmp_path):
+    from polygraphy.json import save_json
+
+    rng = np.random.default_rng(4)
+    save_json([{"input_ids": rng.integers(0, 1000, (2, 6))} for _ in range(3)], str(tmp_path / "inputs.json"))
+    result = api.export(MODEL, Inputs(file=str(tmp_path / "inputs.json")), tmp_path / "m.onnx",
+                        ExportOptions(exporter="torchscript"))
+    assert [c.name for c in result.accuracy] == ["output", "output (iteration 2)", "output (iteration 3)"]
+    assert result.passed

@@ -75,3 +75,25 @@ def test_a_single_array_npy_is_refused(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros(3))
     with pytest.raises(InputSpecError, match="one array, not named inputs"):
         load_npz(tmp_path / "x.npy")
+
+
+def test_polygraphy_inputs_and_bundle_folders_give_every_iteration(tmp_path):
+    from polygraphy.json import save_json
+
+    iterations = [{"x": np.full((2, 3), value, np.float32)} for value in (1.0, 2.0, 3.0)]
+    save_json(iterations, str(tmp_path / "inputs.json"))  # what `polygraphy run --save-inputs` writes
+    from ticknorm.base.inputs import Inputs, load_feed_sets
+
+    for source in (tmp_path / "inputs.json", tmp_path):  # the file, or the folder of a bundle holding it
+        loaded = load_feed_sets(source)
+        assert [float(feeds["x"][0, 0]) for feeds in loaded] == [1.0, 2.0, 3.0]
+    assert len(Inputs(file=str(tmp_path / "inputs.json")).feed_sets()) == 3
+    assert float(Inputs(file=str(tmp_path)).feeds()[0]["x"][0, 0]) == 1.0  # an export's example: the first
+    (tmp_path / "foreign.json").write_text('{"not": "inputs"}')
+    with pytest.raises(InputSpecError, match="holds no Polygraphy inputs"):
+        load_feed_sets(tmp_path / "foreign.json")
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(InputSpecError, match="is not a readable Polygraphy inputs file"):
+        load_feed_sets(tmp_path / "broken.json")
+    with pytest.raises(InputSpecError, match="input file not found"):
+        load_feed_sets(tmp_path / "none.json")

@@ -18,6 +18,7 @@ from factories import Overflowing
 from conftest import export
 from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Precision, Tolerance, api
 from ticknorm.base.errors import AccuracyError, BundleError, InputSpecError
+from ticknorm.base.inputs import load_feed_sets
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.cli import main
 from ticknorm.exporter.export import export_model
@@ -260,3 +261,23 @@ def test_bundles_keep_their_check_mode_and_read_polygraphy_written_outputs(expor
     foreign = CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)])
     assert foreign.exit_code == 2 and "corrupt or foreign bundle file" in foreign.stderr
     assert len(foreign.stderr.strip().splitlines()) == 1
+
+
+def test_every_iteration_of_a_polygraphy_inputs_file_is_judged(exported, tmp_path):
+    from polygraphy.json import save_json
+
+    path, _ = exported
+    rng = np.random.default_rng(3)
+    save_json([{"input_ids": rng.integers(0, 1000, (2, 16))} for _ in range(2)], str(tmp_path / "inputs.json"))
+    common = [str(path), "--model", EXAMPLE, "--checkpoint", CHECKPOINT, "--input-file", str(tmp_path / "inputs.json")]
+    compared = CliRunner().invoke(main, ["compare", *common])
+    assert compared.exit_code == 0, compared.output
+    assert "output (iteration 1)" in compared.output and "output (iteration 2)" in compared.output
+    bundle = tmp_path / "golden"
+    assert CliRunner().invoke(main, ["drift", "snapshot", *common, "-o", str(bundle)]).exit_code == 0
+    assert len(load_feed_sets(bundle)) == 2  # every iteration, with its reference
+    checked = CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)])
+    assert checked.exit_code == 0 and "output (iteration 2)" in checked.output
+    again = CliRunner().invoke(main, ["compare", str(path), "--model", EXAMPLE, "--checkpoint", CHECKPOINT,
+                                      "--input-file", str(bundle)])  # a bundle folder as the inputs
+    assert again.exit_code == 0 and "output (iteration 2)" in again.output

@@ -23,7 +23,7 @@ from ticknorm.base.onnx_io import load_onnx, model_digest, save_onnx
 from ticknorm.base.precision import Precision
 from ticknorm.base.progress import QUIET, Progress
 from ticknorm.base.scopes import LayerSelection, annotate_scopes
-from ticknorm.exporter.export import ExportOptions, ExportResult, export_model
+from ticknorm.exporter.export import ExportOptions, ExportResult, export_model, torch_reference
 from ticknorm.exporter.fusion import FusionResult, NormTargets, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
 from ticknorm.exporter.model_ref import ModelRef, task_feeds
@@ -37,7 +37,7 @@ from ticknorm.exporter.precision.convert import convert as convert_graph
 from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, runtime_statuses
 from ticknorm.runtime.torch_runner import to_numpy
-from ticknorm.validate.compare import CompareReport, compare_runtimes
+from ticknorm.validate.compare import CompareReport, compare_runtimes, merge_iterations
 from ticknorm.validate.drift import DriftReport, check_bundle, read_history, versions, write_bundle
 
 
@@ -51,7 +51,13 @@ def export(model, inputs, output, options: ExportOptions = ExportOptions(), repo
     progress.step("loading the model")
     module = _model_ref(model).load(options.task)
     feeds, dynamic_axes = _feeds(inputs, module)
-    extra_checks = generation_checks(module, feeds, seed=_seed(inputs)) if options.task == WITH_PAST and options.check else ()
+    extra_checks = []
+    if options.check and options.task == WITH_PAST:
+        extra_checks += generation_checks(module, feeds, seed=_seed(inputs))
+    if options.check and isinstance(inputs, Inputs) and inputs.file is not None:  # every further iteration too
+        for number, more in enumerate(inputs.feed_sets()[1:], start=2):
+            more = task_feeds(module, more, {}, inputs.seed)[0]
+            extra_checks.append((f"iteration {number}", more, torch_reference(module, more)[1]))
     result = export_model(module, feeds, output, options=options, dynamic_axes=dynamic_axes, extra_checks=extra_checks,
                           progress=progress.step)
     if report is not None and (result.fusion is not None or result.conversion is not None):
@@ -107,19 +113,21 @@ def compare(source, model, inputs, runtimes=("ort",), tolerance: Tolerance | Non
     """PyTorch (fp32 CPU) vs each runtime (names, or a `Runtimes`), per output and, with `layers`,
     per module, each at the tolerance of the type it computes in unless `tolerance` says otherwise.
     Low-precision targets run with fp32 islands measured on these inputs (`report.fp32_islands`)."""
-    onnx_model, module, feeds = _judged(source, model, inputs, progress)
+    onnx_model, module, feed_sets = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
-    setup = _setup(onnx_model, module, feeds, runtimes, progress)
-    report = compare_runtimes(onnx_model, feeds, runtimes.names, setup, tolerance=tolerance, layers=layers,
-                              progress=progress.step)
+    setup = _setup(onnx_model, module, feed_sets[0], runtimes, progress)
+    report = merge_iterations([compare_runtimes(onnx_model, feeds, runtimes.names, setup, tolerance=tolerance,
+                                                layers=layers if index == 0 else None, progress=progress.step)
+                               for index, feeds in enumerate(feed_sets)])
     report.fp32_islands = {dtype: list(low.policy.islands) for dtype, low in setup.low.items()}
     return report
 
 
 def profile(source, model, inputs, runtimes=("torch", "ort"), timing: Timing = Timing(),
             progress: Progress = QUIET) -> ProfileResult:
-    """Per-module latency on every runtime (names, or a `Runtimes`), aligned on PyTorch modules."""
-    onnx_model, module, feeds = _judged(source, model, inputs, progress)
+    """Per-module latency on every runtime (names, or a `Runtimes`), aligned on PyTorch modules, on
+    the first iteration's feeds."""
+    onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
     setup = _setup(onnx_model, module, feeds, runtimes, progress)
     return profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, progress=progress)
@@ -130,8 +138,8 @@ def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Tim
     """Latency and error per module on one row: profile every runtime, compare every non-torch
     runtime with PyTorch per module at the same depth (with the same precision policy and
     tolerances as `compare`), and write the HTML page to `output`. The report's `passed` is the
-    comparison's verdict."""
-    onnx_model, module, feeds = _judged(source, model, inputs, progress)
+    comparison's verdict. The first iteration's feeds."""
+    onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
     setup = _setup(onnx_model, module, feeds, runtimes, progress)
     timings = profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, progress=progress)
@@ -150,9 +158,10 @@ def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Tim
 
 def snapshot(source, model, inputs, output, tolerance: Tolerance | None = None,
              layers: LayerSelection = LayerSelection(), progress: Progress = QUIET) -> Path:
-    """Write a golden bundle: inputs, PyTorch outputs, per-module statistics, tolerances, versions."""
-    onnx_model, module, feeds = _judged(source, model, inputs, progress)
-    return write_bundle(onnx_model, module, feeds, output, tolerance=tolerance, layers=layers, progress=progress.step)
+    """Write a golden bundle: every iteration's inputs and PyTorch outputs, per-module statistics (of
+    the first), tolerances, versions."""
+    onnx_model, module, feed_sets = _judged(source, model, inputs, progress)
+    return write_bundle(onnx_model, module, feed_sets, output, tolerance=tolerance, layers=layers, progress=progress.step)
 
 
 def check(bundle, source, runtime: str = "ort", allow_model_change: bool = False,
@@ -221,12 +230,15 @@ def _array(value) -> np.ndarray:
 
 
 def _judged(source, model, inputs, progress: Progress):
-    """The ONNX model, the PyTorch model it came from (built for the graph's task), and feeds for
-    both: what every command that judges an export against PyTorch starts with."""
+    """The ONNX model, the PyTorch model it came from (built for the graph's task), and every
+    iteration's feeds for both: what every command that judges an export against PyTorch starts
+    with. Commands that run one input (profile, report) take the first iteration."""
     onnx_model = _onnx(source)
     progress.step("loading the model")
     module = _model_ref(model).load(task_of_graph(i.name for i in onnx_model.graph.input))
-    return onnx_model, module, _feeds(inputs, module, onnx_model)[0]
+    if not isinstance(inputs, Inputs):
+        return onnx_model, module, [_feeds(inputs, module, onnx_model)[0]]
+    return onnx_model, module, [task_feeds(module, feeds, {}, inputs.seed)[0] for feeds in inputs.feed_sets(onnx_model)]
 
 
 def _setup(onnx_model, module, feeds, runtimes: Runtimes, progress: Progress) -> RunnerSetup:

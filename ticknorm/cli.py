@@ -74,7 +74,8 @@ input_options = grouped(
     "inputs", lambda inputs, input_file, seed: Inputs(tuple(inputs), input_file, seed),
     click.option("--input", "inputs", multiple=True, metavar="NAME:DIMS[:DTYPE[:LOW..HIGH]]",
                  help="e.g. input_ids:batch=2xseq=16:int64:0..30522 (repeat per input; NAME=SIZE makes an axis dynamic)."),
-    click.option("--input-file", type=click.Path(dir_okay=False), default=None, help=".npz with one array per input name."),
+    click.option("--input-file", type=click.Path(), default=None,
+                 help=".npz with one array per input name, Polygraphy's inputs JSON (every iteration), or a bundle folder."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for random inputs."))
 
 model_options = grouped(

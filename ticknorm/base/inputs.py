@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from ticknorm.base.errors import InputSpecError
+from ticknorm.base.errors import InputSpecError, first_line
 
 DTYPES = {
     "float32": np.float32, "fp32": np.float32, "float": np.float32,
@@ -141,6 +141,31 @@ def load_npz(path) -> dict[str, np.ndarray]:
         raise InputSpecError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0] or type(exc).__name__})") from exc
 
 
+def load_feed_sets(path) -> list[dict[str, np.ndarray]]:
+    """Every feed dict a file holds: an `.npz` (one), Polygraphy's inputs JSON (`polygraphy run
+    --save-inputs`, `data_loader`, a ticknorm bundle's inputs.json: a list of them, one per
+    iteration), or a bundle folder (its inputs.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "inputs.json"
+    if path.suffix != ".json":
+        return [load_npz(path)]
+    if not path.is_file():
+        raise InputSpecError(f"input file not found: {path}")
+    from polygraphy.json import load_json
+    from polygraphy.logger import G_LOGGER
+
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):  # its own warning before it raises: ours is the one line
+            loaded = load_json(str(path))
+    except Exception as exc:  # noqa: BLE001 - Polygraphy and json report bad files in many ways
+        raise InputSpecError(f"{path} is not a readable Polygraphy inputs file ({first_line(exc)})") from exc
+    feed_sets = [dict(feeds) for feeds in loaded] if isinstance(loaded, list) else []
+    if not feed_sets or not all(isinstance(v, np.ndarray) for feeds in feed_sets for v in feeds.values()):
+        raise InputSpecError(f"{path} holds no Polygraphy inputs (a JSON list of name -> array dicts, one per iteration)")
+    return feed_sets
+
+
 @dataclass(frozen=True)
 class Inputs:
     """Example inputs, given once: `--input` specs, an `.npz` file, or arrays a caller already
@@ -156,15 +181,21 @@ class Inputs:
     def given(self) -> bool:
         return bool(self.specs) or self.file is not None or self.arrays is not None
 
+    def feed_sets(self, onnx_model: onnx.ModelProto | None = None) -> list[dict[str, np.ndarray]]:
+        """Every iteration's feeds: several from a Polygraphy inputs file or a bundle, else one."""
+        if self.file is not None and self.arrays is None and not self.specs:
+            return load_feed_sets(self.file)
+        return [self.feeds(onnx_model)[0]]
+
     def feeds(self, onnx_model: onnx.ModelProto | None = None) -> tuple[dict[str, np.ndarray], dict]:
-        """(feeds, dynamic axes). With `onnx_model`, token-id specs given without a range span the
-        model's vocabulary."""
+        """(feeds, dynamic axes): the first iteration's, for an export's example. With `onnx_model`,
+        token-id specs given without a range span the model's vocabulary."""
         if sum((bool(self.specs), self.file is not None, self.arrays is not None)) > 1:
             raise InputSpecError("give inputs either as --input specs or as an .npz file, not both")
         if self.arrays is not None:
             return dict(self.arrays), dict(self.dynamic_axes)
         if self.file is not None:
-            return load_npz(self.file), dict(self.dynamic_axes)
+            return load_feed_sets(self.file)[0], dict(self.dynamic_axes)
         if not self.specs:
             raise InputSpecError("no inputs: give --input NAME:DIMS:DTYPE (e.g. input_ids:batch=2xseq=16:int64) "
                                  "or --input-file")

@@ -6,7 +6,7 @@ from fusing across that tensor, so the final outputs of the tapped run are check
 untapped run and the difference is reported."""
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -108,6 +108,17 @@ def compare_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: Runne
             report.tap_effect[runtime] = largest_difference(plain.outputs, tapped.outputs)
             _compare_layers(report, runtime, module_output_tensors(model), (reference.taps, tapped.taps), judged)
     return report
+
+
+def merge_iterations(reports: list) -> CompareReport:
+    """One report over several iterations' feeds: every output comparison, named by its iteration,
+    and the per-module rows of the first (the only one tapped)."""
+    merged = reports[0]
+    if len(reports) > 1:
+        merged.outputs = {runtime: [replace(check, name=f"{check.name} (iteration {number})")
+                                    for number, report in enumerate(reports, start=1) for check in report.outputs[runtime]]
+                          for runtime in merged.outputs}
+    return merged
 
 
 def largest_difference(plain: dict, tapped: dict) -> float:

@@ -48,9 +48,10 @@ def layer_stats(array: np.ndarray) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std()), "absmax": float(np.abs(values).max())}
 
 
-def write_bundle(model: onnx.ModelProto, module, feeds: dict, bundle, tolerance: Tolerance | None = None,
+def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Tolerance | None = None,
                  layers: LayerSelection = LayerSelection(), progress=lambda message: None) -> Path:
-    """Run the PyTorch reference on `feeds` and write the bundle."""
+    """Run the PyTorch reference on `feeds` (one feed dict, or one per iteration) and write the
+    bundle; the per-module statistics are the first iteration's."""
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import to_json
@@ -59,12 +60,15 @@ def write_bundle(model: onnx.ModelProto, module, feeds: dict, bundle, tolerance:
     bundle = Path(bundle)
     names = [o.name for o in model.graph.output]
     scope_map = module_output_tensors(model)
-    progress("running the PyTorch reference with every module tapped")
+    feed_sets = [feeds] if isinstance(feeds, dict) else list(feeds)
+    progress(f"running the PyTorch reference on {len(feed_sets)} iteration(s), every module tapped")
     with TorchRunner(module, names, taps=layers.modules(model, (name for name, _ in module.named_modules()))) as runner:
-        reference = runner.infer(feeds)
-    ensure_finite(reference.outputs, "the PyTorch reference")
+        references = [runner.infer(feed_set) for feed_set in feed_sets]
+    for reference in references:
+        ensure_finite(reference.outputs, "the PyTorch reference")
+    reference = references[0]
     results = RunResults()
-    results.append(("torch", [IterationResult(reference.outputs, runner_name="torch")]))
+    results.append(("torch", [IterationResult(r.outputs, runner_name="torch") for r in references]))
     meta = {
         "format": FORMAT, "model_hash": model_digest(model), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions(), "outputs": names,
@@ -73,7 +77,7 @@ def write_bundle(model: onnx.ModelProto, module, feeds: dict, bundle, tolerance:
         "layers": {m: {"tensor": scope_map[m], **layer_stats(v)} for m, v in reference.taps.items()},
     }
     bundle.mkdir(parents=True, exist_ok=True)
-    write_text(bundle / "inputs.json", to_json([feeds]))
+    write_text(bundle / "inputs.json", to_json(feed_sets))
     write_text(bundle / "outputs.json", to_json(results))
     write_text(bundle / "bundle.json", json.dumps(meta, indent=2))
     return bundle
@@ -132,10 +136,10 @@ class DriftReport:
         return "\n".join(lines)
 
 
-def load_bundle(bundle) -> tuple[dict, list, dict]:
-    """(meta, list of feed dicts, reference outputs). The reference is the `torch` runner's first
-    iteration, or, in an outputs.json Polygraphy wrote (`polygraphy run --save-outputs`), its only
-    runner's."""
+def load_bundle(bundle) -> tuple[dict, list, list]:
+    """(meta, a feed dict per iteration, the reference outputs per iteration). The reference is the
+    `torch` runner's, or, in an outputs.json Polygraphy wrote (`polygraphy run --save-outputs`),
+    its only runner's."""
     from polygraphy.exception import PolygraphyException
     from polygraphy.json import from_json
 
@@ -157,13 +161,15 @@ def load_bundle(bundle) -> tuple[dict, list, dict]:
     try:
         runners = list(outputs.keys())
         runner = "torch" if "torch" in runners else runners[0] if len(runners) == 1 else None
-        reference = dict(outputs[runner][0])
+        references = [dict(iteration) for iteration in outputs[runner]]
         feeds = [dict(feed) for feed in inputs]
+        if len(references) != len(feeds):
+            missing.append(f"one reference per input iteration ({len(feeds)} inputs, {len(references)} references)")
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, PolygraphyException):
         missing.append("outputs.json: the reference results (a 'torch' runner, or a single one)")
     if missing or not feeds:
         raise BundleError(f"{bundle} is a damaged bundle: {', '.join(missing) or 'no inputs'} missing")
-    return meta, feeds, reference
+    return meta, feeds, references
 
 
 def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_model_change: bool = False,
@@ -182,17 +188,20 @@ def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_mod
     layers = meta["layers"]
     if runtime.startswith("torch"):
         raise BundleError("drift check runs the exported model; torch-* runtimes are PyTorch, not the export")
-    feeds = graph_feeds(model, inputs[0])
-    setup = runner_setup(model, None, feeds, Runtimes((runtime,)))
-    progress(f"running {runtime} on the bundle's inputs, as deployed")
+    feed_sets = [graph_feeds(model, feeds) for feeds in inputs]
+    setup = runner_setup(model, None, feed_sets[0], Runtimes((runtime,)))
+    progress(f"running {runtime} on the bundle's {len(feed_sets)} input iteration(s), as deployed")
     with make_runner(runtime, model, setup) as runner:  # the verdict: the graph as it runs, no taps
-        plain = runner.infer(feeds)
+        plain = [runner.infer(feeds).outputs for feeds in feed_sets]
     progress(f"running {runtime} again with {len(layers)} modules tapped, for their statistics")
     with make_runner(runtime, model, setup, taps=list(layers)) as runner:
-        result = runner.infer(feeds)
-    report = DriftReport(runtime, [compare_arrays(name, golden[name], plain.outputs[name], *tolerance.of(name))
-                                   for name in meta["outputs"]], tolerance=(tolerance.atol, tolerance.rtol, tolerance.rule),
-                         tap_effect=largest_difference(plain.outputs, result.outputs))
+        result = runner.infer(feed_sets[0])
+    label = (lambda name, number: f"{name} (iteration {number})") if len(feed_sets) > 1 else (lambda name, _: name)
+    report = DriftReport(runtime, [compare_arrays(label(name, number), reference[name], outputs[name], *tolerance.of(name))
+                                   for number, (reference, outputs) in enumerate(zip(golden, plain), start=1)
+                                   for name in meta["outputs"]],
+                         tolerance=(tolerance.atol, tolerance.rtol, tolerance.rule),
+                         tap_effect=largest_difference(plain[0], result.outputs))
     current = {module: layer_stats(value) for module, value in result.taps.items()}
     report.unmatched = [module for module in layers if module not in current]
     for module, stats in current.items():
