@@ -9,9 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Timing, api
+from ticknorm.base.scopes import get_scope
 from ticknorm.cli import main
 from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.collect_torch import own_time
+from ticknorm.profiler.collect_trtexec import import_trtexec
 from ticknorm.profiler.profile import ProfileResult, profile_runtimes
 from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, Span, Tick, TickLog
 from ticknorm.report import profile_outputs
@@ -171,3 +173,45 @@ def test_profile_and_report_cli(exported, tmp_path):
     assert strict.exit_code == 1 and strict.output.strip().endswith("FAIL")  # ORT is not bit-exact: over a zero tolerance
     bad = CliRunner().invoke(main, ["profile", *common[:-6], "--iterations", "0"])
     assert bad.exit_code == 2 and "--iterations must be at least 1" in bad.stderr
+
+
+def test_trtexec_files_join_the_table_mapped_to_modules(exported, tmp_path):
+    """Files in the formats trtexec writes (--exportProfile, --exportLayerInfo with detailed
+    verbosity): fused and Myelin layers map to modules through names or metadata; what maps to
+    nothing is the (unattributed) row, counted."""
+    path, model = exported
+    nodes = {node.name: node for node in model.graph.node}
+    norm = next(n for n in nodes if nodes[n].op_type == "LayerNormalization"
+                and get_scope(nodes[n]) == "layers.0.attention_norm")
+    matmuls = [n for n in nodes if nodes[n].op_type in ("MatMul", "Gemm")]
+    profile = [{"count": 100},
+               {"name": f"{matmuls[0]} + {norm}", "timeMs": 2.0, "averageMs": 0.02, "medianMs": 0.02, "percentage": 40},
+               {"name": "myelin_layer_7", "timeMs": 1.0, "averageMs": 0.01, "medianMs": 0.01, "percentage": 20},
+               {"name": "Reformatting CopyNode for Input Tensor 0 to x", "timeMs": 0.5, "averageMs": 0.005,
+                "medianMs": 0.005, "percentage": 10}]
+    layers = {"Layers": [{"Name": "myelin_layer_7", "LayerType": "Myelin",
+                          "Metadata": f"[ONNX Layer: {matmuls[-1]}]\x1e[ONNX Layer: {matmuls[-2]}]"}],
+              "Bindings": ["input_ids", "output"]}
+    (tmp_path / "p.json").write_text(json.dumps(profile))
+    (tmp_path / "l.json").write_text(json.dumps(layers))
+    table = ScopeTable(model)
+    log = import_trtexec(tmp_path / "p.json", tmp_path / "l.json", table)
+    rows = log.per_module(depth=None)
+    assert log.runtime == "trt (trtexec, median of 100)"
+    assert UNATTRIBUTED in rows and rows[UNATTRIBUTED].median_ms == pytest.approx(0.005)  # counted, not dropped
+    mapped = {key for key in rows if key != UNATTRIBUTED}
+    assert any("layers.0.attention_norm" in key for key in mapped)  # the fused layer's group row
+    assert {table.scope[matmuls[-1]], table.scope[matmuls[-2]]} & set(" + ".join(mapped).split(" + "))
+    common = [str(path), "--model", EXAMPLE, "--checkpoint", CHECKPOINT, "--input", "input_ids:2x16:int64",
+              "--iterations", "2", "--warmup", "0", "--runtime", "ort"]
+    done = CliRunner().invoke(main, ["profile", *common, "--trtexec-profile", str(tmp_path / "p.json"),
+                                     "--trtexec-layers", str(tmp_path / "l.json")])
+    assert done.exit_code == 0, done.output
+    assert "trt (trtexec, median of 100) ms" in done.output
+    bad = CliRunner().invoke(main, ["profile", *common, "--trtexec-layers", str(tmp_path / "l.json")])
+    assert bad.exit_code == 2 and "give that file too" in bad.stderr
+    (tmp_path / "x.json").write_text('{"Layers": 3}')
+    foreign = CliRunner().invoke(main, ["profile", *common, "--trtexec-profile", str(tmp_path / "x.json")])
+    assert foreign.exit_code == 2 and "is not a trtexec --exportProfile file" in foreign.stderr
+    line = CliRunner().invoke(main, ["trtexec-command", str(path), "--input", "input_ids:batch=2xseq=16:int64"])
+    assert line.exit_code == 0 and "--optShapes=input_ids:2x16" in line.output and "--exportLayerInfo=" in line.output

@@ -17,7 +17,7 @@ import onnx
 
 from ticknorm.base.atomic import write_text
 from ticknorm.base.errors import InputSpecError
-from ticknorm.base.inputs import Inputs, feeds_for_graph
+from ticknorm.base.inputs import Inputs, feeds_for_graph, graph_feeds
 from ticknorm.base.metrics import Tolerance
 from ticknorm.base.onnx_io import load_onnx, model_digest, save_onnx
 from ticknorm.base.precision import Precision
@@ -29,13 +29,17 @@ from ticknorm.exporter.inspect import ModelSummary, summarize
 from ticknorm.exporter.model_ref import ModelRef, task_feeds
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.tasks import WITH_PAST, task_of_graph
+from ticknorm.profiler.align import ScopeTable
+from ticknorm.profiler.collect_trtexec import import_trtexec
 from ticknorm.profiler.profile import ProfileResult, Timing, profile_runtimes
 from ticknorm.report.drift_plot import plot_history
 from ticknorm.report.joined import JoinedReport, join, write_html
 from ticknorm.exporter.precision.convert import Conversion
 from ticknorm.exporter.precision.convert import convert as convert_graph
 from ticknorm.exporter.precision.targets import runner_setup
+from ticknorm.plugins import plugin_nodes
 from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, runtime_statuses
+from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import to_numpy
 from ticknorm.validate.compare import CompareReport, compare_runtimes, merge_iterations
 from ticknorm.validate.drift import DriftReport, check_bundle, read_history, versions, write_bundle
@@ -126,11 +130,21 @@ def compare(source, model, inputs, runtimes=("ort",), tolerance: Tolerance | Non
 def profile(source, model, inputs, runtimes=("torch", "ort"), timing: Timing = Timing(),
             progress: Progress = QUIET) -> ProfileResult:
     """Per-module latency on every runtime (names, or a `Runtimes`), aligned on PyTorch modules, on
-    the first iteration's feeds."""
+    the first iteration's feeds; `Runtimes.trtexec` adds the TensorRT layers trtexec timed on a
+    target GPU, mapped to the same modules."""
     onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
     setup = _setup(onnx_model, module, feeds, runtimes, progress)
-    return profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, progress=progress)
+    return _timings(onnx_model, feeds, runtimes, setup, timing, progress)
+
+
+def _timings(onnx_model, feeds, runtimes: Runtimes, setup, timing: Timing, progress: Progress) -> ProfileResult:
+    """The runtimes timed here, and the TensorRT layers trtexec timed elsewhere when given."""
+    result = profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, progress=progress)
+    if runtimes.trtexec is not None:
+        imported = import_trtexec(*runtimes.trtexec, ScopeTable(onnx_model))
+        result.logs[imported.runtime] = imported
+    return result
 
 
 def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Timing = Timing(),
@@ -142,7 +156,7 @@ def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Tim
     onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
     setup = _setup(onnx_model, module, feeds, runtimes, progress)
-    timings = profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, progress=progress)
+    timings = _timings(onnx_model, feeds, runtimes, setup, timing, progress)
     progress.step("comparing every module with PyTorch")
     targets = [r for r in runtimes.names if r != "torch"]
     accuracy = compare_runtimes(onnx_model, feeds, targets, setup, tolerance=tolerance,
@@ -177,6 +191,25 @@ def history(bundle, plot=None) -> list[dict]:
     if plot is not None:
         plot_history(entries, plot)
     return entries
+
+
+def trtexec_line(source, inputs=None, prefix: str = "trtexec") -> str:
+    """The trtexec command that times `source` on a target GPU and writes the two files `profile`
+    reads: strongly typed (the precision is the graph's), shapes from `inputs` (or the graph's
+    static ones), detailed layer info, profiling in a run of its own."""
+    model = _onnx(source)
+    if plugin_nodes(model):
+        raise InputSpecError("the graph holds ticknorm::LayerNorm plugin nodes, which trtexec cannot load (the plugin "
+                             "is registered from Python); export with --ln-target native for trtexec")
+    feeds = _feeds(inputs, onnx_model=model)[0] if inputs is not None and _given(inputs) else feeds_for_graph(model)
+    shapes = profile_for(model, graph_feeds(model, feeds))
+    line = ["trtexec", f"--onnx={_name(source)}", "--stronglyTyped"]
+    if any(low != high for low, _, high in shapes.values()):
+        for flag, which in (("minShapes", 0), ("optShapes", 1), ("maxShapes", 2)):
+            line.append(f"--{flag}=" + ",".join(f"{name}:{'x'.join(map(str, dims[which]))}" for name, dims in shapes.items()))
+    line += ["--profilingVerbosity=detailed", "--separateProfileRun", f"--exportProfile={prefix}.profile.json",
+             f"--exportLayerInfo={prefix}.layers.json"]
+    return " ".join(line) + "\n# TensorRT 11 builds every network strongly typed: drop --stronglyTyped there if it refuses it"
 
 
 def _model_ref(model) -> ModelRef:

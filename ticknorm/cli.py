@@ -170,9 +170,23 @@ timing_options = grouped(
     click.option("--depth", type=int, default=None, help="Roll modules up to this many path segments."))
 
 
-def _runtimes(names: str, keep_fp32: tuple, ort_optimization: str = "all") -> Runtimes:
+def _trtexec_files(profile, layers):
+    if layers is not None and profile is None:
+        raise InputSpecError("--trtexec-layers maps the layers of a --trtexec-profile: give that file too")
+    return (profile, layers) if profile is not None else None
+
+
+def _runtimes(names: str, keep_fp32: tuple, ort_optimization: str = "all", trtexec_profile=None,
+              trtexec_layers=None) -> Runtimes:
     return Runtimes(tuple(r.strip() for r in names.split(",") if r.strip()), ort_optimization,
-                    Precision(keep_fp32=tuple(keep_fp32)))
+                    Precision(keep_fp32=tuple(keep_fp32)), _trtexec_files(trtexec_profile, trtexec_layers))
+
+
+_TRTEXEC = (click.option("--trtexec-profile", type=click.Path(dir_okay=False), default=None,
+                         help="trtexec --exportProfile JSON made on the target GPU (see `ticknorm trtexec-command`): "
+                              "its layers join the table as 'trt (trtexec)'."),
+            click.option("--trtexec-layers", type=click.Path(dir_okay=False), default=None,
+                         help="trtexec --exportLayerInfo JSON (--profilingVerbosity=detailed): maps layers to ONNX nodes."))
 
 
 def runtime_options(default: str, *more):
@@ -283,6 +297,16 @@ def compare_command(source, model, inputs, runtimes, tolerance, layers, json_pat
     sys.exit(0 if report.passed else 1)
 
 
+@main.command("trtexec-command")
+@click.argument("source", type=click.Path(dir_okay=False))
+@input_options
+@click.option("--prefix", default="trtexec", show_default=True, help="Stem of the profile and layer files it writes.")
+def trtexec_command(source, inputs, prefix):
+    """The trtexec line to run on the target GPU, whose files `profile --trtexec-profile/--trtexec-layers`
+    then read back."""
+    click.echo(api.trtexec_line(source, inputs, prefix))
+
+
 class TimingProgress:
     """Step lines on stderr (what a non-TTY log keeps), and a bar that appears when the timed
     iterations start, not during setup, so its estimate is of the timing alone."""
@@ -312,7 +336,7 @@ class TimingProgress:
 @click.argument("source", type=click.Path(dir_okay=False))
 @model_options
 @input_options
-@runtime_options("torch,ort")
+@runtime_options("torch,ort", *_TRTEXEC)
 @timing_options
 @grouped("files", lambda **paths: {kind: path for kind, path in paths.items() if path},
          click.option("--json", type=click.Path(dir_okay=False), default=None),
@@ -334,7 +358,7 @@ def profile_command(source, model, inputs, runtimes, timing, files):
 @click.argument("source", type=click.Path(dir_okay=False))
 @model_options
 @input_options
-@runtime_options("torch,ort")
+@runtime_options("torch,ort", *_TRTEXEC)
 @timing_options
 @tolerance_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")

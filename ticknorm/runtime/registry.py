@@ -97,6 +97,7 @@ class Runtimes:
     names: tuple = ("ort",)
     ort_optimization: str = "all"
     precision: Precision = Precision()
+    trtexec: tuple | None = None  # (profile.json, layers.json or None): TensorRT timed by trtexec on a target GPU
 
     @classmethod
     def of(cls, value) -> "Runtimes":
