@@ -27,7 +27,7 @@ def import_trtexec(profile_path, layers_path, table: ScopeTable) -> TickLog:
     entries = _read(profile_path, "trtexec --exportProfile")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise InputSpecError(f"{profile_path} is not a trtexec --exportProfile file (a JSON list of layer timings)")
-    count = entries[0].get("count", 0) if "count" in entries[0] else 0
+    count = entries[0].get("count", 0)
     layers = [e for e in entries if "name" in e]
     if not layers or any("averageMs" not in e and "medianMs" not in e for e in layers):
         raise InputSpecError(f"{profile_path} has no layer timings (entries with name and averageMs/medianMs)")
