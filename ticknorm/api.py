@@ -41,7 +41,7 @@ from ticknorm.plugins import plugin_nodes
 from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, runtime_statuses
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import to_numpy
-from ticknorm.validate.compare import CompareReport, compare_runtimes, merge_iterations
+from ticknorm.validate.compare import CompareReport, compare_runtimes
 from ticknorm.validate.drift import DriftReport, check_bundle, read_history, versions, write_bundle
 
 
@@ -77,9 +77,10 @@ def convert(source, output, precision: Precision, inputs=None, report=None, prog
     model = _onnx(source)
     if not precision.low:
         raise InputSpecError("convert needs --precision fp16 or bf16")
-    if Precision.of_graph(model).low:
-        raise InputSpecError(f"the graph is already {Precision.of_graph(model).dtype}; convert its fp32 export")
-    feeds = _feeds(inputs, onnx_model=model)[0] if inputs is not None and _given(inputs) else feeds_for_graph(model)
+    own = Precision.of_graph(model)
+    if own.low:
+        raise InputSpecError(f"the graph is already {own.dtype}; convert its fp32 export")
+    feeds = _given_feeds(inputs, model) or feeds_for_graph(model)
     annotate_scopes(model)  # a file another exporter wrote: module scopes from its node names, for --keep-fp32
     progress.step(f"measuring the fp32 run, converting to {precision.dtype} and checking it")
     conversion = convert_graph(model, feeds, precision)
@@ -95,7 +96,7 @@ def fuse(source, output, inputs=None, opset=None, verify: bool = True, report=No
     seeded random feeds otherwise), then retarget LayerNorms to the TensorRT plugin when
     `targets.plugin`: the plugin result comes second, None for the native target."""
     model = _onnx(source)
-    feeds = _feeds(inputs)[0] if inputs is not None and _given(inputs) else None
+    feeds = _given_feeds(inputs, model)
     result = fuse_norms(model, opset=opset, verify=verify, feeds=feeds, targets=targets)
     retargeted = to_plugin_target(result.model) if targets.plugin else None
     save_onnx(retargeted.model if retargeted else result.model, output)
@@ -120,9 +121,8 @@ def compare(source, model, inputs, runtimes=("ort",), tolerance: Tolerance | Non
     onnx_model, module, feed_sets = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
     setup = _setup(onnx_model, module, feed_sets[0], runtimes, progress)
-    report = merge_iterations([compare_runtimes(onnx_model, feeds, runtimes.names, setup, tolerance=tolerance,
-                                                layers=layers if index == 0 else None, progress=progress.step)
-                               for index, feeds in enumerate(feed_sets)])
+    report = compare_runtimes(onnx_model, feed_sets, runtimes.names, setup, tolerance=tolerance, layers=layers,
+                              progress=progress.step)
     report.fp32_islands = {dtype: list(low.policy.islands) for dtype, low in setup.low.items()}
     return report
 
@@ -201,7 +201,7 @@ def trtexec_line(source, inputs=None, prefix: str = "trtexec") -> str:
     if plugin_nodes(model):
         raise InputSpecError("the graph holds ticknorm::LayerNorm plugin nodes, which trtexec cannot load (the plugin "
                              "is registered from Python); export with --ln-target native for trtexec")
-    feeds = _feeds(inputs, onnx_model=model)[0] if inputs is not None and _given(inputs) else feeds_for_graph(model)
+    feeds = _given_feeds(inputs, model) or feeds_for_graph(model)
     shapes = profile_for(model, graph_feeds(model, feeds))
     line = ["trtexec", f"--onnx={_name(source)}", "--stronglyTyped"]
     if any(low != high for low, _, high in shapes.values()):
@@ -224,8 +224,11 @@ def _name(source) -> str:
     return source.graph.name if isinstance(source, onnx.ModelProto) else Path(source).name
 
 
-def _given(inputs) -> bool:
-    return inputs.given if isinstance(inputs, Inputs) else True
+def _given_feeds(inputs, model: onnx.ModelProto) -> dict | None:
+    """The first iteration's feeds for a graph-only command, or None when no inputs were given."""
+    if inputs is None or (isinstance(inputs, Inputs) and not inputs.given):
+        return None
+    return _feeds(inputs, onnx_model=model)[0]
 
 
 def _seed(inputs) -> int:

@@ -141,6 +141,11 @@ def load_npz(path) -> dict[str, np.ndarray]:
         raise InputSpecError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0] or type(exc).__name__})") from exc
 
 
+def as_feed_sets(feeds) -> list[dict]:
+    """One feed dict, or one per iteration, as a list of them."""
+    return [feeds] if isinstance(feeds, dict) else list(feeds)
+
+
 def load_feed_sets(path) -> list[dict[str, np.ndarray]]:
     """Every feed dict a file holds: an `.npz` (one), Polygraphy's inputs JSON (`polygraphy run
     --save-inputs`, `data_loader`, a ticknorm bundle's inputs.json: a list of them, one per

@@ -133,11 +133,12 @@ def make_runner(name: str, model: onnx.ModelProto, setup: RunnerSetup = RunnerSe
 def _graph_in(precision: str, model: onnx.ModelProto, setup: RunnerSetup, name: str) -> onnx.ModelProto:
     """The graph a strongly typed runtime builds for `precision`: the model itself when it is in
     that precision, else the one converted for it."""
-    if Precision.of_graph(model).dtype == precision:
+    own = Precision.of_graph(model).dtype
+    if own == precision:
         return model
     converted = setup.low.get(precision)
     if converted is None or converted.graph is None:
         raise InputSpecError(f"{name} builds a {precision} graph and this one is "
-                             f"{Precision.of_graph(model).dtype}: convert it first (ticknorm convert --precision "
+                             f"{own}: convert it first (ticknorm convert --precision "
                              f"{precision}), or run it through ticknorm compare/profile/report, which convert it")
     return converted.graph

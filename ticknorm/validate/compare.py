@@ -6,12 +6,12 @@ from fusing across that tensor, so the final outputs of the tapped run are check
 untapped run and the difference is reported."""
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
-from ticknorm.base.inputs import graph_feeds
+from ticknorm.base.inputs import as_feed_sets, graph_feeds
 from ticknorm.base.metrics import ArrayComparison, Tolerance, compare_arrays, ensure_finite
 from ticknorm.base.scopes import LayerSelection, module_output_tensors
 from ticknorm.base.text_table import render
@@ -75,13 +75,15 @@ class CompareReport:
         return json.dumps(asdict(self), indent=2, default=float)
 
 
-def compare_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: RunnerSetup,
+def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup,
                      tolerance: Tolerance | None = None, layers: LayerSelection | None = None,
                      progress=lambda message: None) -> CompareReport:
-    """PyTorch (`setup.module`, fp32 CPU) vs each runtime, per output and, with `layers`, per
-    module. Every runtime is checked for availability before any work; then one runner at a time
-    holds the model: the plain one, then (with `layers`) the tapped one."""
+    """PyTorch (`setup.module`, fp32 CPU) vs each runtime on `feeds` (one feed dict, or one per
+    iteration, each output compared per iteration), and, with `layers`, per module on the first.
+    Every runtime is checked for availability before any work; then one runner at a time holds
+    the model, for every iteration: the plain one, then (with `layers`) the tapped one."""
     tolerance = tolerance or Tolerance()
+    feed_sets = as_feed_sets(feeds)
     output_names = [o.name for o in model.graph.output]
     modules = layers.modules(model, (name for name, _ in setup.module.named_modules())) if layers else []
     runners = {runtime: make_runner(runtime, model, setup) for runtime in runtimes}
@@ -89,36 +91,34 @@ def compare_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: Runne
         runner.check_available()  # an unavailable runtime fails here, before any work, with its reason
     progress("running the PyTorch reference")
     with TorchRunner(setup.module, output_names, taps=modules) as torch_runner:
-        reference = torch_runner.infer(feeds)
-    ensure_finite(reference.outputs, "the PyTorch reference")
+        references = [torch_runner.infer(feed_set) for feed_set in feed_sets]
+    for reference in references:
+        ensure_finite(reference.outputs, "the PyTorch reference")
     report = CompareReport()
     for runtime, runner in runners.items():
         progress(f"running {runtime}")
-        runtime_feeds = feeds if isinstance(runner, TorchRunner) else graph_feeds(model, feeds)
+        runtime_sets = feed_sets if isinstance(runner, TorchRunner) else [graph_feeds(model, f) for f in feed_sets]
         with runner:
-            plain = runner.infer(runtime_feeds)
+            plain = [runner.infer(feed_set).outputs for feed_set in runtime_sets]
         judged = tolerance.at(TYPE_NAMES[runtime_precision(runtime, model)])
         report.tolerances[runtime] = (judged.atol, judged.rtol)
-        report.outputs[runtime] = [compare_arrays(name, reference.outputs[name], plain.outputs[name], *judged.of(name))
+        report.outputs[runtime] = [compare_arrays(iteration_name(name, number, len(feed_sets)), reference.outputs[name],
+                                                  outputs[name], *judged.of(name))
+                                   for number, (reference, outputs) in enumerate(zip(references, plain), start=1)
                                    for name in output_names]
         if modules:
             progress(f"running {runtime} with {len(modules)} taps")
-            with make_runner(runtime, model, setup, taps=[m for m in modules if m in reference.taps]) as tapped_runner:
-                tapped = tapped_runner.infer(runtime_feeds)
-            report.tap_effect[runtime] = largest_difference(plain.outputs, tapped.outputs)
-            _compare_layers(report, runtime, module_output_tensors(model), (reference.taps, tapped.taps), judged)
+            first = references[0]
+            with make_runner(runtime, model, setup, taps=[m for m in modules if m in first.taps]) as tapped_runner:
+                tapped = tapped_runner.infer(runtime_sets[0])
+            report.tap_effect[runtime] = largest_difference(plain[0], tapped.outputs)
+            _compare_layers(report, runtime, module_output_tensors(model), (first.taps, tapped.taps), judged)
     return report
 
 
-def merge_iterations(reports: list) -> CompareReport:
-    """One report over several iterations' feeds: every output comparison, named by its iteration,
-    and the per-module rows of the first (the only one tapped)."""
-    merged = reports[0]
-    if len(reports) > 1:
-        merged.outputs = {runtime: [replace(check, name=f"{check.name} (iteration {number})")
-                                    for number, report in enumerate(reports, start=1) for check in report.outputs[runtime]]
-                          for runtime in merged.outputs}
-    return merged
+def iteration_name(name: str, number: int, count: int) -> str:
+    """An output's name in a comparison over `count` iterations' feeds."""
+    return f"{name} (iteration {number})" if count > 1 else name
 
 
 def largest_difference(plain: dict, tapped: dict) -> float:

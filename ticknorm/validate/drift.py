@@ -19,7 +19,7 @@ from ticknorm.base.atomic import write_text
 from ticknorm.base.errors import BundleError, first_line
 from ticknorm.base.scopes import module_output_tensors
 from ticknorm.base.onnx_io import model_digest
-from ticknorm.base.inputs import graph_feeds
+from ticknorm.base.inputs import as_feed_sets, graph_feeds
 from ticknorm.base.metrics import Tolerance, compare_arrays, ensure_finite, within
 from ticknorm.base.scopes import LayerSelection
 from ticknorm.base.text_table import render
@@ -27,7 +27,7 @@ from ticknorm.base.precision import TYPE_NAMES
 from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.runtime.registry import Runtimes, make_runner, runtime_precision
 from ticknorm.runtime.torch_runner import TorchRunner
-from ticknorm.validate.compare import TAP_EFFECT_LIMIT, largest_difference
+from ticknorm.validate.compare import TAP_EFFECT_LIMIT, iteration_name, largest_difference
 
 FORMAT = 1
 STATS = ("mean", "std", "absmax")
@@ -60,7 +60,7 @@ def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Toler
     bundle = Path(bundle)
     names = [o.name for o in model.graph.output]
     scope_map = module_output_tensors(model)
-    feed_sets = [feeds] if isinstance(feeds, dict) else list(feeds)
+    feed_sets = as_feed_sets(feeds)
     progress(f"running the PyTorch reference on {len(feed_sets)} iteration(s), every module tapped")
     with TorchRunner(module, names, taps=layers.modules(model, (name for name, _ in module.named_modules()))) as runner:
         references = [runner.infer(feed_set) for feed_set in feed_sets]
@@ -196,8 +196,9 @@ def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_mod
     progress(f"running {runtime} again with {len(layers)} modules tapped, for their statistics")
     with make_runner(runtime, model, setup, taps=list(layers)) as runner:
         result = runner.infer(feed_sets[0])
-    label = (lambda name, number: f"{name} (iteration {number})") if len(feed_sets) > 1 else (lambda name, _: name)
-    report = DriftReport(runtime, [compare_arrays(label(name, number), reference[name], outputs[name], *tolerance.of(name))
+    count = len(feed_sets)
+    report = DriftReport(runtime, [compare_arrays(iteration_name(name, number, count), reference[name], outputs[name],
+                                                  *tolerance.of(name))
                                    for number, (reference, outputs) in enumerate(zip(golden, plain), start=1)
                                    for name in meta["outputs"]],
                          tolerance=(tolerance.atol, tolerance.rtol, tolerance.rule),
