@@ -211,7 +211,8 @@ def main():
 @input_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
 @export_options
-@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the fusion report as JSON.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Write the fusion report (and, with --precision, the fp32 islands and checks) as JSON.")
 def export_command(model, inputs, output, options, report):
     """Export a model to ONNX, fuse every LayerNorm, verify, and compare with PyTorch."""
     result = api.export(model, inputs, output, options=options, report=report, progress=Progress(_say))
