@@ -13,7 +13,8 @@ from ticknorm.base.scopes import get_scope
 from ticknorm.cli import main
 from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.collect_torch import own_time
-from ticknorm.profiler.collect_trtexec import import_trtexec
+from ticknorm.profiler.collect_trtexec import import_trtexec, read_trtexec_log
+from ticknorm.runtime.registry import TrtexecFiles
 from ticknorm.profiler.profile import ProfileResult, profile_runtimes
 from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, Span, Tick, TickLog
 from ticknorm.report import profile_outputs
@@ -195,9 +196,10 @@ def test_trtexec_files_join_the_table_mapped_to_modules(exported, tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(profile))
     (tmp_path / "l.json").write_text(json.dumps(layers))
     table = ScopeTable(model)
-    log = import_trtexec(tmp_path / "p.json", tmp_path / "l.json", table)
+    log = import_trtexec(TrtexecFiles(tmp_path / "p.json", tmp_path / "l.json"), table)
     rows = log.per_module(depth=None)
-    assert log.runtime == "trt (trtexec, median of 100)"
+    assert log.runtime == "trt (trtexec)"
+    assert "1 of 3 layers map to no module" in log.source and "? (give --trtexec-log" in log.source
     assert UNATTRIBUTED in rows and rows[UNATTRIBUTED].median_ms == pytest.approx(0.005)  # counted, not dropped
     mapped = {key for key in rows if key != UNATTRIBUTED}
     assert any("layers.0.attention_norm" in key for key in mapped)  # the fused layer's group row
@@ -207,7 +209,7 @@ def test_trtexec_files_join_the_table_mapped_to_modules(exported, tmp_path):
     done = CliRunner().invoke(main, ["profile", *common, "--trtexec-profile", str(tmp_path / "p.json"),
                                      "--trtexec-layers", str(tmp_path / "l.json")])
     assert done.exit_code == 0, done.output
-    assert "trt (trtexec, median of 100) ms" in done.output
+    assert "trt (trtexec) ms" in done.output
     bad = CliRunner().invoke(main, ["profile", *common, "--trtexec-layers", str(tmp_path / "l.json")])
     assert bad.exit_code == 2 and "give that file too" in bad.stderr
     (tmp_path / "x.json").write_text('{"Layers": 3}')
@@ -215,3 +217,58 @@ def test_trtexec_files_join_the_table_mapped_to_modules(exported, tmp_path):
     assert foreign.exit_code == 2 and "is not a trtexec --exportProfile file" in foreign.stderr
     line = CliRunner().invoke(main, ["trtexec-command", str(path), "--input", "input_ids:batch=2xseq=16:int64"])
     assert line.exit_code == 0 and "--optShapes=input_ids:2x16" in line.output and "--exportLayerInfo=" in line.output
+
+
+TRTEXEC_LOG = """&&&& RUNNING TensorRT.trtexec [TensorRT v101600] [b72] # trtexec --onnx=tiny.onnx --stronglyTyped
+[12/04/2026-18:00:00] [I] === Build Options ===
+[12/04/2026-18:00:00] [I] Precision: FP32
+[12/04/2026-18:00:00] [I] === Device Information ===
+[12/04/2026-18:00:00] [I] Selected Device: NVIDIA H200
+[12/04/2026-18:00:00] [I] Compute Capability: 9.0
+[12/04/2026-18:00:00] [I] TensorRT version: 10.16.0
+[12/04/2026-18:00:03] [I] === Performance summary ===
+[12/04/2026-18:00:03] [I] Latency: min = 0.05 ms, max = 0.9 ms, mean = 0.06 ms, median = 0.055 ms, percentile(90%) = 0.07 ms
+[12/04/2026-18:00:03] [I] GPU Compute Time: min = 0.02 ms, max = 0.7 ms, mean = 0.031 ms, median = 0.03 ms, percentile(90%) = 0.04 ms
+&&&& PASSED TensorRT.trtexec [TensorRT v101600] [b72] # trtexec --onnx=tiny.onnx --stronglyTyped
+"""
+
+
+def test_trtexec_log_states_version_gpu_precision_and_plain_time(exported, tmp_path):
+    """The console output (`| tee`) gives the label and the plain runs' GPU compute time; the
+    detailed layer info gives the types the engine runs; layer info at the default verbosity (names
+    only) is accepted."""
+    path, model = exported
+    nodes = [node.name for node in model.graph.node if node.op_type == "LayerNormalization"]
+    profile = [{"count": 50}, {"name": "fused_norm", "medianMs": 0.02, "averageMs": 0.02},
+               {"name": "__myl_Cast_1", "medianMs": 0.01, "averageMs": 0.01}]
+    detailed = {"Layers": [
+        {"Name": "fused_norm", "LayerType": "kgen", "Metadata": f"[ONNX Layer: {nodes[0]}]\x1f[ONNX Layer: {nodes[1]}]",
+         "Outputs": [{"Name": "a", "Dimensions": [2, 16, 64], "Format/Datatype": "Half"}]},
+        {"Name": "__myl_Cast_1", "LayerType": "kgen", "Metadata": "",
+         "Outputs": [{"Name": "b", "Dimensions": [2, 16], "Format/Datatype": "Row major linear FP32"}]}],
+        "Bindings": ["input_ids", "output"]}
+    for name, content in (("p.json", json.dumps(profile)), ("l.json", json.dumps(detailed)), ("t.log", TRTEXEC_LOG),
+                          ("names.json", json.dumps({"Layers": ["fused_norm", "__myl_Cast_1"], "Bindings": []}))):
+        (tmp_path / name).write_text(content)
+    stated = read_trtexec_log(tmp_path / "t.log")
+    assert (stated.version, stated.gpu, stated.gpu_compute_ms) == ("10.16.0", "NVIDIA H200", 0.03)
+    assert stated.precision.startswith("strongly typed")
+    log = import_trtexec(TrtexecFiles(tmp_path / "p.json", tmp_path / "l.json", tmp_path / "t.log"), ScopeTable(model))
+    assert log.end_to_end_ms == pytest.approx(0.03) and log.overhead == pytest.approx(0.03 / 0.03 - 1 + 0.0, abs=1e-9)
+    assert "TensorRT 10.16.0 on NVIDIA H200" in log.source and "fp16 (1 layers), fp32 (1 layers)" in log.source
+    assert "1 of 2 layers map to no module" in log.source
+    names_only = import_trtexec(TrtexecFiles(tmp_path / "p.json", tmp_path / "names.json"), ScopeTable(model))
+    assert names_only.coverage() == pytest.approx(0.0)  # names alone (no metadata, no scopes in them) map nothing
+    common = [str(path), "--model", EXAMPLE, "--checkpoint", CHECKPOINT, "--input", "input_ids:2x16:int64",
+              "--iterations", "2", "--warmup", "0", "--runtime", "ort", "--trtexec-profile", str(tmp_path / "p.json")]
+    done = CliRunner().invoke(main, ["profile", *common, "--trtexec-layers", str(tmp_path / "l.json"), "--trtexec-log",
+                                     str(tmp_path / "t.log"), "--json", str(tmp_path / "out.json")])
+    assert done.exit_code == 0, done.output
+    assert "trt (trtexec): end-to-end 0.030 ms" in done.output and "TensorRT 10.16.0 on NVIDIA H200" in done.output
+    assert "TensorRT 10.16.0" in json.loads((tmp_path / "out.json").read_text())["runtimes"]["trt (trtexec)"]["source"]
+    (tmp_path / "other.log").write_text("hello\n")
+    for extra, message in ((["--trtexec-log", str(tmp_path / "other.log")], "is not trtexec's console output"),
+                           (["--trtexec-log", str(tmp_path / "none.log")], "trtexec log file not found")):
+        bad = CliRunner().invoke(main, ["profile", *common, *extra])
+        assert bad.exit_code == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ") and message in bad.stderr
+        assert "timing ort" not in bad.stderr  # the files are read before anything is timed

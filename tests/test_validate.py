@@ -19,6 +19,7 @@ from conftest import export
 from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Precision, Tolerance, api
 from ticknorm.base.errors import AccuracyError, BundleError, InputSpecError
 from ticknorm.base.inputs import load_feed_sets
+from ticknorm.base.run_results import load_run_results
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.cli import main
 from ticknorm.exporter.export import export_model
@@ -259,7 +260,7 @@ def test_bundles_keep_their_check_mode_and_read_polygraphy_written_outputs(expor
     assert CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)]).exit_code == 0
     (bundle / "outputs.json").write_text(json.dumps({"objs": [], "polygraphy_class": "NotAClass"}))
     foreign = CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)])
-    assert foreign.exit_code == 2 and "corrupt or foreign bundle file" in foreign.stderr
+    assert foreign.exit_code == 2 and "damaged bundle or not a ticknorm one" in foreign.stderr
     assert len(foreign.stderr.strip().splitlines()) == 1
 
 
@@ -281,3 +282,45 @@ def test_every_iteration_of_a_polygraphy_inputs_file_is_judged(exported, tmp_pat
     again = CliRunner().invoke(main, ["compare", str(path), "--model", EXAMPLE, "--checkpoint", CHECKPOINT,
                                       "--input-file", str(bundle)])  # a bundle folder as the inputs
     assert again.exit_code == 0 and "output (iteration 2)" in again.output
+
+
+def test_compare_against_outputs_polygraphy_saved(exported, tmp_path):
+    """`polygraphy run --onnxrt --save-inputs/--save-outputs` made the files; ticknorm judges its
+    runtimes against those outputs with no PyTorch model, and with it when asked per module."""
+    from polygraphy.json import save_json
+
+    path, model = exported
+    inputs, outputs = tmp_path / "inputs.json", tmp_path / "outputs.json"
+    made = subprocess.run(["polygraphy", "run", str(path), "--onnxrt", "--val-range", "input_ids:[0,999]",
+                           "--input-shapes", "input_ids:[2,16]", "--iterations", "2", "--save-inputs", str(inputs),
+                           "--save-outputs", str(outputs)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    saved = ["compare", str(path), "--input-file", str(inputs), "--reference-outputs", str(outputs)]
+    alone = CliRunner().invoke(main, saved)
+    assert alone.exit_code == 0, alone.output
+    assert "ort vs outputs.json: onnxrt-runner-N0" in alone.output
+    assert "output (iteration 2): max abs 0," in alone.output  # the same runtime, the same numbers
+    with_model = CliRunner().invoke(main, [*saved, "--model", EXAMPLE, "--checkpoint", CHECKPOINT, "--runtime",
+                                           "torch,ort", "--per-layer", "--depth", "2"])
+    assert with_model.exit_code == 0, with_model.output
+    assert "torch vs outputs.json" in with_model.output and "per module" in with_model.output
+    # a reference that disagrees fails; files that do not fit are one line, exit 2
+    results = load_run_results(outputs)
+    for iteration in results[list(results.keys())[0]]:
+        iteration["output"] = iteration["output"] + 1.0
+    save_json(results, str(tmp_path / "shifted.json"))
+    shifted = CliRunner().invoke(main, ["compare", str(path), "--input-file", str(inputs), "--reference-outputs",
+                                        str(tmp_path / "shifted.json")])
+    assert shifted.exit_code == 1 and "FAIL" in shifted.output
+    np.savez(tmp_path / "one.npz", **FEEDS)
+    (tmp_path / "broken.json").write_text("{not json")
+    for args, message in [
+        (["--input-file", str(tmp_path / "one.npz"), "--reference-outputs", str(outputs)], "holds 2 iteration(s) of outputs for 1"),
+        (["--input-file", str(inputs), "--reference-outputs", str(tmp_path / "broken.json")], "is not a readable Polygraphy RunResults file"),
+        (["--input-file", str(inputs), "--reference-outputs", str(tmp_path / "none.json")], "reference outputs file not found"),
+        (["--input-file", str(inputs), "--reference-outputs", str(outputs), "--reference-runner", "trt"], "holds no runner 'trt'; it has onnxrt-runner-N0"),
+        (["--input-file", str(inputs)], "compare needs the PyTorch model (--model) or saved outputs"),
+        (["--input-file", str(inputs), "--reference-outputs", str(outputs), "--per-layer"], "per-module comparison taps the PyTorch model"),
+    ]:
+        bad = CliRunner().invoke(main, ["compare", str(path), *args])
+        assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, (args, bad.output)

@@ -15,6 +15,7 @@ from ticknorm.base.inputs import Inputs  # noqa: E402
 from ticknorm.base.metrics import Tolerance  # noqa: E402
 from ticknorm.base.precision import Precision  # noqa: E402
 from ticknorm.base.progress import Progress  # noqa: E402
+from ticknorm.base.run_results import read_reference  # noqa: E402
 from ticknorm.base.scopes import LayerSelection  # noqa: E402
 from ticknorm.exporter.export import ExportOptions  # noqa: E402
 from ticknorm.exporter.fusion import NormTargets  # noqa: E402
@@ -24,4 +25,4 @@ from ticknorm.runtime.registry import Runtimes  # noqa: E402
 
 __all__ = ["ExportOptions", "Inputs", "LayerSelection", "ModelRef", "NormTargets", "Precision", "Progress", "Runtimes",
            "TicknormError", "Timing", "Tolerance", "__version__", "check", "compare", "convert", "export", "fuse",
-           "history", "inspect", "profile", "report", "runtimes", "snapshot"]
+           "history", "inspect", "profile", "read_reference", "report", "runtimes", "snapshot"]

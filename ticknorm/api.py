@@ -22,6 +22,7 @@ from ticknorm.base.metrics import Tolerance
 from ticknorm.base.onnx_io import load_onnx, model_digest, save_onnx
 from ticknorm.base.precision import Precision
 from ticknorm.base.progress import QUIET, Progress
+from ticknorm.base.run_results import SavedReference
 from ticknorm.base.scopes import LayerSelection, annotate_scopes
 from ticknorm.exporter.export import ExportOptions, ExportResult, export_model, torch_reference
 from ticknorm.exporter.fusion import FusionResult, NormTargets, fuse_norms
@@ -114,15 +115,25 @@ def runtimes() -> list[RuntimeStatus]:
 
 
 def compare(source, model, inputs, runtimes=("ort",), tolerance: Tolerance | None = None,
-            layers: LayerSelection | None = None, progress: Progress = QUIET) -> CompareReport:
+            layers: LayerSelection | None = None, progress: Progress = QUIET,
+            reference: SavedReference | None = None) -> CompareReport:
     """PyTorch (fp32 CPU) vs each runtime (names, or a `Runtimes`), per output and, with `layers`,
     per module, each at the tolerance of the type it computes in unless `tolerance` says otherwise.
-    Low-precision targets run with fp32 islands measured on these inputs (`report.fp32_islands`)."""
-    onnx_model, module, feed_sets = _judged(source, model, inputs, progress)
+    Low-precision targets run with fp32 islands measured on these inputs (`report.fp32_islands`).
+    With `reference` (`read_reference("outputs.json")`: Polygraphy's saved outputs) the outputs are
+    judged against it; `model` may then be None, and `inputs` must be those it was made from."""
+    if model is None:
+        if reference is None:
+            raise InputSpecError("compare needs the PyTorch model (--model) or saved outputs to judge against "
+                                 "(--reference-outputs)")
+        onnx_model, module = _onnx(source), None
+        feed_sets = inputs.feed_sets(onnx_model) if isinstance(inputs, Inputs) else [_feeds(inputs, None, onnx_model)[0]]
+    else:
+        onnx_model, module, feed_sets = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
     setup = _setup(onnx_model, module, feed_sets[0], runtimes, progress)
     report = compare_runtimes(onnx_model, feed_sets, runtimes.names, setup, tolerance=tolerance, layers=layers,
-                              progress=progress.step)
+                              progress=progress.step, saved=reference)
     report.fp32_islands = {dtype: list(low.policy.islands) for dtype, low in setup.low.items()}
     return report
 
@@ -140,9 +151,9 @@ def profile(source, model, inputs, runtimes=("torch", "ort"), timing: Timing = T
 
 def _timings(onnx_model, feeds, runtimes: Runtimes, setup, timing: Timing, progress: Progress) -> ProfileResult:
     """The runtimes timed here, and the TensorRT layers trtexec timed elsewhere when given."""
+    imported = import_trtexec(runtimes.trtexec, ScopeTable(onnx_model)) if runtimes.trtexec is not None else None
     result = profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, progress=progress)
-    if runtimes.trtexec is not None:
-        imported = import_trtexec(*runtimes.trtexec, ScopeTable(onnx_model))
+    if imported is not None:  # read first: a file that does not fit stops the command before the timing
         result.logs[imported.runtime] = imported
     return result
 
@@ -208,8 +219,10 @@ def trtexec_line(source, inputs=None, prefix: str = "trtexec") -> str:
         for flag, which in (("minShapes", 0), ("optShapes", 1), ("maxShapes", 2)):
             line.append(f"--{flag}=" + ",".join(f"{name}:{'x'.join(map(str, dims[which]))}" for name, dims in shapes.items()))
     line += ["--profilingVerbosity=detailed", "--separateProfileRun", f"--exportProfile={prefix}.profile.json",
-             f"--exportLayerInfo={prefix}.layers.json"]
-    return " ".join(line) + "\n# TensorRT 11 builds every network strongly typed: drop --stronglyTyped there if it refuses it"
+             f"--exportLayerInfo={prefix}.layers.json", "2>&1", "|", "tee", f"{prefix}.log"]
+    return (" ".join(line) + f"\n# then: ticknorm profile ... --trtexec-profile {prefix}.profile.json --trtexec-layers "
+            f"{prefix}.layers.json --trtexec-log {prefix}.log"
+            "\n# TensorRT 11 builds every network strongly typed: drop --stronglyTyped there if it refuses it")
 
 
 def _model_ref(model) -> ModelRef:

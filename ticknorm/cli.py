@@ -18,6 +18,7 @@ from ticknorm.base.metrics import CHECK_RULES, Tolerance
 from ticknorm.base.onnx_io import PROTOBUF_LIMIT
 from ticknorm.base.precision import PRECISIONS, Precision
 from ticknorm.base.progress import Progress
+from ticknorm.base.run_results import read_reference
 from ticknorm.base.scopes import LayerSelection
 from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS, ExportOptions
 from ticknorm.exporter.fusion import RMS_TARGETS, NormTargets
@@ -27,7 +28,7 @@ from ticknorm.exporter.tasks import TASKS
 from ticknorm.profiler.profile import Timing
 from ticknorm.report import joined, profile_outputs
 from ticknorm.runtime.ort_runner import OPTIMIZATION_LEVELS
-from ticknorm.runtime.registry import Runtimes
+from ticknorm.runtime.registry import Runtimes, TrtexecFiles
 
 class OneLineErrors(click.Group):
     """Every command's failure as one line on stderr and an exit code: 1 for wrong numbers, 2 for a
@@ -78,16 +79,37 @@ input_options = grouped(
                  help=".npz with one array per input name, Polygraphy's inputs JSON (every iteration), or a bundle folder."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for random inputs."))
 
-model_options = grouped(
-    "model", lambda model_source, **loading: ModelRef(model_source, **loading),
-    click.option("--model", "model_source", required=True, metavar="FACTORY|HF_DIR",
-                 help="pkg.module:fn or path/file.py:fn returning an nn.Module, or a save_pretrained directory."),
-    click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                 help="Weights: .pt/.pth/.bin state dict (wrappers and DDP prefixes handled) or .safetensors."),
-    click.option("--adapter", type=click.Path(file_okay=False), default=None,
-                 help="A PEFT/LoRA adapter folder (save_pretrained), merged into the model first."),
-    click.option("--trust-pickle", is_flag=True,
-                 help="Allow checkpoints that unpickle objects (whole models, TorchScript); this runs code from the file."))
+def _model_options(required: bool):
+    """The options that name the PyTorch model; optional where saved outputs can stand in for it."""
+    return grouped(
+        "model", lambda model_source, **loading: ModelRef(model_source, **loading) if model_source else None,
+        click.option("--model", "model_source", required=required, metavar="FACTORY|HF_DIR",
+                     help="pkg.module:fn or path/file.py:fn returning an nn.Module, or a save_pretrained directory."),
+        click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                     help="Weights: .pt/.pth/.bin state dict (wrappers and DDP prefixes handled) or .safetensors."),
+        click.option("--adapter", type=click.Path(file_okay=False), default=None,
+                     help="A PEFT/LoRA adapter folder (save_pretrained), merged into the model first."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow checkpoints that unpickle objects (whole models, TorchScript); this runs code from the file."))
+
+
+model_options = _model_options(required=True)
+
+reference_options = grouped(
+    "reference", lambda reference_outputs, reference_runner: (
+        read_reference(reference_outputs, reference_runner) if reference_outputs else _no_runner(reference_runner)),
+    click.option("--reference-outputs", type=click.Path(dir_okay=False), default=None,
+                 help="Judge the outputs against Polygraphy RunResults (polygraphy run --save-outputs) instead of "
+                      "PyTorch; --model is then optional and --input-file gives the inputs they were made from."),
+    click.option("--reference-runner", default=None, metavar="NAME",
+                 help="The runner in --reference-outputs to use (default: 'torch', else its only one)."))
+
+
+def _no_runner(runner):
+    if runner is not None:
+        raise InputSpecError("--reference-runner picks a runner in --reference-outputs: give that file too")
+    return None
+
 
 _LN_TARGET = click.option("--ln-target", type=click.Choice(LN_TARGETS), default="native", show_default=True,
                           help="native: ONNX LayerNormalization (every runtime, TensorRT's own layer); plugin: "
@@ -170,23 +192,29 @@ timing_options = grouped(
     click.option("--depth", type=int, default=None, help="Roll modules up to this many path segments."))
 
 
-def _trtexec_files(profile, layers):
-    if layers is not None and profile is None:
-        raise InputSpecError("--trtexec-layers maps the layers of a --trtexec-profile: give that file too")
-    return (profile, layers) if profile is not None else None
+def _trtexec_files(profile, layers, log) -> TrtexecFiles | None:
+    if profile is None:
+        if layers is not None or log is not None:
+            raise InputSpecError("--trtexec-layers and --trtexec-log describe the layers of a --trtexec-profile: "
+                                 "give that file too")
+        return None
+    return TrtexecFiles(profile, layers, log)
 
 
 def _runtimes(names: str, keep_fp32: tuple, ort_optimization: str = "all", trtexec_profile=None,
-              trtexec_layers=None) -> Runtimes:
+              trtexec_layers=None, trtexec_log=None) -> Runtimes:
     return Runtimes(tuple(r.strip() for r in names.split(",") if r.strip()), ort_optimization,
-                    Precision(keep_fp32=tuple(keep_fp32)), _trtexec_files(trtexec_profile, trtexec_layers))
+                    Precision(keep_fp32=tuple(keep_fp32)), _trtexec_files(trtexec_profile, trtexec_layers, trtexec_log))
 
 
 _TRTEXEC = (click.option("--trtexec-profile", type=click.Path(dir_okay=False), default=None,
                          help="trtexec --exportProfile JSON made on the target GPU (see `ticknorm trtexec-command`): "
                               "its layers join the table as 'trt (trtexec)'."),
             click.option("--trtexec-layers", type=click.Path(dir_okay=False), default=None,
-                         help="trtexec --exportLayerInfo JSON (--profilingVerbosity=detailed): maps layers to ONNX nodes."))
+                         help="trtexec --exportLayerInfo JSON (--profilingVerbosity=detailed): maps layers to ONNX nodes."),
+            click.option("--trtexec-log", type=click.Path(dir_okay=False), default=None,
+                         help="trtexec's console output (the `| tee` of trtexec-command): TensorRT version, GPU, "
+                              "precision and the GPU compute time of its plain runs."))
 
 
 def runtime_options(default: str, *more):
@@ -281,17 +309,19 @@ def runtimes_command():
 
 @main.command("compare")
 @click.argument("source", type=click.Path(dir_okay=False))
-@model_options
+@_model_options(required=False)
+@reference_options
 @input_options
 @runtime_options("ort", click.option("--ort-optimization", type=click.Choice(OPTIMIZATION_LEVELS), default="all",
                                      show_default=True, help="ONNX Runtime graph optimization level."))
 @tolerance_options
 @per_layer_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
-def compare_command(source, model, inputs, runtimes, tolerance, layers, json_path):
-    """Compare runtimes with the PyTorch model, per output and per module. Exit 1 on failure."""
+def compare_command(source, model, reference, inputs, runtimes, tolerance, layers, json_path):
+    """Compare runtimes with the PyTorch model (or with saved Polygraphy outputs), per output and
+    per module. Exit 1 on failure."""
     report = api.compare(source, model, inputs, runtimes=runtimes, tolerance=tolerance, layers=layers,
-                         progress=Progress(_say))
+                         progress=Progress(_say), reference=reference)
     click.echo(report.text())
     if json_path:
         write_text(json_path, report.to_json())

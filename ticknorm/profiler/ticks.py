@@ -81,6 +81,7 @@ class TickLog:
     instrumented_ns: list = field(default_factory=list)  # the same iterations with instrumentation
     iterations: int = 0
     device_ns: list = field(default_factory=list)  # GPU compute per plain iteration, copies excluded (TensorRT)
+    source: str = ""  # where the figures came from when not measured here (trtexec files)
 
     def row_key(self, span: Span, depth: int | None) -> str:
         """A span covering several modules (a fused TensorRT layer) becomes one group row."""

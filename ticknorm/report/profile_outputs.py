@@ -46,9 +46,9 @@ def runtime_line(runtime: str, log) -> str:
     if log.overhead < -0.05:
         warning = " (negative: the plain and the instrumented runs disagree beyond noise; rerun with more iterations)"
     device = f", GPU compute {log.device_ms:.3f} ms without copies" if log.device_ns else ""
+    how = log.source or f"{log.iterations} iterations, clock {log.clock}"
     return (f"{runtime}: end-to-end {log.end_to_end_ms:.3f} ms (median, uninstrumented{device}), coverage "
-            f"{log.coverage():.1%}, instrumentation overhead {log.overhead:+.1%}{warning}, {log.iterations} "
-            f"iterations, clock {log.clock}")
+            f"{log.coverage():.1%}, instrumentation overhead {log.overhead:+.1%}{warning}, {how}")
 
 
 def to_dict(result: ProfileResult) -> dict:
@@ -56,7 +56,7 @@ def to_dict(result: ProfileResult) -> dict:
         "depth": result.depth,
         "runtimes": {r: {"end_to_end_ms": log.end_to_end_ms, "gpu_compute_ms": log.device_ms if log.device_ns else None,
                          "coverage": log.coverage(), "overhead": log.overhead, "iterations": log.iterations,
-                         "clock": log.clock} for r, log in result.logs.items()},
+                         "clock": log.clock, "source": log.source or None} for r, log in result.logs.items()},
         "rows": [{"module": module, **{r: {"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
                                            "min_ms": t.min_ms, "spread": t.spread, "unstable": t.unstable}
                                        for r, t in timings.items()}} for module, timings in result.rows()],

@@ -16,7 +16,7 @@ from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.runtime.trt_runner import TrtRunner, TrtSettings
 
-RUNTIME_NAMES = ("ort", "ort-cpu", "ort-cuda", "trt", "trt-fp16", "trt-bf16",
+RUNTIME_NAMES = ("torch", "ort", "ort-cpu", "ort-cuda", "trt", "trt-fp16", "trt-bf16",
                  "torch-fp16", "torch-bf16", "torch-cuda", "torch-cuda-fp16", "torch-cuda-bf16")
 
 
@@ -89,6 +89,17 @@ class RunnerSetup:
 
 
 @dataclass(frozen=True)
+class TrtexecFiles:
+    """What trtexec wrote on a target GPU (`ticknorm trtexec-command` prints the line): its
+    --exportProfile JSON, and optionally its --exportLayerInfo JSON (layers -> ONNX nodes) and its
+    console log (TensorRT version, GPU, precision flags, GPU compute time of the plain runs)."""
+
+    profile: str
+    layers: str | None = None
+    log: str | None = None
+
+
+@dataclass(frozen=True)
 class Runtimes:
     """The runtimes a command runs, and how: ONNX Runtime's optimization level, and the precision
     policy low-precision targets (`trt-fp16`, `torch-bf16`, ...) measure their fp32 islands with
@@ -97,7 +108,7 @@ class Runtimes:
     names: tuple = ("ort",)
     ort_optimization: str = "all"
     precision: Precision = Precision()
-    trtexec: tuple | None = None  # (profile.json, layers.json or None): TensorRT timed by trtexec on a target GPU
+    trtexec: TrtexecFiles | None = None  # TensorRT timed by trtexec on a target GPU
 
     @classmethod
     def of(cls, value) -> "Runtimes":

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from ticknorm.base.errors import InputSpecError
+from ticknorm.base.run_results import SavedReference
 from ticknorm.base.inputs import as_feed_sets, graph_feeds
 from ticknorm.base.metrics import ArrayComparison, Tolerance, compare_arrays, ensure_finite
 from ticknorm.base.scopes import LayerSelection, module_output_tensors
@@ -41,6 +43,7 @@ class CompareReport:
     tap_effect: dict = field(default_factory=dict)  # runtime -> max |tapped - untapped| of final outputs
     fp32_islands: dict = field(default_factory=dict)  # low type -> [Fp32Island] its targets kept in fp32
     tolerances: dict = field(default_factory=dict)  # runtime -> (atol, rtol) it was judged at
+    reference: str = "torch"  # what the final outputs were judged against
 
     @property
     def passed(self) -> bool:
@@ -54,7 +57,7 @@ class CompareReport:
                  for dtype, islands in self.fp32_islands.items() for island in islands]
         for runtime, checks in self.outputs.items():
             atol, rtol = self.tolerances.get(runtime, (None, None))
-            lines.append(f"{runtime} vs torch" + (f" (atol {atol:g}, rtol {rtol:g}):" if atol is not None else ":"))
+            lines.append(f"{runtime} vs {self.reference}" + (f" (atol {atol:g}, rtol {rtol:g}):" if atol is not None else ":"))
             lines += ["  " + check.line() for check in checks]
         if self.layers:
             lines.append(f"per module ({len({r.module for r in self.layers})} tapped):")
@@ -77,24 +80,33 @@ class CompareReport:
 
 def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup,
                      tolerance: Tolerance | None = None, layers: LayerSelection | None = None,
-                     progress=lambda message: None) -> CompareReport:
+                     progress=lambda message: None, saved: SavedReference | None = None) -> CompareReport:
     """PyTorch (`setup.module`, fp32 CPU) vs each runtime on `feeds` (one feed dict, or one per
     iteration, each output compared per iteration), and, with `layers`, per module on the first.
-    Every runtime is checked for availability before any work; then one runner at a time holds
-    the model, for every iteration: the plain one, then (with `layers`) the tapped one."""
+    With `saved`, the final outputs are judged against it instead (PyTorch then runs only for the
+    per-module taps, when asked). Every runtime is checked for availability before any work; then
+    one runner at a time holds the model, for every iteration: the plain one, then (with `layers`)
+    the tapped one."""
     tolerance = tolerance or Tolerance()
     feed_sets = as_feed_sets(feeds)
     output_names = [o.name for o in model.graph.output]
+    if layers and setup.module is None:
+        raise InputSpecError("per-module comparison taps the PyTorch model: give --model")
     modules = layers.modules(model, (name for name, _ in setup.module.named_modules())) if layers else []
     runners = {runtime: make_runner(runtime, model, setup) for runtime in runtimes}
     for runner in runners.values():
         runner.check_available()  # an unavailable runtime fails here, before any work, with its reason
-    progress("running the PyTorch reference")
-    with TorchRunner(setup.module, output_names, taps=modules) as torch_runner:
-        references = [torch_runner.infer(feed_set) for feed_set in feed_sets]
-    for reference in references:
-        ensure_finite(reference.outputs, "the PyTorch reference")
-    report = CompareReport()
+    references = _saved_outputs(saved, output_names, len(feed_sets)) if saved else None
+    taps = []
+    if saved is None or modules:
+        progress("running the PyTorch reference")
+        with TorchRunner(setup.module, output_names, taps=modules) as torch_runner:
+            torch_runs = [torch_runner.infer(feed_set) for feed_set in feed_sets[:1 if saved else None]]
+        taps = torch_runs[0].taps
+        references = references or [run.outputs for run in torch_runs]
+    for outputs in references:
+        ensure_finite(outputs, "the PyTorch reference" if saved is None else saved.label)
+    report = CompareReport(reference=saved.label if saved else "torch")
     for runtime, runner in runners.items():
         progress(f"running {runtime}")
         runtime_sets = feed_sets if isinstance(runner, TorchRunner) else [graph_feeds(model, f) for f in feed_sets]
@@ -102,18 +114,28 @@ def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup
             plain = [runner.infer(feed_set).outputs for feed_set in runtime_sets]
         judged = tolerance.at(TYPE_NAMES[runtime_precision(runtime, model)])
         report.tolerances[runtime] = (judged.atol, judged.rtol)
-        report.outputs[runtime] = [compare_arrays(iteration_name(name, number, len(feed_sets)), reference.outputs[name],
+        report.outputs[runtime] = [compare_arrays(iteration_name(name, number, len(feed_sets)), reference[name],
                                                   outputs[name], *judged.of(name))
                                    for number, (reference, outputs) in enumerate(zip(references, plain), start=1)
                                    for name in output_names]
         if modules:
             progress(f"running {runtime} with {len(modules)} taps")
-            first = references[0]
-            with make_runner(runtime, model, setup, taps=[m for m in modules if m in first.taps]) as tapped_runner:
+            with make_runner(runtime, model, setup, taps=[m for m in modules if m in taps]) as tapped_runner:
                 tapped = tapped_runner.infer(runtime_sets[0])
             report.tap_effect[runtime] = largest_difference(plain[0], tapped.outputs)
-            _compare_layers(report, runtime, module_output_tensors(model), (first.taps, tapped.taps), judged)
+            _compare_layers(report, runtime, module_output_tensors(model), (taps, tapped.taps), judged)
     return report
+
+
+def _saved_outputs(saved: SavedReference, output_names: list, iterations: int) -> list[dict]:
+    """The saved outputs, checked to cover every graph output of every iteration."""
+    if len(saved.outputs) != iterations:
+        raise InputSpecError(f"{saved.label} holds {len(saved.outputs)} iteration(s) of outputs for {iterations} of "
+                             "inputs: give the inputs it was made from (--input-file, e.g. polygraphy's --save-inputs)")
+    for name in output_names:
+        if name not in saved.outputs[0]:
+            raise InputSpecError(f"{saved.label} holds no output '{name}' (it has {', '.join(saved.outputs[0]) or 'none'})")
+    return saved.outputs
 
 
 def iteration_name(name: str, number: int, count: int) -> str:

@@ -16,10 +16,11 @@ import numpy as np
 import onnx
 
 from ticknorm.base.atomic import write_text
-from ticknorm.base.errors import BundleError, first_line
+from ticknorm.base.errors import BundleError, InputSpecError, first_line
 from ticknorm.base.scopes import module_output_tensors
 from ticknorm.base.onnx_io import model_digest
-from ticknorm.base.inputs import as_feed_sets, graph_feeds
+from ticknorm.base.inputs import as_feed_sets, graph_feeds, load_feed_sets
+from ticknorm.base.run_results import load_run_results, runner_outputs
 from ticknorm.base.metrics import Tolerance, compare_arrays, ensure_finite, within
 from ticknorm.base.scopes import LayerSelection
 from ticknorm.base.text_table import render
@@ -140,35 +141,27 @@ def load_bundle(bundle) -> tuple[dict, list, list]:
     """(meta, a feed dict per iteration, the reference outputs per iteration). The reference is the
     `torch` runner's, or, in an outputs.json Polygraphy wrote (`polygraphy run --save-outputs`),
     its only runner's."""
-    from polygraphy.exception import PolygraphyException
-    from polygraphy.json import from_json
-
-    from polygraphy.logger import G_LOGGER
-
     bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"bundle folder not found: {bundle}")
+    for name in ("bundle.json", "inputs.json", "outputs.json"):
+        if not (bundle / name).is_file():
+            raise BundleError(f"{bundle} is not a ticknorm bundle: {name} is missing")
     try:
         meta = json.loads((bundle / "bundle.json").read_text())
-        with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):  # its own warning before it raises: ours is the one line
-            inputs = from_json((bundle / "inputs.json").read_text())
-            outputs = from_json((bundle / "outputs.json").read_text())
-    except FileNotFoundError as exc:
-        raise BundleError(f"{bundle} is not a ticknorm bundle: {Path(exc.filename).name} is missing") from exc
-    except (ValueError, KeyError, TypeError, PolygraphyException) as exc:
-        raise BundleError(f"{bundle} holds a corrupt or foreign bundle file ({first_line(exc)})") from exc
+        feeds = load_feed_sets(bundle / "inputs.json")
+        _, references = runner_outputs(load_run_results(bundle / "outputs.json"), bundle / "outputs.json")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{bundle} is a damaged bundle: bundle.json is not JSON ({first_line(exc)})") from exc
+    except InputSpecError as exc:
+        raise BundleError(f"{bundle} is a damaged bundle or not a ticknorm one: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BundleError(f"{bundle} is not a bundle of format {FORMAT}")
     missing = [key for key in ("model_hash", "outputs", "tolerances", "layers") if key not in meta]
-    try:
-        runners = list(outputs.keys())
-        runner = "torch" if "torch" in runners else runners[0] if len(runners) == 1 else None
-        references = [dict(iteration) for iteration in outputs[runner]]
-        feeds = [dict(feed) for feed in inputs]
-        if len(references) != len(feeds):
-            missing.append(f"one reference per input iteration ({len(feeds)} inputs, {len(references)} references)")
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, PolygraphyException):
-        missing.append("outputs.json: the reference results (a 'torch' runner, or a single one)")
-    if missing or not feeds:
-        raise BundleError(f"{bundle} is a damaged bundle: {', '.join(missing) or 'no inputs'} missing")
+    if len(references) != len(feeds):
+        missing.append(f"one reference per input iteration ({len(feeds)} inputs, {len(references)} references)")
+    if missing:
+        raise BundleError(f"{bundle} is a damaged bundle: {', '.join(missing)} missing")
     return meta, feeds, references
 
 

@@ -1,0 +1,66 @@
+"""Polygraphy RunResults (`polygraphy run --save-outputs`, a bundle's outputs.json): one runner's
+outputs per iteration, read through Polygraphy's own JSON so every file it writes is understood.
+
+A RunResults file holds a list of (runner name, iterations); which runner serves as a reference
+is asked for by name, or found: `torch` (what a ticknorm bundle stores), else the only one."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ticknorm.base.errors import InputSpecError, first_line
+
+
+def load_run_results(path):
+    """The parsed RunResults, or InputSpecError naming the file and what is wrong with it."""
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.json import from_json
+    from polygraphy.logger import G_LOGGER
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputSpecError(f"reference outputs file not found: {path}")
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):  # its own warning before it raises: ours is the one line
+            results = from_json(path.read_text())
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, PolygraphyException) as exc:
+        raise InputSpecError(f"{path} is not a readable Polygraphy RunResults file ({first_line(exc)})") from exc
+    if not hasattr(results, "keys"):
+        raise InputSpecError(f"{path} is not a Polygraphy RunResults file (polygraphy run --save-outputs writes one)")
+    return results
+
+
+def runner_outputs(results, path, runner: str | None = None) -> tuple[str, list[dict]]:
+    """(runner name, one name -> array dict per iteration) of `runner`, else of `torch`, else of
+    the only runner the results hold."""
+    names = list(results.keys())
+    if runner is None:
+        runner = "torch" if "torch" in names else names[0] if len(names) == 1 else None
+        if runner is None:
+            raise InputSpecError(f"{path} holds the results of {len(names)} runners ({', '.join(names) or 'none'}): "
+                                 "name the reference with --reference-runner")
+    elif runner not in names:
+        raise InputSpecError(f"{path} holds no runner '{runner}'; it has {', '.join(names) or 'none'}")
+    try:
+        iterations = [dict(iteration) for iteration in results[runner]]
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise InputSpecError(f"{path}: runner '{runner}' holds no iterations of outputs ({first_line(exc)})") from exc
+    if not iterations or not all(isinstance(v, np.ndarray) for it in iterations for v in it.values()):
+        raise InputSpecError(f"{path}: runner '{runner}' holds no iterations of name -> array outputs")
+    return runner, iterations
+
+
+@dataclass(frozen=True)
+class SavedReference:
+    """Reference outputs read from a file instead of computed by PyTorch: one name -> array dict
+    per iteration, and where they came from (`outputs.json: trt-runner-N0`)."""
+
+    outputs: list
+    label: str
+
+
+def read_reference(path, runner: str | None = None) -> SavedReference:
+    """`runner`'s outputs in a Polygraphy RunResults file (see `runner_outputs` for the default)."""
+    chosen, outputs = runner_outputs(load_run_results(path), path, runner)
+    return SavedReference(outputs, f"{Path(path).name}: {chosen}")
