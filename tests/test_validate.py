@@ -102,7 +102,7 @@ def test_nan_reference_is_an_error(tmp_path):
 def test_drift_snapshot_check_history_and_plot(exported, tmp_path):
     path, model = exported
     bundle = write_bundle(model, _reference(), FEEDS, tmp_path / "golden")
-    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "inputs.json", "outputs.json"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "inputs.json", "manifest.json", "outputs.json"]
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["versions"]["onnxruntime"] and "layers.1.output_norm" in meta["layers"]
     assert check_bundle(bundle, model).passed
@@ -117,7 +117,7 @@ def test_drift_snapshot_check_history_and_plot(exported, tmp_path):
     assert len([line for line in text.splitlines() if line.strip().startswith("head ")]) == 1  # one line per module
     assert "(atol 0.0001, rtol 0.001, ticknorm rule)" in text
     assert "the verdict is the untapped run's; tapping moved the outputs by at most" in text
-    assert [e["passed"] for e in read_history(bundle)] == [True, False]
+    assert [e["passed"] for e in read_history(bundle).entries] == [True, False]
     result = CliRunner().invoke(main, ["drift", "history", str(bundle), "--plot", str(tmp_path / "h.png")])
     assert result.exit_code == 0 and (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -256,12 +256,18 @@ def test_bundles_keep_their_check_mode_and_read_polygraphy_written_outputs(expor
         outputs = runner.infer(FEEDS).outputs
     written = RunResults()
     written.append(("onnxrt-runner-N0-12/04/26-17:00:00", [IterationResult(outputs, runner_name="onnxrt-runner-N0")]))
-    save_json(written, str(bundle / "outputs.json"))
-    assert CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)]).exit_code == 0
-    (bundle / "outputs.json").write_text(json.dumps({"objs": [], "polygraphy_class": "NotAClass"}))
-    foreign = CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)])
-    assert foreign.exit_code == 2 and "damaged bundle or not a ticknorm one" in foreign.stderr
-    assert len(foreign.stderr.strip().splitlines()) == 1
+    save_json(written, str(tmp_path / "outputs.json"))
+    save_json([FEEDS], str(tmp_path / "inputs.json"))
+    # a bundle made from Polygraphy's files (no PyTorch model): its outputs are the reference
+    made = CliRunner().invoke(main, ["drift", "snapshot", str(path), "--input-file", str(tmp_path / "inputs.json"),
+                                     "--reference-outputs", str(tmp_path / "outputs.json"), "-o", str(tmp_path / "poly")])
+    assert made.exit_code == 0, made.output
+    assert CliRunner().invoke(main, ["drift", "check", str(tmp_path / "poly"), str(path)]).exit_code == 0
+    # a file swapped into a bundle by hand is no longer the bundle its manifest describes
+    shutil.copyfile(tmp_path / "outputs.json", bundle / "outputs.json")
+    swapped = CliRunner().invoke(main, ["drift", "check", str(bundle), str(path)])
+    assert swapped.exit_code == 2 and "incomplete or damaged bundle" in swapped.stderr and "outputs.json" in swapped.stderr
+    assert len(swapped.stderr.strip().splitlines()) == 1
 
 
 def test_every_iteration_of_a_polygraphy_inputs_file_is_judged(exported, tmp_path):
@@ -319,7 +325,7 @@ def test_compare_against_outputs_polygraphy_saved(exported, tmp_path):
         (["--input-file", str(inputs), "--reference-outputs", str(tmp_path / "broken.json")], "is not a readable Polygraphy RunResults file"),
         (["--input-file", str(inputs), "--reference-outputs", str(tmp_path / "none.json")], "reference outputs file not found"),
         (["--input-file", str(inputs), "--reference-outputs", str(outputs), "--reference-runner", "trt"], "holds no runner 'trt'; it has onnxrt-runner-N0"),
-        (["--input-file", str(inputs)], "compare needs the PyTorch model (--model) or saved outputs"),
+        (["--input-file", str(inputs)], "give the PyTorch model (--model) or saved outputs"),
         (["--input-file", str(inputs), "--reference-outputs", str(outputs), "--per-layer"], "per-module comparison taps the PyTorch model"),
     ]:
         bad = CliRunner().invoke(main, ["compare", str(path), *args])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ticknorm.base.atomic import write_text
+from ticknorm.base.atomic import check_writable_folder, write_text
 from ticknorm.base.errors import InputSpecError
 from ticknorm.base.inputs import Inputs, feeds_for_graph, graph_feeds
 from ticknorm.base.metrics import Tolerance
@@ -43,7 +43,7 @@ from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, runt
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import to_numpy
 from ticknorm.validate.compare import CompareReport, compare_runtimes
-from ticknorm.validate.drift import DriftReport, check_bundle, read_history, versions, write_bundle
+from ticknorm.validate.drift import DriftReport, History, check_bundle, read_history, versions, write_bundle
 
 
 def export(model, inputs, output, options: ExportOptions = ExportOptions(), report=None,
@@ -122,14 +122,7 @@ def compare(source, model, inputs, runtimes=("ort",), tolerance: Tolerance | Non
     Low-precision targets run with fp32 islands measured on these inputs (`report.fp32_islands`).
     With `reference` (`read_reference("outputs.json")`: Polygraphy's saved outputs) the outputs are
     judged against it; `model` may then be None, and `inputs` must be those it was made from."""
-    if model is None:
-        if reference is None:
-            raise InputSpecError("compare needs the PyTorch model (--model) or saved outputs to judge against "
-                                 "(--reference-outputs)")
-        onnx_model, module = _onnx(source), None
-        feed_sets = inputs.feed_sets(onnx_model) if isinstance(inputs, Inputs) else [_feeds(inputs, None, onnx_model)[0]]
-    else:
-        onnx_model, module, feed_sets = _judged(source, model, inputs, progress)
+    onnx_model, module, feed_sets = _reference_run(source, model, inputs, reference, progress)
     runtimes = Runtimes.of(runtimes)
     setup = _setup(onnx_model, module, feed_sets[0], runtimes, progress)
     report = compare_runtimes(onnx_model, feed_sets, runtimes.names, setup, tolerance=tolerance, layers=layers,
@@ -182,26 +175,31 @@ def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Tim
 
 
 def snapshot(source, model, inputs, output, tolerance: Tolerance | None = None,
-             layers: LayerSelection = LayerSelection(), progress: Progress = QUIET) -> Path:
+             layers: LayerSelection = LayerSelection(), progress: Progress = QUIET,
+             reference: SavedReference | None = None) -> Path:
     """Write a golden bundle: every iteration's inputs and PyTorch outputs, per-module statistics (of
-    the first), tolerances, versions."""
-    onnx_model, module, feed_sets = _judged(source, model, inputs, progress)
-    return write_bundle(onnx_model, module, feed_sets, output, tolerance=tolerance, layers=layers, progress=progress.step)
+    the first), tolerances, versions. With `reference` (Polygraphy's saved outputs of `inputs`)
+    those are the reference outputs, and `model`, if given, adds the per-module statistics."""
+    check_writable_folder(output, "bundle")
+    onnx_model, module, feed_sets = _reference_run(source, model, inputs, reference, progress)
+    return write_bundle(onnx_model, module, feed_sets, output, tolerance=tolerance, layers=layers,
+                        progress=progress.step, saved=reference)
 
 
 def check(bundle, source, runtime: str = "ort", allow_model_change: bool = False,
-          progress: Progress = QUIET) -> DriftReport:
+          progress: Progress = QUIET, record: bool = True) -> DriftReport:
     """Re-run the model on the bundle's inputs and compare with its reference; the verdict is
-    appended to the bundle's history."""
+    appended to the bundle's history unless `record` is False (a read-only checkout)."""
     return check_bundle(bundle, _onnx(source), runtime=runtime, allow_model_change=allow_model_change,
-                        progress=progress.step)
+                        progress=progress.step, record=record)
 
 
-def history(bundle, plot=None) -> list[dict]:
-    entries = read_history(bundle)
+def history(bundle, plot=None) -> History:
+    """The bundle's past checks (damaged lines skipped and counted); `plot` draws them."""
+    found = read_history(bundle)
     if plot is not None:
-        plot_history(entries, plot)
-    return entries
+        plot_history(found.entries, plot)
+    return found
 
 
 def trtexec_line(source, inputs=None, prefix: str = "trtexec") -> str:
@@ -288,6 +286,18 @@ def _judged(source, model, inputs, progress: Progress):
     if not isinstance(inputs, Inputs):
         return onnx_model, module, [_feeds(inputs, module, onnx_model)[0]]
     return onnx_model, module, [task_feeds(module, feeds, {}, inputs.seed)[0] for feeds in inputs.feed_sets(onnx_model)]
+
+
+def _reference_run(source, model, inputs, reference: SavedReference | None, progress: Progress):
+    """`_judged`, where saved outputs may stand in for the PyTorch model (`model` None): the
+    inputs are then the ones those outputs were made from, as given."""
+    if model is not None:
+        return _judged(source, model, inputs, progress)
+    if reference is None:
+        raise InputSpecError("give the PyTorch model (--model) or saved outputs to judge against (--reference-outputs)")
+    onnx_model = _onnx(source)
+    feed_sets = inputs.feed_sets(onnx_model) if isinstance(inputs, Inputs) else [_feeds(inputs, None, onnx_model)[0]]
+    return onnx_model, None, feed_sets
 
 
 def _setup(onnx_model, module, feeds, runtimes: Runtimes, progress: Progress) -> RunnerSetup:

@@ -416,14 +416,17 @@ def drift():
 
 @drift.command("snapshot")
 @click.argument("source", type=click.Path(dir_okay=False))
-@model_options
+@_model_options(required=False)
+@reference_options
 @input_options
 @tolerance_options
 @layer_options
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
-def drift_snapshot(source, model, inputs, tolerance, layers, output):
-    """Write a golden bundle: inputs, PyTorch outputs, per-module statistics, tolerances, versions."""
-    bundle = api.snapshot(source, model, inputs, output, tolerance=tolerance, layers=layers, progress=Progress(_say))
+def drift_snapshot(source, model, reference, inputs, tolerance, layers, output):
+    """Write a golden bundle: inputs, PyTorch outputs (or Polygraphy's saved ones), per-module
+    statistics, tolerances, versions, and the manifest that makes it one unit."""
+    bundle = api.snapshot(source, model, inputs, output, tolerance=tolerance, layers=layers, progress=Progress(_say),
+                          reference=reference)
     click.echo(f"wrote bundle {bundle}")
 
 
@@ -432,9 +435,12 @@ def drift_snapshot(source, model, inputs, tolerance, layers, output):
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.option("--runtime", default="ort", show_default=True)
 @click.option("--allow-model-change", is_flag=True, help="Check a model whose hash differs from the bundle's.")
-def drift_check(bundle, source, runtime, allow_model_change):
+@click.option("--no-history", is_flag=True, help="Do not append the verdict to the bundle's history.jsonl "
+                                                 "(a read-only checkout).")
+def drift_check(bundle, source, runtime, allow_model_change, no_history):
     """Re-run on the bundle's inputs and compare; exit 1 with a table if anything drifted."""
-    report = api.check(bundle, source, runtime=runtime, allow_model_change=allow_model_change, progress=Progress(_say))
+    report = api.check(bundle, source, runtime=runtime, allow_model_change=allow_model_change, progress=Progress(_say),
+                       record=not no_history)
     click.echo(report.text())
     sys.exit(0 if report.passed else 1)
 
@@ -444,14 +450,16 @@ def drift_check(bundle, source, runtime, allow_model_change):
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Draw the history to a PNG.")
 def drift_history(bundle, plot):
     """List past checks; --plot draws error per output and per module over time."""
-    entries = api.history(bundle, plot)
-    for entry in entries:
+    found = api.history(bundle, plot)
+    if found.damaged:
+        click.echo(f"warning: skipped {len(found.damaged)} damaged line(s) of history.jsonl (line "
+                   f"{', '.join(map(str, found.damaged[:10]))}): a killed append or an edit", err=True)
+    for entry in found.entries:
         worst = max(entry["outputs"].values(), default=0.0)
         click.echo(f"{entry['time']}  {entry['runtime']:<10} {'pass' if entry['passed'] else 'DRIFT':<6} "
                    f"max output error {worst:.3g}  model {entry['model_hash'][:12]}")
     if plot:
         click.echo(f"wrote {plot}")
-
 
 if __name__ == "__main__":
     main()

@@ -54,6 +54,11 @@ class BundleError(TicknormError):
     """A golden bundle that cannot be used: missing, corrupt, or made for another model."""
 
 
+class OutputPathError(TicknormError):
+    """An output cannot be written where it was asked for (a read-only folder, a parent that is a
+    file): found before any work is done."""
+
+
 class KernelAbiError(TicknormError):
     """The compiled LayerNorm kernel does not have the argument list TensorRT will call it with."""
 

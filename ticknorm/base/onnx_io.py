@@ -2,6 +2,7 @@
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -11,20 +12,57 @@ import onnx
 import onnx.numpy_helper
 from google.protobuf.message import DecodeError
 
+from ticknorm.base.atomic import check_writable
 from ticknorm.base.errors import OnnxFileError, first_line
+from ticknorm.base.manifest import describe, mismatch
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of the limit.
 PROTOBUF_LIMIT = 2**31 - 2**26
 
 
 def load_onnx(path) -> onnx.ModelProto:
+    """The model at `path` with its weights, after checking that its external weights file is the
+    one it was written with (see `save_onnx`): a pair torn by a killed write, or a data file from
+    another export, is refused with the reason."""
     path = Path(path)
     if not path.is_file():
         raise OnnxFileError(f"ONNX file not found: {path}")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeError, ValueError) as exc:
         raise OnnxFileError(f"{path} is not a readable ONNX model ({first_line(exc)})") from exc
+    if has_external_weights(model):
+        _check_weights_file(model, path)
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise OnnxFileError(f"cannot read the weights of {path} ({first_line(exc)})") from exc
+    return model
+
+
+WEIGHTS_RECORD = "ticknorm.weights"  # metadata: the weights file an .onnx was written with
+
+
+def _check_weights_file(model: onnx.ModelProto, path: Path) -> None:
+    for location in sorted(external_locations(model)):
+        if not (path.parent / location).is_file():
+            raise OnnxFileError(f"{path} keeps its weights in {location}, which is missing next to it")
+    record = next((p.value for p in model.metadata_props if p.key == WEIGHTS_RECORD), None)
+    if record is None:
+        return  # written by another tool: nothing to check the file against
+    try:
+        expected = json.loads(record)
+        problem = mismatch(path.parent / expected["file"], expected, sampled=True)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OnnxFileError(f"{path} has an unreadable {WEIGHTS_RECORD} record ({first_line(exc)})") from exc
+    if problem:
+        raise OnnxFileError(f"{path} and its weights file do not belong together ({problem}): an export killed "
+                            "halfway, or a weights file from another export; export again")
+
+
+def external_locations(model: onnx.ModelProto) -> set[str]:
+    return {entry.value for tensor in model.graph.initializer if is_external(tensor)
+            for entry in tensor.external_data if entry.key == "location"}
 
 
 # Models whose weights reach this size are exported with their weights in a file: protobuf copies
@@ -68,39 +106,64 @@ def _typed_bytes(tensor: onnx.TensorProto) -> int:
 
 def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = PROTOBUF_LIMIT,
               weights_dir=None) -> list[Path]:
-    """Write `model` to `path`; weights go to `<name>.data` beside it when they exceed the threshold.
+    """Write `model` to `path`; weights go to a `.data` file beside it when they exceed the threshold.
     A model staged with `stage_weights` names the folder of its weights in `weights_dir`: their
     file is copied as it is (streamed, never loaded) when the output keeps external data.
 
-    Everything is written into a temporary folder beside the target and renamed into place, data
-    file first, so an interrupted save leaves the previous files (or none), never a torn pair.
-    Returns the paths written.
+    The `.onnx` and its weights are one unit, switched by one rename: the weights file gets a name
+    the `.onnx` now at `path` does not use (`<name>.data`, else `<name>.1.data`), the new `.onnx`
+    (which records that file's size and digest, checked by `load_onnx`) replaces the old one, and
+    only then is the old weights file removed. A kill at any point leaves the previous pair or the
+    new one, never a mix. Returns the paths written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path, "ONNX file")
     external = initializer_bytes(model) > external_data_threshold
-    data_name = path.name + ".data"
+    previous = _weights_in_use(path)
+    data_name = next(name for name in (path.name + ".data", path.name + ".1.data") if name not in previous)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staged_model = staging / path.name
         if weights_dir is not None and has_external_weights(model):
             _save_staged(model, staged_model, Path(weights_dir), data_name if external else None)
-            if external:
-                os.replace(staging / data_name, path.parent / data_name)
         elif external:
             onnx.save_model(model, str(staged_model), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
             # save_model moved the weights out of `model`; give the caller its weights back.
             onnx.load_external_data_for_model(model, str(staging))
-            os.replace(staging / data_name, path.parent / data_name)
         else:
             onnx.save_model(model, str(staged_model))
-        os.replace(staged_model, path)
+        if external:
+            _record_weights(staged_model, staging / data_name)
+            os.replace(staging / data_name, path.parent / data_name)
+        os.replace(staged_model, path)  # the switch: from here on the new pair is the one at `path`
+        for name in previous - {data_name}:
+            (path.parent / name).unlink(missing_ok=True)
     except OSError as exc:
         raise OnnxFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [path, path.parent / data_name] if external else [path]
+
+
+def _weights_in_use(path: Path) -> set[str]:
+    """The weights files the `.onnx` at `path` (if any, if readable) references."""
+    if not path.is_file():
+        return set()
+    try:
+        return external_locations(onnx.load(str(path), load_external_data=False))
+    except (DecodeError, RuntimeError, ValueError, OSError):
+        return set()
+
+
+def _record_weights(model_file: Path, data_file: Path) -> None:
+    """Write into the staged `.onnx` which weights file it was saved with (references only: small)."""
+    model = onnx.load(str(model_file), load_external_data=False)
+    record = {"file": data_file.name, **describe(data_file, sampled=True)}
+    for prop in [p for p in model.metadata_props if p.key == WEIGHTS_RECORD]:
+        model.metadata_props.remove(prop)
+    model.metadata_props.add(key=WEIGHTS_RECORD, value=json.dumps(record))
+    onnx.save_model(model, str(model_file))
 
 
 def _save_staged(model: onnx.ModelProto, target: Path, weights_dir: Path, data_name: str | None) -> None:

@@ -54,13 +54,29 @@ def runner_outputs(results, path, runner: str | None = None) -> tuple[str, list[
 @dataclass(frozen=True)
 class SavedReference:
     """Reference outputs read from a file instead of computed by PyTorch: one name -> array dict
-    per iteration, and where they came from (`outputs.json: trt-runner-N0`)."""
+    per iteration, the file they came from and the runner that made them."""
 
     outputs: list
-    label: str
+    file: str
+    runner: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.file}: {self.runner}"
 
 
 def read_reference(path, runner: str | None = None) -> SavedReference:
     """`runner`'s outputs in a Polygraphy RunResults file (see `runner_outputs` for the default)."""
     chosen, outputs = runner_outputs(load_run_results(path), path, runner)
-    return SavedReference(outputs, f"{Path(path).name}: {chosen}")
+    return SavedReference(outputs, Path(path).name, chosen)
+
+
+def saved_outputs(saved: SavedReference, output_names: list, iterations: int) -> list[dict]:
+    """The saved outputs, checked to hold every graph output for each of `iterations` feeds."""
+    if len(saved.outputs) != iterations:
+        raise InputSpecError(f"{saved.label} holds {len(saved.outputs)} iteration(s) of outputs for {iterations} of "
+                             "inputs: give the inputs it was made from (--input-file, e.g. polygraphy's --save-inputs)")
+    for name in output_names:
+        if name not in saved.outputs[0]:
+            raise InputSpecError(f"{saved.label} holds no output '{name}' (it has {', '.join(saved.outputs[0]) or 'none'})")
+    return saved.outputs

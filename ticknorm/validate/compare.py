@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from ticknorm.base.errors import InputSpecError
-from ticknorm.base.run_results import SavedReference
+from ticknorm.base.run_results import SavedReference, saved_outputs
 from ticknorm.base.inputs import as_feed_sets, graph_feeds
 from ticknorm.base.metrics import ArrayComparison, Tolerance, compare_arrays, ensure_finite
 from ticknorm.base.scopes import LayerSelection, module_output_tensors
@@ -96,7 +96,7 @@ def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup
     runners = {runtime: make_runner(runtime, model, setup) for runtime in runtimes}
     for runner in runners.values():
         runner.check_available()  # an unavailable runtime fails here, before any work, with its reason
-    references = _saved_outputs(saved, output_names, len(feed_sets)) if saved else None
+    references = saved_outputs(saved, output_names, len(feed_sets)) if saved else None
     taps = []
     if saved is None or modules:
         progress("running the PyTorch reference")
@@ -125,17 +125,6 @@ def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup
             report.tap_effect[runtime] = largest_difference(plain[0], tapped.outputs)
             _compare_layers(report, runtime, module_output_tensors(model), (taps, tapped.taps), judged)
     return report
-
-
-def _saved_outputs(saved: SavedReference, output_names: list, iterations: int) -> list[dict]:
-    """The saved outputs, checked to cover every graph output of every iteration."""
-    if len(saved.outputs) != iterations:
-        raise InputSpecError(f"{saved.label} holds {len(saved.outputs)} iteration(s) of outputs for {iterations} of "
-                             "inputs: give the inputs it was made from (--input-file, e.g. polygraphy's --save-inputs)")
-    for name in output_names:
-        if name not in saved.outputs[0]:
-            raise InputSpecError(f"{saved.label} holds no output '{name}' (it has {', '.join(saved.outputs[0]) or 'none'})")
-    return saved.outputs
 
 
 def iteration_name(name: str, number: int, count: int) -> str:

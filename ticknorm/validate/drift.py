@@ -6,8 +6,11 @@ reference, readable by `polygraphy run --load-outputs`), `bundle.json` (model ha
 tolerances, per-module output statistics) and `history.jsonl` (one line per check).
 """
 
+import contextlib
 import importlib
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ticknorm.base.atomic import write_text
-from ticknorm.base.errors import BundleError, InputSpecError, first_line
+from ticknorm.base.atomic import PARKED_SUFFIX, check_writable_folder, locked_folder, staging_folder, swap_folder
+from ticknorm.base.manifest import MANIFEST, read_manifest, unit_problems, write_manifest
+from ticknorm.base.errors import BundleError, InputSpecError, OutputPathError, first_line
 from ticknorm.base.scopes import module_output_tensors
 from ticknorm.base.onnx_io import model_digest
 from ticknorm.base.inputs import as_feed_sets, graph_feeds, load_feed_sets
-from ticknorm.base.run_results import load_run_results, runner_outputs
-from ticknorm.base.metrics import Tolerance, compare_arrays, ensure_finite, within
+from ticknorm.base.run_results import SavedReference, load_run_results, runner_outputs, saved_outputs
+from ticknorm.base.metrics import CHECK_RULES, Tolerance, compare_arrays, ensure_finite, within
 from ticknorm.base.scopes import LayerSelection
 from ticknorm.base.text_table import render
 from ticknorm.base.precision import TYPE_NAMES
@@ -32,6 +36,7 @@ from ticknorm.validate.compare import TAP_EFFECT_LIMIT, iteration_name, largest_
 
 FORMAT = 1
 STATS = ("mean", "std", "absmax")
+HISTORY = "history.jsonl"
 
 
 def versions() -> dict:
@@ -50,38 +55,66 @@ def layer_stats(array: np.ndarray) -> dict:
 
 
 def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Tolerance | None = None,
-                 layers: LayerSelection = LayerSelection(), progress=lambda message: None) -> Path:
+                 layers: LayerSelection = LayerSelection(), progress=lambda message: None,
+                 saved: SavedReference | None = None) -> Path:
     """Run the PyTorch reference on `feeds` (one feed dict, or one per iteration) and write the
-    bundle; the per-module statistics are the first iteration's."""
+    bundle; the per-module statistics are the first iteration's. With `saved` (Polygraphy's saved
+    outputs of these feeds) those are the reference, and PyTorch, when given, runs only for the
+    per-module statistics."""
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import to_json
 
     tolerance = tolerance or Tolerance()
-    bundle = Path(bundle)
+    bundle = check_writable_folder(bundle, "bundle")
     names = [o.name for o in model.graph.output]
     scope_map = module_output_tensors(model)
     feed_sets = as_feed_sets(feeds)
-    progress(f"running the PyTorch reference on {len(feed_sets)} iteration(s), every module tapped")
-    with TorchRunner(module, names, taps=layers.modules(model, (name for name, _ in module.named_modules()))) as runner:
-        references = [runner.infer(feed_set) for feed_set in feed_sets]
-    for reference in references:
-        ensure_finite(reference.outputs, "the PyTorch reference")
-    reference = references[0]
+    runner_name, outputs, taps = "torch", None, {}
+    if saved is not None:
+        runner_name, outputs = saved.runner, saved_outputs(saved, names, len(feed_sets))
+    if module is not None:
+        progress(f"running the PyTorch reference on {len(feed_sets)} iteration(s), every module tapped")
+        with TorchRunner(module, names, taps=layers.modules(model, (name for name, _ in module.named_modules()))) as runner:
+            references = [runner.infer(feed_set) for feed_set in feed_sets[:1 if saved else None]]
+        outputs = outputs or [reference.outputs for reference in references]
+        taps = references[0].taps
+    for reference in outputs:
+        ensure_finite(reference, "the PyTorch reference" if saved is None else saved.label)
     results = RunResults()
-    results.append(("torch", [IterationResult(r.outputs, runner_name="torch") for r in references]))
+    results.append((runner_name, [IterationResult(iteration, runner_name=runner_name) for iteration in outputs]))
     meta = {
         "format": FORMAT, "model_hash": model_digest(model), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions(), "outputs": names,
         "tolerances": {"atol": tolerance.atol, "rtol": tolerance.rtol, "per_output": tolerance.per_output,
                        "rule": tolerance.rule},
-        "layers": {m: {"tensor": scope_map[m], **layer_stats(v)} for m, v in reference.taps.items()},
+        "layers": {m: {"tensor": scope_map[m], **layer_stats(v)} for m, v in taps.items()},
     }
-    bundle.mkdir(parents=True, exist_ok=True)
-    write_text(bundle / "inputs.json", to_json(feed_sets))
-    write_text(bundle / "outputs.json", to_json(results))
-    write_text(bundle / "bundle.json", json.dumps(meta, indent=2))
+    _write_unit(bundle, {"inputs.json": to_json(feed_sets), "outputs.json": to_json(results),
+                         "bundle.json": json.dumps(meta, indent=2)})
     return bundle
+
+
+def _write_unit(bundle: Path, files: dict) -> None:
+    """The bundle's files, written whole into a staging folder with their manifest and swapped in
+    as one unit. The previous bundle's history moves with it, under the folder's lock, so a check
+    appending meanwhile is not lost."""
+    with staging_folder(bundle) as staging:
+        for name, text in files.items():
+            (staging / name).write_text(text)
+        with locked_folder(bundle) if bundle.is_dir() else contextlib.nullcontext():
+            if (bundle / HISTORY).is_file():
+                shutil.copyfile(bundle / HISTORY, staging / HISTORY)
+            write_manifest(staging, list(files), _generation(bundle) + 1)
+            swap_folder(staging, bundle)
+
+
+def _generation(bundle: Path) -> int:
+    """The generation of the bundle at `bundle`, 0 when there is none (or none readable)."""
+    try:
+        return int((read_manifest(bundle) or {}).get("generation", 0)) if bundle.is_dir() else 0
+    except (ValueError, TypeError):
+        return 0
 
 
 @dataclass
@@ -137,39 +170,91 @@ class DriftReport:
         return "\n".join(lines)
 
 
+DAMAGED = "is an incomplete or damaged bundle (written by a killed run, or changed since it was written)"
+
+
 def load_bundle(bundle) -> tuple[dict, list, list]:
     """(meta, a feed dict per iteration, the reference outputs per iteration). The reference is the
-    `torch` runner's, or, in an outputs.json Polygraphy wrote (`polygraphy run --save-outputs`),
-    its only runner's."""
+    `torch` runner's, or, when the bundle was made from Polygraphy's saved outputs, its runner's.
+    A bundle whose files do not match its manifest is refused before anything is read."""
     bundle = Path(bundle)
+    parked = bundle.with_name(bundle.name + PARKED_SUFFIX)
     if not bundle.is_dir():
+        if parked.is_dir():
+            raise BundleError(f"{bundle} is missing: a drift snapshot was killed while replacing it; the previous "
+                              f"bundle is intact at {parked}: rename it back, or snapshot again")
         raise BundleError(f"bundle folder not found: {bundle}")
-    for name in ("bundle.json", "inputs.json", "outputs.json"):
+    names = ("bundle.json", "inputs.json", "outputs.json", MANIFEST)
+    if not any((bundle / name).is_file() for name in names):
+        raise BundleError(f"{bundle} is not a ticknorm bundle: it holds none of {', '.join(names)}")
+    for name in names[:3]:
         if not (bundle / name).is_file():
-            raise BundleError(f"{bundle} is not a ticknorm bundle: {name} is missing")
+            raise BundleError(f"{bundle} {DAMAGED}: {name} is missing")
+    try:
+        manifest = read_manifest(bundle)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{bundle} {DAMAGED}: {MANIFEST} is not readable ({first_line(exc)})") from exc
+    if manifest is None:
+        raise BundleError(f"{bundle} {DAMAGED}: it has no {MANIFEST} (written last; bundles from before it "
+                          "existed must be snapshotted again)")
+    problems = unit_problems(bundle, manifest)
+    if problems:
+        raise BundleError(f"{bundle} {DAMAGED}: {'; '.join(problems)}")
     try:
         meta = json.loads((bundle / "bundle.json").read_text())
         feeds = load_feed_sets(bundle / "inputs.json")
         _, references = runner_outputs(load_run_results(bundle / "outputs.json"), bundle / "outputs.json")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{bundle} is a damaged bundle: bundle.json is not JSON ({first_line(exc)})") from exc
+        raise BundleError(f"{bundle} {DAMAGED}: bundle.json is not JSON ({first_line(exc)})") from exc
     except InputSpecError as exc:
-        raise BundleError(f"{bundle} is a damaged bundle or not a ticknorm one: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BundleError(f"{bundle} is not a bundle of format {FORMAT}")
-    missing = [key for key in ("model_hash", "outputs", "tolerances", "layers") if key not in meta]
+        raise BundleError(f"{bundle} {DAMAGED}: {exc}") from exc
+    _check_meta(meta, bundle)
     if len(references) != len(feeds):
-        missing.append(f"one reference per input iteration ({len(feeds)} inputs, {len(references)} references)")
-    if missing:
-        raise BundleError(f"{bundle} is a damaged bundle: {', '.join(missing)} missing")
+        raise BundleError(f"{bundle} {DAMAGED}: {len(feeds)} input iterations, {len(references)} references")
     return meta, feeds, references
 
 
+def _check_meta(meta, bundle: Path) -> None:
+    """bundle.json holds what `check_bundle` reads, of the types it reads them as: a field that
+    does not is named, instead of failing somewhere in the check."""
+    def fail(field: str, expected: str):
+        raise BundleError(f"{bundle} {DAMAGED}: bundle.json field '{field}' is not {expected}")
+
+    number = (int, float)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BundleError(f"{bundle} is not a bundle of format {FORMAT}")
+    if not isinstance(meta.get("model_hash"), str):
+        fail("model_hash", "a string")
+    if not isinstance(meta.get("outputs"), list) or not all(isinstance(n, str) for n in meta["outputs"]):
+        fail("outputs", "a list of output names")
+    tolerances = meta.get("tolerances")
+    if not isinstance(tolerances, dict):
+        fail("tolerances", "an object")
+    for key in ("atol", "rtol"):
+        if key not in tolerances or not (tolerances[key] is None or isinstance(tolerances[key], number)):
+            fail(f"tolerances.{key}", "a number or null")
+    per_output = tolerances.get("per_output", {})
+    if not isinstance(per_output, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, number) for x in v) for v in per_output.values()):
+        fail("tolerances.per_output", "an object of output name -> [atol, rtol]")
+    if tolerances.get("rule", "ticknorm") not in CHECK_RULES:
+        fail("tolerances.rule", f"one of {', '.join(CHECK_RULES)}")
+    layers = meta.get("layers")
+    if not isinstance(layers, dict):
+        fail("layers", "an object")
+    for module, stats in layers.items():
+        if not isinstance(stats, dict) or not all(isinstance(stats.get(stat), number) for stat in STATS):
+            fail(f"layers.{module}", f"an object with numbers {', '.join(STATS)}")
+
+
 def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_model_change: bool = False,
-                 progress=lambda message: None) -> DriftReport:
+                 progress=lambda message: None, record: bool = True) -> DriftReport:
     """Re-run `model` on the stored inputs and compare with the stored reference; appends to the
-    bundle's history whatever the verdict."""
+    bundle's history whatever the verdict (unless `record` is False)."""
     meta, inputs, golden = load_bundle(bundle)
+    if record and not os.access(bundle, os.W_OK | os.X_OK):
+        raise OutputPathError(f"bundle {bundle} is read-only: drift check appends its verdict to history.jsonl there; "
+                              "pass --no-history to check without recording")
     digest = model_digest(model)
     if digest != meta["model_hash"] and not allow_model_change:
         raise BundleError(f"the bundle was made for model {meta['model_hash'][:12]}, this model is {digest[:12]}; "
@@ -205,7 +290,8 @@ def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_mod
             moved = np.array([abs(stats[stat] - golden_stats[stat])])
             if not within(moved, np.array([golden_stats[stat]]), tolerance.atol, tolerance.rtol, tolerance.rule).all():
                 report.layers.append(LayerDrift(module, stat, golden_stats[stat], stats[stat]))
-    _append_history(Path(bundle), report, digest, current, layers)
+    if record:
+        _append_history(Path(bundle), report, digest, current, layers)
     return report
 
 
@@ -217,12 +303,37 @@ def _append_history(bundle: Path, report: DriftReport, digest: str, current: dic
         "drifted_modules": report.drifted_modules,
         "layers": {m: max(abs(current[m][s] - golden_layers[m][s]) for s in STATS) for m in current},
     }
-    with open(bundle / "history.jsonl", "a") as history_file:  # one appended line: concurrent checks keep theirs
-        history_file.write(json.dumps(entry) + "\n")
+    with locked_folder(bundle), open(bundle / HISTORY, "ab+") as history_file:
+        history_file.seek(0, os.SEEK_END)
+        if history_file.tell():
+            history_file.seek(-1, os.SEEK_END)
+            if history_file.read(1) != b"\n":  # a killed append left half a line: ours starts a fresh one
+                history_file.write(b"\n")
+        history_file.write((json.dumps(entry) + "\n").encode())
 
 
-def read_history(bundle) -> list[dict]:
-    path = Path(bundle) / "history.jsonl"
+@dataclass
+class History:
+    entries: list  # one dict per check, oldest first
+    damaged: list  # line numbers (from 1) that are not a check's record, skipped
+
+
+def read_history(bundle) -> History:
+    path = Path(bundle) / HISTORY
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return History([], [])
+    entries, damaged = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if (isinstance(entry, dict) and isinstance(entry.get("time"), str) and isinstance(entry.get("passed"), bool)
+                and isinstance(entry.get("outputs"), dict) and isinstance(entry.get("runtime"), str)
+                and isinstance(entry.get("model_hash"), str)):
+            entries.append(entry)
+        else:
+            damaged.append(number)
+    return History(entries, damaged)
