@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ticknorm.base.atomic import check_writable_folder, write_text
+from ticknorm.base.atomic import check_writable, check_writable_folder, write_text
 from ticknorm.base.errors import InputSpecError
 from ticknorm.base.inputs import Inputs, feeds_for_graph, graph_feeds
 from ticknorm.base.metrics import Tolerance
@@ -39,6 +39,7 @@ from ticknorm.exporter.precision.convert import Conversion
 from ticknorm.exporter.precision.convert import convert as convert_graph
 from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.plugins import plugin_nodes
+from ticknorm.runtime.base import check_feeds, graph_input_meta
 from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, runtime_statuses
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import to_numpy
@@ -53,6 +54,7 @@ def export(model, inputs, output, options: ExportOptions = ExportOptions(), repo
     two decode steps. `report` writes the fusion report as JSON."""
     from ticknorm.exporter.hf import generation_checks
 
+    _writable(output, report)
     progress.step("loading the model")
     module = _model_ref(model).load(options.task)
     feeds, dynamic_axes = _feeds(inputs, module)
@@ -75,6 +77,7 @@ def export(model, inputs, output, options: ExportOptions = ExportOptions(), repo
 def convert(source, output, precision: Precision, inputs=None, report=None, progress: Progress = QUIET) -> Conversion:
     """An fp32 ONNX file in `precision.dtype` with fp32 islands measured on `inputs` (seeded random
     feeds when none are given), checked against the fp32 graph's own outputs, then written."""
+    _writable(output, report)
     model = _onnx(source)
     if not precision.low:
         raise InputSpecError("convert needs --precision fp16 or bf16")
@@ -96,6 +99,7 @@ def fuse(source, output, inputs=None, opset=None, verify: bool = True, report=No
     """Fuse and verify (on the native graph, which ONNX Runtime runs; on `inputs` when given,
     seeded random feeds otherwise), then retarget LayerNorms to the TensorRT plugin when
     `targets.plugin`: the plugin result comes second, None for the native target."""
+    _writable(output, report)
     model = _onnx(source)
     feeds = _given_feeds(inputs, model)
     result = fuse_norms(model, opset=opset, verify=verify, feeds=feeds, targets=targets)
@@ -157,6 +161,7 @@ def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Tim
     runtime with PyTorch per module at the same depth (with the same precision policy and
     tolerances as `compare`), and write the HTML page to `output`. The report's `passed` is the
     comparison's verdict. The first iteration's feeds."""
+    _writable(output)
     onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
     setup = _setup(onnx_model, module, feeds, runtimes, progress)
@@ -223,6 +228,13 @@ def trtexec_line(source, inputs=None, prefix: str = "trtexec") -> str:
             "\n# TensorRT 11 builds every network strongly typed: drop --stronglyTyped there if it refuses it")
 
 
+def _writable(*outputs) -> None:
+    """Every file the call will write, checked before it does any work."""
+    for output in outputs:
+        if output is not None:
+            check_writable(output)
+
+
 def _model_ref(model) -> ModelRef:
     return model if isinstance(model, ModelRef) else ModelRef(model)
 
@@ -284,8 +296,18 @@ def _judged(source, model, inputs, progress: Progress):
     progress.step("loading the model")
     module = _model_ref(model).load(task_of_graph(i.name for i in onnx_model.graph.input))
     if not isinstance(inputs, Inputs):
-        return onnx_model, module, [_feeds(inputs, module, onnx_model)[0]]
-    return onnx_model, module, [task_feeds(module, feeds, {}, inputs.seed)[0] for feeds in inputs.feed_sets(onnx_model)]
+        feed_sets = [_feeds(inputs, module, onnx_model)[0]]
+    else:
+        feed_sets = [task_feeds(module, feeds, {}, inputs.seed)[0] for feeds in inputs.feed_sets(onnx_model)]
+    return onnx_model, module, _fitting(onnx_model, source, feed_sets)
+
+
+def _fitting(onnx_model, source, feed_sets: list[dict]) -> list[dict]:
+    """`feed_sets`, once each is checked against the graph's declared inputs (names, dtypes, ranks,
+    fixed dims), so a feed that does not fit is named before any runtime fails on it."""
+    for feeds in feed_sets:
+        check_feeds(_name(source), graph_input_meta(onnx_model), graph_feeds(onnx_model, feeds))
+    return feed_sets
 
 
 def _reference_run(source, model, inputs, reference: SavedReference | None, progress: Progress):
@@ -297,7 +319,7 @@ def _reference_run(source, model, inputs, reference: SavedReference | None, prog
         raise InputSpecError("give the PyTorch model (--model) or saved outputs to judge against (--reference-outputs)")
     onnx_model = _onnx(source)
     feed_sets = inputs.feed_sets(onnx_model) if isinstance(inputs, Inputs) else [_feeds(inputs, None, onnx_model)[0]]
-    return onnx_model, None, feed_sets
+    return onnx_model, None, _fitting(onnx_model, source, feed_sets)
 
 
 def _setup(onnx_model, module, feeds, runtimes: Runtimes, progress: Progress) -> RunnerSetup:

@@ -11,7 +11,7 @@ import sys
 import click
 
 from ticknorm import api
-from ticknorm.base.atomic import write_text
+from ticknorm.base.atomic import check_writable, check_writable_folder, write_text
 from ticknorm.base.errors import InputSpecError, TicknormError, first_line
 from ticknorm.base.inputs import Inputs
 from ticknorm.base.metrics import CHECK_RULES, Tolerance
@@ -48,6 +48,24 @@ class OneLineErrors(click.Group):
             click.echo(f"error: unexpected {type(exc).__name__}: {first_line(exc)} "
                        "(set TICKNORM_DEBUG=1 for the traceback)", err=True)
             sys.exit(2)
+
+
+class OutputPath(click.Path):
+    """A path the command will write: checked when the command line is read, before any work, so
+    a read-only folder or a parent that is a file is found in a second, not after an hour."""
+
+    def __init__(self, folder: bool = False):
+        super().__init__(file_okay=not folder, dir_okay=folder)
+        self.folder = folder
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        what = f"{param.opts[-1] if param is not None else 'output'}"
+        (check_writable_folder if self.folder else check_writable)(value, what)
+        return value
+
+
+OUTPUT_FILE, OUTPUT_FOLDER = OutputPath(), OutputPath(folder=True)
 
 
 def _say(message: str) -> None:
@@ -237,9 +255,9 @@ def main():
 @main.command("export")
 @model_options
 @input_options
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="The .onnx file to write.")
 @export_options
-@click.option("--report", type=click.Path(dir_okay=False), default=None,
+@click.option("--report", type=OUTPUT_FILE, default=None,
               help="Write the fusion report (and, with --precision, the fp32 islands and checks) as JSON.")
 def export_command(model, inputs, output, options, report):
     """Export a model to ONNX, fuse every LayerNorm, verify, and compare with PyTorch."""
@@ -259,9 +277,9 @@ def export_command(model, inputs, output, options, report):
 
 @main.command("fuse")
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=OUTPUT_FILE)
 @click.option("--opset", type=int, default=None, help="Opset of the result (17+ for LayerNormalization, 23+ for RMSNormalization).")
-@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the fusion report as JSON.")
+@click.option("--report", type=OUTPUT_FILE, default=None, help="Write the fusion report as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime check of the fused graph (not recommended).")
 @input_options
 @norm_target_options
@@ -277,10 +295,10 @@ def fuse_command(source, output, opset, report, no_verify, inputs, targets):
 
 @main.command("convert")
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=OUTPUT_FILE)
 @precision_options
 @input_options
-@click.option("--report", type=click.Path(dir_okay=False), default=None,
+@click.option("--report", type=OUTPUT_FILE, default=None,
               help="Write the islands and the checks as JSON.")
 def convert_command(source, output, precision, inputs, report):
     """Convert an fp32 ONNX file to fp16 or bf16 with fp32 islands measured on the inputs (or
@@ -316,7 +334,7 @@ def runtimes_command():
                                      show_default=True, help="ONNX Runtime graph optimization level."))
 @tolerance_options
 @per_layer_options
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@click.option("--json", "json_path", type=OUTPUT_FILE, default=None, help="Write the report as JSON.")
 def compare_command(source, model, reference, inputs, runtimes, tolerance, layers, json_path):
     """Compare runtimes with the PyTorch model (or with saved Polygraphy outputs), per output and
     per module. Exit 1 on failure."""
@@ -370,11 +388,11 @@ class TimingProgress:
 @runtime_options("torch,ort", *_TRTEXEC)
 @timing_options
 @grouped("files", lambda **paths: {kind: path for kind, path in paths.items() if path},
-         click.option("--json", type=click.Path(dir_okay=False), default=None),
-         click.option("--csv", type=click.Path(dir_okay=False), default=None),
-         click.option("--trace", type=click.Path(dir_okay=False), default=None,
+         click.option("--json", type=OUTPUT_FILE, default=None),
+         click.option("--csv", type=OUTPUT_FILE, default=None),
+         click.option("--trace", type=OUTPUT_FILE, default=None,
                       help="Chrome/Perfetto trace, one track per runtime."),
-         click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Bars per module, PNG."))
+         click.option("--plot", type=OUTPUT_FILE, default=None, help="Bars per module, PNG."))
 def profile_command(source, model, inputs, runtimes, timing, files):
     """Per-module latency on every runtime, aligned on PyTorch modules."""
     with TimingProgress(timing, runtimes) as progress:
@@ -392,8 +410,8 @@ def profile_command(source, model, inputs, runtimes, timing, files):
 @runtime_options("torch,ort", *_TRTEXEC)
 @timing_options
 @tolerance_options
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="The HTML file to write.")
+@click.option("--json", "json_path", type=OUTPUT_FILE, default=None,
               help="The same report as JSON (rows, verdict, tolerances, versions, model digest, inputs).")
 def report_command(source, model, inputs, runtimes, timing, tolerance, output, json_path):
     """One HTML page: per module, latency and error against PyTorch on every runtime. Exit 1 when a
@@ -421,7 +439,7 @@ def drift():
 @input_options
 @tolerance_options
 @layer_options
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("-o", "--output", required=True, type=OUTPUT_FOLDER, help="Bundle folder to write.")
 def drift_snapshot(source, model, reference, inputs, tolerance, layers, output):
     """Write a golden bundle: inputs, PyTorch outputs (or Polygraphy's saved ones), per-module
     statistics, tolerances, versions, and the manifest that makes it one unit."""
@@ -447,7 +465,7 @@ def drift_check(bundle, source, runtime, allow_model_change, no_history):
 
 @drift.command("history")
 @click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Draw the history to a PNG.")
+@click.option("--plot", type=OUTPUT_FILE, default=None, help="Draw the history to a PNG.")
 def drift_history(bundle, plot):
     """List past checks; --plot draws error per output and per module over time."""
     found = api.history(bundle, plot)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError, TicknormError, first_line
+from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError, first_line
 from ticknorm.base.graph import GraphIndex
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance, ensure_finite
@@ -33,7 +33,7 @@ from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.precision.convert import Conversion, convert
 from ticknorm.exporter.tasks import DEFAULT as DEFAULT_TASK
 from ticknorm.runtime.ort_runner import OrtRunner
-from ticknorm.runtime.torch_runner import from_numpy, tensor_leaves, to_numpy
+from ticknorm.runtime.torch_runner import forward, from_numpy, tensor_leaves, to_numpy
 
 EXPORTERS = {"dynamo": (18, None), "torchscript": (13, 17)}
 DEFAULT_EXPORTER = "dynamo"
@@ -139,14 +139,7 @@ def _weights_stage(model):
 def torch_reference(model, feeds: dict) -> tuple[list[str], list[np.ndarray]]:
     """The model's output names (what the graph outputs will be called) and values on `feeds`."""
     torch = require("torch", "torch")
-    tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
-    with torch.no_grad():
-        try:
-            outputs = model(**tensors)
-        except TicknormError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the user's forward can fail any way
-            raise InputSpecError(f"the model's forward failed on these inputs: {type(exc).__name__}: {first_line(exc)}") from exc
+    outputs = forward(model, {name: from_numpy(torch, array) for name, array in feeds.items()})
     names, reference = output_names(torch, outputs), [to_numpy(t) for t in tensor_leaves(torch, outputs)]
     ensure_finite(dict(zip(names, reference)), "the PyTorch model's")
     return names, reference

@@ -8,6 +8,7 @@ checkpoint file can never run code. A pickled full model or a TorchScript archiv
 import importlib
 import importlib.util
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -89,10 +90,12 @@ def load_checkpoint(path, trust_pickle: bool = False):
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):  # anything else is a damaged or foreign file
+        named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if named is None:  # anything else is a damaged or foreign file
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line(exc)})") from exc
-        raise CheckpointError(f"{path} holds pickled objects besides tensors (for example a whole model), and "
-                              "unpickling runs code; pass --trust-pickle only if you trust where it came from") from exc
+        raise CheckpointError(f"{path} holds pickled objects besides tensors (it names {named.group(1)}), and "
+                              "unpickling runs code from the file; pass --trust-pickle only if you trust where it "
+                              "came from") from exc
     except Exception as exc:  # noqa: BLE001 - torch.load reports corrupt files in many ways
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line(exc)})") from exc
     if isinstance(loaded, torch.nn.Module):

@@ -103,6 +103,23 @@ def check_feeds(runner: str, expected: list[InputMeta], feeds: dict, open_inputs
 
 
 
+def graph_input_meta(model) -> list[InputMeta]:
+    """The inputs an ONNX graph declares (initializers listed as inputs left out): what feeds are
+    checked against before any runtime, PyTorch included, is given them."""
+    import onnx
+
+    initializers = {t.name for t in model.graph.initializer}
+    metas = []
+    for value in model.graph.input:
+        if value.name in initializers or not value.type.HasField("tensor_type"):
+            continue
+        tensor = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type) if tensor.elem_type else None
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+        metas.append(InputMeta(value.name, dims, np.dtype(dtype) if dtype is not None else None))
+    return metas
+
+
 def tapped_tensors(model, taps: tuple) -> dict[str, str]:
     """Module path -> the ONNX tensor that is its output, for the taps the graph's scope map knows
     (a module without one is left out: its row then says so)."""

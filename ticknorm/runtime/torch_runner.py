@@ -5,7 +5,7 @@ import inspect
 import numpy as np
 
 from ticknorm.base.optional import require
-from ticknorm.base.errors import InputSpecError, RuntimeUnavailable
+from ticknorm.base.errors import InputSpecError, RuntimeUnavailable, TicknormError, first_line
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs
 
 class TorchRunner(Runner):
@@ -54,8 +54,7 @@ class TorchRunner(Runner):
     def _infer_impl(self, feeds: dict) -> RunOutputs:
         torch = require("torch", "torch")
         self._tapped.clear()
-        with torch.no_grad():
-            result = self.module(**self.tensors(feeds))
+        result = forward(self.module, self.tensors(feeds))
         leaves = tensor_leaves(torch, result)
         if self.output_names and len(leaves) != len(self.output_names):
             raise InputSpecError(f"{self.name}: the model returned {len(leaves)} tensors but the ONNX graph has "
@@ -72,6 +71,44 @@ class TorchRunner(Runner):
             tensor = from_numpy(torch, array)
             converted[name] = (tensor.to(self._torch_dtype) if tensor.is_floating_point() else tensor).to(self.device)
         return converted
+
+
+def forward(module, tensors: dict):
+    """`module(**tensors)` without gradients. The user's forward can fail any way; its failure is
+    one line that names the module it failed in (found by running it again with hooks on every
+    module) and the inputs it was given."""
+    torch = require("torch", "torch")
+    with torch.no_grad():
+        try:
+            return module(**tensors)
+        except TicknormError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            given = ", ".join(f"{name} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+                              for name, t in tensors.items() if hasattr(t, "shape"))
+            raise InputSpecError(f"the PyTorch model failed {_failing_module(module, tensors)} on {given}: "
+                                 f"{type(exc).__name__}: {first_line(exc)}") from exc
+
+
+def _failing_module(module, tensors: dict) -> str:
+    """Where a failing forward fails: the innermost module that started and did not finish."""
+    running, handles = [], []
+    for path, submodule in module.named_modules():
+        handles.append(submodule.register_forward_pre_hook(lambda *_, path=path: running.append(path)))
+        handles.append(submodule.register_forward_hook(lambda *_: running.pop()))
+    try:
+        module(**tensors)
+    except Exception:  # noqa: BLE001 - the failure we are locating
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not running:
+        return "in its forward"
+    path = running[-1]
+    owner = module.get_submodule(path)
+    summary = repr(owner).splitlines()[0].rstrip("(")
+    return f"in module '{path}' ({summary})" if path else f"in {type(module).__name__}.forward's own code (outside its submodules)"
 
 
 def from_numpy(torch, array: np.ndarray):

@@ -82,6 +82,9 @@ def _target_opset(found: list, before: int, requested: int | None, targets: Norm
     model's own raised to what its LayerNorms need; never raised for RMSNorms (they have a
     target at every opset)."""
     if requested is not None:
+        newest = onnx.defs.onnx_opset_version()
+        if not 7 <= requested <= newest:
+            raise FusionError(f"--opset {requested} is not one this onnx {onnx.__version__} can convert to (7 to {newest})")
         return requested
     needs = [targets.op(m.kind, before)[1] for m in found if isinstance(m, NormMatch) and m.kind == "LayerNorm"]
     return max([before] + needs)
