@@ -59,10 +59,9 @@ class OutputPath(click.Path):
         self.folder = folder
 
     def convert(self, value, param, ctx):
-        value = super().convert(value, param, ctx)
         what = f"{param.opts[-1] if param is not None else 'output'}"
         (check_writable_folder if self.folder else check_writable)(value, what)
-        return value
+        return super().convert(value, param, ctx)
 
 
 OUTPUT_FILE, OUTPUT_FOLDER = OutputPath(), OutputPath(folder=True)

@@ -121,7 +121,11 @@ def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = PROTO
     external = initializer_bytes(model) > external_data_threshold
     previous = _weights_in_use(path)
     data_name = next(name for name in (path.name + ".data", path.name + ".1.data") if name not in previous)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise OnnxFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         staged_model = staging / path.name
         if weights_dir is not None and has_external_weights(model):
