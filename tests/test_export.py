@@ -73,8 +73,8 @@ def test_unexportable_op_names_the_op_and_module(tmp_path):
 
 @pytest.mark.parametrize("inputs, error, match", [
     (["ids:2x16:int64"], InputSpecError, "has no parameter ids; it takes: input_ids"),
-    (["input_ids:2x16:float32"], InputSpecError, "forward failed on these inputs"),
-    (["input_ids:2x16:int64:0..5000"], InputSpecError, "forward failed on these inputs: IndexError"),
+    (["input_ids:2x16:float32"], InputSpecError, "the PyTorch model failed in module"),
+    (["input_ids:2x16:int64:0..5000"], InputSpecError, "failed in module .embeddings. .Embedding.1000, 64.. on input_ids \\[2, 16\\] int64: IndexError"),
     ([], InputSpecError, "no inputs"),
 ])
 def test_bad_inputs_are_one_clear_error(tmp_path, inputs, error, match):
