@@ -139,31 +139,32 @@ def _fresh_module(factory: str):
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("threshold", [PROTOBUF_LIMIT, 1000], ids=["inline", "external"])
 def test_weights_staged_on_disk_make_the_same_model(exporter, threshold, tmp_path, monkeypatch):
-    """Big models go through export, fusion, verification and the comparison with their weights in
-    a file (here forced for a small one): the written model is whole and computes the same."""
+    """Every export goes through fusion, verification and the comparison with its weights in a
+    staged file: the written model is whole and computes the same, and the stage is removed."""
     import tempfile
 
-    from ticknorm.exporter import export as export_module
-
-    monkeypatch.setattr(export_module, "WEIGHTS_ON_DISK_BYTES", 0)
-    stages_before = set(Path(tempfile.gettempdir()).glob("ticknorm-weights-*"))
-    result = api.export(MODEL, INPUTS, tmp_path / "m.onnx", ExportOptions(exporter=exporter, external_data_threshold=threshold))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    out = tmp_path / "out"
+    result = api.export(MODEL, INPUTS, out / "m.onnx", ExportOptions(exporter=exporter, external_data_threshold=threshold))
     assert result.passed and result.fusion.count("fused") == 4 and result.fusion.verified
     expected_files = ["m.onnx"] + (["m.onnx.data"] if threshold == 1000 else [])
-    assert sorted(p.name for p in tmp_path.iterdir()) == expected_files
-    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert sorted(p.name for p in out.iterdir()) == expected_files
+    model = onnx.load(str(out / "m.onnx"))
     assert [n.op_type for n in model.graph.node].count("LayerNormalization") == 5
     module = MODEL.load()
     ids = np.random.default_rng(7).integers(0, 1000, (3, 5))
     with torch.no_grad():
         reference = module(torch.from_numpy(ids)).numpy()
     np.testing.assert_allclose(ort_run(model, {"input_ids": ids})["output"], reference, atol=1e-4)
-    assert set(Path(tempfile.gettempdir()).glob("ticknorm-weights-*")) == stages_before  # the stage is gone
+    assert not list(scratch.iterdir())  # the stage is gone
 
 
 def test_every_session_an_export_builds_runs(tmp_path, monkeypatch):
-    """One ONNX Runtime session per runner, and no runner that does not run: verifying the fusion
-    takes the original and the fused graph, comparing with PyTorch the written one."""
+    """Two ONNX Runtime sessions per export, each of which runs: the original graph and the fused
+    one, whose run is also the one compared with PyTorch; and the weights serialized once before
+    the final write (the exporter's own write into the stage), never by ticknorm."""
     import onnxruntime
 
     built, ran = [], set()
@@ -178,8 +179,19 @@ def test_every_session_an_export_builds_runs(tmp_path, monkeypatch):
             return super().run(*args, **kwargs)
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", CountedSession)
+    serialized, serialize = [], onnx.ModelProto.SerializeToString
+
+    def counted(model, **kwargs):
+        data = serialize(model, **kwargs)
+        serialized.append(len(data))
+        return data
+
+    monkeypatch.setattr(onnx.ModelProto, "SerializeToString", counted)
+    weights = sum(p.numel() * 4 for p in MODEL.load().parameters())
     api.export(MODEL, INPUTS, tmp_path / "m.onnx", ExportOptions(exporter="torchscript"))
-    assert len(built) == 3 and set(built) == ran
+    assert len(built) == 2 and set(built) == ran
+    # whatever ticknorm serializes before the final write holds references to the staged weights, not them
+    assert all(size < weights / 2 for size in serialized[:-1]) and serialized[-1] > weights  # only the final write
 
 
 def test_every_iteration_of_an_inputs_file_is_checked_on_export(tmp_path):

@@ -135,8 +135,12 @@ def test_a_real_transformer_exports_in_fp16(tmp_path):
     from hf_models import CONFIGS, build
 
     model, inputs = build("BertModel"), Inputs(tuple(CONFIGS["BertModel"][1]))
-    result = api.export(ModelRef(model), inputs, tmp_path / "bert16.onnx", ExportOptions(precision=Precision("fp16")))
+    result = api.export(ModelRef(model), inputs, tmp_path / "bert16.onnx", ExportOptions(precision=Precision("fp16"),
+                                                                                         external_data_threshold=1000))
     assert result.conversion.passed
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    data = tmp_path / "bert16.onnx.data"  # the converted weights only, not the staged fp32 file beside them
+    assert data.is_file() and data.stat().st_size < 0.6 * fp32_bytes
     graph = onnx.load(str(tmp_path / "bert16.onnx"))
     onnx.checker.check_model(graph, full_check=True)
     assert [n.op_type for n in graph.graph.node].count("LayerNormalization") == 5

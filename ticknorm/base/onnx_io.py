@@ -65,12 +65,6 @@ def external_locations(model: onnx.ModelProto) -> set[str]:
             for entry in tensor.external_data if entry.key == "location"}
 
 
-# Models whose weights reach this size are exported with their weights in a file: protobuf copies
-# every message it builds, so a graph held in memory costs its weights again at each rewrite, and
-# ONNX Runtime sessions made from bytes copy them twice more. On disk, each rewrite copies only
-# references and each session memory-maps the one file.
-WEIGHTS_ON_DISK_BYTES = 256 * 2**20
-WEIGHTS_FILE_STEM = "staged"
 
 
 def is_external(tensor: onnx.TensorProto) -> bool:
@@ -129,10 +123,11 @@ def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = PROTO
     try:
         staged_model = staging / path.name
         if weights_dir is not None and has_external_weights(model):
-            _save_staged(model, staged_model, Path(weights_dir), data_name if external else None)
+            _save_staged(model, staged_model, Path(weights_dir), data_name if external and _only_staged(model) else None)
+            if external and not _only_staged(model):  # rewritten weights inline beside staged ones: one new file
+                _save_external(onnx.load(str(staged_model)), staged_model, data_name)
         elif external:
-            onnx.save_model(model, str(staged_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            _save_external(model, staged_model, data_name)
             # save_model moved the weights out of `model`; give the caller its weights back.
             onnx.load_external_data_for_model(model, str(staging))
         else:
@@ -148,6 +143,17 @@ def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = PROTO
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [path, path.parent / data_name] if external else [path]
+
+
+def _save_external(model: onnx.ModelProto, target: Path, data_name: str) -> None:
+    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+                    size_threshold=1024)
+
+
+def _only_staged(model: onnx.ModelProto) -> bool:
+    """Whether every sizeable weight is still in the staged file (none rewritten inline, as a
+    precision conversion does): then that file is the weights file, copied as it is."""
+    return not any(not is_external(t) and len(t.raw_data) > 1024 for t in model.graph.initializer)
 
 
 def _weights_in_use(path: Path) -> set[str]:

@@ -24,7 +24,7 @@ from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError, fir
 from ticknorm.base.graph import GraphIndex
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance, ensure_finite
-from ticknorm.base.onnx_io import PROTOBUF_LIMIT, WEIGHTS_ON_DISK_BYTES, save_onnx, stage_weights
+from ticknorm.base.onnx_io import PROTOBUF_LIMIT, save_onnx, stage_weights
 from ticknorm.base.optional import require
 from ticknorm.base.scopes import annotate_scopes
 from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
@@ -93,19 +93,19 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
     with _weights_stage(model) as weights_dir:
         progress(f"exporting with the {options.exporter} exporter")
         proto = torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes or {}, names, weights_dir)
-        report = None
+        checks = [("", feeds, reference), *extra_checks] if options.check else []
+        for label, _, expected in checks[1:]:
+            ensure_finite(dict(zip(names, expected)), f"the PyTorch model's ({label})")
+        report, outputs = None, None
         if options.fuse:
             progress("fusing LayerNorms and verifying the fused graph in ONNX Runtime")
             fused = fuse_norms(proto, opset=options.opset, feeds=graph_feeds(proto, feeds), targets=options.targets,
-                               weights_dir=weights_dir)
-            proto, report = fused.model, fused.report
+                               weights_dir=weights_dir, also=[graph_feeds(proto, f) for _, f, _ in checks[1:]])
+            proto, report, outputs = fused.model, fused.report, fused.outputs
         accuracy = []
         if options.check:
             progress("comparing PyTorch and ONNX Runtime outputs")
-            accuracy = compare_with_torch(proto, feeds, reference, weights_dir=weights_dir)
-            for label, step_feeds, expected in extra_checks:
-                ensure_finite(dict(zip(names, expected)), f"the PyTorch model's ({label})")
-                accuracy += compare_with_torch(proto, step_feeds, expected, label, weights_dir)
+            accuracy = compare_with_torch(proto, checks, outputs, weights_dir)
             failed = [c for c in accuracy if not c.passed]
             if failed:
                 raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {failed[0].name}: "
@@ -126,12 +126,10 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
 
 @contextlib.contextmanager
 def _weights_stage(model):
-    """A folder for the exported weights when the model is big enough that holding them in
-    memory would cost a copy per rewrite and two per ONNX Runtime session; None otherwise."""
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    if weights < WEIGHTS_ON_DISK_BYTES:
-        yield None
-        return
+    """A folder for the exported weights: the exporter writes them there once, straight from the
+    torch tensors, and nothing serializes them again until the final write streams the file. The
+    graph in memory holds references only, so a rewrite copies no weights and each ONNX Runtime
+    session memory-maps the one file instead of parsing a serialized copy."""
     with tempfile.TemporaryDirectory(prefix="ticknorm-weights-") as directory:
         yield Path(directory)
 
@@ -145,16 +143,23 @@ def torch_reference(model, feeds: dict) -> tuple[list[str], list[np.ndarray]]:
     return names, reference
 
 
-def compare_with_torch(proto: onnx.ModelProto, feeds: dict, reference: list, label: str = "",
+def compare_with_torch(proto: onnx.ModelProto, checks: list, outputs: list | None = None,
                        weights_dir=None) -> list[ArrayComparison]:
+    """Each `(label, feeds, PyTorch outputs)` of `checks` against ONNX Runtime: `outputs` when a run
+    of this graph on those feeds is already at hand (the fusion's verification), else one session
+    for all of them."""
     names = [o.name for o in proto.graph.output]
-    if len(names) != len(reference):
-        raise ExportError(f"the ONNX graph has {len(names)} outputs but the PyTorch model returned {len(reference)} tensors")
-    with OrtRunner(proto, weights_dir=weights_dir) as runner:
-        actual = runner.infer(graph_feeds(proto, feeds)).outputs
+    for _, _, reference in checks:
+        if len(names) != len(reference):
+            raise ExportError(f"the ONNX graph has {len(names)} outputs but the PyTorch model returned "
+                              f"{len(reference)} tensors")
+    if outputs is None:
+        with OrtRunner(proto, weights_dir=weights_dir) as runner:
+            outputs = [runner.infer(graph_feeds(proto, feeds)).outputs for _, feeds, _ in checks]
     index = GraphIndex(proto)
     return [compare_arrays(f"{name} ({label})" if label else name, expected, actual[name],
                            *dtype_tolerance(_coarsest_dtype(index, name, expected.dtype)))
+            for (label, _, reference), actual in zip(checks, outputs)
             for name, expected in zip(names, reference)]
 
 

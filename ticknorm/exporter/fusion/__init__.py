@@ -24,11 +24,12 @@ __all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_n
 class FusionResult:
     model: onnx.ModelProto
     report: FusionReport
+    outputs: list | None = None  # the verified graph's outputs on the feeds, then on each of `also`
 
 
 def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = True,
                feeds: dict[str, np.ndarray] | None = None, targets: NormTargets = NormTargets(),
-               weights_dir=None) -> FusionResult:
+               weights_dir=None, also=()) -> FusionResult:
     """Fuse, verify against the original in ONNX Runtime, and report. Raises AccuracyError (and
     returns nothing) when a fused graph computes different numbers.
 
@@ -36,7 +37,9 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     LayerNorm needs it. An `opset` below 17 keeps LayerNorms decomposed, and reports them. RMSNorms
     become RMSNormalization at opset 23+ and ONNX Runtime's SimplifiedLayerNormalization below
     (`targets.rms`, see `rewrite.RMS_TARGETS`). `weights_dir` holds the weights of a model staged
-    on disk (`onnx_io.stage_weights`), which verification sessions map from there.
+    on disk (`onnx_io.stage_weights`), which verification sessions map from there. The fused
+    graph's verification session also runs each feed dict of `also`; `outputs` holds what it
+    computed (None when nothing was verified).
     """
     if targets.rms not in RMS_TARGETS:
         raise FusionError(f"unknown RMSNorm target '{targets.rms}'; choose one of: {', '.join(RMS_TARGETS)}")
@@ -55,10 +58,12 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     records, matches = _records(found, target, targets)
     fused = rewrite_matches(working, index, matches, op_types) if matches else working
     report = FusionReport(before, target, records)
+    outputs = None
     if verify and matches:
-        _verify(model, fused, matches, records, feeds, weights_dir)
+        outputs = _verify(model, fused, matches, records, feeds if feeds is not None else feeds_for_graph(model),
+                          weights_dir, also)
         report.verified = True
-    return FusionResult(fused, report)
+    return FusionResult(fused, report, outputs)
 
 
 def find_norms(index: GraphIndex) -> list:
@@ -125,9 +130,9 @@ def _records(found: list, target: int, targets: NormTargets) -> tuple[list, list
     return records, matches
 
 
-def _verify(original, fused, matches: list[NormMatch], records: list, feeds, weights_dir) -> None:
-    feeds = feeds if feeds is not None else feeds_for_graph(original)
-    checks = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds, weights_dir)
+def _verify(original, fused, matches: list[NormMatch], records: list, feeds, weights_dir, also) -> list:
+    verification = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds, weights_dir, also)
+    checks = verification.checks
     by_output = {r.output: r for r in records if r.status == "fused"}
     for name, check in checks.items():
         if name in by_output:
@@ -137,3 +142,4 @@ def _verify(original, fused, matches: list[NormMatch], records: list, feeds, wei
         where = by_output.get(failed[0].name)
         what = f"{where.kind} {where.scope or where.node}" if where else f"output '{failed[0].name}'"
         raise AccuracyError(f"fusion changed the numbers of {what}: {failed[0].reason}; nothing was written")
+    return verification.outputs

@@ -1,9 +1,14 @@
 """Prove a fused graph computes what the original computed, before anything is written.
 
-Both graphs run in ONNX Runtime with its graph optimizations off (so ORT's own fusions cannot hide
-a wrong rewrite), on the same seeded inputs. Compared: every graph output and the output of every
-fused normalization, which survives fusion under its original name.
+Both graphs run in ONNX Runtime on the same seeded inputs: the original with its graph
+optimizations off (so ORT's own fusions cannot stand in for the decomposed norms it is the
+reference for), the fused one as a deployment runs it (every optimization on). Compared: every
+graph output and the output of every fused normalization, which survives fusion under its
+original name. The fused run's graph outputs are returned too, so an export compares them with
+PyTorch instead of building a third session for the same numbers.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -12,21 +17,28 @@ from ticknorm.base.graph import GraphIndex
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
 from ticknorm.runtime.ort_runner import OrtRunner
 
+
+@dataclass
+class Verification:
+    checks: dict  # tensor -> ArrayComparison, fused vs original
+    outputs: list  # the fused graph's outputs on `feeds`, then on each of `also`
+
+
 def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dict[str, int],
-                 feeds: dict[str, np.ndarray], weights_dir=None) -> dict[str, ArrayComparison]:
+                 feeds: dict[str, np.ndarray], weights_dir=None, also=()) -> Verification:
     """`tensors` maps each tensor to check (outputs of fused nodes) to its element type. The two
-    sessions run one after the other, so only one holds the weights at a time."""
-    expected = _run_with_outputs(original, feeds, tensors, weights_dir)
-    actual = _run_with_outputs(fused, feeds, tensors, weights_dir)
+    sessions run one after the other, so only one holds the weights at a time; the fused one also
+    runs each feed dict of `also` (an export's other checks) while it is open."""
+    with OrtRunner(original, optimization="disabled", weights_dir=weights_dir, extra_outputs=list(tensors)) as runner:
+        expected = runner.infer(feeds).outputs
+    with OrtRunner(fused, weights_dir=weights_dir, extra_outputs=list(tensors)) as runner:
+        actual = runner.infer(feeds).outputs
+        outputs = [actual] + [runner.infer(more).outputs for more in also]
     index = GraphIndex(original)
     checks = {}
     for name, reference in expected.items():
         coarsest = index.coarsest_float_upstream(name) or tensors.get(name)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(coarsest) if coarsest else reference.dtype
         checks[name] = compare_arrays(name, reference, actual[name], *dtype_tolerance(dtype))
-    return checks
-
-
-def _run_with_outputs(model: onnx.ModelProto, feeds: dict, extra: dict[str, int], weights_dir) -> dict[str, np.ndarray]:
-    with OrtRunner(model, optimization="disabled", weights_dir=weights_dir, extra_outputs=list(extra)) as runner:
-        return runner.infer(feeds).outputs
+    graph_outputs = [o.name for o in fused.graph.output]
+    return Verification(checks, [{name: run[name] for name in graph_outputs} for run in outputs])

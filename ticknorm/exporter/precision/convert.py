@@ -61,7 +61,7 @@ def convert(model: onnx.ModelProto, feeds: dict, precision: Precision, reference
     conversion.checks += _judged(reference, emulated, tolerance, f"{planned.dtype} emulated in fp32")
     if planned.dtype == "fp16":  # ONNX Runtime's CPU provider runs fp16 graphs (not bf16 ones)
         low_feeds = {name: _fed(value, conversion.model, name, planned.dtype) for name, value in feeds.items()}
-        actual = _run(conversion.model, low_feeds, None, "all")
+        actual = _run(conversion.model, low_feeds, weights_dir, "all")
         conversion.checks += _judged(reference, actual, tolerance, "fp16 graph, ONNX Runtime CPU")
     failed = next((check for check in conversion.checks if not check.passed), None)
     if failed is not None:
