@@ -79,10 +79,14 @@ def stage_weights(model_file: Path) -> onnx.ModelProto:
     """The graph in `model_file` without its weights' bytes: they stay in the external data file
     beside it (written there with `size_threshold` 1 KiB), referenced by location."""
     model = onnx.load(str(model_file), load_external_data=False)
-    if not has_external_weights(model):  # written inline (a small model): move the weights out
-        onnx.save_model(model, str(model_file), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=model_file.name + ".data", size_threshold=1024)
-        model = onnx.load(str(model_file), load_external_data=False)
+    return model if has_external_weights(model) else staged(model, model_file)  # inline (a small model): moved out
+
+
+def staged(model: onnx.ModelProto, model_file: Path) -> onnx.ModelProto:
+    """`model` with its weights written to the external data file beside `model_file` and
+    dropped from memory (onnx clears each tensor's bytes once written): the references stay."""
+    onnx.save_model(model, str(model_file), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=model_file.name + ".data", size_threshold=1024)
     return model
 
 
@@ -177,8 +181,8 @@ def _record_weights(model_file: Path, data_file: Path) -> None:
 
 
 def _save_staged(model: onnx.ModelProto, target: Path, weights_dir: Path, data_name: str | None) -> None:
-    """Save a staged model: with its weights file copied beside `target` as `data_name`, or with
-    the weights read back inline when `data_name` is None."""
+    """Save a staged model: with its weights file linked (or copied) beside `target` as `data_name`,
+    or with the weights read back inline when `data_name` is None."""
     if data_name is None:
         inline = onnx.ModelProto()
         inline.CopyFrom(model)
@@ -195,8 +199,17 @@ def _save_staged(model: onnx.ModelProto, target: Path, weights_dir: Path, data_n
                 entry.value = data_name
     if len(sources) != 1:
         raise OnnxFileError(f"staged weights come from {len(sources)} files, expected one")
-    shutil.copyfile(weights_dir / sources.pop(), target.parent / data_name)
+    _link_or_copy(weights_dir / sources.pop(), target.parent / data_name)
     onnx.save_model(copy, str(target))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A second name for the staged weights where they share a filesystem (a stage beside the
+    output: no byte copied), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 @contextlib.contextmanager

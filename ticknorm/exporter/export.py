@@ -24,7 +24,7 @@ from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError, fir
 from ticknorm.base.graph import GraphIndex
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance, ensure_finite
-from ticknorm.base.onnx_io import PROTOBUF_LIMIT, save_onnx, stage_weights
+from ticknorm.base.onnx_io import PROTOBUF_LIMIT, save_onnx, stage_weights, staged
 from ticknorm.base.optional import require
 from ticknorm.base.scopes import annotate_scopes
 from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
@@ -90,7 +90,7 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
     progress("running the PyTorch model")
     names, reference = torch_reference(model, feeds)
     tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
-    with _weights_stage(model) as weights_dir:
+    with _weights_stage(Path(output).parent) as weights_dir:
         progress(f"exporting with the {options.exporter} exporter")
         proto = torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes or {}, names, weights_dir)
         checks = [("", feeds, reference), *extra_checks] if options.check else []
@@ -125,12 +125,13 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
 
 
 @contextlib.contextmanager
-def _weights_stage(model):
-    """A folder for the exported weights: the exporter writes them there once, straight from the
-    torch tensors, and nothing serializes them again until the final write streams the file. The
-    graph in memory holds references only, so a rewrite copies no weights and each ONNX Runtime
-    session memory-maps the one file instead of parsing a serialized copy."""
-    with tempfile.TemporaryDirectory(prefix="ticknorm-weights-") as directory:
+def _weights_stage(folder: Path):
+    """A folder for the exported weights, beside the output: the exporter writes them there once,
+    nothing serializes them again, and the final write gives the file a second name (a hard link,
+    no byte copied). The graph in memory holds references only, so a rewrite copies no weights and
+    each ONNX Runtime session maps the one file instead of parsing a serialized copy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".ticknorm-weights-", dir=folder) as directory:
         yield Path(directory)
 
 
@@ -238,11 +239,13 @@ def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dic
                     return program.model_proto
                 program.save(str(target), external_data=True)  # from the torch tensors, no proto of them
                 return stage_weights(target)
-            buffer = io.BytesIO() if target is None else str(target)
+            buffer = io.BytesIO()
             torch.onnx.export(model, (), buffer, kwargs=kwargs, dynamo=False, opset_version=opset or 17,
                               input_names=names, output_names=outputs, dynamic_axes=dynamic_axes or None,
                               do_constant_folding=True)
-            return onnx.load_from_string(buffer.getvalue()) if target is None else stage_weights(target)
+            proto = onnx.load_from_string(buffer.getvalue())
+            del buffer
+            return proto if target is None else staged(proto, target)
         except Exception as exc:  # noqa: BLE001 - exporters raise many unrelated types
             raise ExportError(_describe_failure(torch, model, tensors, exporter, exc)) from exc
 
