@@ -215,6 +215,49 @@ class _OldDriver:
         return 0
 
 
+class _RecordingDriver(_OldDriver):
+    """A driver that loads anything and records the launch, as cuLaunchKernel would read it."""
+
+    def __init__(self):
+        self.launches, self.unloaded = [], 0
+
+    def cuModuleLoadData(self, module, image):
+        module._obj.value = 7
+        return 0
+
+    def cuModuleGetFunction(self, function, module, name):
+        function._obj.value = 8
+        return 0
+
+    def cuFuncSetAttribute(self, function, attribute, value):
+        return 0
+
+    def cuLaunchKernel(self, function, *arguments):
+        import ctypes
+
+        *dims, shared, stream, params, extra = arguments
+        widths = [ctypes.c_uint64] * 3 + [ctypes.c_uint32] * 2 + [ctypes.c_uint64] * 3
+        read = [ctypes.cast(params[i], ctypes.POINTER(width)).contents.value for i, width in enumerate(widths)]
+        self.launches.append((function.value, dims, shared, stream, read, extra))
+        return 0
+
+    def cuModuleUnload(self, module):
+        self.unloaded += 1
+        return 0
+
+
+def test_the_ptx_launch_passes_tensorrts_arguments_by_address(monkeypatch):
+    from ticknorm.plugins import ptx_launch
+
+    driver = _RecordingDriver()
+    monkeypatch.setattr(ptx_launch, "cuda_driver", lambda: driver)
+    with ptx_launch.LoadedPtx(_aot_kernel()) as loaded:
+        loaded.launch((11, 12, 13, 14), 1001, stream=99)
+    # grid ceil(1001 / 4 rows per program), 4 warps of 32 threads, the kernel's shared bytes, the caller's stream
+    assert driver.launches == [(8, [251, 1, 1, 128, 1, 1], 16, 99, [11, 12, 13, 1001, 768, 14, 0, 0], None)]
+    assert driver.unloaded == 1
+
+
 def test_a_driver_older_than_the_ptx_isa_is_one_line_naming_it(monkeypatch):
     from ticknorm.base.errors import RuntimeUnavailable
     from ticknorm.plugins import ptx_launch

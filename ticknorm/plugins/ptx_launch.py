@@ -75,8 +75,12 @@ class LoadedPtx:
         if not context.value:
             raise RuntimeFailure("no CUDA context is current in this thread: allocate the tensors on the device first")
         self._load()
-        self._call("cuModuleGetFunction", ctypes.byref(self._function), self._module, self.kernel.entry.encode())
-        self._call("cuFuncSetAttribute", self._function, MAX_DYNAMIC_SHARED_SIZE, self.kernel.shared_bytes)
+        try:
+            self._call("cuModuleGetFunction", ctypes.byref(self._function), self._module, self.kernel.entry.encode())
+            self._call("cuFuncSetAttribute", self._function, MAX_DYNAMIC_SHARED_SIZE, self.kernel.shared_bytes)
+        except RuntimeFailure:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
