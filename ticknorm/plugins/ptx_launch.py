@@ -13,9 +13,9 @@ import ctypes
 from ticknorm.base.errors import RuntimeFailure, RuntimeUnavailable
 from ticknorm.plugins.aot import PLUGIN_PARAMS, AotKernel, driver_version, ptx_isa
 
-# PTX parameter types -> the C type whose bytes cuLaunchKernel reads for them.
-PARAM_CTYPES = {"u64": ctypes.c_uint64, "b64": ctypes.c_uint64, "s64": ctypes.c_int64,
-                "u32": ctypes.c_uint32, "b32": ctypes.c_uint32, "s32": ctypes.c_int32}
+# PTX parameter types -> the C type whose bytes cuLaunchKernel reads for them (the types
+# `compile_layer_norm` admits: pointers and Triton's i32 as u64 and u32).
+PARAM_CTYPES = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32}
 # The driver's answers that mean "this driver cannot take this PTX", not "the PTX is wrong".
 DRIVER_TOO_OLD = {209: "no binary for this GPU", 221: "no PTX JIT compiler", 222: "unsupported PTX version"}
 MAX_DYNAMIC_SHARED_SIZE = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
