@@ -133,30 +133,142 @@ def test_ahead_of_time_ptx_for_sm80_and_sm90_without_a_gpu():
     assert {(r["hidden"], r["block"], r["warps"]) for r in rows} >= {(768, 1024, 4), (2041, 2048, 8), (8192, 8192, 16)}
 
 
+def _launch_with_ticknorm(kernel, pointers: tuple, rows: int) -> None:
+    from ticknorm.plugins.ptx_launch import LoadedPtx
+
+    with LoadedPtx(kernel) as loaded:
+        loaded.launch(pointers, rows, torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+
+
+def _launch_with_cupy(kernel, pointers: tuple, rows: int) -> None:
+    """An independent launcher: when ticknorm's and this one disagree, the launcher is at fault, not the PTX."""
+    cupy = pytest.importorskip("cupy", reason="the cross-check launches the PTX with cupy too")
+    import numpy as np
+
+    module = cupy.cuda.function.Module()
+    module.load(kernel.ptx.encode())
+    function = module.get_function(kernel.entry)
+    x, weight, bias, out = (np.uint64(p) for p in pointers)
+    args = (x, weight, bias, np.int32(rows), np.int32(kernel.hidden), out) + (np.uint64(0),) * kernel.hidden_params
+    torch.cuda.synchronize()
+    function((kernel.grid(rows), 1, 1), (kernel.threads, 1, 1), args, shared_mem=kernel.shared_bytes)
+    cupy.cuda.Device().synchronize()
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("launch", [_launch_with_ticknorm, _launch_with_cupy], ids=["libcuda", "cupy"])
 @pytest.mark.parametrize("dtype, rows, hidden", [("fp16", 1000, 768), ("bf16", 37, 2041), ("fp32", 5, 8192)])
-def test_aot_ptx_launched_the_way_tensorrt_launches_it(dtype, rows, hidden):
+def test_aot_ptx_launched_the_way_tensorrt_launches_it(dtype, rows, hidden, launch):
     """The PTX loaded by the driver and launched with exactly TensorRT's arguments: input pointers,
     int32 extra arguments, output pointer, null for every further parameter."""
     if not ON_GPU:
         pytest.skip("needs a CUDA GPU (none on this machine); CI checks the PTX's parameter list instead")
-    cupy = pytest.importorskip("cupy", reason="launching raw PTX uses cupy")
-    import numpy as np
-
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     x, weight, bias = _case(rows, hidden, torch_dtype)
     out = torch.full_like(x, float("nan"))
     major, minor = torch.cuda.get_device_capability()
     kernel = compile_layer_norm(dtype, hidden, major * 10 + minor, 1e-5, driver_ptx_version())
-    module = cupy.cuda.function.Module()
-    module.load(kernel.ptx.encode())
-    function = module.get_function(kernel.entry)
-    pointers = [np.uint64(t.data_ptr()) for t in (x, weight, bias)]
-    args = (*pointers, np.int32(rows), np.int32(hidden), np.uint64(out.data_ptr())) + (np.uint64(0),) * kernel.hidden_params
-    torch.cuda.synchronize()
-    function((kernel.grid(rows), 1, 1), (kernel.threads, 1, 1), args, shared_mem=kernel.shared_bytes)
-    cupy.cuda.Device().synchronize()
+    launch(kernel, tuple(t.data_ptr() for t in (x, weight, bias, out)), rows)
     _assert_within(out, _reference(x, weight, bias, 1e-5), torch_dtype)
+
+
+def _aot_kernel(hidden_params: int = 2):
+    from ticknorm.plugins.aot import AotKernel
+
+    ptx = ".version 8.7\n.target sm_90a\n"
+    types = ("u64",) * 3 + ("u32",) * 2 + ("u64",) + ("u64",) * hidden_params
+    return AotKernel(ptx, "layer_norm_plugin", types, hidden_params, 4, 16, 1024, 4, 90, "fp16", 768, 1e-5)
+
+
+def test_ptx_arguments_are_tensorrts_in_the_ptx_types():
+    """What cuLaunchKernel reads: three 8-byte pointers, two 4-byte ints, the output, then null."""
+    import ctypes
+    import dataclasses
+
+    from ticknorm.base.errors import RuntimeFailure
+    from ticknorm.plugins.ptx_launch import kernel_arguments
+
+    arguments = kernel_arguments(_aot_kernel(), (11, 12, 13, 14), 1000)
+    assert [type(a) for a in arguments] == [ctypes.c_uint64] * 3 + [ctypes.c_uint32] * 2 + [ctypes.c_uint64] * 3
+    assert [a.value for a in arguments] == [11, 12, 13, 1000, 768, 14, 0, 0]
+    broken = dataclasses.replace(_aot_kernel(), param_types=_aot_kernel().param_types[:-1])
+    with pytest.raises(RuntimeFailure, match="takes 7 parameters; TensorRT passes X, W, B, n_rows, n_cols, Y and 2 null"):
+        kernel_arguments(broken, (11, 12, 13, 14), 1000)
+
+
+class _OldDriver:
+    """libcuda as a driver too old for the PTX answers: a context is current, the load is refused."""
+
+    def cuInit(self, flags):
+        return 0
+
+    def cuCtxGetCurrent(self, context):
+        context._obj.value = 1
+        return 0
+
+    def cuModuleLoadData(self, module, image):
+        return 222
+
+    def cuGetErrorName(self, result, text):
+        text._obj.value = b"CUDA_ERROR_UNSUPPORTED_PTX_VERSION"
+        return 0
+
+
+class _RecordingDriver(_OldDriver):
+    """A driver that loads anything and records the launch, as cuLaunchKernel would read it."""
+
+    def __init__(self):
+        self.launches, self.unloaded = [], 0
+
+    def cuModuleLoadData(self, module, image):
+        module._obj.value = 7
+        return 0
+
+    def cuModuleGetFunction(self, function, module, name):
+        function._obj.value = 8
+        return 0
+
+    def cuFuncSetAttribute(self, function, attribute, value):
+        return 0
+
+    def cuLaunchKernel(self, function, *arguments):
+        import ctypes
+
+        *dims, shared, stream, params, extra = arguments
+        widths = [ctypes.c_uint64] * 3 + [ctypes.c_uint32] * 2 + [ctypes.c_uint64] * 3
+        read = [ctypes.cast(params[i], ctypes.POINTER(width)).contents.value for i, width in enumerate(widths)]
+        self.launches.append((function.value, dims, shared, stream, read, extra))
+        return 0
+
+    def cuModuleUnload(self, module):
+        self.unloaded += 1
+        return 0
+
+
+def test_the_ptx_launch_passes_tensorrts_arguments_by_address(monkeypatch):
+    from ticknorm.plugins import ptx_launch
+
+    driver = _RecordingDriver()
+    monkeypatch.setattr(ptx_launch, "cuda_driver", lambda: driver)
+    with ptx_launch.LoadedPtx(_aot_kernel()) as loaded:
+        loaded.launch((11, 12, 13, 14), 1001, stream=99)
+    # grid ceil(1001 / 4 rows per program), 4 warps of 32 threads, the kernel's shared bytes, the caller's stream
+    assert driver.launches == [(8, [251, 1, 1, 128, 1, 1], 16, 99, [11, 12, 13, 1001, 768, 14, 0, 0], None)]
+    assert driver.unloaded == 1
+
+
+def test_a_driver_older_than_the_ptx_isa_is_one_line_naming_it(monkeypatch):
+    from ticknorm.base.errors import RuntimeUnavailable
+    from ticknorm.plugins import ptx_launch
+
+    monkeypatch.setattr(ptx_launch, "cuda_driver", _OldDriver)
+    monkeypatch.setattr(ptx_launch, "driver_version", lambda: "12.2")
+    with pytest.raises(RuntimeUnavailable) as raised:
+        with ptx_launch.LoadedPtx(_aot_kernel()):
+            pass
+    assert str(raised.value) == ("the CUDA driver 12.2 cannot load PTX ISA 8.7 for sm_90 (CUDA_ERROR_UNSUPPORTED_PTX_VERSION: "
+                                 "unsupported PTX version); a newer driver is missing")
 
 
 def test_benchmark_script_runs_end_to_end_through_the_interpreter(tmp_path):

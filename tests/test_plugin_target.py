@@ -141,6 +141,7 @@ def test_cli_fuse_to_plugin_then_ort_refuses_in_one_line(tmp_path):
     assert error.endswith("--ln-target native for it") and "Traceback" not in refused.output
 
 
+@pytest.mark.gpu
 @pytest.mark.tensorrt
 def test_trt_engine_with_the_plugin_matches_ort_native(fused_pair):
     if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():

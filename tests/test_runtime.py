@@ -109,6 +109,7 @@ def test_trt_profile_and_cache_key_logic(small):
     assert model_digest(changed) != digest
 
 
+@pytest.mark.gpu
 @pytest.mark.tensorrt
 def test_trt_runner_matches_ort_on_a_gpu(small):
     if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():

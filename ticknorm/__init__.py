@@ -9,7 +9,7 @@ imported where used.
 
 __version__ = "0.1.0"
 
-from ticknorm.api import check, compare, convert, export, fuse, history, inspect, profile, report, runtimes, snapshot  # noqa: E402
+from ticknorm.api import check, check_runtimes, compare, convert, export, fuse, history, inspect, profile, report, runtimes, snapshot  # noqa: E402
 from ticknorm.base.errors import TicknormError  # noqa: E402
 from ticknorm.base.inputs import Inputs  # noqa: E402
 from ticknorm.base.metrics import Tolerance  # noqa: E402
@@ -24,5 +24,5 @@ from ticknorm.profiler.profile import Timing  # noqa: E402
 from ticknorm.runtime.registry import Runtimes  # noqa: E402
 
 __all__ = ["ExportOptions", "Inputs", "LayerSelection", "ModelRef", "NormTargets", "Precision", "Progress", "Runtimes",
-           "TicknormError", "Timing", "Tolerance", "__version__", "check", "compare", "convert", "export", "fuse",
+           "TicknormError", "Timing", "Tolerance", "__version__", "check", "check_runtimes", "compare", "convert", "export", "fuse",
            "history", "inspect", "profile", "read_reference", "report", "runtimes", "snapshot"]

@@ -45,6 +45,7 @@ from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import to_numpy
 from ticknorm.validate.compare import CompareReport, compare_runtimes
 from ticknorm.validate.drift import DriftReport, History, check_bundle, read_history, versions, write_bundle
+from ticknorm.validate.host_check import HostReport, check_host
 
 
 def export(model, inputs, output, options: ExportOptions = ExportOptions(), report=None,
@@ -116,6 +117,12 @@ def inspect(source) -> ModelSummary:
 
 def runtimes() -> list[RuntimeStatus]:
     return runtime_statuses()
+
+
+def check_runtimes(progress: Progress = QUIET) -> HostReport:
+    """Prove every runtime installed here on a small fused LayerNorm model against PyTorch fp32,
+    and on a CUDA host ticknorm's kernel and its TensorRT PTX; `report.exit_code` is the CLI's."""
+    return check_host(progress.step)
 
 
 def compare(source, model, inputs, runtimes=("ort",), tolerance: Tolerance | None = None,

@@ -4,7 +4,9 @@ Exit codes: 0 pass, 1 an accuracy failure, 2 a usage or environment error. Error
 on stderr; set TICKNORM_DEBUG=1 to see the traceback of an unexpected one.
 """
 
+import dataclasses
 import functools
+import json
 import os
 import sys
 
@@ -317,9 +319,22 @@ def inspect_command(source, as_json):
 
 
 @main.command("runtimes")
-def runtimes_command():
-    """Each runtime, its version, and why an unavailable one is unavailable."""
-    for status in api.runtimes():
+@click.option("--check", is_flag=True,
+              help="Run every available runtime on a small fused LayerNorm model against PyTorch fp32 (and, on a CUDA "
+                   "host, ticknorm's kernel and its TensorRT PTX): verdict, max error, median latency. Exit 1 when one "
+                   "computes wrong numbers, 2 when one broke or none could run.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def runtimes_command(check, as_json):
+    """Each runtime, its version, and why an unavailable one is unavailable; --check proves them."""
+    if check:
+        report = api.check_runtimes(progress=Progress(_say))
+        click.echo(report.to_json() if as_json else report.text())
+        sys.exit(report.exit_code)
+    statuses = api.runtimes()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(status) for status in statuses], indent=2))
+        return
+    for status in statuses:
         state = "available" if status.available else f"unavailable: {status.reason}"
         click.echo(f"{status.name:<12} {status.version:<16} {state}")
 

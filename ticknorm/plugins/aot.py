@@ -100,12 +100,10 @@ def ptx_isa(ptx: str) -> int:
     return int(found.group(1)) * 10 + int(found.group(2))
 
 
-def driver_ptx_version() -> int | None:
-    """The newest PTX ISA the installed CUDA driver can load (Triton's own table), or None
-    where no driver is installed."""
+def driver_version() -> str | None:
+    """The installed CUDA driver's version as CUDA counts it ("13.0"), or None where no driver is
+    installed: what decides the newest PTX ISA it loads."""
     import ctypes
-
-    from triton.backends.nvidia.compiler import ptx_get_version
 
     try:
         libcuda = ctypes.CDLL("libcuda.so.1")
@@ -114,4 +112,13 @@ def driver_ptx_version() -> int | None:
     version = ctypes.c_int()
     if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
         return None
-    return ptx_get_version(f"{version.value // 1000}.{version.value % 1000 // 10}")
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
+def driver_ptx_version() -> int | None:
+    """The newest PTX ISA the installed CUDA driver can load (Triton's own table), or None
+    where no driver is installed."""
+    from triton.backends.nvidia.compiler import ptx_get_version
+
+    version = driver_version()
+    return None if version is None else ptx_get_version(version)
