@@ -3,7 +3,8 @@
 A bundle is a folder: `inputs.json` (Polygraphy's input format, a list of feed dicts, so
 `polygraphy run --load-inputs` reads it), `outputs.json` (Polygraphy RunResults holding the PyTorch
 reference, readable by `polygraphy run --load-outputs`), `bundle.json` (model hash, versions,
-tolerances, per-module output statistics) and `history.jsonl` (one line per check).
+tolerances, per-module output statistics and, when a ticks file was given, under `calibration` the
+ranges each norm reached in training) and `history.jsonl` (one line per check).
 """
 
 import importlib
@@ -28,6 +29,8 @@ from ticknorm.base.precision import TYPE_NAMES
 from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.runtime.registry import Runtimes, make_runner, runtime_precision
 from ticknorm.runtime.torch_runner import TorchRunner
+from ticknorm.ticks.log import read_ticks
+from ticknorm.ticks.ranges import module_ranges, present_ranges
 from ticknorm.validate.compare import TAP_EFFECT_LIMIT, iteration_name, largest_difference
 
 FORMAT = 1
@@ -50,9 +53,10 @@ def layer_stats(array: np.ndarray) -> dict:
 
 
 def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Tolerance | None = None,
-                 layers: LayerSelection = LayerSelection(), progress=lambda message: None) -> Path:
+                 layers: LayerSelection = LayerSelection(), progress=lambda message: None, calibration=None) -> Path:
     """Run the PyTorch reference on `feeds` (one feed dict, or one per iteration) and write the
-    bundle; the per-module statistics are the first iteration's."""
+    bundle; the per-module statistics are the first iteration's. `calibration`: a ticks file whose
+    per-module peaks are kept too, the ranges of the training data beside those of these inputs."""
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import to_json
@@ -77,11 +81,20 @@ def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Toler
                        "rule": tolerance.rule},
         "layers": {m: {"tensor": scope_map[m], **layer_stats(v)} for m, v in reference.taps.items()},
     }
+    if calibration is not None:
+        meta["calibration"] = _calibration(calibration, module)
     bundle.mkdir(parents=True, exist_ok=True)
     write_text(bundle / "inputs.json", to_json(feed_sets))
     write_text(bundle / "outputs.json", to_json(results))
     write_text(bundle / "bundle.json", json.dumps(meta, indent=2))
     return bundle
+
+
+def _calibration(path, module) -> dict:
+    names = [name for name, _ in module.named_modules()]
+    ranges = present_ranges(module_ranges(read_ticks(path)), set(names).__contains__, Path(path).name,
+                            names[-1] if names else "")
+    return {"file": str(path), "modules": {found.module: found.stored() for found in ranges}}
 
 
 @dataclass
