@@ -35,6 +35,7 @@ from ticknorm.profiler.collect_trtexec import import_trtexec
 from ticknorm.profiler.profile import ProfileResult, Timing, profile_runtimes
 from ticknorm.report.drift_plot import plot_history
 from ticknorm.report.joined import JoinedReport, join, write_html
+from ticknorm.report.ticks_plot import plot_ticks
 from ticknorm.exporter.precision.convert import Conversion
 from ticknorm.exporter.precision.convert import convert as convert_graph
 from ticknorm.exporter.precision.targets import runner_setup
@@ -42,6 +43,8 @@ from ticknorm.plugins import plugin_nodes
 from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, runtime_statuses
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import to_numpy
+from ticknorm.ticks.log import read_ticks
+from ticknorm.ticks.ranges import DEFAULT_HEADROOM, TickSummary, summarize
 from ticknorm.validate.compare import CompareReport, compare_runtimes
 from ticknorm.validate.drift import DriftReport, check_bundle, read_history, versions, write_bundle
 
@@ -182,11 +185,13 @@ def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Tim
 
 
 def snapshot(source, model, inputs, output, tolerance: Tolerance | None = None,
-             layers: LayerSelection = LayerSelection(), progress: Progress = QUIET) -> Path:
+             layers: LayerSelection = LayerSelection(), progress: Progress = QUIET, calibration=None) -> Path:
     """Write a golden bundle: every iteration's inputs and PyTorch outputs, per-module statistics (of
-    the first), tolerances, versions."""
+    the first), tolerances, versions; with `calibration` (a ticks file) also the ranges each norm
+    reached in training, beside the statistics of the bundle's inputs."""
     onnx_model, module, feed_sets = _judged(source, model, inputs, progress)
-    return write_bundle(onnx_model, module, feed_sets, output, tolerance=tolerance, layers=layers, progress=progress.step)
+    return write_bundle(onnx_model, module, feed_sets, output, tolerance=tolerance, layers=layers, progress=progress.step,
+                        calibration=calibration)
 
 
 def check(bundle, source, runtime: str = "ort", allow_model_change: bool = False,
@@ -202,6 +207,15 @@ def history(bundle, plot=None) -> list[dict]:
     if plot is not None:
         plot_history(entries, plot)
     return entries
+
+
+def show_ticks(path, plot=None, headroom: float = DEFAULT_HEADROOM) -> TickSummary:
+    """A ticks file per module: its range over the training steps, which modules pass fp16's max
+    divided by `headroom` and which pass fp16's max, from which step; `plot` draws it to a PNG."""
+    summary = summarize(read_ticks(path), Path(path).name, headroom)
+    if plot is not None:
+        plot_ticks(summary, plot)
+    return summary
 
 
 def trtexec_line(source, inputs=None, prefix: str = "trtexec") -> str:
