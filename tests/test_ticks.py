@@ -17,7 +17,7 @@ from factories import Growing
 from ticknorm import ExportOptions, Inputs, Precision, api
 from ticknorm.base.errors import InputSpecError, MissingDependencyError, TicknormWarning, TicksError
 from ticknorm.cli import main
-from ticknorm.ticks import Recorder, read_ticks, summarize
+from ticknorm.ticks import Recorder, read_ticks, summarize_ticks
 
 # Growing's input in training: fed this row, its norm's input has absmax 7 * 4**step and mean of
 # squares 20 * 16**step, so the mean of squares passes fp16's 65504 at step 3 and the absmax
@@ -113,7 +113,7 @@ def test_a_norm_called_twice_in_one_forward_adds_up(tmp_path):
 
 def test_a_planted_norm_growing_past_fp16_is_flagged_at_its_step(grown):
     folder, _, _ = grown
-    summary = summarize(read_ticks(folder / "ticks.jsonl"), "ticks.jsonl")
+    summary = summarize_ticks(read_ticks(folder / "ticks.jsonl"), "ticks.jsonl")
     (norm,) = summary.modules
     assert norm.module == "norm" and norm.steps == list(range(7))
     assert norm.values("input_absmax") == pytest.approx([7 * 4.0**s for s in range(7)])

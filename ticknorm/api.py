@@ -44,7 +44,7 @@ from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, runt
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import to_numpy
 from ticknorm.ticks.log import read_ticks
-from ticknorm.ticks.ranges import DEFAULT_HEADROOM, TickSummary, summarize
+from ticknorm.ticks.ranges import DEFAULT_HEADROOM, TickSummary, summarize_ticks
 from ticknorm.validate.compare import CompareReport, compare_runtimes
 from ticknorm.validate.drift import DriftReport, check_bundle, read_history, versions, write_bundle
 
@@ -212,7 +212,7 @@ def history(bundle, plot=None) -> list[dict]:
 def show_ticks(path, plot=None, headroom: float = DEFAULT_HEADROOM) -> TickSummary:
     """A ticks file per module: its range over the training steps, which modules pass fp16's max
     divided by `headroom` and which pass fp16's max, from which step; `plot` draws it to a PNG."""
-    summary = summarize(read_ticks(path), Path(path).name, headroom)
+    summary = summarize_ticks(read_ticks(path), Path(path).name, headroom)
     if plot is not None:
         plot_ticks(summary, plot)
     return summary

@@ -139,7 +139,7 @@ norm_target_options = grouped(
 
 _KEEP_FP32 = click.option("--keep-fp32", multiple=True, metavar="GLOB",
                           help="Keep the modules whose path matches in fp32 (repeat), e.g. 'encoder.layer.*.output'.")
-_CALIBRATION_HELP = ("A ticks file recorded while the model trained (ticknorm.ticks.Recorder): {}")
+_CALIBRATION_HELP = "A ticks file recorded while the model trained (ticknorm.ticks.Recorder): {}"
 _PRECISION_OPTIONS = (
     click.option("--precision", "dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                  help="Weights and activations in this type, with fp32 islands chosen from a measured fp32 run."),

@@ -2,8 +2,8 @@
 
 One object from the command line down: the low type, the I/O types, the modules the user keeps in
 fp32, the limits of the measured rules, the ticks file recorded while the model trained (whose
-norm ranges are the real data's, not the export's example inputs'), and, once an fp32 reference run measured the model, the
-fp32 islands with their reasons. The ONNX conversion writes it into the graph; the PyTorch
+norm ranges are the real data's, not the export's example inputs'), and, once an fp32 reference
+run measured the model, the fp32 islands with their reasons. The ONNX conversion writes it into the graph; the PyTorch
 targets keep the islands' modules in fp32; TensorRT builds the converted graph; every command
 judges a low-precision run at its type's tolerance, so one model gets one verdict everywhere."""
 

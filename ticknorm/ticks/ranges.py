@@ -130,7 +130,7 @@ class TickSummary:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def summarize(records: list[dict], source: str = "ticks", headroom: float = DEFAULT_HEADROOM) -> TickSummary:
+def summarize_ticks(records: list[dict], source: str = "ticks", headroom: float = DEFAULT_HEADROOM) -> TickSummary:
     if headroom < 1:
         raise TicksError(f"headroom {headroom:g}: it divides fp16's max and must be 1 or more")
     return TickSummary(source, module_ranges(records), headroom)

@@ -62,6 +62,7 @@ def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Toler
     from polygraphy.json import to_json
 
     tolerance = tolerance or Tolerance()
+    trained = _calibration(calibration, module) if calibration is not None else None  # refused before the run
     bundle = Path(bundle)
     names = [o.name for o in model.graph.output]
     scope_map = module_output_tensors(model)
@@ -81,8 +82,8 @@ def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Toler
                        "rule": tolerance.rule},
         "layers": {m: {"tensor": scope_map[m], **layer_stats(v)} for m, v in reference.taps.items()},
     }
-    if calibration is not None:
-        meta["calibration"] = _calibration(calibration, module)
+    if trained is not None:
+        meta["calibration"] = trained
     bundle.mkdir(parents=True, exist_ok=True)
     write_text(bundle / "inputs.json", to_json(feed_sets))
     write_text(bundle / "outputs.json", to_json(results))
