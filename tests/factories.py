@@ -82,6 +82,25 @@ def overflowing():
     return Overflowing()
 
 
+class Growing(nn.Module):
+    """A norm whose input is scaled by `gain`, which a training loop multiplies by 4 each step
+    (tests/test_ticks.py): what a diverging fine-tune does to a residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gain = nn.Parameter(torch.ones(()), requires_grad=False)
+        self.norm = nn.LayerNorm(7)
+        self.head = nn.Linear(7, 2)
+
+    def forward(self, x):
+        return self.head(self.norm(self.gain * x))
+
+
+def growing():
+    return Growing()
+
+
 class IgnoresMask(nn.Module):
     """Takes an argument it never reads: exporters drop it from the graph."""
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ticknorm"
 # Ground floor first. A module may import its own floor and the floors below it, never above.
-FLOORS = ("base", "plugins", "runtime", "exporter", "profiler", "validate", "report", "api", "cli")
+FLOORS = ("base", "ticks", "plugins", "runtime", "exporter", "profiler", "validate", "report", "api", "cli")
 MAX_PARAMETERS = 8
 
 

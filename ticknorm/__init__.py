@@ -1,6 +1,6 @@
 """ticknorm: export a fine-tuned PyTorch model to ONNX with every LayerNorm fused, and prove it is
 still the same model. `import ticknorm` needs only numpy and onnx; torch and the runtimes are
-imported where used.
+imported where used (a `Recorder` imports torch when it is built).
 
     import ticknorm
     result = ticknorm.export(model, (input_ids,), "model.onnx")
@@ -9,7 +9,8 @@ imported where used.
 
 __version__ = "0.1.0"
 
-from ticknorm.api import check, check_runtimes, compare, convert, export, fuse, history, inspect, profile, report, runtimes, snapshot  # noqa: E402
+from ticknorm.api import (check, check_runtimes, compare, convert, export, fuse, history, inspect, profile,  # noqa: E402
+                          report, runtimes, show_ticks, snapshot)
 from ticknorm.base.errors import TicknormError  # noqa: E402
 from ticknorm.base.inputs import Inputs  # noqa: E402
 from ticknorm.base.metrics import Tolerance  # noqa: E402
@@ -22,7 +23,8 @@ from ticknorm.exporter.fusion import NormTargets  # noqa: E402
 from ticknorm.exporter.model_ref import ModelRef  # noqa: E402
 from ticknorm.profiler.profile import Timing  # noqa: E402
 from ticknorm.runtime.registry import Runtimes  # noqa: E402
+from ticknorm.ticks import Recorder  # noqa: E402
 
-__all__ = ["ExportOptions", "Inputs", "LayerSelection", "ModelRef", "NormTargets", "Precision", "Progress", "Runtimes",
-           "TicknormError", "Timing", "Tolerance", "__version__", "check", "check_runtimes", "compare", "convert", "export", "fuse",
-           "history", "inspect", "profile", "read_reference", "report", "runtimes", "snapshot"]
+__all__ = ["ExportOptions", "Inputs", "LayerSelection", "ModelRef", "NormTargets", "Precision", "Progress", "Recorder",
+           "Runtimes", "TicknormError", "Timing", "Tolerance", "__version__", "check", "check_runtimes", "compare", "convert",
+           "export", "fuse", "history", "inspect", "profile", "read_reference", "report", "runtimes", "show_ticks", "snapshot"]

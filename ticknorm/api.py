@@ -35,6 +35,7 @@ from ticknorm.profiler.collect_trtexec import import_trtexec
 from ticknorm.profiler.profile import ProfileResult, Timing, profile_runtimes
 from ticknorm.report.drift_plot import plot_history
 from ticknorm.report.joined import JoinedReport, join, write_html
+from ticknorm.report.ticks_plot import plot_ticks
 from ticknorm.exporter.precision.convert import Conversion
 from ticknorm.exporter.precision.convert import convert as convert_graph
 from ticknorm.exporter.precision.targets import runner_setup
@@ -43,8 +44,11 @@ from ticknorm.runtime.base import check_feeds, graph_input_meta
 from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, runtime_statuses
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import to_numpy
+from ticknorm.ticks.log import read_ticks
+from ticknorm.ticks.ranges import DEFAULT_HEADROOM, TickSummary, summarize_ticks
 from ticknorm.validate.compare import CompareReport, compare_runtimes
-from ticknorm.validate.drift import DriftReport, History, check_bundle, read_history, versions, write_bundle
+from ticknorm.validate.drift import (DriftReport, GoldenSources, History, check_bundle, read_history, versions,
+                                     write_bundle)
 from ticknorm.validate.host_check import HostReport, check_host
 
 
@@ -188,14 +192,15 @@ def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Tim
 
 def snapshot(source, model, inputs, output, tolerance: Tolerance | None = None,
              layers: LayerSelection = LayerSelection(), progress: Progress = QUIET,
-             reference: SavedReference | None = None) -> Path:
+             sources: GoldenSources = GoldenSources()) -> Path:
     """Write a golden bundle: every iteration's inputs and PyTorch outputs, per-module statistics (of
-    the first), tolerances, versions. With `reference` (Polygraphy's saved outputs of `inputs`)
-    those are the reference outputs, and `model`, if given, adds the per-module statistics."""
+    the first), tolerances, versions. `sources.saved` (Polygraphy's saved outputs of `inputs`) are
+    then the reference outputs, and `model`, if given, adds the per-module statistics;
+    `sources.calibration` (a ticks file) adds the ranges each norm reached in training."""
     check_writable_folder(output, "bundle")
-    onnx_model, module, feed_sets = _reference_run(source, model, inputs, reference, progress)
+    onnx_model, module, feed_sets = _reference_run(source, model, inputs, sources.saved, progress)
     return write_bundle(onnx_model, module, feed_sets, output, tolerance=tolerance, layers=layers,
-                        progress=progress.step, saved=reference)
+                        progress=progress.step, sources=sources)
 
 
 def check(bundle, source, runtime: str = "ort", allow_model_change: bool = False,
@@ -212,6 +217,15 @@ def history(bundle, plot=None) -> History:
     if plot is not None:
         plot_history(found.entries, plot)
     return found
+
+
+def show_ticks(path, plot=None, headroom: float = DEFAULT_HEADROOM) -> TickSummary:
+    """A ticks file per module: its range over the training steps, which modules pass fp16's max
+    divided by `headroom` and which pass fp16's max, from which step; `plot` draws it to a PNG."""
+    summary = summarize_ticks(read_ticks(path), Path(path).name, headroom)
+    if plot is not None:
+        plot_ticks(summary, plot)
+    return summary
 
 
 def trtexec_line(source, inputs=None, prefix: str = "trtexec") -> str:

@@ -9,12 +9,13 @@ import functools
 import json
 import os
 import sys
+import warnings
 
 import click
 
 from ticknorm import api
 from ticknorm.base.atomic import check_writable, check_writable_folder, write_text
-from ticknorm.base.errors import InputSpecError, TicknormError, first_line
+from ticknorm.base.errors import InputSpecError, TicknormError, TicknormWarning, first_line
 from ticknorm.base.inputs import Inputs
 from ticknorm.base.metrics import CHECK_RULES, Tolerance
 from ticknorm.base.onnx_io import PROTOBUF_LIMIT
@@ -31,25 +32,39 @@ from ticknorm.profiler.profile import Timing
 from ticknorm.report import joined, profile_outputs
 from ticknorm.runtime.ort_runner import OPTIMIZATION_LEVELS
 from ticknorm.runtime.registry import Runtimes, TrtexecFiles
+from ticknorm.validate.drift import GoldenSources
+from ticknorm.ticks.ranges import DEFAULT_HEADROOM
 
 class OneLineErrors(click.Group):
     """Every command's failure as one line on stderr and an exit code: 1 for wrong numbers, 2 for a
-    request that could not be carried out; click's own usage errors pass through as click says them."""
+    request that could not be carried out; click's own usage errors pass through as click says them.
+    ticknorm's own warnings (work that went on without something) are one line too."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except TicknormError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except Exception as exc:  # noqa: BLE001 - the CLI never shows a traceback unasked
-            if os.environ.get("TICKNORM_DEBUG"):
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            try:
+                return super().invoke(ctx)
+            except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
                 raise
-            click.echo(f"error: unexpected {type(exc).__name__}: {first_line(exc)} "
-                       "(set TICKNORM_DEBUG=1 for the traceback)", err=True)
-            sys.exit(2)
+            except TicknormError as exc:
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(exc.exit_code)
+            except Exception as exc:  # noqa: BLE001 - the CLI never shows a traceback unasked
+                if os.environ.get("TICKNORM_DEBUG"):
+                    raise
+                click.echo(f"error: unexpected {type(exc).__name__}: {first_line(exc)} "
+                           "(set TICKNORM_DEBUG=1 for the traceback)", err=True)
+                sys.exit(2)
+
+
+def _one_line_warnings(show):
+    def shown(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TicknormWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return shown
 
 
 class OutputPath(click.Path):
@@ -144,23 +159,27 @@ norm_target_options = grouped(
 
 _KEEP_FP32 = click.option("--keep-fp32", multiple=True, metavar="GLOB",
                           help="Keep the modules whose path matches in fp32 (repeat), e.g. 'encoder.layer.*.output'.")
+_CALIBRATION_HELP = "A ticks file recorded while the model trained (ticknorm.ticks.Recorder): {}"
 _PRECISION_OPTIONS = (
     click.option("--precision", "dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                  help="Weights and activations in this type, with fp32 islands chosen from a measured fp32 run."),
     click.option("--io-types", type=click.Choice(("fp32", "low")), default="fp32", show_default=True,
                  help="Graph inputs and outputs: fp32, or the low type."),
-    _KEEP_FP32)
+    _KEEP_FP32,
+    click.option("--calibration", type=click.Path(dir_okay=False), default=None, metavar="TICKS.jsonl",
+                 help=_CALIBRATION_HELP.format("a norm whose recorded input, output or mean of squares passed the low "
+                                               "type's max also stays in fp32.")))
 
 
-def _precision(dtype: str, io_types: str, keep_fp32: tuple) -> Precision:
-    return Precision(dtype, io_types, tuple(keep_fp32))
+def _precision(dtype: str, io_types: str, keep_fp32: tuple, calibration=None) -> Precision:
+    return Precision(dtype, io_types, tuple(keep_fp32), calibration=calibration)
 
 
 precision_options = grouped("precision", _precision, *_PRECISION_OPTIONS)
 
 export_options = grouped(
-    "options", lambda no_fuse, no_check, dtype, io_types, keep_fp32, **values: ExportOptions(
-        fuse=not no_fuse, check=not no_check, precision=_precision(dtype, io_types, keep_fp32), **values),
+    "options", lambda no_fuse, no_check, dtype, io_types, keep_fp32, calibration, **values: ExportOptions(
+        fuse=not no_fuse, check=not no_check, precision=_precision(dtype, io_types, keep_fp32, calibration), **values),
     click.option("--exporter", type=click.Choice(sorted(EXPORTERS)), default=DEFAULT_EXPORTER, show_default=True),
     click.option("--opset", type=int, default=None, help="dynamo: 18+, torchscript: 13-17 (default 17)."),
     click.option("--no-fuse", is_flag=True, help="Keep decomposed LayerNorms as exported."),
@@ -454,11 +473,14 @@ def drift():
 @tolerance_options
 @layer_options
 @click.option("-o", "--output", required=True, type=OUTPUT_FOLDER, help="Bundle folder to write.")
-def drift_snapshot(source, model, reference, inputs, tolerance, layers, output):
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None, metavar="TICKS.jsonl",
+              help=_CALIBRATION_HELP.format("each norm's peak ranges are kept in bundle.json beside the statistics."))
+def drift_snapshot(source, model, reference, inputs, tolerance, layers, output, calibration):
     """Write a golden bundle: inputs, PyTorch outputs (or Polygraphy's saved ones), per-module
-    statistics, tolerances, versions, and the manifest that makes it one unit."""
+    statistics, tolerances, versions, the norms' training ranges with --calibration, and the
+    manifest that makes it one unit."""
     bundle = api.snapshot(source, model, inputs, output, tolerance=tolerance, layers=layers, progress=Progress(_say),
-                          reference=reference)
+                          sources=GoldenSources(reference, calibration))
     click.echo(f"wrote bundle {bundle}")
 
 
@@ -492,6 +514,28 @@ def drift_history(bundle, plot):
                    f"max output error {worst:.3g}  model {entry['model_hash'][:12]}")
     if plot:
         click.echo(f"wrote {plot}")
+
+
+@main.group()
+def ticks():
+    """Norm ranges recorded while a model trains (ticknorm.ticks.Recorder)."""
+
+
+@ticks.command("show")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--plot", type=OUTPUT_FILE, default=None,
+              help="Draw each module's absmax over the steps to a PNG (log scale, fp16's max and the headroom marked).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@click.option("--headroom", type=click.FloatRange(min=1.0), default=DEFAULT_HEADROOM, show_default=True,
+              help="Flag the modules whose absmax passes fp16's max divided by this.")
+def ticks_show(path, plot, as_json, headroom):
+    """Per module: its range over the training steps, which modules approach fp16 overflow and
+    which pass it, from which step."""
+    summary = api.show_ticks(path, plot, headroom)
+    click.echo(summary.to_json() if as_json else summary.text())
+    if plot:
+        click.echo(f"wrote {plot}", err=as_json)  # the JSON alone on stdout
+
 
 if __name__ == "__main__":
     main()

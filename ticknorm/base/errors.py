@@ -63,6 +63,17 @@ class KernelAbiError(TicknormError):
     """The compiled LayerNorm kernel does not have the argument list TensorRT will call it with."""
 
 
+class TicksError(TicknormError):
+    """A training-ticks request that cannot be carried out: a recorder asked for no module or a
+    step interval below one, a ticks file that is missing or holds no ticks, a calibration made
+    on another model."""
+
+
+class TicknormWarning(UserWarning):
+    """Something was skipped and the work went on (a cut-short line of a ticks file, recorded
+    modules a graph lacks): the CLI prints it as one line, like its errors."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message: what fits in a one-line CLI error."""
     text = str(exc).strip() or type(exc).__name__

@@ -1,8 +1,9 @@
 """The precision policy: what to compute in fp16 or bf16, and which parts stay in fp32.
 
 One object from the command line down: the low type, the I/O types, the modules the user keeps in
-fp32, the limits of the measured rules, and, once an fp32 reference run measured the model, the
-fp32 islands with their reasons. The ONNX conversion writes it into the graph; the PyTorch
+fp32, the limits of the measured rules, the ticks file recorded while the model trained (whose
+norm ranges are the real data's, not the export's example inputs'), and, once an fp32 reference
+run measured the model, the fp32 islands with their reasons. The ONNX conversion writes it into the graph; the PyTorch
 targets keep the islands' modules in fp32; TensorRT builds the converted graph; every command
 judges a low-precision run at its type's tolerance, so one model gets one verdict everywhere."""
 
@@ -35,12 +36,18 @@ class Precision:
     keep_fp32: tuple = ()  # globs on module scopes the user keeps in fp32
     underflow_limit: float = 0.01  # share of a tensor's nonzero values the low type may flush to zero or subnormals
     islands: tuple = ()  # Fp32Island, measured
+    calibration: str | None = None  # a ticks file (ticknorm.ticks.Recorder): norms whose training ranges overflow stay fp32
 
     def __post_init__(self):
         if self.dtype not in PRECISIONS:
             raise InputSpecError(f"unknown precision '{self.dtype}'; choose one of: {', '.join(PRECISIONS)}")
         if self.io_types not in ("fp32", "low"):
             raise InputSpecError(f"--io-types takes fp32 or low, not '{self.io_types}'")
+        if self.calibration is not None:
+            if not self.low:
+                raise InputSpecError("--calibration chooses fp32 islands of a low-precision graph: give --precision "
+                                     "fp16 or bf16 with it")
+            object.__setattr__(self, "calibration", str(self.calibration))  # a Path too; the graph's metadata is JSON
 
     @property
     def low(self) -> bool:

@@ -3,7 +3,8 @@
 A bundle is a folder: `inputs.json` (Polygraphy's input format, a list of feed dicts, so
 `polygraphy run --load-inputs` reads it), `outputs.json` (Polygraphy RunResults holding the PyTorch
 reference, readable by `polygraphy run --load-outputs`), `bundle.json` (model hash, versions,
-tolerances, per-module output statistics) and `history.jsonl` (one line per check).
+tolerances, per-module output statistics and, when a ticks file was given, under `calibration` the
+ranges each norm reached in training) and `history.jsonl` (one line per check).
 """
 
 import contextlib
@@ -32,6 +33,8 @@ from ticknorm.base.precision import TYPE_NAMES
 from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.runtime.registry import Runtimes, make_runner, runtime_precision
 from ticknorm.runtime.torch_runner import TorchRunner
+from ticknorm.ticks.log import read_ticks
+from ticknorm.ticks.ranges import module_ranges, present_ranges
 from ticknorm.validate.compare import TAP_EFFECT_LIMIT, iteration_name, largest_difference
 
 FORMAT = 1
@@ -54,19 +57,32 @@ def layer_stats(array: np.ndarray) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std()), "absmax": float(np.abs(values).max())}
 
 
+@dataclass(frozen=True)
+class GoldenSources:
+    """What a bundle takes from elsewhere than this PyTorch run: Polygraphy's saved outputs (the
+    reference), a ticks file recorded in training (the norms' ranges)."""
+
+    saved: SavedReference | None = None
+    calibration: str | None = None
+
+
 def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Tolerance | None = None,
                  layers: LayerSelection = LayerSelection(), progress=lambda message: None,
-                 saved: SavedReference | None = None) -> Path:
+                 sources: "GoldenSources" = None) -> Path:
     """Run the PyTorch reference on `feeds` (one feed dict, or one per iteration) and write the
-    bundle; the per-module statistics are the first iteration's. With `saved` (Polygraphy's saved
-    outputs of these feeds) those are the reference, and PyTorch, when given, runs only for the
-    per-module statistics."""
+    bundle; the per-module statistics are the first iteration's. `sources` adds what was recorded
+    elsewhere: Polygraphy's saved outputs of these feeds (then the reference, and PyTorch, when
+    given, runs only for the per-module statistics), a ticks file whose per-module peaks are kept
+    too (the ranges of the training data beside those of these inputs)."""
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import to_json
 
     tolerance = tolerance or Tolerance()
+    sources = sources or GoldenSources()
+    saved = sources.saved
     bundle = check_writable_folder(bundle, "bundle")
+    trained = _calibration(sources.calibration, model, module) if sources.calibration is not None else None  # refused before the run
     names = [o.name for o in model.graph.output]
     scope_map = module_output_tensors(model)
     feed_sets = as_feed_sets(feeds)
@@ -90,6 +106,8 @@ def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Toler
                        "rule": tolerance.rule},
         "layers": {m: {"tensor": scope_map[m], **layer_stats(v)} for m, v in taps.items()},
     }
+    if trained is not None:
+        meta["calibration"] = trained
     _write_unit(bundle, {"inputs.json": to_json(feed_sets), "outputs.json": to_json(results),
                          "bundle.json": json.dumps(meta, indent=2)})
     return bundle
@@ -115,6 +133,14 @@ def _generation(bundle: Path) -> int:
         return int((read_manifest(bundle) or {}).get("generation", 0)) if bundle.is_dir() else 0
     except (ValueError, TypeError):
         return 0
+
+
+def _calibration(path, model: onnx.ModelProto, module) -> dict:
+    """The ticks file's per-module peaks, for the modules of `module` (else of the graph's scopes)."""
+    names = [name for name, _ in module.named_modules()] if module is not None else list(module_output_tensors(model))
+    ranges = present_ranges(module_ranges(read_ticks(path)), set(names).__contains__, Path(path).name,
+                            names[-1] if names else "")
+    return {"file": str(path), "modules": {found.module: found.stored() for found in ranges}}
 
 
 @dataclass

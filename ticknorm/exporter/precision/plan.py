@@ -6,7 +6,8 @@ A node computes in the low type unless one of these keeps it in fp32, first reas
 the user's `--keep-fp32` glob matches its module; it holds a subgraph or sets a type we do not
 lower; a float tensor it reads or writes exceeds the type's range; a norm's variance or a
 reduction's running sum would; more than `underflow_limit` of an output's nonzero values fall
-below the type's smallest normal."""
+below the type's smallest normal; the ranges its norm module reached in training (a ticks file,
+`--calibration`) passed the type's largest number."""
 
 import fnmatch
 from dataclasses import replace
@@ -17,6 +18,7 @@ from ticknorm.base.errors import InputSpecError
 from ticknorm.base.graph import GraphIndex
 from ticknorm.base.precision import LARGEST, Fp32Island, Precision
 from ticknorm.base.scopes import get_scope
+from ticknorm.exporter.precision.calibration import calibrated_nodes
 from ticknorm.exporter.precision.measure import Measurement, measure
 
 # Ops whose float tensors are nobody's arithmetic: they take a tensor in whatever type it comes.
@@ -35,12 +37,13 @@ def plan_precision(model: onnx.ModelProto, feeds: dict, precision: Precision, we
     if unmatched:
         raise InputSpecError(f"--keep-fp32 '{unmatched[0]}' matches no module of the graph (modules look like "
                              f"'{_example_scope(index)}')")
+    recorded = calibrated_nodes(index, precision, _example_scope(index))
     measured = measure(index, feeds, precision.dtype, weights_dir)
     islands = []
     for position, node in enumerate(index.nodes):
         if not arithmetic(index, node):
             continue
-        reason = _reason(index, position, measured, precision)
+        reason = _reason(index, position, measured, precision) or recorded.get(position, "")
         if reason:
             islands.append(Fp32Island(get_scope(node) or "", index.node_name(position), reason))
     return replace(precision, islands=tuple(islands))

@@ -1,0 +1,68 @@
+"""The ticks file: JSON lines, one per module per tick, each holding `step` and `module`.
+
+An append log, not an atomic write like ticknorm's other outputs: every tick is appended and
+flushed when it is recorded, so a run that is killed keeps every tick it finished. A kill can cut
+the line being written short; the next append starts on a fresh line (a resumed run adds to the
+same file) and the reader skips such lines with a warning."""
+
+import json
+import warnings
+from pathlib import Path
+
+from ticknorm.base.errors import TicknormWarning, TicksError
+
+
+def append_ticks(path: Path, records: list[dict]) -> None:
+    if not records:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as log:
+        cut_short = log.tell() > 0 and _last_byte(path) != b"\n"
+        text = "".join(json.dumps(record) + "\n" for record in records)
+        log.write((("\n" if cut_short else "") + text).encode())
+        log.flush()
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as log:
+        log.seek(-1, 2)
+        return log.read(1)
+
+
+def read_ticks(path) -> list[dict]:
+    """Every tick record of the file, in file order. Lines that are no tick (cut short by a
+    killed writer) are skipped with a warning; a file with no tick at all is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise TicksError(f"ticks file not found: {path}")
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise TicksError(f"{path} is not a ticks file (not text); ticknorm.ticks.Recorder writes one") from None
+    records, skipped = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        record = _tick(line)
+        if record is None:
+            skipped.append(number)
+        else:
+            records.append(record)
+    if not records:
+        raise TicksError(f"{path} holds no ticks: no line is a JSON object with 'step' and 'module' "
+                         "(ticknorm.ticks.Recorder writes them)")
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        warnings.warn(f"{path}: skipped {len(skipped)} line(s) that are no tick (line {shown}); a run killed while "
+                      "writing cuts its last line short", TicknormWarning, stacklevel=2)
+    return records
+
+
+def _tick(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or not isinstance(record.get("module"), str):
+        return None
+    return record
