@@ -5,28 +5,16 @@ flushed when it is recorded, so a run that is killed keeps every tick it finishe
 the line being written short; the next append starts on a fresh line (a resumed run adds to the
 same file) and the reader skips such lines with a warning."""
 
-import json
 import warnings
 from pathlib import Path
 
 from ticknorm.base.errors import TicknormWarning, TicksError
+from ticknorm.base.json_lines import append_lines, read_lines
 
 
 def append_ticks(path: Path, records: list[dict]) -> None:
-    if not records:
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as log:
-        cut_short = log.tell() > 0 and _last_byte(path) != b"\n"
-        text = "".join(json.dumps(record) + "\n" for record in records)
-        log.write((("\n" if cut_short else "") + text).encode())
-        log.flush()
-
-
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as log:
-        log.seek(-1, 2)
-        return log.read(1)
+    append_lines(path, records)
 
 
 def read_ticks(path) -> list[dict]:
@@ -36,18 +24,9 @@ def read_ticks(path) -> list[dict]:
     if not path.is_file():
         raise TicksError(f"ticks file not found: {path}")
     try:
-        lines = path.read_text().splitlines()
+        records, skipped = read_lines(path, _is_tick)
     except UnicodeDecodeError:
         raise TicksError(f"{path} is not a ticks file (not text); ticknorm.ticks.Recorder writes one") from None
-    records, skipped = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        record = _tick(line)
-        if record is None:
-            skipped.append(number)
-        else:
-            records.append(record)
     if not records:
         raise TicksError(f"{path} holds no ticks: no line is a JSON object with 'step' and 'module' "
                          "(ticknorm.ticks.Recorder writes them)")
@@ -58,11 +37,5 @@ def read_ticks(path) -> list[dict]:
     return records
 
 
-def _tick(line: str) -> dict | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or not isinstance(record.get("module"), str):
-        return None
-    return record
+def _is_tick(record: dict) -> bool:
+    return isinstance(record.get("step"), int) and isinstance(record.get("module"), str)

@@ -25,6 +25,7 @@ from ticknorm.base.errors import BundleError, InputSpecError, OutputPathError, f
 from ticknorm.base.scopes import module_output_tensors
 from ticknorm.base.onnx_io import model_digest
 from ticknorm.base.inputs import as_feed_sets, graph_feeds, load_feed_sets
+from ticknorm.base.json_lines import append_lines, read_lines
 from ticknorm.base.run_results import SavedReference, load_run_results, runner_outputs, saved_outputs
 from ticknorm.base.metrics import CHECK_RULES, Tolerance, compare_arrays, ensure_finite, within
 from ticknorm.base.scopes import LayerSelection
@@ -329,13 +330,8 @@ def _append_history(bundle: Path, report: DriftReport, digest: str, current: dic
         "drifted_modules": report.drifted_modules,
         "layers": {m: max(abs(current[m][s] - golden_layers[m][s]) for s in STATS) for m in current},
     }
-    with locked_folder(bundle), open(bundle / HISTORY, "ab+") as history_file:
-        history_file.seek(0, os.SEEK_END)
-        if history_file.tell():
-            history_file.seek(-1, os.SEEK_END)
-            if history_file.read(1) != b"\n":  # a killed append left half a line: ours starts a fresh one
-                history_file.write(b"\n")
-        history_file.write((json.dumps(entry) + "\n").encode())
+    with locked_folder(bundle):
+        append_lines(bundle / HISTORY, [entry])
 
 
 @dataclass
@@ -348,18 +344,13 @@ def read_history(bundle) -> History:
     path = Path(bundle) / HISTORY
     if not path.exists():
         return History([], [])
-    entries, damaged = [], []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            entry = None
-        if (isinstance(entry, dict) and isinstance(entry.get("time"), str) and isinstance(entry.get("passed"), bool)
-                and isinstance(entry.get("outputs"), dict) and isinstance(entry.get("runtime"), str)
-                and isinstance(entry.get("model_hash"), str)):
-            entries.append(entry)
-        else:
-            damaged.append(number)
-    return History(entries, damaged)
+    try:
+        return History(*read_lines(path, _is_check))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path} is not text: a damaged history (move it away to start a new one)") from exc
+
+
+def _is_check(entry: dict) -> bool:
+    return (isinstance(entry.get("time"), str) and isinstance(entry.get("passed"), bool)
+            and isinstance(entry.get("outputs"), dict) and isinstance(entry.get("runtime"), str)
+            and isinstance(entry.get("model_hash"), str))
