@@ -154,10 +154,16 @@ def _save_external(model: onnx.ModelProto, target: Path, data_name: str) -> None
                     size_threshold=1024)
 
 
+# Weights a rewrite adds inline (a fused norm's new scale, a folded constant) stay in the `.onnx`
+# beside references to the staged file, up to this many bytes in all; past it (a precision
+# conversion rewrites every weight) they are written out, with the rest, into one new file.
+INLINE_BESIDE_STAGED = 16 * 2**20
+
+
 def _only_staged(model: onnx.ModelProto) -> bool:
-    """Whether every sizeable weight is still in the staged file (none rewritten inline, as a
-    precision conversion does): then that file is the weights file, copied as it is."""
-    return not any(not is_external(t) and len(t.raw_data) > 1024 for t in model.graph.initializer)
+    """Whether the staged file still holds (nearly) all the weights: then it is the weights file,
+    linked or copied as it is."""
+    return sum(len(t.raw_data) for t in model.graph.initializer if not is_external(t)) <= INLINE_BESIDE_STAGED
 
 
 def _weights_in_use(path: Path) -> set[str]:
