@@ -158,8 +158,8 @@ def test_weights_staged_on_disk_make_the_same_model(exporter, threshold, tmp_pat
 
 def test_every_session_an_export_builds_runs(tmp_path, monkeypatch):
     """Two ONNX Runtime sessions per export, each of which runs: the original graph and the fused
-    one, whose run is also the one compared with PyTorch; and the weights serialized once before
-    the final write (the exporter's own write into the stage), never by ticknorm."""
+    one, whose run is also the one compared with PyTorch; and the weights never serialized whole
+    by ticknorm (the exporter writes them into the stage once)."""
     import onnxruntime
 
     built, ran = [], set()
@@ -186,7 +186,8 @@ def test_every_session_an_export_builds_runs(tmp_path, monkeypatch):
     api.export(MODEL, INPUTS, tmp_path / "m.onnx", ExportOptions(exporter="torchscript"))
     assert len(built) == 2 and set(built) == ran
     # whatever ticknorm serializes before the final write holds references to the staged weights, not them
-    assert all(size < weights / 2 for size in serialized[:-1]) and serialized[-1] > weights  # only the final write
+    # no message ever held the weights: the graph holds references, the final write streams one tensor at a time
+    assert max(serialized) < weights / 2 and sum(serialized) > weights
 
 
 def test_every_iteration_of_an_inputs_file_is_checked_on_export(tmp_path):

@@ -85,8 +85,7 @@ def stage_weights(model_file: Path) -> onnx.ModelProto:
 def staged(model: onnx.ModelProto, model_file: Path) -> onnx.ModelProto:
     """`model` with its weights written to the external data file beside `model_file` and
     dropped from memory (onnx clears each tensor's bytes once written): the references stay."""
-    onnx.save_model(model, str(model_file), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=model_file.name + ".data", size_threshold=1024)
+    _save_external(model, model_file, model_file.name + ".data")
     return model
 
 
@@ -127,9 +126,12 @@ def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = PROTO
     try:
         staged_model = staging / path.name
         if weights_dir is not None and has_external_weights(model):
-            _save_staged(model, staged_model, Path(weights_dir), data_name if external and _only_staged(model) else None)
-            if external and not _only_staged(model):  # rewritten weights inline beside staged ones: one new file
-                _save_external(onnx.load(str(staged_model)), staged_model, data_name)
+            if not external:
+                _stream_inline(model, staged_model, Path(weights_dir))
+            elif _only_staged(model, Path(weights_dir)):
+                _link_staged(model, staged_model, Path(weights_dir), data_name)
+            else:  # rewritten weights inline beside staged ones (a precision conversion): one new file
+                _stream_external(model, staged_model, Path(weights_dir), data_name)
         elif external:
             _save_external(model, staged_model, data_name)
             # save_model moved the weights out of `model`; give the caller its weights back.
@@ -154,16 +156,18 @@ def _save_external(model: onnx.ModelProto, target: Path, data_name: str) -> None
                     size_threshold=1024)
 
 
-# Weights a rewrite adds inline (a fused norm's new scale, a folded constant) stay in the `.onnx`
-# beside references to the staged file, up to this many bytes in all; past it (a precision
-# conversion rewrites every weight) they are written out, with the rest, into one new file.
-INLINE_BESIDE_STAGED = 16 * 2**20
-
-
-def _only_staged(model: onnx.ModelProto) -> bool:
-    """Whether the staged file still holds (nearly) all the weights: then it is the weights file,
-    linked or copied as it is."""
-    return sum(len(t.raw_data) for t in model.graph.initializer if not is_external(t)) <= INLINE_BESIDE_STAGED
+def _only_staged(model: onnx.ModelProto, weights_dir: Path) -> bool:
+    """Whether the graph still uses (nearly) all of the staged weights file: then that file is its
+    weights file, linked or copied as it is, and weights a rewrite added inline (a fused norm's
+    new scale) stay in the graph. A precision conversion leaves most of it unused: its weights
+    are written anew."""
+    used, files = 0, set()
+    for tensor in model.graph.initializer:
+        if is_external(tensor):
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            files.add(entries["location"])
+            used += int(entries.get("length", 0))
+    return len(files) == 1 and used >= 0.9 * (weights_dir / files.pop()).stat().st_size
 
 
 def _weights_in_use(path: Path) -> set[str]:
@@ -186,15 +190,14 @@ def _record_weights(model_file: Path, data_file: Path) -> None:
     onnx.save_model(model, str(model_file))
 
 
-def _save_staged(model: onnx.ModelProto, target: Path, weights_dir: Path, data_name: str | None) -> None:
-    """Save a staged model: with its weights file linked (or copied) beside `target` as `data_name`,
-    or with the weights read back inline when `data_name` is None."""
-    if data_name is None:
-        inline = onnx.ModelProto()
-        inline.CopyFrom(model)
-        onnx.load_external_data_for_model(inline, str(weights_dir))
-        onnx.save_model(inline, str(target))
-        return
+# Weights of a MiB or more start at multiples of a page in a weights file ticknorm writes: ONNX
+# Runtime memory-maps an external tensor only when its offset is page-aligned, else it reads a
+# private copy (smaller ones are not worth the padding).
+ALIGNMENT, ALIGN_FROM = 4096, 2**20
+
+
+def _link_staged(model: onnx.ModelProto, target: Path, weights_dir: Path, data_name: str) -> None:
+    """Save a staged model with its weights file linked (or copied) beside `target` as `data_name`."""
     sources = set()
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # references only: the weights are on disk
@@ -207,6 +210,57 @@ def _save_staged(model: onnx.ModelProto, target: Path, weights_dir: Path, data_n
         raise OnnxFileError(f"staged weights come from {len(sources)} files, expected one")
     _link_or_copy(weights_dir / sources.pop(), target.parent / data_name)
     onnx.save_model(copy, str(target))
+
+
+def _stream_inline(model: onnx.ModelProto, target: Path, weights_dir: Path) -> None:
+    """Save a staged model with every weight inline, one tensor in memory at a time: protobuf
+    merges concatenated messages, so the graph without its external weights is written first and
+    each weight follows as a message of its own (`ModelProto{graph{initializer: [w]}}`)."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    external = [t for t in skeleton.graph.initializer if is_external(t)]
+    kept = [t for t in skeleton.graph.initializer if not is_external(t)]
+    del skeleton.graph.initializer[:]
+    skeleton.graph.initializer.extend(kept)
+    with open(target, "wb") as out:
+        out.write(skeleton.SerializeToString())
+        for tensor in external:
+            whole = onnx.ModelProto()
+            inline = whole.graph.initializer.add()
+            inline.CopyFrom(tensor)
+            inline.raw_data = _external_bytes(tensor, weights_dir)
+            del inline.external_data[:]
+            inline.data_location = onnx.TensorProto.DEFAULT
+            out.write(whole.SerializeToString())
+
+
+def _stream_external(model: onnx.ModelProto, target: Path, weights_dir: Path, data_name: str) -> None:
+    """Save a model whose weights are partly staged, partly inline into one new weights file, one
+    tensor in memory at a time, each big one at a page-aligned offset."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    with open(target.parent / data_name, "wb") as data:
+        for tensor in copy.graph.initializer:
+            payload = _external_bytes(tensor, weights_dir) if is_external(tensor) else tensor.raw_data
+            if not is_external(tensor) and len(payload) <= 1024:
+                continue  # small: stays in the graph
+            if len(payload) >= ALIGN_FROM:
+                data.write(b"\0" * (-data.tell() % ALIGNMENT))
+            offset = data.tell()
+            data.write(payload)
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
+                tensor.external_data.add(key=key, value=value)
+    onnx.save_model(copy, str(target))
+
+
+def _external_bytes(tensor: onnx.TensorProto, weights_dir: Path) -> bytes:
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    with open(weights_dir / entries["location"], "rb") as source:
+        source.seek(int(entries.get("offset", 0)))
+        return source.read(int(entries["length"])) if "length" in entries else source.read()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
