@@ -61,3 +61,29 @@ def test_load_errors(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\xff\xff\xff")
     with pytest.raises(OnnxFileError, match="not a readable ONNX model"):
         load_onnx(tmp_path / "bad.onnx")
+
+
+def test_a_file_another_exporter_wrote_gets_its_scopes_from_its_node_names(tmp_path):
+    """A plain torch.onnx.export (no ticknorm metadata): its TorchScript-style node names name the
+    modules; inspect says where they came from, and fuse names each norm's module, not (root)."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from ticknorm import api
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from tiny_transformer import build
+
+    torch.onnx.export(build().eval(), (torch.randint(0, 1000, (2, 16)),), str(tmp_path / "plain.onnx"), dynamo=False,
+                      opset_version=17, input_names=["input_ids"])
+    summary = api.inspect(tmp_path / "plain.onnx")
+    assert summary.scope_coverage > 0.9 and summary.scope_sources["ticknorm"] == 0
+    assert summary.scope_sources["torchscript node names"] > 0.9 * summary.nodes
+    assert {scope for _, scope, _ in summary.decomposed} == {f"layers.{i}.{n}" for i in (0, 1)
+                                                               for n in ("attention_norm", "output_norm")}
+    result, _ = api.fuse(tmp_path / "plain.onnx", tmp_path / "fused.onnx")
+    assert sorted(r.scope for r in result.report.records if r.status == "fused") == sorted(s for _, s, _ in summary.decomposed)
+    fused = api.inspect(tmp_path / "fused.onnx")
+    assert fused.scope_sources["ticknorm"] == fused.nodes  # written with them

@@ -23,7 +23,7 @@ from ticknorm.base.onnx_io import load_onnx, model_digest, save_onnx
 from ticknorm.base.precision import Precision
 from ticknorm.base.progress import QUIET, Progress
 from ticknorm.base.run_results import SavedReference
-from ticknorm.base.scopes import LayerSelection, annotate_scopes
+from ticknorm.base.scopes import LayerSelection, annotate_scopes, ensure_scopes
 from ticknorm.exporter.export import ExportOptions, ExportResult, export_model, torch_reference
 from ticknorm.exporter.fusion import FusionResult, NormTargets, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
@@ -116,7 +116,8 @@ def fuse(source, output, inputs=None, opset=None, verify: bool = True, report=No
 
 
 def inspect(source) -> ModelSummary:
-    return summarize(_onnx(source))
+    """The file as written: its scopes are counted by where they come from before any is filled in."""
+    return summarize(source if isinstance(source, onnx.ModelProto) else load_onnx(source))
 
 
 def runtimes() -> list[RuntimeStatus]:
@@ -261,7 +262,8 @@ def _model_ref(model) -> ModelRef:
 
 
 def _onnx(source) -> onnx.ModelProto:
-    return source if isinstance(source, onnx.ModelProto) else load_onnx(source)
+    """The model, every node mapped to its module (a foreign file's from its exporter's records)."""
+    return ensure_scopes(source if isinstance(source, onnx.ModelProto) else load_onnx(source))
 
 
 def _name(source) -> str:

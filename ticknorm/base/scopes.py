@@ -107,10 +107,43 @@ def common_scope(scopes) -> str:
     return ".".join(common)
 
 
+# Where a node's module comes from, most trusted first: ticknorm's own record (resolved against the
+# model's module paths at export), the dynamo exporter's name scopes, a TorchScript-style node name
+# (`/model/layers.1/input_layernorm/Mul` -> `model.layers.1.input_layernorm`, what Optimum's and
+# most hand-made exports carry). Nodes none of them names borrow a neighbour's (see annotate_scopes).
+SCOPE_SOURCES = ("ticknorm", "dynamo name scopes", "torchscript node names")
+
+
+def scope_source(node: onnx.NodeProto) -> str | None:
+    if get_scope(node) is not None:
+        return SCOPE_SOURCES[0]
+    if any(prop.key == _DYNAMO_KEY for prop in node.metadata_props):
+        return SCOPE_SOURCES[1]
+    if node.name.startswith("/") and any(node.name.split("/")[1:-1]):
+        return SCOPE_SOURCES[2]
+    return None
+
+
+def scope_sources(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes each source names the module of, and how many no source names ("none")."""
+    counts = dict.fromkeys((*SCOPE_SOURCES, "none"), 0)
+    for node in model.graph.node:
+        counts[scope_source(node) or "none"] += 1
+    return counts
+
+
 def scope_coverage(model: onnx.ModelProto) -> float:
-    """Fraction of nodes that carry a `ticknorm.scope`."""
+    """Fraction of nodes whose module some source names (before neighbours lend theirs)."""
     nodes = model.graph.node
-    return sum(get_scope(n) is not None for n in nodes) / len(nodes) if len(nodes) else 1.0
+    return sum(scope_source(n) is not None for n in nodes) / len(nodes) if len(nodes) else 1.0
+
+
+def ensure_scopes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with a `ticknorm.scope` on every node: a file another exporter wrote gets them from
+    its own records (`annotate_scopes`), in memory, so every command maps its nodes to modules."""
+    if any(get_scope(node) is None for node in model.graph.node):
+        annotate_scopes(model)
+    return model
 
 
 def module_output_tensors(model: onnx.ModelProto) -> dict[str, str]:

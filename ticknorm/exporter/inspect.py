@@ -11,7 +11,7 @@ from ticknorm.exporter.fusion import find_norms
 from ticknorm.base.graph import GraphIndex
 from ticknorm.exporter.fusion.norms import NormMatch
 from ticknorm.exporter.fusion.report import NORM_OP_RUNTIMES
-from ticknorm.base.scopes import scope_coverage
+from ticknorm.base.scopes import ensure_scopes, scope_coverage, scope_sources
 from ticknorm.base.inputs import graph_inputs
 
 # Ops of other domains than ONNX's are counted as domain::op (an ORT-optimized file, the plugin target).
@@ -29,6 +29,7 @@ class ModelSummary:
     decomposed_norms: int  # still decomposed: fusable now, or refused (see `decomposed`)
     decomposed: list  # [kind, scope, "fusable" | reason]
     scope_coverage: float
+    scope_sources: dict  # source -> nodes it names the module of
 
     def text(self) -> str:
         opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in self.opsets.items())
@@ -41,7 +42,8 @@ class ModelSummary:
         lines += [f"  {op} x{count}: {NORM_OP_RUNTIMES[op]}" for op, count in self.op_histogram.items()
                   if op in NORM_OP_RUNTIMES]
         lines += [f"  decomposed {kind} at {scope or '(root)'}: {state}" for kind, scope, state in self.decomposed]
-        lines.append(f"node scope coverage: {self.scope_coverage:.1%}")
+        named = ", ".join(f"{source} {count}" for source, count in self.scope_sources.items() if count)
+        lines.append(f"node scope coverage: {self.scope_coverage:.1%} ({named})")
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -53,6 +55,10 @@ def _shape(dims) -> str:
 
 
 def summarize(model: onnx.ModelProto) -> ModelSummary:
+    """The file as it is, its scopes counted by source before any is filled in; the decomposed
+    norms are then named by the scopes a command would give them."""
+    sources, coverage = scope_sources(model), scope_coverage(model)
+    ensure_scopes(model)
     index = GraphIndex(model)
     histogram = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
                         for node in model.graph.node)
@@ -67,7 +73,8 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
         fused_norms=sum(histogram[op] for op in FUSED_NORM_OPS),
         decomposed_norms=len(found),
         decomposed=decomposed,
-        scope_coverage=scope_coverage(model),
+        scope_coverage=coverage,
+        scope_sources=sources,
     )
 
 
