@@ -110,7 +110,9 @@ def _counted_export(model, feeds: dict, axes: dict, exporter: str, out: Path) ->
     def progress(message):  # each phase's start: wall time, resident memory, and the peak so far
         phases.append([message, time.perf_counter(), *_memory_mb()])
 
-    options = ExportOptions(exporter=exporter, external_data_threshold=1 << 20)  # external, as dynamo's default
+    # external data, as dynamo's default; the model's weights freed once exported, as `ticknorm export` does
+    # for the models it loads itself
+    options = ExportOptions(exporter=exporter, external_data_threshold=1 << 20, release_model=True)
     result = export_model(model, feeds, out / "ticknorm.onnx", options, axes, progress=progress)
     phases.append(["(end: file written)", time.perf_counter(), *_memory_mb()])
     timeline = [[message, end - start, rss_end, peak_end] for (message, start, _, _), (_, end, rss_end, peak_end)

@@ -13,6 +13,7 @@ from ticknorm import ExportOptions, Inputs, ModelRef, api
 from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError
 from ticknorm.base.onnx_io import PROTOBUF_LIMIT
 from ticknorm.base.scopes import get_scope, scope_coverage
+from ticknorm.exporter.export import export_model
 
 MODEL = ModelRef("examples/tiny_transformer.py:build", "examples/tiny_transformer.safetensors")
 INPUTS = Inputs(("input_ids:batch=2xseq=16:int64:0..1000",))
@@ -199,3 +200,16 @@ def test_every_iteration_of_an_inputs_file_is_checked_on_export(tmp_path):
                         ExportOptions(exporter="torchscript"))
     assert [c.name for c in result.accuracy] == ["output", "output (iteration 2)", "output (iteration 3)"]
     assert result.passed
+
+
+def test_a_model_ticknorm_loaded_is_freed_once_exported_and_a_callers_is_not(tmp_path):
+    """ONNX Runtime's sessions then never hold the weights beside PyTorch's (a 1.1B model's
+    peak drops by its weights); a module the caller passed stays whole."""
+    module = MODEL.load()
+    freed = export_model(module, {"input_ids": np.random.default_rng(0).integers(0, 1000, (2, 16))}, tmp_path / "a.onnx",
+                         ExportOptions(exporter="torchscript", release_model=True))
+    assert freed.passed and freed.fusion.verified
+    assert all(p.device.type == "meta" for p in module.parameters())
+    kept = MODEL.load()
+    assert api.export(ModelRef(kept), INPUTS, tmp_path / "b.onnx", ExportOptions(exporter="torchscript")).passed
+    assert all(p.device.type == "cpu" for p in kept.parameters())

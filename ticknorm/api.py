@@ -7,6 +7,7 @@ parameter objects instead of long keyword lists.
     report = ticknorm.compare("model.onnx", model, (input_ids,), runtimes=["ort"])
 """
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict
@@ -61,7 +62,9 @@ def export(model, inputs, output, options: ExportOptions = ExportOptions(), repo
 
     _writable(output, report)
     progress.step("loading the model")
-    module = _model_ref(model).load(options.task)
+    reference = _model_ref(model)
+    module = reference.load(options.task)
+    options = dataclasses.replace(options, release_model=options.release_model or reference.owned)
     feeds, dynamic_axes = _feeds(inputs, module)
     extra_checks = []
     if options.check and options.task == WITH_PAST:

@@ -54,6 +54,10 @@ class ExportOptions:
     task: str = DEFAULT_TASK
     external_data_threshold: int = PROTOBUF_LIMIT
     precision: Precision = Precision()  # fp16/bf16: converted after every fp32 check, with measured fp32 islands
+    # Free the PyTorch model's weights once the graph is exported (its outputs are computed by
+    # then): ONNX Runtime's sessions then never hold the weights beside it. Only for a model
+    # nobody else uses: `ticknorm export` sets it for the models it loads itself.
+    release_model: bool = False
 
     @property
     def targets(self) -> NormTargets:
@@ -93,6 +97,10 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
     with _weights_stage(Path(output).parent) as weights_dir:
         progress(f"exporting with the {options.exporter} exporter")
         proto = torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes or {}, names, weights_dir)
+        if options.release_model:
+            # every parameter and buffer moved off the CPU: what the exporter no longer holds is freed (all of it
+            # after TorchScript; the dynamo exporter keeps most of the tensors alive in caches of its own)
+            model.to("meta")
         checks = [("", feeds, reference), *extra_checks] if options.check else []
         for label, _, expected in checks[1:]:
             ensure_finite(dict(zip(names, expected)), f"the PyTorch model's ({label})")

@@ -18,6 +18,12 @@ class ModelRef:
     adapter: str | None = None  # a PEFT adapter folder, merged in
     trust_pickle: bool = False  # allow checkpoints that unpickle objects (runs code from the file)
 
+    @property
+    def owned(self) -> bool:
+        """Whether `load` builds a model of its own (from a factory, a checkpoint or a folder), which
+        nobody else holds: a command may then free its weights once it no longer needs them."""
+        return isinstance(self.source, (str, Path))
+
     def load(self, task: str = DEFAULT):
         """The model as the exporters and the PyTorch runner call it: a transformers model behind
         `HfGraph` (named tensors in and out, flags and cache handled for `task`), any other
