@@ -143,7 +143,7 @@ def compare(source, model, inputs, runtimes=("ort",), tolerance: Tolerance | Non
     judged against it; `model` may then be None, and `inputs` must be those it was made from."""
     onnx_model, module, feed_sets = _reference_run(source, model, inputs, reference, progress)
     runtimes = Runtimes.of(runtimes)
-    setup = _setup(onnx_model, module, feed_sets[0], runtimes, progress)
+    setup = _setup(source, onnx_model, module, feed_sets[0], runtimes, progress)
     report = compare_runtimes(onnx_model, feed_sets, runtimes.names, setup, tolerance=tolerance, layers=layers,
                               progress=progress.step, saved=reference)
     report.fp32_islands = {dtype: list(low.policy.islands) for dtype, low in setup.low.items()}
@@ -157,7 +157,7 @@ def profile(source, model, inputs, runtimes=("torch", "ort"), timing: Timing = T
     target GPU, mapped to the same modules."""
     onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
-    setup = _setup(onnx_model, module, feeds, runtimes, progress)
+    setup = _setup(source, onnx_model, module, feeds, runtimes, progress)
     return _timings(onnx_model, feeds, runtimes, setup, timing, progress)
 
 
@@ -179,7 +179,7 @@ def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Tim
     _writable(output)
     onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
-    setup = _setup(onnx_model, module, feeds, runtimes, progress)
+    setup = _setup(source, onnx_model, module, feeds, runtimes, progress)
     timings = _timings(onnx_model, feeds, runtimes, setup, timing, progress)
     progress.step("comparing every module with PyTorch")
     targets = [r for r in runtimes.names if r != "torch"]
@@ -348,5 +348,7 @@ def _reference_run(source, model, inputs, reference: SavedReference | None, prog
     return onnx_model, None, _fitting(onnx_model, source, feed_sets)
 
 
-def _setup(onnx_model, module, feeds, runtimes: Runtimes, progress: Progress) -> RunnerSetup:
-    return runner_setup(onnx_model, module, feeds, runtimes, progress.step)
+def _setup(source, onnx_model, module, feeds, runtimes: Runtimes, progress: Progress) -> RunnerSetup:
+    """How every runtime runs `onnx_model`; ONNX Runtime reads it from `source` when it is a file."""
+    setup = runner_setup(onnx_model, module, feeds, runtimes, progress.step)
+    return setup if isinstance(source, onnx.ModelProto) else dataclasses.replace(setup, model_file=str(source))

@@ -29,6 +29,11 @@ def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_it
                     made.enable_profiling = True
                     made.profile_file_prefix = os.path.join(workdir, "ort")
                     made.optimized_model_filepath = os.path.join(workdir, "optimized.onnx")
+                    # its weights beside it: only the graph is read back (what ORT renamed and fused)
+                    made.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                                  "optimized.onnx.data")
+                    made.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                                  "1024")
                 return made
             return make
 

@@ -1,5 +1,7 @@
 """ONNX Runtime: CPU or CUDA provider, selectable graph optimization, taps as extra outputs."""
 
+import contextlib
+
 import numpy as np
 import onnx
 
@@ -19,12 +21,15 @@ class OrtRunner(Runner):
     extra outputs come back among the outputs."""
 
     def __init__(self, model: onnx.ModelProto, provider: str = "cpu", optimization: str = "all",
-                 session_options=None, weights_dir=None, taps=(), extra_outputs=()):
+                 session_options=None, weights_dir=None, taps=(), extra_outputs=(), model_file=None):
         """`weights_dir` holds the weights of a staged model (`onnx_io.stage_weights`): the session
         memory-maps them from there instead of copying them. `session_options` makes the
-        `onnxruntime.SessionOptions` to start from (the profiler's)."""
+        `onnxruntime.SessionOptions` to start from (the profiler's). `model_file` is the file
+        `model` was read from: a session that adds no output reads it from there, with no
+        serialized copy of the model made in memory."""
         super().__init__(taps)
         self.model = model
+        self.model_file = model_file
         self.weights_dir = weights_dir
         self.provider = provider
         self.optimization = optimization
@@ -59,7 +64,8 @@ class OrtRunner(Runner):
         added = [name for name in self._fetched if name not in existing]
         outputs.extend(onnx.ValueInfoProto(name=name) for name in added)  # no copy of the weights
         try:
-            with session_source(self.model, self.weights_dir) as source:
+            with _as_read(self.model_file) if self.model_file and not added else session_source(
+                    self.model, self.weights_dir) as source:
                 self._session = ort.InferenceSession(source, self.session_options(), providers=[PROVIDERS[self.provider]])
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
             raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
@@ -71,7 +77,8 @@ class OrtRunner(Runner):
 
     def variant(self, session_options) -> "OrtRunner":
         """A runner of the same model, provider and optimization with other session options."""
-        return OrtRunner(self.model, self.provider, self.optimization, session_options, self.weights_dir, self.taps)
+        return OrtRunner(self.model, self.provider, self.optimization, session_options, self.weights_dir, self.taps,
+                         model_file=self.model_file)
 
     @property
     def session(self):
@@ -101,6 +108,11 @@ class OrtRunner(Runner):
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors (bad shapes, no kernel, bf16 I/O)
             raise RuntimeFailure(f"{self.name} failed to run the model: {first_line(exc)}") from exc
         return split_outputs(values, self._outputs, self._tap_tensors)
+
+
+@contextlib.contextmanager
+def _as_read(model_file):
+    yield str(model_file)
 
 
 def _np_dtype(ort_type: str) -> np.dtype | None:

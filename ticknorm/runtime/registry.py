@@ -86,6 +86,7 @@ class RunnerSetup:
     profile: dict | None = None
     ort_optimization: str = "all"
     low: dict = field(default_factory=dict)  # 'fp16' | 'bf16' -> LowPrecision
+    model_file: str | None = None  # the file the graph was read from, which ONNX Runtime then reads itself
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,8 @@ def make_runner(name: str, model: onnx.ModelProto, setup: RunnerSetup = RunnerSe
         return TorchRunner(copy.deepcopy(setup.module), [o.name for o in model.graph.output], device, precision,
                            fp32_modules, taps)
     if name.startswith("ort"):
-        return OrtRunner(model, "cuda" if name == "ort-cuda" else "cpu", setup.ort_optimization, taps=taps)
+        return OrtRunner(model, "cuda" if name == "ort-cuda" else "cpu", setup.ort_optimization, taps=taps,
+                         model_file=setup.model_file)
     return TrtRunner(_graph_in(precision, model, setup, name), setup.profile or {}, TrtSettings(precision), taps=taps)
 
 
