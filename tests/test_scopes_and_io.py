@@ -63,6 +63,7 @@ def test_load_errors(tmp_path):
         load_onnx(tmp_path / "bad.onnx")
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_a_file_another_exporter_wrote_gets_its_scopes_from_its_node_names(tmp_path):
     """A plain torch.onnx.export (no ticknorm metadata): its TorchScript-style node names name the
     modules; inspect says where they came from, and fuse names each norm's module, not (root)."""

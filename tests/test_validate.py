@@ -330,3 +330,23 @@ def test_compare_against_outputs_polygraphy_saved(exported, tmp_path):
     ]:
         bad = CliRunner().invoke(main, ["compare", str(path), *args])
         assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, (args, bad.output)
+
+
+def test_a_file_onnx_runtime_optimized_counts_its_fused_norms_and_compares(tmp_path):
+    """ONNX Runtime's own fused norms (com.microsoft SkipLayerNormalization) count as fused, and a
+    file holding com.microsoft ops runs through inspect, fuse and compare."""
+    import onnxruntime
+
+    path = tmp_path / "dynamo.onnx"  # ORT fuses Add + LayerNormalization in the dynamo exporter's graph
+    api.export(ModelRef(EXAMPLE, CHECKPOINT), Inputs(("input_ids:2x16:int64:0..1000",)), path)
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    summary = api.inspect(tmp_path / "ort.onnx")
+    assert summary.op_histogram.get("com.microsoft::SkipLayerNormalization", 0) >= 1
+    assert summary.fused_norms == 5 and summary.decomposed_norms == 0
+    result, _ = api.fuse(tmp_path / "ort.onnx", tmp_path / "again.onnx")
+    assert result.report.count("fused") == 0  # nothing left to fuse, and the file is written as it was
+    report = api.compare(tmp_path / "ort.onnx", ModelRef(EXAMPLE, CHECKPOINT), Inputs(("input_ids:2x16:int64:0..1000",)))
+    assert report.passed
