@@ -253,3 +253,27 @@ def test_tensors_read_inside_subgraphs_are_never_removed(rng):
     result = fuse_norms(model, feeds=feeds)
     assert [r.status for r in result.report.records] == ["refused"]
     assert "escapes" in result.report.records[0].reason  # `d` is read inside the If branch
+
+
+def test_a_decoder_with_its_kv_cache_is_fused_and_verified_on_feeds_that_fit(tmp_path):
+    """A with-past decoder file and no inputs: the feeds derived from its graph fit together (the
+    mask spans past + new tokens, positions continue the past), for a decode step and a prefill;
+    random sizes made ONNX Runtime fail on a Gather index instead."""
+    import sys
+    from pathlib import Path
+
+    from ticknorm import ExportOptions, Inputs, ModelRef, api
+    from ticknorm.base.graph_feeds import feed_sets_for_graph
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hf_models import build
+
+    path = tmp_path / "decoder.onnx"
+    api.export(ModelRef(build("LlamaForCausalLM")), Inputs(("input_ids:batch=1xseq=4:int64:0..128",)), path,
+               ExportOptions(task="text-generation-with-past", fuse=False))
+    decode, prefill = feed_sets_for_graph(onnx.load(str(path)))
+    assert decode["past_key_values.0.key"].shape[2] == 3 and decode["attention_mask"].shape[-1] == 3 + 2
+    assert prefill["past_key_values.0.key"].shape[2] == 0 and prefill["attention_mask"].shape[-1] == 2
+    assert decode["input_ids"].max() < 128  # inside the embedding table
+    result, _ = api.fuse(path, tmp_path / "fused.onnx")
+    assert result.report.verified and result.report.count("fused") == 5  # 2 layers x 2 RMSNorms + the final one

@@ -18,13 +18,14 @@ import onnx
 
 from ticknorm.base.atomic import check_writable, check_writable_folder, write_text
 from ticknorm.base.errors import InputSpecError
-from ticknorm.base.inputs import Inputs, feeds_for_graph, graph_feeds
+from ticknorm.base.graph_feeds import feed_sets_for_graph
+from ticknorm.base.inputs import Inputs, graph_feeds
 from ticknorm.base.metrics import Tolerance
 from ticknorm.base.onnx_io import load_onnx, model_digest, save_onnx
 from ticknorm.base.precision import Precision
 from ticknorm.base.progress import QUIET, Progress
 from ticknorm.base.run_results import SavedReference
-from ticknorm.base.scopes import LayerSelection, annotate_scopes, ensure_scopes
+from ticknorm.base.scopes import LayerSelection, ensure_scopes
 from ticknorm.exporter.export import ExportOptions, ExportResult, export_model, torch_reference
 from ticknorm.exporter.fusion import FusionResult, NormTargets, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
@@ -92,8 +93,7 @@ def convert(source, output, precision: Precision, inputs=None, report=None, prog
     own = Precision.of_graph(model)
     if own.low:
         raise InputSpecError(f"the graph is already {own.dtype}; convert its fp32 export")
-    feeds = _given_feeds(inputs, model) or feeds_for_graph(model)
-    annotate_scopes(model)  # a file another exporter wrote: module scopes from its node names, for --keep-fp32
+    feeds = _given_feeds(inputs, model) or feed_sets_for_graph(model)[0]
     progress.step(f"measuring the fp32 run, converting to {precision.dtype} and checking it")
     conversion = convert_graph(model, feeds, precision)
     save_onnx(conversion.model, output)
@@ -240,7 +240,7 @@ def trtexec_line(source, inputs=None, prefix: str = "trtexec") -> str:
     if plugin_nodes(model):
         raise InputSpecError("the graph holds ticknorm::LayerNorm plugin nodes, which trtexec cannot load (the plugin "
                              "is registered from Python); export with --ln-target native for trtexec")
-    feeds = _given_feeds(inputs, model) or feeds_for_graph(model)
+    feeds = _given_feeds(inputs, model) or feed_sets_for_graph(model)[0]
     shapes = profile_for(model, graph_feeds(model, feeds))
     line = ["trtexec", f"--onnx={_name(source)}", "--stronglyTyped"]
     if any(low != high for low, _, high in shapes.values()):

@@ -223,18 +223,6 @@ def graph_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
     return {name: value for name, value in feeds.items() if name in names}
 
 
-def feeds_for_graph(model: onnx.ModelProto, seed: int = 0, dynamic_size: int = 2) -> dict[str, np.ndarray]:
-    """Seeded random feeds for every graph input; named or unknown dims get `dynamic_size`."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for value in graph_inputs(model):
-        tensor_type = value.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else dynamic_size for d in tensor_type.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        feeds[value.name] = random_array(shape, dtype, rng)
-    return feeds
-
-
 def index_ranges(model: onnx.ModelProto) -> dict[str, int]:
     """Integer inputs used as Gather indices into a weight table: input -> rows in that table, so
     random token ids stay inside the vocabulary. Follows Cast/Reshape/Unsqueeze/Squeeze/Flatten."""

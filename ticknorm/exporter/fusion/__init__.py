@@ -15,7 +15,7 @@ from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets
 from ticknorm.exporter.fusion.rms_norm import find_rms_norms
 from ticknorm.exporter.fusion.verify import verify_fused
 from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
-from ticknorm.base.inputs import feeds_for_graph
+from ticknorm.base.graph_feeds import feed_sets_for_graph
 
 __all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms"]
 
@@ -60,8 +60,10 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     report = FusionReport(before, target, records)
     outputs = None
     if verify and matches:
-        outputs = _verify(model, fused, matches, records, feeds if feeds is not None else feeds_for_graph(model),
-                          weights_dir, also)
+        if feeds is None:  # from the graph: for a decoder with a KV cache a decode step, then a prefill too
+            feeds, *derived = feed_sets_for_graph(model)
+            also = [*derived, *also]
+        outputs = _verify(model, fused, matches, records, feeds, weights_dir, also)
         report.verified = True
     return FusionResult(fused, report, outputs)
 
