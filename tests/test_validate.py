@@ -350,3 +350,22 @@ def test_a_file_onnx_runtime_optimized_counts_its_fused_norms_and_compares(tmp_p
     assert result.report.count("fused") == 0  # nothing left to fuse, and the file is written as it was
     report = api.compare(tmp_path / "ort.onnx", ModelRef(EXAMPLE, CHECKPOINT), Inputs(("input_ids:2x16:int64:0..1000",)))
     assert report.passed
+
+
+def test_outputs_are_matched_by_name_when_a_file_orders_them_otherwise(tmp_path):
+    """A decoder file whose outputs come in another order than the model returns them (logits last):
+    compare pairs them by name, not by position."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hf_models import build
+
+    model = build("LlamaForCausalLM")
+    path = tmp_path / "decoder.onnx"
+    api.export(ModelRef(model), Inputs(("input_ids:batch=1xseq=4:int64:0..128",)), path,
+               ExportOptions(task="text-generation-with-past"))
+    graph = onnx.load(str(path))
+    outputs = list(graph.graph.output)
+    del graph.graph.output[:]
+    graph.graph.output.extend(outputs[1:] + outputs[:1])
+    onnx.save(graph, str(tmp_path / "reordered.onnx"))
+    report = api.compare(tmp_path / "reordered.onnx", ModelRef(model), Inputs(("input_ids:1x2:int64:0..128",)))
+    assert report.passed and report.outputs["ort"][-1].name == "logits"

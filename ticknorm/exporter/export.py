@@ -33,7 +33,7 @@ from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.precision.convert import Conversion, convert
 from ticknorm.exporter.tasks import DEFAULT as DEFAULT_TASK
 from ticknorm.runtime.ort_runner import OrtRunner
-from ticknorm.runtime.torch_runner import forward, from_numpy, tensor_leaves, to_numpy
+from ticknorm.runtime.torch_runner import forward, from_numpy, output_names, tensor_leaves, to_numpy
 
 EXPORTERS = {"dynamo": (18, None), "torchscript": (13, 17)}
 DEFAULT_EXPORTER = "dynamo"
@@ -196,25 +196,6 @@ def _check_input_names(model, feeds: dict) -> None:
     if unknown:
         raise InputSpecError(f"{type(model).__name__}.forward has no parameter {', '.join(unknown)}; "
                              f"it takes: {', '.join(parameters)}")
-
-
-def output_names(torch, outputs) -> list[str]:
-    """Graph output names from the structure the model returns: `output` for one tensor, dict
-    keys (`last_hidden_state`) for dicts and ModelOutputs, `output_0`, `output_1` for tuples."""
-    from torch.utils import _pytree
-
-    names = []
-    for path, leaf in _pytree.tree_flatten_with_path(outputs)[0]:
-        if not isinstance(leaf, torch.Tensor):
-            continue
-        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        if not parts:
-            names.append("output")
-        elif all(p.isdigit() for p in parts):
-            names.append("output_" + "_".join(parts))
-        else:
-            names.append("_".join(parts))
-    return names
 
 
 def torch_to_onnx(model, tensors: dict, exporter: str = DEFAULT_EXPORTER, opset=None,

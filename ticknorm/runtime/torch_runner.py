@@ -59,6 +59,10 @@ class TorchRunner(Runner):
         if self.output_names and len(leaves) != len(self.output_names):
             raise InputSpecError(f"{self.name}: the model returned {len(leaves)} tensors but the ONNX graph has "
                                  f"{len(self.output_names)} outputs ({', '.join(self.output_names)}); is it the same model?")
+        own = output_names(torch, result)
+        if self.output_names and sorted(own) == sorted(self.output_names):  # by name: a file may order them otherwise
+            by_name = dict(zip(own, leaves))
+            leaves = [by_name[name] for name in self.output_names]
         names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
         return RunOutputs(dict(zip(names, (to_numpy(t) for t in leaves))), dict(self._tapped))
 
@@ -71,6 +75,25 @@ class TorchRunner(Runner):
             tensor = from_numpy(torch, array)
             converted[name] = (tensor.to(self._torch_dtype) if tensor.is_floating_point() else tensor).to(self.device)
         return converted
+
+
+def output_names(torch, outputs) -> list[str]:
+    """Graph output names from the structure the model returns: `output` for one tensor, dict
+    keys (`last_hidden_state`) for dicts and ModelOutputs, `output_0`, `output_1` for tuples."""
+    from torch.utils import _pytree
+
+    names = []
+    for path, leaf in _pytree.tree_flatten_with_path(outputs)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        if not parts:
+            names.append("output")
+        elif all(p.isdigit() for p in parts):
+            names.append("output_" + "_".join(parts))
+        else:
+            names.append("_".join(parts))
+    return names
 
 
 def forward(module, tensors: dict):
