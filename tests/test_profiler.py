@@ -272,3 +272,15 @@ def test_trtexec_log_states_version_gpu_precision_and_plain_time(exported, tmp_p
         bad = CliRunner().invoke(main, ["profile", *common, *extra])
         assert bad.exit_code == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ") and message in bad.stderr
         assert "timing ort" not in bad.stderr  # the files are read before anything is timed
+
+
+def test_overhead_pairs_each_block_with_the_block_beside_it():
+    """The machine slowed down between a plain block and its instrumented one, once: a ratio of
+    the overall medians reads +110 %, the median of the blocks' ratios the +5 % the other blocks show."""
+    from ticknorm.profiler.ticks import BLOCK, TickLog
+
+    log = TickLog("ort", "runtime", iterations=3 * BLOCK)
+    for plain, hooked in ((100, 105), (100, 210), (200, 210)):
+        log.end_to_end_ns += [plain] * BLOCK
+        log.instrumented_ns += [hooked] * BLOCK
+    assert log.overhead == pytest.approx(0.05)
