@@ -88,3 +88,22 @@ def test_a_file_another_exporter_wrote_gets_its_scopes_from_its_node_names(tmp_p
     assert sorted(r.scope for r in result.report.records if r.status == "fused") == sorted(s for _, s, _ in summary.decomposed)
     fused = api.inspect(tmp_path / "fused.onnx")
     assert fused.scope_sources["ticknorm"] == fused.nodes  # written with them
+
+
+def test_a_dynamo_file_without_ticknorm_scopes_reads_the_exporters_name_scopes(tmp_path):
+    """A dynamo export as torch.onnx writes it (ticknorm's record taken out): the exporter's
+    `pkg.torch.onnx.name_scopes` name the modules, and inspect says so."""
+    from ticknorm import ExportOptions, Inputs, ModelRef, api
+    from ticknorm.base.scopes import SCOPE_KEY
+
+    api.export(ModelRef("examples/tiny_transformer.py:build"), Inputs(("input_ids:2x16:int64:0..1000",)),
+               tmp_path / "m.onnx", ExportOptions(exporter="dynamo", fuse=False))
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if p.key != SCOPE_KEY]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.save(model, str(tmp_path / "plain.onnx"))
+    summary = api.inspect(tmp_path / "plain.onnx")
+    assert summary.scope_sources["ticknorm"] == 0 and summary.scope_sources["dynamo name scopes"] > 0.9 * summary.nodes
+    assert {scope for _, scope, _ in summary.decomposed} >= {"layers.0.attention_norm", "layers.1.output_norm"}

@@ -93,7 +93,7 @@ class OrtRunner(Runner):
         import onnxruntime as ort
 
         options = self._extra_options() if self._extra_options else ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: a failure reaches the user as our one line, not ORT's log too
         if self.weights_dir is not None:  # prepacked weights would be private copies of the mapped file
             options.add_session_config_entry("session.disable_prepacking", "1")
         options.graph_optimization_level = {
