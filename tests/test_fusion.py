@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import norm_modules as nm
-from conftest import export, op_types, ort_outputs, torch_outputs
+from conftest import export, op_types, ort_outputs, ort_run, torch_outputs
 from ticknorm.base.errors import AccuracyError, FusionError
 from ticknorm.exporter.fusion import NormTargets, fuse_norms, rewrite as rewrite_module
 from ticknorm.base.scopes import get_scope
@@ -277,3 +277,57 @@ def test_a_decoder_with_its_kv_cache_is_fused_and_verified_on_feeds_that_fit(tmp
     assert decode["input_ids"].max() < 128  # inside the embedding table
     result, _ = api.fuse(path, tmp_path / "fused.onnx")
     assert result.report.verified and result.report.count("fused") == 5  # 2 layers x 2 RMSNorms + the final one
+
+
+def _branch_with_layer_norm(name: str, square: str) -> onnx.GraphProto:
+    """A branch normalizing the outer graph's `x` the decomposed way (its scale and bias live in
+    the outer graph, as in a merged decoder), squaring by Pow or by Mul."""
+    from onnx import helper
+
+    nodes = [helper.make_node("ReduceMean", ["x"], [f"{name}_mean"], axes=[-1]),
+             helper.make_node("Sub", ["x", f"{name}_mean"], [f"{name}_d"])]
+    nodes += ([helper.make_node("Pow", [f"{name}_d", "two"], [f"{name}_sq"])] if square == "pow" else
+              [helper.make_node("Mul", [f"{name}_d", f"{name}_d"], [f"{name}_sq"])])
+    nodes += [helper.make_node("ReduceMean", [f"{name}_sq"], [f"{name}_var"], axes=[-1]),
+              helper.make_node("Add", [f"{name}_var", "eps"], [f"{name}_ve"]),
+              helper.make_node("Sqrt", [f"{name}_ve"], [f"{name}_std"]),
+              helper.make_node("Div", [f"{name}_d", f"{name}_std"], [f"{name}_n"]),
+              helper.make_node("Mul", [f"{name}_n", "scale"], [f"{name}_s"]),
+              helper.make_node("Add", [f"{name}_s", "bias"], [f"{name}_y"])]
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_y", onnx.TensorProto.FLOAT, None)])
+
+
+def test_norms_inside_the_branches_of_an_if_are_fused_and_verified_on_both_branches(rng):
+    """Optimum's merged decoder keeps the decoder in both branches of one If: each branch's norm is
+    fused, and the graph's outputs are checked on feeds taking each branch."""
+    from onnx import helper, numpy_helper
+
+    from ticknorm.exporter.inspect import summarize
+
+    hidden = 8
+    initializers = [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+                    numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+                    numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32), "scale"),
+                    numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32), "bias")]
+    branch = helper.make_node("If", ["use_cache_branch"], ["y"], name="optimum::if",
+                              then_branch=_branch_with_layer_norm("with_past", "pow"),
+                              else_branch=_branch_with_layer_norm("without_past", "mul"))
+    graph = helper.make_graph([branch], "merged", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, hidden]),
+                                                  helper.make_tensor_value_info("use_cache_branch", onnx.TensorProto.BOOL, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3, hidden])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((2, 3, hidden)).astype(np.float32)
+    taken = [{"x": x, "use_cache_branch": np.array([flag])} for flag in (True, False)]
+    summary = summarize(model)  # inspect sees inside the branches
+    assert summary.decomposed_norms == 2 and summary.nodes == 1 + 2 * 9
+    result = fuse_norms(model, feeds=taken[0], also=taken[1:])
+    fused = [r for r in result.report.records if r.status == "fused"]
+    assert len(fused) == 2 and result.report.verified and all("inside If 'optimum::if'" in r.notes[-1] for r in fused)
+    branches = {a.name: a.g for a in result.model.graph.node[0].attribute}
+    assert [n.op_type for n in branches["then_branch"].node] == ["LayerNormalization"]
+    assert [n.op_type for n in branches["else_branch"].node] == ["LayerNormalization"]
+    assert len(model.graph.node[0].attribute[0].g.node) == 9  # the caller's model is left as it was
+    assert summarize(result.model).fused_norms == 2
+    for feeds, expected in zip(taken, result.outputs):
+        np.testing.assert_allclose(ort_run(result.model, feeds)["y"], expected["y"], atol=1e-5)
+        np.testing.assert_allclose(ort_run(model, feeds)["y"], expected["y"], atol=1e-4)

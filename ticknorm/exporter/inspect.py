@@ -10,6 +10,7 @@ import onnx
 from ticknorm.exporter.fusion import find_norms
 from ticknorm.base.graph import GraphIndex
 from ticknorm.exporter.fusion.norms import NormMatch
+from ticknorm.exporter.fusion.subgraphs import bodies, body_model
 from ticknorm.exporter.fusion.report import NORM_OP_RUNTIMES
 from ticknorm.base.scopes import ensure_scopes, scope_coverage, scope_sources
 from ticknorm.base.inputs import graph_inputs
@@ -60,15 +61,17 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
     sources, coverage = scope_sources(model), scope_coverage(model)
     ensure_scopes(model)
     index = GraphIndex(model)
+    inner = bodies(model.graph)  # If branches, Loop/Scan bodies: a merged decoder's whole decoder is there
+    nodes = list(model.graph.node) + [node for _, body in inner for node in body.node]
     histogram = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-                        for node in model.graph.node)
-    found = find_norms(index)
+                        for node in nodes)
+    found = find_norms(index) + [m for _, body in inner for m in find_norms(GraphIndex(body_model(model, body, index)))]
     decomposed = [[m.kind, m.scope, "fusable" if isinstance(m, NormMatch) else m.reason] for m in found]
     return ModelSummary(
         opsets={o.domain: o.version for o in model.opset_import},
         inputs=[_describe(v) for v in graph_inputs(model)],
         outputs=[_describe(v) for v in model.graph.output],
-        nodes=len(model.graph.node),
+        nodes=len(nodes),
         op_histogram=dict(histogram.most_common()),
         fused_norms=sum(histogram[op] for op in FUSED_NORM_OPS),
         decomposed_norms=len(found),

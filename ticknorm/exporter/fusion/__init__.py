@@ -13,6 +13,7 @@ from ticknorm.exporter.fusion.patterns import forward_means
 from ticknorm.exporter.fusion.report import FusionReport, NormRecord
 from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets, rewrite_matches
 from ticknorm.exporter.fusion.rms_norm import find_rms_norms
+from ticknorm.exporter.fusion.subgraphs import bodies, body_model, put_back
 from ticknorm.exporter.fusion.verify import verify_fused
 from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
 from ticknorm.base.graph_feeds import feed_sets_for_graph
@@ -57,15 +58,39 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     op_types = {kind: targets.op(kind, target)[0] for kind in FUSED_OPS}
     records, matches = _records(found, target, targets)
     fused = rewrite_matches(working, index, matches, op_types) if matches else working
-    report = FusionReport(before, target, records)
+    fused, inner = _fuse_bodies(fused, model, target, targets, op_types)
+    report = FusionReport(before, target, records + inner)
     outputs = None
-    if verify and matches:
+    if verify and (matches or any(record.status == "fused" for record in inner)):
         if feeds is None:  # from the graph: for a decoder with a KV cache a decode step, then a prefill too
             feeds, *derived = feed_sets_for_graph(model)
             also = [*derived, *also]
         outputs = _verify(model, fused, matches, records, feeds, weights_dir, also)
         report.verified = True
     return FusionResult(fused, report, outputs)
+
+
+def _fuse_bodies(fused: onnx.ModelProto, original: onnx.ModelProto, target: int, targets: NormTargets,
+                 op_types: dict) -> tuple[onnx.ModelProto, list]:
+    """The norms inside If/Loop/Scan bodies, fused in place (in a copy while `fused` is still the
+    caller's model), and their records."""
+    if not bodies(fused.graph):
+        return fused, []
+    if fused is original:
+        fused = onnx.ModelProto()
+        fused.CopyFrom(original)
+    outer = GraphIndex(fused)
+    records = []
+    for holder, body in bodies(fused.graph):
+        wrapper = body_model(fused, body, outer)
+        index = GraphIndex(wrapper)
+        found, matches = _records(find_norms(index), target, targets)
+        for record in found:
+            record.notes.append(f"inside {holder.op_type} '{holder.name}': checked through the graph's outputs")
+        if matches:
+            put_back(body, rewrite_matches(wrapper, index, matches, op_types).graph, outer)
+        records += found
+    return fused, records
 
 
 def find_norms(index: GraphIndex) -> list:
