@@ -331,3 +331,30 @@ def test_norms_inside_the_branches_of_an_if_are_fused_and_verified_on_both_branc
     for feeds, expected in zip(taken, result.outputs):
         np.testing.assert_allclose(ort_run(result.model, feeds)["y"], expected["y"], atol=1e-5)
         np.testing.assert_allclose(ort_run(model, feeds)["y"], expected["y"], atol=1e-4)
+
+
+def test_feeds_the_graph_cannot_be_guessed_for_name_the_inputs_to_give(tmp_path, rng):
+    """A dynamic input reshaped into rows of 4: the guessed size (2) cannot be, so `fuse` says which
+    inputs to give, in one line, and writes nothing; given them, it fuses."""
+    from click.testing import CliRunner
+    from onnx import helper, numpy_helper
+
+    from ticknorm.cli import main
+
+    nodes = [helper.make_node("Reshape", ["x", "rows"], ["r"]), *_branch_with_layer_norm("n", "pow").node]
+    for node in nodes[1:]:
+        node.input[:] = ["r" if name == "x" else name for name in node.input]
+    initializers = [numpy_helper.from_array(np.array([-1, 4], np.int64), "rows"),
+                    numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+                    numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+                    numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "scale"),
+                    numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bias")]
+    graph = helper.make_graph(nodes, "rows", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n"])],
+                              [helper.make_tensor_value_info("n_y", onnx.TensorProto.FLOAT, None)], initializers)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "rows.onnx"))
+    out = tmp_path / "fused.onnx"
+    refused = CliRunner().invoke(main, ["fuse", str(tmp_path / "rows.onnx"), "-o", str(out)])
+    assert refused.exit_code == 2 and "give the inputs it takes with --input" in refused.stderr
+    assert "guessed here: x[n]" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1 and not out.exists()
+    done = CliRunner().invoke(main, ["fuse", str(tmp_path / "rows.onnx"), "-o", str(out), "--input", "x:8"])
+    assert done.exit_code == 0, done.output

@@ -77,3 +77,14 @@ def _value(name: str, shape: list, dtype, rng, limits: dict, past: int | None) -
     if name in limits:
         return random_array(shape, dtype, rng, 0, limits[name])
     return random_array(shape, dtype, rng)
+
+
+def guessed_inputs(model: onnx.ModelProto) -> list[str]:
+    """The inputs whose sizes derived feeds had to guess (a named or unknown dim), as `name[dims]`:
+    what to name when those feeds do not fit the graph."""
+    guessed = []
+    for value in graph_inputs(model):
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value.type.tensor_type.shape.dim]
+        if any(not isinstance(d, int) for d in dims):
+            guessed.append(f"{value.name}[{', '.join(map(str, dims))}]")
+    return guessed

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ticknorm.base.errors import AccuracyError, FusionError, first_line
+from ticknorm.base.errors import AccuracyError, FusionError, InputSpecError, RuntimeFailure, first_line
 from ticknorm.base.graph import GraphIndex
 from ticknorm.exporter.fusion.layer_norm import find_layer_norms
 from ticknorm.exporter.fusion.norms import NormMatch
@@ -16,7 +16,7 @@ from ticknorm.exporter.fusion.rms_norm import find_rms_norms
 from ticknorm.exporter.fusion.subgraphs import bodies, body_model, put_back
 from ticknorm.exporter.fusion.verify import verify_fused
 from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
-from ticknorm.base.graph_feeds import feed_sets_for_graph
+from ticknorm.base.graph_feeds import feed_sets_for_graph, guessed_inputs
 
 __all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms"]
 
@@ -62,10 +62,17 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     report = FusionReport(before, target, records + inner)
     outputs = None
     if verify and (matches or any(record.status == "fused" for record in inner)):
-        if feeds is None:  # from the graph: for a decoder with a KV cache a decode step, then a prefill too
-            feeds, *derived = feed_sets_for_graph(model)
-            also = [*derived, *also]
-        outputs = _verify(model, fused, matches, records, feeds, weights_dir, also)
+        derived = feeds is None
+        if derived:  # from the graph: for a decoder with a KV cache a decode step, then a prefill too
+            feeds, *more = feed_sets_for_graph(model)
+            also = [*more, *also]
+        try:
+            outputs = _verify(model, fused, matches, records, feeds, weights_dir, also)
+        except RuntimeFailure as exc:
+            if not derived:
+                raise
+            raise InputSpecError(f"the feeds derived from the graph do not fit it ({exc}); give the inputs it takes with "
+                                 f"--input NAME:DIMS[:DTYPE] (guessed here: {', '.join(guessed_inputs(model))})") from exc
         report.verified = True
     return FusionResult(fused, report, outputs)
 
