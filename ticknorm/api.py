@@ -163,9 +163,10 @@ def profile(source, model, inputs, runtimes=("torch", "ort"), timing: Timing = T
 
 def _timings(onnx_model, feeds, runtimes: Runtimes, setup, timing: Timing, progress: Progress) -> ProfileResult:
     """The runtimes timed here, and the TensorRT layers trtexec timed elsewhere when given."""
+    # read first: a file that does not fit stops the command before the timing
     imported = import_trtexec(runtimes.trtexec, ScopeTable(onnx_model)) if runtimes.trtexec is not None else None
     result = profile_runtimes(onnx_model, feeds, runtimes.names, setup, timing=timing, progress=progress)
-    if imported is not None:  # read first: a file that does not fit stops the command before the timing
+    if imported is not None:
         result.logs[imported.runtime] = imported
     return result
 

@@ -59,9 +59,10 @@ def _decoder_sizes(model: onnx.ModelProto, past: int) -> dict[str, int]:
             for axis in axes[1:]:  # axis 0 is the batch
                 if axis:
                     sizes[axis] = past
-    for name in ("input_ids", "inputs_embeds", "position_ids"):
-        if name in dims and dims[name] and dims[name][-1 if name != "inputs_embeds" else 1]:
-            sizes.setdefault(dims[name][-1 if name != "inputs_embeds" else 1], SEQUENCE)
+    for name in ("input_ids", "inputs_embeds", "position_ids"):  # [batch, sequence(, hidden)], or [sequence]
+        axes = dims.get(name) or [None]
+        if axes[min(1, len(axes) - 1)]:
+            sizes.setdefault(axes[min(1, len(axes) - 1)], SEQUENCE)
     if "attention_mask" in dims and dims["attention_mask"] and dims["attention_mask"][-1]:
         sizes.setdefault(dims["attention_mask"][-1], past + SEQUENCE)
     return sizes

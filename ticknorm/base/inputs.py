@@ -141,6 +141,22 @@ def load_npz(path) -> dict[str, np.ndarray]:
         raise InputSpecError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0] or type(exc).__name__})") from exc
 
 
+def read_polygraphy_json(path: Path, role: str, kind: str):
+    """A file in Polygraphy's JSON (its arrays, RunResults and input lists decoded), read with
+    Polygraphy's own reader; a missing or unreadable one is InputSpecError naming the file, as the
+    `role` it was given for and the `kind` of file it should be."""
+    if not path.is_file():
+        raise InputSpecError(f"{role} file not found: {path}")
+    from polygraphy.json import from_json
+    from polygraphy.logger import G_LOGGER
+
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):  # its own warning before it raises: ours is the one line
+            return from_json(path.read_text())
+    except Exception as exc:  # noqa: BLE001 - Polygraphy and json report bad files in many ways
+        raise InputSpecError(f"{path} is not a readable {kind} file ({first_line(exc)})") from exc
+
+
 def as_feed_sets(feeds) -> list[dict]:
     """One feed dict, or one per iteration, as a list of them."""
     return [feeds] if isinstance(feeds, dict) else list(feeds)
@@ -155,16 +171,7 @@ def load_feed_sets(path) -> list[dict[str, np.ndarray]]:
         path = path / "inputs.json"
     if path.suffix != ".json":
         return [load_npz(path)]
-    if not path.is_file():
-        raise InputSpecError(f"input file not found: {path}")
-    from polygraphy.json import load_json
-    from polygraphy.logger import G_LOGGER
-
-    try:
-        with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):  # its own warning before it raises: ours is the one line
-            loaded = load_json(str(path))
-    except Exception as exc:  # noqa: BLE001 - Polygraphy and json report bad files in many ways
-        raise InputSpecError(f"{path} is not a readable Polygraphy inputs file ({first_line(exc)})") from exc
+    loaded = read_polygraphy_json(path, "input", "Polygraphy inputs")
     feed_sets = [dict(feeds) for feeds in loaded] if isinstance(loaded, list) else []
     if not feed_sets or not all(isinstance(v, np.ndarray) for feeds in feed_sets for v in feeds.values()):
         raise InputSpecError(f"{path} holds no Polygraphy inputs (a JSON list of name -> array dicts, one per iteration)")

@@ -61,8 +61,12 @@ def _check_weights_file(model: onnx.ModelProto, path: Path) -> None:
 
 
 def external_locations(model: onnx.ModelProto) -> set[str]:
-    return {entry.value for tensor in model.graph.initializer if is_external(tensor)
-            for entry in tensor.external_data if entry.key == "location"}
+    return {external_entries(tensor)["location"] for tensor in model.graph.initializer if is_external(tensor)}
+
+
+def external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    """An external tensor's `location`, `offset`, `length` (as ONNX stores them: strings)."""
+    return {entry.key: entry.value for entry in tensor.external_data}
 
 
 
@@ -105,7 +109,8 @@ def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = PROTO
               weights_dir=None) -> list[Path]:
     """Write `model` to `path`; weights go to a `.data` file beside it when they exceed the threshold.
     A model staged with `stage_weights` names the folder of its weights in `weights_dir`: their
-    file is copied as it is (streamed, never loaded) when the output keeps external data.
+    file becomes the output's weights file as it is (linked, else copied) while the graph still
+    uses it, and is otherwise streamed one tensor at a time, never loaded whole.
 
     The `.onnx` and its weights are one unit, switched by one rename: the weights file gets a name
     the `.onnx` now at `path` does not use (`<name>.data`, else `<name>.1.data`), the new `.onnx`
@@ -164,7 +169,7 @@ def _only_staged(model: onnx.ModelProto, weights_dir: Path) -> bool:
     used, files = 0, set()
     for tensor in model.graph.initializer:
         if is_external(tensor):
-            entries = {entry.key: entry.value for entry in tensor.external_data}
+            entries = external_entries(tensor)
             files.add(entries["location"])
             used += int(entries.get("length", 0))
     return len(files) == 1 and used >= 0.9 * (weights_dir / files.pop()).stat().st_size
@@ -257,7 +262,7 @@ def _stream_external(model: onnx.ModelProto, target: Path, weights_dir: Path, da
 
 
 def _external_bytes(tensor: onnx.TensorProto, weights_dir: Path) -> bytes:
-    entries = {entry.key: entry.value for entry in tensor.external_data}
+    entries = external_entries(tensor)
     with open(weights_dir / entries["location"], "rb") as source:
         source.seek(int(entries.get("offset", 0)))
         return source.read(int(entries["length"])) if "length" in entries else source.read()

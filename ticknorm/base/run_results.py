@@ -10,22 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from ticknorm.base.errors import InputSpecError, first_line
+from ticknorm.base.inputs import read_polygraphy_json
 
 
 def load_run_results(path):
     """The parsed RunResults, or InputSpecError naming the file and what is wrong with it."""
-    from polygraphy.exception import PolygraphyException
-    from polygraphy.json import from_json
-    from polygraphy.logger import G_LOGGER
-
     path = Path(path)
-    if not path.is_file():
-        raise InputSpecError(f"reference outputs file not found: {path}")
-    try:
-        with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):  # its own warning before it raises: ours is the one line
-            results = from_json(path.read_text())
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, PolygraphyException) as exc:
-        raise InputSpecError(f"{path} is not a readable Polygraphy RunResults file ({first_line(exc)})") from exc
+    results = read_polygraphy_json(path, "reference outputs", "Polygraphy RunResults")
     if not hasattr(results, "keys"):
         raise InputSpecError(f"{path} is not a Polygraphy RunResults file (polygraphy run --save-outputs writes one)")
     return results

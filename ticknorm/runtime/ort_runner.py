@@ -64,7 +64,7 @@ class OrtRunner(Runner):
         added = [name for name in self._fetched if name not in existing]
         outputs.extend(onnx.ValueInfoProto(name=name) for name in added)  # no copy of the weights
         try:
-            with _as_read(self.model_file) if self.model_file and not added else session_source(
+            with contextlib.nullcontext(str(self.model_file)) if self.model_file and not added else session_source(
                     self.model, self.weights_dir) as source:
                 self._session = ort.InferenceSession(source, self.session_options(), providers=[PROVIDERS[self.provider]])
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
@@ -108,11 +108,6 @@ class OrtRunner(Runner):
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors (bad shapes, no kernel, bf16 I/O)
             raise RuntimeFailure(f"{self.name} failed to run the model: {first_line(exc)}") from exc
         return split_outputs(values, self._outputs, self._tap_tensors)
-
-
-@contextlib.contextmanager
-def _as_read(model_file):
-    yield str(model_file)
 
 
 def _np_dtype(ort_type: str) -> np.dtype | None:

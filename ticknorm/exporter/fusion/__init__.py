@@ -83,12 +83,12 @@ def _fuse_bodies(fused: onnx.ModelProto, original: onnx.ModelProto, target: int,
     caller's model), and their records."""
     if not bodies(fused.graph):
         return fused, []
-    if fused is original:
+    if fused is original:  # the bodies are rewritten in place: never in the caller's model
         fused = onnx.ModelProto()
         fused.CopyFrom(original)
     outer = GraphIndex(fused)
     records = []
-    for holder, body in bodies(fused.graph):
+    for holder, body in bodies(fused.graph):  # the copy's bodies, listed after the copy
         wrapper = body_model(fused, body, outer)
         index = GraphIndex(wrapper)
         found, matches = _records(find_norms(index), target, targets)
