@@ -71,7 +71,8 @@ def main():
                              {"input_ids": {0: "batch", 1: "seq"}})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        options = ExportOptions(exporter=args.exporter, external_data_threshold=1 << 20)
+        # the model freed once exported, as `ticknorm export` does for the models it loads itself
+        options = ExportOptions(exporter=args.exporter, external_data_threshold=1 << 20, release_model=True)
         result = export_model(model, feeds, Path(workdir) / "llama.onnx", options, axes, progress=clock)
         clock("writing done")
         end = time.perf_counter()

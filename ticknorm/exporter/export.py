@@ -28,6 +28,7 @@ from ticknorm.base.onnx_io import PROTOBUF_LIMIT, save_onnx, stage_weights, stag
 from ticknorm.base.optional import require
 from ticknorm.base.scopes import annotate_scopes
 from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
+from ticknorm.exporter.isolated import run_isolated
 from ticknorm.base.precision import Precision
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.precision.convert import Conversion, convert
@@ -98,8 +99,8 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
         progress(f"exporting with the {options.exporter} exporter")
         proto = torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes or {}, names, weights_dir)
         if options.release_model:
-            # every parameter and buffer moved off the CPU: what the exporter no longer holds is freed (all of it
-            # after TorchScript; the dynamo exporter keeps most of the tensors alive in caches of its own)
+            # every parameter and buffer moved off the CPU, and so freed: the exporter ran in a child process,
+            # nothing of it holds them here
             model.to("meta")
         checks = [("", feeds, reference), *extra_checks] if options.check else []
         for label, _, expected in checks[1:]:
@@ -215,28 +216,60 @@ def torch_to_onnx(model, tensors: dict, exporter: str = DEFAULT_EXPORTER, opset=
 
 def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dict, outputs,
             weights_dir=None) -> onnx.ModelProto:
+    """The exported graph: in memory, or (with `weights_dir`) written there by the exporter and
+    read back staged, weights referenced, not held. The dynamo exporter writes it from a child
+    process (`isolated`): it keeps the weights referenced after it returns. TorchScript leaves
+    nothing behind and traces real tensors, which a forked child could do on one thread only."""
     kwargs, structure, names = _arguments(model, tensors, dynamic_axes)
-    target = Path(weights_dir) / "exported.onnx" if weights_dir is not None else None
+    arguments = _ExportCall(kwargs, _dynamic_shapes(torch, structure), names, outputs, exporter, opset, dynamic_axes)
+    if weights_dir is None:
+        return _exported(torch, model, tensors, arguments)
+    target = Path(weights_dir) / "exported.onnx"
+    if exporter == "dynamo":
+        run_isolated(lambda: _exported(torch, model, tensors, arguments, target))
+    else:
+        _exported(torch, model, tensors, arguments, target)
+    return stage_weights(target)
+
+
+@dataclass(frozen=True)
+class _ExportCall:
+    """What torch.onnx.export is called with, besides the model."""
+
+    kwargs: dict
+    dynamic_shapes: dict | None  # dynamo's
+    input_names: list
+    output_names: list | None
+    exporter: str
+    opset: int | None
+    dynamic_axes: dict  # TorchScript's
+
+
+def _exported(torch, model, tensors: dict, call: _ExportCall, target: Path | None = None) -> onnx.ModelProto | None:
+    """Export; with `target`, write the file there (weights external) and return nothing."""
     with warnings.catch_warnings(), _silenced(), _quiet_loggers(), _fast_attention_off(torch):
         warnings.simplefilter("ignore")
         try:
-            if exporter == "dynamo":
-                program = torch.onnx.export(model, (), kwargs=kwargs, dynamo=True, opset_version=opset,
-                                            dynamic_shapes=_dynamic_shapes(torch, structure), input_names=names,
-                                            output_names=outputs, optimize=True, verbose=False)
+            if call.exporter == "dynamo":
+                program = torch.onnx.export(model, (), kwargs=call.kwargs, dynamo=True, opset_version=call.opset,
+                                            dynamic_shapes=call.dynamic_shapes, input_names=call.input_names,
+                                            output_names=call.output_names, optimize=True, verbose=False)
                 if target is None:
                     return program.model_proto
                 program.save(str(target), external_data=True)  # from the torch tensors, no proto of them
-                return stage_weights(target)
+                return None
             buffer = io.BytesIO()
-            torch.onnx.export(model, (), buffer, kwargs=kwargs, dynamo=False, opset_version=opset or 17,
-                              input_names=names, output_names=outputs, dynamic_axes=dynamic_axes or None,
-                              do_constant_folding=True)
+            torch.onnx.export(model, (), buffer, kwargs=call.kwargs, dynamo=False, opset_version=call.opset or 17,
+                              input_names=call.input_names, output_names=call.output_names,
+                              dynamic_axes=call.dynamic_axes or None, do_constant_folding=True)
             proto = onnx.load_from_string(buffer.getvalue())
             del buffer
-            return proto if target is None else staged(proto, target)
+            if target is None:
+                return proto
+            staged(proto, target)
+            return None
         except Exception as exc:  # noqa: BLE001 - exporters raise many unrelated types
-            raise ExportError(_describe_failure(torch, model, tensors, exporter, exc)) from exc
+            raise ExportError(_describe_failure(torch, model, tensors, call.exporter, exc)) from exc
 
 
 def _arguments(model, tensors: dict, dynamic_axes: dict) -> tuple[dict, dict, list]:
