@@ -15,10 +15,11 @@ _RUN_EVENTS = ("model_run", "SequentialExecutor::Execute")
 
 
 def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration=lambda: None) -> TickLog:
-    """A plain session like `runner`'s and one with ONNX Runtime's profiler on, timed in alternating
-    blocks (`ticks.blocks`), each block after one untimed run of its session. Both sessions' pool
-    threads stop spinning when a run returns (they spin during a run as usual), so neither takes
-    the cores of the other's block."""
+    """A session with ONNX Runtime's profiler on and a plain one like `runner`'s, timed in
+    alternating blocks (`ticks.blocks`), each block after one untimed run of its session. Both
+    sessions' pool threads stop spinning when a run returns (they spin during a run as usual), so
+    neither takes the cores of the other's block. With one block of each kind there is nothing to
+    alternate: one session times its profiled block, then, its profiler ended, its plain block."""
     log = TickLog(runner.name, "runtime", iterations=timing.iterations)
     with tempfile.TemporaryDirectory() as workdir:
         def options(profiling: bool):
@@ -37,36 +38,65 @@ def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_it
                 return made
             return make
 
-        with runner.variant(options(False)) as plain, runner.variant(options(True)) as profiling:
-            plain.infer(feeds)  # checks the feeds against the model before anything is timed
+        with runner.variant(options(True)) as profiling:
+            profiling.infer(feeds)  # checks the feeds before anything is timed; the profiler's run 0
             table.learn_rewritten(runner.model, onnx.load(os.path.join(workdir, "optimized.onnx"), load_external_data=False))
-            timed_runs = _alternate(plain.session, profiling.session, feeds, timing, log, on_iteration)
-            with open(profiling.session.end_profiling()) as handle:
-                events = json.load(handle)
-    log.spans = _spans(events, timed_runs, table)
+            runs = _Runs(profiling.session, feeds, log, on_iteration)
+            if len(blocks(timing.iterations)) == 1:
+                runs.profiled_then_plain(timing)
+            else:
+                with runner.variant(options(False)) as plain:
+                    runs.alternate(plain.session, timing)
+            events = runs.events or _ended(profiling.session)
+    log.spans = _spans(events, runs.timed, table)
     return log
 
 
-def _alternate(plain, profiling, feeds: dict, timing, log: TickLog, on_iteration) -> list[int]:
-    """Time both sessions into `log`; return which of the profiling session's runs were timed."""
-    timed, count = [], 0
-    for _ in range(timing.warmup):
-        plain.run(None, feeds)
-        profiling.run(None, feeds)
-        count += 1
-    for block in blocks(timing.iterations):
-        for session, into in ((plain, log.end_to_end_ns), (profiling, log.instrumented_ns)):
-            session.run(None, feeds)  # one untimed run after the other session's block
-            count += session is profiling
-            for _ in block:
-                start = time.perf_counter_ns()
-                session.run(None, feeds)
-                into.append(time.perf_counter_ns() - start)
-                if session is profiling:
-                    timed.append(count)
-                    count += 1
-                on_iteration()
-    return timed
+def _ended(session) -> list:
+    with open(session.end_profiling()) as handle:
+        return json.load(handle)
+
+
+class _Runs:
+    """The profiling session's runs, counted from its check run (0), and which of them were timed."""
+
+    def __init__(self, profiling, feeds: dict, log: TickLog, on_iteration):
+        self.profiling, self.feeds, self.log, self.on_iteration = profiling, feeds, log, on_iteration
+        self.count, self.timed, self.events = 1, [], None
+
+    def alternate(self, plain, timing) -> None:
+        for _ in range(timing.warmup):
+            plain.run(None, self.feeds)
+            self._profiled()
+        for block in blocks(timing.iterations):
+            self._block(plain, block, self.log.end_to_end_ns)
+            self._block(self.profiling, block, self.log.instrumented_ns)
+
+    def profiled_then_plain(self, timing) -> None:
+        for _ in range(timing.warmup):
+            self._profiled()
+        block = blocks(timing.iterations)[0]
+        self._block(self.profiling, block, self.log.instrumented_ns, untimed=False)  # the check run was one
+        self.events = _ended(self.profiling)  # the profiler off: the session runs as a plain one
+        self._block(self.profiling, block, self.log.end_to_end_ns)
+
+    def _profiled(self) -> None:
+        self.profiling.run(None, self.feeds)
+        self.count += 1
+
+    def _block(self, session, block, into: list, untimed: bool = True) -> None:
+        profiled = session is self.profiling and self.events is None
+        if untimed:  # one untimed run after the other kind's block
+            session.run(None, self.feeds)
+            self.count += profiled
+        for _ in block:
+            start = time.perf_counter_ns()
+            session.run(None, self.feeds)
+            into.append(time.perf_counter_ns() - start)
+            if profiled:
+                self.timed.append(self.count)
+                self.count += 1
+            self.on_iteration()
 
 
 def _spans(events: list, timed_runs: list[int], table: ScopeTable) -> list[Span]:

@@ -43,7 +43,8 @@ def _timed(runner: TorchRunner, feeds: dict, timing, on_iteration) -> TickLog:
     for _ in range(timing.warmup):
         run()
     for block in blocks(timing.iterations):
-        run()  # after the hooked block: one untimed plain run
+        if block.start:  # after a hooked block: one untimed plain run (the first follows the check run)
+            run()
         for _ in block:
             log.end_to_end_ns.append(run())
             on_iteration()
