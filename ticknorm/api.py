@@ -18,6 +18,7 @@ import onnx
 
 from ticknorm.base.atomic import check_writable, check_writable_folder, write_text
 from ticknorm.base.errors import InputSpecError
+from ticknorm.base.graph import check_branches
 from ticknorm.base.graph_feeds import feed_sets_for_graph
 from ticknorm.base.inputs import Inputs, graph_feeds
 from ticknorm.base.metrics import Tolerance
@@ -120,7 +121,9 @@ def fuse(source, output, inputs=None, opset=None, verify: bool = True, report=No
 
 def inspect(source) -> ModelSummary:
     """The file as written: its scopes are counted by where they come from before any is filled in."""
-    return summarize(source if isinstance(source, onnx.ModelProto) else load_onnx(source))
+    model = source if isinstance(source, onnx.ModelProto) else load_onnx(source)
+    check_branches(model, _name(source))
+    return summarize(model)
 
 
 def runtimes() -> list[RuntimeStatus]:
@@ -266,8 +269,11 @@ def _model_ref(model) -> ModelRef:
 
 
 def _onnx(source) -> onnx.ModelProto:
-    """The model, every node mapped to its module (a foreign file's from its exporter's records)."""
-    return ensure_scopes(source if isinstance(source, onnx.ModelProto) else load_onnx(source))
+    """The model, every node mapped to its module (a foreign file's from its exporter's records),
+    its If branches checked against their node."""
+    model = source if isinstance(source, onnx.ModelProto) else load_onnx(source)
+    check_branches(model, _name(source))
+    return ensure_scopes(model)
 
 
 def _name(source) -> str:

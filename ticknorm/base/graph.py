@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ticknorm.base.errors import OnnxFileError
 from ticknorm.base.onnx_io import is_external
 
 # Mantissa bits of each float type: how finely it rounds.
@@ -136,15 +137,49 @@ class GraphIndex:
         return info.dims if info is not None and info.rank_known else None
 
 
-def subgraph_reads(graph: onnx.GraphProto) -> set:
-    """Every name read by a node inside a subgraph of `graph` (at any depth)."""
-    names = set()
+def bodies(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.GraphProto]]:
+    """Every subgraph of `graph` at any depth (If branches, Loop/Scan bodies), with the node that
+    holds it, outermost first."""
+    found = []
     for node in graph.node:
         for attribute in node.attribute:
-            bodies = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-            for body in bodies:
-                names |= {name for inner in body.node for name in inner.input} | subgraph_reads(body)
-    return names
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+                found.append((node, body))
+                found += bodies(body)
+    return found
+
+
+def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes and, after them, those of every subgraph."""
+    return list(graph.node) + [node for _, body in bodies(graph) for node in body.node]
+
+
+def check_branches(model: onnx.ModelProto, source: str) -> None:
+    """Refuse an If whose branches disagree with it (a hand-merged decoder gone wrong) in one
+    line, before any runtime is built: the count of outputs, and their element types where both
+    branches declare them."""
+    for node, _ in bodies(model.graph):
+        if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+            continue
+        branches = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
+        counts = {name: len(branches[name].output) for name in ("then_branch", "else_branch") if name in branches}
+        if len(counts) != 2 or set(counts.values()) != {len(node.output)}:
+            raise OnnxFileError(f"{source}: If node '{node.name}' has {len(node.output)} outputs but its branches give "
+                                + ", ".join(f"{count} ({name})" for name, count in counts.items())
+                                + "; the branches must agree with it")
+        then_types, else_types = ([o.type.tensor_type.elem_type for o in branches[name].output]
+                                  for name in counts)
+        for index, (then_type, else_type) in enumerate(zip(then_types, else_types)):
+            if then_type and else_type and then_type != else_type:
+                raise OnnxFileError(
+                    f"{source}: If node '{node.name}' output {index} ({node.output[index]}) is "
+                    f"{onnx.TensorProto.DataType.Name(then_type)} in then_branch but "
+                    f"{onnx.TensorProto.DataType.Name(else_type)} in else_branch; the branches must agree")
+
+
+def subgraph_reads(graph: onnx.GraphProto) -> set:
+    """Every name read by a node inside a subgraph of `graph` (at any depth)."""
+    return {name for _, body in bodies(graph) for node in body.node for name in node.input}
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):

@@ -8,14 +8,11 @@ merged decoder, a `use_cache_branch` flag. Random sizes break it (a mask shorter
 makes a Gather index out of range); these feeds keep the sizes consistent, for a decode step (P>0)
 and a prefill (P=0)."""
 
-import re
-
 import numpy as np
 import onnx
 
-from ticknorm.base.inputs import graph_inputs, index_ranges, random_array
+from ticknorm.base.inputs import PAST, USE_CACHE_BRANCH, graph_inputs, index_ranges, random_array
 
-PAST = re.compile(r"^(past_key_values|past)[._](\d+)[._](key|value)$")
 DECODE_PAST, SEQUENCE = 3, 2  # a decode step's past length and sequence length when nothing says otherwise
 
 
@@ -73,7 +70,7 @@ def _value(name: str, shape: list, dtype, rng, limits: dict, past: int | None) -
         return np.ones(shape, dtype)
     if past is not None and name == "position_ids":
         return np.broadcast_to(np.arange(past, past + shape[-1], dtype=dtype), shape).copy()
-    if past is not None and name == "use_cache_branch":
+    if past is not None and name == USE_CACHE_BRANCH:
         return np.full(shape, past > 0, dtype)
     if name in limits:
         return random_array(shape, dtype, rng, 0, limits[name])

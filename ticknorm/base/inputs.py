@@ -25,6 +25,10 @@ DTYPES = {
     "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
     "bool": np.bool_,
 }
+# A decoder's KV cache inputs (Optimum's and ticknorm's `past_key_values.N.key`, GenAI's `past.N.key`),
+# and the flag with which a merged decoder picks its branch
+PAST = re.compile(r"^(past_key_values|past)[._](\d+)[._](key|value)$")
+USE_CACHE_BRANCH = "use_cache_branch"
 _DIM = re.compile(r"(?:([A-Za-z_][A-Za-z0-9_]*)=)?([0-9]+)")
 _RANGE = re.compile(r"(-?[0-9.eE+-]+)\.\.(-?[0-9.eE+-]+)")
 _SPEC_FORMAT = "NAME:DIMS[:DTYPE[:LOW..HIGH]], e.g. input_ids:batch=2xseq=16:int64:0..30522"
@@ -225,9 +229,15 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 def graph_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
     """The feeds an ONNX graph takes: exporters drop forward() arguments the model never reads,
-    so PyTorch may be fed more than the graph."""
+    so PyTorch may be fed more than the graph. A merged decoder (Optimum's) also takes the flag
+    choosing its branch: the cache's branch when the past is not empty."""
     names = {value.name for value in graph_inputs(model)}
-    return {name: value for name, value in feeds.items() if name in names}
+    taken = {name: value for name, value in feeds.items() if name in names}
+    if USE_CACHE_BRANCH in names and USE_CACHE_BRANCH not in taken:  # a merged decoder's, which no model takes
+        past = [value for name, value in feeds.items() if PAST.match(name) and np.ndim(value) > 2]
+        if past:
+            taken[USE_CACHE_BRANCH] = np.array([past[0].shape[2] > 0])
+    return taken
 
 
 def index_ranges(model: onnx.ModelProto) -> dict[str, int]:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import onnx
 
+from ticknorm.base.graph import all_nodes, bodies
+
 SCOPE_KEY = "ticknorm.scope"
 _DYNAMO_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -69,12 +71,18 @@ def _resolve_torchscript(parts: list, module_paths: frozenset) -> str:
 
 
 def annotate_scopes(model: onnx.ModelProto, module_paths=()) -> None:
-    """Give every node a `ticknorm.scope`: from the exporter where it said one, else borrowed from
-    the node's first reader (constants and shape helpers serve the module that reads them), else
-    from its producer, else the root module ''. `module_paths` (from `named_modules()`) lets
-    TorchScript's partial names be resolved to full module paths."""
-    nodes = list(model.graph.node)
+    """Give every node a `ticknorm.scope`, inside If/Loop/Scan bodies too: from the exporter where
+    it said one, else borrowed from the node's first reader (constants and shape helpers serve the
+    module that reads them), else from its producer, else (in a body) the node holding the body's,
+    else the root module ''. `module_paths` (from `named_modules()`) lets TorchScript's partial
+    names be resolved to full module paths."""
     module_paths = frozenset(module_paths)
+    _annotate(list(model.graph.node), module_paths, "")
+    for holder, body in bodies(model.graph):  # outermost first: a holder has its scope before its body
+        _annotate(list(body.node), module_paths, get_scope(holder) or "")
+
+
+def _annotate(nodes: list, module_paths: frozenset, fallback: str) -> None:
     scopes = [get_scope(node) or scope_from_exporter(node, module_paths) for node in nodes]
     readers, producers = {}, {}
     for index, node in enumerate(nodes):
@@ -89,7 +97,7 @@ def annotate_scopes(model: onnx.ModelProto, module_paths=()) -> None:
     for index, node in enumerate(nodes):
         if scopes[index] is None:
             producer = next((producers[i] for i in node.input if i in producers), None)
-            scopes[index] = scopes[producer] if producer is not None and scopes[producer] is not None else ""
+            scopes[index] = scopes[producer] if producer is not None and scopes[producer] is not None else fallback
         set_scope(node, scopes[index])
 
 
@@ -125,23 +133,25 @@ def scope_source(node: onnx.NodeProto) -> str | None:
 
 
 def scope_sources(model: onnx.ModelProto) -> dict[str, int]:
-    """How many nodes each source names the module of, and how many no source names ("none")."""
+    """How many nodes (subgraphs' included) each source names the module of, and how many no
+    source names ("none")."""
     counts = dict.fromkeys((*SCOPE_SOURCES, "none"), 0)
-    for node in model.graph.node:
+    for node in all_nodes(model.graph):
         counts[scope_source(node) or "none"] += 1
     return counts
 
 
 def scope_coverage(model: onnx.ModelProto) -> float:
-    """Fraction of nodes whose module some source names (before neighbours lend theirs)."""
-    nodes = model.graph.node
+    """Fraction of nodes (subgraphs' included) whose module some source names (before neighbours
+    lend theirs)."""
+    nodes = all_nodes(model.graph)
     return sum(scope_source(n) is not None for n in nodes) / len(nodes) if len(nodes) else 1.0
 
 
 def ensure_scopes(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with a `ticknorm.scope` on every node: a file another exporter wrote gets them from
     its own records (`annotate_scopes`), in memory, so every command maps its nodes to modules."""
-    if any(get_scope(node) is None for node in model.graph.node):
+    if any(get_scope(node) is None for node in all_nodes(model.graph)):
         annotate_scopes(model)
     return model
 

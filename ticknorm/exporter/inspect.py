@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 import onnx
 
 from ticknorm.exporter.fusion import find_norms
-from ticknorm.base.graph import GraphIndex
+from ticknorm.base.graph import GraphIndex, bodies
 from ticknorm.exporter.fusion.norms import NormMatch
-from ticknorm.exporter.fusion.subgraphs import bodies, body_model
+from ticknorm.exporter.fusion.subgraphs import body_model
 from ticknorm.exporter.fusion.report import NORM_OP_RUNTIMES
 from ticknorm.base.scopes import ensure_scopes, scope_coverage, scope_sources
 from ticknorm.base.inputs import graph_inputs

@@ -9,26 +9,32 @@ import re
 
 import onnx
 
+from ticknorm.base.graph import all_nodes, bodies
 from ticknorm.base.scopes import get_scope
 
 _FOREIGN = re.compile(r"\{ForeignNode\[(.*?)\.\.\.(.*?)\]\}")
 
 
 class ScopeTable:
+    """Every node's module, subgraphs' nodes included (a runtime times a merged decoder's If and
+    each node of the branch it took), and which nodes hold subgraphs."""
+
     def __init__(self, model: onnx.ModelProto):
-        self.order = [node.name for node in model.graph.node]
+        nodes = all_nodes(model.graph)
+        self.order = [node.name for node in nodes]
         self.position = {name: index for index, name in enumerate(self.order)}
-        self.scope = {node.name: get_scope(node) or "" for node in model.graph.node}
-        self.module_order = {}
-        for node in model.graph.node:
+        self.scope = {node.name: get_scope(node) or "" for node in nodes}
+        self.holders = {holder.name for holder, _ in bodies(model.graph)}
+        self.module_order = {}  # by each module's first computing node: exporters hoist constants (and weight aliases) up
+        for node in sorted(nodes, key=lambda n: n.op_type in ("Constant", "Identity")):
             self.module_order.setdefault(get_scope(node) or "", len(self.module_order))
 
     def learn_rewritten(self, original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
         """Scopes for nodes a runtime created (ORT's SkipLayerNormalization, BiasGelu, Transpose
         optimizer tokens): a fused node usually keeps the output tensor of what it replaced,
         else it reads that tensor."""
-        producer_scope = {out: get_scope(node) or "" for node in original.graph.node for out in node.output}
-        for node in rewritten.graph.node:
+        producer_scope = {out: get_scope(node) or "" for node in all_nodes(original.graph) for out in node.output}
+        for node in all_nodes(rewritten.graph):
             if node.name in self.scope:
                 continue
             known = [producer_scope[t] for t in list(node.output) + list(node.input) if t in producer_scope]

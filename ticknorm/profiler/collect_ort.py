@@ -110,10 +110,22 @@ def _spans(events: list, timed_runs: list[int], table: ScopeTable) -> list[Span]
                    key=lambda e: e["ts"])
     for iteration, run in enumerate(runs):
         end = run["ts"] + run["dur"]
-        for event in nodes:
-            if run["ts"] <= event["ts"] <= end:
-                name = event["name"].removesuffix("_kernel_time")
-                begin = event["ts"] * 1000
-                spans.append(Span(name, table.modules_for_ort(name), iteration, Tick("runtime", begin),
-                                  Tick("runtime", begin + event["dur"] * 1000)))
+        inside = [event for event in nodes if run["ts"] <= event["ts"] <= end]
+        for event in inside:
+            name = event["name"].removesuffix("_kernel_time")
+            begin = event["ts"] * 1000
+            spans.append(Span(name, table.modules_for_ort(name), iteration, Tick("runtime", begin),
+                              Tick("runtime", begin + _own_us(event, name, inside, table) * 1000)))
     return spans
+
+
+def _own_us(event: dict, name: str, events: list, table: ScopeTable) -> int:
+    """A node's time without the nodes it ran inside it: an If, Loop or Scan is timed around its
+    body, whose nodes are timed one by one too."""
+    if name.split("/")[0] not in table.holders and name not in table.holders:
+        return event["dur"]
+    end = event["ts"] + event["dur"]
+    nested = [e for e in events if e is not event and event["ts"] <= e["ts"] and e["ts"] + e["dur"] <= end]
+    direct = [e for e in nested if not any(o is not e and o["ts"] <= e["ts"] and e["ts"] + e["dur"] <= o["ts"] + o["dur"]
+                                           for o in nested)]
+    return max(0, event["dur"] - sum(e["dur"] for e in direct))

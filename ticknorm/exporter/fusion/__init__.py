@@ -6,14 +6,14 @@ import numpy as np
 import onnx
 
 from ticknorm.base.errors import AccuracyError, FusionError, InputSpecError, RuntimeFailure, first_line
-from ticknorm.base.graph import GraphIndex
+from ticknorm.base.graph import GraphIndex, bodies
 from ticknorm.exporter.fusion.layer_norm import find_layer_norms
 from ticknorm.exporter.fusion.norms import NormMatch
 from ticknorm.exporter.fusion.patterns import forward_means
 from ticknorm.exporter.fusion.report import FusionReport, NormRecord
 from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets, rewrite_matches
 from ticknorm.exporter.fusion.rms_norm import find_rms_norms
-from ticknorm.exporter.fusion.subgraphs import bodies, body_model, put_back
+from ticknorm.exporter.fusion.subgraphs import body_model, put_back
 from ticknorm.exporter.fusion.verify import verify_fused
 from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
 from ticknorm.base.graph_feeds import feed_sets_for_graph, guessed_inputs

@@ -12,17 +12,6 @@ import onnx
 from ticknorm.base.graph import GraphIndex
 
 
-def bodies(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.GraphProto]]:
-    """Every subgraph of `graph` at any depth, with the node that holds it, outermost first."""
-    found = []
-    for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
-                found.append((node, body))
-                found += bodies(body)
-    return found
-
-
 def body_model(model: onnx.ModelProto, body: onnx.GraphProto, outer: GraphIndex) -> onnx.ModelProto:
     """`body` as a model of its own, its outer-scope reads declared as inputs typed as the outer
     graph knows them, the outer initializers beside its own."""

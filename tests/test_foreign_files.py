@@ -1,0 +1,92 @@
+"""Files other exporters wrote (made here as they make them, see `foreign_files`): every command
+works on them against the Hugging Face folder they came from."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch  # noqa: F401 - the warnings filter names torch.jit.TracerWarning
+
+from ticknorm import Inputs, Timing, api
+from ticknorm.base.errors import OnnxFileError
+from ticknorm.base.graph import bodies
+
+transformers = pytest.importorskip("transformers")
+from foreign_files import merged_decoder, plain_decoder  # noqa: E402
+from hf_models import build  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::UserWarning")
+IDS = Inputs(("input_ids:2x4:int64:0..100",))
+NORMS = {f"model.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")} | {"model.norm"}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama's save_pretrained folder, its Optimum-style decoder with past, and the merged one."""
+    folder = tmp_path_factory.mktemp("foreign")
+    model = build("LlamaForCausalLM")
+    model.save_pretrained(folder / "hf")
+    return folder / "hf", plain_decoder(model, folder / "decoder_with_past.onnx"), merged_decoder(model, folder / "merged.onnx")
+
+
+def test_a_plain_decoder_export_is_inspected_fused_and_compared_by_output_name(llama, tmp_path):
+    folder, plain, _ = llama
+    summary = api.inspect(plain)
+    assert summary.scope_coverage >= 0.9 and summary.scope_sources["torchscript node names"] > 0.9 * summary.nodes
+    assert {scope for _, scope, _ in summary.decomposed} == NORMS
+    result, _ = api.fuse(plain, tmp_path / "fused.onnx")  # no flags: every RMSNorm, ORT's op below opset 23
+    assert result.report.count("fused", "RMSNorm") == 5 and result.report.verified
+    assert "SimplifiedLayerNormalization: ONNX Runtime only" in result.report.summary()
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node]
+    assert ops.count("SimplifiedLayerNormalization") == 5
+    report = api.compare(tmp_path / "fused.onnx", str(folder), IDS, runtimes=["ort"])
+    names = [c.name for c in report.outputs["ort"]]
+    assert report.passed and names == ["logits", *(f"present.{i}.{k}" for i in (0, 1) for k in ("key", "value"))]
+
+
+def test_a_merged_decoder_is_seen_fused_and_verified_in_both_branches(llama, tmp_path):
+    _, _, merged = llama
+    model = onnx.load(str(merged))
+    assert [n.op_type for n in model.graph.node] == ["If"]
+    summary = api.inspect(merged)
+    assert summary.scope_coverage >= 0.9
+    assert len(summary.decomposed) == 10 and {scope for _, scope, _ in summary.decomposed} == NORMS
+    result, _ = api.fuse(merged, tmp_path / "fused.onnx")
+    assert result.report.count("fused", "RMSNorm") == 10 and result.report.verified
+    assert sorted(r.scope for r in result.report.records if r.status == "fused") == sorted([*NORMS, *NORMS])
+    fused = onnx.load(str(tmp_path / "fused.onnx"))
+    in_branches = [n.op_type for _, body in bodies(fused.graph) for n in body.node]
+    assert in_branches.count("SimplifiedLayerNormalization") == 10
+
+
+def test_a_merged_decoder_is_compared_profiled_and_snapshotted_against_its_folder(llama, tmp_path):
+    """`use_cache_branch` comes from the cache the feeds hold; the ORT rows of the branch's nodes
+    map to their modules; the If's own row is its time without its branch's nodes."""
+    folder, _, merged = llama
+    report = api.compare(merged, str(folder), IDS, runtimes=["ort"])
+    assert report.passed and "present.1.value" in [c.name for c in report.outputs["ort"]]
+    result = api.profile(merged, str(folder), IDS, runtimes=["ort"], timing=Timing(iterations=3, warmup=1, depth=3))
+    rows = dict(result.rows())
+    assert {"model.layers.0", "model.layers.1", "model.norm", "lm_head"} <= set(rows)
+    log = result.logs["ort"]
+    assert log.coverage() > 0.9 and all(rows[m]["ort"].median_ms > 0 for m in ("model.layers.0", "model.layers.1"))
+    counted = sum(timings["ort"].median_ms for timings in rows.values() if "ort" in timings)
+    assert counted < 1.1 * np.median(log.instrumented_ns) / 1e6  # no node's time counted twice
+    api.snapshot(merged, str(folder), IDS, tmp_path / "bundle")
+    assert api.check(tmp_path / "bundle", merged).passed
+    assert json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+
+
+def test_an_if_whose_branches_disagree_is_one_line_and_nothing_is_written(llama, tmp_path):
+    _, _, merged = llama
+    model = onnx.load(str(merged))
+    else_branch = next(a.g for a in model.graph.node[0].attribute if a.name == "else_branch")
+    del else_branch.output[-1]
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    message = r"If node 'optimum::if' has 5 outputs but its branches give 5 \(then_branch\), 4 \(else_branch\)"
+    for call in (lambda: api.inspect(tmp_path / "broken.onnx"),
+                 lambda: api.fuse(tmp_path / "broken.onnx", tmp_path / "out.onnx")):
+        with pytest.raises(OnnxFileError, match=message):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]
