@@ -11,6 +11,7 @@ import torch  # noqa: F401 - the warnings filter names torch.jit.TracerWarning
 from ticknorm import Inputs, Timing, api
 from ticknorm.base.errors import OnnxFileError
 from ticknorm.base.graph import bodies
+from ticknorm.base.scopes import LayerSelection
 
 transformers = pytest.importorskip("transformers")
 from foreign_files import merged_decoder, plain_decoder  # noqa: E402
@@ -64,8 +65,12 @@ def test_a_merged_decoder_is_compared_profiled_and_snapshotted_against_its_folde
     """`use_cache_branch` comes from the cache the feeds hold; the ORT rows of the branch's nodes
     map to their modules; the If's own row is its time without its branch's nodes."""
     folder, _, merged = llama
-    report = api.compare(merged, str(folder), IDS, runtimes=["ort"])
+    report = api.compare(merged, str(folder), IDS, runtimes=["ort"], layers=LayerSelection())
     assert report.passed and "present.1.value" in [c.name for c in report.outputs["ort"]]
+    # every module is tapped inside the branch taken; the rotary embedding's tensor (its sin, of cos
+    # and sin) is judged against the PyTorch tensor it is
+    assert len(report.layers) > 25 and all(row.comparison is not None and row.comparison.passed for row in report.layers)
+    assert "model.rotary_emb" in {row.module for row in report.layers} and report.first_failure["ort"] is None
     result = api.profile(merged, str(folder), IDS, runtimes=["ort"], timing=Timing(iterations=3, warmup=1, depth=3))
     rows = dict(result.rows())
     assert {"model.layers.0", "model.layers.1", "model.norm", "lm_head"} <= set(rows)
@@ -74,7 +79,8 @@ def test_a_merged_decoder_is_compared_profiled_and_snapshotted_against_its_folde
     counted = sum(timings["ort"].median_ms for timings in rows.values() if "ort" in timings)
     assert counted < 1.1 * np.median(log.instrumented_ns) / 1e6  # no node's time counted twice
     api.snapshot(merged, str(folder), IDS, tmp_path / "bundle")
-    assert api.check(tmp_path / "bundle", merged).passed
+    drift = api.check(tmp_path / "bundle", merged)
+    assert drift.passed and drift.layers_checked > 25
     assert json.loads((tmp_path / "bundle" / "manifest.json").read_text())
 
 

@@ -2,6 +2,7 @@
 runtime layers. Stored in each node's `metadata_props` under `ticknorm.scope`."""
 
 import ast
+import contextlib
 import fnmatch
 from dataclasses import dataclass
 
@@ -158,15 +159,72 @@ def ensure_scopes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def module_output_tensors(model: onnx.ModelProto) -> dict[str, str]:
     """Module scope -> the ONNX tensor that is that module's output: the last tensor (in graph
-    order) made inside the module's subtree and read outside it, or a graph output."""
-    readers: dict[str, list[str]] = {}
+    order) made inside the module's subtree and read outside it, or a graph output. A module that
+    lives inside both branches of a top-level If (a merged decoder's layers) gets the name of an
+    If output `exposed` adds, which each branch fills with its own tensor of that module."""
+    found = _module_outputs(model.graph)
+    for module in branch_taps(model):
+        found.setdefault(module, TAP_PREFIX + module)
+    return found
+
+
+# The name of the extra If output through which a module inside the branches is fetched.
+TAP_PREFIX = "ticknorm.tap/"
+
+
+def branch_taps(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Module -> (If node, then_branch tensor, else_branch tensor), for every module both
+    branches of a top-level If give an output tensor."""
+    taps = {}
     for node in model.graph.node:
+        branches = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
+        if node.op_type != "If" or len(branches) != 2:
+            continue
+        then_outputs, else_outputs = _module_outputs(branches["then_branch"]), _module_outputs(branches["else_branch"])
+        for module in then_outputs.keys() & else_outputs.keys():
+            taps.setdefault(module, (node, then_outputs[module], else_outputs[module]))
+    return taps
+
+
+@contextlib.contextmanager
+def exposed(model: onnx.ModelProto, names: list):
+    """`model` with `names` as extra graph outputs while the block runs, as it was after (no copy
+    of the weights): a `TAP_PREFIX` name becomes an output of its If, each branch returning (under
+    a name of its own) its tensor of the module."""
+    taps = branch_taps(model) if any(name.startswith(TAP_PREFIX) for name in names) else {}
+    grown = []  # (repeated field, how many were added)
+    for name in names:
+        module = name.removeprefix(TAP_PREFIX) if name.startswith(TAP_PREFIX) else None
+        if module in taps:
+            node, then_tensor, else_tensor = taps[module]
+            for attribute in node.attribute:
+                if attribute.name in ("then_branch", "else_branch"):
+                    # a name of its own (an Identity): a branch returning one tensor twice fills one output only
+                    tensor = then_tensor if attribute.name == "then_branch" else else_tensor
+                    copy = f"{name}/{attribute.name}"
+                    attribute.g.node.append(onnx.helper.make_node("Identity", [tensor], [copy], name=copy))
+                    attribute.g.output.append(onnx.ValueInfoProto(name=copy))
+                    grown += [(attribute.g.node, 1), (attribute.g.output, 1)]
+            node.output.append(name)
+            grown.append((node.output, 1))
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+        grown.append((model.graph.output, 1))
+    try:
+        yield model
+    finally:
+        for field, count in reversed(grown):
+            del field[len(field) - count:]
+
+
+def _module_outputs(graph: onnx.GraphProto) -> dict[str, str]:
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
         scope = get_scope(node) or ""
         for name in node.input:
             readers.setdefault(name, []).append(scope)
-    graph_outputs = {o.name for o in model.graph.output}
+    graph_outputs = {o.name for o in graph.output}
     found: dict[str, str] = {}
-    for node in model.graph.node:
+    for node in graph.node:
         scope = get_scope(node)
         if not scope:
             continue

@@ -24,6 +24,9 @@ class RunOutputs:
 
     outputs: dict = field(default_factory=dict)
     taps: dict = field(default_factory=dict)
+    # PyTorch only: a tapped module's further tensors when it returned several (a rotary embedding's
+    # cos and sin). `taps` holds its first; the graph does not say which of them its tensor is.
+    tap_others: dict = field(default_factory=dict)
 
 
 class Runner:

@@ -8,6 +8,7 @@ import onnx
 from ticknorm.base.errors import OnnxFileError, RuntimeFailure, RuntimeUnavailable, first_line
 from ticknorm.base.onnx_io import session_source
 from ticknorm.base.precision import Precision
+from ticknorm.base.scopes import exposed
 from ticknorm.plugins import plugin_nodes
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, split_outputs, tapped_tensors
 
@@ -59,18 +60,14 @@ class OrtRunner(Runner):
     def _activate_impl(self) -> None:
         import onnxruntime as ort
 
-        outputs = self.model.graph.output
-        existing = {o.name for o in outputs}
+        existing = {o.name for o in self.model.graph.output}
         added = [name for name in self._fetched if name not in existing]
-        outputs.extend(onnx.ValueInfoProto(name=name) for name in added)  # no copy of the weights
         try:
-            with contextlib.nullcontext(str(self.model_file)) if self.model_file and not added else session_source(
-                    self.model, self.weights_dir) as source:
+            with exposed(self.model, added), contextlib.nullcontext(str(self.model_file)) if (
+                    self.model_file and not added) else session_source(self.model, self.weights_dir) as source:
                 self._session = ort.InferenceSession(source, self.session_options(), providers=[PROVIDERS[self.provider]])
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
             raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
-        finally:
-            del outputs[len(outputs) - len(added):]
 
     def _deactivate_impl(self) -> None:
         self._session = None

@@ -23,7 +23,7 @@ class TorchRunner(Runner):
         self.name = f"torch-{device}" + ("" if dtype == "fp32" else f"-{dtype}")
         self.open_inputs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _parameters(module))
         self._hooks = []
-        self._tapped = {}
+        self._tapped, self._others = {}, {}
 
     def check_available(self) -> None:
         torch = require("torch", "torch")
@@ -39,7 +39,8 @@ class TorchRunner(Runner):
             self._hooks.append(submodule.register_forward_pre_hook(_cast_inputs(torch, torch.float32)))
             self._hooks.append(submodule.register_forward_hook(_cast_output(torch, self._torch_dtype)))
         for path in self.taps:
-            self._hooks.append(self.module.get_submodule(path).register_forward_hook(_capture(torch, self._tapped, path)))
+            self._hooks.append(self.module.get_submodule(path).register_forward_hook(
+                _capture(torch, self._tapped, self._others, path)))
 
     def _deactivate_impl(self) -> None:
         for handle in self._hooks:
@@ -54,6 +55,7 @@ class TorchRunner(Runner):
     def _infer_impl(self, feeds: dict) -> RunOutputs:
         torch = require("torch", "torch")
         self._tapped.clear()
+        self._others.clear()
         result = forward(self.module, self.tensors(feeds))
         leaves = tensor_leaves(torch, result)
         if self.output_names and len(leaves) != len(self.output_names):
@@ -64,7 +66,7 @@ class TorchRunner(Runner):
             by_name = dict(zip(own, leaves))
             leaves = [by_name[name] for name in self.output_names]
         names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
-        return RunOutputs(dict(zip(names, (to_numpy(t) for t in leaves))), dict(self._tapped))
+        return RunOutputs(dict(zip(names, (to_numpy(t) for t in leaves))), dict(self._tapped), dict(self._others))
 
     def tensors(self, feeds: dict) -> dict:
         """The feeds as the module takes them: tensors on the runner's device, floats in its dtype
@@ -159,15 +161,13 @@ def _parameters(module) -> list:
     return list(inspect.signature(module.forward).parameters.values())
 
 
-def first_tensor(torch, value):
-    return next(iter(tensor_leaves(torch, value)), None)
-
-
-def _capture(torch, store: dict, path: str):
+def _capture(torch, store: dict, others: dict, path: str):
     def hook(_module, _args, output):
-        tensor = first_tensor(torch, output)
-        if tensor is not None:
-            store[path] = to_numpy(tensor)
+        leaves = tensor_leaves(torch, output)
+        if leaves:
+            store[path] = to_numpy(leaves[0])
+        if len(leaves) > 1:
+            others[path] = [to_numpy(leaf) for leaf in leaves[1:]]
     return hook
 
 

@@ -97,12 +97,12 @@ def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup
     for runner in runners.values():
         runner.check_available()  # an unavailable runtime fails here, before any work, with its reason
     references = saved_outputs(saved, output_names, len(feed_sets)) if saved else None
-    taps = []
+    taps, others = [], {}
     if saved is None or modules:
         progress("running the PyTorch reference")
         with TorchRunner(setup.module, output_names, taps=modules) as torch_runner:
             torch_runs = [torch_runner.infer(feed_set) for feed_set in feed_sets[:1 if saved else None]]
-        taps = torch_runs[0].taps
+        taps, others = torch_runs[0].taps, torch_runs[0].tap_others
         references = references or [run.outputs for run in torch_runs]
     for outputs in references:
         ensure_finite(outputs, "the PyTorch reference" if saved is None else saved.label)
@@ -123,13 +123,23 @@ def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup
             with make_runner(runtime, model, setup, taps=[m for m in modules if m in taps]) as tapped_runner:
                 tapped = tapped_runner.infer(runtime_sets[0])
             report.tap_effect[runtime] = largest_difference(plain[0], tapped.outputs)
-            _compare_layers(report, runtime, module_output_tensors(model), (taps, tapped.taps), judged)
+            _compare_layers(report, runtime, module_output_tensors(model), (taps, tapped.taps, others), judged)
     return report
 
 
 def iteration_name(name: str, number: int, count: int) -> str:
     """An output's name in a comparison over `count` iterations' feeds."""
     return f"{name} (iteration {number})" if count > 1 else name
+
+
+def _counterpart(value: np.ndarray, candidates: list) -> np.ndarray:
+    """Which of a module's PyTorch tensors the runtime's tensor is: the graph names one tensor per
+    module, so where the module returned several (cos and sin), the closest of the same shape;
+    the first when none has its shape."""
+    same_shape = [c for c in candidates if c.shape == value.shape]
+    if len(same_shape) < 2:
+        return same_shape[0] if same_shape else candidates[0]
+    return min(same_shape, key=lambda c: float(np.max(np.abs(c.astype(np.float64) - value.astype(np.float64)))))
 
 
 def largest_difference(plain: dict, tapped: dict) -> float:
@@ -139,15 +149,17 @@ def largest_difference(plain: dict, tapped: dict) -> float:
 
 
 def _compare_layers(report: CompareReport, runtime: str, tensors: dict, taps: tuple, tolerance: Tolerance) -> None:
-    """One row per module PyTorch tapped (`taps`: PyTorch's and the runtime's, by module), in the
-    order PyTorch finished them; `tensors` is the scope map (module -> ONNX tensor)."""
-    expected, actual = taps
+    """One row per module PyTorch tapped (`taps`: PyTorch's, the runtime's, and PyTorch's further
+    tensors of modules that returned several, by module), in the order PyTorch finished them;
+    `tensors` is the scope map (module -> ONNX tensor)."""
+    expected, actual, others = taps
     first = None
     for module, reference in expected.items():
         value, tensor = actual.get(module), tensors.get(module, "")
         if value is None:
             report.layers.append(LayerRow(module, tensor, runtime, None, "no ONNX tensor"))
             continue
+        reference = _counterpart(value, [reference, *others.get(module, [])])
         if value.shape != reference.shape:
             report.layers.append(LayerRow(module, tensor, runtime, None,
                                           f"shape {list(value.shape)} vs torch {list(reference.shape)}: not compared"))
