@@ -96,3 +96,30 @@ def test_an_if_whose_branches_disagree_is_one_line_and_nothing_is_written(llama,
         with pytest.raises(OnnxFileError, match=message):
             call()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]
+
+
+def test_norms_inside_model_local_functions_are_seen_and_fused_at_each_call(tmp_path):
+    """TorchScript's export_modules_as_functions puts each LayerNorm module's ops in one local
+    function: inspect counts them at each call, fuse inlines the calls (as ONNX Runtime does)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from tiny_transformer import build
+
+    model = build().eval()
+    norm = type(model.layers[0].attention_norm)
+    path = tmp_path / "functions.onnx"
+    torch.onnx.export(model, (torch.randint(0, 1000, (2, 16)),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input_ids"], export_modules_as_functions={norm})
+    assert [f.name for f in onnx.load(str(path)).functions] == [norm.__name__]
+    summary = api.inspect(path)
+    layers = {f"layers.{i}.{n}" for i in (0, 1) for n in ("attention_norm", "output_norm")}
+    assert {scope for _, scope, _ in summary.decomposed} == layers and summary.functions
+    result, _ = api.fuse(path, tmp_path / "fused.onnx")
+    assert result.report.count("fused") == 4 and result.report.verified
+    assert "norms inside local functions: inlined" in result.report.summary()
+    fused = onnx.load(str(tmp_path / "fused.onnx"))
+    assert not fused.functions and [n.op_type for n in fused.graph.node].count("LayerNormalization") == 5
+    assert sorted(r.scope for r in result.report.records) == sorted(layers)
+    assert api.compare(tmp_path / "fused.onnx", model, Inputs(("input_ids:2x16:int64:0..1000",))).passed

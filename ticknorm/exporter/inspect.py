@@ -3,11 +3,12 @@ many are still decomposed (and why), and how many nodes know their PyTorch modul
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import onnx
 
 from ticknorm.exporter.fusion import find_norms
+from ticknorm.base.functions import called_functions, inline_functions
 from ticknorm.base.graph import GraphIndex, bodies
 from ticknorm.exporter.fusion.norms import NormMatch
 from ticknorm.exporter.fusion.subgraphs import body_model
@@ -31,13 +32,15 @@ class ModelSummary:
     decomposed: list  # [kind, scope, "fusable" | reason]
     scope_coverage: float
     scope_sources: dict  # source -> nodes it names the module of
+    functions: dict = field(default_factory=dict)  # local function -> calls; nodes and norms count each call inlined
 
     def text(self) -> str:
         opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in self.opsets.items())
         lines = [f"opset: {opsets}", "inputs:"]
         lines += [f"  {name}: {_shape(dims)} {dtype}" for name, dims, dtype in self.inputs]
         lines += ["outputs:"] + [f"  {name}: {_shape(dims)} {dtype}" for name, dims, dtype in self.outputs]
-        lines.append(f"nodes: {self.nodes}")
+        lines.append(f"nodes: {self.nodes}" + (" (local functions inlined at their calls: " + ", ".join(
+            f"{name} x{calls}" for name, calls in self.functions.items()) + ")" if self.functions else ""))
         lines += [f"  {op:<28}{count}" for op, count in self.op_histogram.items()]
         lines.append(f"LayerNorm/RMSNorm: {self.fused_norms} fused, {self.decomposed_norms} decomposed")
         lines += [f"  {op} x{count}: {NORM_OP_RUNTIMES[op]}" for op, count in self.op_histogram.items()
@@ -60,6 +63,8 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
     norms are then named by the scopes a command would give them."""
     sources, coverage = scope_sources(model), scope_coverage(model)
     ensure_scopes(model)
+    functions = {f"{domain}::{name}" if domain else name: calls for (domain, name), calls in called_functions(model).items()}
+    model = inline_functions(model) or model  # counted as ONNX Runtime runs them: each call on its own
     index = GraphIndex(model)
     inner = bodies(model.graph)  # If branches, Loop/Scan bodies: a merged decoder's whole decoder is there
     nodes = list(model.graph.node) + [node for _, body in inner for node in body.node]
@@ -78,6 +83,7 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
         decomposed=decomposed,
         scope_coverage=coverage,
         scope_sources=sources,
+        functions=functions,
     )
 
 

@@ -10,7 +10,7 @@ import re
 import onnx
 
 from ticknorm.base.graph import all_nodes, bodies
-from ticknorm.base.scopes import get_scope
+from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
 
 _FOREIGN = re.compile(r"\{ForeignNode\[(.*?)\.\.\.(.*?)\]\}")
 
@@ -31,15 +31,19 @@ class ScopeTable:
 
     def learn_rewritten(self, original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
         """Scopes for nodes a runtime created (ORT's SkipLayerNormalization, BiasGelu, Transpose
-        optimizer tokens): a fused node usually keeps the output tensor of what it replaced,
-        else it reads that tensor."""
+        optimizer tokens, the nodes of local functions it inlined): a node keeps its scope where
+        it kept its name, a fused node where it keeps the output tensor of what it replaced; the
+        rest borrow from their readers, then their producers (`annotate_scopes`)."""
         producer_scope = {out: get_scope(node) or "" for node in all_nodes(original.graph) for out in node.output}
         for node in all_nodes(rewritten.graph):
-            if node.name in self.scope:
-                continue
-            known = [producer_scope[t] for t in list(node.output) + list(node.input) if t in producer_scope]
-            if known:
-                self.scope[node.name] = known[0]
+            scope = self.scope.get(node.name)
+            if scope is None:
+                scope = next((producer_scope[t] for t in node.output if t in producer_scope), None)
+            if scope is not None:
+                set_scope(node, scope)
+        annotate_scopes(rewritten)
+        for node in all_nodes(rewritten.graph):
+            self.scope.setdefault(node.name, get_scope(node) or "")
 
     def node_for(self, runtime_name: str) -> str | None:
         """The ONNX node a runtime-renamed node came from: the longest `/`-prefix that is a node."""

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 
 from ticknorm.base.errors import AccuracyError, FusionError, InputSpecError, RuntimeFailure, first_line
+from ticknorm.base.functions import called_functions, inline_functions
 from ticknorm.base.graph import GraphIndex, bodies
 from ticknorm.exporter.fusion.layer_norm import find_layer_norms
 from ticknorm.exporter.fusion.norms import NormMatch
@@ -44,6 +45,7 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     """
     if targets.rms not in RMS_TARGETS:
         raise FusionError(f"unknown RMSNorm target '{targets.rms}'; choose one of: {', '.join(RMS_TARGETS)}")
+    model, inlined = _norms_reachable(model)
     index = GraphIndex(model)
     before = index.opset
     if opset is not None and opset < before:
@@ -59,7 +61,7 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     records, matches = _records(found, target, targets)
     fused = rewrite_matches(working, index, matches, op_types) if matches else working
     fused, inner = _fuse_bodies(fused, model, target, targets, op_types)
-    report = FusionReport(before, target, records + inner)
+    report = FusionReport(before, target, records + inner, inlined=inlined)
     outputs = None
     if verify and (matches or any(record.status == "fused" for record in inner)):
         derived = feeds is None
@@ -75,6 +77,16 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
                                  f"--input NAME:DIMS[:DTYPE] (guessed here: {', '.join(guessed_inputs(model))})") from exc
         report.verified = True
     return FusionResult(fused, report, outputs)
+
+
+def _norms_reachable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """`model`, or, when norms sit inside its local functions, the model with those calls inlined
+    (`base.functions`) and which functions were, by call count."""
+    inlined = inline_functions(model)
+    if inlined is None or len(find_norms(GraphIndex(inlined))) <= len(find_norms(GraphIndex(model))):
+        return model, {}
+    return inlined, {f"{domain}::{name}" if domain else name: calls
+                     for (domain, name), calls in called_functions(model).items()}
 
 
 def _fuse_bodies(fused: onnx.ModelProto, original: onnx.ModelProto, target: int, targets: NormTargets,

@@ -37,6 +37,7 @@ class FusionReport:
     opset_after: int
     records: list = field(default_factory=list)
     verified: bool = False
+    inlined: dict = field(default_factory=dict)  # local function -> calls inlined to reach the norms inside it
 
     def count(self, status: str, kind: str | None = None) -> int:
         return sum(r.status == status and (kind is None or r.kind == kind) for r in self.records)
@@ -52,6 +53,10 @@ class FusionReport:
             lines.append("no decomposed LayerNorm or RMSNorm found")
         if self.opset_after != self.opset_before:
             lines.append(f"opset raised {self.opset_before} -> {self.opset_after}")
+        if self.inlined:
+            lines.append("norms inside local functions: inlined " + ", ".join(
+                f"{name} ({calls} call{'s' * (calls > 1)})" for name, calls in self.inlined.items())
+                         + ", as ONNX Runtime does when it loads the model")
         for record in self.records:
             if record.status != "fused":
                 lines.append(f"  {record.status} {record.kind} at {record.scope or '(root)'} ({record.node}): {record.reason}")
