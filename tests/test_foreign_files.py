@@ -123,3 +123,30 @@ def test_norms_inside_model_local_functions_are_seen_and_fused_at_each_call(tmp_
     assert not fused.functions and [n.op_type for n in fused.graph.node].count("LayerNormalization") == 5
     assert sorted(r.scope for r in result.report.records) == sorted(layers)
     assert api.compare(tmp_path / "fused.onnx", model, Inputs(("input_ids:2x16:int64:0..1000",))).passed
+
+
+def test_an_onnx_runtime_optimized_file_runs_through_every_command(llama, tmp_path):
+    """ORT's own fused ops (com.microsoft FusedMatMul, QuickGelu; SimplifiedLayerNormalization)
+    count as fused, and the names ORT gives what it fused still name their modules."""
+    import onnxruntime
+
+    from ticknorm.base.scopes import ensure_scopes, get_scope
+
+    folder, plain, _ = llama
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(plain), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert any(n.domain == "com.microsoft" for n in optimized.graph.node)
+    summary = api.inspect(tmp_path / "optimized.onnx")
+    assert summary.fused_norms == 5 and summary.decomposed_norms == 0 and summary.scope_coverage > 0.9
+    norms = [n for n in ensure_scopes(optimized).graph.node if n.op_type == "SimplifiedLayerNormalization"]
+    assert {get_scope(n) for n in norms} == NORMS
+    result, _ = api.fuse(tmp_path / "optimized.onnx", tmp_path / "fused.onnx")
+    assert result.report.count("fused") == 0 and (tmp_path / "fused.onnx").exists()
+    assert api.compare(tmp_path / "optimized.onnx", str(folder), IDS, runtimes=["ort"]).passed
+    rows = dict(api.profile(tmp_path / "optimized.onnx", str(folder), IDS, runtimes=["ort"],
+                            timing=Timing(iterations=2, warmup=0, depth=3)).rows())
+    assert set(rows) <= {"(root)", "model", "model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1",
+                         "model.norm", "lm_head"}

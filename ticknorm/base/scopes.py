@@ -3,6 +3,7 @@ runtime layers. Stored in each node's `metadata_props` under `ticknorm.scope`.""
 
 import ast
 import contextlib
+import re
 import fnmatch
 from dataclasses import dataclass
 
@@ -47,8 +48,18 @@ def scope_from_exporter(node: onnx.NodeProto, module_paths: frozenset = frozense
                 return next((c for c in candidates if c in module_paths), "")
             return candidates[0] if candidates else ""
     if node.name.startswith("/"):
-        return _resolve_torchscript(node.name.split("/")[1:-1], module_paths)
+        return _resolve_torchscript(_module_parts(node.name), module_paths)
     return None
+
+
+# ONNX Runtime names a node it fused after the one it kept, with what fused it appended
+# (`/model/norm/Mul_1/SimplifiedLayerNormFusion/`, `.../MatMulScaleFusion//MatmulTransposeFusion/`).
+_ORT_FUSIONS = re.compile(r"(/+[A-Za-z0-9]+Fusion)+/*$")
+
+
+def _module_parts(name: str) -> list:
+    """A TorchScript-style node name's module levels: all but the op, ORT's fusion suffixes off."""
+    return _ORT_FUSIONS.sub("", name).split("/")[1:-1]
 
 
 def _resolve_torchscript(parts: list, module_paths: frozenset) -> str:
@@ -128,7 +139,7 @@ def scope_source(node: onnx.NodeProto) -> str | None:
         return SCOPE_SOURCES[0]
     if any(prop.key == _DYNAMO_KEY for prop in node.metadata_props):
         return SCOPE_SOURCES[1]
-    if node.name.startswith("/") and any(node.name.split("/")[1:-1]):
+    if node.name.startswith("/") and any(_module_parts(node.name)):
         return SCOPE_SOURCES[2]
     return None
 

@@ -41,7 +41,8 @@ class ModelSummary:
         lines += ["outputs:"] + [f"  {name}: {_shape(dims)} {dtype}" for name, dims, dtype in self.outputs]
         lines.append(f"nodes: {self.nodes}" + (" (local functions inlined at their calls: " + ", ".join(
             f"{name} x{calls}" for name, calls in self.functions.items()) + ")" if self.functions else ""))
-        lines += [f"  {op:<28}{count}" for op, count in self.op_histogram.items()]
+        width = max((len(op) for op in self.op_histogram), default=0) + 2
+        lines += [f"  {op:<{width}}{count}" for op, count in self.op_histogram.items()]
         lines.append(f"LayerNorm/RMSNorm: {self.fused_norms} fused, {self.decomposed_norms} decomposed")
         lines += [f"  {op} x{count}: {NORM_OP_RUNTIMES[op]}" for op, count in self.op_histogram.items()
                   if op in NORM_OP_RUNTIMES]
