@@ -150,3 +150,16 @@ def test_an_onnx_runtime_optimized_file_runs_through_every_command(llama, tmp_pa
                             timing=Timing(iterations=2, warmup=0, depth=3)).rows())
     assert set(rows) <= {"(root)", "model", "model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1",
                          "model.norm", "lm_head"}
+
+
+def test_a_graph_output_that_maps_to_no_model_output_is_named(llama, tmp_path):
+    from ticknorm.base.errors import InputSpecError
+
+    folder, plain, _ = llama
+    model = onnx.load(str(plain))
+    for node in model.graph.node:
+        node.output[:] = ["scores" if name == "logits" else name for name in node.output]
+    model.graph.output[0].name = "scores"
+    onnx.save(model, str(tmp_path / "renamed.onnx"))
+    with pytest.raises(InputSpecError, match="output scores maps to no output of the model, whose logits the graph"):
+        api.compare(tmp_path / "renamed.onnx", str(folder), IDS, runtimes=["ort"])

@@ -62,7 +62,13 @@ class TorchRunner(Runner):
             raise InputSpecError(f"{self.name}: the model returned {len(leaves)} tensors but the ONNX graph has "
                                  f"{len(self.output_names)} outputs ({', '.join(self.output_names)}); is it the same model?")
         own = output_names(torch, result)
-        if self.output_names and sorted(own) == sorted(self.output_names):  # by name: a file may order them otherwise
+        unmatched = [name for name in self.output_names if name not in own]
+        if unmatched and len(unmatched) < len(self.output_names):  # some by name, some not: no way to pair them
+            extra = [name for name in own if name not in self.output_names]
+            raise InputSpecError(f"{self.name}: the ONNX graph's output {', '.join(unmatched)} maps to no output of the "
+                                 f"model, whose {', '.join(extra) or 'outputs'} the graph does not name; is it the same "
+                                 "model, exported for the same task?")
+        if self.output_names and not unmatched:  # by name: a file may order them otherwise
             by_name = dict(zip(own, leaves))
             leaves = [by_name[name] for name in self.output_names]
         names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
