@@ -163,3 +163,51 @@ def test_a_graph_output_that_maps_to_no_model_output_is_named(llama, tmp_path):
     onnx.save(model, str(tmp_path / "renamed.onnx"))
     with pytest.raises(InputSpecError, match="output scores maps to no output of the model, whose logits the graph"):
         api.compare(tmp_path / "renamed.onnx", str(folder), IDS, runtimes=["ort"])
+
+
+@pytest.fixture(scope="module")
+def genai(tmp_path_factory):
+    """ONNX Runtime GenAI's model builder run on a tiny Llama's folder (head size 16: its CPU
+    GroupQueryAttention needs a multiple of 16; a word-level tokenizer, which the builder saves)."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (its model builder) is not installed")
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("genai")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).eval().save_pretrained(folder / "hf")
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2",
+                            pad_token="t3").save_pretrained(folder / "hf")
+    built = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", "LlamaForCausalLM",
+                            "-i", str(folder / "hf"), "-o", str(folder / "out"), "-p", "fp32", "-e", "cpu",
+                            "-c", str(folder / "cache")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    return folder / "hf", folder / "out" / "model.onnx"
+
+
+def test_a_genai_builder_file_is_inspected_fused_compared_and_profiled(genai, tmp_path):
+    """Its norms are ORT's own (SkipSimplifiedLayerNormalization), attention is GroupQueryAttention;
+    per module, each norm is judged on its output 0 (output 3 is the residual stream), and a decoder
+    layer, whose residual add lives in the next layer's fused norm, is said to have no tensor of its own."""
+    folder, path = genai
+    summary = api.inspect(path)
+    assert summary.fused_norms == 5 and summary.decomposed_norms == 0 and summary.scope_coverage == 1.0
+    assert summary.op_histogram["com.microsoft::GroupQueryAttention"] == 2
+    result, _ = api.fuse(path, tmp_path / "fused.onnx")
+    assert result.report.count("fused") == 0 and (tmp_path / "fused.onnx").exists()
+    ids = Inputs(("input_ids:1x4:int64:0..100",))  # GroupQueryAttention on CPU: batch 1 for a step after a past
+    report = api.compare(path, str(folder), ids, runtimes=["ort"], layers=LayerSelection())
+    assert all(c.passed for c in report.outputs["ort"] if c.name.startswith("present."))
+    rows = {row.module: row for row in report.layers}
+    norms = [m for m in rows if m.endswith("layernorm")]
+    assert len(norms) == 4 and all(rows[m].comparison.passed for m in norms)
+    assert all("no tensor of its own" in rows[f"model.layers.{i}"].note for i in (0, 1))
+    timed = dict(api.profile(path, str(folder), ids, runtimes=["ort"], timing=Timing(iterations=2, warmup=0, depth=3)).rows())
+    assert {"model.layers.0", "model.layers.1", "lm_head"} <= set(timed)

@@ -227,6 +227,12 @@ def exposed(model: onnx.ModelProto, names: list):
             del field[len(field) - count:]
 
 
+# A fused norm's output 0 is what the norm module returns; the others are its statistics, or (ORT's
+# Skip* ops, which fold in the residual add before the norm) the residual stream, no module's output.
+_NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+             "SkipSimplifiedLayerNormalization"}
+
+
 def _module_outputs(graph: onnx.GraphProto) -> dict[str, str]:
     readers: dict[str, list[str]] = {}
     for node in graph.node:
@@ -240,9 +246,10 @@ def _module_outputs(graph: onnx.GraphProto) -> dict[str, str]:
         if not scope:
             continue
         parts = scope.split(".")
+        outputs = node.output[:1] if node.op_type in _NORM_OPS else node.output
         for depth in range(1, len(parts) + 1):
             module = ".".join(parts[:depth])
-            for name in node.output:
+            for name in outputs:
                 if name and (name in graph_outputs or any(not _within(r, module) for r in readers.get(name, []))):
                     found[module] = name
     return found

@@ -122,7 +122,7 @@ def _spans(events: list, timed_runs: list[int], table: ScopeTable) -> list[Span]
 def _own_us(event: dict, name: str, events: list, table: ScopeTable) -> int:
     """A node's time without the nodes it ran inside it: an If, Loop or Scan is timed around its
     body, whose nodes are timed one by one too."""
-    if name.split("/")[0] not in table.holders and name not in table.holders:
+    if name not in table.holders:
         return event["dur"]
     end = event["ts"] + event["dur"]
     nested = [e for e in events if e is not event and event["ts"] <= e["ts"] and e["ts"] + e["dur"] <= end]

@@ -132,6 +132,16 @@ def iteration_name(name: str, number: int, count: int) -> str:
     return f"{name} (iteration {number})" if count > 1 else name
 
 
+def _stand_in(module: str, tensor: str, tensors: dict, expected: dict, reference: np.ndarray) -> str | None:
+    """The submodule whose output the module's graph tensor is, when PyTorch says the module's own
+    output is something else: the graph never computed the module's output by itself."""
+    for child, child_tensor in tensors.items():
+        if child_tensor == tensor and child.startswith(module + ".") and child in expected:
+            same = expected[child].shape == reference.shape and np.array_equal(expected[child], reference)
+            return None if same else child
+    return None
+
+
 def _counterpart(value: np.ndarray, candidates: list) -> np.ndarray:
     """Which of a module's PyTorch tensors the runtime's tensor is: the graph names one tensor per
     module, so where the module returned several (cos and sin), the closest of the same shape;
@@ -160,6 +170,12 @@ def _compare_layers(report: CompareReport, runtime: str, tensors: dict, taps: tu
             report.layers.append(LayerRow(module, tensor, runtime, None, "no ONNX tensor"))
             continue
         reference = _counterpart(value, [reference, *others.get(module, [])])
+        stand_in = _stand_in(module, tensor, tensors, expected, reference)
+        if stand_in:
+            report.layers.append(LayerRow(module, tensor, runtime, None,
+                                          f"no tensor of its own (the graph's is {stand_in}'s; its last op was fused "
+                                          "into a later node)"))
+            continue
         if value.shape != reference.shape:
             report.layers.append(LayerRow(module, tensor, runtime, None,
                                           f"shape {list(value.shape)} vs torch {list(reference.shape)}: not compared"))
