@@ -12,12 +12,15 @@ import onnx
 import torch
 from onnx import helper
 
-from ticknorm.exporter.hf import WITH_PAST, HfGraph, complete_inputs, past_names
+from ticknorm.exporter.hf import HfGraph, complete_inputs, step
+from ticknorm.exporter.tasks import SEQ2SEQ_WITH_PAST, WITH_PAST
 
 
 def plain_decoder(model, path: Path, with_past: bool = True, opset: int = 17) -> Path:
-    """`torch.onnx.export` (TorchScript) of a transformers decoder step, nothing else done to it."""
-    graph = HfGraph(model.eval(), WITH_PAST)
+    """`torch.onnx.export` (TorchScript) of a transformers decoder step, nothing else done to it; an
+    encoder-decoder's is its decoder's step on the encoder's states (Optimum's decoder_with_past)."""
+    task = SEQ2SEQ_WITH_PAST if model.config.is_encoder_decoder else WITH_PAST
+    graph = HfGraph(model.eval(), task)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 5))
     axes = {"input_ids": {0: "batch_size", 1: "sequence_length"}}
     feeds, axes = complete_inputs(graph, {"input_ids": ids}, axes, past_length=None if with_past else 0)
@@ -26,8 +29,7 @@ def plain_decoder(model, path: Path, with_past: bool = True, opset: int = 17) ->
         axes = {name: value for name, value in axes.items() if name in feeds}
     tensors = {name: torch.from_numpy(value) for name, value in feeds.items()}
     kwargs, _, names = graph.export_arguments(tensors, axes)
-    layers = model.config.num_hidden_layers
-    outputs = ["logits", *(name.replace("past_key_values", "present") for name in past_names(layers))]
+    outputs = list(step(graph, feeds))
     present_axes = {name: {0: "batch_size", 2: "past_sequence_length + sequence_length"} for name in outputs[1:]}
     with torch.no_grad():
         torch.onnx.export(graph, (), str(path), kwargs=kwargs, dynamo=False, opset_version=opset, input_names=names,

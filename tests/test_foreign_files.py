@@ -211,3 +211,27 @@ def test_a_genai_builder_file_is_inspected_fused_compared_and_profiled(genai, tm
     assert all("no tensor of its own" in rows[f"model.layers.{i}"].note for i in (0, 1))
     timed = dict(api.profile(path, str(folder), ids, runtimes=["ort"], timing=Timing(iterations=2, warmup=0, depth=3)).rows())
     assert {"model.layers.0", "model.layers.1", "lm_head"} <= set(timed)
+
+
+@pytest.mark.parametrize("architecture", ["T5ForConditionalGeneration", "BartModel"])
+def test_an_encoder_decoders_decoder_files_run_against_its_folder(architecture, tmp_path):
+    """Optimum's seq2seq decoder files (decoder_with_past and the merged one): decoder tokens as
+    input_ids, the encoder's states given, the cache of both attentions; compare computes the
+    encoder's states and a real cache from the folder's model, and judges every module."""
+    model = build(architecture)
+    model.save_pretrained(tmp_path / "hf")
+    plain = plain_decoder(model, tmp_path / "decoder_with_past.onnx")
+    merged = merged_decoder(model, tmp_path / "decoder_model_merged.onnx")
+    names = [i.name for i in onnx.load(str(plain)).graph.input]
+    assert names[:3] == ["input_ids", "encoder_hidden_states", "encoder_attention_mask"]
+    assert "past_key_values.1.encoder.value" in names
+    for path in (plain, merged):
+        summary = api.inspect(path)
+        assert summary.scope_coverage > 0.9 and summary.decomposed_norms + summary.fused_norms > 0
+        result, _ = api.fuse(path, tmp_path / "fused.onnx")  # verified on feeds derived from the graph alone
+        assert result.report.count("fused") == summary.decomposed_norms and result.report.verified == bool(
+            summary.decomposed_norms)
+        report = api.compare(tmp_path / "fused.onnx", str(tmp_path / "hf"), IDS, runtimes=["ort"],
+                             layers=LayerSelection())
+        assert report.passed and report.first_failure["ort"] is None and len(report.layers) > 10
+        assert "present.1.encoder.key" in [c.name for c in report.outputs["ort"]]

@@ -183,3 +183,15 @@ def test_opset_below_17_leaves_channels_first_norms_or_puts_them_on_the_plugin(f
     ops = [n.op_type for n in onnx.load(str(tmp_path / "b.onnx")).graph.node]
     assert ops.count("LayerNorm") == plugin.fusion.count("fused") == left.fusion.count("left", "LayerNorm")
     assert "LayerNormalization" not in ops
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_an_encoder_decoders_decoder_step_exports_as_optimum_names_it(exporter, folders, tmp_path):
+    result = export(folders("T5ForConditionalGeneration"), tmp_path / "d.onnx", ["input_ids:batch=2xseq=4:int64"],
+                    exporter=exporter, task="text2text-generation-with-past")
+    assert result.passed and result.fusion.count("fused", "RMSNorm") == 7
+    model = onnx.load(str(tmp_path / "d.onnx"))
+    inputs = [i.name for i in model.graph.input]
+    assert inputs[:3] == ["input_ids", "encoder_hidden_states", "encoder_attention_mask"]
+    assert inputs[3:7] == [f"past_key_values.0.{a}.{k}" for a in ("decoder", "encoder") for k in ("key", "value")]
+    assert [o.name for o in model.graph.output][:2] == ["logits", "present.0.decoder.key"]

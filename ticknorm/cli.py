@@ -187,8 +187,10 @@ export_options = grouped(
     click.option("--external-data-threshold", type=int, default=PROTOBUF_LIMIT, show_default=True,
                  help="Bytes of weights above which they go to OUTPUT.data."),
     click.option("--task", type=click.Choice(TASKS), default="default", show_default=True,
-                 help="Hugging Face models: default (no cache) or text-generation-with-past (a decoder step with "
-                      "past_key_values.N.key/value in and present.N.* out), as Optimum names them."),
+                 help="Hugging Face models: default (no cache), text-generation-with-past (a decoder step with "
+                      "past_key_values.N.key/value in and present.N.* out) or text2text-generation-with-past (an "
+                      "encoder-decoder's decoder step: encoder_hidden_states, encoder_attention_mask and "
+                      "past_key_values.N.decoder/encoder.key/value in), as Optimum names them."),
     _LN_TARGET, _RMS_TARGET, *_PRECISION_OPTIONS)
 
 

@@ -52,7 +52,7 @@ def _decoder_sizes(model: onnx.ModelProto, past: int) -> dict[str, int]:
             for value in graph_inputs(model)}
     sizes = {}
     for name, axes in dims.items():
-        if PAST.match(name):
+        if PAST.match(name) and PAST.match(name).group(3) != "encoder":  # a cross-attention's is the encoder's length
             for axis in axes[1:]:  # axis 0 is the batch
                 if axis:
                     sizes[axis] = past

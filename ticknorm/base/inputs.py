@@ -27,7 +27,8 @@ DTYPES = {
 }
 # A decoder's KV cache inputs (Optimum's and ticknorm's `past_key_values.N.key`, GenAI's `past.N.key`),
 # and the flag with which a merged decoder picks its branch
-PAST = re.compile(r"^(past_key_values|past)[._](\d+)[._](key|value)$")
+# (an encoder-decoder's name which attention's cache: `past_key_values.N.decoder.key`, `.encoder.key`)
+PAST = re.compile(r"^(past_key_values|past)[._](\d+)[._](?:(decoder|encoder)[._])?(key|value)$")
 USE_CACHE_BRANCH = "use_cache_branch"
 _DIM = re.compile(r"(?:([A-Za-z_][A-Za-z0-9_]*)=)?([0-9]+)")
 _RANGE = re.compile(r"(-?[0-9.eE+-]+)\.\.(-?[0-9.eE+-]+)")
@@ -234,7 +235,8 @@ def graph_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
     names = {value.name for value in graph_inputs(model)}
     taken = {name: value for name, value in feeds.items() if name in names}
     if USE_CACHE_BRANCH in names and USE_CACHE_BRANCH not in taken:  # a merged decoder's, which no model takes
-        past = [value for name, value in feeds.items() if PAST.match(name) and np.ndim(value) > 2]
+        past = [value for name, value in feeds.items()
+                if PAST.match(name) and PAST.match(name).group(3) != "encoder" and np.ndim(value) > 2]
         if past:
             taken[USE_CACHE_BRANCH] = np.array([past[0].shape[2] > 0])
     return taken

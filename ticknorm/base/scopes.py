@@ -154,9 +154,10 @@ def scope_sources(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def scope_coverage(model: onnx.ModelProto) -> float:
-    """Fraction of nodes (subgraphs' included) whose module some source names (before neighbours
-    lend theirs)."""
-    nodes = all_nodes(model.graph)
+    """Fraction of the nodes that compute (subgraphs' included; Constant and Identity nodes, which
+    TorchScript leaves unnamed, borrow their reader's module) whose module some source names
+    before neighbours lend theirs."""
+    nodes = [node for node in all_nodes(model.graph) if node.op_type not in ("Constant", "Identity")]
     return sum(scope_source(n) is not None for n in nodes) / len(nodes) if len(nodes) else 1.0
 
 

@@ -8,9 +8,11 @@ user. It shares the model's submodules, parameters and buffers instead of holdin
 child, so every module path (and so every node scope) is the model's own: `model.layers.0...`,
 not `hf.model.layers.0...`.
 
-Tasks follow Optimum's names: `default` (no cache; what a classifier or an encoder serves) and
+Tasks follow Optimum's names: `default` (no cache; what a classifier or an encoder serves),
 `text-generation-with-past` (a decoder step: `past_key_values.N.key/value` in, `present.N.*` out,
-dynamic batch / sequence / past axes, the mask spanning past + sequence).
+dynamic batch / sequence / past axes, the mask spanning past + sequence) and
+`text2text-generation-with-past` (an encoder-decoder's decoder step on the encoder's states, the
+cache of its self- and cross-attention as `past_key_values.N.decoder.*` and `.encoder.*`).
 """
 
 import inspect
@@ -22,11 +24,14 @@ from torch import nn
 
 from ticknorm.base.errors import InputSpecError
 from ticknorm.exporter.tasks import PAST_INPUT as _PAST
-from ticknorm.exporter.tasks import TASKS, WITH_PAST
+from ticknorm.exporter.tasks import SEQ2SEQ_PAST_INPUT as _SEQ2SEQ_PAST
+from ticknorm.exporter.tasks import SEQ2SEQ_WITH_PAST, TASKS, WITH_PAST
 # The tensor arguments HfGraph.forward passes on, in the order the graph lists them.
 TENSOR_ARGUMENTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values",
                     "input_features", "decoder_input_ids", "decoder_attention_mask")
 BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+ENCODER = "encoder_sequence_length"
+_SEQ2SEQ_CACHE = ("decoder.key", "decoder.value", "encoder.key", "encoder.value")
 
 
 def is_hf_model(model) -> bool:
@@ -35,8 +40,9 @@ def is_hf_model(model) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
-def past_names(layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+def past_names(layers: int, seq2seq: bool = False) -> list[str]:
+    kinds = _SEQ2SEQ_CACHE if seq2seq else ("key", "value")
+    return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in kinds]
 
 
 class HfGraph(nn.Module):
@@ -52,16 +58,23 @@ class HfGraph(nn.Module):
         self.accepts = set(inspect.signature(model.forward).parameters)
         if task == WITH_PAST and not model.can_generate():
             raise InputSpecError(f"{type(model).__name__} takes no KV cache; --task {WITH_PAST} needs a decoder")
+        if task == SEQ2SEQ_WITH_PAST and not getattr(model.config, "is_encoder_decoder", False):
+            raise InputSpecError(f"{type(model).__name__} is no encoder-decoder; --task {SEQ2SEQ_WITH_PAST} needs one "
+                                 "(T5, BART, ...)")
 
     @property
     def architecture(self) -> str:
         return type(self.hf).__name__
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, pixel_values=None,
-                input_features=None, decoder_input_ids=None, decoder_attention_mask=None, past_key_values=None,
-                **flat_past):
+                input_features=None, decoder_input_ids=None, decoder_attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, past_key_values=None, **flat_past):
         """`past_key_values` is `[[key, value], ...]` (how the exporters see it) or given flat as
-        `past_key_values.N.key=...` keywords (how ticknorm's feeds and the ONNX graph name it)."""
+        `past_key_values.N.key=...` keywords (how ticknorm's feeds and the ONNX graph name it); an
+        encoder-decoder's step takes `[[decoder key, decoder value, encoder key, encoder value], ...]`."""
+        if self.task == SEQ2SEQ_WITH_PAST:
+            return self._decoder_step(input_ids, encoder_hidden_states, encoder_attention_mask,
+                                      past_key_values or _nested_past(flat_past, seq2seq=True))
         given = dict(zip(TENSOR_ARGUMENTS, (input_ids, attention_mask, token_type_ids, position_ids, pixel_values,
                                             input_features, decoder_input_ids, decoder_attention_mask)))
         arguments = {name: value for name, value in given.items() if value is not None}
@@ -84,6 +97,28 @@ class HfGraph(nn.Module):
 
         return DynamicCache(ddp_cache_data=[tuple(pair) for pair in past], config=self.hf.config)
 
+    def _decoder_step(self, input_ids, encoder_hidden_states, encoder_attention_mask, past: list) -> dict:
+        """An encoder-decoder's decoder on the encoder's states (as Optimum's decoder files take
+        them): logits (or the last hidden state of a model without a head), and the cache of its
+        self-attention and cross-attention per layer."""
+        from transformers import EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if input_ids is None or encoder_hidden_states is None:
+            raise InputSpecError(f"{self.architecture}'s decoder step takes input_ids (the decoder's tokens) and "
+                                 "encoder_hidden_states")
+        cache = EncoderDecoderCache(self._cache([layer[:2] for layer in past]), self._cache([layer[2:] for layer in past]))
+        outputs = self.hf.forward(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
+                                  attention_mask=encoder_attention_mask, decoder_input_ids=input_ids,
+                                  use_cache=True, return_dict=True, **{self._cache_argument(): cache})
+        head = "logits" if "logits" in outputs else "last_hidden_state"  # a bare BartModel has no head
+        named = {head: outputs[head]}
+        cache = outputs[self._cache_argument()]
+        for layer, (own, cross) in enumerate(zip(cache.self_attention_cache.layers, cache.cross_attention_cache.layers)):
+            named.update({f"present.{layer}.decoder.key": own.keys, f"present.{layer}.decoder.value": own.values,
+                          f"present.{layer}.encoder.key": cross.keys, f"present.{layer}.encoder.value": cross.values})
+        return named
+
     def _named_outputs(self, outputs) -> dict:
         named = {}
         for key, value in outputs.items():
@@ -97,22 +132,28 @@ class HfGraph(nn.Module):
     def export_arguments(self, tensors: dict, dynamic_axes: dict) -> tuple[dict, dict, list]:
         """What the exporters take: keyword arguments with the past nested as `[[k, v], ...]`, the
         dynamic shapes in the same structure, and the flat input names in the order they flatten."""
-        kwargs = {name: tensors[name] for name in TENSOR_ARGUMENTS if name in tensors}
+        arguments = TENSOR_ARGUMENTS + (("encoder_hidden_states", "encoder_attention_mask")
+                                        if self.task == SEQ2SEQ_WITH_PAST else ())
+        kwargs = {name: tensors[name] for name in arguments if name in tensors}
         shapes = {name: dynamic_axes.get(name, {}) for name in kwargs}
         names = list(kwargs)
-        past = [name for name in tensors if _PAST.fullmatch(name)]
+        seq2seq = self.task == SEQ2SEQ_WITH_PAST
+        past = [name for name in tensors if (_SEQ2SEQ_PAST if seq2seq else _PAST).fullmatch(name)]
         if past:
-            kwargs["past_key_values"] = _nested_past(tensors)
-            shapes["past_key_values"] = _nested_past({name: dynamic_axes.get(name, {}) for name in past})
-            names += past_names(len(kwargs["past_key_values"]))
+            kwargs["past_key_values"] = _nested_past(tensors, seq2seq)
+            shapes["past_key_values"] = _nested_past({name: dynamic_axes.get(name, {}) for name in past}, seq2seq)
+            names += past_names(len(kwargs["past_key_values"]), seq2seq)
         return kwargs, shapes, names
 
 
-def _nested_past(flat: dict) -> list:
-    layers = sorted({int(_PAST.fullmatch(n).group(1)) for n in flat if _PAST.fullmatch(n)})
-    if layers != list(range(len(layers))) or not set(past_names(len(layers))) <= flat.keys():
-        raise InputSpecError("past_key_values.N.key/value must be given for every layer 0..N-1, keys and values both")
-    return [[flat[f"past_key_values.{i}.key"], flat[f"past_key_values.{i}.value"]] for i in layers]
+def _nested_past(flat: dict, seq2seq: bool = False) -> list:
+    pattern = _SEQ2SEQ_PAST if seq2seq else _PAST
+    layers = sorted({int(pattern.fullmatch(n).group(1)) for n in flat if pattern.fullmatch(n)})
+    if layers != list(range(len(layers))) or not set(past_names(len(layers), seq2seq)) <= flat.keys():
+        kinds = "decoder and encoder keys and values" if seq2seq else "keys and values both"
+        raise InputSpecError(f"past_key_values.N.* must be given for every layer 0..N-1, {kinds}")
+    kinds = _SEQ2SEQ_CACHE if seq2seq else ("key", "value")
+    return [[flat[f"past_key_values.{i}.{kind}"] for kind in kinds] for i in layers]
 
 
 def complete_inputs(graph: HfGraph, feeds: dict[str, np.ndarray], dynamic_axes: dict, past_length: int | None = None,
@@ -125,6 +166,8 @@ def complete_inputs(graph: HfGraph, feeds: dict[str, np.ndarray], dynamic_axes: 
     ids = feeds.get("input_ids")
     if ids is None or ids.ndim != 2:
         return feeds, axes
+    if graph.task == SEQ2SEQ_WITH_PAST:
+        return _decoder_step_inputs(graph, feeds, axes, past_length, seed)
     with_past = graph.task == WITH_PAST
     if with_past:  # a decoder step serves any batch and length: both axes are dynamic
         axes.setdefault("input_ids", {}).setdefault(0, BATCH)
@@ -147,6 +190,35 @@ def complete_inputs(graph: HfGraph, feeds: dict[str, np.ndarray], dynamic_axes: 
         feeds["attention_mask"] = mask
         mask_axis = TOTAL if with_past else axes.get("input_ids", {}).get(1)
         axes["attention_mask"] = {a: n for a, n in ((0, batch_axis), (1, mask_axis)) if n}
+    return feeds, {name: a for name, a in axes.items() if a}
+
+
+def _decoder_step_inputs(graph: HfGraph, feeds: dict, axes: dict, past_length: int | None, seed: int) -> tuple[dict, dict]:
+    """An encoder-decoder's decoder step after `input_ids` (the decoder's tokens): the encoder's
+    states on random tokens, their mask, and the cache a real step over earlier decoder tokens
+    left (self-attention P long, cross-attention as long as the encoder's), unless given."""
+    ids = feeds["input_ids"]
+    batch = ids.shape[0]
+    axes.setdefault("input_ids", {}).setdefault(0, BATCH)
+    axes["input_ids"].setdefault(1, SEQUENCE)
+    if "encoder_hidden_states" not in feeds:
+        tokens = np.random.default_rng(seed + 3).integers(0, _vocabulary(graph), (batch, _distinct_length(ids.shape)))
+        with torch.no_grad():
+            states = graph.hf.get_encoder()(input_ids=torch.from_numpy(tokens)).last_hidden_state
+        feeds["encoder_hidden_states"] = states.numpy()
+    encoded = feeds["encoder_hidden_states"].shape[1]
+    feeds.setdefault("encoder_attention_mask", np.ones((batch, encoded), np.int64))
+    for name in ("encoder_hidden_states", "encoder_attention_mask"):
+        axes.setdefault(name, {0: BATCH, 1: ENCODER})
+    if not any(_SEQ2SEQ_PAST.fullmatch(name) for name in feeds):
+        length = past_length or _distinct_length((*ids.shape, encoded))
+        earlier = np.random.default_rng(seed + 1).integers(0, _vocabulary(graph), (batch, length))
+        step_feeds = {"input_ids": earlier, "encoder_hidden_states": feeds["encoder_hidden_states"],
+                      "encoder_attention_mask": feeds["encoder_attention_mask"]}
+        feeds.update(_as_past(step(graph, step_feeds)))
+    for name in feeds:
+        if _SEQ2SEQ_PAST.fullmatch(name):
+            axes.setdefault(name, {0: BATCH, 2: PAST if ".decoder." in name else ENCODER})
     return feeds, {name: a for name, a in axes.items() if a}
 
 

@@ -48,7 +48,8 @@ class ModelSummary:
                   if op in NORM_OP_RUNTIMES]
         lines += [f"  decomposed {kind} at {scope or '(root)'}: {state}" for kind, scope, state in self.decomposed]
         named = ", ".join(f"{source} {count}" for source, count in self.scope_sources.items() if count)
-        lines.append(f"node scope coverage: {self.scope_coverage:.1%} ({named})")
+        lines.append(f"node scope coverage: {self.scope_coverage:.1%} of the nodes that compute (sources over all "
+                     f"nodes: {named})")
         return "\n".join(lines)
 
     def to_json(self) -> str:
