@@ -79,8 +79,10 @@ def main():
         files = {p.name: p.stat().st_size for p in Path(workdir).iterdir()}
     clock.stop.set()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the dynamo exporter's forked child
     print(f"total {end - start:.1f} s; peak RSS {peak / 2**30:.2f} GiB = {peak / weights:.2f}x the fp32 weights "
-          f"(goal <= 3x); files {files}")
+          f"(goal <= 3x), the exporter's child {child / 2**30:.2f} GiB = {child / weights:.2f}x (it shares this "
+          f"process's weights copy-on-write); files {files}")
     print(f"RMSNorms fused {result.fusion.count('fused')}, max |ORT - torch| {max(c.max_abs for c in result.accuracy):.2e}")
     print(clock.report(end, weights))
 
