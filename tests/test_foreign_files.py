@@ -53,6 +53,8 @@ def test_a_merged_decoder_is_seen_fused_and_verified_in_both_branches(llama, tmp
     summary = api.inspect(merged)
     assert summary.scope_coverage >= 0.9
     assert len(summary.decomposed) == 10 and {scope for _, scope, _ in summary.decomposed} == NORMS
+    assert {state for _, _, state in summary.decomposed} == {f"fusable (in {b} of If 'optimum::if')"
+                                                             for b in ("then_branch", "else_branch")}
     result, _ = api.fuse(merged, tmp_path / "fused.onnx")
     assert result.report.count("fused", "RMSNorm") == 10 and result.report.verified
     assert sorted(r.scope for r in result.report.records if r.status == "fused") == sorted([*NORMS, *NORMS])

@@ -72,8 +72,10 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
     nodes = list(model.graph.node) + [node for _, body in inner for node in body.node]
     histogram = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
                         for node in nodes)
-    found = find_norms(index) + [m for _, body in inner for m in find_norms(GraphIndex(body_model(model, body, index)))]
-    decomposed = [[m.kind, m.scope, "fusable" if isinstance(m, NormMatch) else m.reason] for m in found]
+    found = [(m, "") for m in find_norms(index)] + [
+        (m, f" (in {_where(holder, body)})") for holder, body in inner
+        for m in find_norms(GraphIndex(body_model(model, body, index)))]
+    decomposed = [[m.kind, m.scope, ("fusable" if isinstance(m, NormMatch) else m.reason) + where] for m, where in found]
     return ModelSummary(
         opsets={o.domain: o.version for o in model.opset_import},
         inputs=[_describe(v) for v in graph_inputs(model)],
@@ -87,6 +89,13 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
         scope_sources=sources,
         functions=functions,
     )
+
+
+def _where(holder: onnx.NodeProto, body: onnx.GraphProto) -> str:
+    """Which subgraph of which node: a merged decoder's norms are there twice, once per branch."""
+    attribute = next((a.name for a in holder.attribute if a.type == onnx.AttributeProto.GRAPH and a.g is body),
+                     "body")
+    return f"{attribute} of {holder.op_type} '{holder.name}'"
 
 
 def _describe(value: onnx.ValueInfoProto) -> list:
