@@ -10,6 +10,7 @@ loaded itself is really freed before a session maps the exported weights.
 Where `os.fork` does not exist (Windows) the work runs in this process, as before.
 """
 
+import gc
 import os
 import signal
 import sys
@@ -50,16 +51,22 @@ def run_isolated(work) -> None:
 
 
 def _child(work, read_end: int, write_end: int) -> None:
-    """The child's whole life: never returns, never runs the parent's cleanup (atexit handlers,
-    temporary folders' finalizers, open sessions' destructors)."""
+    """The child's whole life: never returns, and never frees what it copied from its parent. A
+    destructor of such an object (an ONNX Runtime session waiting on its thread pool's condition
+    variable, whose threads were not copied) can block forever: the garbage it inherited is frozen
+    out of collection, the exception it fails with (whose chain may reach the parent's frames) stays
+    referenced, and it leaves by os._exit, without the parent's cleanup (atexit handlers,
+    temporary folders' finalizers)."""
+    gc.freeze()
     os.close(read_end)
-    status, message = 0, b""
+    status, message, failure = 0, b"", None
     try:
         _detach_from_parent()
         work()
-    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent as one message
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent as one message
+        failure = sys.exc_info()[1]  # kept until os._exit: never freed here
         status = 1
-        text = str(exc) if isinstance(exc, ExportError) else f"the exporter failed: {type(exc).__name__}: {exc}"
+        text = str(failure) if isinstance(failure, ExportError) else f"the exporter failed: {type(failure).__name__}: {failure}"
         message = text.encode()
     finally:
         try:
