@@ -14,7 +14,6 @@ import gc
 import os
 import signal
 import sys
-import threading
 import warnings
 
 from ticknorm.base.errors import ExportError
@@ -60,36 +59,20 @@ def _child(work, read_end: int, write_end: int) -> None:
     temporary folders' finalizers)."""
     gc.freeze()
     os.close(read_end)
-    status, message, failures = 0, b"", []
+    status, message, failure = 0, b"", None
     try:
         _detach_from_parent()
-        # on a thread of its own: an exception raised there chains to none the parent was handling
-        # when it forked (whose frames may hold sessions), so freeing one frees nothing of the parent's
-        worker = threading.Thread(target=_recording(work, failures))
-        worker.start()
-        worker.join()
-        if failures:
-            status = 1
-            failure = failures[0]  # kept until os._exit: never freed here
-            message = (str(failure) if isinstance(failure, ExportError)
-                       else f"the exporter failed: {type(failure).__name__}: {failure}").encode()
-    except BaseException as exc:  # noqa: BLE001 - the child must reach os._exit whatever happens
-        status, message = 1, f"the exporter's process failed: {type(exc).__name__}: {exc}".encode()
-        failures.append(exc)
+        work()
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent as one message
+        failure = sys.exc_info()[1]  # kept until os._exit: never freed here
+        status = 1
+        text = str(failure) if isinstance(failure, ExportError) else f"the exporter failed: {type(failure).__name__}: {failure}"
+        message = text.encode()
     finally:
         try:
             os.write(write_end, message)
         finally:
             os._exit(status)
-
-
-def _recording(work, failures: list):
-    def run():
-        try:
-            work()
-        except BaseException as exc:  # noqa: BLE001 - handed to the child's main thread
-            failures.append(exc)
-    return run
 
 
 def _detach_from_parent() -> None:
