@@ -1,7 +1,6 @@
 """End-to-end exports of real modules through both torch exporters."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
