@@ -15,13 +15,15 @@ from ticknorm.base.scopes import get_scope, scope_from_exporter, set_scope
 _ROUNDS = 16
 
 
-def called_functions(model: onnx.ModelProto) -> dict[tuple, int]:
-    """(domain, name) -> how many nodes of the main graph call that local function."""
+def called_functions(model: onnx.ModelProto) -> dict[str, int]:
+    """Each local function the main graph calls (`domain::name`, or `name` in the default domain)
+    -> how many nodes call it."""
     local = {(f.domain, f.name) for f in model.functions}
-    counts: dict[tuple, int] = {}
+    counts: dict[str, int] = {}
     for node in model.graph.node:
         if (node.domain, node.op_type) in local:
-            counts[(node.domain, node.op_type)] = counts.get((node.domain, node.op_type), 0) + 1
+            name = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+            counts[name] = counts.get(name, 0) + 1
     return counts
 
 

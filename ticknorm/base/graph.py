@@ -154,14 +154,22 @@ def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return list(graph.node) + [node for _, body in bodies(graph) for node in body.node]
 
 
+def if_branches(node: onnx.NodeProto) -> dict[str, onnx.GraphProto]:
+    """An If node's `then_branch` and `else_branch` (those it has), by attribute name; {} for any
+    other node."""
+    if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+        return {}
+    return {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
+
+
 def check_branches(model: onnx.ModelProto, source: str) -> None:
     """Refuse an If whose branches disagree with it (a hand-merged decoder gone wrong) in one
     line, before any runtime is built: the count of outputs, and their element types where both
     branches declare them."""
     for node, _ in bodies(model.graph):
-        if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+        branches = if_branches(node)
+        if not branches:
             continue
-        branches = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
         counts = {name: len(branches[name].output) for name in ("then_branch", "else_branch") if name in branches}
         if len(counts) != 2 or set(counts.values()) != {len(node.output)}:
             raise OnnxFileError(f"{source}: If node '{node.name}' has {len(node.output)} outputs but its branches give "

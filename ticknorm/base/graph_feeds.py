@@ -11,7 +11,7 @@ and a prefill (P=0)."""
 import numpy as np
 import onnx
 
-from ticknorm.base.inputs import PAST, USE_CACHE_BRANCH, graph_inputs, index_ranges, random_array
+from ticknorm.base.inputs import PAST, USE_CACHE_BRANCH, graph_inputs, index_ranges, is_decoder_cache, random_array
 
 DECODE_PAST, SEQUENCE = 3, 2  # a decode step's past length and sequence length when nothing says otherwise
 
@@ -52,7 +52,7 @@ def _decoder_sizes(model: onnx.ModelProto, past: int) -> dict[str, int]:
             for value in graph_inputs(model)}
     sizes = {}
     for name, axes in dims.items():
-        if PAST.match(name) and PAST.match(name).group(3) != "encoder":  # a cross-attention's is the encoder's length
+        if is_decoder_cache(name):
             for axis in axes[1:]:  # axis 0 is the batch
                 if axis:
                     sizes[axis] = past

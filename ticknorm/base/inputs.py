@@ -30,6 +30,15 @@ DTYPES = {
 # (an encoder-decoder's name which attention's cache: `past_key_values.N.decoder.key`, `.encoder.key`)
 PAST = re.compile(r"^(past_key_values|past)[._](\d+)[._](?:(decoder|encoder)[._])?(key|value)$")
 USE_CACHE_BRANCH = "use_cache_branch"
+
+
+def is_decoder_cache(name: str) -> bool:
+    """A KV cache input of the decoder's own attention: its length is the past's (an
+    encoder-decoder's cross-attention cache is as long as the encoder's input)."""
+    found = PAST.match(name)
+    return found is not None and found.group(3) != "encoder"
+
+
 _DIM = re.compile(r"(?:([A-Za-z_][A-Za-z0-9_]*)=)?([0-9]+)")
 _RANGE = re.compile(r"(-?[0-9.eE+-]+)\.\.(-?[0-9.eE+-]+)")
 _SPEC_FORMAT = "NAME:DIMS[:DTYPE[:LOW..HIGH]], e.g. input_ids:batch=2xseq=16:int64:0..30522"
@@ -235,8 +244,7 @@ def graph_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
     names = {value.name for value in graph_inputs(model)}
     taken = {name: value for name, value in feeds.items() if name in names}
     if USE_CACHE_BRANCH in names and USE_CACHE_BRANCH not in taken:  # a merged decoder's, which no model takes
-        past = [value for name, value in feeds.items()
-                if PAST.match(name) and PAST.match(name).group(3) != "encoder" and np.ndim(value) > 2]
+        past = [value for name, value in feeds.items() if is_decoder_cache(name) and np.ndim(value) > 2]
         if past:
             taken[USE_CACHE_BRANCH] = np.array([past[0].shape[2] > 0])
     return taken

@@ -3,15 +3,18 @@ runtime layers. Stored in each node's `metadata_props` under `ticknorm.scope`.""
 
 import ast
 import contextlib
-import re
 import fnmatch
+import re
 from dataclasses import dataclass
 
 import onnx
 
-from ticknorm.base.graph import all_nodes, bodies
+from ticknorm.base.graph import all_nodes, bodies, if_branches
 
 SCOPE_KEY = "ticknorm.scope"
+# Ops that compute nothing, which TorchScript leaves unnamed and hoists to the top of a graph: they
+# serve the module of the node that reads them.
+NON_COMPUTING = ("Constant", "Identity")
 _DYNAMO_KEY = "pkg.torch.onnx.name_scopes"
 
 
@@ -157,7 +160,7 @@ def scope_coverage(model: onnx.ModelProto) -> float:
     """Fraction of the nodes that compute (subgraphs' included; Constant and Identity nodes, which
     TorchScript leaves unnamed, borrow their reader's module) whose module some source names
     before neighbours lend theirs."""
-    nodes = [node for node in all_nodes(model.graph) if node.op_type not in ("Constant", "Identity")]
+    nodes = [node for node in all_nodes(model.graph) if node.op_type not in NON_COMPUTING]
     return sum(scope_source(n) is not None for n in nodes) / len(nodes) if len(nodes) else 1.0
 
 
@@ -189,8 +192,8 @@ def branch_taps(model: onnx.ModelProto) -> dict[str, tuple]:
     branches of a top-level If give an output tensor."""
     taps = {}
     for node in model.graph.node:
-        branches = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
-        if node.op_type != "If" or len(branches) != 2:
+        branches = if_branches(node)
+        if len(branches) != 2:
             continue
         then_outputs, else_outputs = _module_outputs(branches["then_branch"]), _module_outputs(branches["else_branch"])
         for module in then_outputs.keys() & else_outputs.keys():
@@ -204,28 +207,27 @@ def exposed(model: onnx.ModelProto, names: list):
     of the weights): a `TAP_PREFIX` name becomes an output of its If, each branch returning (under
     a name of its own) its tensor of the module."""
     taps = branch_taps(model) if any(name.startswith(TAP_PREFIX) for name in names) else {}
-    grown = []  # (repeated field, how many were added)
+    grown = []  # each repeated field once per entry it got
     for name in names:
         module = name.removeprefix(TAP_PREFIX) if name.startswith(TAP_PREFIX) else None
         if module in taps:
             node, then_tensor, else_tensor = taps[module]
-            for attribute in node.attribute:
-                if attribute.name in ("then_branch", "else_branch"):
-                    # a name of its own (an Identity): a branch returning one tensor twice fills one output only
-                    tensor = then_tensor if attribute.name == "then_branch" else else_tensor
-                    copy = f"{name}/{attribute.name}"
-                    attribute.g.node.append(onnx.helper.make_node("Identity", [tensor], [copy], name=copy))
-                    attribute.g.output.append(onnx.ValueInfoProto(name=copy))
-                    grown += [(attribute.g.node, 1), (attribute.g.output, 1)]
+            for branch_name, branch in if_branches(node).items():
+                # a name of its own (an Identity): a branch returning one tensor twice fills one output only
+                tensor = then_tensor if branch_name == "then_branch" else else_tensor
+                copy = f"{name}/{branch_name}"
+                branch.node.append(onnx.helper.make_node("Identity", [tensor], [copy], name=copy))
+                branch.output.append(onnx.ValueInfoProto(name=copy))
+                grown += [branch.node, branch.output]
             node.output.append(name)
-            grown.append((node.output, 1))
+            grown.append(node.output)
         model.graph.output.append(onnx.ValueInfoProto(name=name))
-        grown.append((model.graph.output, 1))
+        grown.append(model.graph.output)
     try:
         yield model
     finally:
-        for field, count in reversed(grown):
-            del field[len(field) - count:]
+        for field in reversed(grown):
+            del field[-1]
 
 
 # A fused norm's output 0 is what the norm module returns; the others are its statistics, or (ORT's

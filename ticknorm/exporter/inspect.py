@@ -65,7 +65,7 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
     norms are then named by the scopes a command would give them."""
     sources, coverage = scope_sources(model), scope_coverage(model)
     ensure_scopes(model)
-    functions = {f"{domain}::{name}" if domain else name: calls for (domain, name), calls in called_functions(model).items()}
+    functions = called_functions(model)
     model = inline_functions(model) or model  # counted as ONNX Runtime runs them: each call on its own
     index = GraphIndex(model)
     inner = bodies(model.graph)  # If branches, Loop/Scan bodies: a merged decoder's whole decoder is there

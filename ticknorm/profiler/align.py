@@ -10,7 +10,7 @@ import re
 import onnx
 
 from ticknorm.base.graph import all_nodes, bodies
-from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
+from ticknorm.base.scopes import NON_COMPUTING, annotate_scopes, get_scope, set_scope
 
 _FOREIGN = re.compile(r"\{ForeignNode\[(.*?)\.\.\.(.*?)\]\}")
 
@@ -26,7 +26,7 @@ class ScopeTable:
         self.scope = {node.name: get_scope(node) or "" for node in nodes}
         self.holders = {holder.name for holder, _ in bodies(model.graph)}
         self.module_order = {}  # by each module's first computing node: exporters hoist constants (and weight aliases) up
-        for node in sorted(nodes, key=lambda n: n.op_type in ("Constant", "Identity")):
+        for node in sorted(nodes, key=lambda n: n.op_type in NON_COMPUTING):
             self.module_order.setdefault(get_scope(node) or "", len(self.module_order))
 
     def learn_rewritten(self, original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:

@@ -124,8 +124,10 @@ def _own_us(event: dict, name: str, events: list, table: ScopeTable) -> int:
     body, whose nodes are timed one by one too."""
     if name not in table.holders:
         return event["dur"]
-    end = event["ts"] + event["dur"]
-    nested = [e for e in events if e is not event and event["ts"] <= e["ts"] and e["ts"] + e["dur"] <= end]
-    direct = [e for e in nested if not any(o is not e and o["ts"] <= e["ts"] and e["ts"] + e["dur"] <= o["ts"] + o["dur"]
-                                           for o in nested)]
+    nested = [e for e in events if e is not event and _within(e, event)]
+    direct = [e for e in nested if not any(o is not e and _within(e, o) for o in nested)]
     return max(0, event["dur"] - sum(e["dur"] for e in direct))
+
+
+def _within(inner: dict, outer: dict) -> bool:
+    return outer["ts"] <= inner["ts"] and inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"]

@@ -85,8 +85,7 @@ def _norms_reachable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     inlined = inline_functions(model)
     if inlined is None or len(find_norms(GraphIndex(inlined))) <= len(find_norms(GraphIndex(model))):
         return model, {}
-    return inlined, {f"{domain}::{name}" if domain else name: calls
-                     for (domain, name), calls in called_functions(model).items()}
+    return inlined, called_functions(model)
 
 
 def _fuse_bodies(fused: onnx.ModelProto, original: onnx.ModelProto, target: int, targets: NormTargets,
