@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Timing, api
+from ticknorm.base.errors import InputSpecError
 from ticknorm.base.scopes import get_scope
 from ticknorm.cli import main
 from ticknorm.profiler.align import ScopeTable
@@ -99,6 +100,36 @@ def exported(tmp_path_factory):
     api.export(ModelRef(EXAMPLE, CHECKPOINT), Inputs(("input_ids:batch=2xseq=16:int64:0..1000",)), path,
                ExportOptions(exporter="torchscript"))
     return path, onnx.load(str(path))
+
+
+@pytest.mark.parametrize("warmup, forwards", [(0, 2 * 7), (2, 2 + 2 * 7 + 1 + 2)])
+def test_a_profile_runs_untimed_only_what_its_warm_up_asks_for(exported, warmup, forwards):
+    """7 iterations are blocks of 5 and 2, plain then instrumented each: with no warm-up every run
+    is timed (no run only to check the model); with warm-up, `warmup` runs first and one untimed
+    run before each block that follows a block of the other kind (3 of them)."""
+    _, model = exported
+    module = ModelRef(EXAMPLE, CHECKPOINT).load()
+    ran = []
+    module.register_forward_pre_hook(lambda *_: ran.append(1))
+    result = profile_runtimes(model, FEEDS, ("torch",), RunnerSetup(module), Timing(iterations=7, warmup=warmup))
+    log = result.logs["torch"]
+    assert len(log.end_to_end_ns) == len(log.instrumented_ns) == 7 and len(ran) == forwards
+
+
+def test_a_model_returning_other_outputs_than_the_graph_is_one_line_before_a_profile(exported):
+    _, model = exported
+
+    class TwoOutputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = ModelRef(EXAMPLE, CHECKPOINT).load()
+
+        def forward(self, input_ids):
+            logits = self.inner(input_ids)
+            return logits, logits
+
+    with pytest.raises(InputSpecError, match="the model returned 2 tensors but the ONNX graph has 1 outputs"):
+        profile_runtimes(model, FEEDS, ("torch", "ort"), RunnerSetup(TwoOutputs()), Timing(iterations=1, warmup=0))
 
 
 def test_runtime_names_map_back_to_modules(exported):

@@ -3,6 +3,7 @@
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ def load_onnx(path) -> onnx.ModelProto:
     if not path.is_file():
         raise OnnxFileError(f"ONNX file not found: {path}")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = _parsed(path)
     except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeError, ValueError) as exc:
         raise OnnxFileError(f"{path} is not a readable ONNX model ({first_line(exc)})") from exc
     if has_external_weights(model):
@@ -37,6 +38,26 @@ def load_onnx(path) -> onnx.ModelProto:
             onnx.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError, RuntimeError) as exc:
             raise OnnxFileError(f"cannot read the weights of {path} ({first_line(exc)})") from exc
+    return model
+
+
+def _parsed(path: Path) -> onnx.ModelProto:
+    """The file as ONNX reads it, external weights left where they are. A binary file is parsed
+    from a read-only map of it, not from a copy read into memory first: a model with its weights
+    inside is then held once, not twice, on the way."""
+    if onnx.serialization.registry.get_format_from_file_extension(path.suffix) not in (None, "protobuf"):
+        return onnx.load(str(path), load_external_data=False)  # a text format
+    model = onnx.ModelProto()
+    if path.stat().st_size == 0:
+        raise DecodeError("the file is empty")
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        size, view = len(mapped), memoryview(mapped)
+        try:
+            decoded = model.ParseFromString(view)  # copies what it keeps: the map can close
+        finally:
+            view.release()
+    if decoded is not None and decoded != size:
+        raise DecodeError(f"only {decoded} of its {size} bytes decode")
     return model
 
 

@@ -9,7 +9,7 @@ import onnx
 
 from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.ticks import Span, Tick, TickLog, blocks
-from ticknorm.runtime.ort_runner import OrtRunner
+from ticknorm.runtime.ort_runner import OrtRunner, failed_run
 
 _RUN_EVENTS = ("model_run", "SequentialExecutor::Execute")
 
@@ -30,18 +30,18 @@ def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_it
                     made.enable_profiling = True
                     made.profile_file_prefix = os.path.join(workdir, "ort")
                     made.optimized_model_filepath = os.path.join(workdir, "optimized.onnx")
-                    # its weights beside it: only the graph is read back (what ORT renamed and fused)
+                    # its weights apart, into nothing: only the graph is read back (what ORT renamed and fused)
                     made.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                                  "optimized.onnx.data")
+                                                  _discarded(os.path.join(workdir, "optimized.onnx.data")))
                     made.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                                   "1024")
                 return made
             return make
 
         with runner.variant(options(True)) as profiling:
-            profiling.infer(feeds)  # checks the feeds before anything is timed; the profiler's run 0
+            profiling.check(feeds)
             table.learn_rewritten(runner.model, onnx.load(os.path.join(workdir, "optimized.onnx"), load_external_data=False))
-            runs = _Runs(profiling.session, feeds, log, on_iteration)
+            runs = _Runs(profiling.session, feeds, log, on_iteration, runner.name)
             if len(blocks(timing.iterations)) == 1:
                 runs.profiled_then_plain(timing)
             else:
@@ -52,46 +52,64 @@ def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_it
     return log
 
 
+def _discarded(path: str) -> str:
+    """The name of a file beside the optimized graph that discards what is written to it (the
+    weights, which ORT writes out again in full: over a second for BERT-base on this disk), or of a
+    real file where the system cannot link one to the null device."""
+    try:
+        os.symlink(os.devnull, path)
+    except OSError:
+        pass
+    return os.path.basename(path)
+
+
 def _ended(session) -> list:
     with open(session.end_profiling()) as handle:
         return json.load(handle)
 
 
 class _Runs:
-    """The profiling session's runs, counted from its check run (0), and which of them were timed."""
+    """The profiling session's runs, counted from its first (0), and which of them were timed. A
+    failing run is one line, whichever run it is (no run is made only to check the model)."""
 
-    def __init__(self, profiling, feeds: dict, log: TickLog, on_iteration):
+    def __init__(self, profiling, feeds: dict, log: TickLog, on_iteration, name: str):
         self.profiling, self.feeds, self.log, self.on_iteration = profiling, feeds, log, on_iteration
-        self.count, self.timed, self.events = 1, [], None
+        self.name, self.count, self.timed, self.events = name, 0, [], None
 
     def alternate(self, plain, timing) -> None:
         for _ in range(timing.warmup):
-            plain.run(None, self.feeds)
+            self._run(plain)
             self._profiled()
         for block in blocks(timing.iterations):
-            self._block(plain, block, self.log.end_to_end_ns)
-            self._block(self.profiling, block, self.log.instrumented_ns)
+            self._block(plain, block, self.log.end_to_end_ns, timing.settles)
+            self._block(self.profiling, block, self.log.instrumented_ns, timing.settles)
 
     def profiled_then_plain(self, timing) -> None:
         for _ in range(timing.warmup):
             self._profiled()
         block = blocks(timing.iterations)[0]
-        self._block(self.profiling, block, self.log.instrumented_ns, untimed=False)  # the check run was one
+        self._block(self.profiling, block, self.log.instrumented_ns, untimed=False)  # nothing else ran before it
         self.events = _ended(self.profiling)  # the profiler off: the session runs as a plain one
-        self._block(self.profiling, block, self.log.end_to_end_ns)
+        self._block(self.profiling, block, self.log.end_to_end_ns, timing.settles)
 
     def _profiled(self) -> None:
-        self.profiling.run(None, self.feeds)
+        self._run(self.profiling)
         self.count += 1
 
-    def _block(self, session, block, into: list, untimed: bool = True) -> None:
+    def _run(self, session) -> None:
+        try:
+            session.run(None, self.feeds)
+        except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
+            raise failed_run(self.name, exc) from exc
+
+    def _block(self, session, block, into: list, untimed: bool) -> None:
         profiled = session is self.profiling and self.events is None
         if untimed:  # one untimed run after the other kind's block
-            session.run(None, self.feeds)
+            self._run(session)
             self.count += profiled
         for _ in block:
             start = time.perf_counter_ns()
-            session.run(None, self.feeds)
+            self._run(session)
             into.append(time.perf_counter_ns() - start)
             if profiled:
                 self.timed.append(self.count)

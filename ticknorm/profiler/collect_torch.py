@@ -8,13 +8,15 @@ the same: each node's time goes to its scope and rolls up.
 
 Host clock on CPU; CUDA events on GPU, read once per iteration (no synchronization per module).
 Plain and hooked iterations alternate in blocks (`ticks.blocks`): the plain figure is what a
-deployment sees, and the hooks' cost is reported as the overhead, never subtracted from a module."""
+deployment sees, and the hooks' cost is reported as the overhead, never subtracted from a module.
+No run is made only to check the model: the feeds are checked without one, and every run's
+outputs against the graph's."""
 
 import time
 
 from ticknorm.base.optional import require
 from ticknorm.profiler.ticks import Span, Tick, TickLog, blocks
-from ticknorm.runtime.torch_runner import TorchRunner
+from ticknorm.runtime.torch_runner import TorchRunner, forward
 
 
 def collect_torch(runner: TorchRunner, feeds: dict, timing, on_iteration=lambda: None) -> TickLog:
@@ -28,29 +30,32 @@ def _timed(runner: TorchRunner, feeds: dict, timing, on_iteration) -> TickLog:
     clock = "cuda" if cuda else "host"
     log = TickLog(runner.name, clock, iterations=timing.iterations)
 
-    runner.infer(feeds)  # checks the feeds against the model before anything is timed
+    runner.check(feeds)
     tensors = runner.tensors(feeds)
 
     def run() -> int:
+        """One forward, timed; what it returns is checked against the graph's outputs after."""
         start = time.perf_counter_ns()
-        with torch.no_grad():
-            runner.module(**tensors)
+        result = forward(runner.module, tensors)
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter_ns() - start
+        elapsed = time.perf_counter_ns() - start
+        runner.graph_outputs(result)
+        return elapsed
 
     marks: list = []
     for _ in range(timing.warmup):
         run()
     for block in blocks(timing.iterations):
-        if block.start:  # after a hooked block: one untimed plain run (the first follows the check run)
+        if block.start and timing.settles:
             run()
         for _ in block:
             log.end_to_end_ns.append(run())
             on_iteration()
         handles = _attach(torch, runner.module, marks, cuda)
         try:
-            run()
+            if timing.settles:
+                run()
             for iteration in block:
                 marks.clear()
                 log.instrumented_ns.append(run())

@@ -17,7 +17,8 @@ def collect_trt(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_it
 
 
 def _timed(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration) -> TickLog:
-    """Plain and profiled runs alternate in blocks (`ticks.blocks`), each after one untimed run."""
+    """Plain and profiled runs alternate in blocks (`ticks.blocks`), each after one untimed run
+    (`Timing.settles`)."""
     trt = import_tensorrt()
     log = TickLog(runner.name, "runtime", iterations=timing.iterations)
 
@@ -35,13 +36,15 @@ def _timed(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_iterati
     try:
         for block in blocks(timing.iterations):
             runner.context.profiler = None
-            runner.infer(feeds)
+            if timing.settles:
+                runner.infer(feeds)
             for _ in block:
                 log.end_to_end_ns.append(_elapsed(runner, feeds))  # with the host<->device copies
                 log.device_ns.append(runner.compute_ns)  # execute_async_v3 alone: trtexec's GPU compute time
                 on_iteration()
             runner.context.profiler = profiler
-            runner.infer(feeds)
+            if timing.settles:
+                runner.infer(feeds)
             for iteration in block:
                 profiler.reports.clear()
                 log.instrumented_ns.append(_elapsed(runner, feeds))

@@ -26,6 +26,13 @@ class Timing:
     warmup: int = 3
     depth: int | None = None
 
+    @property
+    def settles(self) -> bool:
+        """Whether each block after a block of the other kind (plain, instrumented) starts with one
+        untimed run, as the other kind's runs left their caches and pools. With no warm-up nothing
+        runs untimed: every run is timed, the first one cold, as asked."""
+        return self.warmup > 0
+
 
 @dataclass
 class ProfileResult:

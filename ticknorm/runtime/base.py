@@ -64,10 +64,15 @@ class Runner:
             self.is_active = False
 
     def infer(self, feeds: dict[str, np.ndarray]) -> RunOutputs:
+        self.check(feeds)
+        return self._infer_impl(feeds)
+
+    def check(self, feeds: dict[str, np.ndarray]) -> None:
+        """The feeds against what the model takes, without running it: for callers that time the
+        runtime's own run (the profiler), so a feed that does not fit is one line before any run."""
         if not self.is_active:
             raise TicknormError(f"{self.name} is not active: use it as `with runner: runner.infer(feeds)`")
         check_feeds(self.name, self._inputs_impl(), feeds, self.open_inputs)
-        return self._infer_impl(feeds)
 
     def _activate_impl(self) -> None:
         raise NotImplementedError

@@ -103,8 +103,13 @@ class OrtRunner(Runner):
         try:
             values = dict(zip(self._fetched, self._session.run(self._fetched, feeds)))
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors (bad shapes, no kernel, bf16 I/O)
-            raise RuntimeFailure(f"{self.name} failed to run the model: {first_line(exc)}") from exc
+            raise failed_run(self.name, exc) from exc
         return split_outputs(values, self._outputs, self._tap_tensors)
+
+
+def failed_run(runner: str, exc: Exception) -> RuntimeFailure:
+    """A session's failing run (bad shapes, no kernel, bf16 I/O) as one line."""
+    return RuntimeFailure(f"{runner} failed to run the model: {first_line(exc)}")
 
 
 def _np_dtype(ort_type: str) -> np.dtype | None:

@@ -53,10 +53,17 @@ class TorchRunner(Runner):
                 for p in _parameters(self.module) if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
     def _infer_impl(self, feeds: dict) -> RunOutputs:
-        torch = require("torch", "torch")
         self._tapped.clear()
         self._others.clear()
-        result = forward(self.module, self.tensors(feeds))
+        leaves = self.graph_outputs(forward(self.module, self.tensors(feeds)))
+        names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
+        return RunOutputs(dict(zip(names, (to_numpy(t) for t in leaves))), dict(self._tapped), dict(self._others))
+
+    def graph_outputs(self, result) -> list:
+        """What forward() returned, as tensors in the graph's output order (by name where the model
+        names them: a file may order them otherwise). A model that returns other outputs than the
+        graph has is one line: is it the same model?"""
+        torch = require("torch", "torch")
         leaves = tensor_leaves(torch, result)
         if self.output_names and len(leaves) != len(self.output_names):
             raise InputSpecError(f"{self.name}: the model returned {len(leaves)} tensors but the ONNX graph has "
@@ -68,11 +75,10 @@ class TorchRunner(Runner):
             raise InputSpecError(f"{self.name}: the ONNX graph's output {', '.join(unmatched)} maps to no output of the "
                                  f"model, whose {', '.join(extra) or 'outputs'} the graph does not name; is it the same "
                                  "model, exported for the same task?")
-        if self.output_names and not unmatched:  # by name: a file may order them otherwise
+        if self.output_names and not unmatched:
             by_name = dict(zip(own, leaves))
             leaves = [by_name[name] for name in self.output_names]
-        names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
-        return RunOutputs(dict(zip(names, (to_numpy(t) for t in leaves))), dict(self._tapped), dict(self._others))
+        return leaves
 
     def tensors(self, feeds: dict) -> dict:
         """The feeds as the module takes them: tensors on the runner's device, floats in its dtype
