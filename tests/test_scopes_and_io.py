@@ -63,6 +63,46 @@ def test_load_errors(tmp_path):
         load_onnx(tmp_path / "bad.onnx")
 
 
+def test_the_graph_alone_leaves_large_weights_in_the_file_as_valid_references(tmp_path):
+    """Each inline tensor of 1 KiB or more becomes external data whose location is the .onnx file
+    itself; small tensors, nodes, If branches and metadata are as they were. ONNX loads the
+    references back to the same weights, and ONNX Runtime runs the graph from them."""
+    import onnxruntime
+
+    from ticknorm.base.onnx_io import has_external_weights
+
+    rng = np.random.default_rng(0)
+    big, small = rng.standard_normal((64, 64)).astype(np.float32), np.float32([0.5, 2.0])
+    branch = helper.make_graph([helper.make_node("Identity", ["w"], ["b"])], "then", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, [64, 64])])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Mul", ["m", "s"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [onnx.numpy_helper.from_array(big, "w"), onnx.numpy_helper.from_array(small[:1], "s")])
+    graph.node.append(helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch))
+    graph.initializer.append(onnx.numpy_helper.from_array(np.bool_(True), "c"))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.metadata_props.add(key="k", value="v")
+    onnx.save(model, tmp_path / "m.onnx")
+
+    alone = load_onnx(tmp_path / "m.onnx", weights=False)
+    w, s, c = alone.graph.initializer
+    assert has_external_weights(alone) and not w.raw_data and not w.float_data
+    assert {e.key: e.value for e in w.external_data}["location"] == "m.onnx"
+    assert s.raw_data and c.raw_data  # small: copied
+    assert list(alone.graph.node) == list(model.graph.node) and alone.metadata_props == model.metadata_props
+    (tmp_path / "refs.onnx").write_bytes(alone.SerializeToString())
+    session = onnxruntime.InferenceSession(str(tmp_path / "refs.onnx"))  # reads the weights from m.onnx
+    onnx.load_external_data_for_model(alone, str(tmp_path))
+    assert np.array_equal(onnx.numpy_helper.to_array(alone.graph.initializer[0]), big)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    assert np.allclose(session.run(["y"], {"x": x})[0], x @ big * 0.5, atol=1e-5)
+    (tmp_path / "cut.onnx").write_bytes((tmp_path / "m.onnx").read_bytes()[:-40])
+    with pytest.raises(OnnxFileError, match="not a readable ONNX model"):
+        load_onnx(tmp_path / "cut.onnx", weights=False)
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_a_file_another_exporter_wrote_gets_its_scopes_from_its_node_names(tmp_path):
     """A plain torch.onnx.export (no ticknorm metadata): its TorchScript-style node names name the

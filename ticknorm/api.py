@@ -44,7 +44,7 @@ from ticknorm.exporter.precision.convert import convert as convert_graph
 from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.plugins import plugin_nodes
 from ticknorm.runtime.base import check_feeds, graph_input_meta
-from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, runtime_statuses
+from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, needs_weights, runtime_statuses
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import to_numpy
 from ticknorm.ticks.log import read_ticks
@@ -158,8 +158,8 @@ def profile(source, model, inputs, runtimes=("torch", "ort"), timing: Timing = T
     """Per-module latency on every runtime (names, or a `Runtimes`), aligned on PyTorch modules, on
     the first iteration's feeds; `Runtimes.trtexec` adds the TensorRT layers trtexec timed on a
     target GPU, mapped to the same modules."""
-    onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
+    onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress, weights=needs_weights(runtimes.names))
     setup = _setup(source, onnx_model, module, feeds, runtimes, progress)
     return _timings(onnx_model, feeds, runtimes, setup, timing, progress)
 
@@ -268,10 +268,10 @@ def _model_ref(model) -> ModelRef:
     return model if isinstance(model, ModelRef) else ModelRef(model)
 
 
-def _onnx(source) -> onnx.ModelProto:
+def _onnx(source, weights: bool = True) -> onnx.ModelProto:
     """The model, every node mapped to its module (a foreign file's from its exporter's records),
-    its If branches checked against their node."""
-    model = source if isinstance(source, onnx.ModelProto) else load_onnx(source)
+    its If branches checked against their node; without `weights`, a file's graph alone."""
+    model = source if isinstance(source, onnx.ModelProto) else load_onnx(source, weights)
     check_branches(model, _name(source))
     return ensure_scopes(model)
 
@@ -321,11 +321,12 @@ def _array(value) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else to_numpy(value) if hasattr(value, "detach") else np.asarray(value)
 
 
-def _judged(source, model, inputs, progress: Progress):
+def _judged(source, model, inputs, progress: Progress, weights: bool = True):
     """The ONNX model, the PyTorch model it came from (built for the graph's task), and every
     iteration's feeds for both: what every command that judges an export against PyTorch starts
-    with. Commands that run one input (profile, report) take the first iteration."""
-    onnx_model = _onnx(source)
+    with. Commands that run one input (profile, report) take the first iteration. Without
+    `weights`, a file's graph alone, for runtimes that read the file themselves."""
+    onnx_model = _onnx(source, weights)
     progress.step("loading the model")
     module = _model_ref(model).load(task_of_graph(i.name for i in onnx_model.graph.input))
     if not isinstance(inputs, Inputs):

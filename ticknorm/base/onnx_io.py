@@ -15,41 +15,47 @@ from google.protobuf.message import DecodeError
 
 from ticknorm.base.atomic import check_writable
 from ticknorm.base.errors import OnnxFileError, first_line
+from ticknorm.base.graph_only import graph_bytes
 from ticknorm.base.manifest import describe, mismatch
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of the limit.
 PROTOBUF_LIMIT = 2**31 - 2**26
 
 
-def load_onnx(path) -> onnx.ModelProto:
+def load_onnx(path, weights: bool = True) -> onnx.ModelProto:
     """The model at `path` with its weights, after checking that its external weights file is the
     one it was written with (see `save_onnx`): a pair torn by a killed write, or a data file from
-    another export, is refused with the reason."""
+    another export, is refused with the reason. With `weights` False, the graph alone: every large
+    tensor a reference to its bytes in the files (`graph_only`), none of them read."""
     path = Path(path)
     if not path.is_file():
         raise OnnxFileError(f"ONNX file not found: {path}")
     try:
-        model = _parsed(path)
+        model = _parsed(path, weights)
     except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeError, ValueError) as exc:
         raise OnnxFileError(f"{path} is not a readable ONNX model ({first_line(exc)})") from exc
     if has_external_weights(model):
         _check_weights_file(model, path)
-        try:
-            onnx.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise OnnxFileError(f"cannot read the weights of {path} ({first_line(exc)})") from exc
+        if weights:
+            try:
+                onnx.load_external_data_for_model(model, str(path.parent))
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise OnnxFileError(f"cannot read the weights of {path} ({first_line(exc)})") from exc
     return model
 
 
-def _parsed(path: Path) -> onnx.ModelProto:
+def _parsed(path: Path, weights: bool) -> onnx.ModelProto:
     """The file as ONNX reads it, external weights left where they are. A binary file is parsed
     from a read-only map of it, not from a copy read into memory first: a model with its weights
-    inside is then held once, not twice, on the way."""
+    inside is then held once, not twice, on the way (and not at all without `weights`)."""
     if onnx.serialization.registry.get_format_from_file_extension(path.suffix) not in (None, "protobuf"):
         return onnx.load(str(path), load_external_data=False)  # a text format
     model = onnx.ModelProto()
     if path.stat().st_size == 0:
         raise DecodeError("the file is empty")
+    if not weights:
+        model.ParseFromString(graph_bytes(path))
+        return model
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         size, view = len(mapped), memoryview(mapped)
         try:

@@ -1,5 +1,7 @@
 """Profile a model on several runtimes and align the results per PyTorch module."""
 
+import contextlib
+import gc
 from dataclasses import dataclass, field
 
 import onnx
@@ -65,6 +67,27 @@ def profile_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: Runne
     runners = {r: (TorchRunner(setup.module, names) if r == "torch" else make_runner(r, model, setup)) for r in runtimes}
     for runner in runners.values():
         runner.check_available()
+    with _collector_paused():
+        _collect(result, runners, model, feeds, timing, table, progress)
+    return result
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off while runtimes are timed, as `timeit` does: a full
+    collection walks every object alive (a model's modules and parameters) and would land inside
+    whichever run allocated the object that triggered it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _collect(result: ProfileResult, runners: dict, model, feeds: dict, timing: Timing, table: ScopeTable,
+             progress: Progress) -> None:
     for runtime, runner in runners.items():
         progress.step(f"timing {runtime}: {timing.iterations} plain and {timing.iterations} instrumented iterations, "
                       "in alternating blocks")
@@ -74,4 +97,3 @@ def profile_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: Runne
             result.logs[runtime] = collect_ort(runner, graph_feeds(model, feeds), timing, table, progress.advance)
         else:
             result.logs[runtime] = collect_trt(runner, graph_feeds(model, feeds), timing, table, progress.advance)
-    return result

@@ -126,6 +126,17 @@ def runtime_precision(name: str, model: onnx.ModelProto) -> str:
     return "fp32" if name.startswith("torch") else Precision.of_graph(model).dtype
 
 
+FILE_READERS = ("torch", "torch-cuda", "ort", "ort-cpu", "ort-cuda")
+
+
+def needs_weights(names) -> bool:
+    """Whether running these runtimes needs the graph's weights in Python: TensorRT builds from
+    the graph in memory, a low-precision target is planned on an fp32 run of it. PyTorch in fp32
+    runs its own weights, and ONNX Runtime reads a file itself (`RunnerSetup.model_file`), so a
+    profile on them reads the graph alone."""
+    return any(name not in FILE_READERS for name in names)
+
+
 def make_runner(name: str, model: onnx.ModelProto, setup: RunnerSetup = RunnerSetup(), taps=()) -> Runner:
     if name not in RUNTIME_NAMES:
         raise InputSpecError(f"unknown runtime '{name}'; choose from: {', '.join(RUNTIME_NAMES)}")
