@@ -4,15 +4,12 @@ PyTorch forward + building one ONNX Runtime session from the file + one ORT run,
 `compare` (ort) and `profile` (torch and ort, 1 timed iteration, no warm-up) through the API are
 timed beside it, taking turns `--rounds` times. Target (issue 18): each within 2x the floor. A
 profile times each runtime plain and instrumented, so it is also shown against the floor of that
-work (2 forwards, one session, 2 runs). A profile is timed twice: of a file profiled before (ONNX
-Runtime's optimized graph read from `ort_graph_cache`) and of a file never profiled (an empty
-cache each round: ONNX Runtime writes the graph, copying every weight).
+work (2 forwards, one session, 2 runs).
 
     python benchmarks/command_overhead.py [--rounds 3]
 """
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -50,7 +47,6 @@ def main():
     args = parser.parse_args()
     from ticknorm import Inputs, ModelRef, Timing, api
     from ticknorm.exporter.export import ExportOptions, export_model
-    from ticknorm.profiler.ort_graph_cache import CACHE_ENV
 
     module = bert_base()
     feeds = {"input_ids": np.random.default_rng(0).integers(0, 30522, (1, 128))}
@@ -58,33 +54,23 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "bert.onnx"
         export_model(module, feeds, path, ExportOptions(exporter="torchscript"))
-        runs = {"floor": [], "floor2": [], "compare": [], "profile": [], "profile, first": []}
-
-        def profile(cache: str) -> float:
-            os.environ[CACHE_ENV] = cache
-            return timed(lambda: api.profile(path, ModelRef(module), inputs, runtimes=["torch", "ort"],
-                                             timing=Timing(iterations=1, warmup=0)))
-
-        kept = tempfile.mkdtemp(dir=workdir)
-        profile(kept)  # the file's first profile, which keeps ORT's graph for the others
+        runs = {"floor": [], "floor2": [], "compare": [], "profile": []}
         for _ in range(args.rounds):
             runs["floor"].append(floor_s(module, path, feeds))
             runs["floor2"].append(floor_s(module, path, feeds, runs=2))
             runs["compare"].append(timed(lambda: api.compare(path, ModelRef(module), inputs, runtimes=["ort"])))
-            runs["profile"].append(profile(kept))
-            runs["profile, first"].append(profile(tempfile.mkdtemp(dir=workdir)))
+            runs["profile"].append(timed(lambda: api.profile(path, ModelRef(module), inputs, runtimes=["torch", "ort"],
+                                                             timing=Timing(iterations=1, warmup=0))))
     floor = statistics.median(runs["floor"])
     print(f"BERT-base-sized encoder, input 1x128, {args.rounds} rounds taking turns (medians)")
     print(f"  floor (torch forward + ORT session from the file + ORT run): {floor:.2f} s")
     floor2 = statistics.median(runs["floor2"])
     print(f"  floor of a profile (what one plain and one instrumented iteration per runtime cannot skip: 2 torch "
           f"forwards + one session + 2 ORT runs): {floor2:.2f} s")
-    labels = {"compare": "compare", "profile": "profile of a file profiled before",
-              "profile, first": "profile of a file never profiled (ORT writes its optimized graph)"}
-    for name, label in labels.items():
+    for name in ("compare", "profile"):
         value = statistics.median(runs[name])
-        print(f"  {label}: {value:.2f} s = x{value / floor:.2f} the floor (target <= 2)"
-              + (f", x{value / floor2:.2f} the profile's floor" if name.startswith("profile") else ""))
+        print(f"  {name:<8} {value:.2f} s = x{value / floor:.2f} the floor (target <= 2)"
+              + (f", x{value / floor2:.2f} the profile's floor" if name == "profile" else ""))
 
 
 if __name__ == "__main__":

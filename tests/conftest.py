@@ -38,15 +38,3 @@ def op_types(model: onnx.ModelProto) -> list[str]:
 def rng():
     return np.random.default_rng(1234)
 
-
-@pytest.fixture(autouse=True, scope="session")
-def _own_cache(tmp_path_factory):
-    """The suite keeps ONNX Runtime's optimized graphs (`ort_graph_cache`) in a folder of its own,
-    never in the user's cache, and its CLI subprocesses inherit that."""
-    import os
-
-    from ticknorm.profiler.ort_graph_cache import CACHE_ENV
-
-    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    os.environ.pop(CACHE_ENV, None)

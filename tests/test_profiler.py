@@ -1,7 +1,6 @@
 """The profiler: tick aggregation, runtime-name alignment, real profiles on torch and ORT."""
 
 import json
-import os
 
 import numpy as np
 import onnx
@@ -166,40 +165,6 @@ def test_profile_torch_and_ort_aligned_per_module(exported, tmp_path):
     assert (tmp_path / "p.csv").read_text().splitlines()[0] == "module,runtime,median_ms,p10_ms,p90_ms,min_ms,samples,unstable"
     profile_outputs.write_plot(result, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_ort_optimized_graph_is_kept_per_file_and_made_again_for_a_file_written_again(exported, tmp_path,
-                                                                                       monkeypatch):
-    """Writing ORT's optimized graph costs a copy of every weight: a file profiled again reads the
-    graph kept from its first profile (the same entry, refreshed as recently used), a file written
-    again gets a new one, and the mapping to modules is the same either way."""
-    import shutil
-
-    from ticknorm.profiler.ort_graph_cache import CACHE_ENV
-
-    path, model = exported
-    cache = tmp_path / "cache" / "ort-graphs"
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    copy = tmp_path / "tiny.onnx"
-    shutil.copy(path, copy)
-    setup = RunnerSetup(ModelRef(EXAMPLE, CHECKPOINT).load(), model_file=str(copy))
-
-    def profiled_rows():
-        result = profile_runtimes(model, FEEDS, ("ort",), setup, Timing(iterations=1, warmup=0, depth=2))
-        return {module for module, _ in result.rows()}
-
-    rows = profiled_rows()
-    [kept] = cache.glob("*.onnx")
-    assert UNATTRIBUTED not in rows and onnx.load(str(kept), load_external_data=False).graph.node
-    inode = kept.stat().st_ino
-    os.utime(kept, (1, 1))
-    assert profiled_rows() == rows
-    assert [p.stat().st_ino for p in cache.glob("*.onnx")] == [inode] and kept.stat().st_mtime > 1
-    copy.write_bytes(path.read_bytes())  # written again
-    assert profiled_rows() == rows and len(list(cache.glob("*.onnx"))) == 2
-    monkeypatch.setenv(CACHE_ENV, "off")
-    shutil.rmtree(cache)
-    assert profiled_rows() == rows and not cache.exists()
 
 
 def test_report_joins_latency_and_error_and_flags_slow_inaccurate_modules(exported, tmp_path):

@@ -7,7 +7,6 @@ import time
 
 import onnx
 
-from ticknorm.profiler import ort_graph_cache
 from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.ticks import Span, Tick, TickLog, blocks
 from ticknorm.runtime.ort_runner import OrtRunner, failed_run
@@ -22,8 +21,6 @@ def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_it
     neither takes the cores of the other's block. With one block of each kind there is nothing to
     alternate: one session times its profiled block, then, its profiler ended, its plain block."""
     log = TickLog(runner.name, "runtime", iterations=timing.iterations)
-    kept = ort_graph_cache.entry(runner.file_read, runner.provider, runner.optimization)
-    rewritten = ort_graph_cache.read(kept)
     with tempfile.TemporaryDirectory() as workdir:
         written = os.path.join(workdir, "optimized.onnx")
 
@@ -34,7 +31,6 @@ def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_it
                 if profiling:
                     made.enable_profiling = True
                     made.profile_file_prefix = os.path.join(workdir, "ort")
-                if profiling and rewritten is None:
                     made.optimized_model_filepath = written
                     # its weights apart, into nothing: only the graph is read back (what ORT renamed and fused)
                     made.add_session_config_entry("session.optimized_model_external_initializers_file_name",
@@ -46,10 +42,7 @@ def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_it
 
         with runner.variant(options(True)) as profiling:
             profiling.check(feeds)
-            if rewritten is None:
-                rewritten = onnx.load(written, load_external_data=False)
-                ort_graph_cache.keep(kept, written)
-            table.learn_rewritten(runner.model, rewritten)
+            table.learn_rewritten(runner.model, onnx.load(written, load_external_data=False))
             runs = _Runs(profiling.session, feeds, log, on_iteration, runner.name)
             if len(blocks(timing.iterations)) == 1:
                 runs.profiled_then_plain(timing)

@@ -62,10 +62,9 @@ class OrtRunner(Runner):
 
         existing = {o.name for o in self.model.graph.output}
         added = [name for name in self._fetched if name not in existing]
-        file_read = self.file_read  # before `exposed` adds the outputs to the graph
         try:
-            with exposed(self.model, added), contextlib.nullcontext(file_read) if (
-                    file_read) else session_source(self.model, self.weights_dir) as source:
+            with exposed(self.model, added), contextlib.nullcontext(str(self.model_file)) if (
+                    self.model_file and not added) else session_source(self.model, self.weights_dir) as source:
                 self._session = ort.InferenceSession(source, self.session_options(), providers=[PROVIDERS[self.provider]])
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
             raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
@@ -77,12 +76,6 @@ class OrtRunner(Runner):
         """A runner of the same model, provider and optimization with other session options."""
         return OrtRunner(self.model, self.provider, self.optimization, session_options, self.weights_dir, self.taps,
                          model_file=self.model_file)
-
-    @property
-    def file_read(self) -> str | None:
-        """The file the session reads the model from itself (one that adds no output), else None."""
-        existing = {o.name for o in self.model.graph.output}
-        return str(self.model_file) if self.model_file and all(n in existing for n in self._fetched) else None
 
     @property
     def session(self):
