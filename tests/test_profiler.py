@@ -132,6 +132,54 @@ def test_a_model_returning_other_outputs_than_the_graph_is_one_line_before_a_pro
         profile_runtimes(model, FEEDS, ("torch", "ort"), RunnerSetup(TwoOutputs()), Timing(iterations=1, warmup=0))
 
 
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_the_tensorrt_collector_alternates_blocks_and_keeps_gpu_compute_apart(exported, monkeypatch, warmup):
+    """TensorRT cannot run on this project's machines: its IProfiler and an engine's runner are
+    stood in for, to check the loop around them. 7 iterations are blocks of 5 and 2, plain then
+    profiled, each after one untimed run when there is warm-up; the profiler is attached to
+    profiled runs only; each timed plain run's GPU compute time is kept apart from its end to end;
+    layers map to modules, a fused layer to every module it covers."""
+    import types
+
+    import ticknorm.profiler.collect_trt as collect_trt
+
+    _, model = exported
+    table = ScopeTable(model)
+    nodes = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "LayerNormalization")]
+
+    class Context:
+        profiler = None
+
+    class Engine:
+        name, compute_ns = "trt", 0
+
+        def __init__(self):
+            self.context, self.runs = Context(), []
+
+        def infer(self, feeds):
+            profiler = self.context.profiler
+            self.runs.append("profiled" if profiler else "plain")
+            self.compute_ns = 1000 * len(self.runs)
+            if profiler:
+                profiler.report_layer_time(f"{nodes[0]} + {nodes[1]}", 0.25)
+                profiler.report_layer_time("Reformatting CopyNode for Input Tensor 0", 0.01)
+
+    monkeypatch.setattr(collect_trt, "import_tensorrt", lambda: types.SimpleNamespace(
+        IProfiler=type("IProfiler", (), {"__init__": lambda self: None})))
+    engine = Engine()
+    log = collect_trt._timed(engine, FEEDS, Timing(iterations=7, warmup=warmup), table, lambda: None)
+    schedule = [("plain", False)] * warmup  # (kind, timed)
+    for size in (5, 2):
+        for kind in ("plain", "profiled"):
+            schedule += [(kind, False)] * bool(warmup) + [(kind, True)] * size
+    assert engine.runs == [kind for kind, _ in schedule] and engine.context.profiler is None
+    assert log.device_ns == [1000 * (n + 1) for n, (kind, timed) in enumerate(schedule) if kind == "plain" and timed]
+    assert len(log.end_to_end_ns) == len(log.instrumented_ns) == 7
+    rows = log.per_module()
+    fused = " + ".join(sorted({table.modules_for_trt(nodes[0])[0], table.modules_for_trt(nodes[1])[0]}))
+    assert rows[fused].median_ms == pytest.approx(0.25) and rows[UNATTRIBUTED].median_ms == pytest.approx(0.01)
+
+
 def test_runtime_names_map_back_to_modules(exported):
     _, model = exported
     table = ScopeTable(model)

@@ -2,7 +2,9 @@
 
 Fused layers (`a + b`) and Myelin regions (`{ForeignNode[a...b]}`) map to every module they
 cover and become group rows. NOT VERIFIED on TensorRT (none on this project's machines); the
-name mapping it relies on (`ScopeTable.modules_for_trt`) is unit-tested."""
+name mapping it relies on (`ScopeTable.modules_for_trt`) is unit-tested, and so is its loop (blocks,
+settling runs, the profiler attached to profiled runs only, GPU compute kept apart) with TensorRT's
+IProfiler and an engine stood in for."""
 
 import time
 
