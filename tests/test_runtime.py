@@ -51,6 +51,27 @@ def test_ort_taps_are_modules_and_leave_the_outputs_unchanged(small):
         np.testing.assert_array_equal(value, tapped.outputs[name])
 
 
+def test_a_graph_read_alone_runs_with_taps_on_the_weights_in_its_file(tmp_path):
+    """Compare and profile read a file's graph alone (`graph_only`): ONNX Runtime maps the weights
+    the graph references from the file's folder, also when taps make it a session of its own; the
+    outputs and taps are those of the model read whole."""
+    from ticknorm.base.onnx_io import has_external_weights, load_onnx
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 32)).eval()
+    feeds = {"input": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)}
+    onnx.save(export(module, feeds, "torchscript"), tmp_path / "m.onnx")
+    whole, alone = load_onnx(tmp_path / "m.onnx"), load_onnx(tmp_path / "m.onnx", weights=False)
+    assert has_external_weights(alone) and not has_external_weights(whole)
+    with OrtRunner(whole, taps=["1"]) as reference, OrtRunner(alone, taps=["1"], model_file=str(tmp_path / "m.onnx"),
+                                                              weights_dir=str(tmp_path)) as mapped:
+        expected, found = reference.infer(feeds), mapped.infer(feeds)
+    assert set(found.taps) == {"1"}
+    for name, value in expected.outputs.items():
+        np.testing.assert_allclose(found.outputs[name], value, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(found.taps["1"], expected.taps["1"], rtol=1e-6, atol=1e-6)
+
+
 def test_torch_runner_matches_ort_and_taps_modules(small):
     module, model, feeds = small
     names = [o.name for o in model.graph.output]

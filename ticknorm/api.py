@@ -22,7 +22,7 @@ from ticknorm.base.graph import check_branches
 from ticknorm.base.graph_feeds import feed_sets_for_graph
 from ticknorm.base.inputs import Inputs, graph_feeds
 from ticknorm.base.metrics import Tolerance
-from ticknorm.base.onnx_io import load_onnx, model_digest, save_onnx
+from ticknorm.base.onnx_io import has_external_weights, load_onnx, model_digest, save_onnx
 from ticknorm.base.precision import Precision
 from ticknorm.base.progress import QUIET, Progress
 from ticknorm.base.run_results import SavedReference
@@ -144,8 +144,9 @@ def compare(source, model, inputs, runtimes=("ort",), tolerance: Tolerance | Non
     Low-precision targets run with fp32 islands measured on these inputs (`report.fp32_islands`).
     With `reference` (`read_reference("outputs.json")`: Polygraphy's saved outputs) the outputs are
     judged against it; `model` may then be None, and `inputs` must be those it was made from."""
-    onnx_model, module, feed_sets = _reference_run(source, model, inputs, reference, progress)
     runtimes = Runtimes.of(runtimes)
+    onnx_model, module, feed_sets = _reference_run(source, model, inputs, reference, progress,
+                                                   weights=needs_weights(runtimes.names))
     setup = _setup(source, onnx_model, module, feed_sets[0], runtimes, progress)
     report = compare_runtimes(onnx_model, feed_sets, runtimes.names, setup, tolerance=tolerance, layers=layers,
                               progress=progress.step, saved=reference)
@@ -344,19 +345,24 @@ def _fitting(onnx_model, source, feed_sets: list[dict]) -> list[dict]:
     return feed_sets
 
 
-def _reference_run(source, model, inputs, reference: SavedReference | None, progress: Progress):
+def _reference_run(source, model, inputs, reference: SavedReference | None, progress: Progress,
+                   weights: bool = True):
     """`_judged`, where saved outputs may stand in for the PyTorch model (`model` None): the
     inputs are then the ones those outputs were made from, as given."""
     if model is not None:
-        return _judged(source, model, inputs, progress)
+        return _judged(source, model, inputs, progress, weights)
     if reference is None:
         raise InputSpecError("give the PyTorch model (--model) or saved outputs to judge against (--reference-outputs)")
-    onnx_model = _onnx(source)
+    onnx_model = _onnx(source, weights)
     feed_sets = inputs.feed_sets(onnx_model) if isinstance(inputs, Inputs) else [_feeds(inputs, None, onnx_model)[0]]
     return onnx_model, None, _fitting(onnx_model, source, feed_sets)
 
 
 def _setup(source, onnx_model, module, feeds, runtimes: Runtimes, progress: Progress) -> RunnerSetup:
-    """How every runtime runs `onnx_model`; ONNX Runtime reads it from `source` when it is a file."""
+    """How every runtime runs `onnx_model`; ONNX Runtime reads it from `source` when it is a file,
+    and maps the weights a graph read alone references from the file's folder."""
     setup = runner_setup(onnx_model, module, feeds, runtimes, progress.step)
-    return setup if isinstance(source, onnx.ModelProto) else dataclasses.replace(setup, model_file=str(source))
+    if isinstance(source, onnx.ModelProto):
+        return setup
+    folder = str(Path(source).resolve().parent) if has_external_weights(onnx_model) else None
+    return dataclasses.replace(setup, model_file=str(source), weights_dir=folder)

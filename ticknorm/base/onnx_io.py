@@ -306,15 +306,11 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def session_source(model: onnx.ModelProto, weights_dir=None):
-    """What an ONNX Runtime session loads `model` from: its bytes, or a file while the session is
-    made, beside its staged weights (`weights_dir`, which the session then memory-maps) or with
-    the weights written out when the model is too big for bytes."""
-    if weights_dir is not None and has_external_weights(model):
-        with tempfile.NamedTemporaryFile(dir=weights_dir, suffix=".onnx") as handle:
-            handle.write(model.SerializeToString())  # references only: small
-            handle.flush()
-            yield handle.name
-    elif initializer_bytes(model) < PROTOBUF_LIMIT:
+    """What an ONNX Runtime session loads `model` from: its bytes (a graph whose weights are
+    references into files in `weights_dir` too: the session, told that folder, maps them from
+    there), or a file while the session is made, with the weights written out when the model is
+    too big for bytes."""
+    if (weights_dir is not None and has_external_weights(model)) or initializer_bytes(model) < PROTOBUF_LIMIT:
         yield model.SerializeToString()
     else:
         with tempfile.TemporaryDirectory() as workdir:

@@ -23,8 +23,9 @@ class OrtRunner(Runner):
 
     def __init__(self, model: onnx.ModelProto, provider: str = "cpu", optimization: str = "all",
                  session_options=None, weights_dir=None, taps=(), extra_outputs=(), model_file=None):
-        """`weights_dir` holds the weights of a staged model (`onnx_io.stage_weights`): the session
-        memory-maps them from there instead of copying them. `session_options` makes the
+        """`weights_dir` holds the weights `model` references (a staged model, `onnx_io.stage_weights`,
+        or a file's graph read alone, `graph_only`): the session memory-maps them from there
+        instead of copying them. `session_options` makes the
         `onnxruntime.SessionOptions` to start from (the profiler's). `model_file` is the file
         `model` was read from: a session that adds no output reads it from there, with no
         serialized copy of the model made in memory."""
@@ -40,6 +41,7 @@ class OrtRunner(Runner):
         graph_outputs = [o.name for o in model.graph.output]
         self._outputs = list(dict.fromkeys([*graph_outputs, *extra_outputs]))
         self._fetched = list(dict.fromkeys([*self._outputs, *self._tap_tensors.values()]))
+        self._added = [name for name in self._fetched if name not in graph_outputs]  # made outputs for the session
         self._session = None
 
     def check_available(self) -> None:
@@ -60,11 +62,9 @@ class OrtRunner(Runner):
     def _activate_impl(self) -> None:
         import onnxruntime as ort
 
-        existing = {o.name for o in self.model.graph.output}
-        added = [name for name in self._fetched if name not in existing]
         try:
-            with exposed(self.model, added), contextlib.nullcontext(str(self.model_file)) if (
-                    self.model_file and not added) else session_source(self.model, self.weights_dir) as source:
+            with exposed(self.model, self._added), contextlib.nullcontext(str(self.model_file)) if (
+                    self._reads_file) else session_source(self.model, self.weights_dir) as source:
                 self._session = ort.InferenceSession(source, self.session_options(), providers=[PROVIDERS[self.provider]])
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
             raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
@@ -76,6 +76,11 @@ class OrtRunner(Runner):
         """A runner of the same model, provider and optimization with other session options."""
         return OrtRunner(self.model, self.provider, self.optimization, session_options, self.weights_dir, self.taps,
                          model_file=self.model_file)
+
+    @property
+    def _reads_file(self) -> bool:
+        """Whether the session reads `model_file` itself (it adds no output to the graph)."""
+        return bool(self.model_file) and not self._added
 
     @property
     def session(self):
@@ -91,7 +96,10 @@ class OrtRunner(Runner):
 
         options = self._extra_options() if self._extra_options else ort.SessionOptions()
         options.log_severity_level = 4  # fatal only: a failure reaches the user as our one line, not ORT's log too
-        if self.weights_dir is not None:  # prepacked weights would be private copies of the mapped file
+        if self.weights_dir is not None and not self._reads_file:  # the graph's weights: references into files there
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(self.weights_dir))
+            # prepacked weights would be private copies of the mapped files
             options.add_session_config_entry("session.disable_prepacking", "1")
         options.graph_optimization_level = {
             "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -87,6 +87,7 @@ class RunnerSetup:
     ort_optimization: str = "all"
     low: dict = field(default_factory=dict)  # 'fp16' | 'bf16' -> LowPrecision
     model_file: str | None = None  # the file the graph was read from, which ONNX Runtime then reads itself
+    weights_dir: str | None = None  # where a graph read without its weights finds them (`graph_only`)
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,9 @@ FILE_READERS = ("torch", "torch-cuda", "ort", "ort-cpu", "ort-cuda")
 def needs_weights(names) -> bool:
     """Whether running these runtimes needs the graph's weights in Python: TensorRT builds from
     the graph in memory, a low-precision target is planned on an fp32 run of it. PyTorch in fp32
-    runs its own weights, and ONNX Runtime reads a file itself (`RunnerSetup.model_file`), so a
-    profile on them reads the graph alone."""
+    runs its own weights, and ONNX Runtime maps them from the files themselves
+    (`RunnerSetup.model_file`, `weights_dir`), so a profile or a comparison on them reads the graph
+    alone."""
     return any(name not in FILE_READERS for name in names)
 
 
@@ -150,7 +152,7 @@ def make_runner(name: str, model: onnx.ModelProto, setup: RunnerSetup = RunnerSe
                            fp32_modules, taps)
     if name.startswith("ort"):
         return OrtRunner(model, "cuda" if name == "ort-cuda" else "cpu", setup.ort_optimization, taps=taps,
-                         model_file=setup.model_file)
+                         model_file=setup.model_file, weights_dir=setup.weights_dir)
     return TrtRunner(_graph_in(precision, model, setup, name), setup.profile or {}, TrtSettings(precision), taps=taps)
 
 
