@@ -11,7 +11,7 @@ from conftest import export, ort_run
 from factories import Small
 from ticknorm.base.errors import InputSpecError, RuntimeUnavailable, TicknormError
 from ticknorm.base.onnx_io import model_digest
-from ticknorm.runtime.ort_runner import OrtRunner
+from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 from ticknorm.runtime.registry import RunnerSetup, make_runner, runtime_statuses
 from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.plugins.trt_plugin import kernel_source_digest
@@ -64,7 +64,7 @@ def test_a_graph_read_alone_runs_with_taps_on_the_weights_in_its_file(tmp_path):
     whole, alone = load_onnx(tmp_path / "m.onnx"), load_onnx(tmp_path / "m.onnx", weights=False)
     assert has_external_weights(alone) and not has_external_weights(whole)
     with OrtRunner(whole, taps=["1"]) as reference, OrtRunner(alone, taps=["1"], model_file=str(tmp_path / "m.onnx"),
-                                                              weights_dir=str(tmp_path)) as mapped:
+                                                              mapped=MappedWeights(str(tmp_path))) as mapped:
         expected, found = reference.infer(feeds), mapped.infer(feeds)
     assert set(found.taps) == {"1"}
     for name, value in expected.outputs.items():

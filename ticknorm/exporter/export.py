@@ -33,7 +33,7 @@ from ticknorm.base.precision import Precision
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.precision.convert import Conversion, convert
 from ticknorm.exporter.tasks import DEFAULT as DEFAULT_TASK
-from ticknorm.runtime.ort_runner import OrtRunner
+from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 from ticknorm.runtime.torch_runner import forward, from_numpy, output_names, tensor_leaves, to_numpy
 
 EXPORTERS = {"dynamo": (18, None), "torchscript": (13, 17)}
@@ -164,7 +164,7 @@ def compare_with_torch(proto: onnx.ModelProto, checks: list, outputs: list | Non
             raise ExportError(f"the ONNX graph has {len(names)} outputs but the PyTorch model returned "
                               f"{len(reference)} tensors")
     if outputs is None:
-        with OrtRunner(proto, weights_dir=weights_dir) as runner:
+        with OrtRunner(proto, mapped=MappedWeights.staged(weights_dir)) as runner:
             outputs = [runner.infer(graph_feeds(proto, feeds)).outputs for _, feeds, _ in checks]
     index = GraphIndex(proto)
     return [compare_arrays(f"{name} ({label})" if label else name, expected, actual[name],

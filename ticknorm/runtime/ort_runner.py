@@ -1,12 +1,13 @@
 """ONNX Runtime: CPU or CUDA provider, selectable graph optimization, taps as extra outputs."""
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from ticknorm.base.errors import OnnxFileError, RuntimeFailure, RuntimeUnavailable, first_line
-from ticknorm.base.onnx_io import session_source
+from ticknorm.base.onnx_io import has_external_weights, session_source
 from ticknorm.base.precision import Precision
 from ticknorm.base.scopes import exposed
 from ticknorm.plugins import plugin_nodes
@@ -16,23 +17,40 @@ OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+@dataclass(frozen=True)
+class MappedWeights:
+    """The folder of the files a graph's weights are references into, which a session maps; and
+    whether ONNX Runtime may make prepacked private copies of them (the kernels a deployment
+    runs, for a session that is timed or judged)."""
+
+    folder: str
+    prepack: bool = True
+
+    @classmethod
+    def staged(cls, folder) -> "MappedWeights | None":
+        """An export's staged weights (`onnx_io.stage_weights`), or None: mapped and not
+        prepacked, as the sessions verifying an export count toward its peak memory."""
+        return None if folder is None else cls(str(folder), prepack=False)
+
+
 class OrtRunner(Runner):
     """One InferenceSession. Tapped modules' tensors and `extra_outputs` (ONNX tensor names, for
     checks that read the graph itself: fused norms, norm inputs) are outputs of that session;
     extra outputs come back among the outputs."""
 
     def __init__(self, model: onnx.ModelProto, provider: str = "cpu", optimization: str = "all",
-                 session_options=None, weights_dir=None, taps=(), extra_outputs=(), model_file=None):
-        """`weights_dir` holds the weights `model` references (a staged model, `onnx_io.stage_weights`,
-        or a file's graph read alone, `graph_only`): the session memory-maps them from there
-        instead of copying them. `session_options` makes the
+                 session_options=None, mapped: "MappedWeights | None" = None, taps=(), extra_outputs=(),
+                 model_file=None):
+        """`mapped` says where the weights `model` references are (a staged model,
+        `onnx_io.stage_weights`, or a file's graph read alone, `graph_only`): the session
+        memory-maps them from there instead of copying them. `session_options` makes the
         `onnxruntime.SessionOptions` to start from (the profiler's). `model_file` is the file
-        `model` was read from: a session that adds no output reads it from there, with no
-        serialized copy of the model made in memory."""
+        `model` was read from: a session that adds no output to a graph holding its weights reads
+        it from there, with no serialized copy of the model made in memory."""
         super().__init__(taps)
         self.model = model
         self.model_file = model_file
-        self.weights_dir = weights_dir
+        self.mapped = mapped
         self.provider = provider
         self.optimization = optimization
         self.name = f"ort-{provider}"
@@ -64,7 +82,8 @@ class OrtRunner(Runner):
 
         try:
             with exposed(self.model, self._added), contextlib.nullcontext(str(self.model_file)) if (
-                    self._reads_file) else session_source(self.model, self.weights_dir) as source:
+                    self._reads_file) else session_source(
+                    self.model, self.mapped and self.mapped.folder) as source:
                 self._session = ort.InferenceSession(source, self.session_options(), providers=[PROVIDERS[self.provider]])
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
             raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
@@ -74,13 +93,20 @@ class OrtRunner(Runner):
 
     def variant(self, session_options) -> "OrtRunner":
         """A runner of the same model, provider and optimization with other session options."""
-        return OrtRunner(self.model, self.provider, self.optimization, session_options, self.weights_dir, self.taps,
+        return OrtRunner(self.model, self.provider, self.optimization, session_options, self.mapped, self.taps,
                          model_file=self.model_file)
 
     @property
+    def _maps_weights(self) -> bool:
+        """Whether the graph's weights are references the session maps from `weights_dir`: then it
+        gets the graph's bytes alone (faster to build than from the file, with taps or without)."""
+        return self.mapped is not None and has_external_weights(self.model)
+
+    @property
     def _reads_file(self) -> bool:
-        """Whether the session reads `model_file` itself (it adds no output to the graph)."""
-        return bool(self.model_file) and not self._added
+        """Whether the session reads `model_file` itself (a graph holding its weights, with no
+        output added to it)."""
+        return bool(self.model_file) and not self._added and not self._maps_weights
 
     @property
     def session(self):
@@ -96,10 +122,9 @@ class OrtRunner(Runner):
 
         options = self._extra_options() if self._extra_options else ort.SessionOptions()
         options.log_severity_level = 4  # fatal only: a failure reaches the user as our one line, not ORT's log too
-        if self.weights_dir is not None and not self._reads_file:  # the graph's weights: references into files there
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                             str(self.weights_dir))
-            # prepacked weights would be private copies of the mapped files
+        if self._maps_weights:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", self.mapped.folder)
+        if self.mapped is not None and not self.mapped.prepack:
             options.add_session_config_entry("session.disable_prepacking", "1")
         options.graph_optimization_level = {
             "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

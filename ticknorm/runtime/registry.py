@@ -12,7 +12,7 @@ import onnx
 from ticknorm.base.errors import InputSpecError
 from ticknorm.base.precision import LOW_TYPES, Precision
 from ticknorm.runtime.base import Runner
-from ticknorm.runtime.ort_runner import OrtRunner
+from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.runtime.trt_runner import TrtRunner, TrtSettings
 
@@ -152,7 +152,8 @@ def make_runner(name: str, model: onnx.ModelProto, setup: RunnerSetup = RunnerSe
                            fp32_modules, taps)
     if name.startswith("ort"):
         return OrtRunner(model, "cuda" if name == "ort-cuda" else "cpu", setup.ort_optimization, taps=taps,
-                         model_file=setup.model_file, weights_dir=setup.weights_dir)
+                         model_file=setup.model_file,
+                         mapped=MappedWeights(setup.weights_dir) if setup.weights_dir else None)
     return TrtRunner(_graph_in(precision, model, setup, name), setup.profile or {}, TrtSettings(precision), taps=taps)
 
 

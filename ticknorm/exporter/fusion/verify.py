@@ -15,7 +15,7 @@ import onnx
 
 from ticknorm.base.graph import GraphIndex
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
-from ticknorm.runtime.ort_runner import OrtRunner
+from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 
 @dataclass
@@ -29,9 +29,10 @@ def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dic
     """`tensors` maps each tensor to check (outputs of fused nodes) to its element type. The two
     sessions run one after the other, so only one holds the weights at a time; the fused one also
     runs each feed dict of `also` (an export's other checks) while it is open."""
-    with OrtRunner(original, optimization="disabled", weights_dir=weights_dir, extra_outputs=list(tensors)) as runner:
+    with OrtRunner(original, optimization="disabled", mapped=MappedWeights.staged(weights_dir),
+                   extra_outputs=list(tensors)) as runner:
         expected = runner.infer(feeds).outputs
-    with OrtRunner(fused, weights_dir=weights_dir, extra_outputs=list(tensors)) as runner:
+    with OrtRunner(fused, mapped=MappedWeights.staged(weights_dir), extra_outputs=list(tensors)) as runner:
         actual = runner.infer(feeds).outputs
         outputs = [actual] + [runner.infer(more).outputs for more in also]
     index = GraphIndex(original)

@@ -18,7 +18,7 @@ from ticknorm.base.metrics import ArrayComparison, Tolerance, compare_arrays
 from ticknorm.base.precision import LOW_TYPES, TYPE_NAMES, Precision
 from ticknorm.exporter.precision.lower import lay_out, low_array, write_emulated, write_low
 from ticknorm.exporter.precision.plan import plan_precision
-from ticknorm.runtime.ort_runner import OrtRunner
+from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 
 @dataclass
@@ -72,7 +72,7 @@ def convert(model: onnx.ModelProto, feeds: dict, precision: Precision, reference
 
 
 def _run(model: onnx.ModelProto, feeds: dict, weights_dir, optimization: str) -> dict:
-    with OrtRunner(model, optimization=optimization, weights_dir=weights_dir) as runner:
+    with OrtRunner(model, optimization=optimization, mapped=MappedWeights.staged(weights_dir)) as runner:
         return runner.infer(feeds).outputs
 
 

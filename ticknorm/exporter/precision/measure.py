@@ -13,7 +13,7 @@ from ticknorm.base.errors import InputSpecError
 from ticknorm.base.graph import GraphIndex, attr
 from ticknorm.base.onnx_io import is_external
 from ticknorm.base.precision import SMALLEST_NORMAL
-from ticknorm.runtime.ort_runner import OrtRunner
+from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 # Reductions whose running sum is larger than their result: the sum is what a low-precision
@@ -36,7 +36,8 @@ class Measurement:
 def measure(index: GraphIndex, feeds: dict, dtype: str, weights_dir=None) -> Measurement:
     """Run the graph in fp32 (ONNX Runtime, optimizations off, every float tensor an output)."""
     floats = [name for name in _float_tensors(index) if name not in index.initializers]
-    with OrtRunner(index.model, optimization="disabled", weights_dir=weights_dir, extra_outputs=floats) as runner:
+    with OrtRunner(index.model, optimization="disabled", mapped=MappedWeights.staged(weights_dir),
+                   extra_outputs=floats) as runner:
         values = runner.infer(feeds).outputs
     bad = [name for name in floats if name in values and not np.all(np.isfinite(values[name]))]
     if bad:
