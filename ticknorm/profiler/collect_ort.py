@@ -12,16 +12,18 @@ from ticknorm.profiler.ticks import Span, Tick, TickLog, blocks
 from ticknorm.runtime.ort_runner import OrtRunner, failed_run
 
 _RUN_EVENTS = ("model_run", "SequentialExecutor::Execute")
+SETTLE_NS = 10_000_000  # longer than ONNX Runtime's pool threads spin after a run
 
 
 def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration=lambda: None) -> TickLog:
     """A session with ONNX Runtime's profiler on and a plain one like `runner`'s, timed in
-    alternating blocks (`ticks.blocks`), each block after one untimed run of its session. The plain
-    session runs as a deployment's does, its pool threads spinning a while after each run (stopping
-    them costs a 0.1 ms model 10-15 % of its end to end); the profiling session's stop when a run
-    returns, so they take no core from the plain block. With one block of each kind there is
-    nothing to alternate: one session, spinning as deployed, times its profiled block, then, its
-    profiler ended, its plain block."""
+    alternating blocks (`ticks.blocks`). Both are configured alike but for the profiler: their pool
+    threads spin a while after each run, as a deployment's do (stopping them costs a 0.1 ms model
+    10-15 % of its end to end). So that the idle session's spinning takes no core from the timed
+    block, each block starts with untimed runs of its session for at least SETTLE_NS (one run
+    of BERT-base, dozens of a tiny model), by which time the other session's threads sleep. With
+    one block of each kind there is nothing to alternate: one session times its profiled block,
+    then, its profiler ended, its plain block."""
     log = TickLog(runner.name, "runtime", iterations=timing.iterations)
     alternating = len(blocks(timing.iterations)) > 1
     with tempfile.TemporaryDirectory() as workdir:
@@ -30,8 +32,6 @@ def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_it
         def options(profiling: bool):
             def make():
                 made = runner.session_options()
-                if profiling and alternating:
-                    made.add_session_config_entry("session.force_spinning_stop", "1")
                 if profiling:
                     made.enable_profiling = True
                     made.profile_file_prefix = os.path.join(workdir, "ort")
@@ -110,9 +110,13 @@ class _Runs:
 
     def _block(self, session, block, into: list, untimed: bool) -> None:
         profiled = session is self.profiling and self.events is None
-        if untimed:  # one untimed run after the other kind's block
-            self._run(session)
-            self.count += profiled
+        if untimed:  # untimed runs after the other kind's block, until that session's pool stopped spinning
+            start = time.perf_counter_ns()
+            while True:
+                self._run(session)
+                self.count += profiled
+                if time.perf_counter_ns() - start >= SETTLE_NS:
+                    break
         for _ in block:
             start = time.perf_counter_ns()
             self._run(session)
