@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Timing, api
 from ticknorm.base.errors import InputSpecError
+from ticknorm.base.onnx_io import load_onnx, model_digest
 from ticknorm.base.scopes import get_scope
 from ticknorm.cli import main
 from ticknorm.profiler.align import ScopeTable
@@ -247,6 +248,7 @@ def test_profile_and_report_cli(exported, tmp_path):
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["schema"] == 1 and written["passed"] is True and written["rows"][0]["module"]
     assert {"model_digest", "inputs", "tolerances", "timing", "created", "versions"} <= set(written["meta"])
+    assert written["meta"]["model_digest"] == model_digest(load_onnx(path))  # the report read the graph alone
     assert written["meta"]["inputs"] == {"input_ids": "[2, 16] int64"} and written["meta"]["timing"]["iterations"] == 3
     assert written["meta"]["tolerances"] == {"ort": {"atol": 1e-4, "rtol": 1e-3}}
     strict = CliRunner().invoke(main, ["report", *common, "-o", str(tmp_path / "s.html"), "--atol", "0", "--rtol", "0"])

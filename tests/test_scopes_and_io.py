@@ -5,7 +5,7 @@ from onnx import TensorProto, helper
 
 from ticknorm.base.errors import OnnxFileError
 from ticknorm.base.scopes import annotate_scopes, common_scope, get_scope
-from ticknorm.base.onnx_io import load_onnx, save_onnx
+from ticknorm.base.onnx_io import load_onnx, model_digest, save_onnx
 
 
 def _node(name, inputs, outputs, op="Relu", dynamo_scopes=None):
@@ -92,6 +92,7 @@ def test_the_graph_alone_leaves_large_weights_in_the_file_as_valid_references(tm
     assert {e.key: e.value for e in w.external_data}["location"] == "m.onnx"
     assert s.raw_data and c.raw_data  # small: copied
     assert list(alone.graph.node) == list(model.graph.node) and alone.metadata_props == model.metadata_props
+    assert model_digest(alone, tmp_path) == model_digest(load_onnx(tmp_path / "m.onnx"))
     (tmp_path / "refs.onnx").write_bytes(alone.SerializeToString())
     session = onnxruntime.InferenceSession(str(tmp_path / "refs.onnx"))  # reads the weights from m.onnx
     onnx.load_external_data_for_model(alone, str(tmp_path))

@@ -182,15 +182,15 @@ def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Tim
     tolerances as `compare`), and write the HTML page to `output`. The report's `passed` is the
     comparison's verdict. The first iteration's feeds."""
     _writable(output)
-    onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress)
     runtimes = Runtimes.of(runtimes)
+    onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress, weights=needs_weights(runtimes.names))
     setup = _setup(source, onnx_model, module, feeds, runtimes, progress)
     timings = _timings(onnx_model, feeds, runtimes, setup, timing, progress)
     progress.step("comparing every module with PyTorch")
     targets = [r for r in runtimes.names if r != "torch"]
     accuracy = compare_runtimes(onnx_model, feeds, targets, setup, tolerance=tolerance,
                                 layers=LayerSelection(timing.depth), progress=progress.step)
-    meta = {"model": _name(source), "model_digest": model_digest(onnx_model),
+    meta = {"model": _name(source), "model_digest": model_digest(onnx_model, setup.weights_dir),
             "inputs": {name: f"{list(value.shape)} {value.dtype}" for name, value in feeds.items()},
             "tolerances": {r: {"atol": atol, "rtol": rtol} for r, (atol, rtol) in accuracy.tolerances.items()},
             "timing": asdict(timing), "created": time.strftime("%Y-%m-%d %H:%M:%S %z"), "versions": versions()}

@@ -319,9 +319,11 @@ def session_source(model: onnx.ModelProto, weights_dir=None):
             yield str(target)
 
 
-def model_digest(model: onnx.ModelProto) -> str:
+def model_digest(model: onnx.ModelProto, weights_dir=None) -> str:
     """sha256 over the nodes, inputs, outputs and every weight's bytes: what identifies a model
-    for engine caches and drift bundles, whether its weights are inline or external."""
+    for engine caches and drift bundles, whether its weights are inline or external. A graph whose
+    weights are references into files in `weights_dir` (a file's graph read alone, `graph_only`)
+    hashes the bytes they point to: the digest of the model read whole."""
     digest = hashlib.sha256()
     graph = model.graph
     for part in list(graph.input) + list(graph.output) + list(graph.node):
@@ -329,5 +331,15 @@ def model_digest(model: onnx.ModelProto) -> str:
     for tensor in graph.initializer:
         digest.update(tensor.name.encode())
         digest.update(str((tensor.data_type, tuple(tensor.dims))).encode())
-        digest.update(tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes())
+        if weights_dir is not None and is_external(tensor):
+            digest.update(_referenced_bytes(tensor, Path(weights_dir)))
+        else:
+            digest.update(tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes())
     return digest.hexdigest()
+
+
+def _referenced_bytes(tensor: onnx.TensorProto, folder: Path) -> bytes:
+    entries = external_entries(tensor)
+    with open(folder / entries["location"], "rb") as handle:
+        handle.seek(int(entries.get("offset", 0)))
+        return handle.read(int(entries["length"])) if "length" in entries else handle.read()
