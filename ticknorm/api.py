@@ -216,8 +216,9 @@ def check(bundle, source, runtime: str = "ort", allow_model_change: bool = False
           progress: Progress = QUIET, record: bool = True) -> DriftReport:
     """Re-run the model on the bundle's inputs and compare with its reference; the verdict is
     appended to the bundle's history unless `record` is False (a read-only checkout)."""
-    return check_bundle(bundle, _onnx(source), runtime=runtime, allow_model_change=allow_model_change,
-                        progress=progress.step, record=record)
+    model = _onnx(source, weights=needs_weights([runtime]))
+    return check_bundle(bundle, model, runtime=runtime, allow_model_change=allow_model_change,
+                        progress=progress.step, record=record, weights_dir=_weights_folder(source, model))
 
 
 def history(bundle, plot=None) -> History:
@@ -364,5 +365,12 @@ def _setup(source, onnx_model, module, feeds, runtimes: Runtimes, progress: Prog
     setup = runner_setup(onnx_model, module, feeds, runtimes, progress.step)
     if isinstance(source, onnx.ModelProto):
         return setup
-    folder = str(Path(source).resolve().parent) if has_external_weights(onnx_model) else None
-    return dataclasses.replace(setup, model_file=str(source), weights_dir=folder)
+    return dataclasses.replace(setup, model_file=str(source), weights_dir=_weights_folder(source, onnx_model))
+
+
+def _weights_folder(source, onnx_model) -> str | None:
+    """Where the weights of a file's graph read alone are: the file's folder (None for a graph
+    holding its weights, or given in memory)."""
+    if isinstance(source, onnx.ModelProto) or not has_external_weights(onnx_model):
+        return None
+    return str(Path(source).resolve().parent)

@@ -8,6 +8,7 @@ ranges each norm reached in training) and `history.jsonl` (one line per check).
 """
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -277,14 +278,15 @@ def _check_meta(meta, bundle: Path) -> None:
 
 
 def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_model_change: bool = False,
-                 progress=lambda message: None, record: bool = True) -> DriftReport:
+                 progress=lambda message: None, record: bool = True, weights_dir=None) -> DriftReport:
     """Re-run `model` on the stored inputs and compare with the stored reference; appends to the
-    bundle's history whatever the verdict (unless `record` is False)."""
+    bundle's history whatever the verdict (unless `record` is False). `weights_dir` holds the
+    weights of a graph read alone (`graph_only`), which ONNX Runtime maps from there."""
     meta, inputs, golden = load_bundle(bundle)
     if record and not os.access(bundle, os.W_OK | os.X_OK):
         raise OutputPathError(f"bundle {bundle} is read-only: drift check appends its verdict to history.jsonl there; "
                               "pass --no-history to check without recording")
-    digest = model_digest(model)
+    digest = model_digest(model, weights_dir)
     if digest != meta["model_hash"] and not allow_model_change:
         raise BundleError(f"the bundle was made for model {meta['model_hash'][:12]}, this model is {digest[:12]}; "
                           "pass --allow-model-change to check a re-exported model against it")
@@ -296,7 +298,7 @@ def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_mod
     if runtime.startswith("torch"):
         raise BundleError("drift check runs the exported model; torch-* runtimes are PyTorch, not the export")
     feed_sets = [graph_feeds(model, feeds) for feeds in inputs]
-    setup = runner_setup(model, None, feed_sets[0], Runtimes((runtime,)))
+    setup = dataclasses.replace(runner_setup(model, None, feed_sets[0], Runtimes((runtime,))), weights_dir=weights_dir)
     progress(f"running {runtime} on the bundle's {len(feed_sets)} input iteration(s), as deployed")
     with make_runner(runtime, model, setup) as runner:  # the verdict: the graph as it runs, no taps
         plain = [runner.infer(feeds).outputs for feeds in feed_sets]
