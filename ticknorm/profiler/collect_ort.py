@@ -30,8 +30,10 @@ def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_it
         written = os.path.join(workdir, "optimized.onnx")
 
         def options(profiling: bool):
-            def make():
-                made = runner.session_options()
+            def make():  # the variant adds the runner's own settings (optimization, weights) to these
+                import onnxruntime
+
+                made = onnxruntime.SessionOptions()
                 if profiling:
                     made.enable_profiling = True
                     made.profile_file_prefix = os.path.join(workdir, "ort")

@@ -83,7 +83,7 @@ class OrtRunner(Runner):
         try:
             with exposed(self.model, self._added), contextlib.nullcontext(str(self.model_file)) if (
                     self._reads_file) else session_source(
-                    self.model, self.mapped and self.mapped.folder) as source:
+                    self.model, self.mapped.folder if self.mapped else None) as source:
                 self._session = ort.InferenceSession(source, self.session_options(), providers=[PROVIDERS[self.provider]])
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
             raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
@@ -98,8 +98,8 @@ class OrtRunner(Runner):
 
     @property
     def _maps_weights(self) -> bool:
-        """Whether the graph's weights are references the session maps from `weights_dir`: then it
-        gets the graph's bytes alone (faster to build than from the file, with taps or without)."""
+        """Whether the graph's weights are references the session maps from `mapped.folder`: then
+        it gets the graph's bytes alone (faster to build than from the file, with taps or without)."""
         return self.mapped is not None and has_external_weights(self.model)
 
     @property
