@@ -32,8 +32,8 @@ class Timing:
     def settles(self) -> bool:
         """Whether each block after a block of the other kind (plain, instrumented) starts with one
         untimed run (ONNX Runtime: runs for a few ms), as the other kind's runs left their caches
-        and pools. With no warm-up nothing
-        runs untimed: every run is timed, the first one cold, as asked."""
+        and pools. With no warm-up nothing runs untimed: every run is timed, the first one cold,
+        as asked."""
         return self.warmup > 0
 
 
