@@ -291,10 +291,11 @@ def export_command(model, inputs, output, options, report):
         click.echo(result.plugin_target.summary())
     if result.conversion is not None:
         click.echo(result.conversion.summary())
+    click.echo(result.precision_line())
     if result.accuracy:
         click.echo("PyTorch vs ONNX Runtime (CPU):")
         for check in result.accuracy:
-            click.echo("  " + check.line())
+            click.echo(f"  {check.line()} (atol {check.atol:g}, rtol {check.rtol:g})")
 
 
 @main.command("fuse")

@@ -69,6 +69,8 @@ class ArrayComparison:
     cosine: float
     passed: bool
     reason: str = ""
+    atol: float | None = None  # the tolerance it was judged at
+    rtol: float | None = None
 
     def line(self) -> str:
         verdict = "ok" if self.passed else f"FAIL ({self.reason})"
@@ -97,7 +99,7 @@ def compare_arrays(name: str, reference: np.ndarray, actual: np.ndarray, atol: f
     ref, out = ref[finite], out[finite]
     error = np.abs(ref - out)
     if error.size == 0:
-        return ArrayComparison(name, 0.0, 0.0, 0.0, 1.0, True)
+        return ArrayComparison(name, 0.0, 0.0, 0.0, 1.0, True, "", atol, rtol)
     max_abs = float(error.max())
     max_rel = float((error / np.maximum(np.abs(ref), np.finfo(np.float64).tiny)).max())
     norms = np.linalg.norm(ref) * np.linalg.norm(out)
@@ -108,7 +110,7 @@ def compare_arrays(name: str, reference: np.ndarray, actual: np.ndarray, atol: f
     else:
         reason = f"max |error| {max_abs:.3g} > atol {atol:g} + rtol {rtol:g}*|ref|"
     reason = "" if passed else reason
-    return ArrayComparison(name, max_abs, max_rel, float(error.mean()), cosine, passed, reason)
+    return ArrayComparison(name, max_abs, max_rel, float(error.mean()), cosine, passed, reason, atol, rtol)
 
 
 def _widen(array: np.ndarray) -> np.ndarray:

@@ -19,7 +19,15 @@ PRECISIONS = ("fp32", *LOW_TYPES)
 TYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 LARGEST = {"fp16": 65504.0, "bf16": 3.3895314e38}
 SMALLEST_NORMAL = {"fp16": 6.103515625e-05, "bf16": 1.1754944e-38}
+# From the finest to the coarsest by the tolerance each type is judged at (bf16 keeps 8 mantissa bits, fp16 11).
+BY_COARSENESS = ("fp32", "fp16", "bf16")
 PRECISION_KEY = "ticknorm.precision"  # model metadata: the policy a converted graph was written with
+
+
+def coarser(*precisions: str) -> str:
+    """The coarsest of some precisions: a run in one judged against a reference in another is
+    judged at the bar of the coarser (an fp32 graph against a bf16 checkpoint's PyTorch: bf16's)."""
+    return max(precisions, key=BY_COARSENESS.index)
 
 
 @dataclass(frozen=True)

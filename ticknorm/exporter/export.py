@@ -29,12 +29,13 @@ from ticknorm.base.optional import require
 from ticknorm.base.scopes import annotate_scopes
 from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
 from ticknorm.exporter.isolated import run_isolated
-from ticknorm.base.precision import Precision
+from ticknorm.base.precision import TYPE_NAMES, Precision, coarser
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.precision.convert import Conversion, convert
 from ticknorm.exporter.tasks import DEFAULT as DEFAULT_TASK
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
-from ticknorm.runtime.torch_runner import forward, from_numpy, output_names, tensor_leaves, to_numpy
+from ticknorm.runtime.torch_runner import (as_tensors, forward, from_numpy, module_precision, output_names, own_dtype,
+                                           tensor_leaves, to_numpy)
 
 EXPORTERS = {"dynamo": (18, None), "torchscript": (13, 17)}
 DEFAULT_EXPORTER = "dynamo"
@@ -74,10 +75,21 @@ class ExportResult:
     accuracy: list = field(default_factory=list)  # ArrayComparison per output, torch vs ORT
     plugin_target: PluginTargetResult | None = None  # with --ln-target plugin
     conversion: Conversion | None = None  # with a low precision: islands, and the checks against PyTorch
+    checkpoint_precision: str = "fp32"  # the type the model was loaded in (a bf16 folder's: bf16)
+    precision: str = "fp32"  # the type of the written graph: --precision's, whatever the checkpoint's
 
     @property
     def passed(self) -> bool:
         return all(check.passed for check in self.accuracy)
+
+    def precision_line(self) -> str:
+        """Which precision the graph was written in, and why: --precision's, whatever the checkpoint's."""
+        line = f"graph precision: {self.precision}" + (" (--precision)" if self.precision != "fp32" else
+                                                       " (the default; --precision fp16|bf16 for a low-precision graph)")
+        if self.checkpoint_precision != "fp32":
+            line += (f"; the checkpoint is {TYPE_NAMES[self.checkpoint_precision]}: the graph was exported from its exact "
+                     f"fp32 upcast and judged against it and against PyTorch in {TYPE_NAMES[self.checkpoint_precision]}")
+        return line
 
 
 def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOptions = ExportOptions(),
@@ -94,6 +106,12 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
     model.eval()
     progress("running the PyTorch model")
     names, reference = torch_reference(model, feeds)
+    checkpoint = CheckpointChecks(module_precision(model), [("", feeds, reference), *extra_checks])
+    if checkpoint.low:
+        progress(f"the checkpoint is {TYPE_NAMES[checkpoint.precision]}: exporting its exact fp32 upcast")
+        model.float()  # in place: bf16 and fp16 values are all fp32 values, so this loses nothing
+        reference = torch_reference(model, feeds)[1]
+        extra_checks = [(label, more, torch_reference(model, more)[1]) for label, more, _ in extra_checks]
     tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
     with _weights_stage(Path(output).parent) as weights_dir:
         progress(f"exporting with the {options.exporter} exporter")
@@ -114,7 +132,10 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
         accuracy = []
         if options.check:
             progress("comparing PyTorch and ONNX Runtime outputs")
-            accuracy = compare_with_torch(proto, checks, outputs, weights_dir)
+            outputs = ort_outputs(proto, checks, outputs, weights_dir)
+            accuracy = judge(proto, checks, outputs)
+            if checkpoint.low:
+                accuracy += judge(proto, checkpoint.checks, outputs, checkpoint.precision)
             failed = [c for c in accuracy if not c.passed]
             if failed:
                 raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {failed[0].name}: "
@@ -130,7 +151,8 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
             proto = retargeted.model
         files = save_onnx(proto, output, options.external_data_threshold, weights_dir)
     opset_now = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return ExportResult(files, options.exporter, opset_now, report, accuracy, retargeted, conversion)
+    return ExportResult(files, options.exporter, opset_now, report, accuracy, retargeted, conversion,
+                        checkpoint.precision, options.precision.dtype)
 
 
 @contextlib.contextmanager
@@ -147,36 +169,64 @@ def _weights_stage(folder: Path):
 def torch_reference(model, feeds: dict) -> tuple[list[str], list[np.ndarray]]:
     """The model's output names (what the graph outputs will be called) and values on `feeds`."""
     torch = require("torch", "torch")
-    outputs = forward(model, {name: from_numpy(torch, array) for name, array in feeds.items()})
+    outputs = forward(model, as_tensors(feeds, own_dtype(model)))
     names, reference = output_names(torch, outputs), [to_numpy(t) for t in tensor_leaves(torch, outputs)]
     ensure_finite(dict(zip(names, reference)), "the PyTorch model's")
     return names, reference
 
 
-def compare_with_torch(proto: onnx.ModelProto, checks: list, outputs: list | None = None,
-                       weights_dir=None) -> list[ArrayComparison]:
-    """Each `(label, feeds, PyTorch outputs)` of `checks` against ONNX Runtime: `outputs` when a run
-    of this graph on those feeds is already at hand (the fusion's verification), else one session
-    for all of them."""
+@dataclass(frozen=True)
+class CheckpointChecks:
+    """A bf16 or fp16 checkpoint's own PyTorch outputs on every check's feeds, computed before the
+    model is upcast for the export: the graph is also judged against the model as it was trained,
+    at that type's tolerance, beside the tight check against the exact fp32 upcast."""
+
+    precision: str  # fp32, fp16 or bf16
+    checks: list  # (label, feeds, outputs in the checkpoint's type)
+
+    @property
+    def low(self) -> bool:
+        return self.precision != "fp32"
+
+
+def ort_outputs(proto: onnx.ModelProto, checks: list, outputs: list | None = None, weights_dir=None) -> list[dict]:
+    """ONNX Runtime's outputs on each `(label, feeds, PyTorch outputs)` of `checks`: `outputs` when
+    a run of this graph on those feeds is already at hand (the fusion's verification), else one
+    session for all of them."""
     names = [o.name for o in proto.graph.output]
     for _, _, reference in checks:
         if len(names) != len(reference):
             raise ExportError(f"the ONNX graph has {len(names)} outputs but the PyTorch model returned "
                               f"{len(reference)} tensors")
-    if outputs is None:
-        with OrtRunner(proto, mapped=MappedWeights.staged(weights_dir)) as runner:
-            outputs = [runner.infer(graph_feeds(proto, feeds)).outputs for _, feeds, _ in checks]
+    if outputs is not None:
+        return outputs
+    with OrtRunner(proto, mapped=MappedWeights.staged(weights_dir)) as runner:
+        return [runner.infer(graph_feeds(proto, feeds)).outputs for _, feeds, _ in checks]
+
+
+def judge(proto: onnx.ModelProto, checks: list, outputs: list, reference: str = "fp32") -> list[ArrayComparison]:
+    """Each check's PyTorch outputs against ONNX Runtime's, at the tolerance of the coarser of the
+    type the output is computed through and the `reference`'s (the type PyTorch ran in)."""
     index = GraphIndex(proto)
-    return [compare_arrays(f"{name} ({label})" if label else name, expected, actual[name],
-                           *dtype_tolerance(_coarsest_dtype(index, name, expected.dtype)))
-            for (label, _, reference), actual in zip(checks, outputs)
-            for name, expected in zip(names, reference)]
+    against = "" if reference == "fp32" else f"vs PyTorch {TYPE_NAMES[reference]}"
+    return [compare_arrays(_check_name(name, label, against), expected, actual[name],
+                           *dtype_tolerance(_coarsest_dtype(index, name, expected.dtype, reference)))
+            for (label, _, expected_outputs), actual in zip(checks, outputs)
+            for name, expected in zip([o.name for o in proto.graph.output], expected_outputs)]
 
 
-def _coarsest_dtype(index: GraphIndex, output: str, dtype) -> np.dtype:
-    """An output computed through an fp16/bf16 tensor is judged at that type's tolerance."""
+def _check_name(name: str, label: str, against: str) -> str:
+    qualifiers = ", ".join(part for part in (label, against) if part)
+    return f"{name} ({qualifiers})" if qualifiers else name
+
+
+def _coarsest_dtype(index: GraphIndex, output: str, dtype, reference: str = "fp32") -> np.dtype:
+    """An output computed through an fp16/bf16 tensor, or judged against PyTorch computing in one
+    (`reference`), is judged at that type's tolerance."""
     coarsest = index.coarsest_float_upstream(output)
-    return onnx.helper.tensor_dtype_to_np_dtype(coarsest) if coarsest else np.dtype(dtype)
+    found = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(coarsest) if coarsest else dtype)
+    short = {name: short for short, name in TYPE_NAMES.items()}
+    return np.dtype(TYPE_NAMES[coarser(short[found.name], reference)]) if found.name in short else found
 
 
 def _check_exporter(exporter: str, opset: int | None) -> None:

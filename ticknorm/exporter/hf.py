@@ -26,6 +26,8 @@ from ticknorm.base.errors import InputSpecError
 from ticknorm.exporter.tasks import PAST_INPUT as _PAST
 from ticknorm.exporter.tasks import SEQ2SEQ_PAST_INPUT as _SEQ2SEQ_PAST
 from ticknorm.exporter.tasks import SEQ2SEQ_WITH_PAST, TASKS, WITH_PAST
+from ticknorm.runtime.torch_runner import as_tensors, own_dtype, to_numpy
+
 # The tensor arguments HfGraph.forward passes on, in the order the graph lists them.
 TENSOR_ARGUMENTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values",
                     "input_features", "decoder_input_ids", "decoder_attention_mask")
@@ -205,7 +207,7 @@ def _decoder_step_inputs(graph: HfGraph, feeds: dict, axes: dict, past_length: i
         tokens = np.random.default_rng(seed + 3).integers(0, _vocabulary(graph), (batch, _distinct_length(ids.shape)))
         with torch.no_grad():
             states = graph.hf.get_encoder()(input_ids=torch.from_numpy(tokens)).last_hidden_state
-        feeds["encoder_hidden_states"] = states.numpy()
+        feeds["encoder_hidden_states"] = to_numpy(states)
     encoded = feeds["encoder_hidden_states"].shape[1]
     feeds.setdefault("encoder_attention_mask", np.ones((batch, encoded), np.int64))
     for name in ("encoder_hidden_states", "encoder_attention_mask"):
@@ -259,8 +261,8 @@ def step_feeds(graph: HfGraph, ids: np.ndarray, past: dict[str, np.ndarray]) -> 
 def step(graph: HfGraph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One decoder step in PyTorch: output name -> array, in the graph's output order."""
     with torch.no_grad():
-        outputs = graph(**{name: torch.from_numpy(value) for name, value in feeds.items()})
-    return {name: tensor.numpy() for name, tensor in outputs.items()}
+        outputs = graph(**as_tensors(feeds, own_dtype(graph)))
+    return {name: to_numpy(tensor) for name, tensor in outputs.items()}
 
 
 def generation_checks(graph: HfGraph, feeds: dict[str, np.ndarray], decode_steps: int = 2, seed: int = 0) -> list:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from ticknorm.base.errors import InputSpecError
-from ticknorm.base.precision import LOW_TYPES, Precision
+from ticknorm.base.precision import LOW_TYPES, Precision, coarser
 from ticknorm.runtime.base import Runner
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 from ticknorm.runtime.torch_runner import TorchRunner
@@ -118,13 +118,19 @@ class Runtimes:
         return value if isinstance(value, Runtimes) else cls(tuple(value))
 
 
-def runtime_precision(name: str, model: onnx.ModelProto) -> str:
-    """The type a runtime computes in: its own suffix (`trt-fp16`, `torch-bf16`), else PyTorch's
-    fp32 for `torch*`, else the graph's own precision."""
+def runtime_precision(name: str, model: onnx.ModelProto, reference: str = "fp32") -> str:
+    """The type a runtime computes in: its own suffix (`trt-fp16`, `torch-bf16`), else, for
+    `torch*`, the PyTorch model's own (`reference`: its checkpoint's type), else the graph's."""
     suffix = name.rsplit("-", 1)[-1]
     if suffix in LOW_TYPES:
         return suffix
-    return "fp32" if name.startswith("torch") else Precision.of_graph(model).dtype
+    return reference if name.startswith("torch") else Precision.of_graph(model).dtype
+
+
+def judged_precision(name: str, model: onnx.ModelProto, reference: str = "fp32") -> str:
+    """The type whose tolerance a runtime's outputs are judged at against a PyTorch reference
+    computing in `reference`: the coarser of the two."""
+    return coarser(runtime_precision(name, model, reference), reference)
 
 
 FILE_READERS = ("torch", "torch-cuda", "ort", "ort-cpu", "ort-cuda")
@@ -147,9 +153,10 @@ def make_runner(name: str, model: onnx.ModelProto, setup: RunnerSetup = RunnerSe
         if setup.module is None:
             raise InputSpecError(f"{name} runs the PyTorch model, and none was given here")
         device = "cuda" if "cuda" in name.split("-") else "cpu"
-        fp32_modules = setup.low[precision].policy.modules if precision in setup.low else ()
-        return TorchRunner(copy.deepcopy(setup.module), [o.name for o in model.graph.output], device, precision,
-                           fp32_modules, taps)
+        low = name.rsplit("-", 1)[-1] in LOW_TYPES  # else the model as loaded, in its checkpoint's type
+        fp32_modules = setup.low[precision].policy.modules if low and precision in setup.low else ()
+        return TorchRunner(copy.deepcopy(setup.module), [o.name for o in model.graph.output], device,
+                           precision if low else None, fp32_modules, taps)
     if name.startswith("ort"):
         return OrtRunner(model, "cuda" if name == "ort-cuda" else "cpu", setup.ort_optimization, taps=taps,
                          model_file=setup.model_file,

@@ -8,11 +8,31 @@ from ticknorm.base.optional import require
 from ticknorm.base.errors import InputSpecError, RuntimeUnavailable, TicknormError, first_line
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs
 
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def module_precision(module) -> str:
+    """The type a model computes in as loaded: its checkpoint's (a bf16 Hugging Face folder loads
+    in bf16), read from the floating parameters that hold most of its weights; fp32 for a model
+    without any."""
+    counts = {}
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            name = str(parameter.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + parameter.numel()
+    if not counts:
+        return "fp32"
+    largest = max(counts, key=counts.get)
+    return next((short for short, name in TORCH_DTYPES.items() if name == largest), "fp32")
+
+
 class TorchRunner(Runner):
     """`output_names` name the flattened outputs (the ONNX graph's names, so results line up).
+    `dtype` None runs the model in the type it was loaded in (the reference: a bf16 checkpoint runs
+    in bf16, as it was trained and as transformers serves it); a type casts it.
     `fp32_modules` stay in fp32 when `dtype` is lower: the fix for LayerNorms that overflow fp16."""
 
-    def __init__(self, module, output_names: list[str], device: str = "cpu", dtype: str = "fp32",
+    def __init__(self, module, output_names: list[str], device: str = "cpu", dtype: str | None = None,
                  fp32_modules=(), taps=()):
         super().__init__(taps)
         self.module = module
@@ -20,7 +40,7 @@ class TorchRunner(Runner):
         self.device = device
         self.dtype = dtype
         self.fp32_modules = tuple(fp32_modules)
-        self.name = f"torch-{device}" + ("" if dtype == "fp32" else f"-{dtype}")
+        self.name = f"torch-{device}" + ("" if dtype in (None, "fp32") else f"-{dtype}")
         self.open_inputs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _parameters(module))
         self._hooks = []
         self._tapped, self._others = {}, {}
@@ -32,8 +52,10 @@ class TorchRunner(Runner):
 
     def _activate_impl(self) -> None:
         torch = require("torch", "torch")
-        self._torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
-        self.module.eval().to(self.device, self._torch_dtype)
+        self._torch_dtype = getattr(torch, TORCH_DTYPES[self.dtype or module_precision(self.module)])
+        self.module.eval().to(self.device)
+        if self.dtype:
+            self.module.to(self._torch_dtype)
         for path in self.fp32_modules:
             submodule = self.module.get_submodule(path).float()
             self._hooks.append(submodule.register_forward_pre_hook(_cast_inputs(torch, torch.float32)))
@@ -83,12 +105,24 @@ class TorchRunner(Runner):
     def tensors(self, feeds: dict) -> dict:
         """The feeds as the module takes them: tensors on the runner's device, floats in its dtype
         (the profiler times the forward on these alone, as a deployment calls it)."""
-        torch = require("torch", "torch")
-        converted = {}
-        for name, array in feeds.items():
-            tensor = from_numpy(torch, array)
-            converted[name] = (tensor.to(self._torch_dtype) if tensor.is_floating_point() else tensor).to(self.device)
-        return converted
+        return as_tensors(feeds, self._torch_dtype, self.device)
+
+
+def as_tensors(feeds: dict, dtype=None, device: str = "cpu") -> dict:
+    """Arrays as a model takes them: tensors on `device`, floats in `dtype` (a torch dtype; None:
+    the model's own, so a bf16 checkpoint's cache or hidden states are fed in bf16 as it computes)."""
+    torch = require("torch", "torch")
+    converted = {}
+    for name, array in feeds.items():
+        tensor = from_numpy(torch, array)
+        converted[name] = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).to(device)
+    return converted
+
+
+def own_dtype(module):
+    """The torch dtype `module_precision` names."""
+    torch = require("torch", "torch")
+    return getattr(torch, TORCH_DTYPES[module_precision(module)])
 
 
 def output_names(torch, outputs) -> list[str]:

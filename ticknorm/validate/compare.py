@@ -18,8 +18,8 @@ from ticknorm.base.metrics import ArrayComparison, Tolerance, compare_arrays, en
 from ticknorm.base.scopes import LayerSelection, module_output_tensors
 from ticknorm.base.text_table import render
 from ticknorm.base.precision import TYPE_NAMES
-from ticknorm.runtime.registry import RunnerSetup, make_runner, runtime_precision
-from ticknorm.runtime.torch_runner import TorchRunner
+from ticknorm.runtime.registry import RunnerSetup, judged_precision, make_runner
+from ticknorm.runtime.torch_runner import TorchRunner, module_precision
 
 
 # Above this, tapping changed what the runtime computes (it could not fuse across a tap).
@@ -106,13 +106,14 @@ def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup
         references = references or [run.outputs for run in torch_runs]
     for outputs in references:
         ensure_finite(outputs, "the PyTorch reference" if saved is None else saved.label)
-    report = CompareReport(reference=saved.label if saved else "torch")
+    own = module_precision(setup.module) if saved is None else "fp32"
+    report = CompareReport(reference=saved.label if saved else reference_label(own))
     for runtime, runner in runners.items():
         progress(f"running {runtime}")
         runtime_sets = feed_sets if isinstance(runner, TorchRunner) else [graph_feeds(model, f) for f in feed_sets]
         with runner:
             plain = [runner.infer(feed_set).outputs for feed_set in runtime_sets]
-        judged = tolerance.at(TYPE_NAMES[runtime_precision(runtime, model)])
+        judged = tolerance.at(TYPE_NAMES[judged_precision(runtime, model, own)])
         report.tolerances[runtime] = (judged.atol, judged.rtol)
         report.outputs[runtime] = [compare_arrays(iteration_name(name, number, len(feed_sets)), reference[name],
                                                   outputs[name], *judged.of(name))
@@ -125,6 +126,11 @@ def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup
             report.tap_effect[runtime] = largest_difference(plain[0], tapped.outputs)
             _compare_layers(report, runtime, module_output_tensors(model), (taps, tapped.taps, others), judged)
     return report
+
+
+def reference_label(precision: str) -> str:
+    """What the outputs were judged against, saying the type a low-precision checkpoint ran in."""
+    return "torch" if precision == "fp32" else f"torch in {TYPE_NAMES[precision]} (the checkpoint's type)"
 
 
 def iteration_name(name: str, number: int, count: int) -> str:

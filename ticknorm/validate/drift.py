@@ -33,8 +33,8 @@ from ticknorm.base.scopes import LayerSelection
 from ticknorm.base.text_table import render
 from ticknorm.base.precision import TYPE_NAMES
 from ticknorm.exporter.precision.targets import runner_setup
-from ticknorm.runtime.registry import Runtimes, make_runner, runtime_precision
-from ticknorm.runtime.torch_runner import TorchRunner
+from ticknorm.runtime.registry import Runtimes, judged_precision, make_runner
+from ticknorm.runtime.torch_runner import TorchRunner, module_precision
 from ticknorm.ticks.log import read_ticks
 from ticknorm.ticks.ranges import module_ranges, present_ranges
 from ticknorm.validate.compare import TAP_EFFECT_LIMIT, iteration_name, largest_difference
@@ -104,6 +104,8 @@ def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Toler
     meta = {
         "format": FORMAT, "model_hash": model_digest(model), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions(), "outputs": names,
+        # the type the reference computed in (a bf16 checkpoint's PyTorch: bf16), whose tolerance a check is judged at
+        "reference_precision": module_precision(module) if module is not None and saved is None else "fp32",
         "tolerances": {"atol": tolerance.atol, "rtol": tolerance.rtol, "per_output": tolerance.per_output,
                        "rule": tolerance.rule},
         "layers": {m: {"tensor": scope_map[m], **layer_stats(v),
@@ -293,7 +295,7 @@ def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_mod
     tolerances = meta["tolerances"]
     tolerance = Tolerance(tolerances["atol"], tolerances["rtol"], {k: tuple(v) for k, v in tolerances["per_output"].items()},
                           tolerances.get("rule", "ticknorm"))
-    tolerance = tolerance.at(TYPE_NAMES[runtime_precision(runtime, model)])
+    tolerance = tolerance.at(TYPE_NAMES[judged_precision(runtime, model, meta.get("reference_precision", "fp32"))])
     layers = meta["layers"]
     if runtime.startswith("torch"):
         raise BundleError("drift check runs the exported model; torch-* runtimes are PyTorch, not the export")
