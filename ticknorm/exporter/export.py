@@ -319,7 +319,7 @@ def _exported(torch, model, tensors: dict, call: _ExportCall, target: Path | Non
             staged(proto, target)
             return None
         except Exception as exc:  # noqa: BLE001 - exporters raise many unrelated types
-            raise ExportError(_describe_failure(torch, model, tensors, call.exporter, exc)) from exc
+            raise ExportError(_describe_failure(torch, model, call, exc)) from exc
 
 
 def _arguments(model, tensors: dict, dynamic_axes: dict) -> tuple[dict, dict, list]:
@@ -388,21 +388,41 @@ def _quiet_loggers():
         logger.setLevel(level)
 
 
-_OP_PATTERN = re.compile(r"aten[.:]{1,2}([A-Za-z0-9_]+)")
+# How the exporters name the op they could not translate, most specific first: the dynamo exporter's
+# OpOverload (`op='transformers.grouped_mm_fallback'`) or fx target (`torch.ops.aten.histc.default`),
+# TorchScript's `aten::histc`.
+_OP_PATTERNS = (re.compile(r"op='([A-Za-z_]\w*)\.([A-Za-z0-9_]+)'"), re.compile(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z0-9_]+)"),
+                re.compile(r"\b(aten)[.:]{1,2}([A-Za-z0-9_]+)"))
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STEP = re.compile(r"step (\d)/3")
+_STEPS = {"1": "capturing the graph with torch.export", "2": "decomposing the captured graph",
+          "3": "translating the graph to ONNX"}
 
 
-def _describe_failure(torch, model, tensors: dict, exporter: str, exc: Exception) -> str:
-    """One line: which op failed and, found by re-running the model under a dispatch mode, in
-    which module it was called."""
-    text = " ".join(str(e) for e in _chain(exc))
-    found = _OP_PATTERN.search(text)
+_FAILED_NODE = re.compile(r"translating node %(\w+)")
+
+
+def _describe_failure(torch, model, call: "_ExportCall", exc: Exception) -> str:
+    """One line: which op failed and in which module it was called (the dynamo exporter's failed
+    node looked up in the program torch.export captures, else found by re-running the model with
+    the torch calls and dispatched ops watched); where no op is named, the exporter's step and its
+    root cause (the last exception of the chain: the dynamo exporter's own first line only says
+    which step failed)."""
+    exporter = call.exporter
+    chain = list(_chain(exc))
+    text = _ANSI.sub("", " ".join(str(e) for e in chain))
+    found = next((match for pattern in _OP_PATTERNS for match in [pattern.search(text)] if match), None)
     if not found:
-        return f"the {exporter} exporter failed: {type(exc).__name__}: {_ANSI.sub('', first_line(exc))}"
-    op = found.group(1)
-    module = _module_calling(torch, model, tensors, op)
+        step = _STEP.search(text)
+        during = f" while {_STEPS[step.group(1)]}" if step else ""
+        cause = chain[-1]
+        return f"the {exporter} exporter failed{during}: {type(cause).__name__}: {_ANSI.sub('', first_line(cause))}"
+    namespace, op = found.groups()
+    node = _FAILED_NODE.search(text)
+    module = _module_of_node(torch, model, call, node.group(1)) if node and exporter == "dynamo" else None
+    module = module if module is not None else _module_calling(torch, model, call.kwargs, op)
     where = f" in module '{module or '(root)'}' ({type(_submodule(model, module)).__name__})" if module is not None else ""
-    return f"the {exporter} exporter cannot export op aten::{op}{where}: it has no ONNX translation for it"
+    return f"the {exporter} exporter cannot export op {namespace}::{op}{where}: it has no ONNX translation for it"
 
 
 def _chain(exc: BaseException):
@@ -415,7 +435,20 @@ def _submodule(model, path: str):
     return model.get_submodule(path) if path else model
 
 
+def _module_of_node(torch, model, call: "_ExportCall", node: str) -> str | None:
+    """The module path torch.export records for a node of the captured program (its
+    `nn_module_stack`); None when the capture fails too or the node is not in it."""
+    try:
+        program = torch.export.export(model, (), kwargs=call.kwargs, dynamic_shapes=call.dynamic_shapes, strict=False)
+    except Exception:  # noqa: BLE001 - best effort: the dispatch spy still looks
+        return None
+    found = next((n for n in program.graph.nodes if n.name == node), None)
+    stack = list(found.meta.get("nn_module_stack", {}).values()) if found is not None else []
+    return str(stack[-1][0]) if stack else None
+
+
 def _module_calling(torch, model, tensors: dict, op: str) -> str | None:
+    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     stack, hits = [""], []
@@ -431,14 +464,20 @@ def _module_calling(torch, model, tensors: dict, op: str) -> str | None:
         if path:
             handles += [module.register_forward_pre_hook(enter(path)), module.register_forward_hook(leave)]
 
-    class _Spy(TorchDispatchMode):
+    class _Spy(TorchDispatchMode):  # ops as dispatched (aten::histc)
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if not hits and func._schema.name.split("::")[-1] == op:
                 hits.append(stack[-1])
             return func(*args, **(kwargs or {}))
 
+    class _CallSpy(TorchFunctionMode):  # torch calls, before a composite op decomposes (torch.diff)
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if not hits and getattr(func, "__name__", None) == op:
+                hits.append(stack[-1])
+            return func(*args, **(kwargs or {}))
+
     try:
-        with torch.no_grad(), _Spy():
+        with torch.no_grad(), _Spy(), _CallSpy():
             model(**tensors)
     except Exception:  # noqa: BLE001 - best effort: the op name alone is still reported
         pass

@@ -25,12 +25,12 @@ from torch import nn
 from ticknorm.base.errors import InputSpecError
 from ticknorm.exporter.tasks import PAST_INPUT as _PAST
 from ticknorm.exporter.tasks import SEQ2SEQ_PAST_INPUT as _SEQ2SEQ_PAST
-from ticknorm.exporter.tasks import SEQ2SEQ_WITH_PAST, TASKS, WITH_PAST
+from ticknorm.exporter.tasks import DEFAULT, SEQ2SEQ_WITH_PAST, TASKS, WITH_PAST
 from ticknorm.runtime.torch_runner import as_tensors, own_dtype, to_numpy
 
 # The tensor arguments HfGraph.forward passes on, in the order the graph lists them.
 TENSOR_ARGUMENTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values",
-                    "input_features", "decoder_input_ids", "decoder_attention_mask")
+                    "input_features", "input_values", "decoder_input_ids", "decoder_attention_mask")
 BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 ENCODER = "encoder_sequence_length"
 _SEQ2SEQ_CACHE = ("decoder.key", "decoder.value", "encoder.key", "encoder.value")
@@ -54,6 +54,7 @@ class HfGraph(nn.Module):
         super().__init__()
         if task not in TASKS:
             raise InputSpecError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+        _exportable_experts(model)
         object.__setattr__(self, "hf", model)  # not a child: its children are ours, under their own names
         self._modules, self._parameters, self._buffers = model._modules, model._parameters, model._buffers
         self.task = task
@@ -69,8 +70,8 @@ class HfGraph(nn.Module):
         return type(self.hf).__name__
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, pixel_values=None,
-                input_features=None, decoder_input_ids=None, decoder_attention_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, past_key_values=None, **flat_past):
+                input_features=None, input_values=None, decoder_input_ids=None, decoder_attention_mask=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None, **flat_past):
         """`past_key_values` is `[[key, value], ...]` (how the exporters see it) or given flat as
         `past_key_values.N.key=...` keywords (how ticknorm's feeds and the ONNX graph name it); an
         encoder-decoder's step takes `[[decoder key, decoder value, encoder key, encoder value], ...]`."""
@@ -78,7 +79,7 @@ class HfGraph(nn.Module):
             return self._decoder_step(input_ids, encoder_hidden_states, encoder_attention_mask,
                                       past_key_values or _nested_past(flat_past, seq2seq=True))
         given = dict(zip(TENSOR_ARGUMENTS, (input_ids, attention_mask, token_type_ids, position_ids, pixel_values,
-                                            input_features, decoder_input_ids, decoder_attention_mask)))
+                                            input_features, input_values, decoder_input_ids, decoder_attention_mask)))
         arguments = {name: value for name, value in given.items() if value is not None}
         unknown = [name for name in [*arguments, *flat_past] if name not in self.accepts and not _PAST.fullmatch(name)]
         if unknown:
@@ -148,6 +149,15 @@ class HfGraph(nn.Module):
         return kwargs, shapes, names
 
 
+def _exportable_experts(model) -> None:
+    """A mixture of experts runs them as `batched_mm`: transformers 5's default `grouped_mm` is an
+    op neither exporter takes (dynamo has no translation, TorchScript fails on its `aten::histc`),
+    and batched_mm computes the same experts with ops both take (a tiny Mixtral matches to 2e-7)."""
+    implementation = getattr(model.config, "_experts_implementation", None)
+    if implementation not in (None, "eager", "batched_mm") and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("batched_mm")
+
+
 def _nested_past(flat: dict, seq2seq: bool = False) -> list:
     pattern = _SEQ2SEQ_PAST if seq2seq else _PAST
     layers = sorted({int(pattern.fullmatch(n).group(1)) for n in flat if pattern.fullmatch(n)})
@@ -166,6 +176,8 @@ def complete_inputs(graph: HfGraph, feeds: dict[str, np.ndarray], dynamic_axes: 
     sequence. Axes the user named keep their names; the ones added follow Optimum's."""
     feeds, axes = dict(feeds), {name: dict(a) for name, a in dynamic_axes.items()}
     ids = feeds.get("input_ids")
+    if ids is None and graph.task == DEFAULT:
+        return _decoder_start(graph, feeds, axes, seed), axes
     if ids is None or ids.ndim != 2:
         return feeds, axes
     if graph.task == SEQ2SEQ_WITH_PAST:
@@ -195,6 +207,39 @@ def complete_inputs(graph: HfGraph, feeds: dict[str, np.ndarray], dynamic_axes: 
     return feeds, {name: a for name, a in axes.items() if a}
 
 
+def _decoder_start(graph: HfGraph, feeds: dict, axes: dict, seed: int) -> dict:
+    """An encoder-decoder fed by features (Whisper's `input_features`, a vision encoder's pixels)
+    gets decoder tokens too: its start token, then random ones; the model computes no logits
+    without them. The axes follow the encoder input's batch axis, the tokens' own is dynamic."""
+    given = next((name for name in TENSOR_ARGUMENTS if name in feeds), None)
+    if (given is None or "decoder_input_ids" in feeds or "decoder_input_ids" not in graph.accepts
+            or not getattr(graph.hf.config, "is_encoder_decoder", False)):
+        return feeds
+    batch = feeds[given].shape[0]
+    ids = np.random.default_rng(seed + 4).integers(0, _vocabulary(graph), (batch, 4))
+    start = getattr(graph.hf.config, "decoder_start_token_id", None)
+    if start is not None:
+        ids[:, 0] = start
+    batch_axis = axes.get(given, {}).get(0)
+    axes["decoder_input_ids"] = {**({0: batch_axis} if batch_axis else {}), 1: f"decoder_{SEQUENCE}"}
+    return {**feeds, "decoder_input_ids": ids}
+
+
+def _encoder_states(graph: HfGraph, batch: int, length: int, seed: int) -> np.ndarray:
+    """The encoder's states on random input of its own kind: tokens, or (Whisper) log-mel
+    features as long as the encoder takes."""
+    encoder = graph.hf.get_encoder()
+    rng = np.random.default_rng(seed + 3)
+    if "input_features" in inspect.signature(encoder.forward).parameters:
+        config = graph.hf.config
+        frames = 2 * config.max_source_positions  # its two convolutions halve the frames once
+        inputs = {"input_features": rng.standard_normal((batch, config.num_mel_bins, frames)).astype(np.float32)}
+    else:
+        inputs = {"input_ids": rng.integers(0, _vocabulary(graph), (batch, length))}
+    with torch.no_grad():
+        return to_numpy(encoder(**as_tensors(inputs, own_dtype(graph))).last_hidden_state)
+
+
 def _decoder_step_inputs(graph: HfGraph, feeds: dict, axes: dict, past_length: int | None, seed: int) -> tuple[dict, dict]:
     """An encoder-decoder's decoder step after `input_ids` (the decoder's tokens): the encoder's
     states on random tokens, their mask, and the cache a real step over earlier decoder tokens
@@ -204,10 +249,7 @@ def _decoder_step_inputs(graph: HfGraph, feeds: dict, axes: dict, past_length: i
     axes.setdefault("input_ids", {}).setdefault(0, BATCH)
     axes["input_ids"].setdefault(1, SEQUENCE)
     if "encoder_hidden_states" not in feeds:
-        tokens = np.random.default_rng(seed + 3).integers(0, _vocabulary(graph), (batch, _distinct_length(ids.shape)))
-        with torch.no_grad():
-            states = graph.hf.get_encoder()(input_ids=torch.from_numpy(tokens)).last_hidden_state
-        feeds["encoder_hidden_states"] = to_numpy(states)
+        feeds["encoder_hidden_states"] = _encoder_states(graph, batch, _distinct_length(ids.shape), seed)
     encoded = feeds["encoder_hidden_states"].shape[1]
     feeds.setdefault("encoder_attention_mask", np.ones((batch, encoded), np.int64))
     for name in ("encoder_hidden_states", "encoder_attention_mask"):

@@ -6,6 +6,7 @@ checkpoint file can never run code. A pickled full model or a TorchScript archiv
 """
 
 import importlib
+import math
 import importlib.util
 import pickle
 import re
@@ -15,6 +16,8 @@ from pathlib import Path
 from ticknorm.base.optional import require
 from ticknorm.base.errors import CheckpointError, first_line
 from ticknorm.exporter.lora import is_peft_state_dict, unwrap_peft_state_dict
+from ticknorm.exporter.shards import INDEX_SUFFIX, ShardedCheckpoint, TensorInfo
+from ticknorm.runtime.torch_runner import module_precision
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _DDP_PREFIXES = ("module.", "_orig_mod.")
@@ -67,6 +70,9 @@ def build_model(factory: str, checkpoint=None, trust_pickle: bool = False):
 def load_apply_checkpoint(model, checkpoint, trust_pickle: bool = False):
     """`model` with the checkpoint's weights, or the whole module the checkpoint holds."""
     torch = require("torch", "torch")
+    if str(checkpoint).endswith(INDEX_SUFFIX):
+        apply_sharded(model, ShardedCheckpoint.read(checkpoint))
+        return model
     loaded = load_checkpoint(checkpoint, trust_pickle)
     if isinstance(loaded, torch.nn.Module):
         return loaded
@@ -141,20 +147,53 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
 
 
 def apply_state_dict(model, state_dict: dict, source: str = "checkpoint") -> None:
-    """Load strictly; on mismatch, one error listing missing, unexpected and wrong-shape keys."""
-    state_dict = strip_wrapper_prefixes(state_dict)
-    if is_peft_state_dict(state_dict):
-        state_dict = unwrap_peft_state_dict(state_dict, source)
+    """Load strictly; on mismatch, one error listing missing, unexpected and wrong-shape keys. A
+    bf16 or fp16 checkpoint makes the model that type first, so it runs as it was saved."""
+    infos = {name: TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state_dict.items()}
+    names = fitted_names(model, infos, source)
+    model.load_state_dict({name: state_dict[original] for name, original in names.items()}, strict=True)
+
+
+def apply_sharded(model, checkpoint: ShardedCheckpoint) -> None:
+    """`apply_state_dict` for a sharded checkpoint: checked against the shards' headers, then
+    copied in one shard at a time (see `shards`)."""
+    names = fitted_names(model, checkpoint.tensor_infos(), checkpoint.index.name)
+    model_name = {original: name for name, original in names.items()}
+    for _, tensors in checkpoint.shard_tensors():
+        model.load_state_dict({model_name[key]: tensor for key, tensor in tensors.items()}, strict=False)
+        del tensors
+
+
+def fitted_names(model, infos: dict, source: str) -> dict:
+    """The model's parameter name -> the checkpoint's, once every key, shape and type fits: DDP
+    and torch.compile prefixes and a PEFT wrapper's names taken off, and the model cast to the
+    checkpoint's floating type when that is bf16 or fp16."""
+    names = strip_wrapper_prefixes({name: name for name in infos})
+    if is_peft_state_dict(names):
+        names = unwrap_peft_state_dict(names, source)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-                         for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
+    wrong_shape = sorted(f"{k} {infos[names[k]].shape} vs model {tuple(expected[k].shape)}"
+                         for k in set(expected) & set(names) if infos[names[k]].shape != tuple(expected[k].shape))
     if missing or unexpected or wrong_shape:
         parts = [f"{label}: {_listing(keys)}" for label, keys in
                  (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
         raise CheckpointError(f"{source} does not fit the model; " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
+    _to_checkpoint_type(model, infos)
+    return names
+
+
+def _to_checkpoint_type(model, infos: dict) -> None:
+    """A bf16/fp16 checkpoint's model runs in that type (the reference is PyTorch as it was saved)."""
+    torch = require("torch", "torch")
+    sizes = {}
+    for info in infos.values():
+        if info.dtype in ("float32", "float16", "bfloat16"):
+            sizes[info.dtype] = sizes.get(info.dtype, 0) + math.prod(info.shape)
+    dtype = max(sizes, key=sizes.get) if sizes else "float32"
+    if dtype != "float32" and module_precision(model) == "fp32":
+        model.to(getattr(torch, dtype))
 
 
 def _listing(keys: list, limit: int = 8) -> str:

@@ -1,0 +1,105 @@
+"""A sharded checkpoint (`model.safetensors.index.json`, `pytorch_model.bin.index.json`) applied
+to a model one shard at a time.
+
+A large checkpoint is cut into shards so that nobody has to hold it whole. Reading every shard
+into one state dict and then copying it into the model would hold the weights twice; here the
+keys, shapes and types come from the shards' headers (safetensors) or a memory map (torch), the
+model is checked against them before any tensor is read, and each shard's tensors are copied into
+the model and dropped before the next shard is read: the peak is the model plus one shard.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ticknorm.base.errors import CheckpointError, first_line
+from ticknorm.base.optional import require
+
+INDEX_SUFFIX = ".index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple
+    dtype: str  # torch's name: float32, bfloat16, int64, ...
+
+
+@dataclass(frozen=True)
+class ShardedCheckpoint:
+    """The index file and, per shard file, the tensor names it holds (in the index's order)."""
+
+    index: Path
+    shards: dict  # Path -> [tensor name]
+
+    @classmethod
+    def read(cls, index) -> "ShardedCheckpoint":
+        """The index, every shard it names checked to exist inside the index's folder."""
+        index = Path(index)
+        if not index.is_file():
+            raise CheckpointError(f"checkpoint not found: {index}")
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a sharded checkpoint's index (no readable weight_map: "
+                                  f"{first_line(exc)})") from exc
+        folder = index.parent.resolve()
+        shards = {}
+        for name, shard in weight_map.items():
+            path = index.parent / str(shard)
+            if not path.resolve().is_relative_to(folder) or Path(str(shard)).is_absolute():
+                raise CheckpointError(f"weights outside the model's folder are refused: {index.name} maps {name} to "
+                                      f"{shard}, outside {index.parent}")
+            shards.setdefault(path, []).append(name)
+        missing = [str(path) for path in shards if not path.is_file()]
+        if missing:
+            raise CheckpointError(f"{index.name} names shards that are not there: {', '.join(missing)}")
+        return cls(index, shards)
+
+    def tensor_infos(self) -> dict:
+        """name -> TensorInfo, from the shards' headers: no tensor is read."""
+        infos = {}
+        for path, names in self.shards.items():
+            found = _infos(path)
+            absent = [name for name in names if name not in found]
+            if absent:
+                raise CheckpointError(f"{path.name} lacks {', '.join(absent[:4])}, which {self.index.name} says it holds")
+            infos.update({name: found[name] for name in names})
+        return infos
+
+    def shard_tensors(self):
+        """(shard path, {name: tensor}) for one shard at a time."""
+        for path, names in self.shards.items():
+            tensors = _load(path)
+            yield path, {name: tensors[name] for name in names}
+            del tensors
+
+
+def _infos(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        safetensors = require("safetensors", "torch")
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as shard:
+                return {name: _info(shard.get_slice(name)) for name in shard.keys()}
+        except Exception as exc:  # noqa: BLE001 - a damaged header fails in many ways
+            raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)})") from exc
+    return {name: TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            for name, t in _load(path).items()}  # memory-mapped: nothing is read but the pickle
+
+
+_SAFETENSORS_TYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _info(view) -> TensorInfo:
+    return TensorInfo(tuple(view.get_shape()), _SAFETENSORS_TYPES.get(view.get_dtype(), view.get_dtype().lower()))
+
+
+def _load(path: Path) -> dict:
+    """A shard's tensors: safetensors read whole, a torch shard memory-mapped (tensors only)."""
+    torch = require("torch", "torch")
+    try:
+        if path.suffix == ".safetensors":
+            return require("safetensors.torch", "torch").load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch and safetensors report damaged files in many ways
+        raise CheckpointError(f"{path} is not a readable checkpoint shard ({first_line(exc)})") from exc
