@@ -285,6 +285,8 @@ def export_command(model, inputs, output, options, report):
     """Export a model to ONNX, fuse every LayerNorm, verify, and compare with PyTorch."""
     result = api.export(model, inputs, output, options=options, report=report, progress=Progress(_say))
     click.echo(f"wrote {', '.join(str(f) for f in result.files)} ({result.exporter} exporter, opset {result.opset})")
+    for note in result.notes:
+        click.echo(note)
     if result.fusion is not None:
         click.echo(result.fusion.summary())
     if result.plugin_target is not None:

@@ -32,6 +32,7 @@ from ticknorm.exporter.isolated import run_isolated
 from ticknorm.base.precision import TYPE_NAMES, Precision, coarser
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.precision.convert import Conversion, convert
+from ticknorm.exporter.rotary import expand_rotary_caches
 from ticknorm.exporter.tasks import DEFAULT as DEFAULT_TASK
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 from ticknorm.runtime.torch_runner import (as_tensors, forward, from_numpy, module_precision, output_names, own_dtype,
@@ -77,6 +78,7 @@ class ExportResult:
     conversion: Conversion | None = None  # with a low precision: islands, and the checks against PyTorch
     checkpoint_precision: str = "fp32"  # the type the model was loaded in (a bf16 folder's: bf16)
     precision: str = "fp32"  # the type of the written graph: --precision's, whatever the checkpoint's
+    notes: list = field(default_factory=list)  # what was rewritten besides the norms, and why
 
     @property
     def passed(self) -> bool:
@@ -116,6 +118,11 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
     with _weights_stage(Path(output).parent) as weights_dir:
         progress(f"exporting with the {options.exporter} exporter")
         proto = torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes or {}, names, weights_dir)
+        notes = []
+        expanded = expand_rotary_caches(proto)
+        if expanded:
+            notes.append(f"RotaryEmbedding: the cos/sin caches of {expanded} node(s) expanded to the batch, as the "
+                         "standard shapes them (the exporter broadcasts a batch of 1, which ONNX Runtime refuses)")
         if options.release_model:
             # every parameter and buffer moved off the CPU, and so freed: the exporter ran in a child process,
             # nothing of it holds them here
@@ -152,7 +159,7 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
         files = save_onnx(proto, output, options.external_data_threshold, weights_dir)
     opset_now = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return ExportResult(files, options.exporter, opset_now, report, accuracy, retargeted, conversion,
-                        checkpoint.precision, options.precision.dtype)
+                        checkpoint.precision, options.precision.dtype, notes)
 
 
 @contextlib.contextmanager
