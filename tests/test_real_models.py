@@ -213,6 +213,6 @@ def test_whisper_decoder_step_takes_encoder_states_made_from_features(folders, t
     exported and checked on come from features, not tokens."""
     result = export(folders("WhisperForConditionalGeneration"), tmp_path / "d.onnx", ["input_ids:batch=2xseq=3:int64"],
                     task="text2text-generation-with-past")
-    assert result.passed and any("decode 2" in c.name for c in result.accuracy)
+    assert result.passed and max(c.max_abs for c in result.accuracy) < 1e-4
     inputs = [i.name for i in onnx.load(str(tmp_path / "d.onnx")).graph.input]
     assert inputs[:3] == ["input_ids", "encoder_hidden_states", "encoder_attention_mask"]
