@@ -1,0 +1,193 @@
+"""Checkpoints as users hold them: bf16 and fp16 Hugging Face folders (what every current LLM folder
+says), sharded safetensors with their index, bf16 state dicts for a factory. Each goes through
+every command from the command line, judged against PyTorch in the checkpoint's own type."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from ticknorm.base.errors import CheckpointError
+from ticknorm.base.precision import coarser
+from ticknorm.cli import main
+from ticknorm.exporter.load import build_model
+from ticknorm.runtime.torch_runner import module_precision
+
+transformers = pytest.importorskip("transformers")
+from hf_models import CONFIGS, build  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_transformer.py"
+IDS = ["--input", "input_ids:batch=2xseq=8:int64:0..128"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def perturbed(architecture: str):
+    """A tiny model whose norms all have weights of their own (random-weight configs give every
+    norm ones and zeros, which an optimizer may merge)."""
+    model = build(architecture)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name.lower():
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def low_folders(tmp_path_factory):
+    """Llama in bf16 (one file) and in fp16 (sharded, with model.safetensors.index.json), BERT in bf16."""
+    root = tmp_path_factory.mktemp("low")
+    perturbed("LlamaForCausalLM").to(torch.bfloat16).save_pretrained(root / "llama_bf16")
+    perturbed("LlamaForCausalLM").to(torch.float16).save_pretrained(root / "llama_fp16", max_shard_size="40KB")
+    perturbed("BertModel").to(torch.bfloat16).save_pretrained(root / "bert_bf16")
+    return root
+
+
+def test_the_folders_are_what_users_hold(low_folders):
+    assert json.loads((low_folders / "llama_bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    index = json.loads((low_folders / "llama_fp16" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+
+
+@pytest.mark.parametrize("folder,dtype", [("llama_bf16", "bfloat16"), ("llama_fp16", "float16"),
+                                          ("bert_bf16", "bfloat16")])
+def test_export_writes_fp32_and_judges_against_the_checkpoints_type(folder, dtype, low_folders, tmp_path):
+    result = run("export", "--model", low_folders / folder, *IDS, "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+    assert f"graph precision: fp32 (the default" in result.output and f"the checkpoint is {dtype}" in result.output
+    model = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert {t.data_type for t in model.graph.initializer if t.data_type in (1, 10, 16)} == {onnx.TensorProto.FLOAT}
+    tight = [line for line in result.output.splitlines() if "ok (atol 0.0001, rtol 0.001)" in line]
+    own = [line for line in result.output.splitlines() if f"(vs PyTorch {dtype})" in line]
+    assert tight and own and all("ok (atol 0.2" in line or "ok (atol 0.02" in line for line in own)
+
+
+def test_export_with_past_of_a_bf16_folder_checks_every_step(low_folders, tmp_path):
+    result = run("export", "--model", low_folders / "llama_bf16", *IDS, "-o", tmp_path / "m.onnx",
+                 "--task", "text-generation-with-past")
+    assert result.exit_code == 0, result.output
+    assert "logits (decode 2, vs PyTorch bfloat16)" in result.output
+
+
+def test_bf16_precision_keeps_the_checkpoints_weights_exactly(low_folders, tmp_path):
+    """bf16 -> fp32 -> bf16 loses nothing: the bf16 graph holds the checkpoint's own numbers."""
+    result = run("export", "--model", low_folders / "llama_bf16", *IDS, "-o", tmp_path / "m.onnx", "--precision", "bf16")
+    assert result.exit_code == 0, result.output
+    assert "graph precision: bf16 (--precision)" in result.output
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    saved = transformers.AutoModelForCausalLM.from_pretrained(low_folders / "llama_bf16").state_dict()
+    name = "model.embed_tokens.weight"
+    assert weights[name].dtype.name == "bfloat16"
+    assert np.array_equal(weights[name].astype(np.float32), saved[name].float().numpy())
+
+
+def test_every_command_takes_a_bf16_folder(low_folders, tmp_path):
+    folder = low_folders / "llama_bf16"
+    onnx_file = tmp_path / "m.onnx"
+    assert run("export", "--model", folder, *IDS, "-o", onnx_file).exit_code == 0
+    compared = run("compare", onnx_file, "--model", folder, *IDS, "--per-layer")
+    assert compared.exit_code == 0, compared.output
+    assert "ort vs torch in bfloat16 (the checkpoint's type) (atol 0.2, rtol 0.2):" in compared.output
+    profiled = run("profile", onnx_file, "--model", folder, *IDS, "--runtime", "torch,ort", "--iterations", "3")
+    assert profiled.exit_code == 0, profiled.output
+    reported = run("report", onnx_file, "--model", folder, *IDS, "-o", tmp_path / "r.html", "--iterations", "3")
+    assert reported.exit_code == 0, reported.output
+    bundle = tmp_path / "bundle"
+    assert run("drift", "snapshot", onnx_file, "--model", folder, *IDS, "-o", bundle).exit_code == 0
+    assert json.loads((bundle / "bundle.json").read_text())["reference_precision"] == "bf16"
+    checked = run("drift", "check", bundle, onnx_file)
+    assert checked.exit_code == 0, checked.output
+    converted = run("convert", onnx_file, "-o", tmp_path / "c.onnx", "--precision", "fp16")
+    assert converted.exit_code == 0, converted.output
+
+
+def test_a_compare_with_a_planted_error_fails_at_the_checkpoints_tolerance(low_folders, tmp_path):
+    """The bf16 bar is loose, not absent: a graph whose logits are off by 1 fails against it."""
+    folder = low_folders / "llama_bf16"
+    assert run("export", "--model", folder, *IDS, "-o", tmp_path / "m.onnx").exit_code == 0
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    logits = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("Add", [f"{logits}_raw", "one"], [logits]))
+    for node in model.graph.node[:-1]:
+        node.output[:] = [f"{logits}_raw" if o == logits else o for o in node.output]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one"))
+    onnx.save(model, str(tmp_path / "planted.onnx"))
+    result = run("compare", tmp_path / "planted.onnx", "--model", folder, *IDS)
+    assert result.exit_code == 1 and "FAIL" in result.output
+
+
+@pytest.fixture(scope="module")
+def factory_checkpoints(tmp_path_factory):
+    """The tiny example's weights in bf16: one file, and two shards with their index (plus an index
+    naming a shard outside its folder, and one naming a shard that is missing)."""
+    root = tmp_path_factory.mktemp("shards")
+    model = build_model(f"{EXAMPLE}:build", EXAMPLE.with_suffix(".safetensors"))
+    state = {key: value.to(torch.bfloat16).contiguous() for key, value in model.state_dict().items()}
+    save_file(state, root / "model_bf16.safetensors")
+    keys = list(state)
+    (root / "sharded").mkdir()
+    halves = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2:]}
+    for shard, names in halves.items():
+        save_file({key: state[key] for key in names}, root / "sharded" / shard)
+    weight_map = {key: shard for shard, names in halves.items() for key in names}
+    (root / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    outside = {key: "../model_bf16.safetensors" for key in keys}
+    (root / "sharded" / "outside.index.json").write_text(json.dumps({"weight_map": outside}))
+    (root / "sharded" / "missing.index.json").write_text(json.dumps({"weight_map": {**weight_map, keys[0]: "c.safetensors"}}))
+    return root
+
+
+def test_a_bf16_state_dict_runs_the_factorys_model_in_bf16(factory_checkpoints):
+    model = build_model(f"{EXAMPLE}:build", factory_checkpoints / "model_bf16.safetensors")
+    assert module_precision(model) == "bf16"
+
+
+def test_a_sharded_checkpoint_loads_the_same_weights_as_one_file(factory_checkpoints):
+    whole = build_model(f"{EXAMPLE}:build", factory_checkpoints / "model_bf16.safetensors")
+    sharded = build_model(f"{EXAMPLE}:build", factory_checkpoints / "sharded" / "model.safetensors.index.json")
+    for (name, a), (_, b) in zip(whole.state_dict().items(), sharded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_sharded_checkpoint_exports_from_the_command_line(factory_checkpoints, tmp_path):
+    result = run("export", "--model", f"{EXAMPLE}:build", "--checkpoint",
+                 factory_checkpoints / "sharded" / "model.safetensors.index.json",
+                 "--input", "input_ids:batch=2xseq=16:int64:0..1000", "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+    assert "the checkpoint is bfloat16" in result.output
+
+
+@pytest.mark.parametrize("index,message", [("outside.index.json", "weights outside the model's folder are refused"),
+                                           ("missing.index.json", "names shards that are not there")])
+def test_a_bad_index_is_one_line_and_nothing_is_written(index, message, factory_checkpoints, tmp_path):
+    result = run("export", "--model", f"{EXAMPLE}:build", "--checkpoint", factory_checkpoints / "sharded" / index,
+                 "--input", "input_ids:batch=2xseq=16:int64:0..1000", "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_sharded_checkpoint_that_does_not_fit_names_its_keys(factory_checkpoints, tmp_path):
+    index = json.loads((factory_checkpoints / "sharded" / "model.safetensors.index.json").read_text())
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    for shard in set(index["weight_map"].values()):
+        shutil.copyfile(factory_checkpoints / "sharded" / shard, folder / shard)
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][f"{first}.extra"] = index["weight_map"][first]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"lacks .*\.extra"):
+        build_model(f"{EXAMPLE}:build", folder / "model.safetensors.index.json")
+
+
+def test_coarser_picks_the_looser_type():
+    assert coarser("fp32", "bf16") == "bf16" and coarser("fp16", "fp32") == "fp16" and coarser("fp16", "bf16") == "bf16"
