@@ -18,7 +18,7 @@ def _rotary_graph(cache_batch: int) -> onnx.ModelProto:
     node.metadata_props.add(key=SCOPE_KEY, value="model.layers.0.self_attn")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 16])
     caches = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [cache_batch, 8, 8]) for name in ("cos", "sin")]
-    graph = helper.make_graph([node], "rope", [x, *caches], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    graph = helper.make_graph([node], "rope", [x, *caches], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 16])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
 
 
