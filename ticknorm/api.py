@@ -32,6 +32,7 @@ from ticknorm.exporter.fusion import FusionResult, NormTargets, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
 from ticknorm.exporter.model_ref import ModelRef, task_feeds
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
+from ticknorm.exporter.streaming import StreamedModel, export_streamed, streams
 from ticknorm.exporter.tasks import WITH_PAST, task_of_graph
 from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.collect_trtexec import import_trtexec
@@ -65,6 +66,10 @@ def export(model, inputs, output, options: ExportOptions = ExportOptions(), repo
     _writable(output, report)
     progress.step("loading the model")
     reference = _model_ref(model)
+    if streams(reference.source, reference.checkpoint, reference.adapter, options.streaming):
+        result = _export_streamed(reference.source, inputs, output, options, progress)
+        _write_export_report(report, result)
+        return result
     module = reference.load(options.task)
     options = dataclasses.replace(options, release_model=options.release_model or reference.owned)
     feeds, dynamic_axes = _feeds(inputs, module)
@@ -77,11 +82,25 @@ def export(model, inputs, output, options: ExportOptions = ExportOptions(), repo
             extra_checks.append((f"iteration {number}", more, torch_reference(module, more)[1]))
     result = export_model(module, feeds, output, options=options, dynamic_axes=dynamic_axes, extra_checks=extra_checks,
                           progress=progress.step)
+    _write_export_report(report, result)
+    return result
+
+
+def _export_streamed(folder, inputs, output, options: ExportOptions, progress: Progress) -> ExportResult:
+    """A folder's model on the meta device, its feeds made with its weights read on demand (a
+    decoder's cache from a real prefill), exported and checked block by block."""
+    streamed = StreamedModel.of(folder, options.task)
+    progress.step("building the feeds (the model's weights read one module at a time)")
+    with streamed.meta.weights_on_demand():
+        feeds, dynamic_axes = _feeds(inputs, streamed.graph)
+    return export_streamed(streamed, feeds, dynamic_axes, output, options, progress)
+
+
+def _write_export_report(report, result: ExportResult) -> None:
     if report is not None and (result.fusion is not None or result.conversion is not None):
         written = json.loads(result.fusion.to_json()) if result.fusion is not None else {}
         written.update(result.conversion.to_dict() if result.conversion is not None else {})
         write_text(report, json.dumps(written, indent=2, default=float))
-    return result
 
 
 def convert(source, output, precision: Precision, inputs=None, report=None, progress: Progress = QUIET) -> Conversion:

@@ -27,6 +27,7 @@ from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS, ExportOptions
 from ticknorm.exporter.fusion import RMS_TARGETS, NormTargets
 from ticknorm.exporter.model_ref import ModelRef
 from ticknorm.exporter.plugin_target import LN_TARGETS
+from ticknorm.exporter.streaming import STREAMING
 from ticknorm.exporter.tasks import TASKS
 from ticknorm.profiler.profile import Timing
 from ticknorm.report import joined, profile_outputs
@@ -120,7 +121,9 @@ def _model_options(required: bool):
         click.option("--model", "model_source", required=required, metavar="FACTORY|HF_DIR",
                      help="pkg.module:fn or path/file.py:fn returning an nn.Module, or a save_pretrained directory."),
         click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                     help="Weights: .pt/.pth/.bin state dict (wrappers and DDP prefixes handled) or .safetensors."),
+                     help="Weights: .pt/.pth/.bin state dict (wrappers and DDP prefixes handled), .safetensors, or a "
+                          "sharded checkpoint's model.safetensors.index.json (read a shard at a time); bf16/fp16 "
+                          "weights run the model in their type."),
         click.option("--adapter", type=click.Path(file_okay=False), default=None,
                      help="A PEFT/LoRA adapter folder (save_pretrained), merged into the model first."),
         click.option("--trust-pickle", is_flag=True,
@@ -191,6 +194,10 @@ export_options = grouped(
                       "past_key_values.N.key/value in and present.N.* out) or text2text-generation-with-past (an "
                       "encoder-decoder's decoder step: encoder_hidden_states, encoder_attention_mask and "
                       "past_key_values.N.decoder/encoder.key/value in), as Optimum names them."),
+    click.option("--streaming", type=click.Choice(STREAMING), default="auto", show_default=True,
+                 help="A Hugging Face folder exported from its shards on the meta device and checked block by "
+                      "block against PyTorch (each module's weights read as it runs): for models larger than "
+                      "memory. auto: when its fp32 weights would not fit in the memory available."),
     _LN_TARGET, _RMS_TARGET, *_PRECISION_OPTIONS)
 
 

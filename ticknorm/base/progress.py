@@ -1,5 +1,6 @@
 """Where long work reports, passed down from whoever shows it (the CLI's stderr and bar)."""
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,3 +20,22 @@ class Progress:
 
 
 QUIET = Progress()
+
+
+class Eta:
+    """A long phase of `total` units (bytes written, blocks checked) that says how far it is and
+    when it should end, at most once every `every` seconds and once at the end."""
+
+    def __init__(self, say: Callable[[str], None], label: str, total: float, every: float = 10.0):
+        self.say, self.label, self.total, self.every = say, label, max(total, 1), every
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: float) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed * (self.total - done) / done if done else float("nan")
+        share = f"{100 * done / self.total:.0f}%"
+        self.say(f"{self.label}: {share}, {elapsed:.0f} s" + (f", about {left:.0f} s left" if done < self.total else ""))

@@ -61,6 +61,9 @@ class ExportOptions:
     # then): ONNX Runtime's sessions then never hold the weights beside it. Only for a model
     # nobody else uses: `ticknorm export` sets it for the models it loads itself.
     release_model: bool = False
+    # A Hugging Face folder exported from its shards, checked block by block (`streaming`): on, off,
+    # or auto (when its fp32 weights would not fit in the memory available).
+    streaming: str = "auto"
 
     @property
     def targets(self) -> NormTargets:
@@ -115,7 +118,7 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
         reference = torch_reference(model, feeds)[1]
         extra_checks = [(label, more, torch_reference(model, more)[1]) for label, more, _ in extra_checks]
     tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
-    with _weights_stage(Path(output).parent) as weights_dir:
+    with weights_stage(Path(output).parent) as weights_dir:
         progress(f"exporting with the {options.exporter} exporter")
         proto = torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes or {}, names, weights_dir)
         notes = []
@@ -163,7 +166,7 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
 
 
 @contextlib.contextmanager
-def _weights_stage(folder: Path):
+def weights_stage(folder: Path):
     """A folder for the exported weights, beside the output: the exporter writes them there once,
     nothing serializes them again, and the final write gives the file a second name (a hard link,
     no byte copied). The graph in memory holds references only, so a rewrite copies no weights and
@@ -278,7 +281,7 @@ def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dic
     process (`isolated`): it keeps the weights referenced after it returns. TorchScript leaves
     nothing behind and traces real tensors, which a forked child could do on one thread only."""
     kwargs, structure, names = _arguments(model, tensors, dynamic_axes)
-    arguments = _ExportCall(kwargs, _dynamic_shapes(torch, structure), names, outputs, exporter, opset, dynamic_axes)
+    arguments = ExportCall(kwargs, dynamic_shapes(torch, structure), names, outputs, exporter, opset, dynamic_axes)
     if weights_dir is None:
         return _exported(torch, model, tensors, arguments)
     target = Path(weights_dir) / "exported.onnx"
@@ -290,7 +293,7 @@ def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dic
 
 
 @dataclass(frozen=True)
-class _ExportCall:
+class ExportCall:
     """What torch.onnx.export is called with, besides the model."""
 
     kwargs: dict
@@ -302,10 +305,18 @@ class _ExportCall:
     dynamic_axes: dict  # TorchScript's
 
 
-def _exported(torch, model, tensors: dict, call: _ExportCall, target: Path | None = None) -> onnx.ModelProto | None:
-    """Export; with `target`, write the file there (weights external) and return nothing."""
+@contextlib.contextmanager
+def quiet_export(torch):
+    """What every export runs in: the exporters' prints, warnings and loggers silenced (our error
+    says what matters in one line), and PyTorch attention's fast path off."""
     with warnings.catch_warnings(), _silenced(), _quiet_loggers(), _fast_attention_off(torch):
         warnings.simplefilter("ignore")
+        yield
+
+
+def _exported(torch, model, tensors: dict, call: ExportCall, target: Path | None = None) -> onnx.ModelProto | None:
+    """Export; with `target`, write the file there (weights external) and return nothing."""
+    with quiet_export(torch):
         try:
             if call.exporter == "dynamo":
                 program = torch.onnx.export(model, (), kwargs=call.kwargs, dynamo=True, opset_version=call.opset,
@@ -326,7 +337,7 @@ def _exported(torch, model, tensors: dict, call: _ExportCall, target: Path | Non
             staged(proto, target)
             return None
         except Exception as exc:  # noqa: BLE001 - exporters raise many unrelated types
-            raise ExportError(_describe_failure(torch, model, call, exc)) from exc
+            raise ExportError(describe_failure(torch, model, call, exc)) from exc
 
 
 def _arguments(model, tensors: dict, dynamic_axes: dict) -> tuple[dict, dict, list]:
@@ -337,7 +348,7 @@ def _arguments(model, tensors: dict, dynamic_axes: dict) -> tuple[dict, dict, li
     return tensors, {name: dynamic_axes.get(name, {}) for name in tensors}, list(tensors)
 
 
-def _dynamic_shapes(torch, structure):
+def dynamic_shapes(torch, structure):
     """`{input: {axis: Dim}}` (nested like the arguments) with one Dim object per axis name, so
     shared names stay equal; None when nothing is dynamic."""
     dims = {}
@@ -409,7 +420,7 @@ _STEPS = {"1": "capturing the graph with torch.export", "2": "decomposing the ca
 _FAILED_NODE = re.compile(r"translating node %(\w+)")
 
 
-def _describe_failure(torch, model, call: "_ExportCall", exc: Exception) -> str:
+def describe_failure(torch, model, call: "ExportCall", exc: Exception) -> str:
     """One line: which op failed and in which module it was called (the dynamo exporter's failed
     node looked up in the program torch.export captures, else found by re-running the model with
     the torch calls and dispatched ops watched); where no op is named, the exporter's step and its
@@ -442,7 +453,7 @@ def _submodule(model, path: str):
     return model.get_submodule(path) if path else model
 
 
-def _module_of_node(torch, model, call: "_ExportCall", node: str) -> str | None:
+def _module_of_node(torch, model, call: "ExportCall", node: str) -> str | None:
     """The module path torch.export records for a node of the captured program (its
     `nn_module_stack`); None when the capture fails too or the node is not in it."""
     try:

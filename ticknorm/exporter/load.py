@@ -210,17 +210,23 @@ def load_hf_directory(directory):
     transformers.utils.logging.disable_progress_bar()  # ticknorm prints its own progress
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-        architectures = getattr(config, "architectures", None) or []
-        model_class = _model_class(transformers, config, architectures[0]) if architectures else transformers.AutoModel
-        if model_class is None:
-            raise CheckpointError(f"transformers has no class {architectures[0]} named in {directory}/config.json")
-        model = model_class.from_pretrained(str(directory), local_files_only=True, use_safetensors=None)
+        model = hf_model_class(transformers, config, directory).from_pretrained(str(directory), local_files_only=True,
+                                                                               use_safetensors=None)
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"cannot load the Hugging Face model in {directory}: {first_line(exc)}") from exc
     return model.eval()
 
+
+
+def hf_model_class(transformers, config, directory):
+    """The class config.json names (AutoModel when it names none)."""
+    architectures = getattr(config, "architectures", None) or []
+    model_class = _model_class(transformers, config, architectures[0]) if architectures else transformers.AutoModel
+    if model_class is None:
+        raise CheckpointError(f"transformers has no class {architectures[0]} named in {directory}/config.json")
+    return model_class
 
 
 def _model_class(transformers, config, name: str):

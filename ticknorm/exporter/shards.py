@@ -66,6 +66,18 @@ class ShardedCheckpoint:
             infos.update({name: found[name] for name in names})
         return infos
 
+    @classmethod
+    def of_folder(cls, folder) -> "ShardedCheckpoint":
+        """A `save_pretrained` folder's weights: its index, or its one file as a single shard."""
+        folder = Path(folder)
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (folder / (name + INDEX_SUFFIX)).is_file():
+                return cls.read(folder / (name + INDEX_SUFFIX))
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (folder / name).is_file():
+                return cls(folder / name, {folder / name: list(_infos(folder / name))})
+        raise CheckpointError(f"{folder} holds no weights (model.safetensors, pytorch_model.bin, or their index)")
+
     def shard_tensors(self):
         """(shard path, {name: tensor}) for one shard at a time."""
         for path, names in self.shards.items():
@@ -103,3 +115,22 @@ def _load(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch and safetensors report damaged files in many ways
         raise CheckpointError(f"{path} is not a readable checkpoint shard ({first_line(exc)})") from exc
+
+
+class TensorReader:
+    """One tensor at a time from a checkpoint's shards, each shard opened once (a safetensors
+    shard is memory-mapped: reading a tensor copies only its own bytes)."""
+
+    def __init__(self, checkpoint: ShardedCheckpoint):
+        self.where = {name: path for path, names in checkpoint.shards.items() for name in names}
+        self._open = {}
+
+    def read(self, name: str):
+        path = self.where[name]
+        if path not in self._open:
+            if path.suffix == ".safetensors":
+                self._open[path] = require("safetensors", "torch").safe_open(str(path), framework="pt")
+            else:
+                self._open[path] = _load(path)
+        shard = self._open[path]
+        return shard.get_tensor(name) if path.suffix == ".safetensors" else shard[name]

@@ -53,7 +53,8 @@ class TorchRunner(Runner):
     def _activate_impl(self) -> None:
         torch = require("torch", "torch")
         self._torch_dtype = getattr(torch, TORCH_DTYPES[self.dtype or module_precision(self.module)])
-        self.module.eval().to(self.device)
+        if not any(p.is_meta for p in self.module.parameters()):  # else its weights are read as it runs (`meta`)
+            self.module.eval().to(self.device)
         if self.dtype:
             self.module.to(self._torch_dtype)
         for path in self.fp32_modules:

@@ -1,0 +1,196 @@
+"""Export a Hugging Face folder whose weights do not fit in memory, and check it block by block.
+
+The whole-model route holds the model, then ONNX Runtime maps the exported weights beside it: at
+8B parameters that is 32 GB of fp32. Here nothing holds more than one module's weights:
+1. the model is built on the meta device and traced by the dynamo exporter (shapes only);
+2. each initializer (named by its module path) is written to the weights file from the
+   checkpoint's shards, one tensor at a time, by onnx-ir's `save` over lazy tensors;
+3. norms are fused on the graph, whose weights stay references into that file;
+4. the graph is checked block by block (`blocks`) against PyTorch running the same model with
+   each module's weights read just before it runs (`meta.MetaModel.weights_on_demand`): in fp32
+   (the exact upcast) block by block and end to end, and end to end in the checkpoint's own type.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError
+from ticknorm.base.inputs import graph_feeds
+from ticknorm.base.metrics import compare_arrays, dtype_tolerance
+from ticknorm.base.onnx_io import save_onnx, stage_weights
+from ticknorm.base.optional import require
+from ticknorm.base.precision import TYPE_NAMES
+from ticknorm.base.progress import QUIET, Eta, Progress
+from ticknorm.base.scopes import annotate_scopes
+from ticknorm.exporter.blocks import PieceRunner, check_blocks, repeated_blocks, taps_needed
+from ticknorm.exporter.export import (ExportCall, ExportOptions, ExportResult, describe_failure, dynamic_shapes,
+                                      quiet_export, weights_stage)
+from ticknorm.exporter.fusion import fuse_norms
+from ticknorm.exporter.hf import HfGraph
+from ticknorm.exporter.lazy_weights import optimize_without_weights, write_weights
+from ticknorm.exporter.meta import MetaModel
+from ticknorm.exporter.rotary import expand_rotary_caches
+from ticknorm.runtime.torch_runner import TorchRunner, as_tensors, output_names, tensor_leaves
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedModel:
+    """A folder's model on the meta device behind the graph wrapper its task exports."""
+
+    meta: MetaModel
+    graph: HfGraph
+
+    @classmethod
+    def of(cls, folder, task: str) -> "StreamedModel":
+        meta = MetaModel(folder)
+        return cls(meta, HfGraph(meta.model, task))
+
+
+STREAMING = ("auto", "on", "off")
+# The whole-model route peaks at about 1.2x the fp32 weights (benchmarks/large_model.py): auto streams
+# a folder above this share of the memory available.
+WHOLE_MODEL_SHARE = 0.6
+
+
+def streams(source, checkpoint, adapter, mode: str) -> bool:
+    """Whether a model goes the streamed route: a Hugging Face folder given alone (no separate
+    checkpoint or adapter to merge first), when asked, or by `auto` when its fp32 weights pass
+    WHOLE_MODEL_SHARE of the memory available."""
+    if mode not in STREAMING:
+        raise InputSpecError(f"unknown streaming mode '{mode}'; choose one of: {', '.join(STREAMING)}")
+    folder = isinstance(source, (str, Path)) and Path(source).is_dir()
+    eligible = folder and checkpoint is None and adapter is None
+    if mode == "on" and not eligible:
+        raise InputSpecError("--streaming on exports a Hugging Face folder from its own shards; it takes no "
+                             "--checkpoint or --adapter, and no factory")
+    if mode != "auto" or not eligible:
+        return mode == "on"
+    from ticknorm.exporter.shards import ShardedCheckpoint
+
+    infos = ShardedCheckpoint.of_folder(source).tensor_infos()
+    fp32_bytes = 4 * sum(int(np.prod(info.shape)) for info in infos.values())
+    return fp32_bytes > WHOLE_MODEL_SHARE * _available_memory()
+
+
+def _available_memory() -> int:
+    """MemAvailable (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def export_streamed(streamed: StreamedModel, feeds: dict, dynamic_axes: dict, output,
+                    options: ExportOptions, progress: Progress = QUIET) -> ExportResult:
+    """Export `streamed` on `feeds` and write `output` only once every block and the outputs
+    passed; see the module's docstring. `feeds` and `dynamic_axes` are the task's (made with the
+    weights on demand: a decoder's cache comes from a real prefill)."""
+    torch = require("torch", "torch")
+    if options.precision.low:
+        raise InputSpecError("--precision fp16/bf16 measures fp32 islands on a whole-model run, which a model "
+                             "streamed from its shards does not make; export in fp32 (convert later on a larger host)")
+    meta, graph = streamed.meta, streamed.graph
+    own = meta.precision
+    own_outputs = None
+    if own != "fp32":
+        progress.step(f"running PyTorch in {TYPE_NAMES[own]} (the checkpoint's type), one module's weights at a time")
+        own_outputs = _forward(meta, graph, feeds)
+        meta.model.float()  # meta tensors: nothing is allocated; the weights are read in fp32 from here on
+    with weights_stage(Path(output).parent) as weights_dir:
+        progress.step("exporting the model on the meta device with the dynamo exporter")
+        program = _export_meta(torch, graph, feeds, dynamic_axes, options.opset)
+        target = Path(weights_dir) / "exported.onnx"
+        plan = optimize_without_weights(program.model, meta)
+        write_weights(program.model, meta, plan, target, progress.step)
+        del program
+        proto = stage_weights(target)
+        annotate_scopes(proto, [name for name, _ in graph.named_modules()])
+        notes = []
+        if expand_rotary_caches(proto):
+            notes.append("RotaryEmbedding: cos/sin caches expanded to the batch, as the standard shapes them")
+        progress.step("fusing norms (checked below, block by block against PyTorch)")
+        fused = fuse_norms(proto, opset=options.opset, verify=False, targets=options.targets)
+        proto = fused.model
+        blocks = repeated_blocks(name for name, _ in graph.named_modules())
+        accuracy = _check(proto, streamed, feeds, blocks, weights_dir, own_outputs, progress) if options.check else []
+        files = save_onnx(proto, output, options.external_data_threshold, weights_dir)
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    notes.append(f"streamed from {meta.checkpoint.index.name}: {len(blocks)} blocks checked one at a time")
+    return ExportResult(files, "dynamo", opset, fused.report, accuracy, None, None, own, "fp32", notes)
+
+
+def _forward(meta: MetaModel, graph: HfGraph, feeds: dict) -> dict:
+    """The model's outputs by name, its weights read as each module runs."""
+    torch = require("torch", "torch")
+    with meta.weights_on_demand(), torch.no_grad():
+        outputs = graph(**as_tensors(feeds, _dtype_of(meta)))
+    return {name: tensor.float().numpy() for name, tensor in zip(output_names(torch, outputs),
+                                                                 tensor_leaves(torch, outputs))}
+
+
+def _dtype_of(meta: MetaModel):
+    return next(p for p in meta.model.parameters() if p.is_floating_point()).dtype
+
+
+def _export_meta(torch, graph: HfGraph, feeds: dict, dynamic_axes: dict, opset):
+    """The dynamo exporter's program of the meta model, traced on meta tensors shaped as the feeds.
+    Its optimizer folds constants through the weights, which meta tensors do not hold: off."""
+    tensors = {name: torch.empty(value.shape, dtype=as_tensors({name: value})[name].dtype, device="meta")
+               for name, value in feeds.items()}
+    kwargs, structure, names = graph.export_arguments(tensors, dynamic_axes)
+    call = ExportCall(kwargs, dynamic_shapes(torch, structure), names, None, "dynamo", opset, dynamic_axes)
+    with quiet_export(torch):
+        try:
+            program = torch.onnx.export(graph, (), kwargs=kwargs, dynamo=True, opset_version=opset,
+                                        dynamic_shapes=call.dynamic_shapes, input_names=names, optimize=False,
+                                        verbose=False)
+        except Exception as exc:  # noqa: BLE001 - the exporter raises many unrelated types
+            raise ExportError(describe_failure(torch, graph, call, exc)) from exc
+    _name_outputs(torch, program)
+    return program
+
+
+def _name_outputs(torch, program) -> None:
+    """The graph's outputs named as the model names them (`logits`, `present.0.key`), read from the
+    structure torch.export recorded (a meta forward cannot run: masks call `.item()`)."""
+    from torch.utils import _pytree
+
+    spec = program.exported_program.call_spec.out_spec
+    structure = _pytree.tree_unflatten([torch.empty(0)] * spec.num_leaves, spec)
+    for value, name in zip(program.model.graph.outputs, output_names(torch, structure)):
+        value.name = name
+
+
+def _check(proto, streamed: StreamedModel, feeds: dict, blocks: list, weights_dir, own_outputs, progress) -> list:
+    """Every block alone and the outputs end to end against PyTorch in fp32, and the outputs
+    against PyTorch in the checkpoint's type; the first block over tolerance stops the export."""
+    meta, graph = streamed.meta, streamed.graph
+    names = [o.name for o in proto.graph.output]
+    progress.step(f"running PyTorch in fp32, one module's weights at a time, {len(blocks)} blocks tapped")
+    with meta.weights_on_demand(), TorchRunner(graph, names, taps=taps_needed(proto, blocks)) as runner:
+        reference = runner.infer(feeds)
+    eta = Eta(progress.step, "checking the graph piece by piece in ONNX Runtime", 1)
+    pieces = PieceRunner(proto, blocks, weights_dir, lambda done, total: eta(done / total))
+    found = check_blocks(proto, pieces, graph_feeds(proto, feeds), reference)
+    if found.first_failure is not None:
+        failed = next(c for c in found.blocks if not c.passed)
+        raise AccuracyError(f"block {failed.name} of the exported graph disagrees with PyTorch: {failed.reason} "
+                            "(judged alone, on PyTorch's inputs); nothing was written")
+    accuracy = [*found.blocks, *found.outputs]
+    if own_outputs is not None:
+        atol, rtol = dtype_tolerance(np.dtype(TYPE_NAMES[meta.precision]))
+        accuracy += [compare_arrays(f"{check.name} (vs PyTorch {TYPE_NAMES[meta.precision]})", own_outputs[check.name],
+                                    found.values[check.name], atol, rtol) for check in found.outputs]
+    failed = [c for c in accuracy if not c.passed]
+    if failed:
+        raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on {failed[0].name}: {failed[0].reason}; "
+                            "nothing was written")
+    return accuracy
