@@ -118,19 +118,44 @@ def _load(path: Path) -> dict:
 
 
 class TensorReader:
-    """One tensor at a time from a checkpoint's shards, each shard opened once (a safetensors
-    shard is memory-mapped: reading a tensor copies only its own bytes)."""
+    """One tensor at a time from a checkpoint's shards. A safetensors tensor is read with plain
+    file reads at its offset: a memory map (what `safe_open` gives) would keep every page read
+    resident in this process (RSS) for as long as the shard stays open, which for a model larger
+    than memory is all of it."""
 
     def __init__(self, checkpoint: ShardedCheckpoint):
         self.where = {name: path for path, names in checkpoint.shards.items() for name in names}
-        self._open = {}
+        self._headers = {}
+        self._torch_shards = {}
 
     def read(self, name: str):
         path = self.where[name]
-        if path not in self._open:
-            if path.suffix == ".safetensors":
-                self._open[path] = require("safetensors", "torch").safe_open(str(path), framework="pt")
-            else:
-                self._open[path] = _load(path)
-        shard = self._open[path]
-        return shard.get_tensor(name) if path.suffix == ".safetensors" else shard[name]
+        if path.suffix != ".safetensors":
+            if path not in self._torch_shards:
+                self._torch_shards[path] = _load(path)
+            return self._torch_shards[path][name]
+        if path not in self._headers:
+            self._headers[path] = _header(path)
+        start, entries = self._headers[path]
+        entry = entries[name]
+        begin, end = entry["data_offsets"]
+        torch = require("torch", "torch")
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        with open(path, "rb") as shard:
+            shard.seek(start + begin)
+            if shard.readinto(raw.numpy()) != end - begin:
+                raise CheckpointError(f"{path} ends inside tensor {name}: the shard is cut short")
+        dtype = getattr(torch, _SAFETENSORS_TYPES[entry["dtype"]])
+        return raw.view(dtype).reshape(entry["shape"])
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """Where a safetensors file's data starts, and its tensors' entries (dtype, shape, offsets)."""
+    with open(path, "rb") as shard:
+        length = int.from_bytes(shard.read(8), "little")
+        try:
+            entries = json.loads(shard.read(length))
+        except ValueError as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)})") from exc
+    entries.pop("__metadata__", None)
+    return 8 + length, entries
