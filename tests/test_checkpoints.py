@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from ticknorm.base.errors import CheckpointError
+from ticknorm.base.metrics import compare_arrays, within_own_rounding
 from ticknorm.base.precision import coarser
 from ticknorm.cli import main
 from ticknorm.exporter.load import build_model
@@ -191,3 +192,18 @@ def test_a_sharded_checkpoint_that_does_not_fit_names_its_keys(factory_checkpoin
 
 def test_coarser_picks_the_looser_type():
     assert coarser("fp32", "bf16") == "bf16" and coarser("fp16", "fp32") == "fp16" and coarser("fp16", "bf16") == "bf16"
+
+
+def test_a_graph_past_the_types_bar_passes_only_within_the_types_own_rounding():
+    """Against a bf16 checkpoint's PyTorch, a value past bf16's bar passes when the model's exact
+    fp32 upcast is as far from it (the type's rounding, accumulated over a deep model), not when
+    the graph is farther than that."""
+    own = np.array([1.0, 2.0, -3.0], np.float32)
+    upcast = own + np.array([0.5, -0.4, 0.0], np.float32)  # bf16's own rounding, past its 0.2 + 0.2*|ref| bar
+    found = compare_arrays("logits", own, upcast, 0.2, 0.2)
+    assert not found.passed
+    judged = within_own_rounding(found, own, upcast, upcast + 1e-6, "bfloat16")
+    assert judged.passed and "bfloat16's own rounding" in judged.line()
+    farther = upcast + np.array([0.0, 0.0, 1.0], np.float32)
+    worse = compare_arrays("logits", own, farther, 0.2, 0.2)
+    assert not within_own_rounding(worse, own, upcast, farther, "bfloat16").passed

@@ -18,15 +18,14 @@ import numpy as np
 
 from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError
 from ticknorm.base.inputs import graph_feeds
-from ticknorm.base.metrics import compare_arrays, dtype_tolerance
 from ticknorm.base.onnx_io import save_onnx, stage_weights
 from ticknorm.base.optional import require
 from ticknorm.base.precision import TYPE_NAMES
 from ticknorm.base.progress import QUIET, Eta, Progress
 from ticknorm.base.scopes import annotate_scopes
 from ticknorm.exporter.blocks import PieceRunner, check_blocks, repeated_blocks, taps_needed
-from ticknorm.exporter.export import (ExportCall, ExportOptions, ExportResult, describe_failure, dynamic_shapes,
-                                      quiet_export, weights_stage)
+from ticknorm.exporter.export import (CheckpointChecks, ExportCall, ExportOptions, ExportResult, describe_failure,
+                                      dynamic_shapes, judge_checkpoint, quiet_export, weights_stage)
 from ticknorm.exporter.fusion import fuse_norms
 from ticknorm.exporter.hf import HfGraph
 from ticknorm.exporter.lazy_weights import optimize_without_weights, write_weights
@@ -187,9 +186,9 @@ def _check(proto, streamed: StreamedModel, feeds: dict, blocks: list, weights_di
                             "(judged alone, on PyTorch's inputs); nothing was written")
     accuracy = [*found.blocks, *found.outputs]
     if own_outputs is not None:
-        atol, rtol = dtype_tolerance(np.dtype(TYPE_NAMES[meta.precision]))
-        accuracy += [compare_arrays(f"{check.name} (vs PyTorch {TYPE_NAMES[meta.precision]})", own_outputs[check.name],
-                                    found.values[check.name], atol, rtol) for check in found.outputs]
+        own = CheckpointChecks(meta.precision, [("", feeds, [own_outputs[name] for name in names])])
+        upcast = [("", feeds, [reference.outputs[name] for name in names])]
+        accuracy += judge_checkpoint(proto, own, upcast, [found.values])
     failed = [c for c in accuracy if not c.passed]
     if failed:
         raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on {failed[0].name}: {failed[0].reason}; "
