@@ -56,6 +56,10 @@ CONFIGS = {
                                                n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
                                                first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
                                                qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8), [IDS]),
+    # dynamo cannot capture it (a data-dependent `.item()`): exported by TorchScript instead, as the export says,
+    # with static shapes (its ONNX-friendly chunking unfolds by sizes TorchScript must know)
+    "LongformerModel": (lambda: T.LongformerConfig(vocab_size=128, max_position_embeddings=64, attention_window=4,
+                                                   **LAYERS), ["input_ids:2x8:int64"]),
     "ViTModel": (lambda: T.ViTConfig(image_size=32, patch_size=8, **LAYERS), [PIXELS]),
     "CLIPTextModel": (lambda: T.CLIPTextConfig(vocab_size=128, max_position_embeddings=64, **LAYERS), [IDS]),
     "ConvNextModel": (lambda: T.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], image_size=32), [PIXELS]),

@@ -14,7 +14,7 @@ import re
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +120,21 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
     tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
     with weights_stage(Path(output).parent) as weights_dir:
         progress(f"exporting with the {options.exporter} exporter")
-        proto = torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes or {}, names, weights_dir)
-        notes = []
+        notes, failed = [], None
+        try:
+            proto = torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes or {}, names, weights_dir)
+        except ExportError as exc:
+            if not _torchscript_may_stand_in(options, exc):
+                raise
+            failed = exc
+        if failed is not None:  # outside the handler: TorchScript's own failure chains to nothing of dynamo's
+            progress(f"{failed}; exporting with the TorchScript exporter instead")
+            options = replace(options, exporter="torchscript")
+            try:
+                proto = torch_to_onnx(model, tensors, "torchscript", None, dynamic_axes or {}, names, weights_dir)
+            except ExportError as exc:
+                raise ExportError(f"{failed}; {exc} too, tried instead") from None
+            notes.append(f"{failed}: exported with the TorchScript exporter instead (opset 17)")
         expanded = expand_rotary_caches(proto)
         if expanded:
             notes.append(f"RotaryEmbedding: the cos/sin caches of {expanded} node(s) expanded to the batch, as the "
@@ -163,6 +176,15 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
     opset_now = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return ExportResult(files, options.exporter, opset_now, report, accuracy, retargeted, conversion,
                         checkpoint.precision, options.precision.dtype, notes)
+
+
+def _torchscript_may_stand_in(options: ExportOptions, failure: ExportError) -> bool:
+    """Whether the TorchScript exporter gets its turn: the dynamo exporter failed to capture the
+    model at all (torch.export cannot trace a data-dependent branch, as Longformer's `.item()`),
+    and no opset past TorchScript's 17 was asked for. A failure to translate an op is not one:
+    TorchScript would not know the op either."""
+    capture = "while capturing the graph with torch.export" in str(failure)
+    return options.exporter == "dynamo" and capture and (options.opset is None or options.opset <= EXPORTERS["torchscript"][1])
 
 
 @contextlib.contextmanager

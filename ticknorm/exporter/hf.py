@@ -54,7 +54,7 @@ class HfGraph(nn.Module):
         super().__init__()
         if task not in TASKS:
             raise InputSpecError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
-        _exportable_experts(model)
+        _exportable_switches(model)
         object.__setattr__(self, "hf", model)  # not a child: its children are ours, under their own names
         self._modules, self._parameters, self._buffers = model._modules, model._parameters, model._buffers
         self.task = task
@@ -149,13 +149,17 @@ class HfGraph(nn.Module):
         return kwargs, shapes, names
 
 
-def _exportable_experts(model) -> None:
-    """A mixture of experts runs them as `batched_mm`: transformers 5's default `grouped_mm` is an
-    op neither exporter takes (dynamo has no translation, TorchScript fails on its `aten::histc`),
-    and batched_mm computes the same experts with ops both take (a tiny Mixtral matches to 2e-7)."""
+def _exportable_switches(model) -> None:
+    """transformers' own switches for exporters, which compute the same numbers with ops they take:
+    - a mixture of experts runs them as `batched_mm`: transformers 5's default `grouped_mm` is an op
+      neither exporter takes (dynamo has no translation, TorchScript fails on its `aten::histc`);
+    - `config.onnx_export` where a model has one (Longformer chunks its attention without
+      `as_strided`, whose ONNX emulation reads memory as if contiguous: 2.9e-4 off on a tiny one)."""
     implementation = getattr(model.config, "_experts_implementation", None)
     if implementation not in (None, "eager", "batched_mm") and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("batched_mm")
+    if getattr(model.config, "onnx_export", None) is False:
+        model.config.onnx_export = True
 
 
 def _nested_past(flat: dict, seq2seq: bool = False) -> list:
