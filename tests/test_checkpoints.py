@@ -207,3 +207,20 @@ def test_a_graph_past_the_types_bar_passes_only_within_the_types_own_rounding():
     farther = upcast + np.array([0.0, 0.0, 1.0], np.float32)
     worse = compare_arrays("logits", own, farther, 0.2, 0.2)
     assert not within_own_rounding(worse, own, upcast, farther, "bfloat16").passed
+
+
+def test_a_bf16_graph_is_checked_upcast_on_the_cpu_and_not_timed_there(low_folders, tmp_path):
+    """ONNX Runtime's CPU provider has no bf16 MatMul: compare and drift check run the graph's fp32
+    emulation (never NOT_IMPLEMENTED); profile refuses to time that emulation as if it were bf16.
+    PyTorch in bf16 keeps the graph's fp32 islands (an attention) in fp32, keywords and all."""
+    folder = low_folders / "llama_bf16"
+    onnx_file = tmp_path / "m.onnx"
+    assert run("export", "--model", folder, *IDS, "-o", onnx_file, "--precision", "bf16").exit_code == 0
+    compared = run("compare", onnx_file, "--model", folder, *IDS, "--runtime", "ort,torch-bf16", "--per-layer")
+    assert compared.exit_code == 0, compared.output
+    assert "NOT_IMPLEMENTED" not in compared.output and "torch-bf16 vs" in compared.output
+    bundle = tmp_path / "bundle"
+    assert run("drift", "snapshot", onnx_file, "--model", folder, *IDS, "-o", bundle).exit_code == 0
+    assert run("drift", "check", bundle, onnx_file).exit_code == 0
+    profiled = run("profile", onnx_file, "--model", folder, *IDS, "--runtime", "ort", "--iterations", "2")
+    assert profiled.exit_code == 2 and "timing the graph's fp32 emulation" in profiled.output

@@ -27,7 +27,6 @@ from ticknorm.exporter.blocks import PieceRunner, check_blocks, repeated_blocks,
 from ticknorm.exporter.export import (CheckpointChecks, ExportCall, ExportOptions, ExportResult, describe_failure,
                                       dynamic_shapes, judge_checkpoint, quiet_export, weights_stage)
 from ticknorm.exporter.fusion import fuse_norms
-from ticknorm.exporter.hf import HfGraph
 from ticknorm.exporter.lazy_weights import optimize_without_weights, write_weights
 from ticknorm.exporter.meta import MetaModel
 from ticknorm.exporter.rotary import expand_rotary_caches
@@ -39,10 +38,12 @@ class StreamedModel:
     """A folder's model on the meta device behind the graph wrapper its task exports."""
 
     meta: MetaModel
-    graph: HfGraph
+    graph: object  # hf.HfGraph, which imports torch: `import ticknorm` does not
 
     @classmethod
     def of(cls, folder, task: str) -> "StreamedModel":
+        from ticknorm.exporter.hf import HfGraph
+
         meta = MetaModel(folder)
         return cls(meta, HfGraph(meta.model, task))
 
@@ -127,7 +128,7 @@ def export_streamed(streamed: StreamedModel, feeds: dict, dynamic_axes: dict, ou
     return ExportResult(files, "dynamo", opset, fused.report, accuracy, None, None, own, "fp32", notes)
 
 
-def _forward(meta: MetaModel, graph: HfGraph, feeds: dict) -> dict:
+def _forward(meta: MetaModel, graph, feeds: dict) -> dict:
     """The model's outputs by name, its weights read as each module runs."""
     torch = require("torch", "torch")
     with meta.weights_on_demand(), torch.no_grad():
@@ -140,7 +141,7 @@ def _dtype_of(meta: MetaModel):
     return next(p for p in meta.model.parameters() if p.is_floating_point()).dtype
 
 
-def _export_meta(torch, graph: HfGraph, feeds: dict, dynamic_axes: dict, opset):
+def _export_meta(torch, graph, feeds: dict, dynamic_axes: dict, opset):
     """The dynamo exporter's program of the meta model, traced on meta tensors shaped as the feeds.
     Its optimizer folds constants through the weights, which meta tensors do not hold: off."""
     tensors = {name: torch.empty(value.shape, dtype=as_tensors({name: value})[name].dtype, device="meta")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from ticknorm.base.errors import InputSpecError
+from ticknorm.base.errors import InputSpecError, RuntimeUnavailable
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.progress import QUIET, Progress
 from ticknorm.profiler.align import ScopeTable
@@ -68,6 +68,10 @@ def profile_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: Runne
     runners = {r: (TorchRunner(setup.module, names) if r == "torch" else make_runner(r, model, setup)) for r in runtimes}
     for runner in runners.values():
         runner.check_available()
+        if getattr(runner, "emulates_bf16", False):
+            raise RuntimeUnavailable(f"{runner.name}: ONNX Runtime's CPU provider has no bf16 kernels, and timing the "
+                                     "graph's fp32 emulation (what compare checks there) says nothing of a bf16 "
+                                     "deployment: profile it with ort-cuda or trt-bf16, or profile its fp32 export")
     with _collector_paused():
         _collect(result, runners, model, feeds, timing, table, progress)
     return result

@@ -9,6 +9,7 @@ import onnx
 from ticknorm.base.errors import OnnxFileError, RuntimeFailure, RuntimeUnavailable, first_line
 from ticknorm.base.onnx_io import has_external_weights, session_source
 from ticknorm.base.precision import Precision
+from ticknorm.base.upcast import upcast_bf16
 from ticknorm.base.scopes import exposed
 from ticknorm.plugins import plugin_nodes
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, split_outputs, tapped_tensors
@@ -72,18 +73,21 @@ class OrtRunner(Runner):
         if PROVIDERS[self.provider] not in ort.get_available_providers():
             raise RuntimeUnavailable(f"{self.name}: onnxruntime {ort.__version__} has no {PROVIDERS[self.provider]} "
                                      "(install ticknorm[gpu] on a CUDA machine)")
-        if self.provider == "cpu" and Precision.of_graph(self.model).dtype == "bf16":
-            raise RuntimeUnavailable(f"{self.name}: ONNX Runtime's CPU provider has no bf16 kernels for this bf16 graph; "
-                                     "run it with trt-bf16 or ort-cuda, judge the model with torch-bf16, or export "
-                                     "--precision fp16")
+
+    @property
+    def emulates_bf16(self) -> bool:
+        """Whether this session runs a bf16 graph's fp32 emulation (`upcast`): the CPU provider has
+        no bf16 kernels, so a check there runs the graph upcast, each bf16 value rounded as made."""
+        return self.provider == "cpu" and Precision.of_graph(self.model).dtype == "bf16"
 
     def _activate_impl(self) -> None:
         import onnxruntime as ort
 
+        model = upcast_bf16(self.model, self.mapped.folder if self.mapped else None) if self.emulates_bf16 else self.model
         try:
-            with exposed(self.model, self._added), contextlib.nullcontext(str(self.model_file)) if (
-                    self._reads_file) else session_source(
-                    self.model, self.mapped.folder if self.mapped else None) as source:
+            with exposed(model, self._added), contextlib.nullcontext(str(self.model_file)) if (
+                    self._reads_file and model is self.model) else session_source(
+                    model, self.mapped.folder if self.mapped else None) as source:
                 self._session = ort.InferenceSession(source, self.session_options(), providers=[PROVIDERS[self.provider]])
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
             raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc

@@ -59,7 +59,7 @@ class TorchRunner(Runner):
             self.module.to(self._torch_dtype)
         for path in self.fp32_modules:
             submodule = self.module.get_submodule(path).float()
-            self._hooks.append(submodule.register_forward_pre_hook(_cast_inputs(torch, torch.float32)))
+            self._hooks.append(submodule.register_forward_pre_hook(_cast_inputs(torch, torch.float32), with_kwargs=True))
             self._hooks.append(submodule.register_forward_hook(_cast_output(torch, self._torch_dtype)))
         for path in self.taps:
             self._hooks.append(self.module.get_submodule(path).register_forward_hook(
@@ -219,12 +219,26 @@ def _capture(torch, store: dict, others: dict, path: str):
 
 
 def _cast_inputs(torch, dtype):
-    def hook(_module, args):
-        return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    """Every float tensor a module is called with, keywords and nested tuples too (a transformers
+    attention takes `hidden_states=` and `position_embeddings=(cos, sin)`)."""
+    cast = _caster(torch, dtype)
+
+    def hook(_module, args, kwargs):
+        return cast(args), cast(kwargs)
     return hook
+
+
+def _caster(torch, dtype):
+    """Every float tensor in a structure (tuples, dicts, a ModelOutput's fields) in `dtype`."""
+    from torch.utils import _pytree
+
+    def cast(value):
+        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+    return lambda structure: _pytree.tree_map(cast, structure)
 
 
 def _cast_output(torch, dtype):
-    def hook(_module, _args, output):
-        return output.to(dtype) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
-    return hook
+    """An fp32 island's outputs back in the model's type, every one (an attention returns its
+    output and its weights)."""
+    cast = _caster(torch, dtype)
+    return lambda _module, _args, output: cast(output)

@@ -1,0 +1,67 @@
+"""A bf16 graph as ONNX Runtime's CPU provider can run it: in fp32, every bf16 value rounded to bf16.
+
+The CPU provider has no bf16 kernels for Add, Mul or MatMul (NOT_IMPLEMENTED at session creation),
+so a bf16 graph cannot be checked there as it is. Its upcast computes the same values up to the
+rounding inside each op: each bf16 weight becomes the fp32 number it is (exactly), each op computes
+in fp32 on those values, and each value the graph holds in bf16 is rounded to bf16 where it is
+made (a Cast to bf16 and back), as `convert` emulates a precision before it writes one.
+"""
+
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ticknorm.base.graph import UniqueNames
+from ticknorm.base.scopes import SCOPE_KEY, get_scope
+
+BF16, FLOAT = TensorProto.BFLOAT16, TensorProto.FLOAT
+
+
+def upcast_bf16(model: onnx.ModelProto, weights_dir=None) -> onnx.ModelProto:
+    """The fp32 emulation of a bf16 graph (see the module's docstring); `weights_dir` is where a
+    graph read alone finds its weights (they are read, converted and held: twice their bf16 bytes)."""
+    typed = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input,
+                                                             *typed.graph.output]}
+    upcast = onnx.ModelProto()
+    upcast.CopyFrom(model)
+    graph = upcast.graph
+    names = UniqueNames(upcast)
+    nodes = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            _upcast_attribute(attribute)
+        nodes.append(node)
+        for slot, name in enumerate(node.output):
+            if name and types.get(name) == BF16:
+                made = names.fresh(f"{name}_fp32")
+                node.output[slot] = made
+                nodes += _round_trip(made, name, names, get_scope(node))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for position, tensor in enumerate(graph.initializer):
+        if tensor.data_type == BF16:
+            array = numpy_helper.to_array(tensor, base_dir=str(weights_dir or "")).astype("float32")
+            graph.initializer[position].CopyFrom(numpy_helper.from_array(array, tensor.name))
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.type.tensor_type.elem_type == BF16:
+            value.type.tensor_type.elem_type = FLOAT
+    return upcast
+
+
+def _round_trip(source: str, target: str, names: UniqueNames, scope: str | None) -> list:
+    low = names.fresh(f"{target}_bf16")
+    nodes = [helper.make_node("Cast", [source], [low], to=BF16, name=names.fresh(f"{target}_round")),
+             helper.make_node("Cast", [low], [target], to=FLOAT, name=names.fresh(f"{target}_back"))]
+    for node in nodes:
+        if scope is not None:
+            node.metadata_props.add(key=SCOPE_KEY, value=scope)
+    return nodes
+
+
+def _upcast_attribute(attribute: onnx.AttributeProto) -> None:
+    """A Cast to bf16 computes in fp32 (its output is rounded after it); a bf16 constant is the fp32
+    number it is."""
+    if attribute.name == "to" and attribute.i == BF16:
+        attribute.i = FLOAT
+    if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == BF16:
+        attribute.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype("float32"), attribute.t.name))
