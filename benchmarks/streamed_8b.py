@@ -7,6 +7,7 @@ a multiple of the bf16 weights.
     python benchmarks/streamed_8b.py --folder /tmp/llama8b            # the whole 8B shape (16 GB folder)
     python benchmarks/streamed_8b.py --folder /tmp/l4 --layers 4      # the same widths, 4 layers: a quick look
     python benchmarks/streamed_8b.py --folder /tmp/llama8b --task text-generation-with-past
+    python benchmarks/streamed_8b.py --folder /tmp/llama8b --precision bf16
 
 Goal (the real-checkpoints issue): on a 2-core, 24 GiB machine with no GPU, all 65 RMSNorms fused and
 verified, peak RSS <= 8 GiB (aim 6), within 30 minutes. Needs about 16 GB of disk for the folder and
@@ -136,6 +137,7 @@ def main():
     parser.add_argument("--shard-gb", type=float, default=5.0)
     parser.add_argument("--task", default="default")
     parser.add_argument("--streaming", default="on", help="on (the route measured here), auto or off")
+    parser.add_argument("--precision", default="fp32", help="fp32 (a 32 GB file at 8B) or bf16 (16 GB)")
     parser.add_argument("--output", type=Path, default=None, help="default: FOLDER.onnx beside the folder")
     args = parser.parse_args()
     if (args.folder / "model.safetensors.index.json").is_file():
@@ -146,7 +148,7 @@ def main():
     output = args.output or args.folder.with_suffix(".onnx")
     command = [sys.executable, "-m", "ticknorm.cli", "export", "--model", str(args.folder), "--input",
                "input_ids:batch=1xseq=8:int64:0..128256", "-o", str(output), "--task", args.task,
-               "--streaming", args.streaming]
+               "--streaming", args.streaming, "--precision", args.precision]
     sys.exit(timed_export(command, weights))
 
 

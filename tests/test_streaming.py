@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from ticknorm import ExportOptions, Inputs, api
 from ticknorm.base.errors import CheckpointError, InputSpecError
+from ticknorm.base.precision import Precision
 from ticknorm.base.graph_feeds import feed_sets_for_graph
 from ticknorm.base.progress import Eta
 from ticknorm.base.scopes import SCOPE_KEY, module_output_tensors
@@ -154,3 +155,20 @@ def test_eta_reports_the_time_left_and_the_end(monkeypatch):
 def test_index_json_of_the_sharded_folder_is_what_transformers_writes(sharded):
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
+
+
+def test_a_streamed_bf16_export_measures_its_islands_piece_by_piece(sharded, tmp_path):
+    """--precision bf16 on the streamed route: islands from an fp32 run made piece by piece, the
+    weights written low one tensor at a time into the file the output links, every block judged
+    at bf16's tolerance (each bf16 piece run upcast: ONNX Runtime's CPU has no bf16 MatMul)."""
+    result = api.export(str(sharded), IDS, tmp_path / "m.onnx",
+                        ExportOptions(streaming="on", precision=Precision("bf16"), external_data_threshold=0))
+    assert result.precision == "bf16" and result.conversion is not None
+    checks = {c.name: c for c in result.conversion.checks}
+    assert {"model.layers.0", "model.layers.1", "model.layers.2", "logits"} <= checks.keys()
+    assert all(c.atol == 0.2 for c in checks.values())
+    model = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert model.graph.initializer[0].data_type == onnx.TensorProto.BFLOAT16
+    assert {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"} == {"m.onnx.data"}
+    assert (tmp_path / "m.onnx.data").stat().st_mode & 0o044  # a file's usual mode, not a temporary's 0600
+    assert api.compare(tmp_path / "m.onnx", str(sharded), IDS).passed

@@ -20,6 +20,7 @@ import onnx
 from onnx import helper
 
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
+from ticknorm.base.precision import TYPE_NAMES
 from ticknorm.base.scopes import get_scope, module_output_tensors
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
@@ -105,8 +106,10 @@ def piece_model(model: onnx.ModelProto, piece: Piece, values: dict) -> onnx.Mode
     outputs = [known[name] if name in known else helper.make_empty_tensor_value_info(name) for name in piece.outputs]
     graph = helper.make_graph(piece.nodes, f"{model.graph.name}:{piece.block or 'outside'}", inputs, outputs,
                               [t for t in model.graph.initializer if t.name in read])
-    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version,
+    made = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version,
                              functions=model.functions)
+    made.metadata_props.extend(model.metadata_props)  # a low-precision graph's policy: a bf16 piece runs upcast
+    return made
 
 
 @dataclass
@@ -136,13 +139,16 @@ class PieceRunner:
         self.weights = MappedWeights.staged(weights_dir)
         self.progress = progress
 
-    def run(self, feeds: dict, forced: dict | None = None) -> tuple[dict, dict]:
+    def run(self, feeds: dict, forced: dict | None = None, fetch=()) -> tuple[dict, dict]:
         """The graph's values on `feeds`: (the chain's values, each piece's values when fed the
-        `forced` arrays (ONNX tensor name -> array) in place of the chain's where it has them)."""
-        forced = forced or {}
+        `forced` arrays (ONNX tensor name -> array) in place of the chain's where it has them).
+        The chain's values hold what pieces pass on, the graph's outputs, and every tensor named in
+        `fetch` (a measured run's float tensors)."""
+        forced, fetch = forced or {}, set(fetch)
         chain, alone = dict(feeds), {}
         for number, piece in enumerate(self.pieces):
-            with OrtRunner(piece_model(self.model, piece, chain), mapped=self.weights) as runner:
+            extra = [name for node in piece.nodes for name in node.output if name in fetch]
+            with OrtRunner(piece_model(self.model, piece, chain), mapped=self.weights, extra_outputs=extra) as runner:
                 chain.update(runner.infer({name: chain[name] for name in piece.inputs}).outputs)
                 substituted = {name: forced.get(name, chain[name]) for name in piece.inputs}
                 if piece.block and any(name in forced for name in piece.inputs):
@@ -151,9 +157,11 @@ class PieceRunner:
         return chain, alone
 
 
-def check_blocks(model: onnx.ModelProto, runner: PieceRunner, feeds: dict, reference) -> BlockCheck:
-    """Judge every block and the graph's outputs against PyTorch. `reference` is a `RunOutputs` of
-    the PyTorch model on `feeds`, every block and every module whose output a piece reads tapped."""
+def check_blocks(model: onnx.ModelProto, runner: PieceRunner, feeds: dict, reference,
+                 precision: str = "fp32") -> BlockCheck:
+    """Judge every block and the graph's outputs against PyTorch at the tolerance of `precision`
+    (the type the graph computes in). `reference` is a `RunOutputs` of the PyTorch model on
+    `feeds`, every block and every module whose output a piece reads tapped."""
     tensors = module_output_tensors(model)
     # a module returning several tensors (a rotary embedding's cos and sin) has no one tensor to stand for
     forced = {tensors[module]: value for module, value in reference.taps.items()
@@ -163,9 +171,9 @@ def check_blocks(model: onnx.ModelProto, runner: PieceRunner, feeds: dict, refer
     for piece in runner.pieces:
         tensor = tensors.get(piece.block)
         if piece.block and tensor in alone and piece.block in reference.taps:
-            found.blocks.append(_judged(piece.block, reference.taps[piece.block], alone[tensor]))
+            found.blocks.append(_judged(piece.block, reference.taps[piece.block], alone[tensor], precision))
     for output in model.graph.output:
-        found.outputs.append(_judged(output.name, reference.outputs[output.name], chain[output.name]))
+        found.outputs.append(_judged(output.name, reference.outputs[output.name], chain[output.name], precision))
         found.values[output.name] = chain[output.name]
     return found
 
@@ -178,5 +186,7 @@ def taps_needed(model: onnx.ModelProto, blocks) -> list[str]:
     return list(dict.fromkeys([*[b for b in blocks if b in tensors], *[by_tensor[n] for n in read if n in by_tensor]]))
 
 
-def _judged(name: str, expected: np.ndarray, actual: np.ndarray) -> ArrayComparison:
-    return compare_arrays(name, expected, actual, *dtype_tolerance(np.float32 if expected.dtype.kind == "f" else expected.dtype))
+def _judged(name: str, expected: np.ndarray, actual: np.ndarray, precision: str) -> ArrayComparison:
+    floating = expected.dtype.kind == "f"
+    return compare_arrays(name, expected, actual, *dtype_tolerance(np.dtype(TYPE_NAMES[precision]) if floating
+                                                                   else expected.dtype))

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError
+from ticknorm.base.graph import GraphIndex
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.onnx_io import save_onnx, stage_weights
 from ticknorm.base.optional import require
-from ticknorm.base.precision import TYPE_NAMES
+from ticknorm.base.metrics import as_close_as_the_checkpoint
+from ticknorm.base.precision import TYPE_NAMES, Precision
 from ticknorm.base.progress import QUIET, Eta, Progress
 from ticknorm.base.scopes import annotate_scopes
 from ticknorm.exporter.blocks import PieceRunner, check_blocks, repeated_blocks, taps_needed
@@ -29,6 +31,10 @@ from ticknorm.exporter.export import (CheckpointChecks, ExportCall, ExportOption
 from ticknorm.exporter.fusion import fuse_norms
 from ticknorm.exporter.lazy_weights import optimize_without_weights, write_weights
 from ticknorm.exporter.meta import MetaModel
+from ticknorm.exporter.precision.convert import Conversion
+from ticknorm.exporter.precision.lower import lay_out, write_low
+from ticknorm.exporter.precision.measure import float_tensors
+from ticknorm.exporter.precision.plan import plan_precision
 from ticknorm.exporter.rotary import expand_rotary_caches
 from ticknorm.runtime.torch_runner import TorchRunner, as_tensors, output_names, tensor_leaves
 
@@ -95,9 +101,6 @@ def export_streamed(streamed: StreamedModel, feeds: dict, dynamic_axes: dict, ou
     passed; see the module's docstring. `feeds` and `dynamic_axes` are the task's (made with the
     weights on demand: a decoder's cache comes from a real prefill)."""
     torch = require("torch", "torch")
-    if options.precision.low:
-        raise InputSpecError("--precision fp16/bf16 measures fp32 islands on a whole-model run, which a model "
-                             "streamed from its shards does not make; export in fp32 (convert later on a larger host)")
     meta, graph = streamed.meta, streamed.graph
     own = meta.precision
     own_outputs = None
@@ -121,11 +124,20 @@ def export_streamed(streamed: StreamedModel, feeds: dict, dynamic_axes: dict, ou
         fused = fuse_norms(proto, opset=options.opset, verify=False, targets=options.targets)
         proto = fused.model
         blocks = repeated_blocks(name for name, _ in graph.named_modules())
-        accuracy = _check(proto, streamed, feeds, blocks, weights_dir, own_outputs, progress) if options.check else []
+        checker = _Checker(streamed, feeds, blocks, weights_dir, progress)
+        accuracy, conversion = [], None
+        if options.check or options.precision.low:
+            checker.run_reference(proto)
+        if options.check:
+            accuracy = checker.check(proto, own_outputs)
+        if options.precision.low:
+            conversion = checker.lowered(proto, options.precision, own_outputs)
+            proto = conversion.model
         files = save_onnx(proto, output, options.external_data_threshold, weights_dir)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     notes.append(f"streamed from {meta.checkpoint.index.name}: {len(blocks)} blocks checked one at a time")
-    return ExportResult(files, "dynamo", opset, fused.report, accuracy, None, None, own, "fp32", notes)
+    return ExportResult(files, "dynamo", opset, fused.report, accuracy, None, conversion, own,
+                        options.precision.dtype, notes)
 
 
 def _forward(meta: MetaModel, graph, feeds: dict) -> dict:
@@ -170,28 +182,62 @@ def _name_outputs(torch, program) -> None:
         value.name = name
 
 
-def _check(proto, streamed: StreamedModel, feeds: dict, blocks: list, weights_dir, own_outputs, progress) -> list:
-    """Every block alone and the outputs end to end against PyTorch in fp32, and the outputs
-    against PyTorch in the checkpoint's type; the first block over tolerance stops the export."""
-    meta, graph = streamed.meta, streamed.graph
-    names = [o.name for o in proto.graph.output]
-    progress.step(f"running PyTorch in fp32, one module's weights at a time, {len(blocks)} blocks tapped")
-    with meta.weights_on_demand(), TorchRunner(graph, names, taps=taps_needed(proto, blocks)) as runner:
-        reference = runner.infer(feeds)
-    eta = Eta(progress.step, "checking the graph piece by piece in ONNX Runtime", 1)
-    pieces = PieceRunner(proto, blocks, weights_dir, lambda done, total: eta(done / total))
-    found = check_blocks(proto, pieces, graph_feeds(proto, feeds), reference)
-    if found.first_failure is not None:
-        failed = next(c for c in found.blocks if not c.passed)
-        raise AccuracyError(f"block {failed.name} of the exported graph disagrees with PyTorch: {failed.reason} "
-                            "(judged alone, on PyTorch's inputs); nothing was written")
-    accuracy = [*found.blocks, *found.outputs]
-    if own_outputs is not None:
-        own = CheckpointChecks(meta.precision, [("", feeds, [own_outputs[name] for name in names])])
-        upcast = [("", feeds, [reference.outputs[name] for name in names])]
-        accuracy += judge_checkpoint(proto, own, upcast, [found.values])
-    failed = [c for c in accuracy if not c.passed]
-    if failed:
-        raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on {failed[0].name}: {failed[0].reason}; "
-                            "nothing was written")
-    return accuracy
+class _Checker:
+    """The PyTorch reference of a streamed export and the block-by-block checks against it, of the
+    fp32 graph and, with a low precision, of the converted one."""
+
+    def __init__(self, streamed: StreamedModel, feeds: dict, blocks: list, weights_dir, progress: Progress):
+        self.streamed, self.feeds, self.blocks, self.weights_dir = streamed, feeds, blocks, weights_dir
+        self.progress = progress
+        self.reference = None
+
+    def run_reference(self, proto) -> None:
+        meta, graph = self.streamed.meta, self.streamed.graph
+        self.progress.step(f"running PyTorch in fp32, one module's weights at a time, {len(self.blocks)} blocks tapped")
+        names = [o.name for o in proto.graph.output]
+        with meta.weights_on_demand(), TorchRunner(graph, names, taps=taps_needed(proto, self.blocks)) as runner:
+            self.reference = runner.infer(self.feeds)
+
+    def pieces(self, proto, what: str) -> PieceRunner:
+        eta = Eta(self.progress.step, what, 1)
+        return PieceRunner(proto, self.blocks, self.weights_dir, lambda done, total: eta(done / total))
+
+    def check(self, proto, own_outputs, precision: str = "fp32") -> list:
+        """Every block alone and the outputs end to end against PyTorch in fp32 at `precision`'s
+        tolerance, and against PyTorch in the checkpoint's type (`own_outputs`); the first block
+        over tolerance stops the export."""
+        runner = self.pieces(proto, f"checking the {precision} graph piece by piece in ONNX Runtime")
+        found = check_blocks(proto, runner, graph_feeds(proto, self.feeds), self.reference, precision)
+        if found.first_failure is not None:
+            failed = next(c for c in found.blocks if not c.passed)
+            raise AccuracyError(f"block {failed.name} of the exported {precision} graph disagrees with PyTorch: "
+                                f"{failed.reason} (judged alone, on PyTorch's inputs); nothing was written")
+        accuracy = [*found.blocks, *self._outputs(proto, found, own_outputs, precision)]
+        failed = [c for c in accuracy if not c.passed]
+        if failed:
+            raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on {failed[0].name}: {failed[0].reason}; "
+                                "nothing was written")
+        return accuracy
+
+    def _outputs(self, proto, found, own_outputs, precision: str) -> list:
+        if own_outputs is None:
+            return found.outputs
+        meta, names = self.streamed.meta, [o.name for o in proto.graph.output]
+        if precision != "fp32":  # a low graph is as good as the checkpoint's own PyTorch in its type
+            return [as_close_as_the_checkpoint(check, own_outputs[check.name], self.reference.outputs[check.name],
+                                               TYPE_NAMES[meta.precision]) for check in found.outputs]
+        own = CheckpointChecks(meta.precision, [("", self.feeds, [own_outputs[name] for name in names])])
+        upcast = [("", self.feeds, [self.reference.outputs[name] for name in names])]
+        return [*found.outputs, *judge_checkpoint(proto, own, upcast, [found.values])]
+
+    def lowered(self, proto, precision: Precision, own_outputs) -> Conversion:
+        """The fp32 graph in `precision.dtype`, its fp32 islands measured on an fp32 run made piece
+        by piece, its weights converted one at a time, checked block by block (a bf16 piece runs
+        upcast where ONNX Runtime's CPU provider has no bf16 kernel)."""
+        runner = self.pieces(proto, f"measuring the fp32 graph piece by piece for the {precision.dtype} policy")
+        values, _ = runner.run(graph_feeds(proto, self.feeds), fetch=float_tensors(GraphIndex(proto)))
+        policy = plan_precision(proto, self.feeds, precision, values=values)
+        del values
+        self.progress.step(f"writing the {precision.dtype} graph, {len(policy.islands)} node(s) kept in fp32")
+        low = write_low(lay_out(proto, policy), self.weights_dir)
+        return Conversion(low, policy, self.check(low, own_outputs, precision.dtype))

@@ -8,14 +8,20 @@ island writes fp32; a graph input is fp32 unless the I/O types are low; a weight
 reader computes low. Where a reader wants the other type, one Cast per tensor and type is placed
 before its first reader. Graph outputs keep their names and take the I/O type."""
 
+import contextlib
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import set_external_data
 
 from ticknorm.base.graph import GraphIndex, UniqueNames, rebuilt
+from ticknorm.base.onnx_io import is_external
 from ticknorm.base.precision import PRECISION_KEY, Precision
 from ticknorm.base.scopes import get_scope, set_scope
 from ticknorm.exporter.precision.plan import NEUTRAL_OPS, arithmetic
@@ -75,8 +81,9 @@ def write_low(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
     model, precision = lowering.index.model, lowering.precision
     index, low = lowering.index, precision.elem_type
     names = UniqueNames(model)
-    initializers = [_held(t, lowering.home.get(t.name, t.data_type), precision.dtype, weights_dir)
-                    for t in model.graph.initializer]
+    with _low_weights_file(weights_dir) as sink:
+        initializers = [_held(t, lowering.home.get(t.name, t.data_type), precision.dtype, weights_dir, sink)
+                        for t in model.graph.initializer]
     nodes, casts = [], {}
     for position, node in enumerate(index.nodes):
         node = _copy(node)
@@ -204,10 +211,43 @@ def _typed_outputs(model: onnx.ModelProto, lowering: Lowering, nodes: list, name
     return outputs
 
 
-def _held(tensor: onnx.TensorProto, home: int, dtype: str, weights_dir) -> onnx.TensorProto:
+def _held(tensor: onnx.TensorProto, home: int, dtype: str, weights_dir, sink) -> onnx.TensorProto:
+    """A weight in its home type. One staged in `weights_dir` (a reference into a file there) is
+    written to `sink`, a file beside it, and referenced there, low or kept in fp32, one tensor at
+    a time, never all held (a streamed 8B model's bf16 weights are 16 GB): the low graph's weights
+    are then that one file, which the output links instead of copying."""
+    staged = sink is not None and is_external(tensor)
     if tensor.data_type != FLOAT or home == FLOAT:
-        return tensor
-    return _low_tensor(_array(tensor, weights_dir), tensor.name, dtype)
+        return _moved(tensor, _array(tensor, weights_dir), sink) if staged else tensor
+    low = _low_tensor(_array(tensor, weights_dir), tensor.name, dtype)
+    if not staged:
+        return low
+    return _moved(low, None, sink)
+
+
+def _moved(tensor: onnx.TensorProto, array, sink) -> onnx.TensorProto:
+    """`tensor` (its raw bytes, or `array`'s) appended to `sink` and referenced there."""
+    if array is not None:
+        tensor = numpy_helper.from_array(array, tensor.name)
+    offset = sink.tell()
+    sink.write(tensor.raw_data)
+    set_external_data(tensor, Path(sink.name).name, offset, sink.tell() - offset)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    return tensor
+
+
+@contextlib.contextmanager
+def _low_weights_file(weights_dir):
+    """A new file in the staging folder for the low weights of one lowering (None for a graph in memory)."""
+    if weights_dir is None:
+        yield None
+        return
+    with tempfile.NamedTemporaryFile(dir=weights_dir, prefix="low-", suffix=".data", delete=False) as sink:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(sink.name, 0o666 & ~mask)  # the output links this file: a file's usual mode, not a temporary's 0600
+        yield sink
 
 
 def _rounded(tensor: onnx.TensorProto, dtype: str, weights_dir) -> onnx.TensorProto:

@@ -35,10 +35,15 @@ class Measurement:
 
 def measure(index: GraphIndex, feeds: dict, dtype: str, weights_dir=None) -> Measurement:
     """Run the graph in fp32 (ONNX Runtime, optimizations off, every float tensor an output)."""
-    floats = [name for name in _float_tensors(index) if name not in index.initializers]
     with OrtRunner(index.model, optimization="disabled", mapped=MappedWeights.staged(weights_dir),
-                   extra_outputs=floats) as runner:
-        values = runner.infer(feeds).outputs
+                   extra_outputs=float_tensors(index)) as runner:
+        return measurement(index, runner.infer(feeds).outputs, dtype)
+
+
+def measurement(index: GraphIndex, values: dict, dtype: str) -> Measurement:
+    """The ranges and statistics of an fp32 run's float tensors (`values`: name -> array, from one
+    session or from a graph run piece by piece)."""
+    floats = float_tensors(index)
     bad = [name for name in floats if name in values and not np.all(np.isfinite(values[name]))]
     if bad:
         raise InputSpecError(f"the fp32 run already holds NaN or Inf (first in '{bad[0]}') on these inputs: there "
@@ -54,6 +59,11 @@ def measure(index: GraphIndex, feeds: dict, dtype: str, weights_dir=None) -> Mea
         if found is not None:
             statistics[position] = found
     return Measurement(tensors, statistics)
+
+
+def float_tensors(index: GraphIndex) -> list[str]:
+    """The graph's float32 inputs and node outputs (what a measured run fetches)."""
+    return [name for name in _float_tensors(index) if name not in index.initializers]
 
 
 def _float_tensors(index: GraphIndex) -> list[str]:

@@ -19,7 +19,7 @@ from ticknorm.base.graph import GraphIndex
 from ticknorm.base.precision import LARGEST, Fp32Island, Precision
 from ticknorm.base.scopes import get_scope
 from ticknorm.exporter.precision.calibration import calibrated_nodes
-from ticknorm.exporter.precision.measure import Measurement, measure
+from ticknorm.exporter.precision.measure import Measurement, measure, measurement
 
 # Ops whose float tensors are nobody's arithmetic: they take a tensor in whatever type it comes.
 NEUTRAL_OPS = ("Shape", "Size")
@@ -27,8 +27,10 @@ NEUTRAL_OPS = ("Shape", "Size")
 TYPED_BY_ATTRIBUTE = {"Cast": "to", "Constant": "value", "ConstantOfShape": "value"}
 
 
-def plan_precision(model: onnx.ModelProto, feeds: dict, precision: Precision, weights_dir=None) -> Precision:
-    """`precision` with its fp32 islands measured on `feeds`."""
+def plan_precision(model: onnx.ModelProto, feeds: dict, precision: Precision, weights_dir=None,
+                   values: dict | None = None) -> Precision:
+    """`precision` with its fp32 islands measured on `feeds`, or on `values` (every float tensor of
+    an fp32 run the caller made: a graph too large for one session, run piece by piece)."""
     if not precision.low:
         return precision
     index = GraphIndex(model)
@@ -38,7 +40,8 @@ def plan_precision(model: onnx.ModelProto, feeds: dict, precision: Precision, we
         raise InputSpecError(f"--keep-fp32 '{unmatched[0]}' matches no module of the graph (modules look like "
                              f"'{_example_scope(index)}')")
     recorded = calibrated_nodes(index, precision, _example_scope(index))
-    measured = measure(index, feeds, precision.dtype, weights_dir)
+    measured = (measure(index, feeds, precision.dtype, weights_dir) if values is None
+                else measurement(index, values, precision.dtype))
     islands = []
     for position, node in enumerate(index.nodes):
         if not arithmetic(index, node):
