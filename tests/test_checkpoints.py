@@ -224,3 +224,28 @@ def test_a_bf16_graph_is_checked_upcast_on_the_cpu_and_not_timed_there(low_folde
     assert run("drift", "check", bundle, onnx_file).exit_code == 0
     profiled = run("profile", onnx_file, "--model", folder, *IDS, "--runtime", "ort", "--iterations", "2")
     assert profiled.exit_code == 2 and "timing the graph's fp32 emulation" in profiled.output
+
+
+def _every_command(folder, specs: list, tmp_path) -> None:
+    """export, compare (per layer), profile, report, drift snapshot and check, convert: each exits 0."""
+    inputs = [arg for spec in specs for arg in ("--input", spec)]
+    onnx_file = tmp_path / "m.onnx"
+    commands = [("export", "--model", folder, *inputs, "-o", onnx_file),
+                ("compare", onnx_file, "--model", folder, *inputs, "--per-layer"),
+                ("profile", onnx_file, "--model", folder, *inputs, "--runtime", "torch,ort", "--iterations", "2"),
+                ("report", onnx_file, "--model", folder, *inputs, "-o", tmp_path / "r.html", "--iterations", "2"),
+                ("drift", "snapshot", onnx_file, "--model", folder, *inputs, "-o", tmp_path / "bundle"),
+                ("drift", "check", tmp_path / "bundle", onnx_file),
+                ("convert", onnx_file, "-o", tmp_path / "c.onnx", "--precision", "fp16", *inputs)]
+    for command in commands:
+        result = run(*command)
+        assert result.exit_code == 0, (command[0], result.output)
+
+
+@pytest.mark.parametrize("architecture", ["MixtralForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM",
+                                          "Wav2Vec2Model"])
+def test_moe_and_audio_models_go_through_every_command(architecture, tmp_path):
+    folder = tmp_path / "model"
+    perturbed(architecture).to(torch.bfloat16).save_pretrained(folder)
+    specs = [spec.replace("int64", "int64:0..128") for spec in CONFIGS[architecture][1]]
+    _every_command(folder, specs, tmp_path)

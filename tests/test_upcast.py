@@ -36,7 +36,8 @@ def test_the_upcast_runs_where_the_bf16_graph_cannot_and_rounds_as_bf16():
     with pytest.raises(Exception, match="NOT_IMPLEMENTED"):
         ort.InferenceSession(model.SerializeToString())
     upcast = upcast_bf16(model)
-    assert not any(t.data_type == TensorProto.BFLOAT16 for t in upcast.graph.initializer)
+    assert [t.data_type for t in upcast.graph.initializer] == [TensorProto.BFLOAT16]  # not read: widened in the graph
+    assert upcast.graph.node[0].op_type == "Cast" and upcast.graph.node[0].input[0] == "w"
     actual = ort.InferenceSession(upcast.SerializeToString()).run(None, {"x": x})[0]
     product = (x.astype(BF16).astype(np.float32) @ weight.astype(np.float32)).astype(BF16).astype(np.float32)
     expected = (product + 1.0).astype(BF16).astype(np.float32)

@@ -16,9 +16,10 @@ from ticknorm.base.scopes import SCOPE_KEY, get_scope
 BF16, FLOAT = TensorProto.BFLOAT16, TensorProto.FLOAT
 
 
-def upcast_bf16(model: onnx.ModelProto, weights_dir=None) -> onnx.ModelProto:
-    """The fp32 emulation of a bf16 graph (see the module's docstring); `weights_dir` is where a
-    graph read alone finds its weights (they are read, converted and held: twice their bf16 bytes)."""
+def upcast_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The fp32 emulation of a bf16 graph (see the module's docstring). Its bf16 weights are not
+    read: each is widened by a Cast to fp32 in the graph, so they stay references into their file
+    (mapped by the session, which folds the Cast once as it loads)."""
     typed = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     types = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input,
                                                              *typed.graph.output]}
@@ -26,8 +27,11 @@ def upcast_bf16(model: onnx.ModelProto, weights_dir=None) -> onnx.ModelProto:
     upcast.CopyFrom(model)
     graph = upcast.graph
     names = UniqueNames(upcast)
-    nodes = []
+    widened = [_widening(tensor.name, names) for tensor in graph.initializer if tensor.data_type == BF16]
+    renamed = {cast.input[0]: cast.output[0] for cast in widened}
+    nodes = list(widened)
     for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
         for attribute in node.attribute:
             _upcast_attribute(attribute)
         nodes.append(node)
@@ -36,16 +40,21 @@ def upcast_bf16(model: onnx.ModelProto, weights_dir=None) -> onnx.ModelProto:
                 made = names.fresh(f"{name}_fp32")
                 node.output[slot] = made
                 nodes += _round_trip(made, name, names, get_scope(node))
+    for cast in widened:  # on its first reader's module, as a weight belongs to the module that reads it
+        scope = next((get_scope(n) for n in nodes if cast.output[0] in n.input), None)
+        if scope is not None:
+            cast.metadata_props.add(key=SCOPE_KEY, value=scope)
     del graph.node[:]
     graph.node.extend(nodes)
-    for position, tensor in enumerate(graph.initializer):
-        if tensor.data_type == BF16:
-            array = numpy_helper.to_array(tensor, base_dir=str(weights_dir or "")).astype("float32")
-            graph.initializer[position].CopyFrom(numpy_helper.from_array(array, tensor.name))
     for value in [*graph.input, *graph.output, *graph.value_info]:
         if value.type.tensor_type.elem_type == BF16:
             value.type.tensor_type.elem_type = FLOAT
     return upcast
+
+
+def _widening(weight: str, names: UniqueNames) -> onnx.NodeProto:
+    return helper.make_node("Cast", [weight], [names.fresh(f"{weight}_fp32")], to=FLOAT,
+                            name=names.fresh(f"{weight}_widen"))
 
 
 def _round_trip(source: str, target: str, names: UniqueNames, scope: str | None) -> list:

@@ -238,6 +238,6 @@ class _Checker:
         values, _ = runner.run(graph_feeds(proto, self.feeds), fetch=float_tensors(GraphIndex(proto)))
         policy = plan_precision(proto, self.feeds, precision, values=values)
         del values
-        self.progress.step(f"writing the {precision.dtype} graph, {len(policy.islands)} node(s) kept in fp32")
-        low = write_low(lay_out(proto, policy), self.weights_dir)
+        eta = Eta(self.progress.step, f"writing the {precision.dtype} graph ({len(policy.islands)} node(s) kept in fp32)", 1)
+        low = write_low(lay_out(proto, policy), self.weights_dir, lambda done, total: eta(done / total))
         return Conversion(low, policy, self.check(low, own_outputs, precision.dtype))

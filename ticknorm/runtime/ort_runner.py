@@ -83,7 +83,7 @@ class OrtRunner(Runner):
     def _activate_impl(self) -> None:
         import onnxruntime as ort
 
-        model = upcast_bf16(self.model, self.mapped.folder if self.mapped else None) if self.emulates_bf16 else self.model
+        model = upcast_bf16(self.model) if self.emulates_bf16 else self.model
         try:
             with exposed(model, self._added), contextlib.nullcontext(str(self.model_file)) if (
                     self._reads_file and model is self.model) else session_source(

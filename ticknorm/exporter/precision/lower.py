@@ -77,13 +77,18 @@ def low_precision_graph(model: onnx.ModelProto, precision: Precision, weights_di
     return write_low(lay_out(model, precision), weights_dir)
 
 
-def write_low(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
+def write_low(lowering: Lowering, weights_dir=None, progress=lambda done, total: None) -> onnx.ModelProto:
+    """The strongly typed graph; `progress` hears each weight written (a streamed model's take minutes)."""
     model, precision = lowering.index.model, lowering.precision
     index, low = lowering.index, precision.elem_type
     names = UniqueNames(model)
+    count = len(model.graph.initializer)
     with _low_weights_file(weights_dir) as sink:
-        initializers = [_held(t, lowering.home.get(t.name, t.data_type), precision.dtype, weights_dir, sink)
-                        for t in model.graph.initializer]
+        initializers = []
+        for done, tensor in enumerate(model.graph.initializer, start=1):
+            initializers.append(_held(tensor, lowering.home.get(tensor.name, tensor.data_type), precision.dtype,
+                                      weights_dir, sink))
+            progress(done, count)
     nodes, casts = [], {}
     for position, node in enumerate(index.nodes):
         node = _copy(node)
@@ -255,6 +260,13 @@ def _rounded(tensor: onnx.TensorProto, dtype: str, weights_dir) -> onnx.TensorPr
 
 
 def _array(tensor: onnx.TensorProto, weights_dir) -> np.ndarray:
+    """A weight's values; one referenced from a file is read through a copy of its proto, which
+    onnx fills with the bytes (the graph's own keeps only the reference: a streamed 8B model's
+    weights would otherwise all end up held)."""
+    if is_external(tensor):
+        reference = onnx.TensorProto()
+        reference.CopyFrom(tensor)
+        tensor = reference
     return numpy_helper.to_array(tensor, base_dir=str(weights_dir) if weights_dir is not None else "")
 
 
