@@ -160,3 +160,19 @@ def test_convert_takes_a_file_another_exporter_wrote(tmp_path):
     assert done.exit_code == 0, done.output
     assert "3 [/3/LayerNormalization]: --keep-fp32 3" in done.output
     onnx.checker.check_model(onnx.load(str(tmp_path / "p16.onnx")), full_check=True)
+
+
+def test_a_constant_of_shape_without_value_makes_its_zeros_in_the_low_type():
+    """ConstantOfShape's default `value` is an fp32 zero: lowered without one, it would feed fp32
+    beside fp16 (DeepSeek-V3's ScatterND into a zero cache failed to load)."""
+    from onnx import TensorProto, helper
+
+    from ticknorm.exporter.precision.lower import lay_out, write_low
+
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("ConstantOfShape", ["shape"], ["zeros"]),
+             helper.make_node("Add", ["zeros", "x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    low = write_low(lay_out(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), Precision("fp16")))
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_allclose(ort_run(low, {"x": x})["y"], x)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ticknorm.base.graph import GraphIndex
-from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
+from ticknorm.base.metrics import compare_arrays, dtype_tolerance
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 

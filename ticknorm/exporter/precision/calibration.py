@@ -9,7 +9,7 @@ from ticknorm.base.graph import GraphIndex
 from ticknorm.base.precision import LARGEST, Precision
 from ticknorm.base.scopes import get_scope
 from ticknorm.ticks.log import read_ticks
-from ticknorm.ticks.ranges import LIMITED, module_ranges, present_ranges
+from ticknorm.ticks.ranges import module_ranges, present_ranges
 
 
 def calibrated_nodes(index: GraphIndex, precision: Precision, example: str) -> dict[int, str]:

@@ -18,10 +18,9 @@ import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnx.external_data_helper import set_external_data
 
 from ticknorm.base.graph import GraphIndex, UniqueNames, rebuilt
-from ticknorm.base.onnx_io import is_external
+from ticknorm.base.onnx_io import external_entries, is_external
 from ticknorm.base.precision import PRECISION_KEY, Precision
 from ticknorm.base.scopes import get_scope, set_scope
 from ticknorm.exporter.precision.plan import NEUTRAL_OPS, arithmetic
@@ -189,6 +188,10 @@ def _round_trip(nodes: list, names: UniqueNames, name: str, low: int, scope: str
 
 
 def _lower_attributes(node: onnx.NodeProto, low: int, dtype: str) -> None:
+    if node.op_type == "ConstantOfShape" and not any(a.name == "value" for a in node.attribute):
+        # without `value` it makes fp32 zeros: a low one gets its zero in the low type (DeepSeek-V3's cache)
+        node.attribute.append(helper.make_attribute("value", _low_tensor(np.zeros(1, np.float32), "value", dtype)))
+        return
     for attribute in node.attribute:
         if node.op_type == "Cast" and attribute.name == "to" and attribute.i == FLOAT:
             attribute.i = low
@@ -221,25 +224,30 @@ def _held(tensor: onnx.TensorProto, home: int, dtype: str, weights_dir, sink) ->
     written to `sink`, a file beside it, and referenced there, low or kept in fp32, one tensor at
     a time, never all held (a streamed 8B model's bf16 weights are 16 GB): the low graph's weights
     are then that one file, which the output links instead of copying."""
-    staged = sink is not None and is_external(tensor)
-    if tensor.data_type != FLOAT or home == FLOAT:
-        return _moved(tensor, _array(tensor, weights_dir), sink) if staged else tensor
-    low = _low_tensor(_array(tensor, weights_dir), tensor.name, dtype)
-    if not staged:
-        return low
-    return _moved(low, None, sink)
+    lowered = tensor.data_type == FLOAT and home != FLOAT
+    if sink is not None and is_external(tensor):
+        return _moved(tensor, weights_dir, sink, dtype if lowered else None)
+    return _low_tensor(_array(tensor, weights_dir), tensor.name, dtype) if lowered else tensor
 
 
-def _moved(tensor: onnx.TensorProto, array, sink) -> onnx.TensorProto:
-    """`tensor` (its raw bytes, or `array`'s) appended to `sink` and referenced there."""
-    if array is not None:
-        tensor = numpy_helper.from_array(array, tensor.name)
+def _moved(tensor: onnx.TensorProto, weights_dir, sink, dtype: str | None) -> onnx.TensorProto:
+    """A staged weight read from its file, in the low type when `dtype` is given, appended to
+    `sink` and referenced there: the read array and its low copy are all it holds at once."""
+    entries = external_entries(tensor)
+    source = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    array = np.fromfile(Path(weights_dir) / entries["location"], dtype=source, offset=int(entries.get("offset", 0)),
+                        count=int(entries["length"]) // source.itemsize)
+    held = low_array(array, dtype) if dtype else array
+    del array
+    moved = onnx.TensorProto(name=tensor.name, dims=tensor.dims,
+                             data_type=onnx.TensorProto.BFLOAT16 if dtype == "bf16" else
+                             onnx.helper.np_dtype_to_tensor_dtype(held.dtype))
     offset = sink.tell()
-    sink.write(tensor.raw_data)
-    set_external_data(tensor, Path(sink.name).name, offset, sink.tell() - offset)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    tensor.ClearField("raw_data")
-    return tensor
+    sink.write(memoryview(np.ascontiguousarray(held).view(np.uint8)))
+    moved.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", Path(sink.name).name), ("offset", str(offset)), ("length", str(sink.tell() - offset))):
+        moved.external_data.add(key=key, value=value)
+    return moved
 
 
 @contextlib.contextmanager
