@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
 from ticknorm.base.precision import TYPE_NAMES
-from ticknorm.base.scopes import get_scope, module_output_tensors
+from ticknorm.base.optional import require
+from ticknorm.base.scopes import SCOPE_KEY, module_output_tensors
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 OUTSIDE = ""  # the key of the nodes that belong to no block
@@ -54,62 +54,54 @@ def block_of(scope: str | None, blocks: set) -> str:
     return OUTSIDE
 
 
-def cut(model: onnx.ModelProto, blocks) -> list[Piece]:
-    """The graph as pieces, in graph order, each with what it reads from before and what later
-    pieces (or the graph's outputs) read from it."""
+def cut(model, blocks) -> list[Piece]:
+    """The graph (an onnx-ir model, or a ModelProto read into one) as pieces, in graph order, each
+    with what it reads from before and what later pieces (or the graph's outputs) read from it."""
+    ir = require("onnx_ir", "torch")
+    graph = (model if isinstance(model, ir.Model) else ir.from_proto(model)).graph
     blocks = set(blocks)
-    pieces = []
-    for node in model.graph.node:
-        block = block_of(get_scope(node), blocks)
+    pieces, made_in = [], {}
+    for node in graph:
+        block = block_of(node.metadata_props.get(SCOPE_KEY), blocks)
         if not pieces or pieces[-1].block != block:
             pieces.append(Piece(block))
         pieces[-1].nodes.append(node)
-    initializers = {t.name for t in model.graph.initializer}
-    made_in = {}
+        made_in.update({value.name: len(pieces) - 1 for value in node.outputs})
+    read_later = {value.name: len(pieces) for value in graph.outputs}
     for number, piece in enumerate(pieces):
-        for node in piece.nodes:
-            for name in node.output:
-                made_in[name] = number
-    read_later = {o.name: len(pieces) for o in model.graph.output}
+        for value in (value for node in piece.nodes for value in _reads(graph, node)):
+            if value.is_initializer() or made_in.get(value.name, -1) == number:
+                continue
+            read_later[value.name] = max(read_later.get(value.name, -1), number)
+            if value.name not in piece.inputs:
+                piece.inputs.append(value.name)  # an earlier piece's tensor, or a graph input
     for number, piece in enumerate(pieces):
-        for node in piece.nodes:
-            for name in _reads(node):
-                if name in made_in and made_in[name] != number:
-                    read_later[name] = max(read_later.get(name, -1), number)
-                    if name not in piece.inputs:
-                        piece.inputs.append(name)
-                elif name not in made_in and name not in initializers and name not in piece.inputs:
-                    piece.inputs.append(name)  # a graph input
-    for number, piece in enumerate(pieces):
-        piece.outputs = [name for node in piece.nodes for name in node.output if read_later.get(name, -1) > number]
+        piece.outputs = [value.name for node in piece.nodes for value in node.outputs
+                         if read_later.get(value.name, -1) > number]
     return pieces
 
 
-def _reads(node: onnx.NodeProto):
-    """Every tensor a node reads, those its subgraphs read from outside them included."""
-    yield from (name for name in node.input if name)
-    for attribute in node.attribute:
-        for graph in ([attribute.g] if attribute.HasField("g") else list(attribute.graphs)):
-            inner = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {
-                t.name for t in graph.initializer}
-            for inner_node in graph.node:
-                yield from (name for name in _reads(inner_node) if name not in inner)
+def _reads(graph, node):
+    """Every value of `graph` a node reads, those its subgraphs read from outside them included."""
+    ir = require("onnx_ir", "torch")
+    yield from (value for value in node.inputs if value is not None)
+    for attribute in node.attributes.values():
+        if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+            for inner in ir.traversal.RecursiveGraphIterator(attribute.value):
+                yield from (value for value in inner.inputs if value is not None and value.graph is graph)
 
 
-def piece_model(model: onnx.ModelProto, piece: Piece, values: dict) -> onnx.ModelProto:
-    """A piece as a model: its inputs typed as the arrays that feed it (`values`), its outputs
-    typed as the graph's value_info says, and only the initializers its nodes read."""
-    known = {v.name: v for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
-    read = {name for node in piece.nodes for name in _reads(node)}
-    inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(values[name].dtype),
-                                            list(values[name].shape)) for name in piece.inputs]
-    outputs = [known[name] if name in known else helper.make_empty_tensor_value_info(name) for name in piece.outputs]
-    graph = helper.make_graph(piece.nodes, f"{model.graph.name}:{piece.block or 'outside'}", inputs, outputs,
-                              [t for t in model.graph.initializer if t.name in read])
-    made = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version,
-                             functions=model.functions)
-    made.metadata_props.extend(model.metadata_props)  # a low-precision graph's policy: a bf16 piece runs upcast
-    return made
+def piece_model(model, piece: Piece, values: dict) -> onnx.ModelProto:
+    """A piece as a model (onnx-ir's `extract` between its inputs and outputs, its initializers
+    references into the export's weights file): inputs typed as the arrays that feed them."""
+    ir = require("onnx_ir", "torch")
+    graph = ir.convenience.extract(model.graph, inputs=piece.inputs, outputs=piece.outputs)
+    for value in graph.inputs:
+        value.dtype = ir.DataType.from_numpy(values[value.name].dtype)
+        value.shape = ir.Shape(values[value.name].shape)
+    made = ir.Model(graph, ir_version=model.ir_version, functions=model.functions.values(),
+                    metadata_props=dict(model.metadata_props))  # a low graph's policy: a bf16 piece runs upcast
+    return ir.to_proto(made)
 
 
 @dataclass
@@ -134,8 +126,8 @@ class PieceRunner:
     """Runs a graph piece by piece from its weights' folder; see the module's docstring."""
 
     def __init__(self, model: onnx.ModelProto, blocks, weights_dir=None, progress=lambda done, total: None):
-        self.model = model
-        self.pieces = cut(model, blocks)
+        self.model = require("onnx_ir", "torch").from_proto(model)  # its weights stay references
+        self.pieces = cut(self.model, blocks)
         self.weights = MappedWeights.staged(weights_dir)
         self.progress = progress
 
@@ -147,7 +139,9 @@ class PieceRunner:
         forced, fetch = forced or {}, set(fetch)
         chain, alone = dict(feeds), {}
         for number, piece in enumerate(self.pieces):
-            extra = [name for node in piece.nodes for name in node.output if name in fetch]
+            extra = [value.name for node in piece.nodes for value in node.outputs if value.name in fetch]
+            if not piece.outputs and not extra:  # nothing of it is read: nothing to run
+                continue
             with OrtRunner(piece_model(self.model, piece, chain), mapped=self.weights, extra_outputs=extra) as runner:
                 chain.update(runner.infer({name: chain[name] for name in piece.inputs}).outputs)
                 substituted = {name: forced.get(name, chain[name]) for name in piece.inputs}
