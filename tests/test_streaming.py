@@ -172,3 +172,11 @@ def test_a_streamed_bf16_export_measures_its_islands_piece_by_piece(sharded, tmp
     assert {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"} == {"m.onnx.data"}
     assert (tmp_path / "m.onnx.data").stat().st_mode & 0o044  # a file's usual mode, not a temporary's 0600
     assert api.compare(tmp_path / "m.onnx", str(sharded), IDS).passed
+
+
+def test_the_streamed_route_refuses_torchscript_and_keeps_the_other_options(sharded, tmp_path):
+    with pytest.raises(InputSpecError, match="only the dynamo exporter does"):
+        api.export(str(sharded), IDS, tmp_path / "t.onnx", ExportOptions(streaming="on", exporter="torchscript"))
+    unfused = api.export(str(sharded), IDS, tmp_path / "u.onnx", ExportOptions(streaming="on", fuse=False))
+    assert unfused.fusion is None and unfused.passed
+    assert not any(n.op_type == "SimplifiedLayerNormalization" for n in onnx.load(str(tmp_path / "u.onnx")).graph.node)

@@ -31,6 +31,7 @@ from ticknorm.exporter.export import (CheckpointChecks, ExportCall, ExportOption
 from ticknorm.exporter.fusion import fuse_norms
 from ticknorm.exporter.lazy_weights import optimize_without_weights, write_weights
 from ticknorm.exporter.meta import MetaModel
+from ticknorm.exporter.plugin_target import to_plugin_target
 from ticknorm.exporter.precision.convert import Conversion
 from ticknorm.exporter.precision.lower import lay_out, write_low
 from ticknorm.exporter.precision.measure import float_tensors
@@ -101,6 +102,10 @@ def export_streamed(streamed: StreamedModel, feeds: dict, dynamic_axes: dict, ou
     passed; see the module's docstring. `feeds` and `dynamic_axes` are the task's (made with the
     weights on demand: a decoder's cache comes from a real prefill)."""
     torch = require("torch", "torch")
+    if options.exporter != "dynamo":
+        raise InputSpecError("a model exported from its shards (--streaming, auto for a folder larger than memory) is "
+                             "traced on the meta device, which only the dynamo exporter does: drop --exporter "
+                             f"{options.exporter}, or pass --streaming off")
     meta, graph = streamed.meta, streamed.graph
     own = meta.precision
     own_outputs = None
@@ -120,9 +125,11 @@ def export_streamed(streamed: StreamedModel, feeds: dict, dynamic_axes: dict, ou
         notes = []
         if expand_rotary_caches(proto):
             notes.append("RotaryEmbedding: cos/sin caches expanded to the batch, as the standard shapes them")
-        progress.step("fusing norms (checked below, block by block against PyTorch)")
-        fused = fuse_norms(proto, opset=options.opset, verify=False, targets=options.targets)
-        proto = fused.model
+        fused = None
+        if options.fuse:
+            progress.step("fusing norms (checked below, block by block against PyTorch)")
+            fused = fuse_norms(proto, opset=options.opset, verify=False, targets=options.targets)
+            proto = fused.model
         blocks = repeated_blocks(name for name, _ in graph.named_modules())
         checker = _Checker(streamed, feeds, blocks, weights_dir, progress)
         accuracy, conversion = [], None
@@ -133,10 +140,12 @@ def export_streamed(streamed: StreamedModel, feeds: dict, dynamic_axes: dict, ou
         if options.precision.low:
             conversion = checker.lowered(proto, options.precision, own_outputs)
             proto = conversion.model
+        retargeted = to_plugin_target(proto) if options.ln_target == "plugin" else None
+        proto = retargeted.model if retargeted else proto
         files = save_onnx(proto, output, options.external_data_threshold, weights_dir)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     notes.append(f"streamed from {meta.checkpoint.index.name}: {len(blocks)} blocks checked one at a time")
-    return ExportResult(files, "dynamo", opset, fused.report, accuracy, None, conversion, own,
+    return ExportResult(files, "dynamo", opset, fused.report if fused else None, accuracy, retargeted, conversion, own,
                         options.precision.dtype, notes)
 
 
