@@ -11,7 +11,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ticknorm.base.graph import UniqueNames
-from ticknorm.base.scopes import SCOPE_KEY, get_scope
+from ticknorm.base.scopes import get_scope, set_scope
 
 BF16, FLOAT = TensorProto.BFLOAT16, TensorProto.FLOAT
 
@@ -39,11 +39,11 @@ def upcast_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
             if name and types.get(name) == BF16:
                 made = names.fresh(f"{name}_fp32")
                 node.output[slot] = made
-                nodes += _round_trip(made, name, names, get_scope(node))
+                nodes += round_trip_nodes(names, made, name, BF16, get_scope(node))
     for cast in widened:  # on its first reader's module, as a weight belongs to the module that reads it
         scope = next((get_scope(n) for n in nodes if cast.output[0] in n.input), None)
         if scope is not None:
-            cast.metadata_props.add(key=SCOPE_KEY, value=scope)
+            set_scope(cast, scope)
     del graph.node[:]
     graph.node.extend(nodes)
     for value in [*graph.input, *graph.output, *graph.value_info]:
@@ -57,14 +57,15 @@ def _widening(weight: str, names: UniqueNames) -> onnx.NodeProto:
                             name=names.fresh(f"{weight}_widen"))
 
 
-def _round_trip(source: str, target: str, names: UniqueNames, scope: str | None) -> list:
-    low = names.fresh(f"{target}_bf16")
-    nodes = [helper.make_node("Cast", [source], [low], to=BF16, name=names.fresh(f"{target}_round")),
-             helper.make_node("Cast", [low], [target], to=FLOAT, name=names.fresh(f"{target}_back"))]
-    for node in nodes:
-        if scope is not None:
-            node.metadata_props.add(key=SCOPE_KEY, value=scope)
-    return nodes
+def round_trip_nodes(names: UniqueNames, source: str, target: str, low: int, scope: str | None) -> list:
+    """`target` as `source` rounded to the `low` type and back to fp32 (a Cast there and back, on
+    `scope`): how an emulation holds a value the low graph holds low."""
+    held = names.fresh(f"{target}_low")
+    down = helper.make_node("Cast", [source], [held], to=low, name=names.fresh(f"{target}_round"))
+    up = helper.make_node("Cast", [held], [target], to=FLOAT, name=names.fresh(f"{target}_unround"))
+    for cast in (down, up):
+        set_scope(cast, scope or "")
+    return [down, up]
 
 
 def _upcast_attribute(attribute: onnx.AttributeProto) -> None:

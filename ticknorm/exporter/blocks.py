@@ -117,10 +117,6 @@ class BlockCheck:
     def first_failure(self) -> str | None:
         return next((check.name for check in self.blocks if not check.passed), None)
 
-    @property
-    def passed(self) -> bool:
-        return all(check.passed for check in [*self.blocks, *self.outputs])
-
 
 class PieceRunner:
     """Runs a graph piece by piece from its weights' folder; see the module's docstring."""

@@ -6,7 +6,6 @@ checkpoint file can never run code. A pickled full model or a TorchScript archiv
 """
 
 import importlib
-import math
 import importlib.util
 import pickle
 import re
@@ -16,8 +15,8 @@ from pathlib import Path
 from ticknorm.base.optional import require
 from ticknorm.base.errors import CheckpointError, first_line
 from ticknorm.exporter.lora import is_peft_state_dict, unwrap_peft_state_dict
-from ticknorm.exporter.shards import INDEX_SUFFIX, ShardedCheckpoint, TensorInfo
-from ticknorm.runtime.torch_runner import module_precision
+from ticknorm.exporter.shards import INDEX_SUFFIX, ShardedCheckpoint, TensorInfo, checkpoint_precision
+from ticknorm.runtime.torch_runner import TORCH_DTYPES, module_precision
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _DDP_PREFIXES = ("module.", "_orig_mod.")
@@ -186,14 +185,9 @@ def fitted_names(model, infos: dict, source: str) -> dict:
 
 def _to_checkpoint_type(model, infos: dict) -> None:
     """A bf16/fp16 checkpoint's model runs in that type (the reference is PyTorch as it was saved)."""
-    torch = require("torch", "torch")
-    sizes = {}
-    for info in infos.values():
-        if info.dtype in ("float32", "float16", "bfloat16"):
-            sizes[info.dtype] = sizes.get(info.dtype, 0) + math.prod(info.shape)
-    dtype = max(sizes, key=sizes.get) if sizes else "float32"
-    if dtype != "float32" and module_precision(model) == "fp32":
-        model.to(getattr(torch, dtype))
+    precision = checkpoint_precision(infos)
+    if precision != "fp32" and module_precision(model) == "fp32":
+        model.to(getattr(require("torch", "torch"), TORCH_DTYPES[precision]))
 
 
 def _listing(keys: list, limit: int = 8) -> str:

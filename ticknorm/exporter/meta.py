@@ -8,11 +8,10 @@ dropped right after (`weights_on_demand`), so the peak is one module's weights, 
 """
 
 import contextlib
-import math
 
 from ticknorm.base.errors import CheckpointError, first_line
 from ticknorm.base.optional import require
-from ticknorm.exporter.shards import ShardedCheckpoint, TensorReader
+from ticknorm.exporter.shards import ShardedCheckpoint, TensorReader, checkpoint_precision
 from ticknorm.runtime.torch_runner import TORCH_DTYPES
 
 
@@ -76,18 +75,8 @@ class MetaModel:
 
     @property
     def precision(self) -> str:
-        """The checkpoint's floating type, by the bytes of each (bf16 for a current LLM folder)."""
-        sizes = {}
-        for info in self.infos.values():
-            if info.dtype in TORCH_DTYPES.values():
-                sizes[info.dtype] = sizes.get(info.dtype, 0) + math.prod(info.shape)
-        largest = max(sizes, key=sizes.get) if sizes else "float32"
-        return next(short for short, name in TORCH_DTYPES.items() if name == largest)
-
-    @property
-    def weight_bytes(self) -> int:
-        """The bytes of the weights in fp32 (what a whole fp32 model would hold)."""
-        return 4 * sum(math.prod(info.shape) for info in self.infos.values())
+        """The checkpoint's floating type (bf16 for a current LLM folder)."""
+        return checkpoint_precision(self.infos)
 
     def tensor(self, name: str, dtype=None):
         """The model tensor `name` read from its shard, in `dtype` (a torch dtype) when given."""

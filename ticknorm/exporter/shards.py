@@ -9,11 +9,13 @@ the model and dropped before the next shard is read: the peak is the model plus 
 """
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ticknorm.base.errors import CheckpointError, first_line
 from ticknorm.base.optional import require
+from ticknorm.runtime.torch_runner import prevailing_precision
 
 INDEX_SUFFIX = ".index.json"
 
@@ -115,6 +117,12 @@ def _load(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch and safetensors report damaged files in many ways
         raise CheckpointError(f"{path} is not a readable checkpoint shard ({first_line(exc)})") from exc
+
+
+def checkpoint_precision(infos: dict) -> str:
+    """The floating type most of a checkpoint's values are stored in (name -> TensorInfo), read
+    from its headers: bf16 for a current LLM folder."""
+    return prevailing_precision((info.dtype, math.prod(info.shape)) for info in infos.values())
 
 
 class TensorReader:

@@ -27,7 +27,7 @@ from ticknorm.base.progress import QUIET, Eta, Progress
 from ticknorm.base.scopes import annotate_scopes
 from ticknorm.exporter.blocks import PieceRunner, check_blocks, repeated_blocks, taps_needed
 from ticknorm.exporter.export import (CheckpointChecks, ExportCall, ExportOptions, ExportResult, describe_failure,
-                                      dynamic_shapes, judge_checkpoint, quiet_export, weights_stage)
+                                      dynamic_shapes, judge_checkpoint, quiet_export, torch_reference, weights_stage)
 from ticknorm.exporter.fusion import fuse_norms
 from ticknorm.exporter.lazy_weights import optimize_without_weights, write_weights
 from ticknorm.exporter.meta import MetaModel
@@ -37,7 +37,7 @@ from ticknorm.exporter.precision.lower import lay_out, write_low
 from ticknorm.exporter.precision.measure import float_tensors
 from ticknorm.exporter.precision.plan import plan_precision
 from ticknorm.exporter.rotary import expand_rotary_caches
-from ticknorm.runtime.torch_runner import TorchRunner, as_tensors, output_names, tensor_leaves
+from ticknorm.runtime.torch_runner import TorchRunner, as_tensors, output_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,8 @@ def export_streamed(streamed: StreamedModel, feeds: dict, dynamic_axes: dict, ou
     own_outputs = None
     if own != "fp32":
         progress.step(f"running PyTorch in {TYPE_NAMES[own]} (the checkpoint's type), one module's weights at a time")
-        own_outputs = _forward(meta, graph, feeds)
+        with meta.weights_on_demand():
+            own_outputs = dict(zip(*torch_reference(graph, feeds)))
         meta.model.float()  # meta tensors: nothing is allocated; the weights are read in fp32 from here on
     with weights_stage(Path(output).parent) as weights_dir:
         progress.step("exporting the model on the meta device with the dynamo exporter")
@@ -147,19 +148,6 @@ def export_streamed(streamed: StreamedModel, feeds: dict, dynamic_axes: dict, ou
     notes.append(f"streamed from {meta.checkpoint.index.name}: {len(blocks)} blocks checked one at a time")
     return ExportResult(files, "dynamo", opset, fused.report if fused else None, accuracy, retargeted, conversion, own,
                         options.precision.dtype, notes)
-
-
-def _forward(meta: MetaModel, graph, feeds: dict) -> dict:
-    """The model's outputs by name, its weights read as each module runs."""
-    torch = require("torch", "torch")
-    with meta.weights_on_demand(), torch.no_grad():
-        outputs = graph(**as_tensors(feeds, _dtype_of(meta)))
-    return {name: tensor.float().numpy() for name, tensor in zip(output_names(torch, outputs),
-                                                                 tensor_leaves(torch, outputs))}
-
-
-def _dtype_of(meta: MetaModel):
-    return next(p for p in meta.model.parameters() if p.is_floating_point()).dtype
 
 
 def _export_meta(torch, graph, feeds: dict, dynamic_axes: dict, opset):

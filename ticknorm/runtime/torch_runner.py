@@ -13,17 +13,19 @@ TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def module_precision(module) -> str:
     """The type a model computes in as loaded: its checkpoint's (a bf16 Hugging Face folder loads
-    in bf16), read from the floating parameters that hold most of its weights; fp32 for a model
-    without any."""
+    in bf16), read from the floating parameters that hold most of its weights."""
+    return prevailing_precision((str(p.dtype).removeprefix("torch."), p.numel()) for p in module.parameters())
+
+
+def prevailing_precision(tensors) -> str:
+    """The short name (fp32, fp16, bf16) of the floating type that holds the most values among
+    `(torch dtype name, number of values)` pairs; fp32 when none is floating."""
     counts = {}
-    for parameter in module.parameters():
-        if parameter.is_floating_point():
-            name = str(parameter.dtype).removeprefix("torch.")
-            counts[name] = counts.get(name, 0) + parameter.numel()
-    if not counts:
-        return "fp32"
-    largest = max(counts, key=counts.get)
-    return next((short for short, name in TORCH_DTYPES.items() if name == largest), "fp32")
+    for dtype, count in tensors:
+        if dtype in TORCH_DTYPES.values():
+            counts[dtype] = counts.get(dtype, 0) + count
+    largest = max(counts, key=counts.get) if counts else "float32"
+    return next(short for short, name in TORCH_DTYPES.items() if name == largest)
 
 
 class TorchRunner(Runner):

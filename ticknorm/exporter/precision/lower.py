@@ -23,6 +23,7 @@ from ticknorm.base.graph import GraphIndex, UniqueNames, rebuilt
 from ticknorm.base.onnx_io import external_entries, is_external
 from ticknorm.base.precision import PRECISION_KEY, Precision
 from ticknorm.base.scopes import get_scope, set_scope
+from ticknorm.base.upcast import round_trip_nodes
 from ticknorm.exporter.precision.plan import NEUTRAL_OPS, arithmetic
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -137,13 +138,13 @@ def write_emulated(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
         for slot, name in enumerate(node.output):
             if name in low_outputs:
                 node.output[slot] = names.fresh(f"{name}_unrounded")
-                nodes.extend(_round_trip_nodes(names, node.output[slot], name, low, get_scope(node)))
+                nodes.extend(round_trip_nodes(names, node.output[slot], name, low, get_scope(node)))
     if precision.io_types == "low":  # fp32 outputs leave the low graph through a Cast to the low type
         for value in model.graph.output:
             if lowering.home.get(value.name) == FLOAT:
                 raw = names.fresh(f"{value.name}_unrounded")
                 _rename(nodes, value.name, raw)
-                nodes.extend(_round_trip_nodes(names, raw, value.name, low, ""))
+                nodes.extend(round_trip_nodes(names, raw, value.name, low, ""))
     return rebuilt(model, nodes, initializers)
 
 
@@ -172,18 +173,9 @@ def _cast(nodes: list, casts: dict, names: UniqueNames, name: str, to: int, scop
     return casts[(name, to)]
 
 
-def _round_trip_nodes(names: UniqueNames, source: str, target: str, low: int, scope: str | None) -> list:
-    held = names.fresh(f"{target}_low")
-    down = helper.make_node("Cast", [source], [held], to=low, name=names.fresh(f"{target}_round"))
-    up = helper.make_node("Cast", [held], [target], to=FLOAT, name=names.fresh(f"{target}_unround"))
-    for cast in (down, up):
-        set_scope(cast, scope or "")
-    return [down, up]
-
-
 def _round_trip(nodes: list, names: UniqueNames, name: str, low: int, scope: str | None) -> str:
     target = names.fresh(f"{name}_rounded")
-    nodes.extend(_round_trip_nodes(names, name, target, low, scope))
+    nodes.extend(round_trip_nodes(names, name, target, low, scope))
     return target
 
 
