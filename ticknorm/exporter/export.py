@@ -183,7 +183,7 @@ def _torchscript_may_stand_in(options: ExportOptions, failure: ExportError) -> b
     model at all (torch.export cannot trace a data-dependent branch, as Longformer's `.item()`),
     and no opset past TorchScript's 17 was asked for. A failure to translate an op is not one:
     TorchScript would not know the op either."""
-    capture = "while capturing the graph with torch.export" in str(failure)
+    capture = f"while {_STEPS['1']}" in str(failure)  # the failure crossed the exporter's process as its line
     return options.exporter == "dynamo" and capture and (options.opset is None or options.opset <= EXPORTERS["torchscript"][1])
 
 
