@@ -16,8 +16,8 @@ from ticknorm.cli import main
 HEADER = """# Command-line reference
 
 Generated from the click commands by `python docs/cli_reference.py > docs/cli.md`; do not edit by
-hand (`tests/test_docs.py` fails when this page and the commands disagree). Each command's
-`--help` prints the same. The [README](../README.md) lists the commands; the other pages in
+hand (`tests/test_docs.py` fails when this page and the commands disagree). `--help` on any
+command prints the same. The [README](../README.md) lists the commands; the other pages in
 this folder explain what they do.
 """
 
@@ -42,8 +42,11 @@ def _markdown(text: str) -> str:
 def section(command: click.Command, ctx: click.Context) -> str:
     usage = " ".join([ctx.command_path, *command.collect_usage_pieces(ctx)])
     lines = [f"## `{ctx.command_path}`", "", "```", usage, "```", "", _markdown(inspect.cleandoc(command.help or "")), ""]
-    # Arguments are in the usage line; like `--help`, the list is of options.
-    records = [param.get_help_record(ctx) for param in command.get_params(ctx) if isinstance(param, click.Option)]
+    # Arguments are in the usage line; like `--help`, the list is of options (less `--help` itself).
+    help_option = command.get_help_option(ctx)
+    options = [param for param in command.get_params(ctx)
+               if isinstance(param, click.Option) and param.name != getattr(help_option, "name", None)]
+    records = [option.get_help_record(ctx) for option in options]
     for names, help_text in filter(None, records):
         lines.append(f"- `{names}`" + (f": {_markdown(help_text)}" if help_text else ""))
     return "\n".join(lines).rstrip() + "\n"

@@ -12,7 +12,7 @@ README_LIMIT = 6000  # characters: the front page lists and links; the manual li
 
 def python_example() -> str:
     section = PYTHON_API.read_text().split("## Example", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_the_python_api_example_runs(tmp_path, capsys):
