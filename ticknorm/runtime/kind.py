@@ -1,6 +1,6 @@
 """What one kind of runtime is, in one place: the names it answers to, whether it can run here
 and why not, how its runner is built, how the profiler times it, what it reads and the type it
-computes in. `registry.KINDS` holds one per kind; nothing else decides by a runtime's name."""
+computes in. `registry.KINDS` holds one per kind, and the commands ask it rather than the names."""
 
 from dataclasses import dataclass
 from typing import Callable
@@ -39,8 +39,9 @@ class RuntimeKind:
     names its collector and the profiler resolves it). `reads_file`: it runs the ONNX file's
     weights as they are on disk (ONNX Runtime maps them, PyTorch has its own), so a command on it
     reads the graph alone; a low type never does, as it is planned on an fp32 run of the weights.
-    `model_precision`: without a suffix it computes in the PyTorch model's type (its checkpoint's),
-    not the graph's."""
+    `runs_module`: it runs the PyTorch model, not the graph (so without a suffix it computes in the
+    model's type, its checkpoint's). `converts_graph`: a low type runs the graph converted to that
+    type (TensorRT builds strongly typed networks), not the fp32 graph with a policy."""
 
     name: str
     names: tuple
@@ -49,7 +50,8 @@ class RuntimeKind:
     collector: str
     reads_file: bool = False
     low_types: tuple = ()
-    model_precision: bool = False
+    runs_module: bool = False
+    converts_graph: bool = False
 
     @property
     def accepted(self) -> dict:

@@ -152,12 +152,12 @@ LOWS = tuple(LOW_TYPES)
 # (with its runner and, for `profile`, its collector module) is known to every command.
 KINDS = (
     RuntimeKind("torch", ("torch",), _torch_status, partial(_torch_runner, "cpu"), "torch", reads_file=True,
-                low_types=LOWS, model_precision=True),
+                low_types=LOWS, runs_module=True),
     RuntimeKind("torch-cuda", ("torch-cuda",), _torch_cuda_status, partial(_torch_runner, "cuda"), "torch",
-                reads_file=True, low_types=LOWS, model_precision=True),
+                reads_file=True, low_types=LOWS, runs_module=True),
     RuntimeKind("ort-cpu", ("ort", "ort-cpu"), _ort_cpu_status, partial(_ort_runner, "cpu"), "ort", reads_file=True),
     RuntimeKind("ort-cuda", ("ort-cuda",), _ort_cuda_status, partial(_ort_runner, "cuda"), "ort", reads_file=True),
-    RuntimeKind("trt", ("trt",), _trt_status, _trt_runner, "trt", low_types=LOWS),
+    RuntimeKind("trt", ("trt",), _trt_status, _trt_runner, "trt", low_types=LOWS, converts_graph=True),
 )
 
 
@@ -170,15 +170,15 @@ def runtime_patterns() -> str:
     return ", ".join(kind.pattern for kind in KINDS)
 
 
-def _lookup(name: str) -> tuple[RuntimeKind, str | None] | None:
-    return next(((kind, kind.accepted[name]) for kind in KINDS if name in kind.accepted), None)
+def _lookup(name: str) -> RuntimeKind | None:
+    return next((kind for kind in KINDS if name in kind.accepted), None)
 
 
 def runtime_kind(name: str) -> RuntimeKind:
-    found = _lookup(name)
-    if found is None:
+    kind = _lookup(name)
+    if kind is None:
         raise InputSpecError(f"unknown runtime '{name}'; choose from: {', '.join(runtime_names())}")
-    return found[0]
+    return kind
 
 
 def runtime_statuses() -> list[RuntimeStatus]:
@@ -189,10 +189,22 @@ def runtime_precision(name: str, model: onnx.ModelProto, reference: str = "fp32"
     """The type a runtime computes in: its own suffix (`trt-fp16`, `torch-bf16`), else, for a
     kind that runs the PyTorch model, the model's own (`reference`: its checkpoint's type), else
     the graph's (also for a name no kind answers to, which `make_runner` then refuses)."""
-    found = _lookup(name)
-    if found and found[1]:
-        return found[1]
-    return reference if found and found[0].model_precision else Precision.of_graph(model).dtype
+    kind = _lookup(name)
+    if kind and kind.accepted[name]:
+        return kind.accepted[name]
+    return reference if kind and kind.runs_module else Precision.of_graph(model).dtype
+
+
+def runs_module(name: str) -> bool:
+    """Whether a runtime runs the PyTorch model rather than the exported graph (`torch-*`)."""
+    kind = _lookup(name)
+    return kind is not None and kind.runs_module
+
+
+def converts_graph(name: str) -> bool:
+    """Whether a runtime runs its low type on the graph converted to it (TensorRT)."""
+    kind = _lookup(name)
+    return kind is not None and kind.converts_graph
 
 
 def judged_precision(name: str, model: onnx.ModelProto, reference: str = "fp32") -> str:
@@ -207,11 +219,12 @@ def needs_weights(names) -> bool:
     runs its own weights, and ONNX Runtime maps them from the files themselves
     (`RunnerSetup.model_file`, `weights_dir`), so a profile or a comparison on them reads the graph
     alone (`RuntimeKind.reads_file`)."""
-    return any(_needs_weights(_lookup(name)) for name in names)
+    return any(_needs_weights(name) for name in names)
 
 
-def _needs_weights(found) -> bool:
-    return found is None or found[1] is not None or not found[0].reads_file
+def _needs_weights(name: str) -> bool:
+    kind = _lookup(name)
+    return kind is None or kind.accepted[name] is not None or not kind.reads_file
 
 
 def make_runner(name: str, model: onnx.ModelProto, setup: RunnerSetup = RunnerSetup(), taps=()) -> Runner:
