@@ -94,10 +94,10 @@ def _collect(result: ProfileResult, runners: dict, feeds: dict, timing: Timing, 
     for runtime, runner in runners.items():
         progress.step(f"timing {runtime}: {timing.iterations} plain and {timing.iterations} instrumented iterations, "
                       "in alternating blocks")
-        result.logs[runtime] = collector(runtime_kind(runtime).collector)(runner, feeds, timing, table, progress.advance)
+        result.logs[runtime] = _collector(runtime_kind(runtime).collector)(runner, feeds, timing, table, progress.advance)
 
 
-def collector(key: str):
+def _collector(key: str):
     """The collector a runtime kind names (`RuntimeKind.collector`): `collect_<key>` in module
     `ticknorm.profiler.collect_<key>`. The kinds sit below the profiler and cannot import it; one
     naming rule here, rather than a map, lets a runtime with a collector of its own be added

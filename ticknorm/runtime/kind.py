@@ -7,6 +7,8 @@ from typing import Callable
 
 import onnx
 
+from ticknorm.runtime.base import Runner
+
 
 @dataclass
 class RuntimeStatus:
@@ -26,7 +28,7 @@ class RunnerRequest:
     low: str | None
     precision: str
     model: onnx.ModelProto
-    setup: object
+    setup: object  # a `registry.RunnerSetup`
     taps: tuple = ()
 
 
@@ -46,7 +48,7 @@ class RuntimeKind:
     name: str
     names: tuple
     status: Callable[[str], RuntimeStatus]
-    runner: Callable[[RunnerRequest], object]
+    runner: Callable[[RunnerRequest], Runner]
     collector: str
     reads_file: bool = False
     low_types: tuple = ()
