@@ -113,17 +113,21 @@ def _ort_cpu_status(name: str) -> RuntimeStatus:
 
 
 def _ort_cuda_status(name: str) -> RuntimeStatus:
-    provider, cuda = "CUDAExecutionProvider" in _ort_providers(), _cuda()
-    return RuntimeStatus(name, _version("onnxruntime") or "-", provider and cuda,
-                         "" if provider and cuda else ("no CUDA device" if provider else "this onnxruntime build has "
-                                                       "no CUDAExecutionProvider (pip install 'ticknorm[gpu]')"))
+    return _on_cuda(name, _version("onnxruntime"), "CUDAExecutionProvider" in _ort_providers(),
+                    "this onnxruntime build has no CUDAExecutionProvider (pip install 'ticknorm[gpu]')")
 
 
 def _trt_status(name: str) -> RuntimeStatus:
-    version, cuda = _version("tensorrt"), _cuda()
-    return RuntimeStatus(name, version or "-", bool(version) and cuda,
-                         "" if version and cuda else
-                         ("no CUDA device" if version else "tensorrt is not installed (pip install 'ticknorm[trt]')"))
+    version = _version("tensorrt")
+    return _on_cuda(name, version, bool(version), "tensorrt is not installed (pip install 'ticknorm[trt]')")
+
+
+def _on_cuda(name: str, version: str | None, present: bool, missing: str) -> RuntimeStatus:
+    """A GPU runtime's status: available where it is `present` and torch sees a CUDA device; else
+    the missing piece (`missing` says how to get the runtime)."""
+    cuda = _cuda()
+    return RuntimeStatus(name, version or "-", present and cuda,
+                         "" if present and cuda else ("no CUDA device" if present else missing))
 
 
 def _torch_runner(device: str, request: RunnerRequest) -> Runner:
