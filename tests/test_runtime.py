@@ -1,21 +1,28 @@
 """Runners on real sessions; the TensorRT logic that runs without TensorRT; TensorRT itself where present."""
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from click.testing import CliRunner
 
 from conftest import export, ort_run
 from factories import Small
 from ticknorm.base.errors import InputSpecError, RuntimeUnavailable, TicknormError
 from ticknorm.base.onnx_io import model_digest
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
+from ticknorm.cli import main
+from ticknorm.runtime import registry
+from ticknorm.runtime.kind import RunnerRequest, RuntimeKind, RuntimeStatus
 from ticknorm.runtime.registry import RunnerSetup, make_runner, runtime_statuses
 from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.plugins.trt_plugin import kernel_source_digest
 from ticknorm.runtime.trt_runner import TrtSettings, engine_cache_key, optimization_profile
+
+FACTORIES = Path(__file__).resolve().parent / "factories.py"
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +147,51 @@ def test_trt_runner_matches_ort_on_a_gpu(small):
     with make_runner("trt", model, RunnerSetup(profile=optimization_profile(feeds, {"x": {0: "batch"}}))) as runner:
         result = runner.infer(feeds)
     np.testing.assert_allclose(result.outputs[name], ort_run(model, feeds)[name], atol=1e-4)
+
+
+def _one_thread():
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+def _one_thread_status(name: str) -> RuntimeStatus:
+    import onnxruntime
+
+    return RuntimeStatus(name, onnxruntime.__version__, True)
+
+
+def _one_thread_runner(request: RunnerRequest) -> OrtRunner:
+    return OrtRunner(request.model, "cpu", request.setup.ort_optimization, session_options=_one_thread, taps=request.taps)
+
+
+def test_a_runtime_added_as_one_row_of_the_table_is_known_to_every_command(small, tmp_path, monkeypatch):
+    """A new kind of runtime is one `RuntimeKind` in `registry.KINDS` (here ONNX Runtime on one thread,
+    a real session, timed by ONNX Runtime's collector; it reads no file itself, so the commands load
+    the weights for it): `runtimes` lists it, `compare` judges it, `profile` times it, and a name
+    nobody knows is refused with it among the choices."""
+    from safetensors.torch import save_file
+
+    module, model, _ = small
+    onnx.save(model, tmp_path / "s.onnx")
+    save_file(module.state_dict(), tmp_path / "s.safetensors")
+    kind = RuntimeKind("ort-1thread", ("ort-1thread",), _one_thread_status, _one_thread_runner, "ort")
+    monkeypatch.setattr(registry, "KINDS", (*registry.KINDS, kind))
+    assert registry.runtime_patterns().endswith(", ort-1thread") and registry.needs_weights(["ort", "ort-1thread"])
+
+    listed = CliRunner().invoke(main, ["runtimes"])
+    assert listed.exit_code == 0 and listed.stdout.splitlines()[-1].split() == [
+        "ort-1thread", _one_thread_status("").version, "available"]
+    common = [tmp_path / "s.onnx", "--model", f"{FACTORIES}:small", "--checkpoint", tmp_path / "s.safetensors",
+              "--input", "x:2x8:float32", "--runtime", "ort-1thread,ort"]
+    compared = CliRunner().invoke(main, ["compare", *map(str, common)])
+    assert compared.exit_code == 0, compared.output
+    assert "ort-1thread vs torch (atol 0.0001, rtol 0.001):" in compared.stdout and compared.stdout.endswith("PASS\n")
+    profiled = CliRunner().invoke(main, ["profile", *map(str, common), "--iterations", "2", "--warmup", "0"])
+    assert profiled.exit_code == 0, profiled.output
+    assert "ort-1thread ms" in profiled.stdout and "\nort-1thread: end-to-end " in profiled.stdout
+    with pytest.raises(InputSpecError, match=r"unknown runtime 'tvm'; choose from: .*, trt-bf16, ort-1thread$"):
+        make_runner("tvm", model)

@@ -32,7 +32,7 @@ from ticknorm.exporter.tasks import TASKS
 from ticknorm.profiler.profile import Timing
 from ticknorm.report import joined, profile_outputs
 from ticknorm.runtime.ort_runner import OPTIMIZATION_LEVELS
-from ticknorm.runtime.registry import Runtimes, TrtexecFiles
+from ticknorm.runtime.registry import Runtimes, TrtexecFiles, runtime_patterns
 from ticknorm.validate.drift import GoldenSources
 from ticknorm.ticks.ranges import DEFAULT_HEADROOM
 
@@ -269,9 +269,8 @@ def runtime_options(default: str, *more):
     return grouped(
         "runtimes", _runtimes,
         click.option("--runtime", "names", default=default, show_default=True,
-                     help="Comma-separated: torch, ort, ort-cuda, trt, trt-fp16, trt-bf16, torch-fp16, torch-bf16, "
-                          "torch-cuda[-fp16|-bf16]. An fp32 graph is converted for trt-fp16/-bf16 with fp32 islands "
-                          "measured on the inputs."),
+                     help=f"Comma-separated: {runtime_patterns()}. An fp32 graph is converted for trt-fp16/-bf16 "
+                          "with fp32 islands measured on the inputs."),
         _KEEP_FP32, *more)
 
 

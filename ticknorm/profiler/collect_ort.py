@@ -7,6 +7,7 @@ import time
 
 import onnx
 
+from ticknorm.base.inputs import graph_feeds
 from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.ticks import Span, Tick, TickLog, blocks
 from ticknorm.runtime.ort_runner import OrtRunner, failed_run
@@ -16,15 +17,16 @@ SETTLE_NS = 10_000_000  # longer than ONNX Runtime's pool threads spin after a r
 
 
 def collect_ort(runner: OrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration=lambda: None) -> TickLog:
-    """A session with ONNX Runtime's profiler on and a plain one like `runner`'s, timed in
-    alternating blocks (`ticks.blocks`). Both are configured alike but for the profiler: their pool
-    threads spin a while after each run, as a deployment's do (stopping them costs a 0.1 ms model
-    10-15 % of its end to end). So that the idle session's spinning takes no core from the timed
-    block, each block starts with untimed runs of its session for at least SETTLE_NS (one run
-    of BERT-base, dozens of a tiny model), by which time the other session's threads sleep. With
-    one block of each kind there is nothing to alternate: one session times its profiled block,
-    then, its profiler ended, its plain block."""
+    """The feeds the graph takes (`graph_feeds`), run by a session with ONNX Runtime's profiler on
+    and a plain one like `runner`'s, timed in alternating blocks (`ticks.blocks`). Both are
+    configured alike but for the profiler: their pool threads spin a while after each run, as a
+    deployment's do (stopping them costs a 0.1 ms model 10-15 % of its end to end). So that the idle
+    session's spinning takes no core from the timed block, each block starts with untimed runs of
+    its session for at least SETTLE_NS (one run of BERT-base, dozens of a tiny model), by which time
+    the other session's threads sleep. With one block of each kind there is nothing to alternate:
+    one session times its profiled block, then, its profiler ended, its plain block."""
     log = TickLog(runner.name, "runtime", iterations=timing.iterations)
+    feeds = graph_feeds(runner.model, feeds)
     alternating = len(blocks(timing.iterations)) > 1
     with tempfile.TemporaryDirectory() as workdir:
         written = os.path.join(workdir, "optimized.onnx")

@@ -19,7 +19,9 @@ from ticknorm.profiler.ticks import Span, Tick, TickLog, blocks
 from ticknorm.runtime.torch_runner import TorchRunner, forward
 
 
-def collect_torch(runner: TorchRunner, feeds: dict, timing, on_iteration=lambda: None) -> TickLog:
+def collect_torch(runner: TorchRunner, feeds: dict, timing, table, on_iteration=lambda: None) -> TickLog:
+    """`feeds` as the module takes them; `table` (the graph's scopes, which the ONNX runtimes'
+    collectors map their nodes with) is not needed: the hooks name the modules themselves."""
     with runner:
         return _timed(runner, feeds, timing, on_iteration)
 

@@ -8,6 +8,7 @@ IProfiler and an engine stood in for."""
 
 import time
 
+from ticknorm.base.inputs import graph_feeds
 from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.ticks import Span, Tick, TickLog, blocks
 from ticknorm.runtime.trt_runner import TrtRunner, import_tensorrt
@@ -15,7 +16,7 @@ from ticknorm.runtime.trt_runner import TrtRunner, import_tensorrt
 
 def collect_trt(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration=lambda: None) -> TickLog:
     with runner:
-        return _timed(runner, feeds, timing, table, on_iteration)
+        return _timed(runner, graph_feeds(runner.model, feeds), timing, table, on_iteration)
 
 
 def _timed(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration) -> TickLog:

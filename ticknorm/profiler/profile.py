@@ -2,20 +2,16 @@
 
 import contextlib
 import gc
+import importlib
 from dataclasses import dataclass, field
 
 import onnx
 
 from ticknorm.base.errors import InputSpecError, RuntimeUnavailable
-from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.progress import QUIET, Progress
 from ticknorm.profiler.align import ScopeTable
-from ticknorm.profiler.collect_ort import collect_ort
-from ticknorm.profiler.collect_torch import collect_torch
-from ticknorm.profiler.collect_trt import collect_trt
 from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, roll_up
-from ticknorm.runtime.ort_runner import OrtRunner
-from ticknorm.runtime.registry import RunnerSetup, make_runner
+from ticknorm.runtime.registry import RunnerSetup, make_runner, runtime_kind
 from ticknorm.runtime.torch_runner import TorchRunner
 
 
@@ -73,7 +69,7 @@ def profile_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: Runne
                                      "graph's fp32 emulation (what compare checks there) says nothing of a bf16 "
                                      "deployment: profile it with ort-cuda or trt-bf16, or profile its fp32 export")
     with _collector_paused():
-        _collect(result, runners, model, feeds, timing, table, progress)
+        _collect(result, runners, feeds, timing, table, progress)
     return result
 
 
@@ -91,14 +87,19 @@ def _collector_paused():
             gc.enable()
 
 
-def _collect(result: ProfileResult, runners: dict, model, feeds: dict, timing: Timing, table: ScopeTable,
+def _collect(result: ProfileResult, runners: dict, feeds: dict, timing: Timing, table: ScopeTable,
              progress: Progress) -> None:
+    """Each runner timed by its kind's collector, which feeds it what it takes (an ONNX graph's
+    runner: `graph_feeds`)."""
     for runtime, runner in runners.items():
         progress.step(f"timing {runtime}: {timing.iterations} plain and {timing.iterations} instrumented iterations, "
                       "in alternating blocks")
-        if isinstance(runner, TorchRunner):
-            result.logs[runtime] = collect_torch(runner, feeds, timing, progress.advance)
-        elif isinstance(runner, OrtRunner):
-            result.logs[runtime] = collect_ort(runner, graph_feeds(model, feeds), timing, table, progress.advance)
-        else:
-            result.logs[runtime] = collect_trt(runner, graph_feeds(model, feeds), timing, table, progress.advance)
+        result.logs[runtime] = _collector(runtime_kind(runtime).collector)(runner, feeds, timing, table, progress.advance)
+
+
+def _collector(key: str):
+    """The collector a runtime kind names (`RuntimeKind.collector`): `collect_<key>` in module
+    `ticknorm.profiler.collect_<key>`. The kinds sit below the profiler and cannot import it; one
+    naming rule here, rather than a map, lets a runtime with a collector of its own be added
+    without touching this file. Imported when used: TensorRT's is loaded only to time TensorRT."""
+    return getattr(importlib.import_module(f"ticknorm.profiler.collect_{key}"), f"collect_{key}")

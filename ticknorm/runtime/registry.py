@@ -1,4 +1,5 @@
-"""Which runtimes exist on this machine, and runners built from a runtime name.
+"""Which runtimes exist on this machine, and runners built from a runtime name: `KINDS` holds one
+`RuntimeKind` per kind of runtime, and every question asked of a runtime's name is answered from it.
 
 Names: `ort` / `ort-cpu`, `ort-cuda`, `trt` / `trt-fp16` / `trt-bf16`, and PyTorch itself as a
 target: `torch-fp16`, `torch-bf16`, `torch-cuda[-fp16|-bf16]` (the reference is always fp32 CPU)."""
@@ -6,65 +7,17 @@ target: `torch-fp16`, `torch-bf16`, `torch-cuda[-fp16|-bf16]` (the reference is 
 import copy
 import importlib
 from dataclasses import dataclass, field
+from functools import partial
 
 import onnx
 
 from ticknorm.base.errors import InputSpecError
 from ticknorm.base.precision import LOW_TYPES, Precision, coarser
 from ticknorm.runtime.base import Runner
+from ticknorm.runtime.kind import RunnerRequest, RuntimeKind, RuntimeStatus
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.runtime.trt_runner import TrtRunner, TrtSettings
-
-RUNTIME_NAMES = ("torch", "ort", "ort-cpu", "ort-cuda", "trt", "trt-fp16", "trt-bf16",
-                 "torch-fp16", "torch-bf16", "torch-cuda", "torch-cuda-fp16", "torch-cuda-bf16")
-
-
-@dataclass
-class RuntimeStatus:
-    name: str
-    version: str
-    available: bool
-    reason: str = ""
-
-
-def _version(module: str) -> str | None:
-    try:
-        return importlib.import_module(module).__version__
-    except ImportError:
-        return None
-
-
-def runtime_statuses() -> list[RuntimeStatus]:
-    statuses = []
-    torch_version = _version("torch")
-    cuda = False
-    if torch_version:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    statuses.append(RuntimeStatus("torch", torch_version or "-", bool(torch_version),
-                                  "" if torch_version else "torch is not installed (pip install 'ticknorm[torch]')"))
-    statuses.append(RuntimeStatus("torch-cuda", torch_version or "-", cuda,
-                                  "" if cuda else "no CUDA device visible to torch"))
-    ort_version = _version("onnxruntime")
-    providers = []
-    if ort_version:
-        import onnxruntime
-
-        providers = onnxruntime.get_available_providers()
-    statuses.append(RuntimeStatus("ort-cpu", ort_version or "-", "CPUExecutionProvider" in providers,
-                                  "" if ort_version else "onnxruntime is not installed"))
-    has_cuda_provider = "CUDAExecutionProvider" in providers
-    statuses.append(RuntimeStatus("ort-cuda", ort_version or "-", has_cuda_provider and cuda,
-                                  "" if has_cuda_provider and cuda else
-                                  ("no CUDA device" if has_cuda_provider else
-                                   "this onnxruntime build has no CUDAExecutionProvider (pip install 'ticknorm[gpu]')")))
-    trt_version = _version("tensorrt")
-    statuses.append(RuntimeStatus("trt", trt_version or "-", bool(trt_version) and cuda,
-                                  "" if trt_version and cuda else
-                                  ("no CUDA device" if trt_version else "tensorrt is not installed (pip install 'ticknorm[trt]')")))
-    return statuses
 
 
 @dataclass(frozen=True)
@@ -118,13 +71,144 @@ class Runtimes:
         return value if isinstance(value, Runtimes) else cls(tuple(value))
 
 
+def _version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None
+
+
+def _cuda() -> bool:
+    """Whether torch sees a CUDA device: what every GPU runtime's status asks first."""
+    if not _version("torch"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _ort_providers() -> list:
+    if not _version("onnxruntime"):
+        return []
+    import onnxruntime
+
+    return onnxruntime.get_available_providers()
+
+
+def _torch_status(name: str) -> RuntimeStatus:
+    version = _version("torch")
+    return RuntimeStatus(name, version or "-", bool(version),
+                         "" if version else "torch is not installed (pip install 'ticknorm[torch]')")
+
+
+def _torch_cuda_status(name: str) -> RuntimeStatus:
+    cuda = _cuda()
+    return RuntimeStatus(name, _version("torch") or "-", cuda, "" if cuda else "no CUDA device visible to torch")
+
+
+def _ort_cpu_status(name: str) -> RuntimeStatus:
+    version = _version("onnxruntime")
+    return RuntimeStatus(name, version or "-", "CPUExecutionProvider" in _ort_providers(),
+                         "" if version else "onnxruntime is not installed")
+
+
+def _ort_cuda_status(name: str) -> RuntimeStatus:
+    return _on_cuda(name, _version("onnxruntime"), "CUDAExecutionProvider" in _ort_providers(),
+                    "this onnxruntime build has no CUDAExecutionProvider (pip install 'ticknorm[gpu]')")
+
+
+def _trt_status(name: str) -> RuntimeStatus:
+    version = _version("tensorrt")
+    return _on_cuda(name, version, bool(version), "tensorrt is not installed (pip install 'ticknorm[trt]')")
+
+
+def _on_cuda(name: str, version: str | None, present: bool, missing: str) -> RuntimeStatus:
+    """A GPU runtime's status: available where it is `present` and torch sees a CUDA device; else
+    the missing piece (`missing` says how to get the runtime)."""
+    cuda = _cuda()
+    return RuntimeStatus(name, version or "-", present and cuda,
+                         "" if present and cuda else ("no CUDA device" if present else missing))
+
+
+def _torch_runner(device: str, request: RunnerRequest) -> Runner:
+    """The PyTorch model on `device`, a copy of it (a low type casts it), in a low type with the
+    fp32 islands its policy keeps, or else as loaded (in its checkpoint's type)."""
+    setup = request.setup
+    if setup.module is None:
+        raise InputSpecError(f"{request.name} runs the PyTorch model, and none was given here")
+    fp32_modules = setup.low[request.low].policy.modules if request.low in setup.low else ()
+    return TorchRunner(copy.deepcopy(setup.module), [o.name for o in request.model.graph.output], device,
+                       request.low, fp32_modules, request.taps)
+
+
+def _ort_runner(provider: str, request: RunnerRequest) -> Runner:
+    setup = request.setup
+    return OrtRunner(request.model, provider, setup.ort_optimization, taps=request.taps, model_file=setup.model_file,
+                     mapped=MappedWeights(setup.weights_dir) if setup.weights_dir else None)
+
+
+def _trt_runner(request: RunnerRequest) -> Runner:
+    return TrtRunner(_graph_in(request), request.setup.profile or {}, TrtSettings(request.precision), taps=request.taps)
+
+
+LOWS = tuple(LOW_TYPES)
+# One row per kind of runtime, in the order `ticknorm runtimes` lists them. A runtime added here
+# (with its runner and, for `profile`, its collector module) is known to every command.
+KINDS = (
+    RuntimeKind("torch", ("torch",), _torch_status, partial(_torch_runner, "cpu"), "torch", reads_file=True,
+                low_types=LOWS, runs_module=True),
+    RuntimeKind("torch-cuda", ("torch-cuda",), _torch_cuda_status, partial(_torch_runner, "cuda"), "torch",
+                reads_file=True, low_types=LOWS, runs_module=True),
+    RuntimeKind("ort-cpu", ("ort", "ort-cpu"), _ort_cpu_status, partial(_ort_runner, "cpu"), "ort", reads_file=True),
+    RuntimeKind("ort-cuda", ("ort-cuda",), _ort_cuda_status, partial(_ort_runner, "cuda"), "ort", reads_file=True),
+    RuntimeKind("trt", ("trt",), _trt_status, _trt_runner, "trt", low_types=LOWS, converts_graph=True),
+)
+
+
+def runtime_names() -> list[str]:
+    return [name for kind in KINDS for name in kind.accepted]
+
+
+def runtime_patterns() -> str:
+    """Every name, as `--runtime` help lists them."""
+    return ", ".join(kind.pattern for kind in KINDS)
+
+
+def _lookup(name: str) -> RuntimeKind | None:
+    return next((kind for kind in KINDS if name in kind.accepted), None)
+
+
+def runtime_kind(name: str) -> RuntimeKind:
+    kind = _lookup(name)
+    if kind is None:
+        raise InputSpecError(f"unknown runtime '{name}'; choose from: {', '.join(runtime_names())}")
+    return kind
+
+
+def runtime_statuses() -> list[RuntimeStatus]:
+    return [kind.status(kind.name) for kind in KINDS]
+
+
 def runtime_precision(name: str, model: onnx.ModelProto, reference: str = "fp32") -> str:
-    """The type a runtime computes in: its own suffix (`trt-fp16`, `torch-bf16`), else, for
-    `torch*`, the PyTorch model's own (`reference`: its checkpoint's type), else the graph's."""
-    suffix = name.rsplit("-", 1)[-1]
-    if suffix in LOW_TYPES:
-        return suffix
-    return reference if name.startswith("torch") else Precision.of_graph(model).dtype
+    """The type a runtime computes in: its own suffix (`trt-fp16`, `torch-bf16`), else, for a
+    kind that runs the PyTorch model, the model's own (`reference`: its checkpoint's type), else
+    the graph's (also for a name no kind answers to, which `make_runner` then refuses)."""
+    kind = _lookup(name)
+    if kind and kind.accepted[name]:
+        return kind.accepted[name]
+    return reference if kind and kind.runs_module else Precision.of_graph(model).dtype
+
+
+def runs_module(name: str) -> bool:
+    """Whether a runtime runs the PyTorch model rather than the exported graph (`torch-*`)."""
+    kind = _lookup(name)
+    return kind is not None and kind.runs_module
+
+
+def converts_graph(name: str) -> bool:
+    """Whether a runtime runs its low type on the graph converted to it (TensorRT)."""
+    kind = _lookup(name)
+    return kind is not None and kind.converts_graph
 
 
 def judged_precision(name: str, model: onnx.ModelProto, reference: str = "fp32") -> str:
@@ -133,46 +217,36 @@ def judged_precision(name: str, model: onnx.ModelProto, reference: str = "fp32")
     return coarser(runtime_precision(name, model, reference), reference)
 
 
-FILE_READERS = ("torch", "torch-cuda", "ort", "ort-cpu", "ort-cuda")
-
-
 def needs_weights(names) -> bool:
     """Whether running these runtimes needs the graph's weights in Python: TensorRT builds from
     the graph in memory, a low-precision target is planned on an fp32 run of it. PyTorch in fp32
     runs its own weights, and ONNX Runtime maps them from the files themselves
     (`RunnerSetup.model_file`, `weights_dir`), so a profile or a comparison on them reads the graph
-    alone."""
-    return any(name not in FILE_READERS for name in names)
+    alone (`RuntimeKind.reads_file`)."""
+    return any(_needs_weights(name) for name in names)
+
+
+def _needs_weights(name: str) -> bool:
+    kind = _lookup(name)
+    return kind is None or kind.accepted[name] is not None or not kind.reads_file
 
 
 def make_runner(name: str, model: onnx.ModelProto, setup: RunnerSetup = RunnerSetup(), taps=()) -> Runner:
-    if name not in RUNTIME_NAMES:
-        raise InputSpecError(f"unknown runtime '{name}'; choose from: {', '.join(RUNTIME_NAMES)}")
-    precision = runtime_precision(name, model)
-    if name.startswith("torch"):
-        if setup.module is None:
-            raise InputSpecError(f"{name} runs the PyTorch model, and none was given here")
-        device = "cuda" if "cuda" in name.split("-") else "cpu"
-        low = name.rsplit("-", 1)[-1] in LOW_TYPES  # else the model as loaded, in its checkpoint's type
-        fp32_modules = setup.low[precision].policy.modules if low and precision in setup.low else ()
-        return TorchRunner(copy.deepcopy(setup.module), [o.name for o in model.graph.output], device,
-                           precision if low else None, fp32_modules, taps)
-    if name.startswith("ort"):
-        return OrtRunner(model, "cuda" if name == "ort-cuda" else "cpu", setup.ort_optimization, taps=taps,
-                         model_file=setup.model_file,
-                         mapped=MappedWeights(setup.weights_dir) if setup.weights_dir else None)
-    return TrtRunner(_graph_in(precision, model, setup, name), setup.profile or {}, TrtSettings(precision), taps=taps)
+    kind = runtime_kind(name)
+    request = RunnerRequest(name, kind.accepted[name], runtime_precision(name, model), model, setup, taps)
+    return kind.runner(request)
 
 
-def _graph_in(precision: str, model: onnx.ModelProto, setup: RunnerSetup, name: str) -> onnx.ModelProto:
-    """The graph a strongly typed runtime builds for `precision`: the model itself when it is in
+def _graph_in(request: RunnerRequest) -> onnx.ModelProto:
+    """The graph a strongly typed runtime builds for its precision: the model itself when it is in
     that precision, else the one converted for it."""
+    model, precision = request.model, request.precision
     own = Precision.of_graph(model).dtype
     if own == precision:
         return model
-    converted = setup.low.get(precision)
+    converted = request.setup.low.get(precision)
     if converted is None or converted.graph is None:
-        raise InputSpecError(f"{name} builds a {precision} graph and this one is "
+        raise InputSpecError(f"{request.name} builds a {precision} graph and this one is "
                              f"{own}: convert it first (ticknorm convert --precision "
                              f"{precision}), or run it through ticknorm compare/profile/report, which convert it")
     return converted.graph

@@ -33,7 +33,7 @@ from ticknorm.base.scopes import LayerSelection
 from ticknorm.base.text_table import render
 from ticknorm.base.precision import TYPE_NAMES
 from ticknorm.exporter.precision.targets import runner_setup
-from ticknorm.runtime.registry import Runtimes, judged_precision, make_runner
+from ticknorm.runtime.registry import Runtimes, judged_precision, make_runner, runs_module
 from ticknorm.runtime.torch_runner import TorchRunner, module_precision
 from ticknorm.ticks.log import read_ticks
 from ticknorm.ticks.ranges import module_ranges, present_ranges
@@ -297,7 +297,7 @@ def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_mod
                           tolerances.get("rule", "ticknorm"))
     tolerance = tolerance.at(TYPE_NAMES[judged_precision(runtime, model, meta.get("reference_precision", "fp32"))])
     layers = meta["layers"]
-    if runtime.startswith("torch"):
+    if runs_module(runtime):
         raise BundleError("drift check runs the exported model; torch-* runtimes are PyTorch, not the export")
     feed_sets = [graph_feeds(model, feeds) for feeds in inputs]
     setup = dataclasses.replace(runner_setup(model, None, feed_sets[0], Runtimes((runtime,))), weights_dir=weights_dir)

@@ -7,7 +7,7 @@ from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.precision import Precision
 from ticknorm.exporter.precision.lower import low_precision_graph
 from ticknorm.exporter.precision.plan import plan_precision
-from ticknorm.runtime.registry import LowPrecision, RunnerSetup, Runtimes, runtime_precision
+from ticknorm.runtime.registry import LowPrecision, RunnerSetup, Runtimes, converts_graph, runtime_precision
 from ticknorm.runtime.trt_runner import profile_for
 
 
@@ -22,6 +22,6 @@ def runner_setup(model, module, feeds: dict, runtimes: Runtimes, progress=lambda
             raise InputSpecError(f"the graph is {own.dtype}: a {dtype} runtime needs it in fp32 or {dtype}")
         progress(f"measuring an fp32 run for the {dtype} policy")
         policy = plan_precision(model, graph_feeds(model, feeds), runtimes.precision.with_dtype(dtype))
-        from_graph = any(r.startswith("trt") and runtime_precision(r, model) == dtype for r in runtimes.names)
+        from_graph = any(converts_graph(r) and runtime_precision(r, model) == dtype for r in runtimes.names)
         low[dtype] = LowPrecision(policy, low_precision_graph(model, policy) if from_graph else None)
     return RunnerSetup(module, profile_for(model, feeds), runtimes.ort_optimization, low)
