@@ -172,6 +172,36 @@ def test_polygraphy_reads_the_bundle(exported, tmp_path):
     assert np.array_equal(references[0]["output"], results["torch"][0]["output"])
 
 
+def test_the_polygraphy_mode_gives_polygraphy_runs_own_verdict(exported, tmp_path):
+    """A reference moved off ORT's outputs half-way from Polygraphy's bar, max(atol, rtol*|value|),
+    to ticknorm's, their sum: ticknorm's rule passes it, Polygraphy's fails it, and `drift check` of a
+    bundle in mode `polygraphy` says what `polygraphy run --load-outputs` says of the same files."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import save_json
+
+    path, model = exported
+    with OrtRunner(model) as runner:
+        outputs = runner.infer(FEEDS).outputs
+    moved = RunResults()
+    band = {name: (np.maximum(1e-4, 1e-3 * np.abs(v)), np.minimum(1e-4, 1e-3 * np.abs(v))) for name, v in outputs.items()}
+    moved.add([{name: (v + band[name][0] + band[name][1] / 2).astype(v.dtype) for name, v in outputs.items()}],
+              runner_name="onnxrt-runner-N0")
+    moved.save(str(tmp_path / "outputs.json"))
+    save_json([FEEDS], str(tmp_path / "inputs.json"))
+    files = ["--input-file", str(tmp_path / "inputs.json"), "--reference-outputs", str(tmp_path / "outputs.json")]
+    verdicts = {}
+    for mode in CHECK_RULES:
+        made = CliRunner().invoke(main, ["drift", "snapshot", str(path), *files, "--check-mode", mode, "-o", str(tmp_path / mode)])
+        assert made.exit_code == 0, made.output
+        verdicts[mode] = CliRunner().invoke(main, ["drift", "check", str(tmp_path / mode), str(path), "--no-history"]).exit_code
+    assert verdicts == {"ticknorm": 0, "polygraphy": 1}
+    tool = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or shutil.which("polygraphy")
+    done = subprocess.run([tool, "run", str(path), "--onnxrt", "--load-inputs", str(tmp_path / "inputs.json"),
+                           "--load-outputs", str(tmp_path / "outputs.json"), "--atol", "1e-4", "--rtol", "1e-3"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "FAILED" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
 def test_pytest_plugin_fixture_in_a_users_suite(exported, tmp_path):
     path, model = exported
     bundle = write_bundle(model, _reference(), FEEDS, tmp_path / "golden")

@@ -17,8 +17,9 @@ DTYPE_TOLERANCES = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-7), "float16":
 
 
 # How a value passes. ticknorm: |error| <= atol + rtol*|ref| (numpy's allclose). polygraphy: Polygraphy's
-# own check, its SimpleCompareFunc (what CompareFunc.simple makes) with the elementwise statistic `polygraphy
-# run` checks by default, the reference second as `--load-outputs` places it: a value fails only when
+# own check, its SimpleCompareFunc (what the deprecated CompareFunc.simple makes) with the elementwise
+# statistic `polygraphy run` checks by default, the reference second as `--load-outputs` places it, on the
+# values in float64 as ticknorm's report computes them: a value fails only when
 # |error| > atol and |error|/|ref| > rtol both hold, so the same bundle gets the verdict Polygraphy gives it.
 # Polygraphy allows max(atol, rtol*|ref|) where ticknorm allows their sum: the rules part only inside
 # that band, widest at |ref| = atol/rtol. A zero reference is atol in both, bar Polygraphy's epsilon (it
