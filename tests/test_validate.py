@@ -19,6 +19,7 @@ from conftest import export
 from ticknorm import ExportOptions, Inputs, LayerSelection, ModelRef, Precision, Tolerance, api
 from ticknorm.base.errors import AccuracyError, BundleError, InputSpecError
 from ticknorm.base.inputs import load_feed_sets
+from ticknorm.base.metrics import CHECK_RULES, compare_arrays
 from ticknorm.base.run_results import load_run_results
 from ticknorm.runtime.ort_runner import OrtRunner
 from ticknorm.cli import main
@@ -26,7 +27,7 @@ from ticknorm.exporter.export import export_model
 from ticknorm.runtime.registry import RunnerSetup, runtime_statuses
 from ticknorm.runtime.torch_runner import TorchRunner
 from ticknorm.validate.compare import compare_runtimes
-from ticknorm.validate.drift import check_bundle, read_history, write_bundle
+from ticknorm.validate.drift import check_bundle, load_bundle, read_history, write_bundle
 from ticknorm.exporter.precision.plan import plan_precision
 
 EXAMPLE = "examples/tiny_transformer.py:build"
@@ -152,6 +153,9 @@ def test_drift_cli_exit_codes(exported, tmp_path):
 
 
 def test_polygraphy_reads_the_bundle(exported, tmp_path):
+    from polygraphy.comparator import IterationResult, RunResults
+    from polygraphy.json import load_json
+
     path, model = exported
     bundle = write_bundle(model, _reference(), FEEDS, tmp_path / "golden")
     tool = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or shutil.which("polygraphy")
@@ -160,6 +164,42 @@ def test_polygraphy_reads_the_bundle(exported, tmp_path):
                            "--atol", "1e-4", "--rtol", "1e-3"], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "PASSED" in done.stdout
+    # Polygraphy's own types, both ways: its loaders read the files, ticknorm hands back its IterationResults
+    results, inputs = RunResults.load(str(bundle / "outputs.json")), load_json(str(bundle / "inputs.json"))
+    assert list(results.keys()) == ["torch"] and np.array_equal(inputs[0]["input_ids"], FEEDS["input_ids"])
+    _, _, references = load_bundle(bundle)
+    assert all(isinstance(iteration, IterationResult) for iteration in references)
+    assert np.array_equal(references[0]["output"], results["torch"][0]["output"])
+
+
+def test_the_polygraphy_mode_gives_polygraphy_runs_own_verdict(exported, tmp_path):
+    """A reference moved off ORT's outputs half-way from Polygraphy's bar, max(atol, rtol*|value|),
+    to ticknorm's, their sum: ticknorm's rule passes it, Polygraphy's fails it, and `drift check` of a
+    bundle in mode `polygraphy` says what `polygraphy run --load-outputs` says of the same files."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import save_json
+
+    path, model = exported
+    with OrtRunner(model) as runner:
+        outputs = runner.infer(FEEDS).outputs
+    moved = RunResults()
+    band = {name: (np.maximum(1e-4, 1e-3 * np.abs(v)), np.minimum(1e-4, 1e-3 * np.abs(v))) for name, v in outputs.items()}
+    moved.add([{name: (v + band[name][0] + band[name][1] / 2).astype(v.dtype) for name, v in outputs.items()}],
+              runner_name="onnxrt-runner-N0")
+    moved.save(str(tmp_path / "outputs.json"))
+    save_json([FEEDS], str(tmp_path / "inputs.json"))
+    files = ["--input-file", str(tmp_path / "inputs.json"), "--reference-outputs", str(tmp_path / "outputs.json")]
+    verdicts = {}
+    for mode in CHECK_RULES:
+        made = CliRunner().invoke(main, ["drift", "snapshot", str(path), *files, "--check-mode", mode, "-o", str(tmp_path / mode)])
+        assert made.exit_code == 0, made.output
+        verdicts[mode] = CliRunner().invoke(main, ["drift", "check", str(tmp_path / mode), str(path), "--no-history"]).exit_code
+    assert verdicts == {"ticknorm": 0, "polygraphy": 1}
+    tool = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or shutil.which("polygraphy")
+    done = subprocess.run([tool, "run", str(path), "--onnxrt", "--load-inputs", str(tmp_path / "inputs.json"),
+                           "--load-outputs", str(tmp_path / "outputs.json"), "--atol", "1e-4", "--rtol", "1e-3"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "FAILED" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 def test_pytest_plugin_fixture_in_a_users_suite(exported, tmp_path):
@@ -229,14 +269,57 @@ def test_check_modes_give_polygraphys_verdict_when_asked():
     """Polygraphy fails a value only when both its absolute and relative error are over; ticknorm
     when the absolute error is over atol + rtol*|ref|: 10.015 against 10 at atol 1e-2, rtol 1e-3
     passes one and fails the other."""
-    from ticknorm.base.metrics import compare_arrays
-
     reference, actual = np.array([10.0, 0.0]), np.array([10.015, 0.0])
     assert compare_arrays("y", reference, actual, 1e-2, 1e-3).passed
     strict = compare_arrays("y", reference, actual, 1e-2, 1e-3, "polygraphy")
     assert not strict.passed and "Polygraphy's rule" in strict.reason
     with pytest.raises(InputSpecError, match="unknown check mode 'numpy'"):
         Tolerance(rule="numpy")
+
+
+@pytest.mark.parametrize("reference, actual, atol, rtol, ticknorm, polygraphy", [
+    (1.0, 1.0005, 1e-4, 1e-3, True, True),  # agree: well inside, well outside
+    (1.0, 1.01, 1e-4, 1e-3, False, False),
+    (1e-6, 5e-5, 1e-4, 1e-3, True, True),  # small references: atol holds in both
+    (1e-6, 2e-4, 1e-4, 1e-3, False, False),
+    (0.0, 5e-5, 1e-4, 1e-3, True, True),  # zeros: atol holds in both
+    (0.0, 2e-4, 1e-4, 1e-3, False, False),
+    (1.0, np.nan, 1e-4, 1e-3, False, False),  # a NaN error fails both
+    (0.1, 0.10015, 1e-4, 1e-3, True, False),  # over max(atol, rtol*|ref|), within their sum: |ref| = atol/rtol
+    (10.0, 10.015, 1e-2, 1e-3, True, False),
+    (0.0, 1e-20, 0.0, 1e-3, False, True),  # a zero at atol 0: Polygraphy divides by 2.2e-16 instead
+])
+def test_ticknorms_rule_beside_polygraphys(reference, actual, atol, rtol, ticknorm, polygraphy):
+    """The two check modes on the same values, as metrics.CHECK_RULES documents them: they part
+    only where the error is over both max(atol, rtol*|ref|) and within atol + rtol*|ref|, and on a
+    zero reference at atol 0; `polygraphy` is Polygraphy's own SimpleCompareFunc."""
+    from polygraphy.comparator import IterationResult, SimpleCompareFunc
+
+    from ticknorm.base.metrics import passes
+
+    ref, out = np.array([reference]), np.array([actual])
+    assert passes(ref, out, atol, rtol) == ticknorm
+    assert passes(ref, out, atol, rtol, "polygraphy") == polygraphy
+    own = SimpleCompareFunc(atol=atol, rtol=rtol)(IterationResult({"y": out}), IterationResult({"y": ref}))
+    assert bool(own["y"]) == polygraphy
+    if np.isfinite(actual):
+        assert compare_arrays("y", ref, out, atol, rtol).passed == ticknorm
+        assert compare_arrays("y", ref, out, atol, rtol, "polygraphy").passed == polygraphy
+
+
+def test_nan_and_inf_are_placed_before_either_rule_judges():
+    """NaN and Inf in the same places pass in both modes and the finite values are judged: Polygraphy's
+    own check on the whole arrays fails a NaN (and a matching Inf) even where the reference has it."""
+    from polygraphy.comparator import IterationResult, SimpleCompareFunc
+
+    reference, actual = np.array([1.0, np.nan, -np.inf]), np.array([1.00001, np.nan, -np.inf])
+    for rule in CHECK_RULES:
+        found = compare_arrays("y", reference, actual, 1e-4, 1e-3, rule)
+        assert found.passed and found.max_abs == pytest.approx(1e-5)
+        assert not compare_arrays("y", reference, np.array([1.0, 0.0, -np.inf]), 1e-4, 1e-3, rule).passed
+    with np.errstate(invalid="ignore"):
+        own = SimpleCompareFunc(atol=1e-4, rtol=1e-3)(IterationResult({"y": actual}), IterationResult({"y": reference}))
+    assert not own["y"]
 
 
 def test_bundles_keep_their_check_mode_and_read_polygraphy_written_outputs(exported, tmp_path):

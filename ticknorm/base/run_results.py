@@ -9,22 +9,35 @@ from pathlib import Path
 
 import numpy as np
 
-from ticknorm.base.errors import InputSpecError, first_line
+from ticknorm.base.errors import InputSpecError
 from ticknorm.base.inputs import read_polygraphy_json
 
 
+def polygraphy_quiet():
+    """Polygraphy's logger held silent for the length of a `with`: it logs every file it saves and
+    every comparison it makes, which ticknorm reports in its own lines (or refuses in one)."""
+    from polygraphy.logger import G_LOGGER
+
+    return G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1)
+
+
 def load_run_results(path):
-    """The parsed RunResults, or InputSpecError naming the file and what is wrong with it."""
+    """The RunResults a file holds (decoded and type-checked as `RunResults.load` does), or
+    InputSpecError naming the file and what is wrong with it."""
+    from polygraphy.comparator import RunResults
+
     path = Path(path)
     results = read_polygraphy_json(path, "reference outputs", "Polygraphy RunResults")
-    if not hasattr(results, "keys"):
+    if not isinstance(results, RunResults):
         raise InputSpecError(f"{path} is not a Polygraphy RunResults file (polygraphy run --save-outputs writes one)")
     return results
 
 
-def runner_outputs(results, path, runner: str | None = None) -> tuple[str, list[dict]]:
-    """(runner name, one name -> array dict per iteration) of `runner`, else of `torch`, else of
-    the only runner the results hold."""
+def runner_outputs(results, path, runner: str | None = None) -> tuple[str, list]:
+    """(runner name, its IterationResults: one name -> array mapping per iteration) of `runner`,
+    else of `torch`, else of the only runner the results hold."""
+    from polygraphy.comparator import IterationResult
+
     names = list(results.keys())
     if runner is None:
         runner = "torch" if "torch" in names else names[0] if len(names) == 1 else None
@@ -33,10 +46,9 @@ def runner_outputs(results, path, runner: str | None = None) -> tuple[str, list[
                                  "name the reference with --reference-runner")
     elif runner not in names:
         raise InputSpecError(f"{path} holds no runner '{runner}'; it has {', '.join(names) or 'none'}")
-    try:
-        iterations = [dict(iteration) for iteration in results[runner]]
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise InputSpecError(f"{path}: runner '{runner}' holds no iterations of outputs ({first_line(exc)})") from exc
+    iterations = results[runner]
+    if not isinstance(iterations, list) or not all(isinstance(it, IterationResult) for it in iterations):
+        raise InputSpecError(f"{path}: runner '{runner}' holds no iterations of outputs (IterationResults)")
     if not iterations or not all(isinstance(v, np.ndarray) for it in iterations for v in it.values()):
         raise InputSpecError(f"{path}: runner '{runner}' holds no iterations of name -> array outputs")
     return runner, iterations
@@ -44,8 +56,9 @@ def runner_outputs(results, path, runner: str | None = None) -> tuple[str, list[
 
 @dataclass(frozen=True)
 class SavedReference:
-    """Reference outputs read from a file instead of computed by PyTorch: one name -> array dict
-    per iteration, the file they came from and the runner that made them."""
+    """Reference outputs read from a file instead of computed by PyTorch: the runner's
+    IterationResults (one name -> array mapping per iteration), the file they came from and the
+    runner that made them."""
 
     outputs: list
     file: str
@@ -62,7 +75,7 @@ def read_reference(path, runner: str | None = None) -> SavedReference:
     return SavedReference(outputs, Path(path).name, chosen)
 
 
-def saved_outputs(saved: SavedReference, output_names: list, iterations: int) -> list[dict]:
+def saved_outputs(saved: SavedReference, output_names: list, iterations: int) -> list:
     """The saved outputs, checked to hold every graph output for each of `iterations` feeds."""
     if len(saved.outputs) != iterations:
         raise InputSpecError(f"{saved.label} holds {len(saved.outputs)} iteration(s) of outputs for {iterations} of "
