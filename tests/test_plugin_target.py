@@ -222,7 +222,8 @@ def test_an_unnamed_norm_gets_its_position_as_name_and_a_zero_bias_after_the_wei
     assert [t.name for t in model.graph.initializer] == ["s", "s.zero_bias"]
     zero_bias = numpy_helper.to_array(model.graph.initializer[1])
     assert zero_bias.dtype == np.float16 and zero_bias.shape == (8,) and not zero_bias.any()
-    assert [v.name for v in model.graph.value_info] == ["y"]  # the graph's own annotations, nothing added
+    # the graph's own annotations, nothing inferred (onnx-ir annotates the weights it writes)
+    assert [v.name for v in model.graph.value_info if v.name != "s"] == ["y"]
 
 
 def test_a_norm_kept_native_below_opset_17_is_refused():
