@@ -2,21 +2,25 @@
 Runtime runs, one policy in every command, and the refusals."""
 
 import json
+import os
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from conftest import ort_run
 from factories import Overflowing
 from ticknorm import ExportOptions, Inputs, ModelRef, Precision, Runtimes, api
+from ticknorm.base.errors import InputSpecError, RuntimeUnavailable
 from ticknorm.base.precision import Fp32Island
 from ticknorm.base.scopes import SCOPE_KEY, get_scope
-from ticknorm.base.errors import InputSpecError, RuntimeUnavailable
 from ticknorm.cli import main
+from ticknorm.exporter.precision.lower import lay_out, write_emulated, write_low
+from ticknorm.exporter.precision.measure import float_tensors
+from ticknorm.exporter.precision.plan import plan_precision
 from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.runtime.registry import make_runner
 
@@ -170,8 +174,6 @@ def test_a_constant_of_shape_without_value_makes_its_zeros_in_the_low_type():
     beside fp16 (DeepSeek-V3's ScatterND into a zero cache failed to load)."""
     from onnx import TensorProto, helper
 
-    from ticknorm.exporter.precision.lower import lay_out, write_low
-
     nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("ConstantOfShape", ["shape"], ["zeros"]),
              helper.make_node("Add", ["zeros", "x"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
@@ -188,8 +190,6 @@ ISLAND = (Fp32Island("norm", "ln", "pinned"),)
 
 
 def _toy() -> onnx.ModelProto:
-    from onnx import helper, numpy_helper
-
     def scoped(node, scope):
         node.metadata_props.add(key=SCOPE_KEY, value=scope)
         return node
@@ -244,8 +244,6 @@ LOW_LINES = {"fp32": [
 
 @pytest.mark.parametrize("io_types", ["fp32", "low"])
 def test_the_low_graph_casts_once_per_tensor_and_type_before_its_first_reader(io_types):
-    from ticknorm.exporter.precision.lower import lay_out, write_low
-
     low = write_low(lay_out(_toy(), Precision("fp16", io_types, islands=ISLAND)))
     assert _lines(low) == LOW_LINES[io_types]
     io = HALF if io_types == "low" else FLOAT
@@ -258,21 +256,8 @@ def test_the_low_graph_casts_once_per_tensor_and_type_before_its_first_reader(io
     assert two.data_type == HALF  # a low node's constant is written in the low type
 
 
-EMULATED_TAIL = {"fp32": [
-    "y_round: Cast(y_unrounded) -> y_low to 10 @head",
-    "y_unround: Cast(y_low) -> y to 1 @head",
-], "low": [
-    "y_round: Cast(y_unrounded) -> y_low to 10 @head",
-    "y_unround: Cast(y_low) -> y to 1 @head",
-    "n_round: Cast(n_unrounded) -> n_low to 10 @",
-    "n_unround: Cast(n_low) -> n to 1 @",
-]}
-
-
 @pytest.mark.parametrize("io_types", ["fp32", "low"])
 def test_the_emulation_rounds_each_low_value_where_it_is_made_or_read(io_types):
-    from ticknorm.exporter.precision.lower import lay_out, write_emulated
-
     emulated = write_emulated(lay_out(_toy(), Precision("fp16", io_types, islands=ISLAND)))
     n = "n_unrounded" if io_types == "low" else "n"  # an fp32 output leaves a low-I/O graph rounded
     assert _lines(emulated) == [
@@ -292,7 +277,9 @@ def test_the_emulation_rounds_each_low_value_where_it_is_made_or_read(io_types):
         "m_unround: Cast(m_low) -> m to 1 @head",
         f"-: Shape({n}) -> shape @None",
         "add: Add(m, h) -> y_unrounded @head",
-    ] + EMULATED_TAIL[io_types]
+        "y_round: Cast(y_unrounded) -> y_low to 10 @head",
+        "y_unround: Cast(y_low) -> y to 1 @head",
+    ] + (["n_round: Cast(n_unrounded) -> n_low to 10 @", "n_unround: Cast(n_low) -> n to 1 @"] if io_types == "low" else [])
     assert {t.data_type for t in emulated.graph.initializer} == {FLOAT}
     weight = numpy_helper.to_array(next(t for t in emulated.graph.initializer if t.name == "w"))
     assert np.array_equal(weight, weight.astype(np.float16).astype(np.float32))  # rounded in place
@@ -301,9 +288,6 @@ def test_the_emulation_rounds_each_low_value_where_it_is_made_or_read(io_types):
 
 
 def test_the_plan_reads_every_float_tensor_and_names_unnamed_nodes_by_position():
-    from ticknorm.exporter.precision.measure import float_tensors
-    from ticknorm.exporter.precision.plan import plan_precision
-
     assert float_tensors(_toy()) == ["x", "h", "n", "two", "m", "y"]  # the Constant's output too, no weights
     huge = {"x": np.full((2, 4), 30000, np.float32)}
     islands = plan_precision(_toy(), huge, Precision("fp16", keep_fp32=("head",))).islands
@@ -321,8 +305,6 @@ def test_staged_weights_are_lowered_one_by_one_into_one_new_file(tmp_path):
     """Weights referenced in a staging folder go, low or kept fp32, into one new file there
     (the output links it), each read from its own file and referenced at its offset."""
     from onnx.external_data_helper import set_external_data
-
-    from ticknorm.exporter.precision.lower import lay_out, write_low
 
     model, offset, values = _toy(), 0, {}
     with open(tmp_path / "staged.data", "wb") as staged:
@@ -347,8 +329,6 @@ def test_staged_weights_are_lowered_one_by_one_into_one_new_file(tmp_path):
 
 
 def _umask() -> int:
-    import os
-
     mask = os.umask(0)
     os.umask(mask)
     return mask
