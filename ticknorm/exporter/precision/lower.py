@@ -116,14 +116,10 @@ def write_low(lowering: Lowering, weights_dir=None, progress=lambda done, total:
     return lowered
 
 
-def emulated_graph(model: onnx.ModelProto, precision: Precision, weights_dir=None) -> onnx.ModelProto:
+def write_emulated(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
     """The same numbers in fp32: each value the low graph holds low is rounded to the low type
     (Cast there and back) where it is made, or where a low reader takes it; weights held low are
     rounded in place; the arithmetic stays fp32."""
-    return write_emulated(lay_out(model, precision), weights_dir)
-
-
-def write_emulated(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
     model, low = lowering.editable(weights_dir), lowering.low
     graph = model.graph
     names = FreshNames(graph)
