@@ -304,17 +304,9 @@ def test_the_plan_reads_every_float_tensor_and_names_unnamed_nodes_by_position()
 def test_staged_weights_are_lowered_one_by_one_into_one_new_file(tmp_path):
     """Weights referenced in a staging folder go, low or kept fp32, into one new file there
     (the output links it), each read from its own file and referenced at its offset."""
-    from onnx.external_data_helper import set_external_data
-
-    model, offset, values = _toy(), 0, {}
-    with open(tmp_path / "staged.data", "wb") as staged:
-        for tensor in model.graph.initializer:
-            values[tensor.name] = numpy_helper.to_array(tensor)
-            staged.write(tensor.raw_data)
-            set_external_data(tensor, "staged.data", offset, len(tensor.raw_data))
-            offset += len(tensor.raw_data)
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
+    model = _toy()
+    values = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    _stage(model, tmp_path)
     done = []
     low = write_low(lay_out(model, Precision("fp16", islands=ISLAND)), tmp_path, lambda d, total: done.append((d, total)))
     assert done == [(1, 3), (2, 3), (3, 3)]
@@ -326,6 +318,33 @@ def test_staged_weights_are_lowered_one_by_one_into_one_new_file(tmp_path):
                        ("b", FLOAT, {"location": written.name, "offset": "48", "length": "16"})]
     data = written.read_bytes()
     assert data[:32] == values["w"].astype(np.float16).tobytes() and data[32:] == values["s"].tobytes() + values["b"].tobytes()
+
+
+def test_a_staged_graph_is_typed_with_its_small_weights_unread(tmp_path):
+    """Inference takes staged weights as typed inputs: ONNX cannot read their file, and an Unsqueeze
+    on staged axes it tried to read would leave its output untyped, and what follows it."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Unsqueeze", ["r", "axes"], ["u"]),
+             helper.make_node("Relu", ["u"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", FLOAT, None)],
+                              [numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert float_tensors(model) == float_tensors(_stage(model, tmp_path)) == ["x", "r", "u", "y"]
+
+
+def _stage(model: onnx.ModelProto, folder) -> onnx.ModelProto:
+    """`model` with every weight moved into `folder`/staged.data, referenced by offset."""
+    from onnx.external_data_helper import set_external_data
+
+    offset = 0
+    with open(folder / "staged.data", "wb") as staged:
+        for tensor in model.graph.initializer:
+            staged.write(tensor.raw_data)
+            set_external_data(tensor, "staged.data", offset, len(tensor.raw_data))
+            offset += len(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    return model
 
 
 def _umask() -> int:

@@ -2,7 +2,7 @@
 shaped as ONNX shape inference finds them (which tensors are float32 decides what a low precision
 changes; the plugin needs a norm's dims), nodes named as islands and reports name them, and their
 module scopes. onnx-ir's inference pass leaves big weights out (they are never shape tensors, and
-serializing them fails at 2 GiB) and staged weights unread."""
+serializing them fails at 2 GiB), and staged weights stay unread."""
 
 import itertools
 
@@ -19,7 +19,14 @@ def typed(model: onnx.ModelProto, opset: int = 0) -> ir.Model:
     view = ir.from_proto(model)
     if default_opset(view) < opset:
         view.opset_imports[""] = opset
+    # Staged weights, small ones too, go to inference as typed inputs: ONNX cannot read their files.
+    staged = {value: value.const_value for value in view.graph.initializers.values()
+              if isinstance(value.const_value, ir.ExternalTensor)}
+    for value in staged:
+        value.const_value = None
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(view)
+    for value, tensor in staged.items():
+        value.const_value = tensor
     return view
 
 
