@@ -190,3 +190,45 @@ def test_registering_without_tensorrt_says_what_is_missing():
 
     with pytest.raises(RuntimeUnavailable, match="needs TensorRT 10.9 or newer"):
         register_plugin()
+
+
+def _fp16_ln_then_relu(opset: int, name: str = "", outputs=("y",)) -> onnx.ModelProto:
+    """An unnamed fp16 LayerNormalization without bias on a dynamic batch, read by a Relu."""
+    from ticknorm.base.scopes import SCOPE_KEY
+
+    node = helper.make_node("LayerNormalization", ["x", "s"], list(outputs), name, epsilon=1e-3)
+    node.metadata_props.add(key=SCOPE_KEY, value="norm")
+    graph = helper.make_graph([node, helper.make_node("Relu", ["y"], ["z"], "relu")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["b", 8])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT16, ["b", 8])],
+                              [numpy_helper.from_array(np.ones(8, np.float16), "s")],
+                              value_info=[helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["b", 8])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [17, 16])
+def test_an_unnamed_norm_gets_its_position_as_name_and_a_zero_bias_after_the_weights(opset):
+    """Below opset 17 (ONNX Runtime's fused op) the types come from a view of the graph at 17."""
+    result = to_plugin_target(_fp16_ln_then_relu(opset))
+    assert result.converted == ["LayerNormalization#0"] and not result.kept
+    model = result.model
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", opset), (PLUGIN_NAMESPACE, 1)]
+    plugin, relu = model.graph.node
+    assert (plugin.name, plugin.domain, plugin.op_type) == ("LayerNormalization#0", PLUGIN_NAMESPACE, PLUGIN_NAME)
+    assert list(plugin.input) == ["x", "s", "s.zero_bias"] and list(plugin.output) == ["y"] and list(relu.input) == ["y"]
+    assert [(a.name, helper.get_attribute_value(a)) for a in plugin.attribute] == [
+        ("axis", -1), ("epsilon", pytest.approx(1e-3)), ("plugin_namespace", b"ticknorm"), ("plugin_version", b"1")]
+    assert [(p.key, p.value) for p in plugin.metadata_props] == [("ticknorm.scope", "norm")]
+    assert [t.name for t in model.graph.initializer] == ["s", "s.zero_bias"]
+    zero_bias = numpy_helper.to_array(model.graph.initializer[1])
+    assert zero_bias.dtype == np.float16 and zero_bias.shape == (8,) and not zero_bias.any()
+    # the graph's own annotations, nothing inferred (onnx-ir annotates the weights it writes)
+    assert [v.name for v in model.graph.value_info if v.name != "s"] == ["y"]
+
+
+def test_a_norm_kept_native_below_opset_17_is_refused():
+    from ticknorm.base.errors import FusionError
+
+    with pytest.raises(FusionError, match=r"LayerNormalization ln cannot go on the plugin \(its Mean/InvStdDev outputs "
+                                          r"are used.*opset 16 has no LayerNormalization"):
+        to_plugin_target(_fp16_ln_then_relu(16, "ln", ("y", "mean")))

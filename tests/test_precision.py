@@ -2,18 +2,25 @@
 Runtime runs, one policy in every command, and the refusals."""
 
 import json
+import os
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from onnx import helper, numpy_helper
 
 from conftest import ort_run
 from factories import Overflowing
 from ticknorm import ExportOptions, Inputs, ModelRef, Precision, Runtimes, api
 from ticknorm.base.errors import InputSpecError, RuntimeUnavailable
+from ticknorm.base.precision import Fp32Island
+from ticknorm.base.scopes import SCOPE_KEY, get_scope
 from ticknorm.cli import main
+from ticknorm.exporter.precision.lower import lay_out, write_emulated, write_low
+from ticknorm.exporter.precision.measure import float_tensors
+from ticknorm.exporter.precision.plan import plan_precision
 from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.runtime.registry import make_runner
 
@@ -167,8 +174,6 @@ def test_a_constant_of_shape_without_value_makes_its_zeros_in_the_low_type():
     beside fp16 (DeepSeek-V3's ScatterND into a zero cache failed to load)."""
     from onnx import TensorProto, helper
 
-    from ticknorm.exporter.precision.lower import lay_out, write_low
-
     nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("ConstantOfShape", ["shape"], ["zeros"]),
              helper.make_node("Add", ["zeros", "x"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
@@ -176,3 +181,173 @@ def test_a_constant_of_shape_without_value_makes_its_zeros_in_the_low_type():
     low = write_low(lay_out(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), Precision("fp16")))
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.testing.assert_allclose(ort_run(low, {"x": x})["y"], x)
+
+
+# A hand-built graph pins where the lowering puts its Casts and roundings, node by node:
+# x -> MatMul (proj) -> h -> LayerNormalization (norm, the fp32 island) -> n -> Mul by a Constant
+# (head, unnamed) -> m -> Add h -> y; outputs y, n (the island's) and Shape(n).
+ISLAND = (Fp32Island("norm", "ln", "pinned"),)
+
+
+def _toy() -> onnx.ModelProto:
+    def scoped(node, scope):
+        node.metadata_props.add(key=SCOPE_KEY, value=scope)
+        return node
+
+    nodes = [scoped(helper.make_node("MatMul", ["x", "w"], ["h"], "mm"), "proj"),
+             scoped(helper.make_node("LayerNormalization", ["h", "s", "b"], ["n"], "ln"), "norm"),
+             scoped(helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
+                    "head"),
+             scoped(helper.make_node("Mul", ["n", "two"], ["m"]), "head"),
+             helper.make_node("Shape", ["n"], ["shape"]),
+             scoped(helper.make_node("Add", ["m", "h"], ["y"], "add"), "head")]
+    weights = [numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w"),
+               numpy_helper.from_array(np.ones(4, np.float32), "s"), numpy_helper.from_array(np.zeros(4, np.float32), "b")]
+    outputs = [helper.make_tensor_value_info(name, elem_type, dims) for name, elem_type, dims in
+               (("y", FLOAT, [2, 4]), ("n", FLOAT, [2, 4]), ("shape", onnx.TensorProto.INT64, [2]))]
+    graph = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("x", FLOAT, [2, 4])], outputs, weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _lines(model: onnx.ModelProto) -> list[str]:
+    lines = []
+    for node in model.graph.node:
+        to = [a.i for a in node.attribute if a.name == "to"]
+        lines.append(f"{node.name or '-'}: {node.op_type}({', '.join(node.input)}) -> {', '.join(node.output)}"
+                     + (f" to {to[0]}" if to else "") + f" @{get_scope(node)}")
+    return lines
+
+
+LOW_LINES = {"fp32": [
+    "x_cast_float16: Cast(x) -> x_float16 to 10 @proj",
+    "mm: MatMul(x_float16, w) -> h @proj",
+    "h_cast_fp32: Cast(h) -> h_fp32 to 1 @norm",
+    "ln: LayerNormalization(h_fp32, s, b) -> n @norm",
+    "-: Constant() -> two @head",
+    "n_cast_float16: Cast(n) -> n_float16 to 10 @head",
+    "-: Mul(n_float16, two) -> m @head",
+    "-: Shape(n) -> shape @None",
+    "add: Add(m, h) -> y_low @head",
+    "y_cast: Cast(y_low) -> y to 1 @head",
+], "low": [
+    "mm: MatMul(x, w) -> h @proj",
+    "h_cast_fp32: Cast(h) -> h_fp32 to 1 @norm",
+    "ln: LayerNormalization(h_fp32, s, b) -> n_fp32 @norm",
+    "-: Constant() -> two @head",
+    "n_cast_float16: Cast(n_fp32) -> n_float16 to 10 @head",
+    "-: Mul(n_float16, two) -> m @head",
+    "-: Shape(n_fp32) -> shape @None",
+    "add: Add(m, h) -> y @head",
+    "n_cast: Cast(n_fp32) -> n to 10 @norm",
+]}
+
+
+@pytest.mark.parametrize("io_types", ["fp32", "low"])
+def test_the_low_graph_casts_once_per_tensor_and_type_before_its_first_reader(io_types):
+    low = write_low(lay_out(_toy(), Precision("fp16", io_types, islands=ISLAND)))
+    assert _lines(low) == LOW_LINES[io_types]
+    io = HALF if io_types == "low" else FLOAT
+    assert [(t.name, t.data_type) for t in low.graph.initializer] == [("w", HALF), ("s", FLOAT), ("b", FLOAT)]
+    assert [v.type.tensor_type.elem_type for v in low.graph.input] == [io]
+    assert [v.type.tensor_type.elem_type for v in low.graph.output] == [io, io, onnx.TensorProto.INT64]
+    assert not low.graph.value_info and Precision.of_graph(low).nodes == ["ln"]
+    onnx.checker.check_model(low, full_check=True)
+    two = next(n for n in low.graph.node if n.op_type == "Constant").attribute[0].t
+    assert two.data_type == HALF  # a low node's constant is written in the low type
+
+
+@pytest.mark.parametrize("io_types", ["fp32", "low"])
+def test_the_emulation_rounds_each_low_value_where_it_is_made_or_read(io_types):
+    emulated = write_emulated(lay_out(_toy(), Precision("fp16", io_types, islands=ISLAND)))
+    n = "n_unrounded" if io_types == "low" else "n"  # an fp32 output leaves a low-I/O graph rounded
+    assert _lines(emulated) == [
+        "x_rounded_round: Cast(x) -> x_rounded_low to 10 @proj",
+        "x_rounded_unround: Cast(x_rounded_low) -> x_rounded to 1 @proj",
+        "mm: MatMul(x_rounded, w) -> h_unrounded @proj",
+        "h_round: Cast(h_unrounded) -> h_low to 10 @proj",
+        "h_unround: Cast(h_low) -> h to 1 @proj",
+        f"ln: LayerNormalization(h, s, b) -> {n} @norm",
+        "-: Constant() -> two_unrounded @head",
+        "two_round: Cast(two_unrounded) -> two_low to 10 @head",
+        "two_unround: Cast(two_low) -> two to 1 @head",
+        f"n_rounded_round: Cast({n}) -> n_rounded_low to 10 @head",
+        "n_rounded_unround: Cast(n_rounded_low) -> n_rounded to 1 @head",
+        "-: Mul(n_rounded, two) -> m_unrounded @head",
+        "m_round: Cast(m_unrounded) -> m_low to 10 @head",
+        "m_unround: Cast(m_low) -> m to 1 @head",
+        f"-: Shape({n}) -> shape @None",
+        "add: Add(m, h) -> y_unrounded @head",
+        "y_round: Cast(y_unrounded) -> y_low to 10 @head",
+        "y_unround: Cast(y_low) -> y to 1 @head",
+    ] + (["n_round: Cast(n_unrounded) -> n_low to 10 @", "n_unround: Cast(n_low) -> n to 1 @"] if io_types == "low" else [])
+    assert {t.data_type for t in emulated.graph.initializer} == {FLOAT}
+    weight = numpy_helper.to_array(next(t for t in emulated.graph.initializer if t.name == "w"))
+    assert np.array_equal(weight, weight.astype(np.float16).astype(np.float32))  # rounded in place
+    x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+    assert ort_run(emulated, {"x": x})["y"].shape == (2, 4)
+
+
+def test_the_plan_reads_every_float_tensor_and_names_unnamed_nodes_by_position():
+    assert float_tensors(_toy()) == ["x", "h", "n", "two", "m", "y"]  # the Constant's output too, no weights
+    huge = {"x": np.full((2, 4), 30000, np.float32)}
+    islands = plan_precision(_toy(), huge, Precision("fp16", keep_fp32=("head",))).islands
+    assert [(i.module, i.node, i.reason) for i in islands] == [
+        ("proj", "mm", "output h reaches 1.032e+05 > fp16 max 65504"),
+        ("norm", "ln", "input h reaches 1.032e+05 > fp16 max 65504"),
+        ("head", "Constant#2", "--keep-fp32 head"), ("head", "Mul#3", "--keep-fp32 head"),
+        ("head", "add", "--keep-fp32 head")]
+    tiny = plan_precision(_toy(), {"x": np.full((2, 4), 1e-6, np.float32)}, Precision("fp16")).islands
+    assert [(i.node, i.reason) for i in tiny] == [("mm", "100.0% of h's nonzero values underflow fp16"),
+                                                  ("ln", "25.0% of n's nonzero values underflow fp16")]
+
+
+def test_staged_weights_are_lowered_one_by_one_into_one_new_file(tmp_path):
+    """Weights referenced in a staging folder go, low or kept fp32, into one new file there
+    (the output links it), each read from its own file and referenced at its offset."""
+    model = _toy()
+    values = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    _stage(model, tmp_path)
+    done = []
+    low = write_low(lay_out(model, Precision("fp16", islands=ISLAND)), tmp_path, lambda d, total: done.append((d, total)))
+    assert done == [(1, 3), (2, 3), (3, 3)]
+    (written,) = [p for p in tmp_path.iterdir() if p.name.startswith("low-")]
+    assert written.suffix == ".data" and written.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    entries = [(t.name, t.data_type, {e.key: e.value for e in t.external_data}) for t in low.graph.initializer]
+    assert entries == [("w", HALF, {"location": written.name, "offset": "0", "length": "32"}),
+                       ("s", FLOAT, {"location": written.name, "offset": "32", "length": "16"}),
+                       ("b", FLOAT, {"location": written.name, "offset": "48", "length": "16"})]
+    data = written.read_bytes()
+    assert data[:32] == values["w"].astype(np.float16).tobytes() and data[32:] == values["s"].tobytes() + values["b"].tobytes()
+
+
+def test_a_staged_graph_is_typed_with_its_small_weights_unread(tmp_path):
+    """Inference takes staged weights as typed inputs: ONNX cannot read their file, and an Unsqueeze
+    on staged axes it tried to read would leave its output untyped, and what follows it."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Unsqueeze", ["r", "axes"], ["u"]),
+             helper.make_node("Relu", ["u"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", FLOAT, None)],
+                              [numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert float_tensors(model) == float_tensors(_stage(model, tmp_path)) == ["x", "r", "u", "y"]
+
+
+def _stage(model: onnx.ModelProto, folder) -> onnx.ModelProto:
+    """`model` with every weight moved into `folder`/staged.data, referenced by offset."""
+    from onnx.external_data_helper import set_external_data
+
+    offset = 0
+    with open(folder / "staged.data", "wb") as staged:
+        for tensor in model.graph.initializer:
+            staged.write(tensor.raw_data)
+            set_external_data(tensor, "staged.data", offset, len(tensor.raw_data))
+            offset += len(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    return model
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

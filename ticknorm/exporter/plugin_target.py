@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
 from ticknorm.base.errors import FusionError
-from ticknorm.base.graph import GraphIndex, UniqueNames, rebuilt
+from ticknorm.exporter.precision.view import FreshNames, default_opset, node_name, typed
 from ticknorm.plugins import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from ticknorm.plugins.launch import MAX_HIDDEN
 
 LN_TARGETS = ("native", "plugin")
-PLUGIN_ELEM_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+PLUGIN_ELEM_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 
 
 @dataclass
@@ -41,72 +41,56 @@ class PluginTargetResult:
 
 def to_plugin_target(model: onnx.ModelProto) -> PluginTargetResult:
     """A copy of `model` where every LayerNormalization the plugin can compute is the plugin op.
-    Only top-level nodes: TensorRT parses If/Loop bodies, but nothing we export puts a norm there."""
-    index = _typed_index(model)
-    names = UniqueNames(model)
+    Only top-level nodes: TensorRT parses If/Loop bodies, but nothing we export puts a norm there.
+    Types and dims are read from a typed view of the graph; below opset 17 the fused
+    LayerNormalization nodes (ONNX Runtime's op there) stop ONNX shape inference, so the view
+    infers at opset 17 (only this rewrite reads it, nothing writes it)."""
+    rewritten = ir.from_proto(model)
+    graph, view = rewritten.graph, typed(model, opset=17).graph
+    names = FreshNames(graph)
     result = PluginTargetResult(model)
-    nodes, created = [], []
-    for position, node in enumerate(model.graph.node):
-        if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
-            nodes.append(node)
+    for position, (node, seen) in enumerate(zip(list(graph), view)):
+        if node.op_type != "LayerNormalization" or node.domain != "":
             continue
-        name = index.node_name(position)
-        reason, hidden_dims = _plugin_problem(index, node)
+        name = node_name(node, position)
+        reason, hidden_dims = _plugin_problem(seen)
         if reason:
             result.kept[name] = reason
-            nodes.append(node)
             continue
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
-        if not bias:
-            bias = names.fresh(f"{node.input[1]}.zero_bias")
-            dtype = helper.tensor_dtype_to_np_dtype(index.elem_type(node.input[0]))
-            created.append(numpy_helper.from_array(np.zeros(hidden_dims, dtype), bias))
-        nodes.append(_plugin_node(node, name, bias))
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is None:
+            bias = ir.Value(name=names.fresh(f"{node.inputs[1].name}.zero_bias"))
+            bias.const_value = ir.Tensor(np.zeros(hidden_dims, seen.inputs[0].dtype.numpy()), name=bias.name)
+            graph.register_initializer(bias)
+        plugin = _plugin_node(node, name, bias)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [plugin], node.outputs[:1], plugin.outputs)
         result.converted.append(name)
-    if result.kept and index.opset < 17:
+    opset = default_opset(rewritten)
+    if result.kept and opset < 17:
         first = next(iter(result.kept.items()))
         raise FusionError(f"LayerNormalization {first[0]} cannot go on the plugin ({first[1]}), and opset "
-                          f"{index.opset} has no LayerNormalization to keep it as; use --opset 17 or newer")
+                          f"{opset} has no LayerNormalization to keep it as; use --opset 17 or newer")
     if result.converted:
-        converted = rebuilt(model, nodes, list(model.graph.initializer) + created)
-        if not any(o.domain == PLUGIN_NAMESPACE for o in converted.opset_import):
-            converted.opset_import.append(helper.make_opsetid(PLUGIN_NAMESPACE, int(PLUGIN_VERSION)))
-        result.model = converted
+        rewritten.opset_imports.setdefault(PLUGIN_NAMESPACE, int(PLUGIN_VERSION))
+        result.model = ir.to_proto(rewritten)
     return result
 
 
-def _typed_index(model: onnx.ModelProto) -> GraphIndex:
-    """The graph indexed with its tensor types. Below opset 17 the fused LayerNormalization nodes
-    (ONNX Runtime's op there) stop ONNX shape inference; types then come from a view of the graph
-    at opset 17, which only this rewrite reads and nothing writes."""
-    index = GraphIndex(model)
-    if index.opset >= 17:
-        return index
-    view = onnx.ModelProto()
-    view.CopyFrom(model)
-    for opset in view.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = 17
-    typed = GraphIndex(view)
-    typed.opset = index.opset
-    return typed
-
-
-def _plugin_problem(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, tuple]:
-    """Why the plugin cannot compute `node` ('' when it can), and the normalized dims."""
-    if any(output for output in node.output[1:]):
+def _plugin_problem(node: ir.Node) -> tuple[str, tuple]:
+    """Why the plugin cannot compute `node` of the typed view ('' when it can), and the normalized dims."""
+    if any(output.name for output in node.outputs[1:]):
         return "its Mean/InvStdDev outputs are used, which the plugin does not produce", ()
-    elem_type = index.elem_type(node.input[0])
+    elem_type = node.inputs[0].dtype
     if elem_type not in PLUGIN_ELEM_TYPES:
-        kind = onnx.TensorProto.DataType.Name(elem_type) if elem_type else "unknown"
+        kind = elem_type.name if elem_type else "unknown"
         return f"its input dtype is {kind}; the plugin takes float, float16 or bfloat16", ()
-    dims = index.dims(node.input[1])
+    dims = _dims(node.inputs[1])
     if dims is None or not all(isinstance(d, int) for d in dims):
         return "the shape of its scale is not known statically", ()
-    x_dims = index.dims(node.input[0])
-    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
+    x_dims = _dims(node.inputs[0])
+    axis = node.attributes.get_int("axis", -1)
     normalized = tuple(x_dims[axis:]) if x_dims is not None and -len(x_dims) <= axis < len(x_dims) else None
-    params = [dims] + ([index.dims(node.input[2])] if len(node.input) > 2 and node.input[2] else [])
+    params = [dims] + ([_dims(node.inputs[2])] if len(node.inputs) > 2 and node.inputs[2] is not None else [])
     if any(tuple(p or ()) != normalized for p in params):
         # The kernel reads one scale and bias value per normalized element: no broadcasting.
         return f"its scale/bias are not of the normalized shape {normalized}; the plugin does not broadcast them", ()
@@ -116,12 +100,16 @@ def _plugin_problem(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, tuple
     return "", tuple(dims)
 
 
-def _plugin_node(node: onnx.NodeProto, name: str, bias: str) -> onnx.NodeProto:
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    plugin = helper.make_node(PLUGIN_NAME, [node.input[0], node.input[1], bias], [node.output[0]], name,
-                              domain=PLUGIN_NAMESPACE, epsilon=float(attributes.get("epsilon", 1e-5)),
-                              axis=int(attributes.get("axis", -1)), plugin_namespace=PLUGIN_NAMESPACE,
-                              plugin_version=PLUGIN_VERSION)
-    plugin.metadata_props.extend(node.metadata_props)  # the module scope goes with it
-    plugin.doc_string = node.doc_string
-    return plugin
+def _dims(value: ir.Value) -> tuple | None:
+    """A value's dims (int when static, the name or None when not), None when its rank is unknown."""
+    if value.shape is None:
+        return None
+    return tuple(dim if isinstance(dim, int) else dim.value for dim in value.shape)
+
+
+def _plugin_node(node: ir.Node, name: str, bias: ir.Value) -> ir.Node:
+    """The plugin op on the norm's input and scale, with its epsilon and axis and its module scope."""
+    attributes = {"axis": node.attributes.get_int("axis", -1), "epsilon": node.attributes.get_float("epsilon", 1e-5),
+                  "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+    return ir.node(PLUGIN_NAME, [node.inputs[0], node.inputs[1], bias], attributes, domain=PLUGIN_NAMESPACE, name=name,
+                   doc_string=node.doc_string, metadata_props=dict(node.metadata_props))

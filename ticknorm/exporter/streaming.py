@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError
-from ticknorm.base.graph import GraphIndex
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.onnx_io import save_onnx, stage_weights
 from ticknorm.base.optional import require
@@ -232,7 +231,7 @@ class _Checker:
         by piece, its weights converted one at a time, checked block by block (a bf16 piece runs
         upcast where ONNX Runtime's CPU provider has no bf16 kernel)."""
         runner = self.pieces(proto, f"measuring the fp32 graph piece by piece for the {precision.dtype} policy")
-        values, _ = runner.run(graph_feeds(proto, self.feeds), fetch=float_tensors(GraphIndex(proto)))
+        values, _ = runner.run(graph_feeds(proto, self.feeds), fetch=float_tensors(proto))
         policy = plan_precision(proto, self.feeds, precision, values=values)
         del values
         eta = Eta(self.progress.step, f"writing the {precision.dtype} graph ({len(policy.islands)} node(s) kept in fp32)", 1)

@@ -5,20 +5,21 @@ largest number on that data keeps every node of its module in fp32."""
 
 from pathlib import Path
 
-from ticknorm.base.graph import GraphIndex
+import onnx_ir as ir
+
 from ticknorm.base.precision import LARGEST, Precision
-from ticknorm.base.scopes import get_scope
+from ticknorm.exporter.precision.view import scope
 from ticknorm.ticks.log import read_ticks
 from ticknorm.ticks.ranges import module_ranges, present_ranges
 
 
-def calibrated_nodes(index: GraphIndex, precision: Precision, example: str) -> dict[int, str]:
+def calibrated_nodes(graph: ir.Graph, precision: Precision, example: str) -> dict[int, str]:
     """Node position -> why the recorded ranges keep it in fp32 (nothing without a calibration).
     `example` is a module scope of the graph, for the refusal of a file recorded on another model."""
     if precision.calibration is None:
         return {}
     source = Path(precision.calibration).name
-    scopes = [get_scope(node) or "" for node in index.nodes]
+    scopes = [scope(node) for node in graph]
     ranges = present_ranges(module_ranges(read_ticks(precision.calibration)),
                             lambda module: any(_inside(scope, module) for scope in scopes), source, example)
     largest = LARGEST[precision.dtype]

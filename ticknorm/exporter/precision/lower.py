@@ -17,16 +17,14 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
-from ticknorm.base.graph import GraphIndex, UniqueNames, rebuilt
-from ticknorm.base.onnx_io import external_entries, is_external
 from ticknorm.base.precision import PRECISION_KEY, Precision
-from ticknorm.base.scopes import get_scope, set_scope
-from ticknorm.base.upcast import round_trip_nodes
+from ticknorm.base.scopes import SCOPE_KEY
 from ticknorm.exporter.precision.plan import NEUTRAL_OPS, arithmetic
+from ticknorm.exporter.precision.view import FreshNames, node_name, scope, typed
 
-FLOAT = onnx.TensorProto.FLOAT
+FLOAT = ir.DataType.FLOAT
 # Inputs a low-precision node still takes in fp32 (the op's own type constraint says so).
 FP32_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
 
@@ -35,39 +33,49 @@ FP32_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
 class Lowering:
     """The plan laid on a graph: nodes computing low, and the type each float tensor is held in."""
 
-    index: GraphIndex
+    model: onnx.ModelProto  # each graph written from the plan edits its own onnx-ir copy of it
     precision: Precision
     low_nodes: set  # node positions
-    home: dict  # float32 tensor -> FLOAT or the low type
+    home: dict  # float32 tensor name -> FLOAT or the low type
 
-    def wanted(self, position: int, slot: int, name: str) -> int:
-        node = self.index.nodes[position]
+    @property
+    def low(self) -> ir.DataType:
+        return ir.DataType(self.precision.elem_type)
+
+    def wanted(self, node: ir.Node, position: int, slot: int) -> ir.DataType:
         if node.op_type in NEUTRAL_OPS:
-            return self.home[name]
+            return self.home[node.inputs[slot].name]
         if position in self.low_nodes and slot not in FP32_INPUTS.get(node.op_type, ()):
-            return self.precision.elem_type
+            return self.low
         return FLOAT
+
+    def editable(self, weights_dir) -> ir.Model:
+        """A fresh onnx-ir copy of the graph, its staged weights read from `weights_dir`."""
+        model = ir.from_proto(self.model)
+        if weights_dir is not None:
+            ir.external_data.set_base_dir(model.graph, weights_dir)
+        return model
 
 
 def lay_out(model: onnx.ModelProto, precision: Precision) -> Lowering:
-    index = GraphIndex(model)
+    graph = typed(model).graph
     islands = set(precision.nodes)
-    low_nodes = {p for p, node in enumerate(index.nodes)
-                 if arithmetic(index, node) and index.node_name(p) not in islands}
-    lowering = Lowering(index, precision, low_nodes, {})
-    low = precision.elem_type
-    for value in model.graph.input:
-        if index.elem_type(value.name) == FLOAT:
+    low_nodes = {p for p, node in enumerate(graph) if arithmetic(node) and node_name(node, p) not in islands}
+    lowering = Lowering(model, precision, low_nodes, {})
+    low = lowering.low
+    for value in graph.inputs:
+        if value.dtype == FLOAT:
             lowering.home[value.name] = low if precision.io_types == "low" else FLOAT
-    for position, node in enumerate(index.nodes):
-        for name in node.output:
-            if name and index.elem_type(name) == FLOAT:
-                lowering.home[name] = low if position in low_nodes else FLOAT
-    for name, tensor in index.initializers.items():
-        if tensor.data_type == FLOAT:
+    for position, node in enumerate(graph):
+        for value in node.outputs:
+            if value.name and value.dtype == FLOAT:
+                lowering.home[value.name] = low if position in low_nodes else FLOAT
+    positions = {node: position for position, node in enumerate(graph)}
+    for name, weight in graph.initializers.items():
+        if weight.const_value.dtype == FLOAT:
             lowering.home[name] = FLOAT
-            readers = [(p, s) for p in index.consumer_nodes(name) for s, i in enumerate(index.nodes[p].input) if i == name]
-            if readers and all(lowering.wanted(p, s, name) == low for p, s in readers):
+            readers = [(use.node, use.idx) for use in weight.uses() if use.node in positions]
+            if readers and all(lowering.wanted(node, positions[node], slot) == low for node, slot in readers):
                 lowering.home[name] = low
     return lowering
 
@@ -79,167 +87,161 @@ def low_precision_graph(model: onnx.ModelProto, precision: Precision, weights_di
 
 def write_low(lowering: Lowering, weights_dir=None, progress=lambda done, total: None) -> onnx.ModelProto:
     """The strongly typed graph; `progress` hears each weight written (a streamed model's take minutes)."""
-    model, precision = lowering.index.model, lowering.precision
-    index, low = lowering.index, precision.elem_type
-    names = UniqueNames(model)
-    count = len(model.graph.initializer)
+    model, precision = lowering.editable(weights_dir), lowering.precision
+    graph = model.graph
+    names = FreshNames(graph)
+    weights = list(graph.initializers.values())
     with _low_weights_file(weights_dir) as sink:
-        initializers = []
-        for done, tensor in enumerate(model.graph.initializer, start=1):
-            initializers.append(_held(tensor, lowering.home.get(tensor.name, tensor.data_type), precision.dtype,
-                                      weights_dir, sink))
-            progress(done, count)
-    nodes, casts = [], {}
-    for position, node in enumerate(index.nodes):
-        node = _copy(node)
-        for slot, name in enumerate(node.input):
-            if name in lowering.home and lowering.wanted(position, slot, name) != lowering.home[name]:
-                node.input[slot] = _cast(nodes, casts, names, name, lowering.wanted(position, slot, name), get_scope(node))
+        for done, weight in enumerate(weights, start=1):
+            tensor = weight.const_value
+            weight.const_value = _held(tensor, lowering.home.get(weight.name, tensor.dtype), precision.dtype, sink)
+            progress(done, len(weights))
+    casts = {}
+    for position, node in enumerate(list(graph)):
+        for slot, value in enumerate(node.inputs):
+            if value is not None and value.name in lowering.home:
+                to = lowering.wanted(node, position, slot)
+                if to != lowering.home[value.name]:
+                    node.replace_input_with(slot, _cast(casts, names, value, to, node))
         if position in lowering.low_nodes:
-            _lower_attributes(node, low, precision.dtype)
-        nodes.append(node)
-    outputs = _typed_outputs(model, lowering, nodes, names)
-    lowered = rebuilt(model, nodes, initializers)
-    del lowered.graph.value_info[:]
-    for value in lowered.graph.input:
+            _lower_attributes(node, lowering.low, precision.dtype)
+    _type_outputs(graph, lowering, names)
+    for value in graph.inputs:
         if value.name in lowering.home:
-            value.type.tensor_type.elem_type = lowering.home[value.name]
-    del lowered.graph.output[:]
-    lowered.graph.output.extend(outputs)
-    _mark(lowered, precision)
+            value.dtype = lowering.home[value.name]
+    model.metadata_props.pop(PRECISION_KEY, None)
+    model.metadata_props[PRECISION_KEY] = precision.to_json()
+    lowered = ir.to_proto(model)
+    del lowered.graph.value_info[:]  # the fp32 graph's annotations: many of those tensors are now low
     return lowered
 
 
-def emulated_graph(model: onnx.ModelProto, precision: Precision, weights_dir=None) -> onnx.ModelProto:
+def write_emulated(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
     """The same numbers in fp32: each value the low graph holds low is rounded to the low type
     (Cast there and back) where it is made, or where a low reader takes it; weights held low are
     rounded in place; the arithmetic stays fp32."""
-    return write_emulated(lay_out(model, precision), weights_dir)
-
-
-def write_emulated(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
-    model, precision = lowering.index.model, lowering.precision
-    index, low = lowering.index, precision.elem_type
-    names = UniqueNames(model)
-    initializers = [_rounded(t, precision.dtype, weights_dir) if lowering.home.get(t.name) == low else t
-                    for t in model.graph.initializer]
-    low_outputs = {name for p in lowering.low_nodes for name in index.nodes[p].output if lowering.home.get(name) == low}
-    rounded_at_source = low_outputs | {t.name for t in model.graph.initializer if lowering.home.get(t.name) == low}
-    nodes, rounded = [], {}
-    for position, node in enumerate(index.nodes):
-        node = _copy(node)
-        for slot, name in enumerate(node.input):
-            if (name in lowering.home and name not in rounded_at_source
-                    and lowering.wanted(position, slot, name) == low):
-                if name not in rounded:
-                    rounded[name] = _round_trip(nodes, names, name, low, get_scope(node))
-                node.input[slot] = rounded[name]
-        nodes.append(node)
-        for slot, name in enumerate(node.output):
-            if name in low_outputs:
-                node.output[slot] = names.fresh(f"{name}_unrounded")
-                nodes.extend(round_trip_nodes(names, node.output[slot], name, low, get_scope(node)))
-    if precision.io_types == "low":  # fp32 outputs leave the low graph through a Cast to the low type
-        for value in model.graph.output:
+    model, low = lowering.editable(weights_dir), lowering.low
+    graph = model.graph
+    names = FreshNames(graph)
+    nodes = list(graph)
+    low_outputs = {value.name for p in lowering.low_nodes for value in nodes[p].outputs if lowering.home.get(value.name) == low}
+    rounded_at_source = low_outputs | _round_low_weights(graph, lowering)
+    rounded = {}
+    for position, node in enumerate(nodes):
+        for slot, value in enumerate(node.inputs):
+            if (value is not None and value.name in lowering.home and value.name not in rounded_at_source
+                    and lowering.wanted(node, position, slot) == low):
+                if value.name not in rounded:
+                    rounded[value.name] = ir.Value(name=names.fresh(f"{value.name}_rounded"))
+                    graph.insert_before(node, _round_trip(names, value, rounded[value.name], low, scope(node)))
+                node.replace_input_with(slot, rounded[value.name])
+        last = node
+        for value in node.outputs:
+            if value.name in low_outputs:  # its readers and the graph outputs take it rounded, under its name
+                made = _renamed_unrounded(names, value)
+                ir.convenience.replace_all_uses_with(value, made, replace_graph_outputs=True)
+                graph.insert_after(last, _round_trip(names, value, made, low, scope(node)))
+                last = made.producer()
+    if lowering.precision.io_types == "low":  # fp32 outputs leave the low graph through a Cast to the low type
+        for index, value in enumerate(list(graph.outputs)):
             if lowering.home.get(value.name) == FLOAT:
-                raw = names.fresh(f"{value.name}_unrounded")
-                _rename(nodes, value.name, raw)
-                nodes.extend(round_trip_nodes(names, raw, value.name, low, ""))
-    return rebuilt(model, nodes, initializers)
+                graph.outputs[index] = _renamed_unrounded(names, value)
+                graph.extend(_round_trip(names, value, graph.outputs[index], low, ""))
+    return ir.to_proto(model)
 
 
-def _rename(nodes: list, old: str, new: str) -> None:
-    """Every node's reference to tensor `old` becomes `new`."""
-    for node in nodes:
-        node.output[:] = [new if o == old else o for o in node.output]
-        node.input[:] = [new if i == old else i for i in node.input]
+def _round_low_weights(graph: ir.Graph, lowering: Lowering) -> set:
+    """The weights the low graph holds low, rounded in place (their names)."""
+    held_low = {name for name in graph.initializers if lowering.home.get(name) == lowering.low}
+    for name in held_low:
+        weight = graph.initializers[name]
+        weight.const_value = ir.Tensor(_lowered(weight.const_value, lowering.precision.dtype).astype(np.float32),
+                                       name=name)
+    return held_low
 
 
-def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
-    copied = onnx.NodeProto()
-    copied.CopyFrom(node)
-    return copied
+def _cast(casts: dict, names: FreshNames, value: ir.Value, to: ir.DataType, reader: ir.Node) -> ir.Value:
+    """`value` cast to `to`, the Cast placed once, before its first reader."""
+    if (value.name, to) not in casts:
+        suffix = "fp32" if to == FLOAT else to.numpy().name
+        cast = ir.node("Cast", [value], {"to": to}, outputs=[ir.Value(name=names.fresh(f"{value.name}_{suffix}"))],
+                       name=names.fresh(f"{value.name}_cast_{suffix}"), metadata_props={SCOPE_KEY: scope(reader)})
+        reader.graph.insert_before(reader, cast)
+        casts[(value.name, to)] = cast.outputs[0]
+    return casts[(value.name, to)]
 
 
-def _cast(nodes: list, casts: dict, names: UniqueNames, name: str, to: int, scope: str | None) -> str:
-    """The name of `name` cast to `to`, the Cast placed once, before its first reader."""
-    if (name, to) not in casts:
-        suffix = "fp32" if to == FLOAT else onnx.helper.tensor_dtype_to_np_dtype(to).name
-        cast = helper.make_node("Cast", [name], [names.fresh(f"{name}_{suffix}")], to=to,
-                                name=names.fresh(f"{name}_cast_{suffix}"))
-        set_scope(cast, scope or "")
-        nodes.append(cast)
-        casts[(name, to)] = cast.output[0]
-    return casts[(name, to)]
+def _round_trip(names: FreshNames, source: ir.Value, target: ir.Value, low: ir.DataType, module: str) -> list:
+    """The Casts making `target` from `source` rounded to the `low` type and back to fp32 (on
+    `module`): how an emulation holds a value the low graph holds low."""
+    held = ir.Value(name=names.fresh(f"{target.name}_low"))
+    down = ir.node("Cast", [source], {"to": low}, outputs=[held], name=names.fresh(f"{target.name}_round"),
+                   metadata_props={SCOPE_KEY: module})
+    up = ir.node("Cast", [held], {"to": FLOAT}, outputs=[target], name=names.fresh(f"{target.name}_unround"),
+                 metadata_props={SCOPE_KEY: module})
+    return [down, up]
 
 
-def _round_trip(nodes: list, names: UniqueNames, name: str, low: int, scope: str | None) -> str:
-    target = names.fresh(f"{name}_rounded")
-    nodes.extend(round_trip_nodes(names, name, target, low, scope))
-    return target
+def _renamed_unrounded(names: FreshNames, value: ir.Value) -> ir.Value:
+    """A value to take `value`'s name (and type), `value` renamed as unrounded."""
+    rounded = ir.Value(name=value.name, type=value.type, shape=value.shape)
+    value.name = names.fresh(f"{rounded.name}_unrounded")
+    return rounded
 
 
-def _lower_attributes(node: onnx.NodeProto, low: int, dtype: str) -> None:
-    if node.op_type == "ConstantOfShape" and not any(a.name == "value" for a in node.attribute):
+def _lower_attributes(node: ir.Node, low: ir.DataType, dtype: str) -> None:
+    if node.op_type == "ConstantOfShape" and "value" not in node.attributes:
         # without `value` it makes fp32 zeros: a low one gets its zero in the low type (DeepSeek-V3's cache)
-        node.attribute.append(helper.make_attribute("value", _low_tensor(np.zeros(1, np.float32), "value", dtype)))
+        node.attributes["value"] = ir.AttrTensor("value", _low_tensor(np.zeros(1, np.float32), "value", dtype))
         return
-    for attribute in node.attribute:
-        if node.op_type == "Cast" and attribute.name == "to" and attribute.i == FLOAT:
-            attribute.i = low
-        elif attribute.name == "value" and attribute.t.data_type == FLOAT:
-            attribute.t.CopyFrom(_low_tensor(numpy_helper.to_array(attribute.t), attribute.t.name, dtype))
+    for name, attribute in list(node.attributes.items()):
+        if node.op_type == "Cast" and name == "to" and attribute.value == FLOAT:
+            node.attributes[name] = ir.AttrInt64(name, low)
+        elif name == "value" and attribute.type == ir.AttributeType.TENSOR and attribute.value.dtype == FLOAT:
+            tensor = attribute.value
+            node.attributes[name] = ir.AttrTensor(name, _low_tensor(tensor.numpy(), tensor.name, dtype))
 
 
-def _typed_outputs(model: onnx.ModelProto, lowering: Lowering, nodes: list, names: UniqueNames) -> list:
+def _type_outputs(graph: ir.Graph, lowering: Lowering, names: FreshNames) -> None:
     """Graph outputs under their own names in the I/O type, cast where their home differs."""
-    io_type = lowering.precision.elem_type if lowering.precision.io_types == "low" else FLOAT
-    outputs = []
-    for value in model.graph.output:
-        output = onnx.ValueInfoProto()
-        output.CopyFrom(value)
+    io_type = lowering.low if lowering.precision.io_types == "low" else FLOAT
+    for index, value in enumerate(list(graph.outputs)):
         home = lowering.home.get(value.name)
-        if home is not None and home != io_type:
-            inner = names.fresh(f"{value.name}_{'low' if home != FLOAT else 'fp32'}")
-            _rename(nodes, value.name, inner)
-            cast = helper.make_node("Cast", [inner], [value.name], to=io_type, name=names.fresh(f"{value.name}_cast"))
-            set_scope(cast, next((get_scope(n) or "" for n in nodes if inner in n.output), ""))
-            nodes.append(cast)
-        if home is not None:
-            output.type.tensor_type.elem_type = io_type
-        outputs.append(output)
-    return outputs
+        if home is None:
+            continue
+        if home != io_type:
+            output = ir.Value(name=value.name, shape=value.shape, type=ir.TensorType(io_type))
+            value.name = names.fresh(f"{output.name}_{'low' if home != FLOAT else 'fp32'}")
+            producer = value.producer()
+            graph.append(ir.node("Cast", [value], {"to": io_type}, outputs=[output],
+                                 name=names.fresh(f"{output.name}_cast"),
+                                 metadata_props={SCOPE_KEY: scope(producer) if producer is not None else ""}))
+            graph.outputs[index] = output
+        else:
+            value.dtype = io_type
 
 
-def _held(tensor: onnx.TensorProto, home: int, dtype: str, weights_dir, sink) -> onnx.TensorProto:
-    """A weight in its home type. One staged in `weights_dir` (a reference into a file there) is
-    written to `sink`, a file beside it, and referenced there, low or kept in fp32, one tensor at
-    a time, never all held (a streamed 8B model's bf16 weights are 16 GB): the low graph's weights
-    are then that one file, which the output links instead of copying."""
-    lowered = tensor.data_type == FLOAT and home != FLOAT
-    if sink is not None and is_external(tensor):
-        return _moved(tensor, weights_dir, sink, dtype if lowered else None)
-    return _low_tensor(_array(tensor, weights_dir), tensor.name, dtype) if lowered else tensor
+def _held(tensor: ir.TensorProtocol, home: ir.DataType, dtype: str, sink) -> ir.TensorProtocol:
+    """A weight in its home type. One staged (a reference into a file) is written to `sink`, a file
+    beside it, and referenced there, low or kept in fp32, one tensor at a time, never all held (a
+    streamed 8B model's bf16 weights are 16 GB): the low graph's weights are then that one file,
+    which the output links instead of copying."""
+    lowered = tensor.dtype == FLOAT and home != FLOAT
+    if sink is not None and isinstance(tensor, ir.ExternalTensor):
+        return _moved(tensor, sink, dtype if lowered else None)
+    return ir.Tensor(_lowered(tensor, dtype), name=tensor.name) if lowered else tensor
 
 
-def _moved(tensor: onnx.TensorProto, weights_dir, sink, dtype: str | None) -> onnx.TensorProto:
-    """A staged weight read from its file, in the low type when `dtype` is given, appended to
-    `sink` and referenced there: the read array and its low copy are all it holds at once."""
-    entries = external_entries(tensor)
-    source = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    array = np.fromfile(Path(weights_dir) / entries["location"], dtype=source, offset=int(entries.get("offset", 0)),
-                        count=int(entries["length"]) // source.itemsize)
-    held = low_array(array, dtype) if dtype else array
-    del array
-    moved = onnx.TensorProto(name=tensor.name, dims=tensor.dims,
-                             data_type=onnx.TensorProto.BFLOAT16 if dtype == "bf16" else
-                             onnx.helper.np_dtype_to_tensor_dtype(held.dtype))
+def _moved(tensor: ir.ExternalTensor, sink, dtype: str | None) -> ir.ExternalTensor:
+    """A staged weight, in the low type when `dtype` is given, appended to `sink` and referenced
+    there: its file is mapped while it is read, and its bytes are all it holds."""
+    held = ir.Tensor(_lowered(tensor, dtype)) if dtype else tensor
     offset = sink.tell()
-    sink.write(memoryview(np.ascontiguousarray(held).view(np.uint8)))
-    moved.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", Path(sink.name).name), ("offset", str(offset)), ("length", str(sink.tell() - offset))):
-        moved.external_data.add(key=key, value=value)
-    return moved
+    sink.write(held.tobytes())
+    tensor.release()
+    sink_path = Path(sink.name)
+    return ir.ExternalTensor(sink_path.name, offset, sink.tell() - offset, held.dtype, shape=tensor.shape,
+                             name=tensor.name, base_dir=sink_path.parent)
 
 
 @contextlib.contextmanager
@@ -255,19 +257,13 @@ def _low_weights_file(weights_dir):
         yield sink
 
 
-def _rounded(tensor: onnx.TensorProto, dtype: str, weights_dir) -> onnx.TensorProto:
-    return numpy_helper.from_array(low_array(_array(tensor, weights_dir), dtype).astype(np.float32), tensor.name)
-
-
-def _array(tensor: onnx.TensorProto, weights_dir) -> np.ndarray:
-    """A weight's values; one referenced from a file is read through a copy of its proto, which
-    onnx fills with the bytes (the graph's own keeps only the reference: a streamed 8B model's
-    weights would otherwise all end up held)."""
-    if is_external(tensor):
-        reference = onnx.TensorProto()
-        reference.CopyFrom(tensor)
-        tensor = reference
-    return numpy_helper.to_array(tensor, base_dir=str(weights_dir) if weights_dir is not None else "")
+def _lowered(tensor: ir.TensorProtocol, dtype: str) -> np.ndarray:
+    """A weight's values in the low type; one in a file is mapped for the read and unmapped after
+    (a streamed 8B model's weights would otherwise all end up mapped at once)."""
+    held = low_array(tensor.numpy(), dtype)
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
+    return held
 
 
 def low_array(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -275,15 +271,5 @@ def low_array(array: np.ndarray, dtype: str) -> np.ndarray:
     return array.astype(np.float16 if dtype == "fp16" else ml_dtypes.bfloat16)
 
 
-def _low_tensor(array: np.ndarray, name: str, dtype: str) -> onnx.TensorProto:
-    held = low_array(array, dtype)
-    if dtype == "fp16":
-        return numpy_helper.from_array(held, name)
-    return helper.make_tensor(name, onnx.TensorProto.BFLOAT16, held.shape, held.view(np.uint16).tobytes(), raw=True)
-
-
-def _mark(model: onnx.ModelProto, precision: Precision) -> None:
-    kept = [p for p in model.metadata_props if p.key != PRECISION_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    model.metadata_props.add(key=PRECISION_KEY, value=precision.to_json())
+def _low_tensor(array: np.ndarray, name: str, dtype: str) -> ir.Tensor:
+    return ir.Tensor(low_array(array, dtype), name=name)

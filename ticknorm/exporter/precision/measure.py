@@ -7,12 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
 
 from ticknorm.base.errors import InputSpecError
-from ticknorm.base.graph import GraphIndex, attr
-from ticknorm.base.onnx_io import is_external
 from ticknorm.base.precision import SMALLEST_NORMAL
+from ticknorm.exporter.precision.view import typed
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
@@ -33,43 +32,47 @@ class Measurement:
     statistics: dict  # node index -> (what, largest value): a norm's variance, a reduction's sum
 
 
-def measure(index: GraphIndex, feeds: dict, dtype: str, weights_dir=None) -> Measurement:
-    """Run the graph in fp32 (ONNX Runtime, optimizations off, every float tensor an output)."""
-    with OrtRunner(index.model, optimization="disabled", mapped=MappedWeights.staged(weights_dir),
-                   extra_outputs=float_tensors(index)) as runner:
-        return measurement(index, runner.infer(feeds).outputs, dtype)
+def measure(model: onnx.ModelProto, view: ir.Model, feeds: dict, dtype: str, weights_dir=None) -> Measurement:
+    """Run `model` in fp32 (ONNX Runtime, optimizations off, every float tensor of its typed
+    `view` an output)."""
+    with OrtRunner(model, optimization="disabled", mapped=MappedWeights.staged(weights_dir),
+                   extra_outputs=fetched(view)) as runner:
+        return measurement(view, runner.infer(feeds).outputs, dtype)
 
 
-def measurement(index: GraphIndex, values: dict, dtype: str) -> Measurement:
+def measurement(view: ir.Model, values: dict, dtype: str) -> Measurement:
     """The ranges and statistics of an fp32 run's float tensors (`values`: name -> array, from one
     session or from a graph run piece by piece)."""
-    floats = float_tensors(index)
+    floats = fetched(view)
     bad = [name for name in floats if name in values and not np.all(np.isfinite(values[name]))]
     if bad:
         raise InputSpecError(f"the fp32 run already holds NaN or Inf (first in '{bad[0]}') on these inputs: there "
                              "is no reference to choose a precision from")
     smallest = SMALLEST_NORMAL.get(dtype, 0.0)
     tensors = {name: _range(values[name], smallest) for name in floats if name in values}
-    for name, tensor in index.initializers.items():
-        if tensor.data_type == onnx.TensorProto.FLOAT and not is_external(tensor):
-            tensors[name] = _range(numpy_helper.to_array(tensor), smallest)
+    for name, weight in view.graph.initializers.items():
+        tensor = weight.const_value
+        if tensor.dtype == ir.DataType.FLOAT and not isinstance(tensor, ir.ExternalTensor):
+            tensors[name] = _range(tensor.numpy(), smallest)
     statistics = {}
-    for position, node in enumerate(index.nodes):
+    for position, node in enumerate(view.graph):
         found = _statistic(node, values)
         if found is not None:
             statistics[position] = found
     return Measurement(tensors, statistics)
 
 
-def float_tensors(index: GraphIndex) -> list[str]:
+def float_tensors(model: onnx.ModelProto) -> list[str]:
     """The graph's float32 inputs and node outputs (what a measured run fetches)."""
-    return [name for name in _float_tensors(index) if name not in index.initializers]
+    return fetched(typed(model))
 
 
-def _float_tensors(index: GraphIndex) -> list[str]:
-    names = [value.name for value in index.model.graph.input]
-    names += [out for node in index.nodes for out in node.output if out]
-    return [name for name in dict.fromkeys(names) if index.elem_type(name) == onnx.TensorProto.FLOAT]
+def fetched(view: ir.Model) -> list[str]:
+    """`float_tensors` of a typed view."""
+    graph = view.graph
+    values = [*graph.inputs, *(out for node in graph for out in node.outputs if out.name)]
+    return [name for name, value in {v.name: v for v in values}.items()
+            if value.dtype == ir.DataType.FLOAT and name not in graph.initializers]
 
 
 def _range(array: np.ndarray, smallest: float) -> TensorRange:
@@ -79,17 +82,17 @@ def _range(array: np.ndarray, smallest: float) -> TensorRange:
     return TensorRange(float(magnitude.max()) if magnitude.size else 0.0, underflow)
 
 
-def _statistic(node: onnx.NodeProto, values: dict) -> tuple[str, float] | None:
-    x = values.get(node.input[0]) if node.input else None
+def _statistic(node: ir.Node, values: dict) -> tuple[str, float] | None:
+    x = values.get(node.inputs[0].name) if node.inputs and node.inputs[0] is not None else None
     if x is None or x.ndim == 0:
         return None
     x = x.astype(np.float64)
     if node.op_type in NORM_OPS:
-        axes = tuple(range(attr(node, "axis", -1) % x.ndim, x.ndim))
+        axes = tuple(range(node.attributes.get_int("axis", -1) % x.ndim, x.ndim))
         square_mean = float((x * x).mean(axis=axes).max())
         variance = float(x.var(axis=axes).max())
         return ("variance", variance) if variance >= square_mean else ("mean of squares", square_mean)
-    output = values.get(node.output[0])
+    output = values.get(node.outputs[0].name)
     if node.op_type in SUMMING_REDUCTIONS and output is not None and output.size:
         count = x.size // output.size
         total = np.abs(output.astype(np.float64)).max() * count if node.op_type == "ReduceMean" else output.max() ** 2

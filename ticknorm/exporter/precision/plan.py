@@ -13,13 +13,13 @@ import fnmatch
 from dataclasses import replace
 
 import onnx
+import onnx_ir as ir
 
 from ticknorm.base.errors import InputSpecError
-from ticknorm.base.graph import GraphIndex
 from ticknorm.base.precision import LARGEST, Fp32Island, Precision
-from ticknorm.base.scopes import get_scope
 from ticknorm.exporter.precision.calibration import calibrated_nodes
 from ticknorm.exporter.precision.measure import Measurement, measure, measurement
+from ticknorm.exporter.precision.view import node_name, scope, typed
 
 # Ops whose float tensors are nobody's arithmetic: they take a tensor in whatever type it comes.
 NEUTRAL_OPS = ("Shape", "Size")
@@ -33,59 +33,59 @@ def plan_precision(model: onnx.ModelProto, feeds: dict, precision: Precision, we
     an fp32 run the caller made: a graph too large for one session, run piece by piece)."""
     if not precision.low:
         return precision
-    index = GraphIndex(model)
-    unmatched = [glob for glob in precision.keep_fp32
-                 if not any(fnmatch.fnmatchcase(get_scope(node) or "", glob) for node in index.nodes)]
+    view = typed(model)
+    graph = view.graph
+    unmatched = [glob for glob in precision.keep_fp32 if not any(fnmatch.fnmatchcase(scope(node), glob) for node in graph)]
     if unmatched:
         raise InputSpecError(f"--keep-fp32 '{unmatched[0]}' matches no module of the graph (modules look like "
-                             f"'{_example_scope(index)}')")
-    recorded = calibrated_nodes(index, precision, _example_scope(index))
-    measured = (measure(index, feeds, precision.dtype, weights_dir) if values is None
-                else measurement(index, values, precision.dtype))
+                             f"'{_example_scope(graph)}')")
+    recorded = calibrated_nodes(graph, precision, _example_scope(graph))
+    measured = (measure(model, view, feeds, precision.dtype, weights_dir) if values is None
+                else measurement(view, values, precision.dtype))
     islands = []
-    for position, node in enumerate(index.nodes):
-        if not arithmetic(index, node):
+    for position, node in enumerate(graph):
+        if not arithmetic(node):
             continue
-        reason = _reason(index, position, measured, precision) or recorded.get(position, "")
+        reason = _reason(graph, node, position, measured, precision) or recorded.get(position, "")
         if reason:
-            islands.append(Fp32Island(get_scope(node) or "", index.node_name(position), reason))
+            islands.append(Fp32Island(scope(node), node_name(node, position), reason))
     return replace(precision, islands=tuple(islands))
 
 
-def arithmetic(index: GraphIndex, node: onnx.NodeProto) -> bool:
+def arithmetic(node: ir.Node) -> bool:
     """Whether a node computes on float32 tensors (what a low precision changes)."""
     if node.op_type in NEUTRAL_OPS:
         return False
-    return any(index.elem_type(name) == onnx.TensorProto.FLOAT for name in (*node.input, *node.output) if name)
+    return any(value is not None and value.name and value.dtype == ir.DataType.FLOAT
+               for value in (*node.inputs, *node.outputs))
 
 
-def _reason(index: GraphIndex, position: int, measured: Measurement, precision: Precision) -> str:
-    node, dtype, largest = index.nodes[position], precision.dtype, LARGEST[precision.dtype]
-    scope = get_scope(node) or ""
-    matched = next((glob for glob in precision.keep_fp32 if fnmatch.fnmatchcase(scope, glob)), None)
+def _reason(graph: ir.Graph, node: ir.Node, position: int, measured: Measurement, precision: Precision) -> str:
+    dtype, largest = precision.dtype, LARGEST[precision.dtype]
+    matched = next((glob for glob in precision.keep_fp32 if fnmatch.fnmatchcase(scope(node), glob)), None)
     if matched:
         return f"--keep-fp32 {matched}"
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
         return "holds a subgraph (kept as exported)"
-    typed = {"to", "dtype", "value"} & {a.name for a in node.attribute}
-    if typed and TYPED_BY_ATTRIBUTE.get(node.op_type) not in typed:
+    typed_by = {"to", "dtype", "value"} & set(node.attributes)
+    if typed_by and TYPED_BY_ATTRIBUTE.get(node.op_type) not in typed_by:
         return f"{node.op_type} sets its type by an attribute ticknorm does not lower"
-    for role, names in (("input", node.input), ("output", node.output)):
-        for name in names:
+    for role, values in (("input", node.inputs), ("output", node.outputs)):
+        for name in (value.name for value in values if value is not None):
             found = measured.tensors.get(name)
             if found is not None and found.absmax > largest:
-                what = "weight" if name in index.initializers else role
+                what = "weight" if name in graph.initializers else role
                 return f"{what} {name} reaches {found.absmax:.4g} > {dtype} max {largest:g}"
     what, value = measured.statistics.get(position, ("", 0.0))
     if value > largest:
         return f"{what} reaches {value:.4g} > {dtype} max {largest:g}"
-    for name in node.output:
+    for name in (value.name for value in node.outputs):
         found = measured.tensors.get(name)
         if found is not None and found.underflow > precision.underflow_limit:
             return f"{found.underflow:.1%} of {name}'s nonzero values underflow {dtype}"
     return ""
 
 
-def _example_scope(index: GraphIndex) -> str:
-    scopes = sorted({get_scope(node) or "" for node in index.nodes} - {""}, key=lambda s: (-s.count("."), s))
+def _example_scope(graph: ir.Graph) -> str:
+    scopes = sorted({scope(node) for node in graph} - {""}, key=lambda s: (-s.count("."), s))
     return scopes[0] if scopes else "(only the root module)"
