@@ -2,7 +2,7 @@
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 
 def _silent(_message: str) -> None:
