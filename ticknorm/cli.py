@@ -109,9 +109,11 @@ def grouped(name: str, build, *options):
 input_options = grouped(
     "inputs", lambda inputs, input_file, seed: Inputs(tuple(inputs), input_file, seed),
     click.option("--input", "inputs", multiple=True, metavar="NAME:DIMS[:DTYPE[:LOW..HIGH]]",
-                 help="e.g. input_ids:batch=2xseq=16:int64:0..30522 (repeat per input; NAME=SIZE makes an axis dynamic)."),
+                 help="e.g. input_ids:batch=2xseq=16:int64:0..30522 (repeat per input; NAME=SIZE makes an axis "
+                      "dynamic)."),
     click.option("--input-file", type=click.Path(), default=None,
-                 help=".npz with one array per input name, Polygraphy's inputs JSON (every iteration), or a bundle folder."),
+                 help=".npz with one array per input name, Polygraphy's inputs JSON (every iteration), or a bundle "
+                      "folder."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for random inputs."))
 
 def _model_options(required: bool):
@@ -127,7 +129,8 @@ def _model_options(required: bool):
         click.option("--adapter", type=click.Path(file_okay=False), default=None,
                      help="A PEFT/LoRA adapter folder (save_pretrained), merged into the model first."),
         click.option("--trust-pickle", is_flag=True,
-                     help="Allow checkpoints that unpickle objects (whole models, TorchScript); this runs code from the file."))
+                     help="Allow checkpoints that unpickle objects (whole models, TorchScript); this runs code from "
+                          "the file."))
 
 
 model_options = _model_options(required=True)
@@ -258,7 +261,8 @@ _TRTEXEC = (click.option("--trtexec-profile", type=click.Path(dir_okay=False), d
                          help="trtexec --exportProfile JSON made on the target GPU (see `ticknorm trtexec-command`): "
                               "its layers join the table as 'trt (trtexec)'."),
             click.option("--trtexec-layers", type=click.Path(dir_okay=False), default=None,
-                         help="trtexec --exportLayerInfo JSON (--profilingVerbosity=detailed): maps layers to ONNX nodes."),
+                         help="trtexec --exportLayerInfo JSON (--profilingVerbosity=detailed): maps layers to ONNX "
+                              "nodes."),
             click.option("--trtexec-log", type=click.Path(dir_okay=False), default=None,
                          help="trtexec's console output (the `| tee` of trtexec-command): TensorRT version, GPU, "
                               "precision and the GPU compute time of its plain runs."))
@@ -310,7 +314,8 @@ def export_command(model, inputs, output, options, report):
 @main.command("fuse")
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=OUTPUT_FILE)
-@click.option("--opset", type=int, default=None, help="Opset of the result (17+ for LayerNormalization, 23+ for RMSNormalization).")
+@click.option("--opset", type=int, default=None,
+              help="Opset of the result (17+ for LayerNormalization, 23+ for RMSNormalization).")
 @click.option("--report", type=OUTPUT_FILE, default=None, help="Write the fusion report as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime check of the fused graph (not recommended).")
 @input_options

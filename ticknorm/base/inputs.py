@@ -78,7 +78,8 @@ def parse_input_spec(text: str) -> InputSpec:
     dims = _parse_dims(text, dims_text)
     dtype_name = parts[2] if len(parts) > 2 and parts[2] else "float32"
     if dtype_name.lower() not in DTYPES:
-        raise InputSpecError(f"bad input spec '{text}': unknown dtype '{dtype_name}' (known: {', '.join(sorted(DTYPES))})")
+        raise InputSpecError(f"bad input spec '{text}': unknown dtype '{dtype_name}' "
+                             f"(known: {', '.join(sorted(DTYPES))})")
     low = high = None
     if len(parts) == 4:
         low, high = _parse_range(text, parts[3], np.dtype(DTYPES[dtype_name.lower()]))
@@ -152,7 +153,8 @@ def load_npz(path) -> dict[str, np.ndarray]:
         with data:
             return {name: data[name] for name in data.files}
     except Exception as exc:  # noqa: BLE001 - numpy reports damaged archives in many ways
-        raise InputSpecError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0] or type(exc).__name__})") from exc
+        reason = str(exc).splitlines()[0] or type(exc).__name__
+        raise InputSpecError(f"{path} is not a readable .npz file ({reason})") from exc
 
 
 def read_polygraphy_json(path: Path, role: str, kind: str):
@@ -188,7 +190,8 @@ def load_feed_sets(path) -> list[dict[str, np.ndarray]]:
     loaded = read_polygraphy_json(path, "input", "Polygraphy inputs")
     feed_sets = [dict(feeds) for feeds in loaded] if isinstance(loaded, list) else []
     if not feed_sets or not all(isinstance(v, np.ndarray) for feeds in feed_sets for v in feeds.values()):
-        raise InputSpecError(f"{path} holds no Polygraphy inputs (a JSON list of name -> array dicts, one per iteration)")
+        raise InputSpecError(f"{path} holds no Polygraphy inputs "
+                             "(a JSON list of name -> array dicts, one per iteration)")
     return feed_sets
 
 
@@ -265,7 +268,8 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, int]:
             name = frontier.pop()
             seen.add(name)
             for node in readers.get(name, []):
-                if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name and node.input[0] in initializers:
+                if (node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name
+                        and node.input[0] in initializers):
                     rows = initializers[node.input[0]].dims[0]
                     ranges[value.name] = min(ranges.get(value.name, rows), rows)
                 elif node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten") and node.input[0] == name:

@@ -110,14 +110,16 @@ class HfGraph(nn.Module):
         if input_ids is None or encoder_hidden_states is None:
             raise InputSpecError(f"{self.architecture}'s decoder step takes input_ids (the decoder's tokens) and "
                                  "encoder_hidden_states")
-        cache = EncoderDecoderCache(self._cache([layer[:2] for layer in past]), self._cache([layer[2:] for layer in past]))
+        cache = EncoderDecoderCache(self._cache([layer[:2] for layer in past]),
+                                    self._cache([layer[2:] for layer in past]))
         outputs = self.hf.forward(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
                                   attention_mask=encoder_attention_mask, decoder_input_ids=input_ids,
                                   use_cache=True, return_dict=True, **{self._cache_argument(): cache})
         head = "logits" if "logits" in outputs else "last_hidden_state"  # a bare BartModel has no head
         named = {head: outputs[head]}
         cache = outputs[self._cache_argument()]
-        for layer, (own, cross) in enumerate(zip(cache.self_attention_cache.layers, cache.cross_attention_cache.layers)):
+        pairs = zip(cache.self_attention_cache.layers, cache.cross_attention_cache.layers)
+        for layer, (own, cross) in enumerate(pairs):
             named.update({f"present.{layer}.decoder.key": own.keys, f"present.{layer}.decoder.value": own.values,
                           f"present.{layer}.encoder.key": cross.keys, f"present.{layer}.encoder.value": cross.values})
         return named
@@ -244,7 +246,8 @@ def _encoder_states(graph: HfGraph, batch: int, length: int, seed: int) -> np.nd
         return to_numpy(encoder(**as_tensors(inputs, own_dtype(graph))).last_hidden_state)
 
 
-def _decoder_step_inputs(graph: HfGraph, feeds: dict, axes: dict, past_length: int | None, seed: int) -> tuple[dict, dict]:
+def _decoder_step_inputs(graph: HfGraph, feeds: dict, axes: dict, past_length: int | None,
+                         seed: int) -> tuple[dict, dict]:
     """An encoder-decoder's decoder step after `input_ids` (the decoder's tokens): the encoder's
     states on random tokens, their mask, and the cache a real step over earlier decoder tokens
     left (self-attention P long, cross-attention as long as the encoder's), unless given."""

@@ -28,11 +28,13 @@ def load_factory(reference: str):
     if not sep or not module_name or not attribute:
         raise CheckpointError(f"bad factory '{reference}': expected pkg.module:function or path/to/file.py:function")
     try:
-        module = _import_file(Path(module_name)) if module_name.endswith(".py") else importlib.import_module(module_name)
+        is_file = module_name.endswith(".py")
+        module = _import_file(Path(module_name)) if is_file else importlib.import_module(module_name)
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - a user module can fail in any way while importing
-        raise CheckpointError(f"cannot import '{module_name}' for factory '{reference}': {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot import '{module_name}' for factory '{reference}': "
+                              f"{type(exc).__name__}: {exc}") from exc
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise CheckpointError(f"'{module_name}' has no callable '{attribute}'")

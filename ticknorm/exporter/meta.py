@@ -91,8 +91,8 @@ class MetaModel:
         weights."""
         handles = []
         for _, module in self.model.named_modules():
-            own = [name for name, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-                   if value.is_meta]
+            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            own = [name for name, value in tensors if value.is_meta]
             if own:
                 handles += [module.register_forward_pre_hook(self._loader(module)),
                             module.register_forward_hook(_releaser)]

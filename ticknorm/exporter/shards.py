@@ -64,7 +64,8 @@ class ShardedCheckpoint:
             found = _infos(path)
             absent = [name for name in names if name not in found]
             if absent:
-                raise CheckpointError(f"{path.name} lacks {', '.join(absent[:4])}, which {self.index.name} says it holds")
+                raise CheckpointError(f"{path.name} lacks {', '.join(absent[:4])}, "
+                                      f"which {self.index.name} says it holds")
             infos.update({name: found[name] for name in names})
         return infos
 

@@ -99,7 +99,8 @@ class LoadedPtx:
         result = self._driver.cuModuleLoadData(ctypes.byref(self._module), self.kernel.ptx.encode())
         if result in DRIVER_TOO_OLD:
             isa = ptx_isa(self.kernel.ptx)
-            raise RuntimeUnavailable(f"the CUDA driver {driver_version() or '?'} cannot load PTX ISA {isa // 10}.{isa % 10} "
+            raise RuntimeUnavailable(f"the CUDA driver {driver_version() or '?'} cannot load "
+                                     f"PTX ISA {isa // 10}.{isa % 10} "
                                      f"for sm_{self.kernel.arch} ({self._name(result)}: {DRIVER_TOO_OLD[result]}); "
                                      "a newer driver is missing")
         self._raise_on(result, "cuModuleLoadData")

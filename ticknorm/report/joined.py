@@ -94,8 +94,8 @@ def write_html(report: JoinedReport, path, title: str) -> None:
     timings = dict(profile.rows())
     body = []
     for row in report.rows:
-        cells = "".join(f"<td>{_latency(timings[row.module][r])}</td>" if r in timings.get(row.module, {}) else "<td>-</td>"
-                        for r in runtimes)
+        timed = timings.get(row.module, {})
+        cells = "".join(f"<td>{_latency(timed[r])}</td>" if r in timed else "<td>-</td>" for r in runtimes)
         for r in compared:
             if r in row.max_abs:
                 cls = "" if row.passed[r] else " class='bad'"
@@ -109,15 +109,17 @@ def write_html(report: JoinedReport, path, title: str) -> None:
                        f"max abs {c.max_abs:.3g}, cosine {_cosine(c.cosine)}, at atol {accuracy.tolerances[r][0]:g} "
                        f"rtol {accuracy.tolerances[r][1]:g}: {'ok' if c.passed else 'FAIL'}</li>"
                        for r, checks in accuracy.outputs.items() for c in checks)
-    meta = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</dd>"
+    meta = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(v if isinstance(v, str) else json.dumps(v))}</dd>"
                    for k, v in report.meta.items())
     verdict = "PASS" if report.passed else "FAIL"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
-body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;
-text-align:right;white-space:nowrap}} td:first-child,th:first-child{{text-align:left}} td:first-child{{font-family:monospace}} tr.flag{{background:#fde2e2}}
-td.bad,li.bad{{color:#b00;font-weight:bold}} .verdict{{font-size:1.4em;font-weight:bold;color:{'#070' if report.passed else '#b00'}}}
-dl{{display:grid;grid-template-columns:max-content auto;gap:2px 12px;font-size:0.9em}} dt{{font-weight:bold}} dd{{margin:0;
-font-family:monospace}} small{{color:#666}}</style></head><body><h1>{html.escape(title)}</h1>
+body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}}
+td:first-child,th:first-child{{text-align:left}} td:first-child{{font-family:monospace}} tr.flag{{background:#fde2e2}}
+td.bad,li.bad{{color:#b00;font-weight:bold}}
+.verdict{{font-size:1.4em;font-weight:bold;color:{'#070' if report.passed else '#b00'}}}
+dl{{display:grid;grid-template-columns:max-content auto;gap:2px 12px;font-size:0.9em}} dt{{font-weight:bold}}
+dd{{margin:0;font-family:monospace}} small{{color:#666}}</style></head><body><h1>{html.escape(title)}</h1>
 <p class="verdict">{verdict}</p><dl>{meta}</dl><ul>{summary}</ul>
 <p>Rows are PyTorch modules in model order, with each runtime's median latency and its p10&ndash;p90 spread
 (<b>!</b>: wider than half the median, no figure to take a ratio of). Highlighted: slow (at or above the median

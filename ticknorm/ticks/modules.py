@@ -21,7 +21,8 @@ def chosen_modules(model, modules=None) -> list[tuple[str, object]]:
     if modules is None:
         chosen, wanted = [(path, m) for path, m in named if is_norm(m)], "LayerNorm- or RMSNorm-like module"
     elif isinstance(modules, str):
-        chosen, wanted = [(path, m) for path, m in named if fnmatch.fnmatchcase(path, modules)], f"module matching '{modules}'"
+        chosen = [(path, m) for path, m in named if fnmatch.fnmatchcase(path, modules)]
+        wanted = f"module matching '{modules}'"
     else:
         classes = modules if isinstance(modules, tuple) else (modules,)
         chosen = [(path, m) for path, m in named if isinstance(m, classes)]

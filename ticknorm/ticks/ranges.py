@@ -98,7 +98,7 @@ class TickSummary:
             overflow = found.overflow("fp16")
             near = found.first_absmax_past(self.near_limit)
             rows.append([found.module or "(root)", str(len(found.ticks)), f"{found.steps[0]}-{found.steps[-1]}",
-                         *(_cell(value) for value in (absmax[0], absmax[-1], max(absmax), found.peak("input_meansq_max"))),
+                         *map(_cell, (absmax[0], absmax[-1], max(absmax), found.peak("input_meansq_max"))),
                          "" if near is None else str(near),
                          "" if overflow is None else f"{overflow[1]} ({overflow[0]})"])
         steps = sorted({step for found in self.modules for step in found.steps})
@@ -110,9 +110,9 @@ class TickSummary:
         lines.append(f"{len(near)} module(s) approach fp16 overflow (absmax > {self.near_limit:.6g} = fp16 max / "
                      f"{self.headroom:g})" + (f", first {_first(near, lambda m: m.first_absmax_past(self.near_limit))}"
                                              if near else ""))
-        lines.append(f"{len(past)} module(s) pass fp16's max {LARGEST['fp16']:g}"
-                     + (f", first {_first(past, lambda m: m.overflow('fp16')[1])}" if past else "")
-                     + (f"; export with --precision fp16 --calibration {self.source} to keep them in fp32" if past else ""))
+        advice = (f", first {_first(past, lambda m: m.overflow('fp16')[1])}; export with --precision fp16 "
+                  f"--calibration {self.source} to keep them in fp32") if past else ""
+        lines.append(f"{len(past)} module(s) pass fp16's max {LARGEST['fp16']:g}{advice}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
