@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 import click
 
@@ -35,6 +36,10 @@ from ticknorm.runtime.ort_runner import OPTIMIZATION_LEVELS
 from ticknorm.runtime.registry import Runtimes, TrtexecFiles
 from ticknorm.validate.drift import GoldenSources
 from ticknorm.ticks.ranges import DEFAULT_HEADROOM
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar  # what click.progressbar returns; click exports no name for it
+
 
 class OneLineErrors(click.Group):
     """Every command's failure as one line on stderr and an exit code: 1 for wrong numbers, 2 for a
@@ -412,7 +417,7 @@ class TimingProgress:
 
     def __init__(self, timing: Timing, runtimes: Runtimes):
         self.length = 2 * timing.iterations * len(runtimes.names)  # plain, then instrumented iterations
-        self.bar = None
+        self.bar: ProgressBar[int] | None = None
 
     def __enter__(self) -> Progress:
         return Progress(self.step, self.advance)

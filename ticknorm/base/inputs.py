@@ -89,8 +89,10 @@ def parse_input_spec(text: str) -> InputSpec:
 def _parse_range(text: str, range_text: str, dtype: np.dtype) -> tuple[float, float]:
     found = _RANGE.fullmatch(range_text)
     try:
+        if found is None:
+            raise ValueError(range_text)
         low, high = float(found.group(1)), float(found.group(2))
-    except (AttributeError, ValueError):
+    except ValueError:
         raise InputSpecError(f"bad input spec '{text}': range '{range_text}' is not LOW..HIGH") from None
     if not low < high:
         raise InputSpecError(f"bad input spec '{text}': range {range_text} is empty (LOW must be below HIGH)")
@@ -204,7 +206,7 @@ class Inputs:
     file: str | None = None
     seed: int = 0
     arrays: dict | None = None
-    dynamic_axes: dict = field(default_factory=dict)  # input -> {axis: name}
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # input -> {axis: name}
 
     @property
     def given(self) -> bool:
@@ -261,7 +263,7 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, int]:
     for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    ranges = {}
+    ranges: dict[str, int] = {}
     for value in graph_inputs(model):
         frontier, seen = [value.name], set()
         while frontier:

@@ -17,6 +17,7 @@ cache of its self- and cross-attention as `past_key_values.N.decoder.*` and `.en
 
 import inspect
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from ticknorm.exporter.tasks import PAST_INPUT as _PAST
 from ticknorm.exporter.tasks import SEQ2SEQ_PAST_INPUT as _SEQ2SEQ_PAST
 from ticknorm.exporter.tasks import DEFAULT, SEQ2SEQ_WITH_PAST, TASKS, WITH_PAST
 from ticknorm.runtime.torch_runner import as_tensors, own_dtype, to_numpy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # The tensor arguments HfGraph.forward passes on, in the order the graph lists them.
 TENSOR_ARGUMENTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values",
@@ -49,6 +53,8 @@ def past_names(layers: int, seq2seq: bool = False) -> list[str]:
 
 class HfGraph(nn.Module):
     """`forward(**named tensors) -> {name: tensor}` around a transformers model."""
+
+    hf: "PreTrainedModel"  # set past nn.Module's __setattr__: not a child module
 
     def __init__(self, model, task: str = "default"):
         super().__init__()
@@ -166,10 +172,11 @@ def _exportable_switches(model) -> None:
 
 def _nested_past(flat: dict, seq2seq: bool = False) -> list:
     pattern = _SEQ2SEQ_PAST if seq2seq else _PAST
-    layers = sorted({int(pattern.fullmatch(n).group(1)) for n in flat if pattern.fullmatch(n)})
+    matches = (pattern.fullmatch(name) for name in flat)
+    layers = sorted({int(match.group(1)) for match in matches if match})
     if layers != list(range(len(layers))) or not set(past_names(len(layers), seq2seq)) <= flat.keys():
-        kinds = "decoder and encoder keys and values" if seq2seq else "keys and values both"
-        raise InputSpecError(f"past_key_values.N.* must be given for every layer 0..N-1, {kinds}")
+        which = "decoder and encoder keys and values" if seq2seq else "keys and values both"
+        raise InputSpecError(f"past_key_values.N.* must be given for every layer 0..N-1, {which}")
     kinds = _SEQ2SEQ_CACHE if seq2seq else ("key", "value")
     return [[flat[f"past_key_values.{i}.{kind}"] for kind in kinds] for i in layers]
 
@@ -236,6 +243,7 @@ def _encoder_states(graph: HfGraph, batch: int, length: int, seed: int) -> np.nd
     features as long as the encoder takes."""
     encoder = graph.hf.get_encoder()
     rng = np.random.default_rng(seed + 3)
+    inputs: dict[str, np.ndarray]
     if "input_features" in inspect.signature(encoder.forward).parameters:
         config = graph.hf.config
         frames = 2 * config.max_source_positions  # its two convolutions halve the frames once

@@ -46,6 +46,8 @@ def _import_file(path: Path):
         raise CheckpointError(f"factory file not found: {path}")
     name = f"ticknorm_factory_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise CheckpointError(f"factory file {path} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

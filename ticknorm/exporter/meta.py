@@ -42,7 +42,7 @@ class MetaModel:
         """Model tensor name -> checkpoint name. Tied parameters (one object under several names)
         take the name the checkpoint stores; a checkpoint whose names are not the model's (one a
         transformers version converts while loading) cannot be streamed, and is named."""
-        groups = {}
+        groups: dict[int, list[str]] = {}
         for name, tensor in [*self.model.named_parameters(remove_duplicate=False), *self._persistent_buffers()]:
             groups.setdefault(id(tensor), []).append(name)
         sources, missing = {}, []

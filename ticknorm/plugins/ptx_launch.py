@@ -33,7 +33,7 @@ _SIGNATURES = {
 }
 
 
-def cuda_driver():
+def cuda_driver() -> ctypes.CDLL:
     """libcuda with the argument types declared: ctypes would otherwise pass a 64-bit handle as a
     C int."""
     try:
@@ -61,9 +61,10 @@ class LoadedPtx:
     """One kernel's PTX as a driver module, held for as many launches as the caller makes:
     `with LoadedPtx(kernel) as loaded: loaded.launch(pointers, n_rows, stream)`."""
 
+    _driver: ctypes.CDLL  # libcuda, from __enter__ on
+
     def __init__(self, kernel: AotKernel):
         self.kernel = kernel
-        self._driver = None
         self._module = ctypes.c_void_p()
         self._function = ctypes.c_void_p()
 

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from ticknorm.base.atomic import write_text
+from ticknorm.base.metrics import ArrayComparison
 from ticknorm.profiler.profile import ProfileResult
 from ticknorm.report.figures import png_base64
 from ticknorm.report.profile_outputs import draw_bars, runtime_line, to_dict
@@ -15,16 +16,17 @@ from ticknorm.validate.compare import CompareReport
 @dataclass
 class JoinedRow:
     module: str
-    latency_ms: dict = field(default_factory=dict)  # runtime -> median ms
-    share: dict = field(default_factory=dict)  # runtime -> fraction of that runtime's attributed time
-    max_abs: dict = field(default_factory=dict)  # runtime -> max |runtime - torch| (torch: absent)
-    cosine: dict = field(default_factory=dict)
-    passed: dict = field(default_factory=dict)
+    # Keyed by runtime; torch has no max_abs, cosine or passed (it is the reference).
+    latency_ms: dict[str, float] = field(default_factory=dict)  # median
+    share: dict[str, float] = field(default_factory=dict)  # fraction of that runtime's attributed time
+    max_abs: dict[str, float] = field(default_factory=dict)  # max |runtime - torch|
+    cosine: dict[str, float] = field(default_factory=dict)
+    passed: dict[str, bool] = field(default_factory=dict)
     flagged: bool = False  # slow (above the median share) and over tolerance on some runtime
 
 
 def join(profile: ProfileResult, accuracy: CompareReport) -> list[JoinedRow]:
-    errors = {}
+    errors: dict[str, dict[str, ArrayComparison]] = {}
     for row in accuracy.layers:
         if row.comparison is not None:
             errors.setdefault(row.module, {})[row.runtime] = row.comparison
@@ -55,7 +57,7 @@ class JoinedReport:
     """The rows, and what a reader needs to sign them off: the verdict, the tolerances each runtime
     was judged at, the model's digest, the inputs, the timing settings, the versions, the date."""
 
-    rows: list  # JoinedRow
+    rows: list[JoinedRow]
     profile: ProfileResult
     accuracy: CompareReport
     meta: dict = field(default_factory=dict)

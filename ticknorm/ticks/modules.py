@@ -4,8 +4,12 @@ class name through its bases (torch's `LayerNorm`/`RMSNorm`, transformers' `Llam
 models write their own norms more often than they use torch's."""
 
 import fnmatch
+from typing import TYPE_CHECKING
 
 from ticknorm.base.errors import TicksError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 NORM_NAMES = ("LayerNorm", "RMSNorm", "RmsNorm")
 
@@ -14,7 +18,7 @@ def is_norm(module) -> bool:
     return any(name in cls.__name__ for cls in type(module).__mro__ for name in NORM_NAMES)
 
 
-def chosen_modules(model, modules=None) -> list[tuple[str, object]]:
+def chosen_modules(model: "nn.Module", modules=None) -> list[tuple[str, "nn.Module"]]:
     """(path, module) of what `modules` names: None for the norms, a glob on module paths, or a
     module class or tuple of classes."""
     named = list(model.named_modules())
