@@ -53,13 +53,13 @@ class Dim:
 @dataclass(frozen=True)
 class InputSpec:
     name: str
-    dims: tuple
+    dims: tuple[Dim, ...]
     dtype: np.dtype
     low: float | None = None
     high: float | None = None
 
     @property
-    def shape(self) -> tuple:
+    def shape(self) -> tuple[int, ...]:
         return tuple(d.size for d in self.dims)
 
     @property
@@ -103,7 +103,7 @@ def _parse_range(text: str, range_text: str, dtype: np.dtype) -> tuple[float, fl
     return low, high
 
 
-def _parse_dims(text: str, dims_text: str) -> tuple:
+def _parse_dims(text: str, dims_text: str) -> tuple[Dim, ...]:
     if dims_text in ("", "scalar"):
         return ()
     dims = []
@@ -202,10 +202,10 @@ class Inputs:
     """Example inputs, given once: `--input` specs, an `.npz` file, or arrays a caller already
     holds (name -> array), with the axes that are dynamic (specs name their own)."""
 
-    specs: tuple = ()
+    specs: tuple[str, ...] = ()  # `--input` texts
     file: str | None = None
     seed: int = 0
-    arrays: dict | None = None
+    arrays: dict[str, np.ndarray] | None = None
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # input -> {axis: name}
 
     @property
@@ -218,7 +218,8 @@ class Inputs:
             return load_feed_sets(self.file)
         return [self.feeds(onnx_model)[0]]
 
-    def feeds(self, onnx_model: onnx.ModelProto | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    def feeds(self, onnx_model: onnx.ModelProto | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, dict[int, str]]]:
         """(feeds, dynamic axes): the first iteration's, for an export's example. With `onnx_model`,
         token-id specs given without a range span the model's vocabulary."""
         if sum((bool(self.specs), self.file is not None, self.arrays is not None)) > 1:
