@@ -106,7 +106,7 @@ def grouped(name: str, build, *options):
         before = len(getattr(wrapper, "__click_params__", []))
         for option in reversed(options):
             wrapper = option(wrapper)
-        keys = [param.name for param in wrapper.__click_params__[before:]]
+        keys = [param.name for param in getattr(wrapper, "__click_params__", [])[before:]]
         return wrapper
     return decorate
 
