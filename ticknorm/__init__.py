@@ -26,5 +26,6 @@ from ticknorm.runtime.registry import Runtimes  # noqa: E402
 from ticknorm.ticks import Recorder  # noqa: E402
 
 __all__ = ["ExportOptions", "Inputs", "LayerSelection", "ModelRef", "NormTargets", "Precision", "Progress", "Recorder",
-           "Runtimes", "TicknormError", "Timing", "Tolerance", "__version__", "check", "check_runtimes", "compare", "convert",
-           "export", "fuse", "history", "inspect", "profile", "read_reference", "report", "runtimes", "show_ticks", "snapshot"]
+           "Runtimes", "TicknormError", "Timing", "Tolerance", "__version__", "check", "check_runtimes", "compare",
+           "convert", "export", "fuse", "history", "inspect", "profile", "read_reference", "report", "runtimes",
+           "show_ticks", "snapshot"]

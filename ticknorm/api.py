@@ -270,7 +270,8 @@ def trtexec_line(source, inputs=None, prefix: str = "trtexec") -> str:
     line = ["trtexec", f"--onnx={_name(source)}", "--stronglyTyped"]
     if any(low != high for low, _, high in shapes.values()):
         for flag, which in (("minShapes", 0), ("optShapes", 1), ("maxShapes", 2)):
-            line.append(f"--{flag}=" + ",".join(f"{name}:{'x'.join(map(str, dims[which]))}" for name, dims in shapes.items()))
+            line.append(f"--{flag}=" + ",".join(f"{name}:{'x'.join(map(str, dims[which]))}"
+                                                 for name, dims in shapes.items()))
     line += ["--profilingVerbosity=detailed", "--separateProfileRun", f"--exportProfile={prefix}.profile.json",
              f"--exportLayerInfo={prefix}.layers.json", "2>&1", "|", "tee", f"{prefix}.log"]
     return (" ".join(line) + f"\n# then: ticknorm profile ... --trtexec-profile {prefix}.profile.json --trtexec-layers "
@@ -339,7 +340,9 @@ def _named_arrays(values, module) -> dict[str, np.ndarray]:
 
 
 def _array(value) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else to_numpy(value) if hasattr(value, "detach") else np.asarray(value)
+    if isinstance(value, np.ndarray):
+        return value
+    return to_numpy(value) if hasattr(value, "detach") else np.asarray(value)
 
 
 def _judged(source, model, inputs, progress: Progress, weights: bool = True):

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 import click
 
@@ -35,6 +36,10 @@ from ticknorm.runtime.ort_runner import OPTIMIZATION_LEVELS
 from ticknorm.runtime.registry import Runtimes, TrtexecFiles, runtime_patterns
 from ticknorm.validate.drift import GoldenSources
 from ticknorm.ticks.ranges import DEFAULT_HEADROOM
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar  # what click.progressbar returns; click exports no name for it
+
 
 class OneLineErrors(click.Group):
     """Every command's failure as one line on stderr and an exit code: 1 for wrong numbers, 2 for a
@@ -101,7 +106,7 @@ def grouped(name: str, build, *options):
         before = len(getattr(wrapper, "__click_params__", []))
         for option in reversed(options):
             wrapper = option(wrapper)
-        keys = [param.name for param in wrapper.__click_params__[before:]]
+        keys = [param.name for param in getattr(wrapper, "__click_params__", [])[before:]]
         return wrapper
     return decorate
 
@@ -109,9 +114,11 @@ def grouped(name: str, build, *options):
 input_options = grouped(
     "inputs", lambda inputs, input_file, seed: Inputs(tuple(inputs), input_file, seed),
     click.option("--input", "inputs", multiple=True, metavar="NAME:DIMS[:DTYPE[:LOW..HIGH]]",
-                 help="e.g. input_ids:batch=2xseq=16:int64:0..30522 (repeat per input; NAME=SIZE makes an axis dynamic)."),
+                 help="e.g. input_ids:batch=2xseq=16:int64:0..30522 (repeat per input; NAME=SIZE makes an axis "
+                      "dynamic)."),
     click.option("--input-file", type=click.Path(), default=None,
-                 help=".npz with one array per input name, Polygraphy's inputs JSON (every iteration), or a bundle folder."),
+                 help=".npz with one array per input name, Polygraphy's inputs JSON (every iteration), or a bundle "
+                      "folder."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for random inputs."))
 
 def _model_options(required: bool):
@@ -127,7 +134,8 @@ def _model_options(required: bool):
         click.option("--adapter", type=click.Path(file_okay=False), default=None,
                      help="A PEFT/LoRA adapter folder (save_pretrained), merged into the model first."),
         click.option("--trust-pickle", is_flag=True,
-                     help="Allow checkpoints that unpickle objects (whole models, TorchScript); this runs code from the file."))
+                     help="Allow checkpoints that unpickle objects (whole models, TorchScript); this runs code from "
+                          "the file."))
 
 
 model_options = _model_options(required=True)
@@ -258,7 +266,8 @@ _TRTEXEC = (click.option("--trtexec-profile", type=click.Path(dir_okay=False), d
                          help="trtexec --exportProfile JSON made on the target GPU (see `ticknorm trtexec-command`): "
                               "its layers join the table as 'trt (trtexec)'."),
             click.option("--trtexec-layers", type=click.Path(dir_okay=False), default=None,
-                         help="trtexec --exportLayerInfo JSON (--profilingVerbosity=detailed): maps layers to ONNX nodes."),
+                         help="trtexec --exportLayerInfo JSON (--profilingVerbosity=detailed): maps layers to ONNX "
+                              "nodes."),
             click.option("--trtexec-log", type=click.Path(dir_okay=False), default=None,
                          help="trtexec's console output (the `| tee` of trtexec-command): TensorRT version, GPU, "
                               "precision and the GPU compute time of its plain runs."))
@@ -309,7 +318,8 @@ def export_command(model, inputs, output, options, report):
 @main.command("fuse")
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=OUTPUT_FILE)
-@click.option("--opset", type=int, default=None, help="Opset of the result (17+ for LayerNormalization, 23+ for RMSNormalization).")
+@click.option("--opset", type=int, default=None,
+              help="Opset of the result (17+ for LayerNormalization, 23+ for RMSNormalization).")
 @click.option("--report", type=OUTPUT_FILE, default=None, help="Write the fusion report as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime check of the fused graph (not recommended).")
 @input_options
@@ -406,7 +416,7 @@ class TimingProgress:
 
     def __init__(self, timing: Timing, runtimes: Runtimes):
         self.length = 2 * timing.iterations * len(runtimes.names)  # plain, then instrumented iterations
-        self.bar = None
+        self.bar: ProgressBar[int] | None = None
 
     def __enter__(self) -> Progress:
         return Progress(self.step, self.advance)

@@ -53,13 +53,13 @@ class Dim:
 @dataclass(frozen=True)
 class InputSpec:
     name: str
-    dims: tuple
+    dims: tuple[Dim, ...]
     dtype: np.dtype
     low: float | None = None
     high: float | None = None
 
     @property
-    def shape(self) -> tuple:
+    def shape(self) -> tuple[int, ...]:
         return tuple(d.size for d in self.dims)
 
     @property
@@ -78,7 +78,8 @@ def parse_input_spec(text: str) -> InputSpec:
     dims = _parse_dims(text, dims_text)
     dtype_name = parts[2] if len(parts) > 2 and parts[2] else "float32"
     if dtype_name.lower() not in DTYPES:
-        raise InputSpecError(f"bad input spec '{text}': unknown dtype '{dtype_name}' (known: {', '.join(sorted(DTYPES))})")
+        raise InputSpecError(f"bad input spec '{text}': unknown dtype '{dtype_name}' "
+                             f"(known: {', '.join(sorted(DTYPES))})")
     low = high = None
     if len(parts) == 4:
         low, high = _parse_range(text, parts[3], np.dtype(DTYPES[dtype_name.lower()]))
@@ -88,8 +89,10 @@ def parse_input_spec(text: str) -> InputSpec:
 def _parse_range(text: str, range_text: str, dtype: np.dtype) -> tuple[float, float]:
     found = _RANGE.fullmatch(range_text)
     try:
+        if found is None:
+            raise ValueError(range_text)
         low, high = float(found.group(1)), float(found.group(2))
-    except (AttributeError, ValueError):
+    except ValueError:
         raise InputSpecError(f"bad input spec '{text}': range '{range_text}' is not LOW..HIGH") from None
     if not low < high:
         raise InputSpecError(f"bad input spec '{text}': range {range_text} is empty (LOW must be below HIGH)")
@@ -100,7 +103,7 @@ def _parse_range(text: str, range_text: str, dtype: np.dtype) -> tuple[float, fl
     return low, high
 
 
-def _parse_dims(text: str, dims_text: str) -> tuple:
+def _parse_dims(text: str, dims_text: str) -> tuple[Dim, ...]:
     if dims_text in ("", "scalar"):
         return ()
     dims = []
@@ -152,7 +155,8 @@ def load_npz(path) -> dict[str, np.ndarray]:
         with data:
             return {name: data[name] for name in data.files}
     except Exception as exc:  # noqa: BLE001 - numpy reports damaged archives in many ways
-        raise InputSpecError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0] or type(exc).__name__})") from exc
+        reason = str(exc).splitlines()[0] or type(exc).__name__
+        raise InputSpecError(f"{path} is not a readable .npz file ({reason})") from exc
 
 
 def read_polygraphy_json(path: Path, role: str, kind: str):
@@ -188,7 +192,8 @@ def load_feed_sets(path) -> list[dict[str, np.ndarray]]:
     loaded = read_polygraphy_json(path, "input", "Polygraphy inputs")
     feed_sets = [dict(feeds) for feeds in loaded] if isinstance(loaded, list) else []
     if not feed_sets or not all(isinstance(v, np.ndarray) for feeds in feed_sets for v in feeds.values()):
-        raise InputSpecError(f"{path} holds no Polygraphy inputs (a JSON list of name -> array dicts, one per iteration)")
+        raise InputSpecError(f"{path} holds no Polygraphy inputs "
+                             "(a JSON list of name -> array dicts, one per iteration)")
     return feed_sets
 
 
@@ -197,11 +202,11 @@ class Inputs:
     """Example inputs, given once: `--input` specs, an `.npz` file, or arrays a caller already
     holds (name -> array), with the axes that are dynamic (specs name their own)."""
 
-    specs: tuple = ()
+    specs: tuple[str, ...] = ()  # `--input` texts
     file: str | None = None
     seed: int = 0
-    arrays: dict | None = None
-    dynamic_axes: dict = field(default_factory=dict)  # input -> {axis: name}
+    arrays: dict[str, np.ndarray] | None = None
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # input -> {axis: name}
 
     @property
     def given(self) -> bool:
@@ -213,7 +218,8 @@ class Inputs:
             return load_feed_sets(self.file)
         return [self.feeds(onnx_model)[0]]
 
-    def feeds(self, onnx_model: onnx.ModelProto | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    def feeds(self, onnx_model: onnx.ModelProto | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, dict[int, str]]]:
         """(feeds, dynamic axes): the first iteration's, for an export's example. With `onnx_model`,
         token-id specs given without a range span the model's vocabulary."""
         if sum((bool(self.specs), self.file is not None, self.arrays is not None)) > 1:
@@ -258,14 +264,15 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, int]:
     for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    ranges = {}
+    ranges: dict[str, int] = {}
     for value in graph_inputs(model):
         frontier, seen = [value.name], set()
         while frontier:
             name = frontier.pop()
             seen.add(name)
             for node in readers.get(name, []):
-                if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name and node.input[0] in initializers:
+                if (node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name
+                        and node.input[0] in initializers):
                     rows = initializers[node.input[0]].dims[0]
                     ranges[value.name] = min(ranges.get(value.name, rows), rows)
                 elif node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten") and node.input[0] == name:

@@ -41,10 +41,11 @@ class Fp32Island:
 class Precision:
     dtype: str = "fp32"  # fp32, fp16 or bf16
     io_types: str = "fp32"  # fp32: graph inputs and outputs stay fp32; low: they take the low type
-    keep_fp32: tuple = ()  # globs on module scopes the user keeps in fp32
+    keep_fp32: tuple[str, ...] = ()  # globs on module scopes the user keeps in fp32
     underflow_limit: float = 0.01  # share of a tensor's nonzero values the low type may flush to zero or subnormals
-    islands: tuple = ()  # Fp32Island, measured
-    calibration: str | None = None  # a ticks file (ticknorm.ticks.Recorder): norms whose training ranges overflow stay fp32
+    islands: tuple[Fp32Island, ...] = ()  # measured
+    # A ticks file (ticknorm.ticks.Recorder): norms whose training ranges overflow stay fp32.
+    calibration: str | None = None
 
     def __post_init__(self):
         if self.dtype not in PRECISIONS:

@@ -2,7 +2,7 @@
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 
 def _silent(_message: str) -> None:
@@ -38,4 +38,5 @@ class Eta:
         elapsed = now - self.start
         left = elapsed * (self.total - done) / done if done else float("nan")
         share = f"{100 * done / self.total:.0f}%"
-        self.say(f"{self.label}: {share}, {elapsed:.0f} s" + (f", about {left:.0f} s left" if done < self.total else ""))
+        rest = f", about {left:.0f} s left" if done < self.total else ""
+        self.say(f"{self.label}: {share}, {elapsed:.0f} s{rest}")

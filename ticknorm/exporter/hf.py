@@ -17,6 +17,7 @@ cache of its self- and cross-attention as `past_key_values.N.decoder.*` and `.en
 
 import inspect
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from ticknorm.exporter.tasks import PAST_INPUT as _PAST
 from ticknorm.exporter.tasks import SEQ2SEQ_PAST_INPUT as _SEQ2SEQ_PAST
 from ticknorm.exporter.tasks import DEFAULT, SEQ2SEQ_WITH_PAST, TASKS, WITH_PAST
 from ticknorm.runtime.torch_runner import as_tensors, own_dtype, to_numpy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # The tensor arguments HfGraph.forward passes on, in the order the graph lists them.
 TENSOR_ARGUMENTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values",
@@ -49,6 +53,8 @@ def past_names(layers: int, seq2seq: bool = False) -> list[str]:
 
 class HfGraph(nn.Module):
     """`forward(**named tensors) -> {name: tensor}` around a transformers model."""
+
+    hf: "PreTrainedModel"  # set past nn.Module's __setattr__: not a child module
 
     def __init__(self, model, task: str = "default"):
         super().__init__()
@@ -110,14 +116,16 @@ class HfGraph(nn.Module):
         if input_ids is None or encoder_hidden_states is None:
             raise InputSpecError(f"{self.architecture}'s decoder step takes input_ids (the decoder's tokens) and "
                                  "encoder_hidden_states")
-        cache = EncoderDecoderCache(self._cache([layer[:2] for layer in past]), self._cache([layer[2:] for layer in past]))
+        cache = EncoderDecoderCache(self._cache([layer[:2] for layer in past]),
+                                    self._cache([layer[2:] for layer in past]))
         outputs = self.hf.forward(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
                                   attention_mask=encoder_attention_mask, decoder_input_ids=input_ids,
                                   use_cache=True, return_dict=True, **{self._cache_argument(): cache})
         head = "logits" if "logits" in outputs else "last_hidden_state"  # a bare BartModel has no head
         named = {head: outputs[head]}
         cache = outputs[self._cache_argument()]
-        for layer, (own, cross) in enumerate(zip(cache.self_attention_cache.layers, cache.cross_attention_cache.layers)):
+        pairs = zip(cache.self_attention_cache.layers, cache.cross_attention_cache.layers)
+        for layer, (own, cross) in enumerate(pairs):
             named.update({f"present.{layer}.decoder.key": own.keys, f"present.{layer}.decoder.value": own.values,
                           f"present.{layer}.encoder.key": cross.keys, f"present.{layer}.encoder.value": cross.values})
         return named
@@ -164,10 +172,11 @@ def _exportable_switches(model) -> None:
 
 def _nested_past(flat: dict, seq2seq: bool = False) -> list:
     pattern = _SEQ2SEQ_PAST if seq2seq else _PAST
-    layers = sorted({int(pattern.fullmatch(n).group(1)) for n in flat if pattern.fullmatch(n)})
+    matches = (pattern.fullmatch(name) for name in flat)
+    layers = sorted({int(match.group(1)) for match in matches if match})
     if layers != list(range(len(layers))) or not set(past_names(len(layers), seq2seq)) <= flat.keys():
-        kinds = "decoder and encoder keys and values" if seq2seq else "keys and values both"
-        raise InputSpecError(f"past_key_values.N.* must be given for every layer 0..N-1, {kinds}")
+        which = "decoder and encoder keys and values" if seq2seq else "keys and values both"
+        raise InputSpecError(f"past_key_values.N.* must be given for every layer 0..N-1, {which}")
     kinds = _SEQ2SEQ_CACHE if seq2seq else ("key", "value")
     return [[flat[f"past_key_values.{i}.{kind}"] for kind in kinds] for i in layers]
 
@@ -234,6 +243,7 @@ def _encoder_states(graph: HfGraph, batch: int, length: int, seed: int) -> np.nd
     features as long as the encoder takes."""
     encoder = graph.hf.get_encoder()
     rng = np.random.default_rng(seed + 3)
+    inputs: dict[str, np.ndarray]
     if "input_features" in inspect.signature(encoder.forward).parameters:
         config = graph.hf.config
         frames = 2 * config.max_source_positions  # its two convolutions halve the frames once
@@ -244,7 +254,8 @@ def _encoder_states(graph: HfGraph, batch: int, length: int, seed: int) -> np.nd
         return to_numpy(encoder(**as_tensors(inputs, own_dtype(graph))).last_hidden_state)
 
 
-def _decoder_step_inputs(graph: HfGraph, feeds: dict, axes: dict, past_length: int | None, seed: int) -> tuple[dict, dict]:
+def _decoder_step_inputs(graph: HfGraph, feeds: dict, axes: dict, past_length: int | None,
+                         seed: int) -> tuple[dict, dict]:
     """An encoder-decoder's decoder step after `input_ids` (the decoder's tokens): the encoder's
     states on random tokens, their mask, and the cache a real step over earlier decoder tokens
     left (self-attention P long, cross-attention as long as the encoder's), unless given."""

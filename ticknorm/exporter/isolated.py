@@ -66,7 +66,8 @@ def _child(work, read_end: int, write_end: int) -> None:
     except BaseException:  # noqa: BLE001 - everything goes back to the parent as one message
         failure = sys.exc_info()[1]  # kept until os._exit: never freed here
         status = 1
-        text = str(failure) if isinstance(failure, ExportError) else f"the exporter failed: {type(failure).__name__}: {failure}"
+        text = (str(failure) if isinstance(failure, ExportError)
+                else f"the exporter failed: {type(failure).__name__}: {failure}")
         message = text.encode()
     finally:
         try:

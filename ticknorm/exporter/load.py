@@ -28,11 +28,13 @@ def load_factory(reference: str):
     if not sep or not module_name or not attribute:
         raise CheckpointError(f"bad factory '{reference}': expected pkg.module:function or path/to/file.py:function")
     try:
-        module = _import_file(Path(module_name)) if module_name.endswith(".py") else importlib.import_module(module_name)
+        is_file = module_name.endswith(".py")
+        module = _import_file(Path(module_name)) if is_file else importlib.import_module(module_name)
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - a user module can fail in any way while importing
-        raise CheckpointError(f"cannot import '{module_name}' for factory '{reference}': {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot import '{module_name}' for factory '{reference}': "
+                              f"{type(exc).__name__}: {exc}") from exc
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise CheckpointError(f"'{module_name}' has no callable '{attribute}'")
@@ -44,6 +46,8 @@ def _import_file(path: Path):
         raise CheckpointError(f"factory file not found: {path}")
     name = f"ticknorm_factory_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise CheckpointError(f"factory file {path} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

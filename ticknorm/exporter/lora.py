@@ -28,11 +28,13 @@ def merge_adapter(model, directory):
         wrapped = peft.get_peft_model(model, config)
         result = peft.set_peft_model_state_dict(wrapped, peft.utils.load_peft_weights(str(directory), device="cpu"))
     except Exception as exc:  # noqa: BLE001 - peft reports a foreign adapter in many ways
-        raise CheckpointError(f"the adapter in {directory} does not fit {type(model).__name__}: {first_line(exc)}") from exc
+        raise CheckpointError(f"the adapter in {directory} does not fit {type(model).__name__}: "
+                              f"{first_line(exc)}") from exc
     unexpected = sorted(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
+        more = f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else ""
         raise CheckpointError(f"the adapter in {directory} has weights for modules {type(model).__name__} lacks: "
-                              + ", ".join(unexpected[:4]) + (f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else ""))
+                              + ", ".join(unexpected[:4]) + more)
     return wrapped.merge_and_unload().eval()
 
 

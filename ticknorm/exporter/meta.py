@@ -42,7 +42,7 @@ class MetaModel:
         """Model tensor name -> checkpoint name. Tied parameters (one object under several names)
         take the name the checkpoint stores; a checkpoint whose names are not the model's (one a
         transformers version converts while loading) cannot be streamed, and is named."""
-        groups = {}
+        groups: dict[int, list[str]] = {}
         for name, tensor in [*self.model.named_parameters(remove_duplicate=False), *self._persistent_buffers()]:
             groups.setdefault(id(tensor), []).append(name)
         sources, missing = {}, []
@@ -91,8 +91,8 @@ class MetaModel:
         weights."""
         handles = []
         for _, module in self.model.named_modules():
-            own = [name for name, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-                   if value.is_meta]
+            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            own = [name for name, value in tensors if value.is_meta]
             if own:
                 handles += [module.register_forward_pre_hook(self._loader(module)),
                             module.register_forward_hook(_releaser)]

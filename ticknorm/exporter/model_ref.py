@@ -40,7 +40,8 @@ class ModelRef:
             return self.source
         if Path(self.source).is_dir():
             if self.checkpoint is not None:
-                raise InputSpecError(f"{self.source} is a Hugging Face directory with its own weights; drop --checkpoint")
+                raise InputSpecError(f"{self.source} is a Hugging Face directory with its own weights; "
+                                     "drop --checkpoint")
             return load_hf_directory(self.source)
         return build_model(str(self.source), self.checkpoint, self.trust_pickle)
 
@@ -50,7 +51,9 @@ def task_feeds(module, feeds: dict, dynamic_axes: dict, seed: int = 0) -> tuple[
     model's masks, decoder ids, a KV cache); any other model's as they are."""
     from ticknorm.exporter.hf import HfGraph, complete_inputs
 
-    return complete_inputs(module, feeds, dynamic_axes, seed=seed) if isinstance(module, HfGraph) else (feeds, dynamic_axes)
+    if isinstance(module, HfGraph):
+        return complete_inputs(module, feeds, dynamic_axes, seed=seed)
+    return feeds, dynamic_axes
 
 
 def exportable(module, task: str = DEFAULT):

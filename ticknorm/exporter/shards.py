@@ -10,19 +10,24 @@ the model and dropped before the next shard is read: the peak is the model plus 
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ticknorm.base.errors import CheckpointError, first_line
 from ticknorm.base.optional import require
 from ticknorm.runtime.torch_runner import prevailing_precision
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_SUFFIX = ".index.json"
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    shape: tuple
+    shape: tuple[int, ...]
     dtype: str  # torch's name: float32, bfloat16, int64, ...
 
 
@@ -31,7 +36,7 @@ class ShardedCheckpoint:
     """The index file and, per shard file, the tensor names it holds (in the index's order)."""
 
     index: Path
-    shards: dict  # Path -> [tensor name]
+    shards: dict[Path, list[str]]  # shard file -> the tensor names it holds
 
     @classmethod
     def read(cls, index) -> "ShardedCheckpoint":
@@ -45,7 +50,7 @@ class ShardedCheckpoint:
             raise CheckpointError(f"{index} is not a sharded checkpoint's index (no readable weight_map: "
                                   f"{first_line(exc)})") from exc
         folder = index.parent.resolve()
-        shards = {}
+        shards: dict[Path, list[str]] = {}
         for name, shard in weight_map.items():
             path = index.parent / str(shard)
             if not path.resolve().is_relative_to(folder) or Path(str(shard)).is_absolute():
@@ -57,14 +62,15 @@ class ShardedCheckpoint:
             raise CheckpointError(f"{index.name} names shards that are not there: {', '.join(missing)}")
         return cls(index, shards)
 
-    def tensor_infos(self) -> dict:
+    def tensor_infos(self) -> dict[str, TensorInfo]:
         """name -> TensorInfo, from the shards' headers: no tensor is read."""
         infos = {}
         for path, names in self.shards.items():
             found = _infos(path)
             absent = [name for name in names if name not in found]
             if absent:
-                raise CheckpointError(f"{path.name} lacks {', '.join(absent[:4])}, which {self.index.name} says it holds")
+                raise CheckpointError(f"{path.name} lacks {', '.join(absent[:4])}, "
+                                      f"which {self.index.name} says it holds")
             infos.update({name: found[name] for name in names})
         return infos
 
@@ -80,7 +86,7 @@ class ShardedCheckpoint:
                 return cls(folder / name, {folder / name: list(_infos(folder / name))})
         raise CheckpointError(f"{folder} holds no weights (model.safetensors, pytorch_model.bin, or their index)")
 
-    def shard_tensors(self):
+    def shard_tensors(self) -> Iterator[tuple[Path, dict[str, "torch.Tensor"]]]:
         """(shard path, {name: tensor}) for one shard at a time."""
         for path, names in self.shards.items():
             tensors = _load(path)
@@ -88,7 +94,7 @@ class ShardedCheckpoint:
             del tensors
 
 
-def _infos(path: Path) -> dict:
+def _infos(path: Path) -> dict[str, TensorInfo]:
     if path.suffix == ".safetensors":
         safetensors = require("safetensors", "torch")
         try:
@@ -108,7 +114,7 @@ def _info(view) -> TensorInfo:
     return TensorInfo(tuple(view.get_shape()), _SAFETENSORS_TYPES.get(view.get_dtype(), view.get_dtype().lower()))
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path) -> dict[str, "torch.Tensor"]:
     """A shard's tensors: safetensors read whole, a torch shard memory-mapped (tensors only)."""
     torch = require("torch", "torch")
     try:
@@ -119,7 +125,7 @@ def _load(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint shard ({first_line(exc)})") from exc
 
 
-def checkpoint_precision(infos: dict) -> str:
+def checkpoint_precision(infos: dict[str, TensorInfo]) -> str:
     """The floating type most of a checkpoint's values are stored in (name -> TensorInfo), read
     from its headers: bf16 for a current LLM folder."""
     return prevailing_precision((info.dtype, math.prod(info.shape)) for info in infos.values())
@@ -133,10 +139,10 @@ class TensorReader:
 
     def __init__(self, checkpoint: ShardedCheckpoint):
         self.where = {name: path for path, names in checkpoint.shards.items() for name in names}
-        self._headers = {}
-        self._torch_shards = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
+        self._torch_shards: dict[Path, dict[str, torch.Tensor]] = {}
 
-    def read(self, name: str):
+    def read(self, name: str) -> "torch.Tensor":
         path = self.where[name]
         if path.suffix != ".safetensors":
             if path not in self._torch_shards:

@@ -23,7 +23,7 @@ PLUGIN_PARAMS = ("X", "W", "B", "n_rows", "n_cols", "Y")  # inputs, int32 extra 
 class AotKernel:
     ptx: str
     entry: str
-    param_types: tuple  # PTX types of the entry's parameters, in order
+    param_types: tuple[str, ...]  # PTX types of the entry's parameters, in order
     hidden_params: int  # parameters Triton added after PLUGIN_PARAMS (TensorRT passes null)
     num_warps: int
     shared_bytes: int

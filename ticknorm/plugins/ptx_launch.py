@@ -33,7 +33,7 @@ _SIGNATURES = {
 }
 
 
-def cuda_driver():
+def cuda_driver() -> ctypes.CDLL:
     """libcuda with the argument types declared: ctypes would otherwise pass a 64-bit handle as a
     C int."""
     try:
@@ -61,9 +61,10 @@ class LoadedPtx:
     """One kernel's PTX as a driver module, held for as many launches as the caller makes:
     `with LoadedPtx(kernel) as loaded: loaded.launch(pointers, n_rows, stream)`."""
 
+    _driver: ctypes.CDLL  # libcuda, from __enter__ on
+
     def __init__(self, kernel: AotKernel):
         self.kernel = kernel
-        self._driver = None
         self._module = ctypes.c_void_p()
         self._function = ctypes.c_void_p()
 
@@ -99,7 +100,8 @@ class LoadedPtx:
         result = self._driver.cuModuleLoadData(ctypes.byref(self._module), self.kernel.ptx.encode())
         if result in DRIVER_TOO_OLD:
             isa = ptx_isa(self.kernel.ptx)
-            raise RuntimeUnavailable(f"the CUDA driver {driver_version() or '?'} cannot load PTX ISA {isa // 10}.{isa % 10} "
+            raise RuntimeUnavailable(f"the CUDA driver {driver_version() or '?'} cannot load "
+                                     f"PTX ISA {isa // 10}.{isa % 10} "
                                      f"for sm_{self.kernel.arch} ({self._name(result)}: {DRIVER_TOO_OLD[result]}); "
                                      "a newer driver is missing")
         self._raise_on(result, "cuModuleLoadData")

@@ -71,7 +71,7 @@ def kernel_source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_for_this_gpu(dtype: str, hidden: int, eps: float) -> AotKernel:
     """The PTX for the GPU TensorRT builds on, at an ISA the installed driver loads."""
     import torch

@@ -21,7 +21,7 @@ class Tick:
 @dataclass(frozen=True)
 class Span:
     layer: str  # the runtime's own name for what ran (module path, ORT node, TensorRT layer)
-    modules: tuple  # the PyTorch modules it covers; () when it maps to none
+    modules: tuple[str, ...]  # the PyTorch modules it covers; () when it maps to none
     iteration: int
     begin: Tick
     end: Tick
@@ -76,11 +76,11 @@ def roll_up(module: str, depth: int | None) -> str:
 class TickLog:
     runtime: str
     clock: str
-    spans: list = field(default_factory=list)
-    end_to_end_ns: list = field(default_factory=list)  # measured without instrumentation
-    instrumented_ns: list = field(default_factory=list)  # the same iterations with instrumentation
+    spans: list[Span] = field(default_factory=list)
+    end_to_end_ns: list[int] = field(default_factory=list)  # measured without instrumentation
+    instrumented_ns: list[int] = field(default_factory=list)  # the same iterations with instrumentation
     iterations: int = 0
-    device_ns: list = field(default_factory=list)  # GPU compute per plain iteration, copies excluded (TensorRT)
+    device_ns: list[int] = field(default_factory=list)  # GPU compute per plain iteration, copies excluded (TensorRT)
     source: str = ""  # where the figures came from when not measured here (trtexec files)
 
     def row_key(self, span: Span, depth: int | None) -> str:

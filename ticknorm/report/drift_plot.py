@@ -30,7 +30,8 @@ def plot_history(entries: list[dict], output, top_layers: int = 8) -> None:
     top.legend(fontsize="small")
     worst = sorted(entries[-1]["layers"], key=lambda m: -entries[-1]["layers"][m])[:top_layers]
     for module in worst:
-        bottom.plot(times, [max(e["layers"].get(module, np.nan), 1e-12) for e in entries], marker=".", label=module or "(root)")
+        moved = [max(e["layers"].get(module, np.nan), 1e-12) for e in entries]
+        bottom.plot(times, moved, marker=".", label=module or "(root)")
     bottom.set_yscale("log")
     bottom.set_ylabel("max |stat - golden| per module")
     bottom.legend(fontsize="x-small", ncol=2)

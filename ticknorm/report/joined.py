@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from ticknorm.base.atomic import write_text
+from ticknorm.base.metrics import ArrayComparison
 from ticknorm.profiler.profile import ProfileResult
 from ticknorm.report.figures import png_base64
 from ticknorm.report.profile_outputs import draw_bars, runtime_line, to_dict
@@ -15,16 +16,17 @@ from ticknorm.validate.compare import CompareReport
 @dataclass
 class JoinedRow:
     module: str
-    latency_ms: dict = field(default_factory=dict)  # runtime -> median ms
-    share: dict = field(default_factory=dict)  # runtime -> fraction of that runtime's attributed time
-    max_abs: dict = field(default_factory=dict)  # runtime -> max |runtime - torch| (torch: absent)
-    cosine: dict = field(default_factory=dict)
-    passed: dict = field(default_factory=dict)
+    # Keyed by runtime; torch has no max_abs, cosine or passed (it is the reference).
+    latency_ms: dict[str, float] = field(default_factory=dict)  # median
+    share: dict[str, float] = field(default_factory=dict)  # fraction of that runtime's attributed time
+    max_abs: dict[str, float] = field(default_factory=dict)  # max |runtime - torch|
+    cosine: dict[str, float] = field(default_factory=dict)
+    passed: dict[str, bool] = field(default_factory=dict)
     flagged: bool = False  # slow (above the median share) and over tolerance on some runtime
 
 
 def join(profile: ProfileResult, accuracy: CompareReport) -> list[JoinedRow]:
-    errors = {}
+    errors: dict[str, dict[str, ArrayComparison]] = {}
     for row in accuracy.layers:
         if row.comparison is not None:
             errors.setdefault(row.module, {})[row.runtime] = row.comparison
@@ -55,7 +57,7 @@ class JoinedReport:
     """The rows, and what a reader needs to sign them off: the verdict, the tolerances each runtime
     was judged at, the model's digest, the inputs, the timing settings, the versions, the date."""
 
-    rows: list  # JoinedRow
+    rows: list[JoinedRow]
     profile: ProfileResult
     accuracy: CompareReport
     meta: dict = field(default_factory=dict)
@@ -94,8 +96,8 @@ def write_html(report: JoinedReport, path, title: str) -> None:
     timings = dict(profile.rows())
     body = []
     for row in report.rows:
-        cells = "".join(f"<td>{_latency(timings[row.module][r])}</td>" if r in timings.get(row.module, {}) else "<td>-</td>"
-                        for r in runtimes)
+        timed = timings.get(row.module, {})
+        cells = "".join(f"<td>{_latency(timed[r])}</td>" if r in timed else "<td>-</td>" for r in runtimes)
         for r in compared:
             if r in row.max_abs:
                 cls = "" if row.passed[r] else " class='bad'"
@@ -109,15 +111,17 @@ def write_html(report: JoinedReport, path, title: str) -> None:
                        f"max abs {c.max_abs:.3g}, cosine {_cosine(c.cosine)}, at atol {accuracy.tolerances[r][0]:g} "
                        f"rtol {accuracy.tolerances[r][1]:g}: {'ok' if c.passed else 'FAIL'}</li>"
                        for r, checks in accuracy.outputs.items() for c in checks)
-    meta = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</dd>"
+    meta = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(v if isinstance(v, str) else json.dumps(v))}</dd>"
                    for k, v in report.meta.items())
     verdict = "PASS" if report.passed else "FAIL"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
-body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;
-text-align:right;white-space:nowrap}} td:first-child,th:first-child{{text-align:left}} td:first-child{{font-family:monospace}} tr.flag{{background:#fde2e2}}
-td.bad,li.bad{{color:#b00;font-weight:bold}} .verdict{{font-size:1.4em;font-weight:bold;color:{'#070' if report.passed else '#b00'}}}
-dl{{display:grid;grid-template-columns:max-content auto;gap:2px 12px;font-size:0.9em}} dt{{font-weight:bold}} dd{{margin:0;
-font-family:monospace}} small{{color:#666}}</style></head><body><h1>{html.escape(title)}</h1>
+body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}}
+td:first-child,th:first-child{{text-align:left}} td:first-child{{font-family:monospace}} tr.flag{{background:#fde2e2}}
+td.bad,li.bad{{color:#b00;font-weight:bold}}
+.verdict{{font-size:1.4em;font-weight:bold;color:{'#070' if report.passed else '#b00'}}}
+dl{{display:grid;grid-template-columns:max-content auto;gap:2px 12px;font-size:0.9em}} dt{{font-weight:bold}}
+dd{{margin:0;font-family:monospace}} small{{color:#666}}</style></head><body><h1>{html.escape(title)}</h1>
 <p class="verdict">{verdict}</p><dl>{meta}</dl><ul>{summary}</ul>
 <p>Rows are PyTorch modules in model order, with each runtime's median latency and its p10&ndash;p90 spread
 (<b>!</b>: wider than half the median, no figure to take a ratio of). Highlighted: slow (at or above the median

@@ -73,8 +73,8 @@ def write_csv(result: ProfileResult, path) -> None:
     writer.writerow(["module", "runtime", "median_ms", "p10_ms", "p90_ms", "min_ms", "samples", "unstable"])
     for module, timings in result.rows():
         for runtime, t in timings.items():
-            writer.writerow([module, runtime, f"{t.median_ms:.6f}", f"{t.p10_ms:.6f}", f"{t.p90_ms:.6f}", f"{t.min_ms:.6f}",
-                             t.samples, int(t.unstable)])
+            times = (f"{ms:.6f}" for ms in (t.median_ms, t.p10_ms, t.p90_ms, t.min_ms))
+            writer.writerow([module, runtime, *times, t.samples, int(t.unstable)])
     write_text(path, buffer.getvalue())
 
 
@@ -83,7 +83,8 @@ def write_trace(result: ProfileResult, path) -> None:
     the first measured iteration of each, times relative to its first span."""
     events = []
     for pid, (runtime, log) in enumerate(result.logs.items(), start=1):
-        events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": f"{runtime} ({log.clock} clock)"}})
+        events.append({"ph": "M", "pid": pid, "name": "process_name",
+                       "args": {"name": f"{runtime} ({log.clock} clock)"}})
         spans = [s for s in log.spans if s.iteration == 0]
         origin = min((s.begin.ns for s in spans), default=0)
         for span in spans:

@@ -7,10 +7,11 @@ Needs transformers (`pip install 'ticknorm[hf]'`)."""
 from ticknorm.base.optional import require
 from ticknorm.ticks.trainers import TrainerTicks
 
-transformers = require("transformers", "hf")
+require("transformers", "hf")  # a missing transformers names the extra to install
+from transformers import TrainerCallback  # noqa: E402 - after the check above
 
 
-class TicksCallback(transformers.TrainerCallback):
+class TicksCallback(TrainerCallback):
     def __init__(self, path, every: int = 50, modules=None):
         self.ticks = TrainerTicks(str(path), every, modules)
 

@@ -8,10 +8,11 @@ rather than the LightningModule itself ends each tick at the batch's end."""
 from ticknorm.base.optional import require
 from ticknorm.ticks.trainers import TrainerTicks
 
-pytorch = require("lightning.pytorch", "lightning")
+require("lightning.pytorch", "lightning")  # a missing lightning names the extra to install
+from lightning.pytorch import Callback  # noqa: E402 - after the check above
 
 
-class TicksCallback(pytorch.Callback):
+class TicksCallback(Callback):
     def __init__(self, path, every: int = 50, modules=None):
         self.ticks = TrainerTicks(str(path), every, modules)
 

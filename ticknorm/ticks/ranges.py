@@ -19,7 +19,7 @@ LIMITED = {"input_absmax": "input", "output_absmax": "output", "input_meansq_max
 @dataclass(frozen=True)
 class ModuleRange:
     module: str
-    ticks: tuple  # the module's records, in step order
+    ticks: tuple[dict, ...]  # the module's records, in step order
 
     @property
     def steps(self) -> list[int]:
@@ -59,7 +59,7 @@ class ModuleRange:
 
 def module_ranges(records: list[dict]) -> list[ModuleRange]:
     """One ModuleRange per module, in the order the model first ran them."""
-    by_module = {}
+    by_module: dict[str, list[dict]] = {}
     for record in records:
         by_module.setdefault(record["module"], []).append(record)
     return [ModuleRange(module, tuple(sorted(ticks, key=lambda t: t["step"]))) for module, ticks in by_module.items()]
@@ -84,7 +84,7 @@ def present_ranges(ranges: list[ModuleRange], present, source: str, example: str
 @dataclass
 class TickSummary:
     source: str
-    modules: list  # ModuleRange, in model order
+    modules: list[ModuleRange]  # in model order
     headroom: float = DEFAULT_HEADROOM
 
     @property
@@ -96,10 +96,10 @@ class TickSummary:
         for found in self.modules:
             absmax = found.absmax
             overflow = found.overflow("fp16")
-            near = found.first_absmax_past(self.near_limit)
+            near_step = found.first_absmax_past(self.near_limit)
             rows.append([found.module or "(root)", str(len(found.ticks)), f"{found.steps[0]}-{found.steps[-1]}",
-                         *(_cell(value) for value in (absmax[0], absmax[-1], max(absmax), found.peak("input_meansq_max"))),
-                         "" if near is None else str(near),
+                         *map(_cell, (absmax[0], absmax[-1], max(absmax), found.peak("input_meansq_max"))),
+                         "" if near_step is None else str(near_step),
                          "" if overflow is None else f"{overflow[1]} ({overflow[0]})"])
         steps = sorted({step for found in self.modules for step in found.steps})
         lines = [f"{self.source}: {len(self.modules)} modules, {len(steps)} ticks (steps {steps[0]}-{steps[-1]})",
@@ -110,9 +110,9 @@ class TickSummary:
         lines.append(f"{len(near)} module(s) approach fp16 overflow (absmax > {self.near_limit:.6g} = fp16 max / "
                      f"{self.headroom:g})" + (f", first {_first(near, lambda m: m.first_absmax_past(self.near_limit))}"
                                              if near else ""))
-        lines.append(f"{len(past)} module(s) pass fp16's max {LARGEST['fp16']:g}"
-                     + (f", first {_first(past, lambda m: m.overflow('fp16')[1])}" if past else "")
-                     + (f"; export with --precision fp16 --calibration {self.source} to keep them in fp32" if past else ""))
+        advice = (f", first {_first(past, lambda m: m.overflow('fp16')[1])}; export with --precision fp16 "
+                  f"--calibration {self.source} to keep them in fp32") if past else ""
+        lines.append(f"{len(past)} module(s) pass fp16's max {LARGEST['fp16']:g}{advice}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

@@ -18,11 +18,16 @@ sums under `torch.no_grad`, on detached tensors, and the tick syncs with the hos
 is written."""
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ticknorm.base.errors import TicksError
 from ticknorm.ticks.log import append_ticks
 from ticknorm.ticks.modules import chosen_modules
 from ticknorm.ticks.stats import merge, reduce_tensor, statistics
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.hooks import RemovableHandle
 
 
 class Recorder:
@@ -32,9 +37,10 @@ class Recorder:
         self.model, self.path, self.every = model, Path(path), checked_every(every)
         self.modules = chosen_modules(model, modules)
         self.steps = first_step
-        self._tick_step = None  # the step an armed tick records as
-        self._handles = []
-        self._pending = {}  # (module path, side) -> reduced vector, in the order the hooks fired
+        self._tick_step: int | None = None  # the step an armed tick records as
+        self._handles: list[RemovableHandle] = []
+        # (module path, side) -> reduced vector, in the order the hooks fired
+        self._pending: dict[tuple[str, str], torch.Tensor] = {}
 
     def __enter__(self) -> "Recorder":
         return self.start()
@@ -92,7 +98,7 @@ class Recorder:
         keys, vectors = list(self._pending), list(self._pending.values())
         self._pending = {}
         rows = torch.stack([v.to(vectors[0].device) for v in vectors]).tolist()  # the tick's one sync
-        records = {}
+        records: dict[str, dict] = {}
         for (path, side), values in zip(keys, rows):
             records.setdefault(path, {"step": self._tick_step, "module": path}).update(statistics(values, side))
         append_ticks(self.path, list(records.values()))

@@ -48,8 +48,8 @@ def statistics(values: list[float], side: str) -> dict:
     reduced = dict(zip(SUMS + MAXIMA, values))
     count, nonzero = reduced["count"], max(reduced["nonzero"], 1.0)
     mean = reduced["sum"] / count
-    fields = {"absmax": reduced["absmax"], "mean": mean, "var": max(reduced["sum_of_squares"] / count - mean * mean, 0.0),
-              "meansq_max": reduced["meansq_max"]}
+    variance = max(reduced["sum_of_squares"] / count - mean * mean, 0.0)
+    fields = {"absmax": reduced["absmax"], "mean": mean, "var": variance, "meansq_max": reduced["meansq_max"]}
     for dtype in ("fp16", "bf16"):
         fields[f"{dtype}_overflow"] = reduced[f"{dtype}_over"] / count
         fields[f"{dtype}_underflow"] = reduced[f"{dtype}_under"] / nonzero
