@@ -191,7 +191,8 @@ precision_options = grouped("precision", _precision, *_PRECISION_OPTIONS)
 export_options = grouped(
     "options", lambda no_fuse, no_check, dtype, io_types, keep_fp32, calibration, **values: ExportOptions(
         fuse=not no_fuse, check=not no_check, precision=_precision(dtype, io_types, keep_fp32, calibration), **values),
-    click.option("--exporter", type=click.Choice(sorted(EXPORTERS)), default=DEFAULT_EXPORTER, show_default=True),
+    click.option("--exporter", type=click.Choice(sorted(EXPORTERS)), default=DEFAULT_EXPORTER, show_default=True,
+                 help="torch.onnx's exporter; TorchScript is also the fallback when dynamo cannot capture."),
     click.option("--opset", type=int, default=None, help="dynamo: 18+, torchscript: 13-17 (default 17)."),
     click.option("--no-fuse", is_flag=True, help="Keep decomposed LayerNorms as exported."),
     click.option("--no-check", is_flag=True, help="Skip the PyTorch vs ONNX Runtime comparison."),
@@ -242,8 +243,10 @@ per_layer_options = grouped(
 
 timing_options = grouped(
     "timing", Timing,
-    click.option("--iterations", type=int, default=20, show_default=True),
-    click.option("--warmup", type=int, default=3, show_default=True, help="Iterations dropped first."),
+    click.option("--iterations", type=int, default=20, show_default=True, help="Timed runs per runtime."),
+    click.option("--warmup", type=int, default=3, show_default=True,
+                 help="Untimed runs of each kind (plain, instrumented) first; with any, each timed block "
+                      "also starts with one untimed run. 0: every run timed, the first one cold."),
     click.option("--depth", type=int, default=None, help="Roll modules up to this many path segments."))
 
 
@@ -317,7 +320,7 @@ def export_command(model, inputs, output, options, report):
 
 @main.command("fuse")
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=OUTPUT_FILE)
+@click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="The fused .onnx file to write.")
 @click.option("--opset", type=int, default=None,
               help="Opset of the result (17+ for LayerNormalization, 23+ for RMSNormalization).")
 @click.option("--report", type=OUTPUT_FILE, default=None, help="Write the fusion report as JSON.")
@@ -336,7 +339,7 @@ def fuse_command(source, output, opset, report, no_verify, inputs, targets):
 
 @main.command("convert")
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=OUTPUT_FILE)
+@click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="The converted .onnx file to write.")
 @precision_options
 @input_options
 @click.option("--report", type=OUTPUT_FILE, default=None,
@@ -442,8 +445,8 @@ class TimingProgress:
 @runtime_options("torch,ort", *_TRTEXEC)
 @timing_options
 @grouped("files", lambda **paths: {kind: path for kind, path in paths.items() if path},
-         click.option("--json", type=OUTPUT_FILE, default=None),
-         click.option("--csv", type=OUTPUT_FILE, default=None),
+         click.option("--json", type=OUTPUT_FILE, default=None, help="Write the table as JSON."),
+         click.option("--csv", type=OUTPUT_FILE, default=None, help="Write the table as CSV, one row per module."),
          click.option("--trace", type=OUTPUT_FILE, default=None,
                       help="Chrome/Perfetto trace, one track per runtime."),
          click.option("--plot", type=OUTPUT_FILE, default=None, help="Bars per module, PNG."))
@@ -508,7 +511,8 @@ def drift_snapshot(source, model, reference, inputs, tolerance, layers, output, 
 @drift.command("check")
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("--runtime", default="ort", show_default=True)
+@click.option("--runtime", default="ort", show_default=True,
+              help=f"The runtime to re-run the bundle on: {runtime_patterns()}.")
 @click.option("--allow-model-change", is_flag=True, help="Check a model whose hash differs from the bundle's.")
 @click.option("--no-history", is_flag=True, help="Do not append the verdict to the bundle's history.jsonl "
                                                  "(a read-only checkout).")
