@@ -1,12 +1,15 @@
 """A read-only index over an ONNX graph: who produces and who consumes each tensor, which tensors
 are constants, and their inferred shapes. Matchers ask it questions; they never edit the graph."""
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
+from onnx_ir.passes.common import shape_inference
 
 from ticknorm.base.errors import OnnxFileError
 from ticknorm.base.onnx_io import is_external
@@ -14,8 +17,6 @@ from ticknorm.base.onnx_io import is_external
 # Mantissa bits of each float type: how finely it rounds.
 FLOAT_PRECISION = {onnx.TensorProto.BFLOAT16: 8, onnx.TensorProto.FLOAT16: 11, onnx.TensorProto.FLOAT: 24,
                    onnx.TensorProto.DOUBLE: 53}
-# Initializers above this size are weights, not shape tensors: shape inference does not need them.
-_SHAPE_RELEVANT_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -210,43 +211,25 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 
 
 def _infer_tensor_info(model: onnx.ModelProto) -> dict[str, TensorInfo]:
-    skeleton = _shape_skeleton(model)
+    """Each main-graph tensor's type and shape, from onnx-ir's shape inference (which leaves the big
+    weights out of what it serializes: it would fail at 2 GiB, and weights are no shape tensors).
+    A graph shape inference cannot read keeps what it declares, silently: it still gets matched."""
+    inferred = ir.from_proto(model)
+    quiet = logging.getLogger(shape_inference.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - a graph shape inference cannot read still gets matched
-        inferred = skeleton
+        shape_inference.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(inferred)
+    finally:
+        quiet.setLevel(level)
     graph = inferred.graph
-    info = {}
-    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if value.type.HasField("tensor_type"):
-            tensor_type = value.type.tensor_type
-            dims = tuple(_dim(d) for d in tensor_type.shape.dim)
-            info[value.name] = TensorInfo(tensor_type.elem_type, dims, tensor_type.HasField("shape"))
-    for tensor in model.graph.initializer:
-        info.setdefault(tensor.name, TensorInfo(tensor.data_type, tuple(tensor.dims), True))
-    return info
+    values = [*graph.inputs, *graph.initializers.values(), *(v for node in graph for v in node.outputs), *graph.outputs]
+    return {value.name: TensorInfo(int(value.dtype or 0), tuple(_dim(d) for d in value.shape or ()), value.shape is not None)
+            for value in values if isinstance(value.type, ir.TensorType)}
 
 
 def _dim(dim) -> int | str | None:
-    if dim.HasField("dim_value"):
-        return dim.dim_value
-    if dim.HasField("dim_param"):
-        return dim.dim_param
-    return None
-
-
-def _shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy without the big weights: shape inference serializes the model, which fails at 2 GiB,
-    and weights are never shape tensors. Big initializers become typed inputs instead."""
-    graph = model.graph
-    input_names = {value.name for value in graph.input}
-    small, weight_inputs = [], []
-    for tensor in graph.initializer:
-        if tensor.ByteSize() <= _SHAPE_RELEVANT_BYTES and not is_external(tensor):
-            small.append(tensor)
-        elif tensor.name not in input_names:
-            weight_inputs.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-    return rebuilt(model, graph.node, small, extra_inputs=weight_inputs)
+    return dim if isinstance(dim, int) else dim.value
 
 
 def rebuilt(model: onnx.ModelProto, nodes, initializers, extra_inputs=()) -> onnx.ModelProto:
