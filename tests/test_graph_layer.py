@@ -124,22 +124,26 @@ def test_a_staged_model_is_saved_without_reading_its_weights_into_memory(tmp_pat
     onnx.save(model, str(stage / "exported.onnx"))
     staged = stage_weights(stage / "exported.onnx")
     assert has_external_weights(staged) and not staged.graph.initializer[0].raw_data
+    partial = onnx.ModelProto()
+    partial.CopyFrom(staged)
+    partial.graph.initializer.extend([numpy_helper.from_array(np.full(600, 3, np.float32), "extra"),  # a rewrite's
+                                      numpy_helper.from_array(np.ones(2**18, np.float32), "big")])  # 1 MiB
+    reference = partial.graph.initializer[0]  # most of the staged file unused: the weights are written anew
+    del reference.external_data[1:]
+    reference.external_data.add(key="offset", value="0")
+    reference.external_data.add(key="length", value=str(64 * 64 * 4))
+    reference.dims[:] = [64, 64]
+    partial.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 64
+    save_onnx(partial, tmp_path / "new.onnx", external_data_threshold=0, weights_dir=stage)
+    assert not partial.graph.initializer[0].raw_data and not partial.graph.initializer[-1].external_data
     linked = save_onnx(staged, tmp_path / "linked.onnx", external_data_threshold=0, weights_dir=stage)
     assert (tmp_path / "linked.onnx.data").stat().st_ino == (stage / "exported.onnx.data").stat().st_ino
     inline = save_onnx(staged, tmp_path / "inline.onnx", weights_dir=stage)
     assert [p.name for p in linked] == ["linked.onnx", "linked.onnx.data"] and [p.name for p in inline] == ["inline.onnx"]
-    extra = numpy_helper.from_array(np.full(600, 3, np.float32), "extra")  # a rewrite's new weight, inline
-    staged.graph.initializer.append(extra)
-    del staged.graph.initializer[0].external_data[1:]  # all but the location: most of the file unused
-    staged.graph.initializer[0].external_data.add(key="offset", value="0")
-    staged.graph.initializer[0].external_data.add(key="length", value=str(64 * 64 * 4))
-    staged.graph.initializer[0].dims[:] = [64, 64]
-    staged.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 64
-    save_onnx(staged, tmp_path / "new.onnx", external_data_threshold=0, weights_dir=stage)
-    assert not staged.graph.initializer[0].raw_data and not staged.graph.initializer[-1].external_data
     written = onnx.load(str(tmp_path / "new.onnx"), load_external_data=False)
     entries = {t.name: external_entries(t) for t in written.graph.initializer if t.external_data}
-    assert entries["w"]["location"] == "new.onnx.data" and set(entries) == {"w", "extra"}
+    assert entries["w"]["location"] == "new.onnx.data" and set(entries) == {"w", "extra", "big"}
+    assert int(entries["big"]["offset"]) % 4096 == 0 and int(entries["big"]["offset"]) > 0  # page-aligned: mapped
     assert (tmp_path / "new.onnx.data").stat().st_ino != (stage / "exported.onnx.data").stat().st_ino
     loaded = {t.name: numpy_helper.to_array(t) for t in load_onnx(tmp_path / "new.onnx").graph.initializer}
     assert np.array_equal(loaded["w"], weight[:64]) and np.array_equal(loaded["extra"], np.full(600, 3, np.float32))
