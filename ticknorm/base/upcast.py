@@ -66,12 +66,8 @@ def _round_after(graph: ir.Graph, node: ir.Node, value: ir.Value) -> None:
     down = ir.node("Cast", [value], {"to": BF16}, name=f"{name}_round", metadata_props=dict(scope))
     up = ir.node("Cast", down.outputs, {"to": FLOAT}, name=f"{name}_unround", metadata_props=dict(scope))
     down.outputs[0].name = f"{name}_low"
-    for user, index in list(value.uses()):
-        if user is not down:
-            user.replace_input_with(index, up.outputs[0])
-    for index, output in enumerate(graph.outputs):
-        if output is value:
-            graph.outputs[index] = up.outputs[0]
+    value.replace_all_uses_with(up.outputs[0], replace_graph_outputs=True)
+    down.replace_input_with(0, value)
     value.name, up.outputs[0].name = f"{name}_fp32", name
     if value.type is not None:  # the type and shape it declared, in fp32
         up.outputs[0].type, up.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), value.shape
