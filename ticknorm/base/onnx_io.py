@@ -115,11 +115,10 @@ def stage_weights(model_file: Path) -> onnx.ModelProto:
 
 
 def staged(model: onnx.ModelProto, model_file: Path) -> onnx.ModelProto:
-    """`model` with its weights written to the external data file beside `model_file` and
-    dropped from memory, in place: the references to them stay."""
+    """`model`'s weights written to the external data file beside `model_file`, and the graph
+    saved there read back: its weights references into that file, none held."""
     _save_external(model, model_file, model_file.name + ".data")
-    model.CopyFrom(onnx.load(str(model_file), load_external_data=False))
-    return model
+    return onnx.load(str(model_file), load_external_data=False)
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
