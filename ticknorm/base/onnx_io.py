@@ -182,6 +182,12 @@ def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = PROTO
     return [path, path.parent / data_name] if external else [path]
 
 
+# Weights of a MiB or more start at multiples of a page in a weights file ticknorm writes: ONNX
+# Runtime memory-maps an external tensor only when its offset is page-aligned, else it reads a
+# private copy (smaller ones are not worth the padding).
+ALIGNMENT, ALIGN_FROM = 4096, 2**20
+
+
 def _save_external(model: onnx.ModelProto, target: Path, data_name: str, weights_dir: Path | None = None) -> None:
     """Save `model` with every weight over 1 KiB in one new weights file `data_name` beside
     `target` (onnx-ir's `save`: one tensor in memory at a time, each big one at a page-aligned
@@ -192,12 +198,6 @@ def _save_external(model: onnx.ModelProto, target: Path, data_name: str, weights
         ir.external_data.set_base_dir(written.graph, weights_dir)
     ir.save(written, str(target), external_data=data_name, size_threshold_bytes=1024, alignment=ALIGNMENT,
             align_threshold=ALIGN_FROM - 1)
-
-
-# Weights of a MiB or more start at multiples of a page in a weights file ticknorm writes: ONNX
-# Runtime memory-maps an external tensor only when its offset is page-aligned, else it reads a
-# private copy (smaller ones are not worth the padding).
-ALIGNMENT, ALIGN_FROM = 4096, 2**20
 
 
 def _only_staged(model: onnx.ModelProto, weights_dir: Path) -> bool:
