@@ -7,12 +7,10 @@ loads a model; ticknorm inlines them the same way to reach the norms, and gives 
 the scope of its call (the module that called the function)."""
 
 import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import InlinePass, RemoveUnusedFunctionsPass
 
-from ticknorm.base.graph import rebuilt
-from ticknorm.base.scopes import get_scope, scope_from_exporter, set_scope
-
-# Nested calls are inlined in rounds; a function that calls itself is no model anyone exports.
-_ROUNDS = 16
+from ticknorm.base.scopes import SCOPE_KEY, exporter_scope
 
 
 def called_functions(model: onnx.ModelProto) -> dict[str, int]:
@@ -28,61 +26,21 @@ def called_functions(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """`model` with every call of a local function replaced by the function's nodes (inputs and
-    outputs wired to the call's, inner values renamed after the call, attribute references
-    resolved); None when it calls none. The weights are shared with `model`, not copied."""
-    functions = {(f.domain, f.name): f for f in model.functions}
-    nodes = list(model.graph.node)
+    """`model` with every call of a local function replaced by the function's nodes (onnx-ir's
+    InlinePass: inputs and outputs wired to the call's, attribute references resolved), each
+    inlined node on the scope of its call; None when it calls none. `model` is left as it was."""
     if not called_functions(model):
         return None
-    for _ in range(_ROUNDS):
-        expanded, changed = [], False
-        for number, node in enumerate(nodes):
-            function = functions.get((node.domain, node.op_type))
-            if function is None:
-                expanded.append(node)
-                continue
-            changed = True
-            expanded += _inlined_call(node, function, f"{node.name or node.op_type}#{number}")
-        nodes = expanded
-        if not changed:
-            break
-    inlined = rebuilt(model, nodes, list(model.graph.initializer))
-    called = {(n.domain, n.op_type) for n in nodes}
-    del inlined.functions[:]
-    inlined.functions.extend(f for f in model.functions if (f.domain, f.name) in called)  # none, unless nested too deep
-    return inlined
-
-
-def _inlined_call(call: onnx.NodeProto, function: onnx.FunctionProto, prefix: str) -> list[onnx.NodeProto]:
-    scope = get_scope(call)
-    if scope is None:
-        scope = scope_from_exporter(call) or ""
-    names = dict(zip(function.input, call.input))
-    names.update(zip(function.output, call.output))
-    given = {a.name: a for a in call.attribute}
-    defaults = {a.name: a for a in function.attribute_proto}
-    inlined = []
-    for inner in function.node:
-        node = onnx.NodeProto()
-        node.CopyFrom(inner)
-        node.name = f"{prefix}/{inner.name or inner.op_type}"
-        node.input[:] = [names.get(name, f"{prefix}/{name}") if name else "" for name in inner.input]
-        node.output[:] = [names.get(name, f"{prefix}/{name}") if name else "" for name in inner.output]
-        attributes = []
-        for attribute in node.attribute:
-            if attribute.ref_attr_name:
-                source = given.get(attribute.ref_attr_name) or defaults.get(attribute.ref_attr_name)
-                if source is None:
-                    continue  # an optional attribute the call left out
-                resolved = onnx.AttributeProto()
-                resolved.CopyFrom(source)
-                resolved.name = attribute.name
-                attributes.append(resolved)
-            else:
-                attributes.append(attribute)
-        del node.attribute[:]
-        node.attribute.extend(attributes)
-        set_scope(node, scope)
-        inlined.append(node)
-    return inlined
+    inlined = ir.from_proto(model)
+    for node in inlined.graph:  # InlinePass copies a call's metadata onto its nodes: the call's scope alone
+        if node.op_identifier() in inlined.functions:
+            scope = node.metadata_props.get(SCOPE_KEY)
+            scope = exporter_scope(node.name or "", node.metadata_props) if scope is None else scope
+            node.metadata_props.clear()
+            node.metadata_props[SCOPE_KEY] = scope or ""
+    for function in inlined.functions.values():
+        for node in function:
+            node.metadata_props.pop(SCOPE_KEY, None)  # the call's scope, not one a function's node brought
+    InlinePass()(inlined)
+    RemoveUnusedFunctionsPass()(inlined)
+    return ir.to_proto(inlined)

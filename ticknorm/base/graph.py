@@ -1,12 +1,15 @@
 """A read-only index over an ONNX graph: who produces and who consumes each tensor, which tensors
 are constants, and their inferred shapes. Matchers ask it questions; they never edit the graph."""
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
+from onnx_ir.passes.common import shape_inference
 
 from ticknorm.base.errors import OnnxFileError
 from ticknorm.base.onnx_io import is_external
@@ -14,8 +17,6 @@ from ticknorm.base.onnx_io import is_external
 # Mantissa bits of each float type: how finely it rounds.
 FLOAT_PRECISION = {onnx.TensorProto.BFLOAT16: 8, onnx.TensorProto.FLOAT16: 11, onnx.TensorProto.FLOAT: 24,
                    onnx.TensorProto.DOUBLE: 53}
-# Initializers above this size are weights, not shape tensors: shape inference does not need them.
-_SHAPE_RELEVANT_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,9 @@ class GraphIndex:
         self.graph_outputs = {value.name for value in graph.output} | subgraph_reads(graph)
         self.initializers = {tensor.name: tensor for tensor in graph.initializer}
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        self.info = _infer_tensor_info(model)
+        typed_model = typed(model)
+        self.values = ir.convenience.create_value_mapping(typed_model.graph, include_subgraphs=False)
+        self.info = _tensor_info(typed_model)
         self._constants: dict[str, np.ndarray | None] = {}
 
     def node_name(self, index: int) -> str:
@@ -111,22 +114,9 @@ class GraphIndex:
         return None if value is None else onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
 
     def coarsest_float_upstream(self, name: str) -> int | None:
-        """The float type with the fewest mantissa bits among `name` and every tensor it is computed
-        from: once a value was rounded to fp16 or bf16 on its way, a change before that rounding
-        can move it by one step of that type, and it is judged at that type's tolerance."""
-        seen, frontier, found = set(), [name], []
-        while frontier:
-            tensor = frontier.pop()
-            if tensor in seen or not tensor:
-                continue
-            seen.add(tensor)
-            elem_type = self.elem_type(tensor) if tensor in self.info else None
-            if elem_type in FLOAT_PRECISION:
-                found.append(elem_type)
-            _, node = self.producer_op(tensor)
-            if node is not None:
-                frontier.extend(node.input)
-        return min(found, key=FLOAT_PRECISION.get, default=None)
+        """`coarsest_float` of the tensor `name`."""
+        value = self.values.get(name)
+        return None if value is None else coarsest_float(value)
 
     def rank(self, name: str) -> int | None:
         info = self.info.get(name)
@@ -209,44 +199,50 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def _infer_tensor_info(model: onnx.ModelProto) -> dict[str, TensorInfo]:
-    skeleton = _shape_skeleton(model)
+def typed(model: onnx.ModelProto) -> ir.Model:
+    """`model` in onnx-ir (its weights wrapped, not copied), every tensor typed and shaped by shape
+    inference, which leaves the big weights out of what it serializes: it would fail at 2 GiB, and
+    weights are no shape tensors. A graph shape inference cannot read keeps what it declares,
+    silently: it still gets matched."""
+    inferred = ir.from_proto(model)
+    quiet = logging.getLogger(shape_inference.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - a graph shape inference cannot read still gets matched
-        inferred = skeleton
-    graph = inferred.graph
-    info = {}
-    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if value.type.HasField("tensor_type"):
-            tensor_type = value.type.tensor_type
-            dims = tuple(_dim(d) for d in tensor_type.shape.dim)
-            info[value.name] = TensorInfo(tensor_type.elem_type, dims, tensor_type.HasField("shape"))
-    for tensor in model.graph.initializer:
-        info.setdefault(tensor.name, TensorInfo(tensor.data_type, tuple(tensor.dims), True))
-    return info
+        shape_inference.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(inferred)
+    finally:
+        quiet.setLevel(level)
+    return inferred
+
+
+def coarsest_float(value: ir.Value) -> int | None:
+    """The float type with the fewest mantissa bits among `value` and every tensor it is computed
+    from: once a value was rounded to fp16 or bf16 on its way, a change before that rounding
+    can move it by one step of that type, and it is judged at that type's tolerance."""
+    seen, frontier, found = set(), [value], []
+    while frontier:
+        current = frontier.pop()
+        if current is None or current in seen:
+            continue
+        seen.add(current)
+        if isinstance(current.type, ir.TensorType) and current.dtype in FLOAT_PRECISION:
+            found.append(int(current.dtype))
+        producer = current.producer()
+        if producer is not None:
+            frontier.extend(producer.inputs)
+    return min(found, key=FLOAT_PRECISION.get, default=None)
+
+
+def _tensor_info(model: ir.Model) -> dict[str, TensorInfo]:
+    """Each main-graph tensor's type and shape (`typed`)."""
+    graph = model.graph
+    values = [*graph.inputs, *graph.initializers.values(), *(v for node in graph for v in node.outputs), *graph.outputs]
+    return {value.name: TensorInfo(int(value.dtype or 0), tuple(_dim(d) for d in value.shape or ()), value.shape is not None)
+            for value in values if isinstance(value.type, ir.TensorType)}
 
 
 def _dim(dim) -> int | str | None:
-    if dim.HasField("dim_value"):
-        return dim.dim_value
-    if dim.HasField("dim_param"):
-        return dim.dim_param
-    return None
-
-
-def _shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy without the big weights: shape inference serializes the model, which fails at 2 GiB,
-    and weights are never shape tensors. Big initializers become typed inputs instead."""
-    graph = model.graph
-    input_names = {value.name for value in graph.input}
-    small, weight_inputs = [], []
-    for tensor in graph.initializer:
-        if tensor.ByteSize() <= _SHAPE_RELEVANT_BYTES and not is_external(tensor):
-            small.append(tensor)
-        elif tensor.name not in input_names:
-            weight_inputs.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-    return rebuilt(model, graph.node, small, extra_inputs=weight_inputs)
+    return dim if isinstance(dim, int) else dim.value
 
 
 def rebuilt(model: onnx.ModelProto, nodes, initializers, extra_inputs=()) -> onnx.ModelProto:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 import onnx.numpy_helper
+import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from ticknorm.base.atomic import check_writable
@@ -114,10 +115,10 @@ def stage_weights(model_file: Path) -> onnx.ModelProto:
 
 
 def staged(model: onnx.ModelProto, model_file: Path) -> onnx.ModelProto:
-    """`model` with its weights written to the external data file beside `model_file` and
-    dropped from memory (onnx clears each tensor's bytes once written): the references stay."""
+    """`model`'s weights written to the external data file beside `model_file`, and the graph
+    saved there read back: its weights references into that file, none held."""
     _save_external(model, model_file, model_file.name + ".data")
-    return model
+    return onnx.load(str(model_file), load_external_data=False)
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
@@ -163,11 +164,9 @@ def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = PROTO
             elif _only_staged(model, Path(weights_dir)):
                 _link_staged(model, staged_model, Path(weights_dir), data_name)
             else:  # rewritten weights inline beside staged ones (a precision conversion): one new file
-                _stream_external(model, staged_model, Path(weights_dir), data_name)
+                _save_external(model, staged_model, data_name, Path(weights_dir))
         elif external:
             _save_external(model, staged_model, data_name)
-            # save_model moved the weights out of `model`; give the caller its weights back.
-            onnx.load_external_data_for_model(model, str(staging))
         else:
             onnx.save_model(model, str(staged_model))
         if external:
@@ -183,9 +182,22 @@ def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = PROTO
     return [path, path.parent / data_name] if external else [path]
 
 
-def _save_external(model: onnx.ModelProto, target: Path, data_name: str) -> None:
-    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
-                    size_threshold=1024)
+# Weights of a MiB or more start at multiples of a page in a weights file ticknorm writes: ONNX
+# Runtime memory-maps an external tensor only when its offset is page-aligned, else it reads a
+# private copy (smaller ones are not worth the padding).
+ALIGNMENT, ALIGN_FROM = 4096, 2**20
+
+
+def _save_external(model: onnx.ModelProto, target: Path, data_name: str, weights_dir: Path | None = None) -> None:
+    """Save `model` with every weight over 1 KiB in one new weights file `data_name` beside
+    `target` (onnx-ir's `save`: one tensor in memory at a time, each big one at a page-aligned
+    offset, `model` left as it was). Weights that are references into files in `weights_dir`
+    are read from there."""
+    written = ir.from_proto(model)
+    if weights_dir is not None:
+        ir.external_data.set_base_dir(written.graph, weights_dir)
+    ir.save(written, str(target), external_data=data_name, size_threshold_bytes=1024, alignment=ALIGNMENT,
+            align_threshold=ALIGN_FROM - 1)
 
 
 def _only_staged(model: onnx.ModelProto, weights_dir: Path) -> bool:
@@ -220,12 +232,6 @@ def _record_weights(model_file: Path, data_file: Path) -> None:
         model.metadata_props.remove(prop)
     model.metadata_props.add(key=WEIGHTS_RECORD, value=json.dumps(record))
     onnx.save_model(model, str(model_file))
-
-
-# Weights of a MiB or more start at multiples of a page in a weights file ticknorm writes: ONNX
-# Runtime memory-maps an external tensor only when its offset is page-aligned, else it reads a
-# private copy (smaller ones are not worth the padding).
-ALIGNMENT, ALIGN_FROM = 4096, 2**20
 
 
 def _link_staged(model: onnx.ModelProto, target: Path, weights_dir: Path, data_name: str) -> None:
@@ -264,28 +270,6 @@ def _stream_inline(model: onnx.ModelProto, target: Path, weights_dir: Path) -> N
             del inline.external_data[:]
             inline.data_location = onnx.TensorProto.DEFAULT
             out.write(whole.SerializeToString())
-
-
-def _stream_external(model: onnx.ModelProto, target: Path, weights_dir: Path, data_name: str) -> None:
-    """Save a model whose weights are partly staged, partly inline into one new weights file, one
-    tensor in memory at a time, each big one at a page-aligned offset."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    with open(target.parent / data_name, "wb") as data:
-        for tensor in copy.graph.initializer:
-            payload = _external_bytes(tensor, weights_dir) if is_external(tensor) else tensor.raw_data
-            if not is_external(tensor) and len(payload) <= 1024:
-                continue  # small: stays in the graph
-            if len(payload) >= ALIGN_FROM:
-                data.write(b"\0" * (-data.tell() % ALIGNMENT))
-            offset = data.tell()
-            data.write(payload)
-            tensor.ClearField("raw_data")
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
-                tensor.external_data.add(key=key, value=value)
-    onnx.save_model(copy, str(target))
 
 
 def _external_bytes(tensor: onnx.TensorProto, weights_dir: Path) -> bytes:
@@ -332,14 +316,8 @@ def model_digest(model: onnx.ModelProto, weights_dir=None) -> str:
         digest.update(tensor.name.encode())
         digest.update(str((tensor.data_type, tuple(tensor.dims))).encode())
         if weights_dir is not None and is_external(tensor):
-            digest.update(_referenced_bytes(tensor, Path(weights_dir)))
+            digest.update(_external_bytes(tensor, Path(weights_dir)))
         else:
             digest.update(tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes())
     return digest.hexdigest()
 
-
-def _referenced_bytes(tensor: onnx.TensorProto, folder: Path) -> bytes:
-    entries = external_entries(tensor)
-    with open(folder / entries["location"], "rb") as handle:
-        handle.seek(int(entries.get("offset", 0)))
-        return handle.read(int(entries["length"])) if "length" in entries else handle.read()

@@ -34,24 +34,28 @@ def set_scope(node: onnx.NodeProto, scope: str) -> None:
 
 
 def scope_from_exporter(node: onnx.NodeProto, module_paths: frozenset = frozenset()) -> str | None:
-    """The module path the exporter recorded, or None when it recorded none.
+    """The module path the exporter recorded, or None when it recorded none (see `exporter_scope`)."""
+    return exporter_scope(node.name, {prop.key: prop.value for prop in node.metadata_props}, module_paths)
+
+
+def exporter_scope(name: str, metadata: dict, module_paths: frozenset = frozenset()) -> str | None:
+    """The module path an exporter recorded in a node's `name` and `metadata`, or None.
 
     dynamo: `pkg.torch.onnx.name_scopes` lists cumulative paths, the last entry being the FX node
     (`['', 'layers.0', 'layers.0.ln', 'layer_norm']`). TorchScript: the node name is the module
     path with `/` separators, the last part being the op (`/layers.0/ln/ReduceMean`).
     """
-    for prop in node.metadata_props:
-        if prop.key == _DYNAMO_KEY:
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return None
-            candidates = scopes[-2::-1]  # innermost first; dynamo adds hook names that are no module
-            if module_paths:
-                return next((c for c in candidates if c in module_paths), "")
-            return candidates[0] if candidates else ""
-    if node.name.startswith("/"):
-        return _resolve_torchscript(_module_parts(node.name), module_paths)
+    if _DYNAMO_KEY in metadata:
+        try:
+            scopes = ast.literal_eval(metadata[_DYNAMO_KEY])
+        except (ValueError, SyntaxError):
+            return None
+        candidates = scopes[-2::-1]  # innermost first; dynamo adds hook names that are no module
+        if module_paths:
+            return next((c for c in candidates if c in module_paths), "")
+        return candidates[0] if candidates else ""
+    if name.startswith("/"):
+        return _resolve_torchscript(_module_parts(name), module_paths)
     return None
 
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
 from ticknorm.base.precision import TYPE_NAMES
-from ticknorm.base.optional import require
 from ticknorm.base.scopes import SCOPE_KEY, module_output_tensors
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
@@ -57,7 +57,6 @@ def block_of(scope: str | None, blocks: set) -> str:
 def cut(model, blocks) -> list[Piece]:
     """The graph (an onnx-ir model, or a ModelProto read into one) as pieces, in graph order, each
     with what it reads from before and what later pieces (or the graph's outputs) read from it."""
-    ir = require("onnx_ir", "torch")
     graph = (model if isinstance(model, ir.Model) else ir.from_proto(model)).graph
     blocks = set(blocks)
     pieces, made_in = [], {}
@@ -83,7 +82,6 @@ def cut(model, blocks) -> list[Piece]:
 
 def _reads(graph, node):
     """Every value of `graph` a node reads, those its subgraphs read from outside them included."""
-    ir = require("onnx_ir", "torch")
     yield from (value for value in node.inputs if value is not None)
     for attribute in node.attributes.values():
         if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
@@ -94,7 +92,6 @@ def _reads(graph, node):
 def piece_model(model, piece: Piece, values: dict) -> onnx.ModelProto:
     """A piece as a model (onnx-ir's `extract` between its inputs and outputs, its initializers
     references into the export's weights file): inputs typed as the arrays that feed them."""
-    ir = require("onnx_ir", "torch")
     graph = ir.convenience.extract(model.graph, inputs=piece.inputs, outputs=piece.outputs)
     for value in graph.inputs:
         value.dtype = ir.DataType.from_numpy(values[value.name].dtype)
@@ -122,7 +119,7 @@ class PieceRunner:
     """Runs a graph piece by piece from its weights' folder; see the module's docstring."""
 
     def __init__(self, model: onnx.ModelProto, blocks, weights_dir=None, progress=lambda done, total: None):
-        self.model = require("onnx_ir", "torch").from_proto(model)  # its weights stay references
+        self.model = ir.from_proto(model)  # its weights stay references
         self.pieces = cut(self.model, blocks)
         self.weights = MappedWeights.staged(weights_dir)
         self.progress = progress

@@ -11,6 +11,8 @@ Transpose node is gone, as in a graph exported whole.
 
 from dataclasses import dataclass, field
 
+import onnx_ir as ir
+
 from ticknorm.base.errors import ExportError
 from ticknorm.base.optional import require
 from ticknorm.base.progress import Eta
@@ -41,8 +43,6 @@ def optimize_without_weights(model, meta: MetaModel) -> WeightPlan:
 
 
 def _fold_weight_transposes(model, plan: WeightPlan) -> None:
-    import onnx_ir as ir
-
     graph = model.graph
     for node in list(graph):
         weight = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
@@ -66,8 +66,6 @@ def write_weights(model, meta: MetaModel, plan: WeightPlan, target, say) -> None
     """Every initializer written to `target`'s weights file by onnx-ir's `save`, each read from
     its shard (or, for a buffer the model computes itself, from the model) only when its turn
     comes, one at a time; `say` hears how far it is, with an estimate of the time left."""
-    import onnx_ir as ir
-
     buffers = dict(meta.model.named_buffers())
     total = 0
     for name, value in model.graph.initializers.items():
@@ -92,8 +90,6 @@ def write_weights(model, meta: MetaModel, plan: WeightPlan, target, say) -> None
 def _reader(meta: MetaModel, source: str, perm):
     """A tensor's bytes as the graph holds it: fp32, transposed where a Transpose was folded."""
     def read():
-        import onnx_ir as ir
-
         tensor = meta.tensor(source, require("torch", "torch").float32)
         return ir.tensor((tensor.permute(perm).contiguous() if perm else tensor).numpy())
     return read

@@ -9,9 +9,7 @@ x's batch: the graph then runs, computes the same numbers, and keeps the one sta
 """
 
 import onnx
-from onnx import helper
-
-from ticknorm.base.graph import UniqueNames
+import onnx_ir as ir
 
 ROTARY = "RotaryEmbedding"
 
@@ -19,28 +17,27 @@ ROTARY = "RotaryEmbedding"
 def expand_rotary_caches(model: onnx.ModelProto) -> int:
     """Expand the caches of every RotaryEmbedding without position_ids to x's batch, in place;
     returns how many nodes were changed. Each new node carries its RotaryEmbedding's metadata
-    (its module scope), so profiles and per-module checks still map it."""
-    graph = model.graph
-    names = UniqueNames(model)
-    rebuilt, changed = [], 0
-    for node in graph.node:
-        if node.op_type == ROTARY and node.domain in ("", "ai.onnx") and len([i for i in node.input if i]) == 3:
-            x, cos, sin = node.input[:3]
-            batch, rest, shape = names.fresh(f"{node.name}_batch"), names.fresh(f"{node.name}_rest"), names.fresh(f"{node.name}_cache_shape")
-            added = [helper.make_node("Shape", [x], [batch], start=0, end=1),
-                     helper.make_node("Shape", [cos], [rest], start=1),
-                     helper.make_node("Concat", [batch, rest], [shape], axis=0)]
-            for index, cache in ((1, cos), (2, sin)):
-                expanded = names.fresh(f"{cache}_per_batch")
-                added.append(helper.make_node("Expand", [cache, shape], [expanded]))
-                node.input[index] = expanded
-            for new in added:
-                new.name = names.fresh(f"{node.name}_{new.op_type}")
-                new.metadata_props.extend(node.metadata_props)
-            rebuilt += added
-            changed += 1
-        rebuilt.append(node)
-    if changed:
-        del graph.node[:]
-        graph.node.extend(rebuilt)
-    return changed
+    (its module scope), so profiles and per-module checks still map it; onnx-ir names them."""
+    edited = ir.from_proto(model)  # the weights stay where they are: a staged graph holds references
+    rotaries = [node for node in edited.graph if node.op_type == ROTARY and node.domain in ("", "ai.onnx")
+                and len([value for value in node.inputs if value is not None]) == 3]
+    for node in rotaries:
+        edited.graph.insert_before(node, _expanded_caches(node))
+    if rotaries:
+        model.CopyFrom(ir.to_proto(edited))
+    return len(rotaries)
+
+
+def _expanded_caches(node: ir.Node) -> tuple:
+    """The nodes that expand `node`'s cos and sin caches to x's batch, on its metadata; `node`
+    reads the expanded caches from then on."""
+    tape = ir.tape.Tape()
+
+    def op(op_type, inputs, attributes=None):
+        return tape.op(op_type, inputs, attributes, metadata_props=dict(node.metadata_props))
+
+    x, cos, sin = node.inputs[:3]
+    shape = op("Concat", [op("Shape", [x], {"start": 0, "end": 1}), op("Shape", [cos], {"start": 1})], {"axis": 0})
+    for index, cache in ((1, cos), (2, sin)):
+        node.replace_input_with(index, op("Expand", [cache, shape]))
+    return tape.nodes
