@@ -5,7 +5,7 @@ one-line reason and never stops the checks after it."""
 import statistics
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from collections.abc import Callable
 
 from ticknorm.base.errors import MissingDependencyError, RuntimeUnavailable, TicknormError, first_line
 
