@@ -20,7 +20,7 @@ class CheckRow:
     device: str = "-"
     verdict: str = UNAVAILABLE  # PASS, FAIL (wrong numbers), ERROR (present but broke), UNAVAILABLE, REFERENCE
     max_error: float | None = None
-    tolerance: tuple | None = None  # (atol, rtol) it was judged at
+    tolerance: tuple[float, float] | None = None  # (atol, rtol) it was judged at
     median_ms: float | None = None
     note: str = ""  # why it could not run, what broke, or what it was measured beside
 
