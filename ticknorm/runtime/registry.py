@@ -198,8 +198,9 @@ def runtime_precision(name: str, model: onnx.ModelProto, reference: str = "fp32"
     kind that runs the PyTorch model, the model's own (`reference`: its checkpoint's type), else
     the graph's (also for a name no kind answers to, which `make_runner` then refuses)."""
     kind = _lookup(name)
-    if kind and kind.accepted[name]:
-        return kind.accepted[name]
+    suffix = kind.accepted[name] if kind else None
+    if suffix:
+        return suffix
     return reference if kind and kind.runs_module else Precision.of_graph(model).dtype
 
 

@@ -350,7 +350,8 @@ def _append_history(bundle: Path, report: DriftReport, digest: str, current: dic
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime": report.runtime, "model_hash": digest,
         "versions": versions(), "passed": report.passed,
-        "outputs": {c.name: c.max_abs for c in report.outputs}, "atol": report.tolerance[0],
+        "outputs": {c.name: c.max_abs for c in report.outputs},
+        "atol": report.tolerance[0] if report.tolerance else None,
         "drifted_modules": report.drifted_modules,
         "layers": {m: max(abs(current[m][s] - _counterpart_stats(current[m], golden_layers[m])[s]) for s in STATS)
                    for m in current},

@@ -186,7 +186,8 @@ def _graph_and_setup(target: Target, probe: Probe):
     setup = runner_setup(probe.model, probe.module, probe.feeds, Runtimes((target.runtime,)))
     if not target.plugin:
         return probe.model, setup
-    low = {dtype: replace(entry, graph=to_plugin_target(entry.graph).model) for dtype, entry in setup.low.items()}
+    low = {dtype: replace(entry, graph=to_plugin_target(entry.graph).model) if entry.graph is not None else entry
+           for dtype, entry in setup.low.items()}
     return to_plugin_target(probe.model).model, replace(setup, low=low)
 
 

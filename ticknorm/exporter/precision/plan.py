@@ -35,7 +35,8 @@ def plan_precision(model: onnx.ModelProto, feeds: dict, precision: Precision, we
         return precision
     view = typed(model)
     graph = view.graph
-    unmatched = [glob for glob in precision.keep_fp32 if not any(fnmatch.fnmatchcase(scope(node), glob) for node in graph)]
+    scopes = [scope(node) for node in graph]
+    unmatched = [glob for glob in precision.keep_fp32 if not any(fnmatch.fnmatchcase(s, glob) for s in scopes)]
     if unmatched:
         raise InputSpecError(f"--keep-fp32 '{unmatched[0]}' matches no module of the graph (modules look like "
                              f"'{_example_scope(graph)}')")
