@@ -82,8 +82,13 @@ def _range(array: np.ndarray, smallest: float) -> TensorRange:
     return TensorRange(float(magnitude.max()) if magnitude.size else 0.0, underflow)
 
 
+def _value_of(value: ir.Value | None, values: dict[str, np.ndarray]) -> np.ndarray | None:
+    """What the fp32 run gave `value`; None for a value it did not fetch (or an absent one)."""
+    return values.get(value.name) if value is not None and value.name else None
+
+
 def _statistic(node: ir.Node, values: dict[str, np.ndarray]) -> tuple[str, float] | None:
-    x = values.get(node.inputs[0].name) if node.inputs and node.inputs[0] is not None else None
+    x = _value_of(node.inputs[0] if node.inputs else None, values)
     if x is None or x.ndim == 0:
         return None
     x = x.astype(np.float64)
@@ -92,7 +97,7 @@ def _statistic(node: ir.Node, values: dict[str, np.ndarray]) -> tuple[str, float
         square_mean = float((x * x).mean(axis=axes).max())
         variance = float(x.var(axis=axes).max())
         return ("variance", variance) if variance >= square_mean else ("mean of squares", square_mean)
-    output = values.get(node.outputs[0].name)
+    output = _value_of(node.outputs[0], values)
     if node.op_type in SUMMING_REDUCTIONS and output is not None and output.size:
         count = x.size // output.size
         total = np.abs(output.astype(np.float64)).max() * count if node.op_type == "ReduceMean" else output.max() ** 2
