@@ -140,6 +140,7 @@ def test_the_tensorrt_collector_alternates_blocks_and_keeps_gpu_compute_apart(ex
     profiled, each after one untimed run when there is warm-up; the profiler is attached to
     profiled runs only; each timed plain run's GPU compute time is kept apart from its end to end;
     layers map to modules, a fused layer to every module it covers."""
+    import sys
     import types
 
     import ticknorm.profiler.collect_trt as collect_trt
@@ -165,8 +166,8 @@ def test_the_tensorrt_collector_alternates_blocks_and_keeps_gpu_compute_apart(ex
                 profiler.report_layer_time(f"{nodes[0]} + {nodes[1]}", 0.25)
                 profiler.report_layer_time("Reformatting CopyNode for Input Tensor 0", 0.01)
 
-    monkeypatch.setattr(collect_trt, "import_tensorrt", lambda: types.SimpleNamespace(
-        IProfiler=type("IProfiler", (), {"__init__": lambda self: None})))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(
+        __version__="10.9.0", IProfiler=type("IProfiler", (), {"__init__": lambda self: None})))
     engine = Engine()
     log = collect_trt._timed(engine, FEEDS, Timing(iterations=7, warmup=warmup), table, lambda: None)
     schedule = [("plain", False)] * warmup  # (kind, timed)

@@ -63,21 +63,31 @@ class Tolerance:
 
     atol: float | None = None
     rtol: float | None = None
-    per_output: dict = field(default_factory=dict)  # output name -> (atol, rtol)
+    per_output: dict[str, tuple[float, float]] = field(default_factory=dict)  # (atol, rtol) by output name
     rule: str = "ticknorm"  # see CHECK_RULES
 
     def __post_init__(self):
         if self.rule not in CHECK_RULES:
             raise InputSpecError(f"unknown check mode '{self.rule}'; choose one of: {', '.join(CHECK_RULES)}")
 
-    def at(self, type_name: str = "float32") -> "Tolerance":
+    def at(self, type_name: str = "float32") -> "ResolvedTolerance":
         """Every number filled in, for a run computing in `type_name` (float32, float16, bfloat16)."""
         atol, rtol = DTYPE_TOLERANCES[type_name]
-        return Tolerance(atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol,
-                         self.per_output, self.rule)
+        return ResolvedTolerance(atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol,
+                                 self.per_output, self.rule)
 
-    def of(self, name: str) -> tuple:
-        """(atol, rtol, rule) for one output of a resolved tolerance: `compare_arrays`'s last three."""
+
+@dataclass(frozen=True)
+class ResolvedTolerance:
+    """A `Tolerance` with every number filled in (`Tolerance.at`): what a comparison is judged at."""
+
+    atol: float
+    rtol: float
+    per_output: dict[str, tuple[float, float]]
+    rule: str
+
+    def of(self, name: str) -> tuple[float, float, str]:
+        """(atol, rtol, rule) for one output: `compare_arrays`'s last three."""
         return (*self.per_output.get(name, (self.atol, self.rtol)), self.rule)
 
 
@@ -127,7 +137,8 @@ def compare_arrays(name: str, reference: np.ndarray, actual: np.ndarray, atol: f
     cosine = float(np.dot(ref, out) / norms) if norms > 0 else float(np.array_equal(ref, out))
     passed = passes(ref, out, atol, rtol, rule)
     if rule == "polygraphy":
-        reason = f"max |error| {max_abs:.3g} where |error| > atol {atol:g} and |error|/|ref| > rtol {rtol:g} (Polygraphy's rule)"
+        reason = (f"max |error| {max_abs:.3g} where |error| > atol {atol:g} and |error|/|ref| > rtol {rtol:g} "
+                  "(Polygraphy's rule)")
     else:
         reason = f"max |error| {max_abs:.3g} > atol {atol:g} + rtol {rtol:g}*|ref|"
     reason = "" if passed else reason
@@ -173,11 +184,12 @@ def _widen(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
 
 
-def ensure_finite(outputs: dict, what: str) -> None:
+def ensure_finite(outputs: dict[str, np.ndarray], what: str) -> None:
     """A reference with NaN or Inf cannot judge anything: stop with the output's name."""
     for name, value in outputs.items():
         if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
-            raise AccuracyError(f"{what} output '{name}' holds NaN or Inf on these inputs; it cannot serve as a reference")
+            raise AccuracyError(f"{what} output '{name}' holds NaN or Inf on these inputs; it cannot serve as a "
+                                "reference")
 
 
 def _failed(name: str, reason: str) -> ArrayComparison:

@@ -75,12 +75,13 @@ def read_reference(path, runner: str | None = None) -> SavedReference:
     return SavedReference(outputs, Path(path).name, chosen)
 
 
-def saved_outputs(saved: SavedReference, output_names: list, iterations: int) -> list:
+def saved_outputs(saved: SavedReference, output_names: list[str], iterations: int) -> list:
     """The saved outputs, checked to hold every graph output for each of `iterations` feeds."""
     if len(saved.outputs) != iterations:
         raise InputSpecError(f"{saved.label} holds {len(saved.outputs)} iteration(s) of outputs for {iterations} of "
                              "inputs: give the inputs it was made from (--input-file, e.g. polygraphy's --save-inputs)")
+    held = saved.outputs[0]
     for name in output_names:
-        if name not in saved.outputs[0]:
-            raise InputSpecError(f"{saved.label} holds no output '{name}' (it has {', '.join(saved.outputs[0]) or 'none'})")
+        if name not in held:
+            raise InputSpecError(f"{saved.label} holds no output '{name}' (it has {', '.join(held) or 'none'})")
     return saved.outputs

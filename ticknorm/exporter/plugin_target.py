@@ -29,8 +29,8 @@ PLUGIN_ELEM_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT1
 @dataclass
 class PluginTargetResult:
     model: onnx.ModelProto
-    converted: list = field(default_factory=list)  # node names now on the plugin
-    kept: dict = field(default_factory=dict)  # node name -> why it stays a LayerNormalization
+    converted: list[str] = field(default_factory=list)  # names of the nodes now on the plugin
+    kept: dict[str, str] = field(default_factory=dict)  # by node name: why it stays a LayerNormalization
 
     def summary(self) -> str:
         lines = [f"{len(self.converted)} LayerNormalization node(s) now {PLUGIN_NAMESPACE}::{PLUGIN_NAME} "
@@ -59,8 +59,7 @@ def to_plugin_target(model: onnx.ModelProto) -> PluginTargetResult:
             continue
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is None:
-            bias = ir.Value(name=names.fresh(f"{node.inputs[1].name}.zero_bias"))
-            bias.const_value = ir.Tensor(np.zeros(hidden_dims, seen.inputs[0].dtype.numpy()), name=bias.name)
+            bias = _zero_bias(names, node, seen, hidden_dims)
             graph.register_initializer(bias)
         plugin = _plugin_node(node, name, bias)
         ir.convenience.replace_nodes_and_values(graph, node, [node], [plugin], node.outputs[:1], plugin.outputs)
@@ -80,14 +79,15 @@ def _plugin_problem(node: ir.Node) -> tuple[str, tuple]:
     """Why the plugin cannot compute `node` of the typed view ('' when it can), and the normalized dims."""
     if any(output.name for output in node.outputs[1:]):
         return "its Mean/InvStdDev outputs are used, which the plugin does not produce", ()
-    elem_type = node.inputs[0].dtype
+    x = node.inputs[0]
+    elem_type = x.dtype if x is not None else None
     if elem_type not in PLUGIN_ELEM_TYPES:
         kind = elem_type.name if elem_type else "unknown"
         return f"its input dtype is {kind}; the plugin takes float, float16 or bfloat16", ()
     dims = _dims(node.inputs[1])
     if dims is None or not all(isinstance(d, int) for d in dims):
         return "the shape of its scale is not known statically", ()
-    x_dims = _dims(node.inputs[0])
+    x_dims = _dims(x)
     axis = node.attributes.get_int("axis", -1)
     normalized = tuple(x_dims[axis:]) if x_dims is not None and -len(x_dims) <= axis < len(x_dims) else None
     params = [dims] + ([_dims(node.inputs[2])] if len(node.inputs) > 2 and node.inputs[2] is not None else [])
@@ -100,16 +100,29 @@ def _plugin_problem(node: ir.Node) -> tuple[str, tuple]:
     return "", tuple(dims)
 
 
-def _dims(value: ir.Value) -> tuple | None:
-    """A value's dims (int when static, the name or None when not), None when its rank is unknown."""
-    if value.shape is None:
+def _dims(value: ir.Value | None) -> tuple | None:
+    """A value's dims (int when static, the name or None when not), None when its rank is unknown
+    (or the input is missing)."""
+    if value is None or value.shape is None:
         return None
     return tuple(dim if isinstance(dim, int) else dim.value for dim in value.shape)
 
 
+def _zero_bias(names: FreshNames, node: ir.Node, seen: ir.Node, dims: tuple) -> ir.Value:
+    """The zeros the plugin takes for a norm without a bias, named after its scale, in the type of
+    its input in the typed view (`seen`), which `_plugin_problem` found to be one the plugin takes."""
+    scale, x = node.inputs[1], seen.inputs[0]
+    if scale is None or x is None or x.dtype is None:
+        raise FusionError(f"LayerNormalization {seen.name} has no input or scale, which ONNX requires of it")
+    bias = ir.Value(name=names.fresh(f"{scale.name}.zero_bias"))
+    bias.const_value = ir.Tensor(np.zeros(dims, x.dtype.numpy()), name=bias.name)
+    return bias
+
+
 def _plugin_node(node: ir.Node, name: str, bias: ir.Value) -> ir.Node:
     """The plugin op on the norm's input and scale, with its epsilon and axis and its module scope."""
-    attributes = {"axis": node.attributes.get_int("axis", -1), "epsilon": node.attributes.get_float("epsilon", 1e-5),
-                  "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+    attributes: dict[str, int | float | str] = {
+        "axis": node.attributes.get_int("axis", -1), "epsilon": node.attributes.get_float("epsilon", 1e-5),
+        "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
     return ir.node(PLUGIN_NAME, [node.inputs[0], node.inputs[1], bias], attributes, domain=PLUGIN_NAMESPACE, name=name,
                    doc_string=node.doc_string, metadata_props=dict(node.metadata_props))

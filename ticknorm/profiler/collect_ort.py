@@ -73,7 +73,7 @@ def _discarded(path: str) -> str:
     return os.path.basename(path)
 
 
-def _ended(session) -> list:
+def _ended(session) -> list[dict]:
     with open(session.end_profiling()) as handle:
         return json.load(handle)
 
@@ -84,7 +84,9 @@ class _Runs:
 
     def __init__(self, profiling, feeds: dict, log: TickLog, on_iteration, name: str):
         self.profiling, self.feeds, self.log, self.on_iteration = profiling, feeds, log, on_iteration
-        self.name, self.count, self.timed, self.events = name, 0, [], None
+        self.name, self.count = name, 0
+        self.timed: list[int] = []  # which of its runs were timed, by count
+        self.events: list[dict] | None = None  # its profiler's events, once ended mid-way (`profiled_then_plain`)
 
     def alternate(self, plain, timing) -> None:
         for _ in range(timing.warmup):

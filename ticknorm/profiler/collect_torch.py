@@ -89,7 +89,10 @@ def _mark(torch, marks: list, path: str, edge: str, cuda: bool):
     return hook
 
 
-def _stamps(marks: list, cuda: bool) -> list:
+Mark = tuple[str, str, int]  # (module path, 'begin' or 'end', stamp in ns)
+
+
+def _stamps(marks: list, cuda: bool) -> list[Mark]:
     """Marks with nanosecond stamps (CUDA events: relative to the iteration's first event)."""
     if not cuda or not marks:
         return marks
@@ -97,17 +100,18 @@ def _stamps(marks: list, cuda: bool) -> list:
     return [(path, edge, int(first.elapsed_time(event) * 1e6)) for path, edge, event in marks]
 
 
-def own_time(marks: list, iteration: int, clock: str) -> list[Span]:
+def own_time(marks: list[Mark], iteration: int, clock: str) -> list[Span]:
     """Non-overlapping spans, each given to the innermost module running: a parent's span stops
     where a child starts and resumes where it ends."""
-    spans, running = [], []  # running: [path, start of its current stretch]
+    spans: list[Span] = []
+    running: list[str] = []  # the modules begun and not ended, innermost last
+    since = 0  # the last mark, where the innermost module's current stretch began
     for path, edge, stamp in marks:
-        if running and running[-1][1] < stamp:
-            spans.append(Span(running[-1][0], (running[-1][0],), iteration, Tick(clock, running[-1][1]), Tick(clock, stamp)))
+        if running and since < stamp:
+            spans.append(Span(running[-1], (running[-1],), iteration, Tick(clock, since), Tick(clock, stamp)))
         if edge == "begin":
-            running.append([path, stamp])
+            running.append(path)
         elif running:
             running.pop()
-        if running:
-            running[-1][1] = stamp
+        since = stamp
     return spans

@@ -22,13 +22,15 @@ def collect_trt(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_it
 def _timed(runner: TrtRunner, feeds: dict, timing, table: ScopeTable, on_iteration) -> TickLog:
     """Plain and profiled runs alternate in blocks (`ticks.blocks`), each after one untimed run
     (`Timing.settles`)."""
-    trt = import_tensorrt()
+    import_tensorrt()  # a missing or unsupported TensorRT is one line
+    from tensorrt import IProfiler
+
     log = TickLog(runner.name, "runtime", iterations=timing.iterations)
 
-    class LayerTimes(trt.IProfiler):
+    class LayerTimes(IProfiler):
         def __init__(self):
-            trt.IProfiler.__init__(self)
-            self.reports = []
+            IProfiler.__init__(self)
+            self.reports: list[tuple[str, float]] = []  # (layer name, ms), in the order TensorRT reported them
 
         def report_layer_time(self, layer_name, ms):
             self.reports.append((layer_name, ms))
@@ -64,7 +66,7 @@ def _elapsed(runner: TrtRunner, feeds: dict) -> int:
     return time.perf_counter_ns() - start
 
 
-def _layer_spans(reports: list, iteration: int, table: ScopeTable) -> list[Span]:
+def _layer_spans(reports: list[tuple[str, float]], iteration: int, table: ScopeTable) -> list[Span]:
     """TensorRT reports durations only: the layers laid end to end, in the order it reported them."""
     spans, cursor = [], 0
     for name, ms in reports:

@@ -99,8 +99,9 @@ def _types(info: dict) -> str:
     counts: dict[str, int] = {}
     for layer in info.values():
         found = {_type_of(str(o.get("Format/Datatype", ""))) for o in layer.get("Outputs", []) if isinstance(o, dict)}
-        for name in found - {None}:
-            counts[name] = counts.get(name, 0) + 1
+        for name in found:
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
     if not counts:
         return "types not stated (profilingVerbosity=detailed states them)"
     return ", ".join(f"{name} ({n} layers)" for name, n in sorted(counts.items(), key=lambda item: -item[1]))

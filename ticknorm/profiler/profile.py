@@ -10,7 +10,7 @@ import onnx
 from ticknorm.base.errors import InputSpecError, RuntimeUnavailable
 from ticknorm.base.progress import QUIET, Progress
 from ticknorm.profiler.align import ScopeTable
-from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, roll_up
+from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, TickLog, roll_up
 from ticknorm.runtime.registry import RunnerSetup, make_runner, runtime_kind
 from ticknorm.runtime.torch_runner import TorchRunner
 
@@ -36,8 +36,8 @@ class Timing:
 @dataclass
 class ProfileResult:
     depth: int | None
-    logs: dict = field(default_factory=dict)  # runtime -> TickLog
-    order: list = field(default_factory=list)  # row keys in model order
+    logs: dict[str, TickLog] = field(default_factory=dict)  # by runtime
+    order: list[str] = field(default_factory=list)  # row keys in model order
 
     def rows(self) -> list[tuple[str, dict]]:
         """(module, {runtime: ModuleTiming}) in model order; group rows and (unattributed) last."""
@@ -61,7 +61,7 @@ def profile_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: Runne
     result = ProfileResult(timing.depth)
     result.order = list(dict.fromkeys(roll_up(m, timing.depth) or ROOT for m in table.module_order))
     names = [o.name for o in model.graph.output]
-    runners = {r: (TorchRunner(setup.module, names) if r == "torch" else make_runner(r, model, setup)) for r in runtimes}
+    runners = {r: TorchRunner(setup.module, names) if r == "torch" else make_runner(r, model, setup) for r in runtimes}
     for runner in runners.values():
         runner.check_available()
         if getattr(runner, "emulates_bf16", False):
@@ -94,7 +94,8 @@ def _collect(result: ProfileResult, runners: dict, feeds: dict, timing: Timing, 
     for runtime, runner in runners.items():
         progress.step(f"timing {runtime}: {timing.iterations} plain and {timing.iterations} instrumented iterations, "
                       "in alternating blocks")
-        result.logs[runtime] = _collector(runtime_kind(runtime).collector)(runner, feeds, timing, table, progress.advance)
+        collect = _collector(runtime_kind(runtime).collector)
+        result.logs[runtime] = collect(runner, feeds, timing, table, progress.advance)
 
 
 def _collector(key: str):

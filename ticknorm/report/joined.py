@@ -27,9 +27,9 @@ class JoinedRow:
 
 def join(profile: ProfileResult, accuracy: CompareReport) -> list[JoinedRow]:
     errors: dict[str, dict[str, ArrayComparison]] = {}
-    for row in accuracy.layers:
-        if row.comparison is not None:
-            errors.setdefault(row.module, {})[row.runtime] = row.comparison
+    for layer in accuracy.layers:
+        if layer.comparison is not None:
+            errors.setdefault(layer.module, {})[layer.runtime] = layer.comparison
     rows = []
     totals = {r: sum(t.median_ms for _, timings in profile.rows() for rr, t in timings.items() if rr == r)
               for r in profile.logs}

@@ -13,7 +13,7 @@ from ticknorm.base.scopes import module_output_tensors
 @dataclass(frozen=True)
 class InputMeta:
     name: str
-    shape: tuple  # int for a static dim, str or None for a dynamic one
+    shape: tuple[int | str | None, ...]  # a dynamic dim is named (str) or not (None)
     dtype: np.dtype | None  # None when the runtime does not declare it (eager PyTorch)
     required: bool = True  # False for a forward() parameter with a default
 
@@ -22,11 +22,11 @@ class InputMeta:
 class RunOutputs:
     """Graph outputs by name, and the tapped modules' outputs by module path."""
 
-    outputs: dict = field(default_factory=dict)
-    taps: dict = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    taps: dict[str, np.ndarray] = field(default_factory=dict)
     # PyTorch only: a tapped module's further tensors when it returned several (a rotary embedding's
     # cos and sin). `taps` holds its first; the graph does not say which of them its tensor is.
-    tap_others: dict = field(default_factory=dict)
+    tap_others: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 class Runner:
@@ -83,18 +83,21 @@ class Runner:
     def _inputs_impl(self) -> list[InputMeta]:
         raise NotImplementedError
 
-    def _infer_impl(self, feeds: dict) -> RunOutputs:
+    def _infer_impl(self, feeds: dict[str, np.ndarray]) -> RunOutputs:
         raise NotImplementedError
 
 
-def check_feeds(runner: str, expected: list[InputMeta], feeds: dict, open_inputs: bool = False) -> None:
+def check_feeds(runner: str, expected: list[InputMeta], feeds: dict[str, np.ndarray],
+                open_inputs: bool = False) -> None:
     """Names, ranks, static dims and dtypes, with what exists named in the error."""
     names = [meta.name for meta in expected]
     missing = [meta.name for meta in expected if meta.required and meta.name not in feeds]
     unexpected = [] if open_inputs else [n for n in feeds if n not in names]
     if missing or unexpected:
-        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(unexpected)}"] if unexpected else [])
-        raise InputSpecError(f"{runner}: inputs do not match the model ({'; '.join(parts)}); it takes: {', '.join(names)}")
+        parts = [f"{what} {', '.join(which)}" for what, which in (("missing", missing), ("unexpected", unexpected))
+                 if which]
+        raise InputSpecError(f"{runner}: inputs do not match the model ({'; '.join(parts)}); "
+                             f"it takes: {', '.join(names)}")
     for meta in expected:
         if meta.name not in feeds:
             continue
@@ -128,7 +131,7 @@ def graph_input_meta(model) -> list[InputMeta]:
     return metas
 
 
-def tapped_tensors(model, taps: tuple) -> dict[str, str]:
+def tapped_tensors(model, taps: tuple[str, ...]) -> dict[str, str]:
     """Module path -> the ONNX tensor that is its output, for the taps the graph's scope map knows
     (a module without one is left out: its row then says so)."""
     if not taps:
@@ -137,7 +140,7 @@ def tapped_tensors(model, taps: tuple) -> dict[str, str]:
     return {module: scope_map[module] for module in taps if module in scope_map}
 
 
-def split_outputs(values: dict, graph_outputs: list, taps: dict) -> RunOutputs:
+def split_outputs(values: dict[str, np.ndarray], graph_outputs: list[str], taps: dict[str, str]) -> RunOutputs:
     """A run's values by tensor name, as graph outputs and tapped modules."""
     return RunOutputs({name: values[name] for name in graph_outputs},
                       {module: values[tensor] for module, tensor in taps.items()})

@@ -2,12 +2,16 @@
 and why not, how its runner is built, how the profiler times it, what it reads and the type it
 computes in. `registry.KINDS` holds one per kind, and the commands ask it rather than the names."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import onnx
 
 from ticknorm.runtime.base import Runner
+
+if TYPE_CHECKING:
+    from ticknorm.runtime.registry import RunnerSetup  # registry builds its kinds from this module
 
 
 @dataclass
@@ -28,8 +32,8 @@ class RunnerRequest:
     low: str | None
     precision: str
     model: onnx.ModelProto
-    setup: object  # a `registry.RunnerSetup`
-    taps: tuple = ()
+    setup: "RunnerSetup"
+    taps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,17 +50,17 @@ class RuntimeKind:
     type (TensorRT builds strongly typed networks), not the fp32 graph with a policy."""
 
     name: str
-    names: tuple
+    names: tuple[str, ...]
     status: Callable[[str], RuntimeStatus]
     runner: Callable[[RunnerRequest], Runner]
     collector: str
     reads_file: bool = False
-    low_types: tuple = ()
+    low_types: tuple[str, ...] = ()
     runs_module: bool = False
     converts_graph: bool = False
 
     @property
-    def accepted(self) -> dict:
+    def accepted(self) -> dict[str, str | None]:
         """Every name this kind answers to -> the low type its suffix asks for (None: none)."""
         return {f"{base}-{low}" if low else base: low for base in self.names for low in (None, *self.low_types)}
 

@@ -2,17 +2,21 @@
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
-from ticknorm.base.errors import OnnxFileError, RuntimeFailure, RuntimeUnavailable, first_line
+from ticknorm.base.errors import OnnxFileError, RuntimeFailure, RuntimeUnavailable, TicknormError, first_line
 from ticknorm.base.onnx_io import has_external_weights, session_source
 from ticknorm.base.precision import Precision
 from ticknorm.base.upcast import upcast_bf16
 from ticknorm.base.scopes import exposed
 from ticknorm.plugins import plugin_nodes
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, split_outputs, tapped_tensors
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -61,15 +65,16 @@ class OrtRunner(Runner):
         self._outputs = list(dict.fromkeys([*graph_outputs, *extra_outputs]))
         self._fetched = list(dict.fromkeys([*self._outputs, *self._tap_tensors.values()]))
         self._added = [name for name in self._fetched if name not in graph_outputs]  # made outputs for the session
-        self._session = None
+        self._session: ort.InferenceSession | None = None
 
     def check_available(self) -> None:
         import onnxruntime as ort
 
         held = plugin_nodes(self.model)
         if held:
-            raise RuntimeUnavailable(f"{self.name}: the graph holds {len(held)} TensorRT plugin node(s) (first: {held[0]}) "
-                                     "that ONNX Runtime cannot run; export with --ln-target native for it")
+            raise RuntimeUnavailable(f"{self.name}: the graph holds {len(held)} TensorRT plugin node(s) "
+                                     f"(first: {held[0]}) that ONNX Runtime cannot run; export with --ln-target "
+                                     "native for it")
         if PROVIDERS[self.provider] not in ort.get_available_providers():
             raise RuntimeUnavailable(f"{self.name}: onnxruntime {ort.__version__} has no {PROVIDERS[self.provider]} "
                                      "(install ticknorm[gpu] on a CUDA machine)")
@@ -85,12 +90,18 @@ class OrtRunner(Runner):
 
         model = upcast_bf16(self.model) if self.emulates_bf16 else self.model
         try:
-            with exposed(model, self._added), contextlib.nullcontext(str(self.model_file)) if (
-                    self._reads_file and model is self.model) else session_source(
-                    model, self.mapped.folder if self.mapped else None) as source:
-                self._session = ort.InferenceSession(source, self.session_options(), providers=[PROVIDERS[self.provider]])
+            with exposed(model, self._added), self._source(model) as source:
+                self._session = ort.InferenceSession(source, self.session_options(),
+                                                     providers=[PROVIDERS[self.provider]])
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors
             raise OnnxFileError(f"{self.name} cannot load the model: {first_line(exc)}") from exc
+
+    def _source(self, model: onnx.ModelProto):
+        """What the session loads: the file itself where it may read it (`_reads_file`), else
+        `model` (the graph itself or its upcast) as `session_source` hands it over."""
+        if self._reads_file and model is self.model:
+            return contextlib.nullcontext(str(self.model_file))
+        return session_source(model, self.mapped.folder if self.mapped else None)
 
     def _deactivate_impl(self) -> None:
         self._session = None
@@ -113,32 +124,36 @@ class OrtRunner(Runner):
         return bool(self.model_file) and not self._added and not self._maps_weights
 
     @property
-    def session(self):
-        """The one session (the profiler runs it directly, to time nothing but ONNX Runtime)."""
+    def session(self) -> "ort.InferenceSession":
+        """The one session (the profiler runs it directly, to time nothing but ONNX Runtime),
+        which exists only while the runner is active."""
+        if self._session is None:
+            raise TicknormError(f"{self.name} has no session until it is activated (`with runner:`)")
         return self._session
 
     def _inputs_impl(self) -> list[InputMeta]:
         return [InputMeta(i.name, tuple(d if isinstance(d, int) else None for d in i.shape), _np_dtype(i.type))
-                for i in self._session.get_inputs()]
+                for i in self.session.get_inputs()]
 
     def session_options(self):
         import onnxruntime as ort
 
         options = self._extra_options() if self._extra_options else ort.SessionOptions()
         options.log_severity_level = 4  # fatal only: a failure reaches the user as our one line, not ORT's log too
-        if self._maps_weights:
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", self.mapped.folder)
-        if self.mapped is not None and not self.mapped.prepack:
+        mapped = self.mapped
+        if mapped is not None and self._maps_weights:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", mapped.folder)
+        if mapped is not None and not mapped.prepack:
             options.add_session_config_entry("session.disable_prepacking", "1")
-        options.graph_optimization_level = {
-            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[self.optimization]
+        levels = ort.GraphOptimizationLevel
+        options.graph_optimization_level = {"disabled": levels.ORT_DISABLE_ALL, "basic": levels.ORT_ENABLE_BASIC,
+                                            "extended": levels.ORT_ENABLE_EXTENDED,
+                                            "all": levels.ORT_ENABLE_ALL}[self.optimization]
         return options
 
-    def _infer_impl(self, feeds: dict) -> RunOutputs:
+    def _infer_impl(self, feeds: dict[str, np.ndarray]) -> RunOutputs:
         try:
-            values = dict(zip(self._fetched, self._session.run(self._fetched, feeds)))
+            values = dict(zip(self._fetched, self.session.run(self._fetched, feeds)))
         except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors (bad shapes, no kernel, bf16 I/O)
             raise failed_run(self.name, exc) from exc
         return split_outputs(values, self._outputs, self._tap_tensors)

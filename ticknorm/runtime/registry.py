@@ -8,6 +8,7 @@ import copy
 import importlib
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -17,7 +18,10 @@ from ticknorm.runtime.base import Runner
 from ticknorm.runtime.kind import RunnerRequest, RuntimeKind, RuntimeStatus
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 from ticknorm.runtime.torch_runner import TorchRunner
-from ticknorm.runtime.trt_runner import TrtRunner, TrtSettings
+from ticknorm.runtime.trt_runner import ShapeProfile, TrtRunner, TrtSettings
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -35,10 +39,10 @@ class RunnerSetup:
     `torch-*` targets, judged against the fp32 CPU reference), TensorRT's shape profile, ONNX
     Runtime's optimization level, and per low type ('fp16', 'bf16') the precision it runs with."""
 
-    module: object = None
-    profile: dict | None = None
+    module: "nn.Module | None" = None
+    profile: ShapeProfile | None = None
     ort_optimization: str = "all"
-    low: dict = field(default_factory=dict)  # 'fp16' | 'bf16' -> LowPrecision
+    low: dict[str, LowPrecision] = field(default_factory=dict)  # by low type: 'fp16', 'bf16'
     model_file: str | None = None  # the file the graph was read from, which ONNX Runtime then reads itself
     weights_dir: str | None = None  # where a graph read without its weights finds them (`graph_only`)
 
@@ -60,7 +64,7 @@ class Runtimes:
     policy low-precision targets (`trt-fp16`, `torch-bf16`, ...) measure their fp32 islands with
     (`keep_fp32` globs, the underflow limit)."""
 
-    names: tuple = ("ort",)
+    names: tuple[str, ...] = ("ort",)
     ort_optimization: str = "all"
     precision: Precision = Precision()
     trtexec: TrtexecFiles | None = None  # TensorRT timed by trtexec on a target GPU
@@ -87,7 +91,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _ort_providers() -> list:
+def _ort_providers() -> list[str]:
     if not _version("onnxruntime"):
         return []
     import onnxruntime
@@ -194,8 +198,9 @@ def runtime_precision(name: str, model: onnx.ModelProto, reference: str = "fp32"
     kind that runs the PyTorch model, the model's own (`reference`: its checkpoint's type), else
     the graph's (also for a name no kind answers to, which `make_runner` then refuses)."""
     kind = _lookup(name)
-    if kind and kind.accepted[name]:
-        return kind.accepted[name]
+    suffix = kind.accepted[name] if kind else None
+    if suffix:
+        return suffix
     return reference if kind and kind.runs_module else Precision.of_graph(model).dtype
 
 

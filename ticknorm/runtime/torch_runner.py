@@ -1,12 +1,16 @@
 """PyTorch eager: the training graph, the reference every other runtime is judged against."""
 
 import inspect
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ticknorm.base.optional import require
 from ticknorm.base.errors import InputSpecError, RuntimeUnavailable, TicknormError, first_line
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -20,11 +24,11 @@ def module_precision(module) -> str:
 def prevailing_precision(tensors) -> str:
     """The short name (fp32, fp16, bf16) of the floating type that holds the most values among
     `(torch dtype name, number of values)` pairs; fp32 when none is floating."""
-    counts = {}
+    counts: dict[str, int] = {}
     for dtype, count in tensors:
         if dtype in TORCH_DTYPES.values():
             counts[dtype] = counts.get(dtype, 0) + count
-    largest = max(counts, key=counts.get) if counts else "float32"
+    largest = max(counts, key=counts.__getitem__) if counts else "float32"
     return next(short for short, name in TORCH_DTYPES.items() if name == largest)
 
 
@@ -44,8 +48,9 @@ class TorchRunner(Runner):
         self.fp32_modules = tuple(fp32_modules)
         self.name = f"torch-{device}" + ("" if dtype in (None, "fp32") else f"-{dtype}")
         self.open_inputs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _parameters(module))
-        self._hooks = []
-        self._tapped, self._others = {}, {}
+        self._hooks: list[RemovableHandle] = []
+        self._tapped: dict[str, np.ndarray] = {}
+        self._others: dict[str, list[np.ndarray]] = {}  # see `RunOutputs.tap_others`
 
     def check_available(self) -> None:
         torch = require("torch", "torch")
@@ -61,7 +66,8 @@ class TorchRunner(Runner):
             self.module.to(self._torch_dtype)
         for path in self.fp32_modules:
             submodule = self.module.get_submodule(path).float()
-            self._hooks.append(submodule.register_forward_pre_hook(_cast_inputs(torch, torch.float32), with_kwargs=True))
+            to_fp32 = _cast_inputs(torch, torch.float32)
+            self._hooks.append(submodule.register_forward_pre_hook(to_fp32, with_kwargs=True))
             self._hooks.append(submodule.register_forward_hook(_cast_output(torch, self._torch_dtype)))
         for path in self.taps:
             self._hooks.append(self.module.get_submodule(path).register_forward_hook(
@@ -77,7 +83,7 @@ class TorchRunner(Runner):
         return [InputMeta(p.name, (), None, required=p.default is inspect.Parameter.empty)
                 for p in _parameters(self.module) if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
-    def _infer_impl(self, feeds: dict) -> RunOutputs:
+    def _infer_impl(self, feeds: dict[str, np.ndarray]) -> RunOutputs:
         self._tapped.clear()
         self._others.clear()
         leaves = self.graph_outputs(forward(self.module, self.tensors(feeds)))
@@ -92,14 +98,15 @@ class TorchRunner(Runner):
         leaves = tensor_leaves(torch, result)
         if self.output_names and len(leaves) != len(self.output_names):
             raise InputSpecError(f"{self.name}: the model returned {len(leaves)} tensors but the ONNX graph has "
-                                 f"{len(self.output_names)} outputs ({', '.join(self.output_names)}); is it the same model?")
+                                 f"{len(self.output_names)} outputs ({', '.join(self.output_names)}); "
+                                 "is it the same model?")
         own = output_names(torch, result)
         unmatched = [name for name in self.output_names if name not in own]
         if unmatched and len(unmatched) < len(self.output_names):  # some by name, some not: no way to pair them
             extra = [name for name in own if name not in self.output_names]
-            raise InputSpecError(f"{self.name}: the ONNX graph's output {', '.join(unmatched)} maps to no output of the "
-                                 f"model, whose {', '.join(extra) or 'outputs'} the graph does not name; is it the same "
-                                 "model, exported for the same task?")
+            raise InputSpecError(f"{self.name}: the ONNX graph's output {', '.join(unmatched)} maps to no output of "
+                                 f"the model, whose {', '.join(extra) or 'outputs'} the graph does not name; is it the "
+                                 "same model, exported for the same task?")
         if self.output_names and not unmatched:
             by_name = dict(zip(own, leaves))
             leaves = [by_name[name] for name in self.output_names]
@@ -166,7 +173,8 @@ def forward(module, tensors: dict):
 
 def _failing_module(module, tensors: dict) -> str:
     """Where a failing forward fails: the innermost module that started and did not finish."""
-    running, handles = [], []
+    running: list[str] = []
+    handles = []
     for path, submodule in module.named_modules():
         handles.append(submodule.register_forward_pre_hook(lambda *_, path=path: running.append(path)))
         handles.append(submodule.register_forward_hook(lambda *_: running.pop()))
@@ -182,7 +190,9 @@ def _failing_module(module, tensors: dict) -> str:
     path = running[-1]
     owner = module.get_submodule(path)
     summary = repr(owner).splitlines()[0].rstrip("(")
-    return f"in module '{path}' ({summary})" if path else f"in {type(module).__name__}.forward's own code (outside its submodules)"
+    if not path:
+        return f"in {type(module).__name__}.forward's own code (outside its submodules)"
+    return f"in module '{path}' ({summary})"
 
 
 def from_numpy(torch, array: np.ndarray):
@@ -210,7 +220,7 @@ def _parameters(module) -> list:
     return list(inspect.signature(module.forward).parameters.values())
 
 
-def _capture(torch, store: dict, others: dict, path: str):
+def _capture(torch, store: dict[str, np.ndarray], others: dict[str, list[np.ndarray]], path: str):
     def hook(_module, _args, output):
         leaves = tensor_leaves(torch, output)
         if leaves:

@@ -19,13 +19,14 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
 import onnx
 
 from ticknorm.base.atomic import atomic_path
-from ticknorm.base.errors import RuntimeFailure, RuntimeUnavailable, first_line
+from ticknorm.base.errors import RuntimeFailure, RuntimeUnavailable, TicknormError, first_line
 from ticknorm.base.inputs import graph_inputs
 from ticknorm.base.onnx_io import model_digest, save_onnx
 from ticknorm.plugins import plugin_nodes
@@ -33,7 +34,13 @@ from ticknorm.plugins.trt_plugin import kernel_source_digest, register_plugin
 from ticknorm.runtime.base import InputMeta, Runner, RunOutputs, split_outputs, tapped_tensors
 from ticknorm.runtime.torch_runner import from_numpy, to_numpy
 
+if TYPE_CHECKING:
+    import tensorrt as trt
+
 SUPPORTED = "TensorRT 10.x (10.9+ for the plugin) and 11.x"
+Shape = tuple[int, ...]
+# Input name -> the (min, opt, max) shapes an engine accepts.
+ShapeProfile = dict[str, tuple[Shape, Shape, Shape]]
 
 
 @dataclass
@@ -42,10 +49,10 @@ class TrtSettings:
     workspace_bytes: int = 4 << 30
 
 
-def optimization_profile(inputs: dict[str, np.ndarray], dynamic_axes: dict[str, dict[int, str]]) -> dict:
+def optimization_profile(inputs: dict[str, np.ndarray], dynamic_axes: dict[str, dict[int, str]]) -> ShapeProfile:
     """{input: (min, opt, max)}: dynamic axes range from 1 to the example size, which is also
     the size TensorRT optimizes for; static inputs are fixed at their example shape."""
-    profile = {}
+    profile: ShapeProfile = {}
     for name, array in inputs.items():
         dynamic = dynamic_axes.get(name, {})
         low = tuple(1 if axis in dynamic else size for axis, size in enumerate(array.shape))
@@ -53,7 +60,7 @@ def optimization_profile(inputs: dict[str, np.ndarray], dynamic_axes: dict[str, 
     return profile
 
 
-def profile_for(model: onnx.ModelProto, feeds: dict) -> dict:
+def profile_for(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> ShapeProfile:
     """The profile for `feeds`, with the ONNX inputs' named or unknown dims dynamic."""
     dynamic = {}
     for value in graph_inputs(model):
@@ -62,7 +69,7 @@ def profile_for(model: onnx.ModelProto, feeds: dict) -> dict:
     return optimization_profile(feeds, dynamic)
 
 
-def engine_cache_key(model_bytes_digest: str, trt_version: str, gpu: str, settings: TrtSettings, profile: dict,
+def engine_cache_key(model_bytes_digest: str, trt_version: str, gpu: str, settings: TrtSettings, profile: ShapeProfile,
                      plugin_kernel: str = "") -> str:
     """An engine is only valid for the same model, TensorRT, GPU, settings and profile, and,
     when it holds our plugin, the same kernel source (its PTX is inside the engine)."""
@@ -109,8 +116,8 @@ class TrtRunner(Runner):
     """One engine (cached on disk) and its execution context. Tapped modules' tensors are marked
     as network outputs before the build, so a tapped runner has an engine of its own."""
 
-    def __init__(self, model: onnx.ModelProto, profile: dict, settings: TrtSettings | None = None, cache_dir=None,
-                 taps=()):
+    def __init__(self, model: onnx.ModelProto, profile: ShapeProfile, settings: TrtSettings | None = None,
+                 cache_dir=None, taps=()):
         super().__init__(taps)
         self.model = model
         self.shape_profile = profile
@@ -118,7 +125,8 @@ class TrtRunner(Runner):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.name = f"trt-{self.settings.precision}"
         self._tap_tensors = tapped_tensors(model, self.taps)
-        self._engine = self.context = None  # the context is where the profiler attaches
+        self._engine: trt.ICudaEngine | None = None
+        self._context: trt.IExecutionContext | None = None
         self.compute_ns = 0
 
     def check_available(self) -> None:
@@ -146,10 +154,21 @@ class TrtRunner(Runner):
         self._logger = self._trt.Logger(self._trt.Logger.WARNING)
         key = engine_cache_key(model_digest(self.model), self._trt.__version__, torch.cuda.get_device_name(),
                                self.settings, self.shape_profile, kernel)
-        self._engine, self.context = self._load_engine(key)
+        self._engine, self._context = self._load_engine(key)
 
     def _deactivate_impl(self) -> None:
-        self._engine = self.context = None
+        self._engine = self._context = None
+
+    @property
+    def context(self) -> "trt.IExecutionContext":
+        """The engine's execution context, where the profiler attaches."""
+        return self._built()[1]
+
+    def _built(self) -> "tuple[trt.ICudaEngine, trt.IExecutionContext]":
+        """The engine and its context, which exist only while the runner is active."""
+        if self._engine is None or self._context is None:
+            raise TicknormError(f"{self.name} has no engine until it is activated (`with runner:`)")
+        return self._engine, self._context
 
     def _load_engine(self, key: str):
         taps = tuple(sorted(set(self._tap_tensors.values())))
@@ -162,7 +181,7 @@ class TrtRunner(Runner):
         engine = self._trt.Runtime(self._logger).deserialize_cuda_engine(path.read_bytes())
         return engine, engine.create_execution_context()
 
-    def _build(self, taps: tuple) -> bytes:
+    def _build(self, taps: tuple[str, ...]) -> bytes:
         trt = self._trt
         builder = trt.Builder(self._logger)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -185,7 +204,7 @@ class TrtRunner(Runner):
             raise RuntimeFailure("trt: TensorRT could not build an engine (see the TensorRT log above)")
         return bytes(serialized)
 
-    def _mark_taps(self, network, taps: tuple) -> None:
+    def _mark_taps(self, network, taps: tuple[str, ...]) -> None:
         wanted = set(taps)
         for index in range(network.num_layers):
             layer = network.get_layer(index)
@@ -198,7 +217,7 @@ class TrtRunner(Runner):
             raise RuntimeFailure(f"trt: TensorRT fused away or renamed {', '.join(sorted(wanted))}; cannot tap them")
 
     def _inputs_impl(self) -> list[InputMeta]:
-        engine, trt = self._engine, self._trt
+        (engine, _), trt = self._built(), self._trt
         metas = []
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
@@ -207,9 +226,9 @@ class TrtRunner(Runner):
                 metas.append(InputMeta(name, shape, numpy_dtype(engine.get_tensor_dtype(name))))
         return metas
 
-    def _infer_impl(self, feeds: dict) -> RunOutputs:
+    def _infer_impl(self, feeds: dict[str, np.ndarray]) -> RunOutputs:
         trt, torch = self._trt, self._torch
-        engine, context = self._engine, self.context
+        engine, context = self._built()
         buffers = {}
         for name, value in feeds.items():
             buffers[name] = from_numpy(torch, value).cuda()

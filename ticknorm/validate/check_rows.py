@@ -5,7 +5,7 @@ one-line reason and never stops the checks after it."""
 import statistics
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from collections.abc import Callable
 
 from ticknorm.base.errors import MissingDependencyError, RuntimeUnavailable, TicknormError, first_line
 
@@ -20,7 +20,7 @@ class CheckRow:
     device: str = "-"
     verdict: str = UNAVAILABLE  # PASS, FAIL (wrong numbers), ERROR (present but broke), UNAVAILABLE, REFERENCE
     max_error: float | None = None
-    tolerance: tuple | None = None  # (atol, rtol) it was judged at
+    tolerance: tuple[float, float] | None = None  # (atol, rtol) it was judged at
     median_ms: float | None = None
     note: str = ""  # why it could not run, what broke, or what it was measured beside
 

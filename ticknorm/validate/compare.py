@@ -14,10 +14,10 @@ import onnx
 from ticknorm.base.errors import InputSpecError
 from ticknorm.base.run_results import SavedReference, saved_outputs
 from ticknorm.base.inputs import as_feed_sets, graph_feeds
-from ticknorm.base.metrics import ArrayComparison, Tolerance, compare_arrays, ensure_finite
+from ticknorm.base.metrics import ArrayComparison, ResolvedTolerance, Tolerance, compare_arrays, ensure_finite
 from ticknorm.base.scopes import LayerSelection, module_output_tensors
 from ticknorm.base.text_table import render
-from ticknorm.base.precision import TYPE_NAMES
+from ticknorm.base.precision import TYPE_NAMES, Fp32Island
 from ticknorm.runtime.registry import RunnerSetup, judged_precision, make_runner
 from ticknorm.runtime.torch_runner import TorchRunner, module_precision
 
@@ -37,12 +37,12 @@ class LayerRow:
 
 @dataclass
 class CompareReport:
-    outputs: dict = field(default_factory=dict)  # runtime -> [ArrayComparison]
-    layers: list = field(default_factory=list)  # LayerRow, in the order PyTorch finished the modules
-    first_failure: dict = field(default_factory=dict)  # runtime -> module or None
-    tap_effect: dict = field(default_factory=dict)  # runtime -> max |tapped - untapped| of final outputs
-    fp32_islands: dict = field(default_factory=dict)  # low type -> [Fp32Island] its targets kept in fp32
-    tolerances: dict = field(default_factory=dict)  # runtime -> (atol, rtol) it was judged at
+    outputs: dict[str, list[ArrayComparison]] = field(default_factory=dict)  # by runtime
+    layers: list[LayerRow] = field(default_factory=list)  # in the order PyTorch finished the modules
+    first_failure: dict[str, str | None] = field(default_factory=dict)  # by runtime: its first module over tolerance
+    tap_effect: dict[str, float] = field(default_factory=dict)  # by runtime: max |tapped - untapped| of final outputs
+    fp32_islands: dict[str, list[Fp32Island]] = field(default_factory=dict)  # by low type: its targets kept in fp32
+    tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)  # by runtime: (atol, rtol) judged at
     reference: str = "torch"  # what the final outputs were judged against
 
     @property
@@ -57,25 +57,35 @@ class CompareReport:
                  for dtype, islands in self.fp32_islands.items() for island in islands]
         for runtime, checks in self.outputs.items():
             atol, rtol = self.tolerances.get(runtime, (None, None))
-            lines.append(f"{runtime} vs {self.reference}" + (f" (atol {atol:g}, rtol {rtol:g}):" if atol is not None else ":"))
+            judged_at = f" (atol {atol:g}, rtol {rtol:g})" if atol is not None else ""
+            lines.append(f"{runtime} vs {self.reference}{judged_at}:")
             lines += ["  " + check.line() for check in checks]
         if self.layers:
             lines.append(f"per module ({len({r.module for r in self.layers})} tapped):")
-            cells = [[row.module or "(root)", row.runtime, *((f"{row.comparison.max_abs:.3g}", f"{row.comparison.cosine:.6f}",
-                      "ok" if row.comparison.passed else "FAIL") if row.comparison else ("-", "-", row.note))]
-                     for row in self.layers]
-            lines += ["  " + line for line in render(["module", "runtime", "max abs", "cosine", "verdict"], cells, 2).splitlines()]
+            cells = [_cells(row) for row in self.layers]
+            table = render(["module", "runtime", "max abs", "cosine", "verdict"], cells, 2)
+            lines += ["  " + line for line in table.splitlines()]
             for runtime, module in self.first_failure.items():
                 lines.append(f"{runtime}: first module over tolerance: {module}" if module else
                              f"{runtime}: every tapped module within tolerance")
             for runtime, effect in self.tap_effect.items():
-                flag = "  WARNING: tapped numbers may not be what an untapped run computes" if effect > TAP_EFFECT_LIMIT else ""
+                warning = "  WARNING: tapped numbers may not be what an untapped run computes"
+                flag = warning if effect > TAP_EFFECT_LIMIT else ""
                 lines.append(f"{runtime}: tapping moved the final outputs by at most {effect:.3g}{flag}")
         lines.append("PASS" if self.passed else "FAIL")
         return "\n".join(lines)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=float)
+
+
+def _cells(row: LayerRow) -> list[str]:
+    """A per-module row of the text: its numbers and verdict, or why it has none."""
+    found = row.comparison
+    if found is None:
+        return [row.module or "(root)", row.runtime, "-", "-", row.note]
+    verdict = "ok" if found.passed else "FAIL"
+    return [row.module or "(root)", row.runtime, f"{found.max_abs:.3g}", f"{found.cosine:.6f}", verdict]
 
 
 def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup,
@@ -90,13 +100,15 @@ def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup
     tolerance = tolerance or Tolerance()
     feed_sets = as_feed_sets(feeds)
     output_names = [o.name for o in model.graph.output]
-    if layers and setup.module is None:
-        raise InputSpecError("per-module comparison taps the PyTorch model: give --model")
-    modules = layers.modules(model, (name for name, _ in setup.module.named_modules())) if layers else []
+    modules: list[str] = []
+    if layers:
+        if setup.module is None:
+            raise InputSpecError("per-module comparison taps the PyTorch model: give --model")
+        modules = layers.modules(model, (name for name, _ in setup.module.named_modules()))
     runners = {runtime: make_runner(runtime, model, setup) for runtime in runtimes}
     for runner in runners.values():
         runner.check_available()  # an unavailable runtime fails here, before any work, with its reason
-    references = saved_outputs(saved, output_names, len(feed_sets)) if saved else None
+    references = saved_outputs(saved, output_names, len(feed_sets)) if saved else []
     taps, others = [], {}
     if saved is None or modules:
         progress("running the PyTorch reference")
@@ -138,7 +150,8 @@ def iteration_name(name: str, number: int, count: int) -> str:
     return f"{name} (iteration {number})" if count > 1 else name
 
 
-def _stand_in(module: str, tensor: str, tensors: dict, expected: dict, reference: np.ndarray) -> str | None:
+def _stand_in(module: str, tensor: str, tensors: dict[str, str], expected: dict[str, np.ndarray],
+              reference: np.ndarray) -> str | None:
     """The submodule whose output the module's graph tensor is, when PyTorch says the module's own
     output is something else: the graph never computed the module's output by itself."""
     for child, child_tensor in tensors.items():
@@ -148,7 +161,7 @@ def _stand_in(module: str, tensor: str, tensors: dict, expected: dict, reference
     return None
 
 
-def _counterpart(value: np.ndarray, candidates: list) -> np.ndarray:
+def _counterpart(value: np.ndarray, candidates: list[np.ndarray]) -> np.ndarray:
     """Which of a module's PyTorch tensors the runtime's tensor is: the graph names one tensor per
     module, so where the module returned several (cos and sin), the closest of the same shape;
     the first when none has its shape."""
@@ -158,13 +171,14 @@ def _counterpart(value: np.ndarray, candidates: list) -> np.ndarray:
     return min(same_shape, key=lambda c: float(np.max(np.abs(c.astype(np.float64) - value.astype(np.float64)))))
 
 
-def largest_difference(plain: dict, tapped: dict) -> float:
+def largest_difference(plain: dict[str, np.ndarray], tapped: dict[str, np.ndarray]) -> float:
     """How far tapping moved the final outputs (a runtime that cannot fuse across a tap)."""
     return max((float(np.max(np.abs(tapped[n].astype(np.float64) - plain[n].astype(np.float64))))
                 for n in plain if plain[n].size and plain[n].dtype.kind in "fc"), default=0.0)
 
 
-def _compare_layers(report: CompareReport, runtime: str, tensors: dict, taps: tuple, tolerance: Tolerance) -> None:
+def _compare_layers(report: CompareReport, runtime: str, tensors: dict[str, str], taps: tuple,
+                    tolerance: ResolvedTolerance) -> None:
     """One row per module PyTorch tapped (`taps`: PyTorch's, the runtime's, and PyTorch's further
     tensors of modules that returned several, by module), in the order PyTorch finished them;
     `tensors` is the scope map (module -> ONNX tensor)."""

@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import onnx
@@ -28,7 +29,7 @@ from ticknorm.base.onnx_io import model_digest
 from ticknorm.base.inputs import as_feed_sets, graph_feeds, load_feed_sets
 from ticknorm.base.json_lines import append_lines, read_lines
 from ticknorm.base.run_results import SavedReference, load_run_results, polygraphy_quiet, runner_outputs, saved_outputs
-from ticknorm.base.metrics import CHECK_RULES, Tolerance, compare_arrays, ensure_finite, passes
+from ticknorm.base.metrics import CHECK_RULES, ArrayComparison, Tolerance, compare_arrays, ensure_finite, passes
 from ticknorm.base.scopes import LayerSelection
 from ticknorm.base.text_table import render
 from ticknorm.base.precision import TYPE_NAMES
@@ -70,7 +71,7 @@ class GoldenSources:
 
 def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Tolerance | None = None,
                  layers: LayerSelection = LayerSelection(), progress=lambda message: None,
-                 sources: "GoldenSources" = None) -> Path:
+                 sources: GoldenSources | None = None) -> Path:
     """Run the PyTorch reference on `feeds` (one feed dict, or one per iteration) and write the
     bundle; the per-module statistics are the first iteration's. `sources` adds what was recorded
     elsewhere: Polygraphy's saved outputs of these feeds (then the reference, and PyTorch, when
@@ -83,16 +84,23 @@ def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Toler
     sources = sources or GoldenSources()
     saved = sources.saved
     bundle = check_writable_folder(bundle, "bundle")
-    trained = _calibration(sources.calibration, model, module) if sources.calibration is not None else None  # refused before the run
+    if module is None and saved is None:
+        raise InputSpecError("a bundle needs a reference: give the PyTorch model or saved outputs "
+                             "(--reference-outputs)")
+    calibration = sources.calibration
+    trained = _calibration(calibration, model, module) if calibration is not None else None  # refused before the run
     names = [o.name for o in model.graph.output]
     scope_map = module_output_tensors(model)
     feed_sets = as_feed_sets(feeds)
-    runner_name, outputs, taps, others = "torch", None, {}, {}
+    runner_name, outputs = "torch", []
+    taps: dict[str, np.ndarray] = {}
+    others: dict[str, list[np.ndarray]] = {}
     if saved is not None:
         runner_name, outputs = saved.runner, saved_outputs(saved, names, len(feed_sets))
     if module is not None:
         progress(f"running the PyTorch reference on {len(feed_sets)} iteration(s), every module tapped")
-        with TorchRunner(module, names, taps=layers.modules(model, (name for name, _ in module.named_modules()))) as runner:
+        tapped = layers.modules(model, (name for name, _ in module.named_modules()))
+        with TorchRunner(module, names, taps=tapped) as runner:
             references = [runner.infer(feed_set) for feed_set in feed_sets[:1 if saved else None]]
         outputs = outputs or [reference.outputs for reference in references]
         taps, others = references[0].taps, references[0].tap_others
@@ -160,11 +168,11 @@ class LayerDrift:
 @dataclass
 class DriftReport:
     runtime: str
-    outputs: list = field(default_factory=list)  # ArrayComparison vs the golden reference
-    layers: list = field(default_factory=list)  # LayerDrift rows that moved beyond tolerance, in model order
+    outputs: list[ArrayComparison] = field(default_factory=list)  # vs the golden reference
+    layers: list[LayerDrift] = field(default_factory=list)  # rows that moved beyond tolerance, in model order
     layers_checked: int = 0
-    unmatched: list = field(default_factory=list)  # bundle modules this graph has no output tensor for
-    tolerance: tuple = ()  # (atol, rtol, rule) the check used
+    unmatched: list[str] = field(default_factory=list)  # bundle modules this graph has no output tensor for
+    tolerance: tuple[float, float, str] | tuple[()] = ()  # (atol, rtol, rule) the check used
     tap_effect: float = 0.0  # max |tapped - untapped| of the outputs: what tapping changed in this runtime
 
     @property
@@ -181,11 +189,11 @@ class DriftReport:
 
     def text(self) -> str:
         atol, rtol, rule = self.tolerance or (None, None, None)
-        head = f"{self.runtime} vs golden reference" + (f" (atol {atol:g}, rtol {rtol:g}, {rule} rule)" if atol is not None else "")
-        lines = [head + ":"] + ["  " + c.line() for c in self.outputs]
+        judged_at = f" (atol {atol:g}, rtol {rtol:g}, {rule} rule)" if atol is not None else ""
+        lines = [f"{self.runtime} vs golden reference{judged_at}:"] + ["  " + c.line() for c in self.outputs]
         drifted = self.drifted_modules
-        lines.append(f"per-module statistics: {self.layers_checked} modules checked, {len(drifted)} drifted"
-                     + (f" ({len(self.layers)} statistics); first drifted module: {drifted[0] or '(root)'}" if drifted else ""))
+        first = f" ({len(self.layers)} statistics); first drifted module: {drifted[0] or '(root)'}" if drifted else ""
+        lines.append(f"per-module statistics: {self.layers_checked} modules checked, {len(drifted)} drifted{first}")
         if drifted:
             rows = []
             for module in drifted:
@@ -193,11 +201,14 @@ class DriftReport:
                 worst = max(moved, key=lambda row: abs(row.current - row.reference) / max(abs(row.reference), 1e-12))
                 rows.append([module or "(root)", worst.stat, f"{worst.reference:.6g}", f"{worst.current:.6g}",
                              f"+{len(moved) - 1}" if len(moved) > 1 else ""])
-            lines += ["  " + line for line in render(["module", "statistic", "golden", "now", "more"], rows, 2).splitlines()]
+            table = render(["module", "statistic", "golden", "now", "more"], rows, 2)
+            lines += ["  " + line for line in table.splitlines()]
         if self.unmatched:
             lines.append(f"not checked, no output tensor for them in this graph: {', '.join(self.unmatched)}")
-        flag = "; WARNING: the statistics may not be what an untapped run computes" if self.tap_effect > TAP_EFFECT_LIMIT else ""
-        lines.append(f"the verdict is the untapped run's; tapping moved the outputs by at most {self.tap_effect:.3g}{flag}")
+        warning = "; WARNING: the statistics may not be what an untapped run computes"
+        flag = warning if self.tap_effect > TAP_EFFECT_LIMIT else ""
+        lines.append(f"the verdict is the untapped run's; tapping moved the outputs by at most "
+                     f"{self.tap_effect:.3g}{flag}")
         lines.append("PASS" if self.passed else "DRIFT")
         return "\n".join(lines)
 
@@ -249,7 +260,7 @@ def load_bundle(bundle) -> tuple[dict, list, list]:
 def _check_meta(meta, bundle: Path) -> None:
     """bundle.json holds what `check_bundle` reads, of the types it reads them as: a field that
     does not is named, instead of failing somewhere in the check."""
-    def fail(field: str, expected: str):
+    def fail(field: str, expected: str) -> NoReturn:
         raise BundleError(f"{bundle} {DAMAGED}: bundle.json field '{field}' is not {expected}")
 
     number = (int, float)
@@ -293,9 +304,9 @@ def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_mod
         raise BundleError(f"the bundle was made for model {meta['model_hash'][:12]}, this model is {digest[:12]}; "
                           "pass --allow-model-change to check a re-exported model against it")
     tolerances = meta["tolerances"]
-    tolerance = Tolerance(tolerances["atol"], tolerances["rtol"], {k: tuple(v) for k, v in tolerances["per_output"].items()},
-                          tolerances.get("rule", "ticknorm"))
-    tolerance = tolerance.at(TYPE_NAMES[judged_precision(runtime, model, meta.get("reference_precision", "fp32"))])
+    per_output = {k: tuple(v) for k, v in tolerances["per_output"].items()}
+    stored = Tolerance(tolerances["atol"], tolerances["rtol"], per_output, tolerances.get("rule", "ticknorm"))
+    tolerance = stored.at(TYPE_NAMES[judged_precision(runtime, model, meta.get("reference_precision", "fp32"))])
     layers = meta["layers"]
     if runs_module(runtime):
         raise BundleError("drift check runs the exported model; torch-* runtimes are PyTorch, not the export")
@@ -339,7 +350,8 @@ def _append_history(bundle: Path, report: DriftReport, digest: str, current: dic
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime": report.runtime, "model_hash": digest,
         "versions": versions(), "passed": report.passed,
-        "outputs": {c.name: c.max_abs for c in report.outputs}, "atol": report.tolerance[0],
+        "outputs": {c.name: c.max_abs for c in report.outputs},
+        "atol": report.tolerance[0] if report.tolerance else None,
         "drifted_modules": report.drifted_modules,
         "layers": {m: max(abs(current[m][s] - _counterpart_stats(current[m], golden_layers[m])[s]) for s in STATS)
                    for m in current},
@@ -350,8 +362,8 @@ def _append_history(bundle: Path, report: DriftReport, digest: str, current: dic
 
 @dataclass
 class History:
-    entries: list  # one dict per check, oldest first
-    damaged: list  # line numbers (from 1) that are not a check's record, skipped
+    entries: list[dict]  # one per check, oldest first
+    damaged: list[int]  # line numbers (from 1) that are not a check's record, skipped
 
 
 def read_history(bundle) -> History:

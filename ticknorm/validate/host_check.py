@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from ticknorm.base.errors import RuntimeUnavailable
@@ -62,14 +63,14 @@ class Probe:
 
     module: object
     model: onnx.ModelProto
-    feeds: dict
-    reference: dict  # graph output name -> PyTorch fp32 CPU output
+    feeds: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray]  # PyTorch's fp32 CPU outputs, by graph output name
 
 
 @dataclass
 class HostReport:
     host: dict
-    rows: list = field(default_factory=list)  # CheckRow
+    rows: list[CheckRow] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -87,9 +88,10 @@ class HostReport:
         return self.exit_code == 0
 
     def verdict(self) -> str:
-        counts = {verdict: sum(row.verdict == verdict for row in self.rows) for verdict in (PASS, FAIL, ERROR, UNAVAILABLE)}
-        tally = (f"{counts[PASS]} passed, {counts[FAIL]} wrong, {counts[ERROR]} broke, {counts[UNAVAILABLE]} unavailable "
-                 f"here ({self.seconds:.1f} s)")
+        verdicts = [row.verdict for row in self.rows]
+        counts = {verdict: verdicts.count(verdict) for verdict in (PASS, FAIL, ERROR, UNAVAILABLE)}
+        tally = (f"{counts[PASS]} passed, {counts[FAIL]} wrong, {counts[ERROR]} broke, {counts[UNAVAILABLE]} "
+                 f"unavailable here ({self.seconds:.1f} s)")
         if self.exit_code == 1:
             return f"FAIL: wrong numbers from {', '.join(r.check for r in self.rows if r.verdict == FAIL)}; {tally}"
         if any(row.verdict == ERROR for row in self.rows):
@@ -98,8 +100,8 @@ class HostReport:
 
     def text(self) -> str:
         host = self.host
-        lines = [f"host: {host['platform']}, Python {host['python']}, {host['cpus']} CPUs, GPU: {host['gpu'] or 'none'}, "
-                 f"CUDA driver: {host['cuda_driver'] or 'none'}"]
+        lines = [f"host: {host['platform']}, Python {host['python']}, {host['cpus']} CPUs, "
+                 f"GPU: {host['gpu'] or 'none'}, CUDA driver: {host['cuda_driver'] or 'none'}"]
         cells = [[row.check, row.version, row.device, row.verdict, _number(row.max_error, ".2g"),
                   "-" if row.tolerance is None else f"{row.tolerance[0]:g}/{row.tolerance[1]:g}",
                   _number(row.median_ms, ".3f"), row.note] for row in self.rows]
@@ -169,7 +171,8 @@ def _run_target(row: CheckRow, target: Target, probe: Probe | None, status, iter
         outputs = runner.infer(feeds).outputs
         elapsed = median_ms(lambda: runner.infer(feeds), iterations)
     judged = Tolerance().at(TYPE_NAMES[runtime_precision(target.runtime, model)])
-    checks = [compare_arrays(name, expected, outputs[name], *judged.of(name)) for name, expected in probe.reference.items()]
+    checks = [compare_arrays(name, expected, outputs[name], *judged.of(name))
+              for name, expected in probe.reference.items()]
     failed = next((check for check in checks if not check.passed), None)
     return replace(row, verdict=FAIL if failed else PASS, max_error=max(check.max_abs for check in checks),
                    tolerance=(judged.atol, judged.rtol), median_ms=elapsed,
@@ -183,7 +186,8 @@ def _graph_and_setup(target: Target, probe: Probe):
     setup = runner_setup(probe.model, probe.module, probe.feeds, Runtimes((target.runtime,)))
     if not target.plugin:
         return probe.model, setup
-    low = {dtype: replace(entry, graph=to_plugin_target(entry.graph).model) for dtype, entry in setup.low.items()}
+    low = {dtype: replace(entry, graph=to_plugin_target(entry.graph).model) if entry.graph is not None else entry
+           for dtype, entry in setup.low.items()}
     return to_plugin_target(probe.model).model, replace(setup, low=low)
 
 

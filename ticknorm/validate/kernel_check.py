@@ -66,8 +66,8 @@ def _kernel_row(row: CheckRow, dtype: str, iterations: int) -> CheckRow:
         name = f"{rows}x{hidden}"
         ours.append(compare_arrays(name, reference, to_numpy(layer_norm(x, weight, bias, EPS)), tolerance.atol,
                                    tolerance.rtol))
-        theirs.append(compare_arrays(name, reference, to_numpy(torch.nn.functional.layer_norm(x, (hidden,), weight, bias, EPS)),
-                                     tolerance.atol, tolerance.rtol))
+        torchs = to_numpy(torch.nn.functional.layer_norm(x, (hidden,), weight, bias, EPS))
+        theirs.append(compare_arrays(name, reference, torchs, tolerance.atol, tolerance.rtol))
     # timed on the last, largest shape
     ours_ms = median_ms(_synchronized(torch, lambda: layer_norm(x, weight, bias, EPS)), iterations)
     torch_ms = median_ms(_synchronized(torch, lambda: torch.nn.functional.layer_norm(x, (hidden,), weight, bias, EPS)),
@@ -105,7 +105,8 @@ def _ptx_row(row: CheckRow, case: tuple, iterations: int) -> CheckRow:
     check = compare_arrays(f"{rows}x{hidden}", to_numpy(layer_norm(x, weight, bias, EPS)), launched, tolerance.atol,
                            tolerance.rtol)
     isa = ptx_isa(kernel.ptx)
-    note = f"PTX ISA {isa // 10}.{isa % 10} for sm_{kernel.arch}, loaded by CUDA driver {driver_version()}; vs the JIT kernel"
+    note = (f"PTX ISA {isa // 10}.{isa % 10} for sm_{kernel.arch}, loaded by CUDA driver {driver_version()}; "
+            "vs the JIT kernel")
     return replace(row, verdict=PASS if check.passed else FAIL, max_error=check.max_abs,
                    tolerance=(tolerance.atol, tolerance.rtol), median_ms=launch_ms,
                    note=note if check.passed else f"{check.reason}; {note}")

@@ -14,7 +14,7 @@ import onnx
 
 from ticknorm.base.errors import AccuracyError
 from ticknorm.base.inputs import graph_feeds
-from ticknorm.base.metrics import ArrayComparison, Tolerance, compare_arrays
+from ticknorm.base.metrics import ArrayComparison, ResolvedTolerance, Tolerance, compare_arrays
 from ticknorm.base.precision import LOW_TYPES, TYPE_NAMES, Precision
 from ticknorm.exporter.precision.lower import lay_out, low_array, write_emulated, write_low
 from ticknorm.exporter.precision.plan import plan_precision
@@ -25,7 +25,7 @@ from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 class Conversion:
     model: onnx.ModelProto  # the strongly typed low-precision graph
     precision: Precision  # with the measured islands
-    checks: list = field(default_factory=list)  # ArrayComparison per output and way of running
+    checks: list[ArrayComparison] = field(default_factory=list)  # per output and way of running
 
     @property
     def passed(self) -> bool:
@@ -33,7 +33,8 @@ class Conversion:
 
     def summary(self) -> str:
         precision = self.precision
-        lines = [f"{precision.dtype}: {len(precision.islands)} node(s) kept in fp32, I/O {'fp32' if precision.io_types == 'fp32' else precision.dtype}"]
+        io_type = "fp32" if precision.io_types == "fp32" else precision.dtype
+        lines = [f"{precision.dtype}: {len(precision.islands)} node(s) kept in fp32, I/O {io_type}"]
         lines += ["  " + line for line in precision.island_lines()]
         lines += ["  " + check.line() for check in self.checks]
         return "\n".join(lines)
@@ -71,12 +72,13 @@ def convert(model: onnx.ModelProto, feeds: dict, precision: Precision, reference
     return conversion
 
 
-def _run(model: onnx.ModelProto, feeds: dict, weights_dir, optimization: str) -> dict:
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], weights_dir, optimization: str) -> dict[str, np.ndarray]:
     with OrtRunner(model, optimization=optimization, mapped=MappedWeights.staged(weights_dir)) as runner:
         return runner.infer(feeds).outputs
 
 
-def _judged(reference: dict, actual: dict, tolerance: Tolerance, label: str) -> list[ArrayComparison]:
+def _judged(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], tolerance: ResolvedTolerance,
+            label: str) -> list[ArrayComparison]:
     return [compare_arrays(f"{name} ({label})", expected, np.asarray(actual[name]), *tolerance.of(name))
             for name, expected in reference.items()]
 

@@ -35,16 +35,22 @@ class Lowering:
 
     model: onnx.ModelProto  # each graph written from the plan edits its own onnx-ir copy of it
     precision: Precision
-    low_nodes: set  # node positions
-    home: dict  # float32 tensor name -> FLOAT or the low type
+    low_nodes: set[int]  # node positions
+    home: dict[str, ir.DataType]  # by float32 tensor name: FLOAT or the low type
 
     @property
     def low(self) -> ir.DataType:
         return ir.DataType(self.precision.elem_type)
 
+    def held_in(self, value: ir.Value | None) -> ir.DataType | None:
+        """`value`'s home type; None for a value the plan holds in none (not float32, or absent)."""
+        return self.home.get(value.name) if value is not None and value.name is not None else None
+
     def wanted(self, node: ir.Node, position: int, slot: int) -> ir.DataType:
-        if node.op_type in NEUTRAL_OPS:
-            return self.home[node.inputs[slot].name]
+        """The type `node` (at `position`) takes a float32 input in."""
+        held = self.held_in(node.inputs[slot])
+        if node.op_type in NEUTRAL_OPS and held is not None:  # reads the shape alone: the value as held
+            return held
         if position in self.low_nodes and slot not in FP32_INPUTS.get(node.op_type, ()):
             return self.low
         return FLOAT
@@ -64,7 +70,7 @@ def lay_out(model: onnx.ModelProto, precision: Precision) -> Lowering:
     lowering = Lowering(model, precision, low_nodes, {})
     low = lowering.low
     for value in graph.inputs:
-        if value.dtype == FLOAT:
+        if value.name and value.dtype == FLOAT:
             lowering.home[value.name] = low if precision.io_types == "low" else FLOAT
     for position, node in enumerate(graph):
         for value in node.outputs:
@@ -72,7 +78,7 @@ def lay_out(model: onnx.ModelProto, precision: Precision) -> Lowering:
                 lowering.home[value.name] = low if position in low_nodes else FLOAT
     positions = {node: position for position, node in enumerate(graph)}
     for name, weight in graph.initializers.items():
-        if weight.const_value.dtype == FLOAT:
+        if weight.const_value is not None and weight.const_value.dtype == FLOAT:
             lowering.home[name] = FLOAT
             readers = [(use.node, use.idx) for use in weight.uses() if use.node in positions]
             if readers and all(lowering.wanted(node, positions[node], slot) == low for node, slot in readers):
@@ -90,25 +96,27 @@ def write_low(lowering: Lowering, weights_dir=None, progress=lambda done, total:
     model, precision = lowering.editable(weights_dir), lowering.precision
     graph = model.graph
     names = FreshNames(graph)
-    weights = list(graph.initializers.values())
+    weights = list(graph.initializers.items())
     with _low_weights_file(weights_dir) as sink:
-        for done, weight in enumerate(weights, start=1):
+        for done, (name, weight) in enumerate(weights, start=1):
             tensor = weight.const_value
-            weight.const_value = _held(tensor, lowering.home.get(weight.name, tensor.dtype), precision.dtype, sink)
+            if tensor is not None:
+                weight.const_value = _held(tensor, lowering.home.get(name, tensor.dtype), precision.dtype, sink)
             progress(done, len(weights))
-    casts = {}
+    casts: dict[tuple[str | None, ir.DataType], ir.Value] = {}  # by (tensor name, type): its Cast's output
     for position, node in enumerate(list(graph)):
         for slot, value in enumerate(node.inputs):
             if value is not None and value.name in lowering.home:
                 to = lowering.wanted(node, position, slot)
-                if to != lowering.home[value.name]:
-                    node.replace_input_with(slot, _cast(casts, names, value, to, node))
+                if to != lowering.held_in(value):
+                    node.replace_input_with(slot, _cast(casts, names, value, to, graph, node))
         if position in lowering.low_nodes:
             _lower_attributes(node, lowering.low, precision.dtype)
     _type_outputs(graph, lowering, names)
     for value in graph.inputs:
-        if value.name in lowering.home:
-            value.dtype = lowering.home[value.name]
+        held = lowering.held_in(value)
+        if held is not None:
+            value.dtype = held
     model.metadata_props.pop(PRECISION_KEY, None)
     model.metadata_props[PRECISION_KEY] = precision.to_json()
     lowered = ir.to_proto(model)
@@ -124,7 +132,8 @@ def write_emulated(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
     graph = model.graph
     names = FreshNames(graph)
     nodes = list(graph)
-    low_outputs = {value.name for p in lowering.low_nodes for value in nodes[p].outputs if lowering.home.get(value.name) == low}
+    low_outputs = {value.name for p in lowering.low_nodes for value in nodes[p].outputs
+                   if lowering.held_in(value) == low}
     rounded_at_source = low_outputs | _round_low_weights(graph, lowering)
     rounded = {}
     for position, node in enumerate(nodes):
@@ -140,11 +149,12 @@ def write_emulated(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
             if value.name in low_outputs:  # its readers and the graph outputs take it rounded, under its name
                 made = _renamed_unrounded(names, value)
                 ir.convenience.replace_all_uses_with(value, made, replace_graph_outputs=True)
-                graph.insert_after(last, _round_trip(names, value, made, low, scope(node)))
-                last = made.producer()
+                trip = _round_trip(names, value, made, low, scope(node))
+                graph.insert_after(last, trip)
+                last = trip[-1]  # the Cast back, which makes `made`
     if lowering.precision.io_types == "low":  # fp32 outputs leave the low graph through a Cast to the low type
         for index, value in enumerate(list(graph.outputs)):
-            if lowering.home.get(value.name) == FLOAT:
+            if lowering.held_in(value) == FLOAT:
                 graph.outputs[index] = _renamed_unrounded(names, value)
                 graph.extend(_round_trip(names, value, graph.outputs[index], low, ""))
     return ir.to_proto(model)
@@ -155,23 +165,26 @@ def _round_low_weights(graph: ir.Graph, lowering: Lowering) -> set:
     held_low = {name for name in graph.initializers if lowering.home.get(name) == lowering.low}
     for name in held_low:
         weight = graph.initializers[name]
-        weight.const_value = ir.Tensor(_lowered(weight.const_value, lowering.precision.dtype).astype(np.float32),
-                                       name=name)
+        tensor = weight.const_value  # held low only with a value (`lay_out`)
+        if tensor is not None:
+            weight.const_value = ir.Tensor(_lowered(tensor, lowering.precision.dtype).astype(np.float32), name=name)
     return held_low
 
 
-def _cast(casts: dict, names: FreshNames, value: ir.Value, to: ir.DataType, reader: ir.Node) -> ir.Value:
-    """`value` cast to `to`, the Cast placed once, before its first reader."""
+def _cast(casts: dict[tuple[str | None, ir.DataType], ir.Value], names: FreshNames, value: ir.Value,
+          to: ir.DataType, graph: ir.Graph, reader: ir.Node) -> ir.Value:
+    """`value` cast to `to`, the Cast placed once in `graph`, before its first reader."""
     if (value.name, to) not in casts:
         suffix = "fp32" if to == FLOAT else to.numpy().name
         cast = ir.node("Cast", [value], {"to": to}, outputs=[ir.Value(name=names.fresh(f"{value.name}_{suffix}"))],
                        name=names.fresh(f"{value.name}_cast_{suffix}"), metadata_props={SCOPE_KEY: scope(reader)})
-        reader.graph.insert_before(reader, cast)
+        graph.insert_before(reader, cast)
         casts[(value.name, to)] = cast.outputs[0]
     return casts[(value.name, to)]
 
 
-def _round_trip(names: FreshNames, source: ir.Value, target: ir.Value, low: ir.DataType, module: str) -> list:
+def _round_trip(names: FreshNames, source: ir.Value, target: ir.Value, low: ir.DataType,
+                module: str) -> list[ir.Node]:
     """The Casts making `target` from `source` rounded to the `low` type and back to fp32 (on
     `module`): how an emulation holds a value the low graph holds low."""
     held = ir.Value(name=names.fresh(f"{target.name}_low"))
@@ -206,7 +219,7 @@ def _type_outputs(graph: ir.Graph, lowering: Lowering, names: FreshNames) -> Non
     """Graph outputs under their own names in the I/O type, cast where their home differs."""
     io_type = lowering.low if lowering.precision.io_types == "low" else FLOAT
     for index, value in enumerate(list(graph.outputs)):
-        home = lowering.home.get(value.name)
+        home = lowering.held_in(value)
         if home is None:
             continue
         if home != io_type:

@@ -28,8 +28,8 @@ class TensorRange:
 
 @dataclass
 class Measurement:
-    tensors: dict  # float tensor -> TensorRange (node outputs, graph inputs, initializers)
-    statistics: dict  # node index -> (what, largest value): a norm's variance, a reduction's sum
+    tensors: dict[str, TensorRange]  # by float tensor (node outputs, graph inputs, initializers)
+    statistics: dict[int, tuple[str, float]]  # by node index: (what, largest): a norm's variance, a reduction's sum
 
 
 def measure(model: onnx.ModelProto, view: ir.Model, feeds: dict, dtype: str, weights_dir=None) -> Measurement:
@@ -40,7 +40,7 @@ def measure(model: onnx.ModelProto, view: ir.Model, feeds: dict, dtype: str, wei
         return measurement(view, runner.infer(feeds).outputs, dtype)
 
 
-def measurement(view: ir.Model, values: dict, dtype: str) -> Measurement:
+def measurement(view: ir.Model, values: dict[str, np.ndarray], dtype: str) -> Measurement:
     """The ranges and statistics of an fp32 run's float tensors (`values`: name -> array, from one
     session or from a graph run piece by piece)."""
     floats = fetched(view)
@@ -52,9 +52,9 @@ def measurement(view: ir.Model, values: dict, dtype: str) -> Measurement:
     tensors = {name: _range(values[name], smallest) for name in floats if name in values}
     for name, weight in view.graph.initializers.items():
         tensor = weight.const_value
-        if tensor.dtype == ir.DataType.FLOAT and not isinstance(tensor, ir.ExternalTensor):
+        if tensor is not None and tensor.dtype == ir.DataType.FLOAT and not isinstance(tensor, ir.ExternalTensor):
             tensors[name] = _range(tensor.numpy(), smallest)
-    statistics = {}
+    statistics: dict[int, tuple[str, float]] = {}
     for position, node in enumerate(view.graph):
         found = _statistic(node, values)
         if found is not None:
@@ -72,7 +72,7 @@ def fetched(view: ir.Model) -> list[str]:
     graph = view.graph
     values = [*graph.inputs, *(out for node in graph for out in node.outputs if out.name)]
     return [name for name, value in {v.name: v for v in values}.items()
-            if value.dtype == ir.DataType.FLOAT and name not in graph.initializers]
+            if name is not None and value.dtype == ir.DataType.FLOAT and name not in graph.initializers]
 
 
 def _range(array: np.ndarray, smallest: float) -> TensorRange:
@@ -82,8 +82,13 @@ def _range(array: np.ndarray, smallest: float) -> TensorRange:
     return TensorRange(float(magnitude.max()) if magnitude.size else 0.0, underflow)
 
 
-def _statistic(node: ir.Node, values: dict) -> tuple[str, float] | None:
-    x = values.get(node.inputs[0].name) if node.inputs and node.inputs[0] is not None else None
+def _value_of(value: ir.Value | None, values: dict[str, np.ndarray]) -> np.ndarray | None:
+    """What the fp32 run gave `value`; None for a value it did not fetch (or an absent one)."""
+    return values.get(value.name) if value is not None and value.name else None
+
+
+def _statistic(node: ir.Node, values: dict[str, np.ndarray]) -> tuple[str, float] | None:
+    x = _value_of(node.inputs[0] if node.inputs else None, values)
     if x is None or x.ndim == 0:
         return None
     x = x.astype(np.float64)
@@ -92,7 +97,7 @@ def _statistic(node: ir.Node, values: dict) -> tuple[str, float] | None:
         square_mean = float((x * x).mean(axis=axes).max())
         variance = float(x.var(axis=axes).max())
         return ("variance", variance) if variance >= square_mean else ("mean of squares", square_mean)
-    output = values.get(node.outputs[0].name)
+    output = _value_of(node.outputs[0], values)
     if node.op_type in SUMMING_REDUCTIONS and output is not None and output.size:
         count = x.size // output.size
         total = np.abs(output.astype(np.float64)).max() * count if node.op_type == "ReduceMean" else output.max() ** 2

@@ -35,7 +35,8 @@ def plan_precision(model: onnx.ModelProto, feeds: dict, precision: Precision, we
         return precision
     view = typed(model)
     graph = view.graph
-    unmatched = [glob for glob in precision.keep_fp32 if not any(fnmatch.fnmatchcase(scope(node), glob) for node in graph)]
+    scopes = [scope(node) for node in graph]
+    unmatched = [glob for glob in precision.keep_fp32 if not any(fnmatch.fnmatchcase(s, glob) for s in scopes)]
     if unmatched:
         raise InputSpecError(f"--keep-fp32 '{unmatched[0]}' matches no module of the graph (modules look like "
                              f"'{_example_scope(graph)}')")
@@ -71,7 +72,7 @@ def _reason(graph: ir.Graph, node: ir.Node, position: int, measured: Measurement
     if typed_by and TYPED_BY_ATTRIBUTE.get(node.op_type) not in typed_by:
         return f"{node.op_type} sets its type by an attribute ticknorm does not lower"
     for role, values in (("input", node.inputs), ("output", node.outputs)):
-        for name in (value.name for value in values if value is not None):
+        for name in (value.name for value in values if value is not None and value.name):
             found = measured.tensors.get(name)
             if found is not None and found.absmax > largest:
                 what = "weight" if name in graph.initializers else role
@@ -79,7 +80,7 @@ def _reason(graph: ir.Graph, node: ir.Node, position: int, measured: Measurement
     what, value = measured.statistics.get(position, ("", 0.0))
     if value > largest:
         return f"{what} reaches {value:.4g} > {dtype} max {largest:g}"
-    for name in (value.name for value in node.outputs):
+    for name in (value.name for value in node.outputs if value.name):
         found = measured.tensors.get(name)
         if found is not None and found.underflow > precision.underflow_limit:
             return f"{found.underflow:.1%} of {name}'s nonzero values underflow {dtype}"
