@@ -1,6 +1,7 @@
 """A read-only index over an ONNX graph: who produces and who consumes each tensor, which tensors
 are constants, and their inferred shapes. Matchers ask it questions; they never edit the graph."""
 
+import itertools
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -199,20 +200,57 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def typed(model: onnx.ModelProto) -> ir.Model:
+def typed(model: onnx.ModelProto, opset: int = 0) -> ir.Model:
     """`model` in onnx-ir (its weights wrapped, not copied), every tensor typed and shaped by shape
-    inference, which leaves the big weights out of what it serializes: it would fail at 2 GiB, and
-    weights are no shape tensors. A graph shape inference cannot read keeps what it declares,
-    silently: it still gets matched."""
-    inferred = ir.from_proto(model)
+    inference where it succeeds and as declared elsewhere (a graph shape inference cannot read
+    still gets matched). Inference leaves the big weights out of what it serializes (it would fail
+    at 2 GiB, and weights are no shape tensors), and staged weights, small ones too, go to it as
+    typed inputs: ONNX cannot read their files. `opset` raises the view's default-domain opset for
+    inference alone (a caller that only reads the view asks how a newer opset would type it)."""
+    view = ir.from_proto(model)
+    if default_opset(view) < opset:
+        view.opset_imports[""] = opset
+    staged = {value: value.const_value for value in view.graph.initializers.values()
+              if isinstance(value.const_value, ir.ExternalTensor)}
+    for value in staged:
+        value.const_value = None
     quiet = logging.getLogger(shape_inference.__name__)
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        shape_inference.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(inferred)
+        shape_inference.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(view)
     finally:
         quiet.setLevel(level)
-    return inferred
+        for value, tensor in staged.items():
+            value.const_value = tensor
+    return view
+
+
+def node_name(node: ir.Node, position: int) -> str:
+    """A node's name, or its op type and position for an unnamed one (how reports name it)."""
+    return node.name or f"{node.op_type}#{position}"
+
+
+def default_opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
+class FreshNames:
+    """Tensor and node names the graph does not hold yet: a stem, else the stem and a counter (as
+    onnx-graphsurgeon does). onnx-ir names what is left unnamed, but a Cast that should say what it
+    rounds (`x_round`, `x_fp32`) needs a name from a stem."""
+
+    def __init__(self, graph: ir.Graph):
+        self.taken = {*graph.initializers, *(value.name for value in graph.inputs)}
+        for node in graph:
+            self.taken.add(node.name)
+            self.taken.update(value.name for value in node.outputs)
+
+    def fresh(self, stem: str) -> str:
+        candidates = itertools.chain([stem], (f"{stem}_{count}" for count in itertools.count(1)))
+        name = next(name for name in candidates if name not in self.taken)
+        self.taken.add(name)
+        return name
 
 
 def coarsest_float(value: ir.Value) -> int | None:

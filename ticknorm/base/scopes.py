@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 import onnx
+import onnx_ir as ir
 
 from ticknorm.base.graph import all_nodes, bodies, if_branches
 
@@ -23,6 +24,11 @@ def get_scope(node: onnx.NodeProto) -> str | None:
         if prop.key == SCOPE_KEY:
             return prop.value
     return None
+
+
+def node_scope(node: ir.Node) -> str:
+    """The module an onnx-ir node computes for ('' for the root or none recorded)."""
+    return node.metadata_props.get(SCOPE_KEY) or ""
 
 
 def set_scope(node: onnx.NodeProto, scope: str) -> None:

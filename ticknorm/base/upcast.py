@@ -10,11 +10,10 @@ made (a Cast to bf16 and back), as `convert` emulates a precision before it writ
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper
-from onnx_ir.passes.common import NameFixPass
+from onnx import TensorProto
 
-from ticknorm.base.graph import UniqueNames, typed
-from ticknorm.base.scopes import SCOPE_KEY, set_scope
+from ticknorm.base.graph import FreshNames, typed
+from ticknorm.base.scopes import SCOPE_KEY, node_scope
 
 BF16, FLOAT = TensorProto.BFLOAT16, TensorProto.FLOAT
 
@@ -27,8 +26,9 @@ def upcast_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
         typed(model).graph, include_subgraphs=False).items()}
     upcast = ir.from_proto(model)
     graph = upcast.graph
+    names = FreshNames(graph)
     nodes = list(graph)
-    widened = [_widening(graph, weight) for weight in graph.initializers.values() if weight.dtype == BF16]
+    widened = [_widening(graph, names, weight) for weight in graph.initializers.values() if weight.dtype == BF16]
     if widened and nodes:  # first in the graph
         graph.insert_before(nodes[0], widened)
     for node in nodes:
@@ -36,7 +36,7 @@ def upcast_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
             node.attributes[attribute.name] = _upcast_attribute(attribute)
         for value in node.outputs:
             if types.get(value.name) == BF16:
-                _round_after(graph, node, value)
+                _round_after(graph, names, node, value)
     for cast in widened:  # on its first reader's module, as a weight belongs to the module that reads it
         scope = next((user.metadata_props.get(SCOPE_KEY) for user in graph if cast.outputs[0] in user.inputs), None)
         if scope is not None:
@@ -44,44 +44,39 @@ def upcast_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
     for value in [*graph.inputs, *graph.outputs, *(v for node in nodes for v in node.outputs)]:
         if value.dtype == BF16:
             value.type = ir.TensorType(ir.DataType.FLOAT)
-    NameFixPass()(upcast)  # a name given below (`w_fp32`, `y_low`) that the graph already had made unique
     return ir.to_proto(upcast)
 
 
-def _widening(graph: ir.Graph, weight: ir.Value) -> ir.Node:
+def _widening(graph: ir.Graph, names: FreshNames, weight: ir.Value) -> ir.Node:
     """A Cast to fp32 of a bf16 weight, read in its place by every node of the graph (a subgraph's
     reads are left as they were)."""
-    cast = ir.node("Cast", [weight], {"to": FLOAT}, name=f"{weight.name}_widen")
-    cast.outputs[0].name = f"{weight.name}_fp32"
+    cast = ir.node("Cast", [weight], {"to": FLOAT}, name=names.fresh(f"{weight.name}_widen"))
+    cast.outputs[0].name = names.fresh(f"{weight.name}_fp32")
     for user, index in list(weight.uses()):
         if user.graph is graph:
             user.replace_input_with(index, cast.outputs[0])
     return cast
 
 
-def _round_after(graph: ir.Graph, node: ir.Node, value: ir.Value) -> None:
+def _round_after(graph: ir.Graph, names: FreshNames, node: ir.Node, value: ir.Value) -> None:
     """`value`, made in fp32, rounded to bf16 and back right after `node` (on its module): its
     readers (a subgraph's too) and the graph's outputs read the rounded value, under its name."""
-    name, scope = value.name, {SCOPE_KEY: node.metadata_props.get(SCOPE_KEY) or ""}
-    down = ir.node("Cast", [value], {"to": BF16}, name=f"{name}_round", metadata_props=dict(scope))
-    up = ir.node("Cast", down.outputs, {"to": FLOAT}, name=f"{name}_unround", metadata_props=dict(scope))
-    down.outputs[0].name = f"{name}_low"
-    value.replace_all_uses_with(up.outputs[0], replace_graph_outputs=True)
-    down.replace_input_with(0, value)
-    value.name, up.outputs[0].name = f"{name}_fp32", name
+    rounded = ir.Value(name=value.name)
     if value.type is not None:  # the type and shape it declared, in fp32
-        up.outputs[0].type, up.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), value.shape
-    graph.insert_after(node, [down, up])
+        rounded.type, rounded.shape = ir.TensorType(ir.DataType.FLOAT), value.shape
+    value.replace_all_uses_with(rounded, replace_graph_outputs=True)
+    value.name = names.fresh(f"{rounded.name}_fp32")
+    graph.insert_after(node, round_trip(names, value, rounded, BF16, node_scope(node)))
 
 
-def round_trip_nodes(names: UniqueNames, source: str, target: str, low: int, scope: str | None) -> list:
-    """`target` as `source` rounded to the `low` type and back to fp32 (a Cast there and back, on
-    `scope`): how an emulation holds a value the low graph holds low."""
-    held = names.fresh(f"{target}_low")
-    down = helper.make_node("Cast", [source], [held], to=low, name=names.fresh(f"{target}_round"))
-    up = helper.make_node("Cast", [held], [target], to=FLOAT, name=names.fresh(f"{target}_unround"))
-    for cast in (down, up):
-        set_scope(cast, scope or "")
+def round_trip(names: FreshNames, source: ir.Value, target: ir.Value, low: int, module: str) -> list[ir.Node]:
+    """The Casts making `target` from `source` rounded to the `low` type and back to fp32 (on
+    `module`): how an emulation holds a value the graph it emulates holds low."""
+    held = ir.Value(name=names.fresh(f"{target.name}_low"))
+    down = ir.node("Cast", [source], {"to": low}, outputs=[held], name=names.fresh(f"{target.name}_round"),
+                   metadata_props={SCOPE_KEY: module})
+    up = ir.node("Cast", [held], {"to": FLOAT}, outputs=[target], name=names.fresh(f"{target.name}_unround"),
+                 metadata_props={SCOPE_KEY: module})
     return [down, up]
 
 

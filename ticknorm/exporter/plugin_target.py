@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from ticknorm.base.errors import FusionError
-from ticknorm.exporter.precision.view import FreshNames, default_opset, node_name, typed
+from ticknorm.base.graph import FreshNames, default_opset, node_name, typed
 from ticknorm.plugins import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from ticknorm.plugins.launch import MAX_HIDDEN
 

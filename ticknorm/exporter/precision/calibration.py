@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from ticknorm.base.precision import LARGEST, Precision
-from ticknorm.exporter.precision.view import scope
+from ticknorm.base.scopes import node_scope
 from ticknorm.ticks.log import read_ticks
 from ticknorm.ticks.ranges import module_ranges, present_ranges
 
@@ -19,7 +19,7 @@ def calibrated_nodes(graph: ir.Graph, precision: Precision, example: str) -> dic
     if precision.calibration is None:
         return {}
     source = Path(precision.calibration).name
-    scopes = [scope(node) for node in graph]
+    scopes = [node_scope(node) for node in graph]
     ranges = present_ranges(module_ranges(read_ticks(precision.calibration)),
                             lambda module: any(_inside(scope, module) for scope in scopes), source, example)
     largest = LARGEST[precision.dtype]

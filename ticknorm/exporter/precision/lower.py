@@ -19,10 +19,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ticknorm.base.graph import FreshNames, node_name, typed
 from ticknorm.base.precision import PRECISION_KEY, Precision
-from ticknorm.base.scopes import SCOPE_KEY
+from ticknorm.base.scopes import SCOPE_KEY, node_scope
+from ticknorm.base.upcast import round_trip
 from ticknorm.exporter.precision.plan import NEUTRAL_OPS, arithmetic
-from ticknorm.exporter.precision.view import FreshNames, node_name, scope, typed
 
 FLOAT = ir.DataType.FLOAT
 # Inputs a low-precision node still takes in fp32 (the op's own type constraint says so).
@@ -142,21 +143,21 @@ def write_emulated(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
                     and lowering.wanted(node, position, slot) == low):
                 if value.name not in rounded:
                     rounded[value.name] = ir.Value(name=names.fresh(f"{value.name}_rounded"))
-                    graph.insert_before(node, _round_trip(names, value, rounded[value.name], low, scope(node)))
+                    graph.insert_before(node, round_trip(names, value, rounded[value.name], low, node_scope(node)))
                 node.replace_input_with(slot, rounded[value.name])
         last = node
         for value in node.outputs:
             if value.name in low_outputs:  # its readers and the graph outputs take it rounded, under its name
                 made = _renamed_unrounded(names, value)
                 ir.convenience.replace_all_uses_with(value, made, replace_graph_outputs=True)
-                trip = _round_trip(names, value, made, low, scope(node))
+                trip = round_trip(names, value, made, low, node_scope(node))
                 graph.insert_after(last, trip)
                 last = trip[-1]  # the Cast back, which makes `made`
     if lowering.precision.io_types == "low":  # fp32 outputs leave the low graph through a Cast to the low type
         for index, value in enumerate(list(graph.outputs)):
             if lowering.held_in(value) == FLOAT:
                 graph.outputs[index] = _renamed_unrounded(names, value)
-                graph.extend(_round_trip(names, value, graph.outputs[index], low, ""))
+                graph.extend(round_trip(names, value, graph.outputs[index], low, ""))
     return ir.to_proto(model)
 
 
@@ -177,22 +178,10 @@ def _cast(casts: dict[tuple[str | None, ir.DataType], ir.Value], names: FreshNam
     if (value.name, to) not in casts:
         suffix = "fp32" if to == FLOAT else to.numpy().name
         cast = ir.node("Cast", [value], {"to": to}, outputs=[ir.Value(name=names.fresh(f"{value.name}_{suffix}"))],
-                       name=names.fresh(f"{value.name}_cast_{suffix}"), metadata_props={SCOPE_KEY: scope(reader)})
+                       name=names.fresh(f"{value.name}_cast_{suffix}"), metadata_props={SCOPE_KEY: node_scope(reader)})
         graph.insert_before(reader, cast)
         casts[(value.name, to)] = cast.outputs[0]
     return casts[(value.name, to)]
-
-
-def _round_trip(names: FreshNames, source: ir.Value, target: ir.Value, low: ir.DataType,
-                module: str) -> list[ir.Node]:
-    """The Casts making `target` from `source` rounded to the `low` type and back to fp32 (on
-    `module`): how an emulation holds a value the low graph holds low."""
-    held = ir.Value(name=names.fresh(f"{target.name}_low"))
-    down = ir.node("Cast", [source], {"to": low}, outputs=[held], name=names.fresh(f"{target.name}_round"),
-                   metadata_props={SCOPE_KEY: module})
-    up = ir.node("Cast", [held], {"to": FLOAT}, outputs=[target], name=names.fresh(f"{target.name}_unround"),
-                 metadata_props={SCOPE_KEY: module})
-    return [down, up]
 
 
 def _renamed_unrounded(names: FreshNames, value: ir.Value) -> ir.Value:
@@ -228,7 +217,7 @@ def _type_outputs(graph: ir.Graph, lowering: Lowering, names: FreshNames) -> Non
             producer = value.producer()
             graph.append(ir.node("Cast", [value], {"to": io_type}, outputs=[output],
                                  name=names.fresh(f"{output.name}_cast"),
-                                 metadata_props={SCOPE_KEY: scope(producer) if producer is not None else ""}))
+                                 metadata_props={SCOPE_KEY: node_scope(producer) if producer is not None else ""}))
             graph.outputs[index] = output
         else:
             value.dtype = io_type

@@ -10,8 +10,8 @@ import onnx
 import onnx_ir as ir
 
 from ticknorm.base.errors import InputSpecError
+from ticknorm.base.graph import typed
 from ticknorm.base.precision import SMALLEST_NORMAL
-from ticknorm.exporter.precision.view import typed
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")

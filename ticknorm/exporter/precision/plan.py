@@ -16,10 +16,11 @@ import onnx
 import onnx_ir as ir
 
 from ticknorm.base.errors import InputSpecError
+from ticknorm.base.graph import node_name, typed
 from ticknorm.base.precision import LARGEST, Fp32Island, Precision
+from ticknorm.base.scopes import node_scope
 from ticknorm.exporter.precision.calibration import calibrated_nodes
 from ticknorm.exporter.precision.measure import Measurement, measure, measurement
-from ticknorm.exporter.precision.view import node_name, scope, typed
 
 # Ops whose float tensors are nobody's arithmetic: they take a tensor in whatever type it comes.
 NEUTRAL_OPS = ("Shape", "Size")
@@ -35,7 +36,7 @@ def plan_precision(model: onnx.ModelProto, feeds: dict, precision: Precision, we
         return precision
     view = typed(model)
     graph = view.graph
-    scopes = [scope(node) for node in graph]
+    scopes = [node_scope(node) for node in graph]
     unmatched = [glob for glob in precision.keep_fp32 if not any(fnmatch.fnmatchcase(s, glob) for s in scopes)]
     if unmatched:
         raise InputSpecError(f"--keep-fp32 '{unmatched[0]}' matches no module of the graph (modules look like "
@@ -49,7 +50,7 @@ def plan_precision(model: onnx.ModelProto, feeds: dict, precision: Precision, we
             continue
         reason = _reason(graph, node, position, measured, precision) or recorded.get(position, "")
         if reason:
-            islands.append(Fp32Island(scope(node), node_name(node, position), reason))
+            islands.append(Fp32Island(node_scope(node), node_name(node, position), reason))
     return replace(precision, islands=tuple(islands))
 
 
@@ -63,7 +64,7 @@ def arithmetic(node: ir.Node) -> bool:
 
 def _reason(graph: ir.Graph, node: ir.Node, position: int, measured: Measurement, precision: Precision) -> str:
     dtype, largest = precision.dtype, LARGEST[precision.dtype]
-    matched = next((glob for glob in precision.keep_fp32 if fnmatch.fnmatchcase(scope(node), glob)), None)
+    matched = next((glob for glob in precision.keep_fp32 if fnmatch.fnmatchcase(node_scope(node), glob)), None)
     if matched:
         return f"--keep-fp32 {matched}"
     if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
@@ -88,5 +89,5 @@ def _reason(graph: ir.Graph, node: ir.Node, position: int, measured: Measurement
 
 
 def _example_scope(graph: ir.Graph) -> str:
-    scopes = sorted({scope(node) for node in graph} - {""}, key=lambda s: (-s.count("."), s))
+    scopes = sorted({node_scope(node) for node in graph} - {""}, key=lambda s: (-s.count("."), s))
     return scopes[0] if scopes else "(only the root module)"
