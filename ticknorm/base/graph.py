@@ -16,8 +16,8 @@ from ticknorm.base.errors import OnnxFileError
 from ticknorm.base.onnx_io import is_external
 
 # Mantissa bits of each float type: how finely it rounds.
-FLOAT_PRECISION = {onnx.TensorProto.BFLOAT16: 8, onnx.TensorProto.FLOAT16: 11, onnx.TensorProto.FLOAT: 24,
-                   onnx.TensorProto.DOUBLE: 53}
+FLOAT_PRECISION: dict[int, int] = {onnx.TensorProto.BFLOAT16: 8, onnx.TensorProto.FLOAT16: 11,
+                                   onnx.TensorProto.FLOAT: 24, onnx.TensorProto.DOUBLE: 53}
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def check_branches(model: onnx.ModelProto, source: str) -> None:
                     f"{onnx.TensorProto.DataType.Name(else_type)} in else_branch; the branches must agree")
 
 
-def subgraph_reads(graph: onnx.GraphProto) -> set:
+def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
     """Every name read by a node inside a subgraph of `graph` (at any depth)."""
     return {name for _, body in bodies(graph) for node in body.node for name in node.input}
 
@@ -257,7 +257,9 @@ def coarsest_float(value: ir.Value) -> int | None:
     """The float type with the fewest mantissa bits among `value` and every tensor it is computed
     from: once a value was rounded to fp16 or bf16 on its way, a change before that rounding
     can move it by one step of that type, and it is judged at that type's tolerance."""
-    seen, frontier, found = set(), [value], []
+    seen: set[ir.Value] = set()
+    frontier: list[ir.Value | None] = [value]
+    found: list[int] = []
     while frontier:
         current = frontier.pop()
         if current is None or current in seen:
@@ -268,7 +270,7 @@ def coarsest_float(value: ir.Value) -> int | None:
         producer = current.producer()
         if producer is not None:
             frontier.extend(producer.inputs)
-    return min(found, key=FLOAT_PRECISION.get, default=None)
+    return min(found, key=FLOAT_PRECISION.__getitem__, default=None)
 
 
 def _tensor_info(model: ir.Model) -> dict[str, TensorInfo]:

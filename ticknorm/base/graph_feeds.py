@@ -65,7 +65,7 @@ def _decoder_sizes(model: onnx.ModelProto, past: int) -> dict[str, int]:
     return sizes
 
 
-def _value(name: str, shape: list, dtype, rng, limits: dict, past: int | None) -> np.ndarray:
+def _value(name: str, shape: list[int], dtype, rng, limits: dict[str, int], past: int | None) -> np.ndarray:
     if past is not None and name == "attention_mask":
         return np.ones(shape, dtype)
     if past is not None and name == "position_ids":
@@ -82,7 +82,8 @@ def guessed_inputs(model: onnx.ModelProto) -> list[str]:
     what to name when those feeds do not fit the graph."""
     guessed = []
     for value in graph_inputs(model):
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value.type.tensor_type.shape.dim]
+        shape = value.type.tensor_type.shape
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
         if any(not isinstance(d, int) for d in dims):
             guessed.append(f"{value.name}[{', '.join(map(str, dims))}]")
     return guessed

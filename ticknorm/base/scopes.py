@@ -5,6 +5,7 @@ import ast
 import contextlib
 import fnmatch
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import onnx
@@ -39,12 +40,12 @@ def set_scope(node: onnx.NodeProto, scope: str) -> None:
     node.metadata_props.add(key=SCOPE_KEY, value=scope)
 
 
-def scope_from_exporter(node: onnx.NodeProto, module_paths: frozenset = frozenset()) -> str | None:
+def scope_from_exporter(node: onnx.NodeProto, module_paths: frozenset[str] = frozenset()) -> str | None:
     """The module path the exporter recorded, or None when it recorded none (see `exporter_scope`)."""
     return exporter_scope(node.name, {prop.key: prop.value for prop in node.metadata_props}, module_paths)
 
 
-def exporter_scope(name: str, metadata: dict, module_paths: frozenset = frozenset()) -> str | None:
+def exporter_scope(name: str, metadata: Mapping[str, str], module_paths: frozenset[str] = frozenset()) -> str | None:
     """The module path an exporter recorded in a node's `name` and `metadata`, or None.
 
     dynamo: `pkg.torch.onnx.name_scopes` lists cumulative paths, the last entry being the FX node
@@ -70,12 +71,12 @@ def exporter_scope(name: str, metadata: dict, module_paths: frozenset = frozense
 _ORT_FUSIONS = re.compile(r"(/+[A-Za-z0-9]+Fusion)+/*$")
 
 
-def _module_parts(name: str) -> list:
+def _module_parts(name: str) -> list[str]:
     """A TorchScript-style node name's module levels: all but the op, ORT's fusion suffixes off."""
     return _ORT_FUSIONS.sub("", name).split("/")[1:-1]
 
 
-def _resolve_torchscript(parts: list, module_paths: frozenset) -> str:
+def _resolve_torchscript(parts: list[str], module_paths: frozenset[str]) -> str:
     """TorchScript names each level by a path that is sometimes relative to its parent
     (`layers.0/attention`), sometimes already full (`layers.0/layers.0.0`), and skips modules
     whose forward was never called (`norm` for `block.norm`). Resolve each level against the
@@ -107,9 +108,10 @@ def annotate_scopes(model: onnx.ModelProto, module_paths=()) -> None:
         _annotate(list(body.node), module_paths, get_scope(holder) or "")
 
 
-def _annotate(nodes: list, module_paths: frozenset, fallback: str) -> None:
+def _annotate(nodes: list[onnx.NodeProto], module_paths: frozenset[str], fallback: str) -> None:
     scopes = [get_scope(node) or scope_from_exporter(node, module_paths) for node in nodes]
-    readers, producers = {}, {}
+    readers: dict[str, int] = {}
+    producers: dict[str, int] = {}
     for index, node in enumerate(nodes):
         for name in node.input:
             readers.setdefault(name, index)
@@ -120,10 +122,12 @@ def _annotate(nodes: list, module_paths: frozenset, fallback: str) -> None:
             reader = next((readers[o] for o in nodes[index].output if o in readers), None)
             scopes[index] = scopes[reader] if reader is not None else None
     for index, node in enumerate(nodes):
-        if scopes[index] is None:
+        scope = scopes[index]
+        if scope is None:
             producer = next((producers[i] for i in node.input if i in producers), None)
-            scopes[index] = scopes[producer] if producer is not None and scopes[producer] is not None else fallback
-        set_scope(node, scopes[index])
+            borrowed = scopes[producer] if producer is not None else None
+            scope = scopes[index] = fallback if borrowed is None else borrowed
+        set_scope(node, scope)
 
 
 def common_scope(scopes) -> str:
@@ -197,10 +201,14 @@ def module_output_tensors(model: onnx.ModelProto) -> dict[str, str]:
 TAP_PREFIX = "ticknorm.tap/"
 
 
-def branch_taps(model: onnx.ModelProto) -> dict[str, tuple]:
+# A module's If node and its tensor in the then_branch and in the else_branch.
+BranchTap = tuple[onnx.NodeProto, str, str]
+
+
+def branch_taps(model: onnx.ModelProto) -> dict[str, BranchTap]:
     """Module -> (If node, then_branch tensor, else_branch tensor), for every module both
     branches of a top-level If give an output tensor."""
-    taps = {}
+    taps: dict[str, BranchTap] = {}
     for node in model.graph.node:
         branches = if_branches(node)
         if len(branches) != 2:
@@ -212,7 +220,7 @@ def branch_taps(model: onnx.ModelProto) -> dict[str, tuple]:
 
 
 @contextlib.contextmanager
-def exposed(model: onnx.ModelProto, names: list):
+def exposed(model: onnx.ModelProto, names: list[str]) -> Iterator[onnx.ModelProto]:
     """`model` with `names` as extra graph outputs while the block runs, as it was after (no copy
     of the weights): a `TAP_PREFIX` name becomes an output of its If, each branch returning (under
     a name of its own) its tensor of the module."""
@@ -249,9 +257,9 @@ _NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormaliza
 def _module_outputs(graph: onnx.GraphProto) -> dict[str, str]:
     readers: dict[str, list[str]] = {}
     for node in graph.node:
-        scope = get_scope(node) or ""
+        reader_scope = get_scope(node) or ""
         for name in node.input:
-            readers.setdefault(name, []).append(scope)
+            readers.setdefault(name, []).append(reader_scope)
     graph_outputs = {o.name for o in graph.output}
     found: dict[str, str] = {}
     for node in graph.node:

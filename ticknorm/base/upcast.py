@@ -35,7 +35,7 @@ def upcast_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
         for attribute in list(node.attributes.values()):
             node.attributes[attribute.name] = _upcast_attribute(attribute)
         for value in node.outputs:
-            if types.get(value.name) == BF16:
+            if value.name is not None and types.get(value.name) == BF16:
                 _round_after(graph, names, node, value)
     for cast in widened:  # on its first reader's module, as a weight belongs to the module that reads it
         scope = next((user.metadata_props.get(SCOPE_KEY) for user in graph if cast.outputs[0] in user.inputs), None)

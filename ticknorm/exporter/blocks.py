@@ -13,6 +13,7 @@ PyTorch also computed, its output is judged alone: a broken block is the one tha
 block after it. Fed the chain of earlier pieces, the graph's final outputs are judged end to end.
 """
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,7 @@ import onnx_ir as ir
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
 from ticknorm.base.precision import TYPE_NAMES
 from ticknorm.base.scopes import SCOPE_KEY, module_output_tensors
+from ticknorm.runtime.base import RunOutputs
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 OUTSIDE = ""  # the key of the nodes that belong to no block
@@ -32,19 +34,21 @@ class Piece:
     """A run of consecutive nodes of one block (or of none), and its boundary."""
 
     block: str
-    nodes: list = field(default_factory=list)
-    inputs: list = field(default_factory=list)  # tensors earlier pieces (or the graph's inputs) made
-    outputs: list = field(default_factory=list)  # tensors later pieces (or the graph's outputs) read
+    nodes: list[ir.Node] = field(default_factory=list)
+    # tensors earlier pieces (or the graph's inputs) made
+    inputs: list[str] = field(default_factory=list)
+    # tensors later pieces (or the graph's outputs) read
+    outputs: list[str] = field(default_factory=list)
 
 
-def repeated_blocks(module_names) -> list[str]:
+def repeated_blocks(module_names: Iterable[str]) -> list[str]:
     """The modules that are items of a list of modules (`model.layers.3`, `transformer.h.0`): a
     model's repeated blocks, in order."""
     names = list(module_names)
     return [name for name in names if name.rpartition(".")[2].isdigit() and name.rpartition(".")[0] in names]
 
 
-def block_of(scope: str | None, blocks: set) -> str:
+def block_of(scope: str | None, blocks: set[str]) -> str:
     """The block a node's module is in (itself or an ancestor), or OUTSIDE."""
     path = scope or ""
     while path:
@@ -54,33 +58,42 @@ def block_of(scope: str | None, blocks: set) -> str:
     return OUTSIDE
 
 
-def cut(model, blocks) -> list[Piece]:
+def cut(model: ir.Model | onnx.ModelProto, blocks: Iterable[str]) -> list[Piece]:
     """The graph (an onnx-ir model, or a ModelProto read into one) as pieces, in graph order, each
     with what it reads from before and what later pieces (or the graph's outputs) read from it."""
     graph = (model if isinstance(model, ir.Model) else ir.from_proto(model)).graph
-    blocks = set(blocks)
-    pieces, made_in = [], {}
+    block_set = set(blocks)
+    pieces: list[Piece] = []
+    made_in: dict[str, int] = {}
     for node in graph:
-        block = block_of(node.metadata_props.get(SCOPE_KEY), blocks)
+        block = block_of(node.metadata_props.get(SCOPE_KEY), block_set)
         if not pieces or pieces[-1].block != block:
             pieces.append(Piece(block))
         pieces[-1].nodes.append(node)
-        made_in.update({value.name: len(pieces) - 1 for value in node.outputs})
-    read_later = {value.name: len(pieces) for value in graph.outputs}
+        made_in.update({_name(value): len(pieces) - 1 for value in node.outputs})
+    read_later = {_name(value): len(pieces) for value in graph.outputs}
     for number, piece in enumerate(pieces):
         for value in (value for node in piece.nodes for value in _reads(graph, node)):
-            if value.is_initializer() or made_in.get(value.name, -1) == number:
+            name = _name(value)
+            if value.is_initializer() or made_in.get(name, -1) == number:
                 continue
-            read_later[value.name] = max(read_later.get(value.name, -1), number)
-            if value.name not in piece.inputs:
-                piece.inputs.append(value.name)  # an earlier piece's tensor, or a graph input
+            read_later[name] = max(read_later.get(name, -1), number)
+            if name not in piece.inputs:
+                piece.inputs.append(name)  # an earlier piece's tensor, or a graph input
     for number, piece in enumerate(pieces):
-        piece.outputs = [value.name for node in piece.nodes for value in node.outputs
-                         if read_later.get(value.name, -1) > number]
+        piece.outputs = [_name(value) for node in piece.nodes for value in node.outputs
+                         if read_later.get(_name(value), -1) > number]
     return pieces
 
 
-def _reads(graph, node):
+def _name(value: ir.Value) -> str:
+    """A tensor's name: pieces meet at names, and every tensor read from a ModelProto has one."""
+    if value.name is None:
+        raise ValueError(f"an unnamed tensor made by {value.producer()} cannot be a piece's boundary")
+    return value.name
+
+
+def _reads(graph: ir.Graph, node: ir.Node) -> Iterator[ir.Value]:
     """Every value of `graph` a node reads, those its subgraphs read from outside them included."""
     yield from (value for value in node.inputs if value is not None)
     for attribute in node.attributes.values():
@@ -89,14 +102,14 @@ def _reads(graph, node):
                 yield from (value for value in inner.inputs if value is not None and value.graph is graph)
 
 
-def piece_model(model, piece: Piece, values: dict) -> onnx.ModelProto:
+def piece_model(model: ir.Model, piece: Piece, values: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A piece as a model (onnx-ir's `extract` between its inputs and outputs, its initializers
     references into the export's weights file): inputs typed as the arrays that feed them."""
     graph = ir.convenience.extract(model.graph, inputs=piece.inputs, outputs=piece.outputs)
     for value in graph.inputs:
-        value.dtype = ir.DataType.from_numpy(values[value.name].dtype)
-        value.shape = ir.Shape(values[value.name].shape)
-    made = ir.Model(graph, ir_version=model.ir_version, functions=model.functions.values(),
+        array = values[_name(value)]
+        value.dtype, value.shape = ir.DataType.from_numpy(array.dtype), ir.Shape(array.shape)
+    made = ir.Model(graph, ir_version=model.ir_version, functions=list(model.functions.values()),
                     metadata_props=dict(model.metadata_props))  # a low graph's policy: a bf16 piece runs upcast
     return ir.to_proto(made)
 
@@ -106,9 +119,9 @@ class BlockCheck:
     """What the block-by-block check found: each block's output judged alone (fed PyTorch's
     inputs), the final outputs judged end to end, and the first block over tolerance."""
 
-    blocks: list = field(default_factory=list)  # ArrayComparison per block, named by the block
-    outputs: list = field(default_factory=list)  # ArrayComparison per graph output, end to end
-    values: dict = field(default_factory=dict)  # graph output -> what the chain of pieces computed
+    blocks: list[ArrayComparison] = field(default_factory=list)  # per block, named by the block
+    outputs: list[ArrayComparison] = field(default_factory=list)  # per graph output, end to end
+    values: dict[str, np.ndarray] = field(default_factory=dict)  # graph output -> what the chain of pieces computed
 
     @property
     def first_failure(self) -> str | None:
@@ -118,21 +131,23 @@ class BlockCheck:
 class PieceRunner:
     """Runs a graph piece by piece from its weights' folder; see the module's docstring."""
 
-    def __init__(self, model: onnx.ModelProto, blocks, weights_dir=None, progress=lambda done, total: None):
+    def __init__(self, model: onnx.ModelProto, blocks: Iterable[str], weights_dir=None,
+                 progress: Callable[[int, int], None] = lambda done, total: None):
         self.model = ir.from_proto(model)  # its weights stay references
         self.pieces = cut(self.model, blocks)
         self.weights = MappedWeights.staged(weights_dir)
         self.progress = progress
 
-    def run(self, feeds: dict, forced: dict | None = None, fetch=()) -> tuple[dict, dict]:
+    def run(self, feeds: dict[str, np.ndarray], forced: dict[str, np.ndarray] | None = None,
+            fetch: Iterable[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The graph's values on `feeds`: (the chain's values, each piece's values when fed the
         `forced` arrays (ONNX tensor name -> array) in place of the chain's where it has them).
         The chain's values hold what pieces pass on, the graph's outputs, and every tensor named in
         `fetch` (a measured run's float tensors)."""
-        forced, fetch = forced or {}, set(fetch)
+        forced, fetched = forced or {}, set(fetch)
         chain, alone = dict(feeds), {}
         for number, piece in enumerate(self.pieces):
-            extra = [value.name for node in piece.nodes for value in node.outputs if value.name in fetch]
+            extra = [_name(value) for node in piece.nodes for value in node.outputs if value.name in fetched]
             if not piece.outputs and not extra:  # nothing of it is read: nothing to run
                 continue
             with OrtRunner(piece_model(self.model, piece, chain), mapped=self.weights, extra_outputs=extra) as runner:
@@ -144,7 +159,7 @@ class PieceRunner:
         return chain, alone
 
 
-def check_blocks(model: onnx.ModelProto, runner: PieceRunner, feeds: dict, reference,
+def check_blocks(model: onnx.ModelProto, runner: PieceRunner, feeds: dict[str, np.ndarray], reference: RunOutputs,
                  precision: str = "fp32") -> BlockCheck:
     """Judge every block and the graph's outputs against PyTorch at the tolerance of `precision`
     (the type the graph computes in). `reference` is a `RunOutputs` of the PyTorch model on
@@ -165,7 +180,7 @@ def check_blocks(model: onnx.ModelProto, runner: PieceRunner, feeds: dict, refer
     return found
 
 
-def taps_needed(model: onnx.ModelProto, blocks) -> list[str]:
+def taps_needed(model: onnx.ModelProto, blocks: list[str]) -> list[str]:
     """The modules to tap in PyTorch: every block, and every module whose output a block reads."""
     tensors = module_output_tensors(model)
     by_tensor = {tensor: module for module, tensor in tensors.items()}

@@ -14,8 +14,10 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
 import onnx
@@ -39,7 +41,9 @@ from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 from ticknorm.runtime.torch_runner import (as_tensors, forward, from_numpy, module_precision, output_names, own_dtype,
                                            tensor_leaves, to_numpy)
 
-EXPORTERS = {"dynamo": (18, None), "torchscript": (13, 17)}
+# The opsets each exporter writes: the lowest and the newest (None: any newer one).
+TORCHSCRIPT_NEWEST_OPSET = 17
+EXPORTERS: dict[str, tuple[int, int | None]] = {"dynamo": (18, None), "torchscript": (13, TORCHSCRIPT_NEWEST_OPSET)}
 DEFAULT_EXPORTER = "dynamo"
 
 
@@ -73,16 +77,16 @@ class ExportOptions:
 
 @dataclass
 class ExportResult:
-    files: list
+    files: list[Path]
     exporter: str
     opset: int
     fusion: FusionReport | None
-    accuracy: list = field(default_factory=list)  # ArrayComparison per output, torch vs ORT
+    accuracy: list[ArrayComparison] = field(default_factory=list)  # per output, torch vs ORT
     plugin_target: PluginTargetResult | None = None  # with --ln-target plugin
     conversion: Conversion | None = None  # with a low precision: islands, and the checks against PyTorch
     checkpoint_precision: str = "fp32"  # the type the model was loaded in (a bf16 folder's: bf16)
     precision: str = "fp32"  # the type of the written graph: --precision's, whatever the checkpoint's
-    notes: list = field(default_factory=list)  # what was rewritten besides the norms, and why
+    notes: list[str] = field(default_factory=list)  # what was rewritten besides the norms, and why
 
     @property
     def passed(self) -> bool:
@@ -90,11 +94,13 @@ class ExportResult:
 
     def precision_line(self) -> str:
         """Which precision the graph was written in, and why: --precision's, whatever the checkpoint's."""
-        line = f"graph precision: {self.precision}" + (" (--precision)" if self.precision != "fp32" else
-                                                       " (the default; --precision fp16|bf16 for a low-precision graph)")
+        why = (" (--precision)" if self.precision != "fp32"
+               else " (the default; --precision fp16|bf16 for a low-precision graph)")
+        line = f"graph precision: {self.precision}{why}"
         if self.checkpoint_precision != "fp32":
-            line += (f"; the checkpoint is {TYPE_NAMES[self.checkpoint_precision]}: the graph was exported from its exact "
-                     f"fp32 upcast and judged against it and against PyTorch in {TYPE_NAMES[self.checkpoint_precision]}")
+            checkpoint = TYPE_NAMES[self.checkpoint_precision]
+            line += (f"; the checkpoint is {checkpoint}: the graph was exported from its exact "
+                     f"fp32 upcast and judged against it and against PyTorch in {checkpoint}")
         return line
 
 
@@ -121,9 +127,11 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
     tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
     with weights_stage(Path(output).parent) as weights_dir:
         progress(f"exporting with the {options.exporter} exporter")
-        notes, failed = [], None
+        notes: list[str] = []
+        failed: ExportError | None = None
         try:
-            proto = torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes or {}, names, weights_dir)
+            proto = torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes or {}, names,
+                                  weights_dir)
         except ExportError as exc:
             if not _torchscript_may_stand_in(options, exc):
                 raise
@@ -135,7 +143,7 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
                 proto = torch_to_onnx(model, tensors, "torchscript", None, dynamic_axes or {}, names, weights_dir)
             except ExportError as exc:
                 raise ExportError(f"{failed}; {exc} too, tried instead") from None
-            notes.append(f"{failed}: exported with the TorchScript exporter instead (opset 17)")
+            notes.append(f"{failed}: exported with the TorchScript exporter instead (opset {TORCHSCRIPT_NEWEST_OPSET})")
         expanded = expand_rotary_caches(proto)
         if expanded:
             notes.append(f"RotaryEmbedding: the cos/sin caches of {expanded} node(s) expanded to the batch, as the "
@@ -160,10 +168,10 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
             accuracy = judge(proto, checks, outputs)
             if checkpoint.low:
                 accuracy += judge_checkpoint(proto, checkpoint, checks, outputs)
-            failed = [c for c in accuracy if not c.passed]
-            if failed:
-                raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {failed[0].name}: "
-                                    f"{failed[0].reason}; nothing was written")
+            disagreeing = [c for c in accuracy if not c.passed]
+            if disagreeing:
+                raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {disagreeing[0].name}: "
+                                    f"{disagreeing[0].reason}; nothing was written")
         conversion = None
         if options.precision.low:
             progress(f"measuring the fp32 run, converting to {options.precision.dtype} and checking it against PyTorch")
@@ -185,11 +193,12 @@ def _torchscript_may_stand_in(options: ExportOptions, failure: ExportError) -> b
     and no opset past TorchScript's 17 was asked for. A failure to translate an op is not one:
     TorchScript would not know the op either."""
     capture = f"while {_STEPS['1']}" in str(failure)  # the failure crossed the exporter's process as its line
-    return options.exporter == "dynamo" and capture and (options.opset is None or options.opset <= EXPORTERS["torchscript"][1])
+    opset_fits = options.opset is None or options.opset <= TORCHSCRIPT_NEWEST_OPSET
+    return options.exporter == "dynamo" and capture and opset_fits
 
 
 @contextlib.contextmanager
-def weights_stage(folder: Path):
+def weights_stage(folder: Path) -> Iterator[Path]:
     """A folder for the exported weights, beside the output: the exporter writes them there once,
     nothing serializes them again, and the final write gives the file a second name (a hard link,
     no byte copied). The graph in memory holds references only, so a rewrite copies no weights and
@@ -199,13 +208,17 @@ def weights_stage(folder: Path):
         yield Path(directory)
 
 
-def torch_reference(model, feeds: dict) -> tuple[list[str], list[np.ndarray]]:
+def torch_reference(model, feeds: dict[str, np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
     """The model's output names (what the graph outputs will be called) and values on `feeds`."""
     torch = require("torch", "torch")
     outputs = forward(model, as_tensors(feeds, own_dtype(model)))
     names, reference = output_names(torch, outputs), [to_numpy(t) for t in tensor_leaves(torch, outputs)]
     ensure_finite(dict(zip(names, reference)), "the PyTorch model's")
     return names, reference
+
+
+# One set of feeds to judge the graph on: (label, feeds, PyTorch's outputs in graph output order).
+Check = tuple[str, dict[str, np.ndarray], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -215,14 +228,15 @@ class CheckpointChecks:
     at that type's tolerance, beside the tight check against the exact fp32 upcast."""
 
     precision: str  # fp32, fp16 or bf16
-    checks: list  # (label, feeds, outputs in the checkpoint's type)
+    checks: list[Check]  # PyTorch's outputs in the checkpoint's type
 
     @property
     def low(self) -> bool:
         return self.precision != "fp32"
 
 
-def ort_outputs(proto: onnx.ModelProto, checks: list, outputs: list | None = None, weights_dir=None) -> list[dict]:
+def ort_outputs(proto: onnx.ModelProto, checks: list[Check], outputs: list[dict[str, np.ndarray]] | None = None,
+                weights_dir=None) -> list[dict[str, np.ndarray]]:
     """ONNX Runtime's outputs on each `(label, feeds, PyTorch outputs)` of `checks`: `outputs` when
     a run of this graph on those feeds is already at hand (the fusion's verification), else one
     session for all of them."""
@@ -237,7 +251,8 @@ def ort_outputs(proto: onnx.ModelProto, checks: list, outputs: list | None = Non
         return [runner.infer(graph_feeds(proto, feeds)).outputs for _, feeds, _ in checks]
 
 
-def judge(proto: onnx.ModelProto, checks: list, outputs: list, reference: str = "fp32") -> list[ArrayComparison]:
+def judge(proto: onnx.ModelProto, checks: list[Check], outputs: list[dict[str, np.ndarray]],
+          reference: str = "fp32") -> list[ArrayComparison]:
     """Each check's PyTorch outputs against ONNX Runtime's, at the tolerance of the coarser of the
     type the output is computed through and the `reference`'s (the type PyTorch ran in)."""
     values = ir.convenience.create_value_mapping(typed(proto).graph, include_subgraphs=False)
@@ -248,7 +263,8 @@ def judge(proto: onnx.ModelProto, checks: list, outputs: list, reference: str = 
             for name, expected in zip([o.name for o in proto.graph.output], expected_outputs)]
 
 
-def judge_checkpoint(proto: onnx.ModelProto, checkpoint: CheckpointChecks, upcast: list, outputs: list) -> list:
+def judge_checkpoint(proto: onnx.ModelProto, checkpoint: CheckpointChecks, upcast: list[Check],
+                     outputs: list[dict[str, np.ndarray]]) -> list[ArrayComparison]:
     """`judge` against the checkpoint's own PyTorch outputs, where a value past the type's bar
     passes when the exact fp32 upcast is as far from them (`within_own_rounding`)."""
     found = judge(proto, checkpoint.checks, outputs, checkpoint.precision)
@@ -282,7 +298,7 @@ def _check_exporter(exporter: str, opset: int | None) -> None:
         raise InputSpecError(f"the {exporter} exporter writes opset {allowed}, not {opset}; use --exporter {other}")
 
 
-def _check_input_names(model, feeds: dict) -> None:
+def _check_input_names(model, feeds: dict[str, np.ndarray]) -> None:
     parameters = inspect.signature(model.forward).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
@@ -292,14 +308,15 @@ def _check_input_names(model, feeds: dict) -> None:
                              f"it takes: {', '.join(parameters)}")
 
 
-def torch_to_onnx(model, tensors: dict, exporter: str = DEFAULT_EXPORTER, opset=None,
-                  dynamic_axes: dict | None = None, outputs: list[str] | None = None,
+def torch_to_onnx(model, tensors: dict[str, Any], exporter: str = DEFAULT_EXPORTER, opset: int | None = None,
+                  dynamic_axes: dict[str, dict[int, str]] | None = None, outputs: list[str] | None = None,
                   weights_dir=None) -> onnx.ModelProto:
     """The exporter's graph, unfused, with a `ticknorm.scope` on every node. With `weights_dir`
     the exporter writes there and the graph comes back staged: weights referenced, not held."""
     torch = require("torch", "torch")
     _check_exporter(exporter, opset)
-    tensors = {name: value if isinstance(value, torch.Tensor) else from_numpy(torch, value) for name, value in tensors.items()}
+    tensors = {name: value if isinstance(value, torch.Tensor) else from_numpy(torch, value)
+               for name, value in tensors.items()}
     model.eval()
     with torch.no_grad():
         proto = _export(torch, model, tensors, exporter, opset, dynamic_axes or {}, outputs, weights_dir)
@@ -307,7 +324,8 @@ def torch_to_onnx(model, tensors: dict, exporter: str = DEFAULT_EXPORTER, opset=
     return proto
 
 
-def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dict, outputs,
+def _export(torch, model, tensors: dict[str, Any], exporter: str, opset: int | None,
+            dynamic_axes: dict[str, dict[int, str]], outputs: list[str] | None,
             weights_dir=None) -> onnx.ModelProto:
     """The exported graph: in memory, or (with `weights_dir`) written there by the exporter and
     read back staged, weights referenced, not held. The dynamo exporter writes it from a child
@@ -316,12 +334,12 @@ def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dic
     kwargs, structure, names = _arguments(model, tensors, dynamic_axes)
     arguments = ExportCall(kwargs, dynamic_shapes(torch, structure), names, outputs, exporter, opset, dynamic_axes)
     if weights_dir is None:
-        return _exported(torch, model, tensors, arguments)
+        return _exported(torch, model, arguments)
     target = Path(weights_dir) / "exported.onnx"
     if exporter == "dynamo":
-        run_isolated(lambda: _exported(torch, model, tensors, arguments, target))
+        run_isolated(lambda: _exported(torch, model, arguments, target))
     else:
-        _exported(torch, model, tensors, arguments, target)
+        _exported(torch, model, arguments, target)
     return stage_weights(target)
 
 
@@ -329,13 +347,13 @@ def _export(torch, model, tensors: dict, exporter: str, opset, dynamic_axes: dic
 class ExportCall:
     """What torch.onnx.export is called with, besides the model."""
 
-    kwargs: dict
-    dynamic_shapes: dict | None  # dynamo's
-    input_names: list
-    output_names: list | None
+    kwargs: dict[str, Any]  # tensors, nested as the model takes them (a KV cache as pairs)
+    dynamic_shapes: dict[str, Any] | None  # dynamo's, nested as `kwargs`
+    input_names: list[str]
+    output_names: list[str] | None
     exporter: str
     opset: int | None
-    dynamic_axes: dict  # TorchScript's
+    dynamic_axes: dict[str, dict[int, str]]  # TorchScript's
 
 
 @contextlib.contextmanager
@@ -347,7 +365,15 @@ def quiet_export(torch):
         yield
 
 
-def _exported(torch, model, tensors: dict, call: ExportCall, target: Path | None = None) -> onnx.ModelProto | None:
+@overload
+def _exported(torch, model, call: ExportCall, target: None = None) -> onnx.ModelProto: ...
+
+
+@overload
+def _exported(torch, model, call: ExportCall, target: Path) -> None: ...
+
+
+def _exported(torch, model, call: ExportCall, target: Path | None = None) -> onnx.ModelProto | None:
     """Export; with `target`, write the file there (weights external) and return nothing."""
     with quiet_export(torch):
         try:
@@ -373,7 +399,8 @@ def _exported(torch, model, tensors: dict, call: ExportCall, target: Path | None
             raise ExportError(describe_failure(torch, model, call, exc)) from exc
 
 
-def _arguments(model, tensors: dict, dynamic_axes: dict) -> tuple[dict, dict, list]:
+def _arguments(model, tensors: dict[str, Any], dynamic_axes: dict[str, dict[int, str]]
+               ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """Keyword arguments, their dynamic axes in the same structure, and the flat input names: as
     given, or nested the way a wrapper such as `HfGraph` takes them (a KV cache as pairs)."""
     if hasattr(model, "export_arguments"):
@@ -384,7 +411,7 @@ def _arguments(model, tensors: dict, dynamic_axes: dict) -> tuple[dict, dict, li
 def dynamic_shapes(torch, structure):
     """`{input: {axis: Dim}}` (nested like the arguments) with one Dim object per axis name, so
     shared names stay equal; None when nothing is dynamic."""
-    dims = {}
+    dims: dict[str, object] = {}  # axis name -> its torch.export.Dim
 
     def convert(node):
         if isinstance(node, list):
@@ -416,7 +443,8 @@ def _silenced():
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile() as sink, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    python_streams = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with tempfile.TemporaryFile() as sink, python_streams[0], python_streams[1]:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
@@ -442,7 +470,8 @@ def _quiet_loggers():
 # How the exporters name the op they could not translate, most specific first: the dynamo exporter's
 # OpOverload (`op='transformers.grouped_mm_fallback'`) or fx target (`torch.ops.aten.histc.default`),
 # TorchScript's `aten::histc`.
-_OP_PATTERNS = (re.compile(r"op='([A-Za-z_]\w*)\.([A-Za-z0-9_]+)'"), re.compile(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z0-9_]+)"),
+_OP_PATTERNS = (re.compile(r"op='([A-Za-z_]\w*)\.([A-Za-z0-9_]+)'"),
+                re.compile(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z0-9_]+)"),
                 re.compile(r"\b(aten)[.:]{1,2}([A-Za-z0-9_]+)"))
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STEP = re.compile(r"step (\d)/3")
@@ -472,14 +501,17 @@ def describe_failure(torch, model, call: "ExportCall", exc: Exception) -> str:
     node = _FAILED_NODE.search(text)
     module = _module_of_node(torch, model, call, node.group(1)) if node and exporter == "dynamo" else None
     module = module if module is not None else _module_calling(torch, model, call.kwargs, op)
-    where = f" in module '{module or '(root)'}' ({type(_submodule(model, module)).__name__})" if module is not None else ""
+    kind = type(_submodule(model, module)).__name__ if module is not None else ""
+    where = f" in module '{module or '(root)'}' ({kind})" if module is not None else ""
     return f"the {exporter} exporter cannot export op {namespace}::{op}{where}: it has no ONNX translation for it"
 
 
-def _chain(exc: BaseException):
-    while exc is not None:
-        yield exc
-        exc = exc.__cause__ or exc.__context__
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception it was raised from or during, outermost first."""
+    link: BaseException | None = exc
+    while link is not None:
+        yield link
+        link = link.__cause__ or link.__context__
 
 
 def _submodule(model, path: str):
@@ -498,11 +530,12 @@ def _module_of_node(torch, model, call: "ExportCall", node: str) -> str | None:
     return str(stack[-1][0]) if stack else None
 
 
-def _module_calling(torch, model, tensors: dict, op: str) -> str | None:
+def _module_calling(torch, model, tensors: dict[str, Any], op: str) -> str | None:
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    stack, hits = [""], []
+    stack = [""]  # the path of the module running now
+    hits: list[str] = []  # the module that called `op` first
 
     def enter(path):
         return lambda _module, _args: stack.append(path)  # append returns None: inputs unchanged

@@ -8,6 +8,8 @@ are expected to have the same shape as input 'x', got 1 and ..."). Each such cac
 x's batch: the graph then runs, computes the same numbers, and keeps the one standard op.
 """
 
+from collections.abc import Sequence
+
 import onnx
 import onnx_ir as ir
 
@@ -28,7 +30,7 @@ def expand_rotary_caches(model: onnx.ModelProto) -> int:
     return len(rotaries)
 
 
-def _expanded_caches(node: ir.Node) -> tuple:
+def _expanded_caches(node: ir.Node) -> Sequence[ir.Node]:
     """The nodes that expand `node`'s cos and sin caches to x's batch, on its metadata; `node`
     reads the expanded caches from then on."""
     tape = ir.tape.Tape()

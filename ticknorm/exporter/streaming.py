@@ -13,6 +13,7 @@ The whole-model route holds the model, then ONNX Runtime maps the exported weigh
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.onnx_io import save_onnx, stage_weights
 from ticknorm.base.optional import require
-from ticknorm.base.metrics import as_close_as_the_checkpoint
+from ticknorm.base.metrics import ArrayComparison, as_close_as_the_checkpoint
 from ticknorm.base.precision import TYPE_NAMES, Precision
 from ticknorm.base.progress import QUIET, Eta, Progress
 from ticknorm.base.scopes import annotate_scopes
@@ -36,7 +37,11 @@ from ticknorm.exporter.precision.lower import lay_out, write_low
 from ticknorm.exporter.precision.measure import float_tensors
 from ticknorm.exporter.precision.plan import plan_precision
 from ticknorm.exporter.rotary import expand_rotary_caches
+from ticknorm.runtime.base import RunOutputs
 from ticknorm.runtime.torch_runner import TorchRunner, as_tensors, output_names
+
+if TYPE_CHECKING:  # hf imports torch: `import ticknorm` does not
+    from ticknorm.exporter.hf import HfGraph
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +49,7 @@ class StreamedModel:
     """A folder's model on the meta device behind the graph wrapper its task exports."""
 
     meta: MetaModel
-    graph: object  # hf.HfGraph, which imports torch: `import ticknorm` does not
+    graph: "HfGraph"
 
     @classmethod
     def of(cls, folder, task: str) -> "StreamedModel":
@@ -95,7 +100,8 @@ def _available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def export_streamed(streamed: StreamedModel, feeds: dict, dynamic_axes: dict, output,
+def export_streamed(streamed: StreamedModel, feeds: dict[str, np.ndarray], dynamic_axes: dict[str, dict[int, str]],
+                    output,
                     options: ExportOptions, progress: Progress = QUIET) -> ExportResult:
     """Export `streamed` on `feeds` and write `output` only once every block and the outputs
     passed; see the module's docstring. `feeds` and `dynamic_axes` are the task's (made with the
@@ -149,7 +155,8 @@ def export_streamed(streamed: StreamedModel, feeds: dict, dynamic_axes: dict, ou
                         options.precision.dtype, notes)
 
 
-def _export_meta(torch, graph, feeds: dict, dynamic_axes: dict, opset):
+def _export_meta(torch, graph: "HfGraph", feeds: dict[str, np.ndarray], dynamic_axes: dict[str, dict[int, str]],
+                 opset: int | None):
     """The dynamo exporter's program of the meta model, traced on meta tensors shaped as the feeds.
     Its optimizer folds constants through the weights, which meta tensors do not hold: off."""
     tensors = {name: torch.empty(value.shape, dtype=as_tensors({name: value})[name].dtype, device="meta")
@@ -182,23 +189,31 @@ class _Checker:
     """The PyTorch reference of a streamed export and the block-by-block checks against it, of the
     fp32 graph and, with a low precision, of the converted one."""
 
-    def __init__(self, streamed: StreamedModel, feeds: dict, blocks: list, weights_dir, progress: Progress):
+    def __init__(self, streamed: StreamedModel, feeds: dict[str, np.ndarray], blocks: list[str], weights_dir,
+                 progress: Progress):
         self.streamed, self.feeds, self.blocks, self.weights_dir = streamed, feeds, blocks, weights_dir
         self.progress = progress
-        self.reference = None
+        self._reference: RunOutputs | None = None
 
     def run_reference(self, proto) -> None:
         meta, graph = self.streamed.meta, self.streamed.graph
         self.progress.step(f"running PyTorch in fp32, one module's weights at a time, {len(self.blocks)} blocks tapped")
         names = [o.name for o in proto.graph.output]
         with meta.weights_on_demand(), TorchRunner(graph, names, taps=taps_needed(proto, self.blocks)) as runner:
-            self.reference = runner.infer(self.feeds)
+            self._reference = runner.infer(self.feeds)
+
+    @property
+    def reference(self) -> RunOutputs:
+        """PyTorch's fp32 outputs and taps, which every check reads: `run_reference` makes them."""
+        if self._reference is None:
+            raise RuntimeError("the streamed export checks its graph before running PyTorch (run_reference)")
+        return self._reference
 
     def pieces(self, proto, what: str) -> PieceRunner:
         eta = Eta(self.progress.step, what, 1)
         return PieceRunner(proto, self.blocks, self.weights_dir, lambda done, total: eta(done / total))
 
-    def check(self, proto, own_outputs, precision: str = "fp32") -> list:
+    def check(self, proto, own_outputs, precision: str = "fp32") -> list[ArrayComparison]:
         """Every block alone and the outputs end to end against PyTorch in fp32 at `precision`'s
         tolerance, and against PyTorch in the checkpoint's type (`own_outputs`); the first block
         over tolerance stops the export."""
@@ -209,13 +224,13 @@ class _Checker:
             raise AccuracyError(f"block {failed.name} of the exported {precision} graph disagrees with PyTorch: "
                                 f"{failed.reason} (judged alone, on PyTorch's inputs); nothing was written")
         accuracy = [*found.blocks, *self._outputs(proto, found, own_outputs, precision)]
-        failed = [c for c in accuracy if not c.passed]
-        if failed:
-            raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on {failed[0].name}: {failed[0].reason}; "
-                                "nothing was written")
+        disagreeing = [c for c in accuracy if not c.passed]
+        if disagreeing:
+            raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on {disagreeing[0].name}: "
+                                f"{disagreeing[0].reason}; nothing was written")
         return accuracy
 
-    def _outputs(self, proto, found, own_outputs, precision: str) -> list:
+    def _outputs(self, proto, found, own_outputs, precision: str) -> list[ArrayComparison]:
         if own_outputs is None:
             return found.outputs
         meta, names = self.streamed.meta, [o.name for o in proto.graph.output]
@@ -234,6 +249,7 @@ class _Checker:
         values, _ = runner.run(graph_feeds(proto, self.feeds), fetch=float_tensors(proto))
         policy = plan_precision(proto, self.feeds, precision, values=values)
         del values
-        eta = Eta(self.progress.step, f"writing the {precision.dtype} graph ({len(policy.islands)} node(s) kept in fp32)", 1)
+        kept = f"{len(policy.islands)} node(s) kept in fp32"
+        eta = Eta(self.progress.step, f"writing the {precision.dtype} graph ({kept})", 1)
         low = write_low(lay_out(proto, policy), self.weights_dir, lambda done, total: eta(done / total))
         return Conversion(low, policy, self.check(low, own_outputs, precision.dtype))

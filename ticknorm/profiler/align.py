@@ -25,7 +25,8 @@ class ScopeTable:
         self.position = {name: index for index, name in enumerate(self.order)}
         self.scope = {node.name: get_scope(node) or "" for node in nodes}
         self.holders = {holder.name for holder, _ in bodies(model.graph)}
-        self.module_order = {}  # by each module's first computing node: exporters hoist constants (and weight aliases) up
+        # by each module's first computing node: exporters hoist constants (and weight aliases) up
+        self.module_order: dict[str, int] = {}
         for node in sorted(nodes, key=lambda n: n.op_type in NON_COMPUTING):
             self.module_order.setdefault(get_scope(node) or "", len(self.module_order))
 
@@ -54,11 +55,11 @@ class ScopeTable:
             name = name.rstrip("/").rpartition("/")[0] if "/" in name.rstrip("/") else ""
         return None
 
-    def modules_for_ort(self, ort_name: str) -> tuple:
+    def modules_for_ort(self, ort_name: str) -> tuple[str, ...]:
         node = self.node_for(ort_name)
         return (self.scope[node],) if node is not None else ()
 
-    def modules_for_trt(self, layer_name: str) -> tuple:
+    def modules_for_trt(self, layer_name: str) -> tuple[str, ...]:
         nodes = []
         for part in layer_name.split(" + "):
             foreign = _FOREIGN.search(part)
