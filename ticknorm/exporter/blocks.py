@@ -35,10 +35,8 @@ class Piece:
 
     block: str
     nodes: list[ir.Node] = field(default_factory=list)
-    # tensors earlier pieces (or the graph's inputs) made
-    inputs: list[str] = field(default_factory=list)
-    # tensors later pieces (or the graph's outputs) read
-    outputs: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # tensors earlier pieces (or the graph's inputs) made
+    outputs: list[str] = field(default_factory=list)  # tensors later pieces (or the graph's outputs) read
 
 
 def repeated_blocks(module_names: Iterable[str]) -> list[str]:

@@ -507,7 +507,6 @@ def describe_failure(torch, model, call: "ExportCall", exc: Exception) -> str:
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and every exception it was raised from or during, outermost first."""
     link: BaseException | None = exc
     while link is not None:
         yield link

@@ -101,8 +101,7 @@ def _available_memory() -> int:
 
 
 def export_streamed(streamed: StreamedModel, feeds: dict[str, np.ndarray], dynamic_axes: dict[str, dict[int, str]],
-                    output,
-                    options: ExportOptions, progress: Progress = QUIET) -> ExportResult:
+                    output, options: ExportOptions, progress: Progress = QUIET) -> ExportResult:
     """Export `streamed` on `feeds` and write `output` only once every block and the outputs
     passed; see the module's docstring. `feeds` and `dynamic_axes` are the task's (made with the
     weights on demand: a decoder's cache comes from a real prefill)."""
@@ -206,7 +205,7 @@ class _Checker:
     def reference(self) -> RunOutputs:
         """PyTorch's fp32 outputs and taps, which every check reads: `run_reference` makes them."""
         if self._reference is None:
-            raise RuntimeError("the streamed export checks its graph before running PyTorch (run_reference)")
+            raise RuntimeError("a streamed export's checks read PyTorch's reference: run_reference comes first")
         return self._reference
 
     def pieces(self, proto, what: str) -> PieceRunner:
