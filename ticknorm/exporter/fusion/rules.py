@@ -1,0 +1,139 @@
+"""The norm families as onnxscript patterns, written as the math:
+
+    LayerNorm: (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps)
+    RMSNorm:   x / sqrt(mean(x^2) + eps)
+
+each piece in every spelling exporters write (`spellings`). `check` says why a structural match is
+refused (`NotFused`, with the reason the report keeps) or is no candidate at all (a failed
+`MatchResult`: a LayerNorm's tail is no RMSNorm). Only matching is the rewriter's: the rules are
+matched at each division (`find_norms`) and the fused nodes are built by `rewrite`, because the
+rewriter matches backwards from one output node, while a norm's optional tail (the per-feature
+scale and bias, the Cast back out of an fp32 island) is read forwards and decides which node the
+fused one replaces (`norms.complete_match`); and because fusion decides the target opset only
+once it has seen every norm.
+"""
+
+import onnx_ir as ir
+from onnxscript.rewriter.pattern import MatchResult, PatternBase
+
+from ticknorm.exporter.fusion.norms import NormRefusal, NotFused, complete_match, layout_of, refusal
+from ticknorm.exporter.fusion.spellings import (DIVISIONS, divided, epsilon, inverse_problem, mean, mean_of,
+                                                reduces, root, square, square_problem, tail_problem)
+from ticknorm.exporter.fusion.values import NodeNames
+
+
+class LayerNormRule(PatternBase):
+    kind = "LayerNorm"
+
+    def __init__(self, division: str):
+        super().__init__(f"{self.kind}/{division}")
+        self.division = division
+
+    def pattern(self, op, x):
+        # Two means of x may center it (TorchScript's var_mean): one for the variance, one for
+        # the numerator; mostly they are one node.
+        centered = op.Sub(x, mean(op, x, "center"), _outputs=["centered"])
+        variance = mean(op, square(op, op.Sub(x, mean(op, x, "center_v"))), "variance")
+        return divided(op, centered, root(op, variance), self.division)
+
+    def check(self, context, x, center, center_v, variance, **bound):
+        means = mean_of(center), mean_of(center_v)
+        if any(m.problem for m in means) or means[0].axes != means[1].axes:
+            return MatchResult().fail("x is not centered by its mean")
+        if square_problem(bound, means[1].output) or inverse_problem(bound, bound["root"]):
+            return MatchResult().fail("not a square root's inverse")
+        anchor, axes, spread = means[1].nodes[0], means[1].axes, mean_of(variance)
+        if spread.problem:
+            raise NotFused(spread.problem, anchor, context.nodes)
+        if spread.axes != axes:
+            raise NotFused(f"the mean is over axes {list(axes)} but the variance over {list(spread.axes)}", anchor,
+                           context.nodes)
+        problem, node = tail_problem(bound, variance)
+        if problem:
+            raise NotFused(problem, node or anchor, context.nodes)
+        return MatchResult()
+
+    def axes(self, bindings: dict) -> tuple:
+        return mean_of(bindings["center"]).axes
+
+
+class RMSNormRule(PatternBase):
+    kind = "RMSNorm"
+
+    def __init__(self, division: str):
+        super().__init__(f"{self.kind}/{division}")
+        self.division = division
+
+    def pattern(self, op, x):
+        return divided(op, x, root(op, mean(op, square(op, x), "variance")), self.division)
+
+    def check(self, context, x, variance, **bound):
+        producer = x.producer()
+        if producer is not None and producer.op_type == "Sub" and reduces(producer.inputs[1], producer.inputs[0]):
+            return MatchResult().fail("a LayerNorm's tail")
+        spread = mean_of(variance)
+        if spread.problem or square_problem(bound, x) or inverse_problem(bound, bound["root"]):
+            return MatchResult().fail("a sum of squares that is no mean: not an RMSNorm candidate")
+        problem, node = tail_problem(bound, variance)
+        if problem:
+            raise NotFused(problem, node or spread.source.producer(), context.nodes)
+        return MatchResult()
+
+    def axes(self, bindings: dict) -> tuple:
+        return mean_of(bindings["variance"]).axes
+
+
+RULES = [rule(division) for rule in (LayerNormRule, RMSNormRule) for division in DIVISIONS]
+
+
+def find_norms(graph: ir.Graph) -> list:
+    """Every decomposed LayerNorm and RMSNorm of `graph` (not of its subgraphs): NormMatch when
+    fusable, NormRefusal otherwise; LayerNorms first, each family in graph order."""
+    names = NodeNames(graph)
+    found: dict[str, list] = {"LayerNorm": [], "RMSNorm": []}
+    claimed, seen = set(), set()
+    for node in graph:
+        if node.op_type not in ("Div", "Mul"):
+            continue
+        for rule in RULES:
+            result = _try(rule, graph, node, names)
+            if result is None:
+                continue
+            claimed.update(result[1])
+            key = (result[0].node, result[0].reason) if isinstance(result[0], NormRefusal) else node
+            if key not in seen:
+                seen.add(key)
+                found[rule.kind].append(result[0])
+            break
+    return found["LayerNorm"] + _uncentered(graph, claimed, names) + found["RMSNorm"]
+
+
+def _try(rule, graph: ir.Graph, node: ir.Node, names: dict):
+    """(NormMatch or NormRefusal, the nodes matched) when `rule` matches at `node`, else None."""
+    try:
+        match = rule.match(None, graph, node, check_nodes_are_removable=False)
+    except NotFused as error:
+        return refusal(rule.kind, error, names), error.nodes
+    if not match:
+        return None
+    bound = match.bindings
+    source, nodes = bound["x"], list(match.nodes)
+    try:
+        layout = layout_of(source, rule.axes(bound))
+        return complete_match(rule.kind, source, layout, nodes, node.outputs[0], epsilon(bound, bound["variance"]),
+                              names), nodes
+    except NotFused as error:
+        error.node = error.node or nodes[-1]
+        return refusal(rule.kind, error, names), nodes
+
+
+def _uncentered(graph: ir.Graph, claimed: set, names: dict) -> list:
+    """x - mean(x) that no LayerNorm rule matched: nothing averages its square."""
+    refused = []
+    for node in graph:
+        if node.op_type == "Sub" and node not in claimed and reduces(node.inputs[1], node.inputs[0]):
+            center = mean_of(node.inputs[1])
+            if not center.problem:
+                refused.append(refusal("LayerNorm", NotFused("no variance: nothing averages the square of x - mean(x)",
+                                                             center.nodes[0]), names))
+    return refused
