@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from ticknorm.base.errors import AccuracyError, FusionError, InputSpecError, RuntimeFailure, first_line
 from ticknorm.base.functions import called_functions, inline_functions
@@ -15,11 +14,12 @@ from ticknorm.exporter.fusion.report import FusionReport, NormRecord
 from ticknorm.exporter.fusion.rewrite import (FUSED_OPS, RMS_TARGETS, FreshNames, NormTargets, reusable_params,
                                               rewrite_matches)
 from ticknorm.exporter.fusion.rules import find_norms
+from ticknorm.exporter.fusion.typed import typed_ir
 from ticknorm.exporter.fusion.verify import verify_fused
 from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
 from ticknorm.base.graph_feeds import feed_sets_for_graph, guessed_inputs
 
-__all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms", "norms_in"]
+__all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms", "norms_in", "typed_ir"]
 
 
 @dataclass
@@ -58,7 +58,7 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
         found = norms_in(graph)
     op_types = {kind: targets.op(kind, target)[0] for kind in FUSED_OPS}
     records, matches = _fuse(graph, found, target, targets, op_types)
-    fused = _to_proto(graph) if any(r.status == "fused" for r in records) else working
+    fused = ir.to_proto(graph) if any(r.status == "fused" for r in records) else working
     report = FusionReport(before, target, records, inlined=inlined)
     outputs = None
     if verify and any(r.status == "fused" for r in records):
@@ -75,26 +75,6 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
                                  f"--input NAME:DIMS[:DTYPE] (guessed here: {', '.join(guessed_inputs(model))})") from exc
         report.verified = True
     return FusionResult(fused, report, outputs)
-
-
-def typed_ir(model: onnx.ModelProto) -> ir.Model:
-    """`model` in onnx-ir (weights not copied, staged ones not read), every value's shape inferred
-    as far as ONNX can. Which values were typed before is remembered (`_to_proto` writes only
-    those back, as the file had them)."""
-    converted = ir.from_proto(model)
-    converted.meta["typed"] = {v for node in ir.traversal.RecursiveGraphIterator(converted.graph)
-                               for v in node.outputs if v.type is not None}
-    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(converted)
-    return converted
-
-
-def _to_proto(model: ir.Model) -> onnx.ModelProto:
-    typed = model.meta["typed"]
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for value in node.outputs:
-            if value not in typed and not value.is_graph_output():
-                value.type, value.shape = None, None
-    return ir.to_proto(model)
 
 
 def _opset(model: ir.Model) -> int:

@@ -40,20 +40,34 @@ def scalar(value: ir.Value | None, beside: ir.Value) -> float | None:
 
 def dims(value: ir.Value) -> tuple | None:
     """Sizes as ints, symbolic names as str, unknown as None; None when the rank is unknown."""
-    if value.shape is None:
+    if value.shape is not None:
+        return tuple(d if isinstance(d, int) else d.value for d in value.shape)
+    tensor_type = _inferred(value)
+    if tensor_type is None or not tensor_type.HasField("shape"):
         return None
-    return tuple(d if isinstance(d, int) else d.value for d in value.shape)
+    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tensor_type.shape.dim)
 
 
 def rank(value: ir.Value) -> int | None:
-    return None if value.shape is None else len(value.shape)
+    sizes = dims(value)
+    return None if sizes is None else len(sizes)
 
 
 def elem_type(value: ir.Value) -> int | None:
     if value.dtype is not None:
         return int(value.dtype)
+    tensor_type = _inferred(value)
+    if tensor_type is not None and tensor_type.elem_type:
+        return tensor_type.elem_type
     array = constant(value)
     return None if array is None else int(ir.DataType.from_numpy(array.dtype))
+
+
+def _inferred(value: ir.Value):
+    """What ONNX shape inference said of `value` (`typed.typed_ir`), a TypeProto's tensor_type."""
+    graph = value.graph
+    found = None if graph is None else graph.meta.get("inferred", {}).get(value.name)
+    return found.tensor_type if found is not None and found.HasField("tensor_type") else None
 
 
 def readers(value: ir.Value) -> list[ir.Node]:
