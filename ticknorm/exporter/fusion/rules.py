@@ -87,18 +87,28 @@ class RMSNormRule(PatternBase):
 # asking every rule at every node cost fusion a 96-layer encoder's time again.
 _RULES_AT = {division: [LayerNormRule(division), RMSNormRule(division)] for division in DIVISIONS}
 _ROOTS = ("Sqrt", "Add")
-_INVERSES = ("Reciprocal", "Div", "Mul")
 
 
 def _root_spellings(node: ir.Node) -> list[str]:
-    """The division spellings `node` may be the last step of, from its op and its inputs' producers."""
+    """The division spellings `node` may be the last step of, from the ops just above it."""
     if node.op_type not in ("Div", "Mul") or len(node.inputs) != 2 or None in node.inputs:
         return []
-    producers = [value.producer() for value in node.inputs]
-    ops = [p.op_type if p is not None else "" for p in producers]
     if node.op_type == "Div":
-        return ["div"] if ops[1] in _ROOTS else []
-    return [spelling for spelling, op in zip(("mul-inverse-first", "mul"), ops) if op in _INVERSES]
+        return ["div"] if _op(node.inputs[1]) in _ROOTS else []
+    return [spelling for spelling, value in zip(("mul-inverse-first", "mul"), node.inputs) if _inverts_a_root(value)]
+
+
+def _op(value: ir.Value | None) -> str:
+    producer = None if value is None else value.producer()
+    return "" if producer is None else producer.op_type
+
+
+def _inverts_a_root(value: ir.Value) -> bool:
+    """Reciprocal(root) or Div(1, root), maybe times 1.0, as far as the ops say."""
+    node = value.producer()
+    if node is not None and node.op_type == "Mul" and len(node.inputs) == 2:
+        node = next((v.producer() for v in node.inputs if _op(v) in ("Reciprocal", "Div")), None)
+    return node is not None and node.op_type in ("Reciprocal", "Div") and _op(node.inputs[-1]) in _ROOTS
 
 
 def find_norms(graph: ir.Graph) -> list:

@@ -8,8 +8,19 @@ import onnx_ir as ir
 
 def constant(value: ir.Value | None) -> np.ndarray | None:
     """The value of `value` when fixed at export time: an initializer (not an overridable graph
-    input, not on disk), a Constant node, or a Cast/Identity of one."""
-    if value is None or value.is_graph_input():
+    input, not on disk), a Constant node, or a Cast/Identity of one. Read once per value."""
+    if value is None:
+        return None
+    if _CONSTANT not in value.meta:
+        value.meta[_CONSTANT] = _read_constant(value)
+    return value.meta[_CONSTANT]
+
+
+_CONSTANT = "ticknorm.fusion.constant"
+
+
+def _read_constant(value: ir.Value) -> np.ndarray | None:
+    if value.is_graph_input():
         return None
     tensor = value.const_value
     if tensor is not None:
