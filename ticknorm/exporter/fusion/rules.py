@@ -108,7 +108,9 @@ def _inverts_a_root(value: ir.Value) -> bool:
     node = value.producer()
     if node is not None and node.op_type == "Mul" and len(node.inputs) == 2:
         node = next((v.producer() for v in node.inputs if _op(v) in ("Reciprocal", "Div")), None)
-    return node is not None and node.op_type in ("Reciprocal", "Div") and _op(node.inputs[-1]) in _ROOTS
+    if node is None or node.op_type not in ("Reciprocal", "Div") or _op(node.inputs[-1]) not in _ROOTS:
+        return False
+    return node.op_type == "Reciprocal" or _op(node.inputs[0]) in ("", "Constant")  # 1 / root, not d / root
 
 
 def find_norms(graph: ir.Graph) -> list:
