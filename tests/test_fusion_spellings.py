@@ -191,6 +191,21 @@ def test_torchscript_var_mean_two_equal_means_are_one_layer_norm():
     assert statuses(result) == [("LayerNorm", "fused")] and op_types(result.model) == ["LayerNormalization"]
 
 
+def test_dynamos_var_mean_keepdims0_reshape_expand_and_no_epsilon():
+    """dynamo's var_mean + rsqrt: the sum of x with its dims dropped, restored by Reshape + Expand,
+    then divided by N; the variance restored the same way; no epsilon."""
+    def restored(op, source, output):
+        return reduce(op, source, f"{output}_0", opset=18, keepdims=0) + [
+            node("Reshape", [f"{output}_0", "kept"], f"{output}_1"), node("Expand", [f"{output}_1", "kept"], output)]
+    nodes = reduce("ReduceMean", "x", "mean_v", opset=18) + [
+        node("Sub", ["x", "mean_v"], "d_v"), node("Mul", ["d_v", "d_v"], "sq"), *restored("ReduceMean", "sq", "var"),
+        *restored("ReduceSum", "x", "total"), node("Div", ["total", "n"], "mean"), node("Sub", ["x", "mean"], "d"),
+        node("Sqrt", ["var"], "std"), node("Reciprocal", ["std"], "inv"), node("Mul", ["d", "inv"], "y")]
+    result = fused(model(nodes, opset=18, shape=("batch", "seq", 8)))  # dims dynamo leaves symbolic
+    assert statuses(result) == [("LayerNorm", "fused")] and op_types(result.model) == ["LayerNormalization"]
+    assert result.report.records[0].epsilon == 0.0
+
+
 def test_channels_first_axes_are_moved_last_with_transposes():
     CONSTANTS["scale_c"] = _const("scale_c", SCALE.reshape(8, 1, 1))
     nodes = reduce("ReduceMean", "x", "mean", axes=(1,)) + [

@@ -44,7 +44,7 @@ class LayerNormRule(PatternBase):
             return MatchResult().fail("not a square root's inverse")
         anchor, axes, spread = means[1].nodes[0], means[1].axes, mean_of(variance)
         if spread.problem:
-            raise NotFused(spread.problem, anchor, context.nodes)
+            raise NotFused(spread.problem, spread.problem_node or anchor, context.nodes)
         if spread.axes != axes:
             raise NotFused(f"the mean is over axes {list(axes)} but the variance over {list(spread.axes)}", anchor,
                            context.nodes)

@@ -34,19 +34,13 @@ def _per_count(op, value):
 
 
 def mean(op, x, name: str):
-    """x averaged over some axes, the reduced dims kept, bound to `name` (read by `mean_of`)."""
-    def reduce_mean():
-        return op.ReduceMean(x, **_OPEN)
-
-    def reduce_sum():
-        return op.ReduceSum(x, **_OPEN)
-
-    spellings = [reduce_mean(), _restore(op, reduce_mean()), _restore(op, _restore(op, reduce_mean())),
-                 _per_count(op, reduce_sum()), _restore(op, _per_count(op, reduce_sum())),
-                 _per_count(op, _restore(op, reduce_sum())),
-                 # refused, with the reason: dynamo's unbiased variance, a mean times N / (N-1)
-                 _restore(op, _per_count(op, reduce_mean())), _restore(op, _per_count(op, _per_count(op, reduce_mean())))]
-    return OrValue(spellings, name=name)
+    """x averaged over some axes, the reduced dims kept, bound to `name` (read by `mean_of`): a
+    reduction, the dims it dropped restored, divided by N (a sum), the dims restored after."""
+    reduced = OrValue([op.ReduceMean(x, **_OPEN), op.ReduceSum(x, **_OPEN)])
+    kept = OrValue([reduced, _restore(op, reduced), _restore(op, _restore(op, reduced))])
+    # scaled twice: dynamo's unbiased variance, a mean times N / (N-1), refused with the reason
+    scaled = OrValue([kept, _per_count(op, kept), _per_count(op, _per_count(op, kept))])
+    return OrValue([scaled, _restore(op, scaled), _restore(op, _restore(op, scaled))], name=name)
 
 
 def square(op, t):
@@ -101,6 +95,7 @@ class Mean:
     axes: tuple | None
     nodes: list = field(default_factory=list)
     problem: str = ""
+    problem_node: ir.Node | None = None  # where the report points, when not at the norm's first node
 
 
 def mean_of(output: ir.Value) -> Mean:
@@ -115,7 +110,7 @@ def mean_of(output: ir.Value) -> Mean:
     if axes is None:
         found.problem = "the reduction axes are not constant"
         return found
-    found.problem = _chain_problem(node, list(reversed(steps)), source, axes)
+    found.problem, found.problem_node = _chain_problem(node, list(reversed(steps)), source, axes)
     return found
 
 
@@ -132,31 +127,33 @@ def _chained(step: ir.Node) -> ir.Value:
     return first if producer is not None and producer.op_type in _CHAIN_OPS else second
 
 
-def _chain_problem(reduce: ir.Node, steps: list, source: ir.Value, axes: tuple) -> str:
+def _chain_problem(reduce: ir.Node, steps: list, source: ir.Value, axes: tuple) -> tuple[str, ir.Node | None]:
     """Follow a reduction through the shape ops that restore its dims and the division by N of a
-    ReduceSum; why it is no mean, or ''."""
+    ReduceSum; why it is no mean ('' when it is), and the node to point at if not the first."""
     restore = "done" if attribute(reduce, "keepdims", 1) else "pending"
     divide = reduce.op_type == "ReduceSum"
     current = reduce.outputs[0]
     for step in steps:
-        if restore != "done" and step.op_type in _SHAPE_OPS:
+        if step.op_type in _SHAPE_OPS:
             restore = _restored(source, step.outputs[0], axes)
             if restore is None:
                 break
         elif divide:
             problem = _divisor_problem(source, axes, step, current)
             if problem:
-                return problem
+                return problem, None
             divide = False
         else:
             factor = scalar(other_input(step, current), beside=current)
-            if factor is None:
-                return "a reduction is followed by a computed factor"
-            return f"the reduction is rescaled by {step.op_type} {factor:g} (unbiased N-1 variance is not LayerNorm)"
+            amount = f"{factor:g}" if factor is not None else "a computed factor"
+            if restore == "done":  # a mean already, then rescaled: TorchScript's unbiased variance
+                return (f"the variance is rescaled by {step.op_type} {amount} before epsilon "
+                        "(unbiased N-1 variance is not LayerNorm)"), step
+            return f"the reduction is rescaled by {step.op_type} {amount} (unbiased N-1 variance is not LayerNorm)", None
         current = step.outputs[0]
     if restore not in ("done", "compatible"):
-        return "a reduction drops the reduced dims and nothing restores them"
-    return "a ReduceSum is not divided by the element count" if divide else ""
+        return "a reduction drops the reduced dims and nothing restores them", None
+    return ("a ReduceSum is not divided by the element count" if divide else ""), None
 
 
 def reduces(value: ir.Value | None, source: ir.Value) -> bool:

@@ -50,13 +50,14 @@ def scalar(value: ir.Value | None, beside: ir.Value) -> float | None:
 
 
 def dims(value: ir.Value) -> tuple | None:
-    """Sizes as ints, symbolic names as str, unknown as None; None when the rank is unknown."""
+    """Sizes as ints, symbolic names as str, unknown as None; None when the rank is unknown. What
+    shape inference says first: it refines what the file declares (dynamo's unknown dims)."""
+    tensor_type = _inferred(value)
+    if tensor_type is not None and tensor_type.HasField("shape"):
+        return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tensor_type.shape.dim)
     if value.shape is not None:
         return tuple(d if isinstance(d, int) else d.value for d in value.shape)
-    tensor_type = _inferred(value)
-    if tensor_type is None or not tensor_type.HasField("shape"):
-        return None
-    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tensor_type.shape.dim)
+    return None
 
 
 def rank(value: ir.Value) -> int | None:
@@ -65,11 +66,11 @@ def rank(value: ir.Value) -> int | None:
 
 
 def elem_type(value: ir.Value) -> int | None:
-    if value.dtype is not None:
-        return int(value.dtype)
     tensor_type = _inferred(value)
     if tensor_type is not None and tensor_type.elem_type:
         return tensor_type.elem_type
+    if value.dtype is not None:
+        return int(value.dtype)
     array = constant(value)
     return None if array is None else int(ir.DataType.from_numpy(array.dtype))
 
