@@ -406,12 +406,16 @@ def test_epsilon_outside_the_square_root_is_refused():
     assert refused(model(nodes)) == [("LayerNorm", "refused", "epsilon is added outside the square root")]
 
 
-def test_a_non_constant_epsilon_is_refused():
-    eps = helper.make_tensor_value_info("eps_in", TensorProto.FLOAT, [])
-    nodes = layer_norm()
+def _epsilon_fed(nodes):
+    """The norm of `nodes` with its epsilon a graph input, and the feeds for it."""
     nodes[[n.output[0] for n in nodes].index("ve")].input[:] = ["var", "eps_in"]
-    feeds = {"x": _x(), "eps_in": np.array(EPS, np.float32)}
-    assert refused(model(nodes, inputs=[eps]), feeds) == [("LayerNorm", "refused", "epsilon is not a constant")]
+    eps = helper.make_tensor_value_info("eps_in", TensorProto.FLOAT, [])
+    return model(nodes, inputs=[eps]), {"x": _x(), "eps_in": np.array(EPS, np.float32)}
+
+
+@pytest.mark.parametrize("kind, nodes", [("LayerNorm", layer_norm), ("RMSNorm", rms_norm)])
+def test_a_non_constant_epsilon_is_refused(kind, nodes):
+    assert refused(*_epsilon_fed(nodes())) == [(kind, "refused", "epsilon is not a constant")]
 
 
 def test_an_epsilon_that_is_no_scalar_is_refused():
@@ -438,14 +442,6 @@ def test_a_centered_input_without_a_variance_is_refused():
     nodes = reduce("ReduceMean", "x", "mean") + [node("Sub", ["x", "mean"], "y")]
     assert refused(model(nodes)) == [
         ("LayerNorm", "refused", "no variance: nothing averages the square of x - mean(x)")]
-
-
-def test_an_rms_norm_with_a_non_constant_epsilon_is_refused():
-    eps = helper.make_tensor_value_info("eps_in", TensorProto.FLOAT, [])
-    nodes = rms_norm()
-    nodes[[n.output[0] for n in nodes].index("ve")].input[:] = ["var", "eps_in"]
-    feeds = {"x": _x(), "eps_in": np.array(EPS, np.float32)}
-    assert refused(model(nodes, inputs=[eps]), feeds) == [("RMSNorm", "refused", "epsilon is not a constant")]
 
 
 def test_a_mean_of_squares_that_divides_nothing_is_no_candidate():

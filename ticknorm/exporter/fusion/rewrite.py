@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from ticknorm.base.graph import UniqueNames
 from ticknorm.base.scopes import SCOPE_KEY
 from ticknorm.exporter.fusion.norms import NormMatch
 
@@ -37,8 +38,9 @@ class NormTargets:
         return op_type, needs
 
 
-class FreshNames:
-    """Unique tensor and node names over a whole model, from a counter (as onnx-graphsurgeon does)."""
+class FreshNames(UniqueNames):
+    """UniqueNames over an onnx-ir model and its subgraphs (a fused node in a branch is named
+    apart from the outer graph's too)."""
 
     def __init__(self, model: ir.Model):
         graph = model.graph
@@ -46,14 +48,6 @@ class FreshNames:
         for node in ir.traversal.RecursiveGraphIterator(graph):
             self.taken.add(node.name)
             self.taken.update(v.name for v in node.outputs)
-
-    def fresh(self, stem: str) -> str:
-        name, count = stem, 0
-        while name in self.taken:
-            count += 1
-            name = f"{stem}_{count}"
-        self.taken.add(name)
-        return name
 
 
 def rewrite_matches(graph: ir.Graph, matches: list[NormMatch], op_types: dict[str, str], names: FreshNames,

@@ -22,12 +22,18 @@ from ticknorm.exporter.fusion.spellings import (DIVISIONS, divided, epsilon, inv
 from ticknorm.exporter.fusion.values import NodeNames
 
 
-class LayerNormRule(PatternBase):
-    kind = "LayerNorm"
+class _NormRule(PatternBase):
+    """A norm family matched where its division is spelled `division` (`spellings.DIVISIONS`)."""
+
+    kind = ""
 
     def __init__(self, division: str):
         super().__init__(f"{self.kind}/{division}")
         self.division = division
+
+
+class LayerNormRule(_NormRule):
+    kind = "LayerNorm"
 
     def pattern(self, op, x):
         # Two means of x may center it (TorchScript's var_mean): one for the variance, one for
@@ -57,12 +63,8 @@ class LayerNormRule(PatternBase):
         return mean_of(bindings["center"]).axes
 
 
-class RMSNormRule(PatternBase):
+class RMSNormRule(_NormRule):
     kind = "RMSNorm"
-
-    def __init__(self, division: str):
-        super().__init__(f"{self.kind}/{division}")
-        self.division = division
 
     def pattern(self, op, x):
         return divided(op, x, root(op, mean(op, square(op, x), "variance")), self.division)
