@@ -169,6 +169,14 @@ def test_each_layer_norm_spelling_becomes_one_node(spelling):
     np.testing.assert_allclose(ort_run(result.model, {"x": _x()})["y"], reference_ln(_x()), atol=1e-5)
 
 
+def test_an_integer_exponent_squares_too():
+    """Issue 29's "integer exponents of any type": Pow(d, int64 2) is read as 2.0 already."""
+    CONSTANTS["two_i"] = _const("two_i", 2, np.int64)
+    nodes = layer_norm()
+    nodes[[n.output[0] for n in nodes].index("sq")].input[1] = "two_i"
+    assert op_types(fused(model(nodes)).model) == ["LayerNormalization"]
+
+
 @pytest.mark.parametrize("affine, inputs", [("none", 2), ("scale", 2), ("bias", 3), ("scale-bias", 3)])
 def test_scale_and_bias_are_optional(affine, inputs):
     result = fused(model(layer_norm(affine=affine)))

@@ -150,7 +150,7 @@ def _try(rule, graph: ir.Graph, node: ir.Node, names: dict):
         return complete_match(rule.kind, source, layout, nodes, node.outputs[0], epsilon(bound, bound["variance"]),
                               names), nodes
     except NotFused as error:
-        error.node = error.node or nodes[-1]
+        error.node = error.node or min(nodes, key=names.position.get)
         return refusal(rule.kind, error, names), nodes
 
 
