@@ -155,12 +155,20 @@ def _try(rule, graph: ir.Graph, node: ir.Node, names: dict):
 
 
 def _uncentered(graph: ir.Graph, claimed: set, names: dict) -> list:
-    """x - mean(x) that no LayerNorm rule matched: nothing averages its square."""
+    """x - mean(x) that no LayerNorm rule matched, with what is missing: a variance, or the
+    division by its root."""
     refused = []
     for node in graph:
         if node.op_type == "Sub" and node not in claimed and reduces(node.inputs[1], node.inputs[0]):
             center = mean_of(node.inputs[1])
             if not center.problem:
-                refused.append(refusal("LayerNorm", NotFused("no variance: nothing averages the square of x - mean(x)",
-                                                             center.nodes[0]), names))
+                reason = ("sqrt(variance + epsilon) does not divide the centered input" if _averaged_square(node)
+                          else "no variance: nothing averages the square of x - mean(x)")
+                refused.append(refusal("LayerNorm", NotFused(reason, center.nodes[0]), names))
     return refused
+
+
+def _averaged_square(centered: ir.Node) -> bool:
+    d = centered.outputs[0]
+    squares = [use.node for use in d.uses() if use.node.op_type in ("Pow", "Mul")]
+    return any(use.node.op_type in ("ReduceMean", "ReduceSum") for square in squares for use in square.outputs[0].uses())
