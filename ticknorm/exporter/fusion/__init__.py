@@ -4,7 +4,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-
 import onnx_ir as ir
 
 from ticknorm.base.errors import AccuracyError, FusionError, InputSpecError, RuntimeFailure, first_line
@@ -46,19 +45,19 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     if targets.rms not in RMS_TARGETS:
         raise FusionError(f"unknown RMSNorm target '{targets.rms}'; choose one of: {', '.join(RMS_TARGETS)}")
     model, inlined = _norms_reachable(model)
-    working, graph = model, typed_ir(model)
-    before = _opset(graph)
+    working, typed = model, typed_ir(model)
+    before = _opset(typed)
     if opset is not None and opset < before:
         raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
-    found = norms_in(graph)
+    found = norms_in(typed)
     target = _target_opset([m for _, _, results in found for m in results], before, opset, targets)
     if target != before:
         working = _convert(model, target)
-        graph = typed_ir(working)
-        found = norms_in(graph)
+        typed = typed_ir(working)
+        found = norms_in(typed)
     op_types = {kind: targets.op(kind, target)[0] for kind in FUSED_OPS}
-    records, matches = _fuse(graph, found, target, targets, op_types)
-    fused = ir.to_proto(graph) if any(r.status == "fused" for r in records) else working
+    records, matches = _fuse(typed, found, target, targets, op_types)
+    fused = ir.to_proto(typed) if any(r.status == "fused" for r in records) else working
     report = FusionReport(before, target, records, inlined=inlined)
     outputs = None
     if verify and any(r.status == "fused" for r in records):
@@ -119,7 +118,8 @@ def _fuse(model: ir.Model, found: list, target: int, targets: NormTargets, op_ty
         if matches:
             rewrite_matches(graph, matches, op_types, names, reusable_params([graph, model.graph], matches))
         records += graph_records
-        outer = outer or matches if holder is None else outer
+        if holder is None:
+            outer = matches
     return records, outer
 
 
