@@ -19,7 +19,7 @@ from onnxscript.rewriter.pattern import MatchResult, PatternBase
 from ticknorm.exporter.fusion.norms import NormRefusal, NotFused, complete_match, layout_of, refusal
 from ticknorm.exporter.fusion.spellings import (DIVISIONS, divided, epsilon, inverse_problem, mean, mean_of,
                                                 reduces, root, square, square_problem, tail_problem)
-from ticknorm.exporter.fusion.values import NodeNames
+from ticknorm.exporter.fusion.values import NodeNames, readers
 
 
 class _NormRule(PatternBase):
@@ -49,10 +49,11 @@ class LayerNormRule(_NormRule):
         if square_problem(bound, means[1].output) or inverse_problem(bound, bound["root"]):
             return MatchResult().fail("not a square root's inverse")
         anchor, axes, spread = means[1].nodes[0], means[1].axes, mean_of(variance)
+        first = next(n for n in readers(x) if n in (means[0].nodes[0], anchor))  # where x is first centered
         if spread.problem:
-            raise NotFused(spread.problem, spread.problem_node or anchor, context.nodes)
+            raise NotFused(spread.problem, spread.problem_node or first, context.nodes)
         if spread.axes != axes:
-            raise NotFused(f"the mean is over axes {list(axes)} but the variance over {list(spread.axes)}", anchor,
+            raise NotFused(f"the mean is over axes {list(axes)} but the variance over {list(spread.axes)}", first,
                            context.nodes)
         problem, node = tail_problem(bound, variance)
         if problem:
