@@ -7,11 +7,10 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from ticknorm.exporter.fusion import find_norms
+from ticknorm.exporter.fusion import norms_in, typed_ir
 from ticknorm.base.functions import called_functions, inline_functions
-from ticknorm.base.graph import GraphIndex, bodies
+from ticknorm.base.graph import bodies
 from ticknorm.exporter.fusion.norms import NormMatch
-from ticknorm.exporter.fusion.subgraphs import body_model
 from ticknorm.exporter.fusion.report import NORM_OP_RUNTIMES
 from ticknorm.base.scopes import ensure_scopes, scope_coverage, scope_sources
 from ticknorm.base.inputs import graph_inputs
@@ -67,14 +66,12 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
     ensure_scopes(model)
     functions = called_functions(model)
     model = inline_functions(model) or model  # counted as ONNX Runtime runs them: each call on its own
-    index = GraphIndex(model)
     inner = bodies(model.graph)  # If branches, Loop/Scan bodies: a merged decoder's whole decoder is there
     nodes = list(model.graph.node) + [node for _, body in inner for node in body.node]
     histogram = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
                         for node in nodes)
-    found = [(m, "") for m in find_norms(index)] + [
-        (m, f" (in {_where(holder, body)})") for holder, body in inner
-        for m in find_norms(GraphIndex(body_model(model, body, index)))]
+    found = [(m, f" (in {_where(holder, body)})" if holder is not None else "")
+             for holder, body, results in norms_in(typed_ir(model)) for m in results]
     decomposed = [[m.kind, m.scope, ("fusable" if isinstance(m, NormMatch) else m.reason) + where] for m, where in found]
     return ModelSummary(
         opsets={o.domain: o.version for o in model.opset_import},
@@ -91,9 +88,9 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
     )
 
 
-def _where(holder: onnx.NodeProto, body: onnx.GraphProto) -> str:
+def _where(holder, body) -> str:
     """Which subgraph of which node: a merged decoder's norms are there twice, once per branch."""
-    attribute = next((a.name for a in holder.attribute if a.type == onnx.AttributeProto.GRAPH and a.g is body),
+    attribute = next((name for name, a in holder.attributes.items() if a.type == a.type.GRAPH and a.value is body),
                      "body")
     return f"{attribute} of {holder.op_type} '{holder.name}'"
 

@@ -1,25 +1,26 @@
 """Rewrite every decomposed LayerNorm (and RMSNorm, where the opset has it) into one node."""
 
+import contextlib
+import gc
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from ticknorm.base.errors import AccuracyError, FusionError, InputSpecError, RuntimeFailure, first_line
 from ticknorm.base.functions import called_functions, inline_functions
-from ticknorm.base.graph import GraphIndex, bodies
-from ticknorm.exporter.fusion.layer_norm import find_layer_norms
 from ticknorm.exporter.fusion.norms import NormMatch
-from ticknorm.exporter.fusion.patterns import forward_means
 from ticknorm.exporter.fusion.report import FusionReport, NormRecord
-from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets, rewrite_matches
-from ticknorm.exporter.fusion.rms_norm import find_rms_norms
-from ticknorm.exporter.fusion.subgraphs import body_model, put_back
+from ticknorm.exporter.fusion.rewrite import (FUSED_OPS, RMS_TARGETS, FreshNames, NormTargets, reusable_params,
+                                              rewrite_matches)
+from ticknorm.exporter.fusion.rules import find_norms
+from ticknorm.exporter.fusion.typed import typed_ir
 from ticknorm.exporter.fusion.verify import verify_fused
 from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
 from ticknorm.base.graph_feeds import feed_sets_for_graph, guessed_inputs
 
-__all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms"]
+__all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms", "norms_in", "typed_ir"]
 
 
 @dataclass
@@ -46,24 +47,10 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     if targets.rms not in RMS_TARGETS:
         raise FusionError(f"unknown RMSNorm target '{targets.rms}'; choose one of: {', '.join(RMS_TARGETS)}")
     model, inlined = _norms_reachable(model)
-    index = GraphIndex(model)
-    before = index.opset
-    if opset is not None and opset < before:
-        raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
-    found = find_norms(index)
-    target = _target_opset(found, before, opset, targets)
-    working = model
-    if target != before:
-        working = _convert(model, target)
-        index = GraphIndex(working)
-        found = find_norms(index)
-    op_types = {kind: targets.op(kind, target)[0] for kind in FUSED_OPS}
-    records, matches = _records(found, target, targets)
-    fused = rewrite_matches(working, index, matches, op_types) if matches else working
-    fused, inner = _fuse_bodies(fused, model, target, targets, op_types)
-    report = FusionReport(before, target, records + inner, inlined=inlined)
+    fused, before, target, records, matches = _fused(model, opset, targets)
+    report = FusionReport(before, target, records, inlined=inlined)
     outputs = None
-    if verify and (matches or any(record.status == "fused" for record in inner)):
+    if verify and any(r.status == "fused" for r in records):
         derived = feeds is None
         if derived:  # from the graph: for a decoder with a KV cache a decode step, then a prefill too
             feeds, *more = feed_sets_for_graph(model)
@@ -79,52 +66,86 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     return FusionResult(fused, report, outputs)
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """The onnx-ir graph is ~20 Python objects a node, linked in cycles, that all die when fusion
+    returns. With the collector running, allocating them sets off full collections of the whole
+    process (torch's heap included) that free nothing: a third of fusing a 96-layer encoder.
+    Paused, they stay young, and the first collection after frees them in one pass."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@_collector_paused()
+def _fused(model: onnx.ModelProto, opset: int | None, targets: NormTargets) -> tuple:
+    """The fused model (`model`, or the opset-raised one, when nothing was fused), the opset
+    before and after, every norm's record, and the main graph's matches."""
+    working, typed = model, typed_ir(model)
+    before = _opset(typed)
+    if opset is not None and opset < before:
+        raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
+    found = norms_in(typed)
+    target = _target_opset([m for _, _, results in found for m in results], before, opset, targets)
+    if target != before:
+        working = _convert(model, target)
+        typed = typed_ir(working)
+        found = norms_in(typed)
+    op_types = {kind: targets.op(kind, target)[0] for kind in FUSED_OPS}
+    records, matches = _fuse(typed, found, target, targets, op_types)
+    fused = ir.to_proto(typed) if any(r.status == "fused" for r in records) else working
+    return fused, before, target, records, matches
+
+
+def _opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
+def norms_in(model: ir.Model) -> list[tuple]:
+    """(node holding the graph or None, graph, its norms) for the main graph and each If/Loop/Scan
+    body at any depth (Optimum's merged decoder keeps the whole decoder in both branches of one If)."""
+    found = [(None, model.graph, find_norms(model.graph))]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attribute in node.attributes.values():
+            if attribute.type == ir.AttributeType.GRAPH:
+                found.append((node, attribute.value, find_norms(attribute.value)))
+            elif attribute.type == ir.AttributeType.GRAPHS:
+                found += [(node, body, find_norms(body)) for body in attribute.value]
+    return found
+
+
 def _norms_reachable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     """`model`, or, when norms sit inside its local functions, the model with those calls inlined
     (`base.functions`) and which functions were, by call count."""
     inlined = inline_functions(model)
-    if inlined is None or len(find_norms(GraphIndex(inlined))) <= len(find_norms(GraphIndex(model))):
+    if inlined is None or _count(inlined) <= _count(model):
         return model, {}
     return inlined, called_functions(model)
 
 
-def _fuse_bodies(fused: onnx.ModelProto, original: onnx.ModelProto, target: int, targets: NormTargets,
-                 op_types: dict) -> tuple[onnx.ModelProto, list]:
-    """The norms inside If/Loop/Scan bodies, fused in place (in a copy while `fused` is still the
-    caller's model), and their records."""
-    if not bodies(fused.graph):
-        return fused, []
-    if fused is original:  # the bodies are rewritten in place: never in the caller's model
-        fused = onnx.ModelProto()
-        fused.CopyFrom(original)
-    outer = GraphIndex(fused)
-    records = []
-    for holder, body in bodies(fused.graph):  # the copy's bodies, listed after the copy
-        wrapper = body_model(fused, body, outer)
-        index = GraphIndex(wrapper)
-        found, matches = _records(find_norms(index), target, targets)
-        for record in found:
-            record.notes.append(f"inside {holder.op_type} '{holder.name}': checked through the graph's outputs")
+def _count(model: onnx.ModelProto) -> int:
+    return sum(len(results) for _, _, results in norms_in(typed_ir(model)))
+
+
+def _fuse(model: ir.Model, found: list, target: int, targets: NormTargets, op_types: dict) -> tuple[list, list]:
+    """Rewrite the fusable norms of every graph in place: their records, and the main graph's
+    matches (fused norms in bodies are checked through the graph's outputs)."""
+    names, records, outer = FreshNames(model), [], []
+    for holder, graph, results in found:
+        graph_records, matches = _records(results, target, targets)
+        if holder is not None:
+            for record in graph_records:
+                record.notes.append(f"inside {holder.op_type} '{holder.name}': checked through the graph's outputs")
         if matches:
-            put_back(body, rewrite_matches(wrapper, index, matches, op_types).graph, outer)
-        records += found
-    return fused, records
-
-
-def find_norms(index: GraphIndex) -> list:
-    """Every decomposed LayerNorm and RMSNorm: NormMatch when fusable, NormRefusal otherwise."""
-    return find_layer_norms(index) + find_rms_norms(index, _centered_tensors(index))
-
-
-def _centered_tensors(index: GraphIndex) -> set:
-    """x - mean(x) tensors, fused or not: an RMS tail on one of them is a LayerNorm's tail."""
-    centered = set()
-    for node in index.nodes:
-        if node.op_type == "Sub":
-            means = forward_means(index, node.input[0])
-            if any(m.output == node.input[1] for m in means):
-                centered.add(node.output[0])
-    return centered
+            rewrite_matches(graph, matches, op_types, names, reusable_params([graph, model.graph], matches))
+        records += graph_records
+        if holder is None:
+            outer = matches
+    return records, outer
 
 
 def _target_opset(found: list, before: int, requested: int | None, targets: NormTargets) -> int:

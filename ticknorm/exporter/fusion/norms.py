@@ -1,15 +1,81 @@
-"""What a matched normalization is, and the checks every match must pass before it is fused."""
+"""What a matched normalization is, its forward tail (scale, bias, the Cast back out of an fp32
+island), and the checks every match must pass before it is fused."""
 
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
-from ticknorm.base.graph import GraphIndex, attr
-from ticknorm.exporter.fusion.patterns import Layout, NotFused, absorb_affine, Tail
-from ticknorm.base.scopes import common_scope, get_scope
+from ticknorm.base.scopes import SCOPE_KEY, common_scope
+from ticknorm.exporter.fusion.values import attribute, constant, elem_type, escapes, other_input, readers, sole_reader
+from ticknorm.exporter.fusion.values import dims as dims_of
 
-_LOW_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+_LOW_PRECISION = (int(ir.DataType.FLOAT16), int(ir.DataType.BFLOAT16))
+_INDEX_TYPES = (int(ir.DataType.INT64), int(ir.DataType.INT32))
+
+
+class NotFused(Exception):
+    """A candidate normalization that cannot be fused; the message is the reason for the report."""
+
+    def __init__(self, reason: str, node: ir.Node | None = None, nodes=()):
+        super().__init__(reason)
+        self.reason = reason
+        self.node = node
+        self.nodes = list(nodes)  # what the rule matched: no look-alike is reported twice
+
+
+@dataclass
+class Layout:
+    """Where the normalized axes sit in the input, and how to move them to the end if needed."""
+
+    rank: int | None
+    axes: tuple
+    dims: tuple  # sizes of the normalized axes; None where not static
+
+    @property
+    def trailing(self) -> bool:
+        if self.rank is None:
+            return self.axes == tuple(range(-len(self.axes), 0))
+        return self.axes == tuple(range(self.rank - len(self.axes), self.rank))
+
+    @property
+    def permutation(self) -> list[int] | None:
+        """The Transpose that makes the axes trailing, or None when they already are."""
+        if self.trailing:
+            return None
+        kept = [a for a in range(self.rank) if a not in self.axes]
+        return kept + list(self.axes)
+
+    def feature_param(self, value: np.ndarray | None) -> np.ndarray | None:
+        """`value` as an array over the normalized dims, or None when it varies along other axes."""
+        if value is None or self.rank is None or value.ndim > self.rank:
+            return None
+        aligned = value.reshape((1,) * (self.rank - value.ndim) + value.shape)
+        if any(aligned.shape[a] != 1 for a in range(self.rank) if a not in self.axes):
+            return None
+        order = [a for a in range(self.rank) if a not in self.axes] + list(self.axes)
+        moved = aligned.transpose(order).reshape([aligned.shape[a] for a in self.axes])
+        if not all(isinstance(d, int) for d in self.dims):
+            return moved if all(s != 1 for s in moved.shape) or moved.size == 0 else None
+        if moved.shape == tuple(self.dims):
+            return moved
+        try:
+            return np.broadcast_to(moved, self.dims).copy()
+        except ValueError:
+            return None  # does not broadcast over the normalized dims: not a scale of this norm
+
+    def static_dims(self, *params) -> tuple | None:
+        if all(isinstance(d, int) for d in self.dims):
+            return tuple(self.dims)
+        shapes = {p.shape for p in params if p is not None}
+        return next(iter(shapes)) if len(shapes) == 1 else None
+
+
+def layout_of(source: ir.Value, axes: tuple) -> Layout:
+    sizes = dims_of(source)
+    rank = None if sizes is None else len(sizes)
+    picked = tuple(sizes[a] if isinstance(sizes[a], int) else None for a in axes) if sizes else (None,) * len(axes)
+    return Layout(rank, axes, picked)
 
 
 @dataclass
@@ -17,8 +83,8 @@ class NormMatch:
     """A normalization ready to be replaced by one node."""
 
     kind: str  # "LayerNorm" or "RMSNorm"
-    nodes: list  # indices of the nodes it replaces
-    input: str
+    nodes: list  # the ir nodes it replaces
+    input: ir.Value
     output: str
     layout: Layout
     epsilon: float
@@ -28,6 +94,7 @@ class NormMatch:
     scope: str
     anchor: str  # name of the first original node, for the report
     notes: list = field(default_factory=list)
+    output_value: ir.Value | None = None
 
 
 @dataclass
@@ -40,83 +107,114 @@ class NormRefusal:
     scope: str
 
 
-def complete_match(index: GraphIndex, kind: str, source: str, layout: Layout, front: list, tail: Tail,
-                   allow_bias: bool) -> NormMatch:
+def scope_of(node: ir.Node) -> str | None:
+    return node.metadata_props.get(SCOPE_KEY)
+
+
+def refusal(kind: str, error: NotFused, names: dict) -> NormRefusal:
+    return NormRefusal(kind, error.reason, names.get(error.node, error.node.name or error.node.op_type),
+                       scope_of(error.node) or "")
+
+
+@dataclass
+class _Affine:
+    nodes: list
+    output: ir.Value
+    scale: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    cast_back: bool = False
+
+
+def complete_match(kind: str, source: ir.Value, layout: Layout, front: list, normalized: ir.Value, epsilon: float,
+                   names: dict) -> NormMatch:
     """Add the affine part and the dtype casts, then check that the rewrite is safe."""
     if layout.rank is None and not layout.trailing:
-        raise NotFused(f"the rank of '{source}' is unknown, so axes {list(layout.axes)} cannot be checked")
-    cast_node, cast_source = _input_cast(index, source)
-    cast_to = index.elem_type(cast_source) if cast_node is not None else None
-    affine = absorb_affine(index, tail.output, layout, allow_bias, cast_to)
-    nodes = sorted(set(front + tail.nodes + affine.nodes))
-    if affine.cast_back and all(r in nodes for r in index.consumer_nodes(source)):
-        nodes = sorted(nodes + [cast_node])
-    nodes = _with_plumbing(index, nodes)
+        raise NotFused(f"the rank of '{source.name}' is unknown, so axes {list(layout.axes)} cannot be checked")
+    cast_node, cast_source = _input_cast(source)
+    cast_to = elem_type(cast_source) if cast_node is not None else None
+    affine = _absorb_affine(normalized, layout, kind == "LayerNorm", cast_to)
+    members = set(front) | set(affine.nodes)
+    if affine.cast_back and all(r in members for r in readers(source)):
+        members.add(cast_node)
+    nodes = sorted(_with_plumbing(members), key=names.position.get)
     dims = layout.static_dims(affine.scale, affine.bias)
     if dims is None:
-        raise NotFused(f"the normalized dims of '{source}' are not static, so scale and bias cannot be built")
-    _check_private(index, nodes, affine.output, kind)
+        raise NotFused(f"the normalized dims of '{source.name}' are not static, so scale and bias cannot be built")
+    _check_private(nodes, affine.output, kind, names)
     notes = []
     if layout.permutation is not None:
         notes.append(f"axes {list(layout.axes)} moved last with Transpose {layout.permutation}")
     if affine.cast_back:
         notes.append("Cast pair absorbed: computed in fp32 via stash_type=1")
-    elem_type = index.elem_type(cast_source if affine.cast_back else source)
-    return NormMatch(kind, nodes, cast_source if affine.cast_back else source, affine.output,
-                     Layout(layout.rank, layout.axes, dims), tail.epsilon, affine.scale, affine.bias,
-                     elem_type, common_scope(get_scope(index.nodes[n]) or "" for n in nodes),
-                     index.node_name(nodes[0]), notes)
+    fused_input = cast_source if affine.cast_back else source
+    return NormMatch(kind, nodes, fused_input, affine.output.name, Layout(layout.rank, layout.axes, dims), epsilon,
+                     affine.scale, affine.bias, elem_type(fused_input),
+                     common_scope(scope_of(n) or "" for n in nodes), names[nodes[0]], notes, affine.output)
 
 
-def _input_cast(index: GraphIndex, source: str) -> tuple[int | None, str]:
+def _input_cast(source: ir.Value) -> tuple[ir.Node | None, ir.Value]:
     """The Cast that lifts a fp16/bf16 tensor into the fp32 island, if `source` comes from one."""
-    producer, node = index.producer_op(source)
-    if node is not None and node.op_type == "Cast" and attr(node, "to") == onnx.TensorProto.FLOAT:
-        if index.elem_type(node.input[0]) in _LOW_PRECISION:
-            return producer, node.input[0]
+    node = source.producer()
+    if node is not None and node.op_type == "Cast" and attribute(node, "to") == int(ir.DataType.FLOAT):
+        if elem_type(node.inputs[0]) in _LOW_PRECISION:
+            return node, node.inputs[0]
     return None, source
 
 
-_INDEX_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+def _absorb_affine(start: ir.Value, layout: Layout, allow_bias: bool, cast_to: int | None) -> _Affine:
+    """Take the per-feature Mul (scale), Add (bias) and the Cast back to the input's dtype that
+    follow a normalization, while each is the only reader and its operand is a constant.
+    A non-constant or non-per-feature operand stays outside as its own node."""
+    affine = _Affine([], start)
+    while True:
+        node = sole_reader(affine.output)
+        if node is None:
+            return affine
+        if node.op_type == "Cast" and cast_to is not None and not affine.cast_back and attribute(node, "to") == cast_to:
+            affine.cast_back = True
+        elif node.op_type == "Mul" and affine.scale is None and affine.bias is None:
+            affine.scale = layout.feature_param(constant(other_input(node, affine.output)))
+            if affine.scale is None:
+                return affine
+        elif node.op_type == "Add" and allow_bias and affine.bias is None:
+            affine.bias = layout.feature_param(constant(other_input(node, affine.output)))
+            if affine.bias is None:
+                return affine
+        else:
+            return affine
+        affine.nodes.append(node)
+        affine.output = node.outputs[0]
 
 
-def _with_plumbing(index: GraphIndex, nodes: list) -> list:
+def _with_plumbing(members: set) -> set:
     """Add the constants and shape computations (Shape -> Gather -> Concat ...) that exist only to
     feed the matched nodes: they die with the match. Only Constant nodes and nodes with integer
     outputs qualify, so the data path into the normalization is never taken."""
-    members = set(nodes)
-    pending = list(nodes)
+    pending = list(members)
     while pending:
-        for name in index.nodes[pending.pop()].input:
-            producer, node = index.producer_op(name)
-            if producer is None or producer in members:
+        for value in pending.pop().inputs:
+            node = None if value is None else value.producer()
+            if node is None or node in members or node.graph is not value.graph:
                 continue
-            outputs = [o for o in node.output if o]
-            plumbing = node.op_type == "Constant" or all(index.elem_type(o) in _INDEX_TYPES for o in outputs)
-            private = all(o not in index.graph_outputs and set(index.consumer_nodes(o)) <= members for o in outputs)
+            plumbing = node.op_type == "Constant" or all(elem_type(o) in _INDEX_TYPES for o in node.outputs)
+            private = all(not escapes(o) and set(readers(o)) <= members for o in node.outputs)
             if plumbing and private:
-                members.add(producer)
-                pending.append(producer)
-    return sorted(members)
+                members.add(node)
+                pending.append(node)
+    return members
 
 
-def _check_private(index: GraphIndex, nodes: list, output: str, kind: str) -> None:
+def _check_private(nodes: list, output: ir.Value, kind: str, names: dict) -> None:
     """Every tensor inside the match must be read only inside it, or fusing would remove it."""
     members = set(nodes)
     for member in nodes:
-        for name in index.nodes[member].output:
-            if name == output:
+        for value in member.outputs:
+            if value is output:
                 continue
-            if name in index.graph_outputs:
-                raise NotFused(f"the intermediate '{name}' escapes (a graph output, or read inside a subgraph)",
-                           index.node_name(member))
-            for reader in index.consumer_nodes(name):
+            if escapes(value):
+                raise NotFused(f"the intermediate '{value.name}' escapes (a graph output, or read inside a subgraph)",
+                               member)
+            for reader in readers(value):
                 if reader not in members:
-                    raise NotFused(
-                        f"the intermediate '{name}' is also read by {index.nodes[reader].op_type} "
-                        f"'{index.node_name(reader)}' outside the {kind}", index.node_name(member))
-
-
-def refusal(index: GraphIndex, kind: str, anchor: int, error: NotFused) -> NormRefusal:
-    return NormRefusal(kind, error.reason, error.node or index.node_name(anchor),
-                       get_scope(index.nodes[anchor]) or "")
+                    raise NotFused(f"the intermediate '{value.name}' is also read by {reader.op_type} "
+                                   f"'{names.get(reader, reader.name)}' outside the {kind}", member)

@@ -3,13 +3,11 @@
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
-from ticknorm.base.graph import GraphIndex, UniqueNames, rebuilt
+from ticknorm.base.graph import UniqueNames
+from ticknorm.base.scopes import SCOPE_KEY
 from ticknorm.exporter.fusion.norms import NormMatch
-from ticknorm.base.scopes import set_scope
-from ticknorm.base.onnx_io import is_external
 
 # The op each kind becomes, and the first default-domain opset that has it.
 FUSED_OPS = {"LayerNorm": ("LayerNormalization", 17), "RMSNorm": ("RMSNormalization", 23)}
@@ -40,68 +38,87 @@ class NormTargets:
         return op_type, needs
 
 
-def rewrite_matches(model: onnx.ModelProto, index: GraphIndex, matches: list[NormMatch],
-                    op_types: dict[str, str]) -> onnx.ModelProto:
-    """A new model where each match is one fused node (of `op_types[kind]`) placed where its last
-    node was."""
-    names = UniqueNames(model)
-    reusable = _reusable_params(index, matches)
-    replacement, removed, new_initializers = {}, set(), []
+class FreshNames(UniqueNames):
+    """UniqueNames over an onnx-ir model and its subgraphs (a fused node in a branch is named
+    apart from the outer graph's too)."""
+
+    def __init__(self, model: ir.Model):
+        graph = model.graph
+        self.taken = {v.name for v in graph.inputs} | set(graph.initializers)
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            self.taken.add(node.name)
+            self.taken.update(v.name for v in node.outputs)
+
+
+def rewrite_matches(graph: ir.Graph, matches: list[NormMatch], op_types: dict[str, str], names: FreshNames,
+                    reusable: dict) -> None:
+    """In place: each match becomes one fused node (of `op_types[kind]`) placed where its last
+    node was, under the name of the tensor the match computed. `reusable` (`reusable_params`):
+    initializers a fused node points to instead of storing a copy."""
     for match in matches:
         nodes, params = _fused_nodes(match, op_types[match.kind], names, reusable)
-        replacement[max(match.nodes)] = nodes
-        removed.update(match.nodes)
-        new_initializers.extend(params)
-    kept_nodes = []
-    for position, node in enumerate(index.nodes):
-        if position in replacement:
-            kept_nodes.extend(replacement[position])
-        elif position not in removed:
-            kept_nodes.append(node)
-    read = {name for node in kept_nodes for name in node.input} | index.graph_outputs
-    initializers = [t for t in model.graph.initializer if t.name in read or t.name in index.graph_inputs]
-    return rebuilt(model, kept_nodes, initializers + new_initializers)
+        for param in params:
+            graph.register_initializer(param)
+        ir.convenience.replace_nodes_and_values(graph, match.nodes[-1], match.nodes, nodes, [match.output_value],
+                                                [nodes[-1].outputs[0]])
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+            graph.initializers.pop(name)
 
 
-def _reusable_params(index: GraphIndex, matches: list[NormMatch]) -> dict:
-    """Existing initializers a fused node can point to instead of storing a copy."""
+def reusable_params(graphs, matches: list[NormMatch]) -> dict:
+    """Existing initializers (of `graphs`: the one rewritten and those around it) a fused node
+    can point to instead of storing a copy. Staged weights are not read to find out."""
     shapes = {tuple(m.layout.dims) for m in matches}
     found = {}
-    for name, tensor in index.initializers.items():
-        if tuple(tensor.dims) in shapes and name not in index.graph_inputs and not is_external(tensor):
-            array = numpy_helper.to_array(tensor)
-            found.setdefault((array.dtype.str, array.shape, array.tobytes()), name)
+    for graph in graphs:
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if (tensor is None or isinstance(tensor, ir.ExternalTensor) or value.is_graph_input()
+                    or tuple(tensor.shape) not in shapes):
+                continue
+            array = tensor.numpy()
+            found.setdefault((array.dtype.str, array.shape, array.tobytes()), value)
     return found
 
 
-def _param(value, match: NormMatch, stem: str, names: UniqueNames, reusable: dict, created: list) -> str:
-    dtype = helper.tensor_dtype_to_np_dtype(match.elem_type)
+def _param(value, match: NormMatch, stem: str, names: FreshNames, reusable: dict, created: list) -> ir.Value:
+    dtype = ir.DataType(match.elem_type).numpy()
     array = np.ascontiguousarray(np.broadcast_to(np.asarray(value).astype(dtype), match.layout.dims))
     key = (array.dtype.str, array.shape, array.tobytes())
     if key not in reusable:
-        reusable[key] = names.fresh(stem)
-        created.append(numpy_helper.from_array(array, reusable[key]))
+        name = names.fresh(stem)
+        reusable[key] = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType(match.elem_type)),
+                                 const_value=ir.tensor(array, name=name))
+        created.append(reusable[key])
     return reusable[key]
 
 
-def _fused_nodes(match: NormMatch, op_type: str, names: UniqueNames, reusable: dict) -> tuple[list, list]:
+def _fused_nodes(match: NormMatch, op_type: str, names: FreshNames, reusable: dict) -> tuple[list, list]:
     stem = match.scope or match.output
     created: list = []
-    inputs = [match.input, _param(1.0 if match.scale is None else match.scale, match, f"{stem}.scale", names, reusable, created)]
+    inputs = [match.input, _param(1.0 if match.scale is None else match.scale, match, f"{stem}.scale", names, reusable,
+                                  created)]
     if match.kind == "LayerNorm" and match.bias is not None:
         inputs.append(_param(match.bias, match, f"{stem}.bias", names, reusable, created))
     node_stem = "/" + stem.replace(".", "/") if match.scope else stem
     permutation = match.layout.permutation
-    core_in, core_out = inputs[0], match.output
     nodes = []
     if permutation is not None:
-        core_in, core_out = names.fresh(f"{stem}.to_last"), names.fresh(f"{stem}.normalized_last")
-        nodes.append(helper.make_node("Transpose", [match.input], [core_in], names.fresh(f"{node_stem}/Transpose"), perm=permutation))
-    nodes.append(helper.make_node(op_type, [core_in] + inputs[1:], [core_out], names.fresh(f"{node_stem}/{op_type}"),
-                                  axis=-len(match.layout.axes), epsilon=match.epsilon, stash_type=1))
+        nodes.append(_node("Transpose", [match.input], f"{node_stem}/Transpose", names, f"{stem}.to_last",
+                           perm=permutation))
+        inputs[0] = nodes[-1].outputs[0]
+    nodes.append(_node(op_type, inputs, f"{node_stem}/{op_type}", names, f"{stem}.normalized_last",
+                       axis=-len(match.layout.axes), epsilon=float(match.epsilon), stash_type=1))
     if permutation is not None:
-        inverse = [int(i) for i in np.argsort(permutation)]
-        nodes.append(helper.make_node("Transpose", [core_out], [match.output], names.fresh(f"{node_stem}/Transpose_back"), perm=inverse))
+        nodes.append(_node("Transpose", [nodes[-1].outputs[0]], f"{node_stem}/Transpose_back", names, match.output,
+                           perm=[int(i) for i in np.argsort(permutation)]))
     for node in nodes:
-        set_scope(node, match.scope)
+        node.metadata_props[SCOPE_KEY] = match.scope
     return nodes, created
+
+
+def _node(op_type: str, inputs: list, name: str, names: FreshNames, output: str, **attributes) -> ir.Node:
+    node = ir.node(op_type, inputs, attributes=attributes, name=names.fresh(name))
+    node.outputs[0].name = names.fresh(output)
+    return node

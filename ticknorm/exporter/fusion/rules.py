@@ -1,0 +1,175 @@
+"""The norm families as onnxscript patterns, written as the math:
+
+    LayerNorm: (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps)
+    RMSNorm:   x / sqrt(mean(x^2) + eps)
+
+each piece in every spelling exporters write (`spellings`). `check` says why a structural match is
+refused (`NotFused`, with the reason the report keeps) or is no candidate at all (a failed
+`MatchResult`: a LayerNorm's tail is no RMSNorm). Only matching is the rewriter's: the rules are
+matched at each division (`find_norms`) and the fused nodes are built by `rewrite`, because the
+rewriter matches backwards from one output node, while a norm's optional tail (the per-feature
+scale and bias, the Cast back out of an fp32 island) is read forwards and decides which node the
+fused one replaces (`norms.complete_match`); and because fusion decides the target opset only
+once it has seen every norm.
+"""
+
+import onnx_ir as ir
+from onnxscript.rewriter.pattern import MatchResult, PatternBase
+
+from ticknorm.exporter.fusion.norms import NormRefusal, NotFused, complete_match, layout_of, refusal
+from ticknorm.exporter.fusion.spellings import (DIVISIONS, divided, epsilon, inverse_problem, mean, mean_of,
+                                                reduces, root, square, square_problem, tail_problem)
+from ticknorm.exporter.fusion.values import NodeNames, readers
+
+
+class _NormRule(PatternBase):
+    """A norm family matched where its division is spelled `division` (`spellings.DIVISIONS`)."""
+
+    kind = ""
+
+    def __init__(self, division: str):
+        super().__init__(f"{self.kind}/{division}")
+        self.division = division
+
+
+class LayerNormRule(_NormRule):
+    kind = "LayerNorm"
+
+    def pattern(self, op, x):
+        # Two means of x may center it (TorchScript's var_mean): one for the variance, one for
+        # the numerator; mostly they are one node.
+        centered = op.Sub(x, mean(op, x, "center"), _outputs=["centered"])
+        variance = mean(op, square(op, op.Sub(x, mean(op, x, "center_v"))), "variance")
+        return divided(op, centered, root(op, variance), self.division)
+
+    def check(self, context, x, center, center_v, variance, **bound):
+        means = mean_of(center), mean_of(center_v)
+        if any(m.problem for m in means) or means[0].axes != means[1].axes:
+            return MatchResult().fail("x is not centered by its mean")
+        if square_problem(bound, means[1].output) or inverse_problem(bound, bound["root"]):
+            return MatchResult().fail("not a square root's inverse")
+        anchor, axes, spread = means[1].nodes[0], means[1].axes, mean_of(variance)
+        first = next(n for n in readers(x) if n in (means[0].nodes[0], anchor))  # where x is first centered
+        if spread.problem:
+            raise NotFused(spread.problem, spread.problem_node or first, context.nodes)
+        if spread.axes != axes:
+            raise NotFused(f"the mean is over axes {list(axes)} but the variance over {list(spread.axes)}", first,
+                           context.nodes)
+        problem, node = tail_problem(bound, variance)
+        if problem:
+            raise NotFused(problem, node or anchor, context.nodes)
+        return MatchResult()
+
+    def axes(self, bindings: dict) -> tuple:
+        return mean_of(bindings["center"]).axes
+
+
+class RMSNormRule(_NormRule):
+    kind = "RMSNorm"
+
+    def pattern(self, op, x):
+        return divided(op, x, root(op, mean(op, square(op, x), "variance")), self.division)
+
+    def check(self, context, x, variance, **bound):
+        producer = x.producer()
+        if producer is not None and producer.op_type == "Sub" and reduces(producer.inputs[1], producer.inputs[0]):
+            return MatchResult().fail("a LayerNorm's tail")
+        spread = mean_of(variance)
+        if spread.problem or square_problem(bound, x) or inverse_problem(bound, bound["root"]):
+            return MatchResult().fail("a sum of squares that is no mean: not an RMSNorm candidate")
+        problem, node = tail_problem(bound, variance)
+        if problem:
+            raise NotFused(problem, node or spread.source.producer(), context.nodes)
+        return MatchResult()
+
+    def axes(self, bindings: dict) -> tuple:
+        return mean_of(bindings["variance"]).axes
+
+
+# Which rules may match at a node, by how it divides: most nodes are no division by a root, and
+# asking every rule at every node cost fusion a 96-layer encoder's time again.
+_RULES_AT = {division: [LayerNormRule(division), RMSNormRule(division)] for division in DIVISIONS}
+_ROOTS = ("Sqrt", "Add")
+
+
+def _root_spellings(node: ir.Node) -> list[str]:
+    """The division spellings `node` may be the last step of, from the ops just above it."""
+    if node.op_type not in ("Div", "Mul") or len(node.inputs) != 2 or None in node.inputs:
+        return []
+    if node.op_type == "Div":
+        return ["div"] if _op(node.inputs[1]) in _ROOTS else []
+    return [spelling for spelling, value in zip(("mul-inverse-first", "mul"), node.inputs) if _inverts_a_root(value)]
+
+
+def _op(value: ir.Value | None) -> str:
+    producer = None if value is None else value.producer()
+    return "" if producer is None else producer.op_type
+
+
+def _inverts_a_root(value: ir.Value) -> bool:
+    """Reciprocal(root) or Div(1, root), maybe times 1.0, as far as the ops say."""
+    node = value.producer()
+    if node is not None and node.op_type == "Mul" and len(node.inputs) == 2:
+        node = next((v.producer() for v in node.inputs if _op(v) in ("Reciprocal", "Div")), None)
+    if node is None or node.op_type not in ("Reciprocal", "Div") or _op(node.inputs[-1]) not in _ROOTS:
+        return False
+    return node.op_type == "Reciprocal" or _op(node.inputs[0]) in ("", "Constant")  # 1 / root, not d / root
+
+
+def find_norms(graph: ir.Graph) -> list:
+    """Every decomposed LayerNorm and RMSNorm of `graph` (not of its subgraphs): NormMatch when
+    fusable, NormRefusal otherwise; LayerNorms first, each family in graph order."""
+    names = NodeNames(graph)
+    found: dict[str, list] = {"LayerNorm": [], "RMSNorm": []}
+    claimed, seen = set(), set()
+    for node in graph:
+        for rule in [rule for division in _root_spellings(node) for rule in _RULES_AT[division]]:
+            result = _try(rule, graph, node, names)
+            if result is None:
+                continue
+            claimed.update(result[1])
+            key = (result[0].node, result[0].reason) if isinstance(result[0], NormRefusal) else node
+            if key not in seen:
+                seen.add(key)
+                found[rule.kind].append(result[0])
+            break
+    return found["LayerNorm"] + _uncentered(graph, claimed, names) + found["RMSNorm"]
+
+
+def _try(rule, graph: ir.Graph, node: ir.Node, names: dict):
+    """(NormMatch or NormRefusal, the nodes matched) when `rule` matches at `node`, else None."""
+    try:
+        match = rule.match(None, graph, node, check_nodes_are_removable=False)
+    except NotFused as error:
+        return refusal(rule.kind, error, names), error.nodes
+    if not match:
+        return None
+    bound = match.bindings
+    source, nodes = bound["x"], list(match.nodes)
+    try:
+        layout = layout_of(source, rule.axes(bound))
+        return complete_match(rule.kind, source, layout, nodes, node.outputs[0], epsilon(bound, bound["variance"]),
+                              names), nodes
+    except NotFused as error:
+        error.node = error.node or min(nodes, key=names.position.get)
+        return refusal(rule.kind, error, names), nodes
+
+
+def _uncentered(graph: ir.Graph, claimed: set, names: dict) -> list:
+    """x - mean(x) that no LayerNorm rule matched, with what is missing: a variance, or the
+    division by its root."""
+    refused = []
+    for node in graph:
+        if node.op_type == "Sub" and node not in claimed and reduces(node.inputs[1], node.inputs[0]):
+            center = mean_of(node.inputs[1])
+            if not center.problem:
+                reason = ("sqrt(variance + epsilon) does not divide the centered input" if _averaged_square(node)
+                          else "no variance: nothing averages the square of x - mean(x)")
+                refused.append(refusal("LayerNorm", NotFused(reason, center.nodes[0]), names))
+    return refused
+
+
+def _averaged_square(centered: ir.Node) -> bool:
+    d = centered.outputs[0]
+    squares = [use.node for use in d.uses() if use.node.op_type in ("Pow", "Mul")]
+    return any(use.node.op_type in ("ReduceMean", "ReduceSum") for square in squares for use in square.outputs[0].uses())
