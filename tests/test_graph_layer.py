@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from ticknorm.base.functions import called_functions, inline_functions
-from ticknorm.base.graph import GraphIndex
+from ticknorm.base.graph import coarsest_float, typed
 from ticknorm.base.onnx_io import (WEIGHTS_RECORD, external_entries, has_external_weights, load_onnx, save_onnx,
                                    stage_weights)
 from ticknorm.base.scopes import get_scope, set_scope
@@ -87,12 +88,17 @@ def test_shape_information_skips_big_weights_and_keeps_their_types():
          helper.make_node("Cast", ["r"], ["y"], to=F)],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", 64])],
         [helper.make_tensor_value_info("y", F, None)], [big, shape])
-    index = GraphIndex(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    assert index.dims("m") == ("batch", 64) and index.elem_type("m") == TensorProto.FLOAT16
-    assert index.dims("r") == (1, 64, 64)  # data propagation through the small shape constant
-    assert index.dims("w") == (64, 64) and index.elem_type("w") == TensorProto.FLOAT16
-    assert index.constant("shape").tolist() == [1, 64, 64] and index.elem_type("y") == F
-    assert index.coarsest_float_upstream("y") == TensorProto.FLOAT16
+    values = ir.convenience.create_value_mapping(
+        typed(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])).graph)
+
+    def dims(name):
+        return tuple(d if isinstance(d, int) else d.value for d in values[name].shape)
+
+    assert dims("m") == ("batch", 64) and values["m"].dtype == TensorProto.FLOAT16
+    assert dims("r") == (1, 64, 64)  # data propagation through the small shape constant
+    assert dims("w") == (64, 64) and values["w"].dtype == TensorProto.FLOAT16
+    assert values["shape"].const_value.numpy().tolist() == [1, 64, 64] and values["y"].dtype == F
+    assert coarsest_float(values["y"]) == TensorProto.FLOAT16
 
 
 def _weights_model(rows=64):

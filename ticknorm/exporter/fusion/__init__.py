@@ -10,15 +10,15 @@ import onnx_ir as ir
 
 from ticknorm.base.errors import AccuracyError, FusionError, InputSpecError, RuntimeFailure, first_line
 from ticknorm.base.functions import called_functions, inline_functions
+from ticknorm.base.graph import FreshNames, default_opset
+from ticknorm.base.graph_feeds import feed_sets_for_graph, guessed_inputs
+from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
 from ticknorm.exporter.fusion.norms import NormMatch
 from ticknorm.exporter.fusion.report import FusionReport, NormRecord
-from ticknorm.exporter.fusion.rewrite import (FUSED_OPS, RMS_TARGETS, FreshNames, NormTargets, reusable_params,
-                                              rewrite_matches)
+from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets, reusable_params, rewrite_matches
 from ticknorm.exporter.fusion.rules import find_norms
 from ticknorm.exporter.fusion.typed import typed_ir
 from ticknorm.exporter.fusion.verify import verify_fused
-from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
-from ticknorm.base.graph_feeds import feed_sets_for_graph, guessed_inputs
 
 __all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms", "norms_in", "typed_ir"]
 
@@ -86,7 +86,7 @@ def _fused(model: onnx.ModelProto, opset: int | None, targets: NormTargets) -> t
     """The fused model (`model`, or the opset-raised one, when nothing was fused), the opset
     before and after, every norm's record, and the main graph's matches."""
     working, typed = model, typed_ir(model)
-    before = _opset(typed)
+    before = default_opset(typed)
     if opset is not None and opset < before:
         raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
     found = norms_in(typed)
@@ -101,20 +101,19 @@ def _fused(model: onnx.ModelProto, opset: int | None, targets: NormTargets) -> t
     return fused, before, target, records, matches
 
 
-def _opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-
-
 def norms_in(model: ir.Model) -> list[tuple]:
     """(node holding the graph or None, graph, its norms) for the main graph and each If/Loop/Scan
     body at any depth (Optimum's merged decoder keeps the whole decoder in both branches of one If)."""
-    found = [(None, model.graph, find_norms(model.graph))]
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    return [(None, model.graph, find_norms(model.graph))] + _body_norms(model.graph)
+
+
+def _body_norms(graph: ir.Graph) -> list[tuple]:
+    found = []
+    for node in graph:
         for attribute in node.attributes.values():
-            if attribute.type == ir.AttributeType.GRAPH:
-                found.append((node, attribute.value, find_norms(attribute.value)))
-            elif attribute.type == ir.AttributeType.GRAPHS:
-                found += [(node, body, find_norms(body)) for body in attribute.value]
+            if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                for body in attribute.value if attribute.type == ir.AttributeType.GRAPHS else [attribute.value]:
+                    found += [(node, body, find_norms(body))] + _body_norms(body)
     return found
 
 
@@ -134,7 +133,7 @@ def _count(model: onnx.ModelProto) -> int:
 def _fuse(model: ir.Model, found: list, target: int, targets: NormTargets, op_types: dict) -> tuple[list, list]:
     """Rewrite the fusable norms of every graph in place: their records, and the main graph's
     matches (fused norms in bodies are checked through the graph's outputs)."""
-    names, records, outer = FreshNames(model), [], []
+    names, records, outer = FreshNames(model.graph), [], []
     for holder, graph, results in found:
         graph_records, matches = _records(results, target, targets)
         if holder is not None:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ticknorm.base.graph import UniqueNames
+from ticknorm.base.graph import FreshNames
 from ticknorm.base.scopes import SCOPE_KEY
 from ticknorm.exporter.fusion.norms import NormMatch
 
@@ -36,18 +36,6 @@ class NormTargets:
         if kind == "LayerNorm" and self.plugin:
             return op_type, 1
         return op_type, needs
-
-
-class FreshNames(UniqueNames):
-    """UniqueNames over an onnx-ir model and its subgraphs (a fused node in a branch is named
-    apart from the outer graph's too)."""
-
-    def __init__(self, model: ir.Model):
-        graph = model.graph
-        self.taken = {v.name for v in graph.inputs} | set(graph.initializers)
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            self.taken.add(node.name)
-            self.taken.update(v.name for v in node.outputs)
 
 
 def rewrite_matches(graph: ir.Graph, matches: list[NormMatch], op_types: dict[str, str], names: FreshNames,

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
-from ticknorm.base.graph import GraphIndex
+from ticknorm.base.graph import coarsest_float, typed
 from ticknorm.base.metrics import compare_arrays, dtype_tolerance
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
@@ -35,10 +36,10 @@ def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dic
     with OrtRunner(fused, mapped=MappedWeights.staged(weights_dir), extra_outputs=list(tensors)) as runner:
         actual = runner.infer(feeds).outputs
         outputs = [actual] + [runner.infer(more).outputs for more in also]
-    index = GraphIndex(original)
+    values = ir.convenience.create_value_mapping(typed(original).graph, include_subgraphs=False)
     checks = {}
     for name, reference in expected.items():
-        coarsest = index.coarsest_float_upstream(name) or tensors.get(name)
+        coarsest = (coarsest_float(values[name]) if name in values else None) or tensors.get(name)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(coarsest) if coarsest else reference.dtype
         checks[name] = compare_arrays(name, reference, actual[name], *dtype_tolerance(dtype))
     graph_outputs = [o.name for o in fused.graph.output]
