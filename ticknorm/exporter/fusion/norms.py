@@ -160,7 +160,7 @@ def complete_match(kind: str, source: ir.Value, layout: Layout, front: list[ir.N
     _check_private(nodes, affine.output, kind, names)
     fused_input = cast_source if affine.cast_back else source
     fused_type, output = elem_type(fused_input), affine.output
-    if fused_type is None:
+    if not fused_type:  # unknown, or UNDEFINED: the rewrite could not type the scale and bias
         raise NotFused(f"the element type of '{fused_input.name}' is unknown, so scale and bias cannot be built")
     if output.name is None:
         raise NotFused("the normalized output has no name, so verification cannot check it")
