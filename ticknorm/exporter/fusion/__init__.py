@@ -87,7 +87,8 @@ def _collector_paused():
 
 
 @_collector_paused()
-def _fused(model: onnx.ModelProto, opset: int | None, targets: NormTargets) -> tuple:
+def _fused(model: onnx.ModelProto, opset: int | None,
+           targets: NormTargets) -> tuple[onnx.ModelProto, int, int, list[NormRecord], list[NormMatch]]:
     """The fused model (`model`, or the opset-raised one, when nothing was fused), the opset
     before and after, every norm's record, and the main graph's matches."""
     working, typed = model, typed_ir(model)
@@ -207,7 +208,8 @@ def _records(found: list[Finding], target: int, targets: NormTargets) -> tuple[l
     return records, matches
 
 
-def _verify(original, fused, matches: list[NormMatch], records: list, feeds, weights_dir, also) -> list:
+def _verify(original, fused, matches: list[NormMatch], records: list[NormRecord], feeds, weights_dir,
+            also) -> list[dict[str, np.ndarray]]:
     verification = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds, weights_dir, also)
     checks = verification.checks
     by_output = {r.output: r for r in records if r.status == "fused"}

@@ -110,7 +110,7 @@ def _fused_nodes(match: NormMatch, op_type: str, names: FreshNames,
     return nodes, created
 
 
-def _node(op_type: str, inputs: list, name: str, names: FreshNames, output: str, **attributes) -> ir.Node:
+def _node(op_type: str, inputs: list[ir.Value], name: str, names: FreshNames, output: str, **attributes) -> ir.Node:
     node = ir.node(op_type, inputs, attributes=attributes, name=names.fresh(name))
     node.outputs[0].name = names.fresh(output)
     return node

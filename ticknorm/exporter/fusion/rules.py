@@ -13,6 +13,7 @@ fused one replaces (`norms.complete_match`); and because fusion decides the targ
 once it has seen every norm.
 """
 
+import abc
 from typing import Any
 
 import onnx_ir as ir
@@ -33,9 +34,9 @@ class _NormRule(PatternBase):
         super().__init__(f"{self.kind}/{division}")
         self.division = division
 
+    @abc.abstractmethod
     def axes(self, bindings: dict[str, Any]) -> tuple[int, ...]:
         """The normalized axes of a match that `check` passed."""
-        raise NotImplementedError
 
 
 class LayerNormRule(_NormRule):

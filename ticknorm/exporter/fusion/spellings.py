@@ -119,8 +119,9 @@ _UNBIASED = "(unbiased N-1 variance is not LayerNorm)"
 
 
 def _reduction(value: ir.Value | None) -> tuple[ir.Node, ir.Value, list[ir.Node]] | None:
-    """The reduction `value` is computed by through the steps a mean takes, its input, and those
-    steps in order; None when it is computed otherwise."""
+    """The reduction that computes `value` through the steps a mean takes, its input, and those
+    steps from the reduction on; None when no such chain computes `value` (`mean_of` and `reduces`
+    walk it alike)."""
     steps: list[ir.Node] = []
     node = producer(value)
     while node is not None and node.op_type in _CHAIN_OPS:
