@@ -457,6 +457,18 @@ def test_a_mean_of_squares_that_divides_nothing_is_no_candidate():
     assert refused(model(nodes)) == []
 
 
+def test_a_norm_of_a_tensor_of_unknown_type_is_refused():
+    """A custom op's output whose element type nothing gives: no scale or bias could be typed for it."""
+    nodes = [helper.make_node("Foo", ["x"], ["t"], domain="custom", name="/Foo_t"), *layer_norm(source="t")]
+    m = model(nodes)
+    m.opset_import.append(helper.make_opsetid("custom", 1))
+    kept = (*SHAPE[:-1], 1)
+    m.graph.value_info.extend(helper.make_tensor_value_info(name, TensorProto.UNDEFINED, shape) for name, shape in
+                              [("t", SHAPE), ("mean", kept), ("d", SHAPE), ("sq", SHAPE), ("var", kept)])
+    assert refused(m) == [("LayerNorm", "refused", "the element type of 't' is unknown, so scale and bias cannot be "
+                           "built")]
+
+
 def test_the_callers_model_is_left_as_it_was():
     m = model(layer_norm())
     before = m.SerializeToString()

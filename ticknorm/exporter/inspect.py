@@ -6,32 +6,36 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import onnx
+import onnx_ir as ir
 
 from ticknorm.exporter.fusion import norms_in, typed_ir
 from ticknorm.base.functions import called_functions, inline_functions
 from ticknorm.base.graph import bodies
-from ticknorm.exporter.fusion.norms import NormMatch
+from ticknorm.exporter.fusion.norms import Finding, NormMatch
 from ticknorm.exporter.fusion.report import NORM_OP_RUNTIMES
 from ticknorm.base.scopes import ensure_scopes, scope_coverage, scope_sources
 from ticknorm.base.inputs import graph_inputs
 
 # Ops of other domains than ONNX's are counted as domain::op (an ORT-optimized file, the plugin target).
 FUSED_NORM_OPS = tuple(NORM_OP_RUNTIMES)
+# A graph input or output as [name, dims, dtype]; a dim is its size, else its symbolic name or "?".
+Described = list[str | list[int | str]]
 
 
 @dataclass
 class ModelSummary:
-    opsets: dict
-    inputs: list  # [name, dims, dtype]
-    outputs: list
+    opsets: dict[str, int]  # version by domain
+    inputs: list[Described]
+    outputs: list[Described]
     nodes: int
-    op_histogram: dict
+    op_histogram: dict[str, int]
     fused_norms: int
     decomposed_norms: int  # still decomposed: fusable now, or refused (see `decomposed`)
-    decomposed: list  # [kind, scope, "fusable" | reason]
+    decomposed: list[list[str]]  # [kind, scope, "fusable" | reason]
     scope_coverage: float
-    scope_sources: dict  # source -> nodes it names the module of
-    functions: dict = field(default_factory=dict)  # local function -> calls; nodes and norms count each call inlined
+    scope_sources: dict[str, int]  # by source: the nodes it names the module of
+    # calls by local function; `nodes` and the norms count each call inlined
+    functions: dict[str, int] = field(default_factory=dict)
 
     def text(self) -> str:
         opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in self.opsets.items())
@@ -72,7 +76,7 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
                         for node in nodes)
     found = [(m, f" (in {_where(holder, body)})" if holder is not None else "")
              for holder, body, results in norms_in(typed_ir(model)) for m in results]
-    decomposed = [[m.kind, m.scope, ("fusable" if isinstance(m, NormMatch) else m.reason) + where] for m, where in found]
+    decomposed = [[m.kind, m.scope, _state(m) + where] for m, where in found]
     return ModelSummary(
         opsets={o.domain: o.version for o in model.opset_import},
         inputs=[_describe(v) for v in graph_inputs(model)],
@@ -88,14 +92,18 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
     )
 
 
-def _where(holder, body) -> str:
+def _state(found: Finding) -> str:
+    return "fusable" if isinstance(found, NormMatch) else found.reason
+
+
+def _where(holder: ir.Node, body: ir.Graph) -> str:
     """Which subgraph of which node: a merged decoder's norms are there twice, once per branch."""
     attribute = next((name for name, a in holder.attributes.items() if a.type == a.type.GRAPH and a.value is body),
                      "body")
     return f"{attribute} of {holder.op_type} '{holder.name}'"
 
 
-def _describe(value: onnx.ValueInfoProto) -> list:
+def _describe(value: onnx.ValueInfoProto) -> Described:
     tensor_type = value.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
     dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower() if tensor_type.elem_type else "?"

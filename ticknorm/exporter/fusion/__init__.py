@@ -13,21 +13,25 @@ from ticknorm.base.functions import called_functions, inline_functions
 from ticknorm.base.graph import FreshNames, default_opset
 from ticknorm.base.graph_feeds import feed_sets_for_graph, guessed_inputs
 from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
-from ticknorm.exporter.fusion.norms import NormMatch
+from ticknorm.exporter.fusion.norms import Finding, NormMatch
 from ticknorm.exporter.fusion.report import FusionReport, NormRecord
 from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets, reusable_params, rewrite_matches
 from ticknorm.exporter.fusion.rules import find_norms
 from ticknorm.exporter.fusion.typed import typed_ir
 from ticknorm.exporter.fusion.verify import verify_fused
 
-__all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms", "norms_in", "typed_ir"]
+__all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms", "norms_in",
+           "typed_ir"]
+
+# A graph's norms: (the node holding the graph, None for the main one; the graph; its norms).
+GraphNorms = tuple[ir.Node | None, ir.Graph, list[Finding]]
 
 
 @dataclass
 class FusionResult:
     model: onnx.ModelProto
     report: FusionReport
-    outputs: list | None = None  # the verified graph's outputs on the feeds, then on each of `also`
+    outputs: list[dict[str, np.ndarray]] | None = None  # the verified graph's, on the feeds then on each of `also`
 
 
 def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = True,
@@ -60,8 +64,9 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
         except RuntimeFailure as exc:
             if not derived:
                 raise
-            raise InputSpecError(f"the feeds derived from the graph do not fit it ({exc}); give the inputs it takes with "
-                                 f"--input NAME:DIMS[:DTYPE] (guessed here: {', '.join(guessed_inputs(model))})") from exc
+            guessed = ", ".join(guessed_inputs(model))
+            raise InputSpecError(f"the feeds derived from the graph do not fit it ({exc}); give the inputs it takes "
+                                 f"with --input NAME:DIMS[:DTYPE] (guessed here: {guessed})") from exc
         report.verified = True
     return FusionResult(fused, report, outputs)
 
@@ -82,7 +87,8 @@ def _collector_paused():
 
 
 @_collector_paused()
-def _fused(model: onnx.ModelProto, opset: int | None, targets: NormTargets) -> tuple:
+def _fused(model: onnx.ModelProto, opset: int | None,
+           targets: NormTargets) -> tuple[onnx.ModelProto, int, int, list[NormRecord], list[NormMatch]]:
     """The fused model (`model`, or the opset-raised one, when nothing was fused), the opset
     before and after, every norm's record, and the main graph's matches."""
     working, typed = model, typed_ir(model)
@@ -101,14 +107,14 @@ def _fused(model: onnx.ModelProto, opset: int | None, targets: NormTargets) -> t
     return fused, before, target, records, matches
 
 
-def norms_in(model: ir.Model) -> list[tuple]:
+def norms_in(model: ir.Model) -> list[GraphNorms]:
     """(node holding the graph or None, graph, its norms) for the main graph and each If/Loop/Scan
     body at any depth (Optimum's merged decoder keeps the whole decoder in both branches of one If)."""
     return [(None, model.graph, find_norms(model.graph))] + _body_norms(model.graph)
 
 
-def _body_norms(graph: ir.Graph) -> list[tuple]:
-    found = []
+def _body_norms(graph: ir.Graph) -> list[GraphNorms]:
+    found: list[GraphNorms] = []
     for node in graph:
         for attribute in node.attributes.values():
             if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
@@ -117,7 +123,7 @@ def _body_norms(graph: ir.Graph) -> list[tuple]:
     return found
 
 
-def _norms_reachable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+def _norms_reachable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     """`model`, or, when norms sit inside its local functions, the model with those calls inlined
     (`base.functions`) and which functions were, by call count."""
     inlined = inline_functions(model)
@@ -130,7 +136,8 @@ def _count(model: onnx.ModelProto) -> int:
     return sum(len(results) for _, _, results in norms_in(typed_ir(model)))
 
 
-def _fuse(model: ir.Model, found: list, target: int, targets: NormTargets, op_types: dict) -> tuple[list, list]:
+def _fuse(model: ir.Model, found: list[GraphNorms], target: int, targets: NormTargets,
+          op_types: dict[str, str]) -> tuple[list[NormRecord], list[NormMatch]]:
     """Rewrite the fusable norms of every graph in place: their records, and the main graph's
     matches (fused norms in bodies are checked through the graph's outputs)."""
     names, records, outer = FreshNames(model.graph), [], []
@@ -147,14 +154,15 @@ def _fuse(model: ir.Model, found: list, target: int, targets: NormTargets, op_ty
     return records, outer
 
 
-def _target_opset(found: list, before: int, requested: int | None, targets: NormTargets) -> int:
+def _target_opset(found: list[Finding], before: int, requested: int | None, targets: NormTargets) -> int:
     """The opset asked for (below 17 the LayerNorms stay decomposed, reported as left), else the
     model's own raised to what its LayerNorms need; never raised for RMSNorms (they have a
     target at every opset)."""
     if requested is not None:
         newest = onnx.defs.onnx_opset_version()
         if not 7 <= requested <= newest:
-            raise FusionError(f"--opset {requested} is not one this onnx {onnx.__version__} can convert to (7 to {newest})")
+            raise FusionError(f"--opset {requested} is not one this onnx {onnx.__version__} can convert to "
+                              f"(7 to {newest})")
         return requested
     needs = [targets.op(m.kind, before)[1] for m in found if isinstance(m, NormMatch) and m.kind == "LayerNorm"]
     return max([before] + needs)
@@ -167,7 +175,11 @@ def _convert(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         converted = onnx.version_converter.convert_version(model, target)
     except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors
         raise FusionError(f"cannot raise the model to opset {target}: {first_line(exc)}") from exc
-    scopes = {node.name: get_scope(node) for node in model.graph.node if node.name and get_scope(node) is not None}
+    scopes: dict[str, str] = {}
+    for node in model.graph.node:
+        scope = get_scope(node)
+        if node.name and scope is not None:
+            scopes[node.name] = scope
     for node in converted.graph.node:
         if node.name in scopes:
             set_scope(node, scopes[node.name])
@@ -176,8 +188,9 @@ def _convert(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return converted
 
 
-def _records(found: list, target: int, targets: NormTargets) -> tuple[list, list]:
-    records, matches = [], []
+def _records(found: list[Finding], target: int, targets: NormTargets) -> tuple[list[NormRecord], list[NormMatch]]:
+    records: list[NormRecord] = []
+    matches: list[NormMatch] = []
     for item in found:
         if not isinstance(item, NormMatch):
             records.append(NormRecord(item.kind, item.scope, "refused", item.reason, item.node))
@@ -195,7 +208,8 @@ def _records(found: list, target: int, targets: NormTargets) -> tuple[list, list
     return records, matches
 
 
-def _verify(original, fused, matches: list[NormMatch], records: list, feeds, weights_dir, also) -> list:
+def _verify(original, fused, matches: list[NormMatch], records: list[NormRecord], feeds, weights_dir,
+            also) -> list[dict[str, np.ndarray]]:
     verification = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds, weights_dir, also)
     checks = verification.checks
     by_output = {r.output: r for r in records if r.status == "fused"}

@@ -7,7 +7,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ticknorm.base.scopes import SCOPE_KEY, common_scope
-from ticknorm.exporter.fusion.values import attribute, constant, elem_type, escapes, other_input, readers, sole_reader
+from ticknorm.exporter.fusion.values import (NodeNames, attribute, constant, elem_type, escapes, other_input, producer,
+                                             readers, sole_reader)
 from ticknorm.exporter.fusion.values import dims as dims_of
 
 _LOW_PRECISION = (int(ir.DataType.FLOAT16), int(ir.DataType.BFLOAT16))
@@ -29,8 +30,8 @@ class Layout:
     """Where the normalized axes sit in the input, and how to move them to the end if needed."""
 
     rank: int | None
-    axes: tuple
-    dims: tuple  # sizes of the normalized axes; None where not static
+    axes: tuple[int, ...]
+    dims: tuple[int | None, ...]  # sizes of the normalized axes; None where not static
 
     @property
     def trailing(self) -> bool:
@@ -43,6 +44,8 @@ class Layout:
         """The Transpose that makes the axes trailing, or None when they already are."""
         if self.trailing:
             return None
+        if self.rank is None:  # `complete_match` refuses these first
+            raise NotFused(f"the rank is unknown, so axes {list(self.axes)} cannot be moved last")
         kept = [a for a in range(self.rank) if a not in self.axes]
         return kept + list(self.axes)
 
@@ -55,27 +58,35 @@ class Layout:
             return None
         order = [a for a in range(self.rank) if a not in self.axes] + list(self.axes)
         moved = aligned.transpose(order).reshape([aligned.shape[a] for a in self.axes])
-        if not all(isinstance(d, int) for d in self.dims):
+        known = self.known_dims
+        if known is None:
             return moved if all(s != 1 for s in moved.shape) or moved.size == 0 else None
-        if moved.shape == tuple(self.dims):
+        if moved.shape == known:
             return moved
         try:
-            return np.broadcast_to(moved, self.dims).copy()
+            return np.broadcast_to(moved, known).copy()
         except ValueError:
             return None  # does not broadcast over the normalized dims: not a scale of this norm
 
-    def static_dims(self, *params) -> tuple | None:
-        if all(isinstance(d, int) for d in self.dims):
-            return tuple(self.dims)
+    @property
+    def known_dims(self) -> tuple[int, ...] | None:
+        """`dims` when every one is static."""
+        static = tuple(d for d in self.dims if isinstance(d, int))
+        return static if len(static) == len(self.dims) else None
+
+    def static_dims(self, *params: np.ndarray | None) -> tuple[int, ...] | None:
+        """The normalized dims: static ones, else the one shape that the scale and bias share."""
+        if self.known_dims is not None:
+            return self.known_dims
         shapes = {p.shape for p in params if p is not None}
         return next(iter(shapes)) if len(shapes) == 1 else None
 
 
-def layout_of(source: ir.Value, axes: tuple) -> Layout:
+def layout_of(source: ir.Value, axes: tuple[int, ...]) -> Layout:
     sizes = dims_of(source)
     rank = None if sizes is None else len(sizes)
-    picked = tuple(sizes[a] if isinstance(sizes[a], int) else None for a in axes) if sizes else (None,) * len(axes)
-    return Layout(rank, axes, picked)
+    picked = [sizes[a] for a in axes] if sizes else [None] * len(axes)
+    return Layout(rank, axes, tuple(size if isinstance(size, int) else None for size in picked))
 
 
 @dataclass
@@ -83,18 +94,19 @@ class NormMatch:
     """A normalization ready to be replaced by one node."""
 
     kind: str  # "LayerNorm" or "RMSNorm"
-    nodes: list  # the ir nodes it replaces
+    nodes: list[ir.Node]  # what it replaces
     input: ir.Value
-    output: str
+    output: str  # the name of `output_value`
     layout: Layout
+    dims: tuple[int, ...]  # the normalized dims, static: the shape of the fused node's scale and bias
     epsilon: float
     scale: np.ndarray | None
     bias: np.ndarray | None
     elem_type: int
     scope: str
     anchor: str  # name of the first original node, for the report
-    notes: list = field(default_factory=list)
-    output_value: ir.Value | None = None
+    output_value: ir.Value
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -107,26 +119,31 @@ class NormRefusal:
     scope: str
 
 
+Finding = NormMatch | NormRefusal  # what fusion makes of something that looks like a normalization
+
+
 def scope_of(node: ir.Node) -> str | None:
     return node.metadata_props.get(SCOPE_KEY)
 
 
-def refusal(kind: str, error: NotFused, names: dict) -> NormRefusal:
-    return NormRefusal(kind, error.reason, names.get(error.node, error.node.name or error.node.op_type),
-                       scope_of(error.node) or "")
+def refusal(kind: str, error: NotFused, names: NodeNames) -> NormRefusal:
+    node = error.node
+    if node is None:  # refused before the match's nodes were known: nowhere to point
+        return NormRefusal(kind, error.reason, "", "")
+    return NormRefusal(kind, error.reason, names.get(node, node.name or node.op_type), scope_of(node) or "")
 
 
 @dataclass
 class _Affine:
-    nodes: list
+    nodes: list[ir.Node]
     output: ir.Value
     scale: np.ndarray | None = None
     bias: np.ndarray | None = None
     cast_back: bool = False
 
 
-def complete_match(kind: str, source: ir.Value, layout: Layout, front: list, normalized: ir.Value, epsilon: float,
-                   names: dict) -> NormMatch:
+def complete_match(kind: str, source: ir.Value, layout: Layout, front: list[ir.Node], normalized: ir.Value,
+                   epsilon: float, names: NodeNames) -> NormMatch:
     """Add the affine part and the dtype casts, then check that the rewrite is safe."""
     if layout.rank is None and not layout.trailing:
         raise NotFused(f"the rank of '{source.name}' is unknown, so axes {list(layout.axes)} cannot be checked")
@@ -134,30 +151,36 @@ def complete_match(kind: str, source: ir.Value, layout: Layout, front: list, nor
     cast_to = elem_type(cast_source) if cast_node is not None else None
     affine = _absorb_affine(normalized, layout, kind == "LayerNorm", cast_to)
     members = set(front) | set(affine.nodes)
-    if affine.cast_back and all(r in members for r in readers(source)):
+    if cast_node is not None and affine.cast_back and all(r in members for r in readers(source)):
         members.add(cast_node)
-    nodes = sorted(_with_plumbing(members), key=names.position.get)
+    nodes = names.in_graph_order(_with_plumbing(members))
     dims = layout.static_dims(affine.scale, affine.bias)
     if dims is None:
         raise NotFused(f"the normalized dims of '{source.name}' are not static, so scale and bias cannot be built")
     _check_private(nodes, affine.output, kind, names)
+    fused_input = cast_source if affine.cast_back else source
+    fused_type, output = elem_type(fused_input), affine.output
+    if not fused_type:  # unknown, or UNDEFINED: the rewrite could not type the scale and bias
+        raise NotFused(f"the element type of '{fused_input.name}' is unknown, so scale and bias cannot be built")
+    if output.name is None:
+        raise NotFused("the normalized output has no name, so verification cannot check it")
     notes = []
     if layout.permutation is not None:
         notes.append(f"axes {list(layout.axes)} moved last with Transpose {layout.permutation}")
     if affine.cast_back:
         notes.append("Cast pair absorbed: computed in fp32 via stash_type=1")
-    fused_input = cast_source if affine.cast_back else source
-    return NormMatch(kind, nodes, fused_input, affine.output.name, Layout(layout.rank, layout.axes, dims), epsilon,
-                     affine.scale, affine.bias, elem_type(fused_input),
-                     common_scope(scope_of(n) or "" for n in nodes), names[nodes[0]], notes, affine.output)
+    scope = common_scope(scope_of(n) or "" for n in nodes)
+    return NormMatch(kind, nodes, fused_input, output.name, layout, dims, epsilon, affine.scale, affine.bias,
+                     fused_type, scope, names[nodes[0]], output, notes)
 
 
 def _input_cast(source: ir.Value) -> tuple[ir.Node | None, ir.Value]:
     """The Cast that lifts a fp16/bf16 tensor into the fp32 island, if `source` comes from one."""
     node = source.producer()
     if node is not None and node.op_type == "Cast" and attribute(node, "to") == int(ir.DataType.FLOAT):
-        if elem_type(node.inputs[0]) in _LOW_PRECISION:
-            return node, node.inputs[0]
+        low = node.inputs[0]
+        if low is not None and elem_type(low) in _LOW_PRECISION:
+            return node, low
     return None, source
 
 
@@ -186,15 +209,15 @@ def _absorb_affine(start: ir.Value, layout: Layout, allow_bias: bool, cast_to: i
         affine.output = node.outputs[0]
 
 
-def _with_plumbing(members: set) -> set:
+def _with_plumbing(members: set[ir.Node]) -> set[ir.Node]:
     """Add the constants and shape computations (Shape -> Gather -> Concat ...) that exist only to
     feed the matched nodes: they die with the match. Only Constant nodes and nodes with integer
     outputs qualify, so the data path into the normalization is never taken."""
     pending = list(members)
     while pending:
         for value in pending.pop().inputs:
-            node = None if value is None else value.producer()
-            if node is None or node in members or node.graph is not value.graph:
+            node = producer(value)
+            if value is None or node is None or node in members or node.graph is not value.graph:
                 continue
             plumbing = node.op_type == "Constant" or all(elem_type(o) in _INDEX_TYPES for o in node.outputs)
             private = all(not escapes(o) and set(readers(o)) <= members for o in node.outputs)
@@ -204,7 +227,7 @@ def _with_plumbing(members: set) -> set:
     return members
 
 
-def _check_private(nodes: list, output: ir.Value, kind: str, names: dict) -> None:
+def _check_private(nodes: list[ir.Node], output: ir.Value, kind: str, names: NodeNames) -> None:
     """Every tensor inside the match must be read only inside it, or fusing would remove it."""
     members = set(nodes)
     for member in nodes:

@@ -26,7 +26,7 @@ class NormRecord:
     node: str = ""  # the first original ONNX node of the match (where to look in the input graph)
     output: str = ""
     epsilon: float | None = None
-    notes: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     max_abs_error: float | None = None  # fused vs original, from verification
     op: str = ""  # the op it became (or would become at a higher opset)
 
@@ -35,9 +35,9 @@ class NormRecord:
 class FusionReport:
     opset_before: int
     opset_after: int
-    records: list = field(default_factory=list)
+    records: list[NormRecord] = field(default_factory=list)
     verified: bool = False
-    inlined: dict = field(default_factory=dict)  # local function -> calls inlined to reach the norms inside it
+    inlined: dict[str, int] = field(default_factory=dict)  # calls inlined, by local function, to reach its norms
 
     def count(self, status: str, kind: str | None = None) -> int:
         return sum(r.status == status and (kind is None or r.kind == kind) for r in self.records)
@@ -59,7 +59,8 @@ class FusionReport:
                          + ", as ONNX Runtime does when it loads the model")
         for record in self.records:
             if record.status != "fused":
-                lines.append(f"  {record.status} {record.kind} at {record.scope or '(root)'} ({record.node}): {record.reason}")
+                where = record.scope or "(root)"
+                lines.append(f"  {record.status} {record.kind} at {where} ({record.node}): {record.reason}")
         for op in sorted({r.op for r in self.records if r.status == "fused"}):
             lines.append(f"{op}: {NORM_OP_RUNTIMES.get(op, 'ONNX Runtime')}")
         if self.verified and self.count("fused"):

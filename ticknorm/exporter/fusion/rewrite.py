@@ -17,6 +17,8 @@ ORT_RMS_NORM = "SimplifiedLayerNormalization"
 # auto: RMSNormalization at opset 23+, ONNX Runtime's op below; onnx: RMSNormalization only (left
 # decomposed below 23); ort: ONNX Runtime's op at any opset.
 RMS_TARGETS = ("auto", "onnx", "ort")
+# An initializer's contents as a dict key: dtype, shape, bytes.
+ParamKey = tuple[str, tuple[int, ...], bytes]
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class NormTargets:
 
 
 def rewrite_matches(graph: ir.Graph, matches: list[NormMatch], op_types: dict[str, str], names: FreshNames,
-                    reusable: dict) -> None:
+                    reusable: dict[ParamKey, ir.Value]) -> None:
     """In place: each match becomes one fused node (of `op_types[kind]`) placed where its last
     node was, under the name of the tensor the match computed. `reusable` (`reusable_params`):
     initializers a fused node points to instead of storing a copy."""
@@ -54,11 +56,11 @@ def rewrite_matches(graph: ir.Graph, matches: list[NormMatch], op_types: dict[st
             graph.initializers.pop(name)
 
 
-def reusable_params(graphs, matches: list[NormMatch]) -> dict:
+def reusable_params(graphs: list[ir.Graph], matches: list[NormMatch]) -> dict[ParamKey, ir.Value]:
     """Existing initializers (of `graphs`: the one rewritten and those around it) a fused node
     can point to instead of storing a copy. Staged weights are not read to find out."""
-    shapes = {tuple(m.layout.dims) for m in matches}
-    found = {}
+    shapes = {m.dims for m in matches}
+    found: dict[ParamKey, ir.Value] = {}
     for graph in graphs:
         for value in graph.initializers.values():
             tensor = value.const_value
@@ -70,21 +72,23 @@ def reusable_params(graphs, matches: list[NormMatch]) -> dict:
     return found
 
 
-def _param(value, match: NormMatch, stem: str, names: FreshNames, reusable: dict, created: list) -> ir.Value:
-    dtype = ir.DataType(match.elem_type).numpy()
-    array = np.ascontiguousarray(np.broadcast_to(np.asarray(value).astype(dtype), match.layout.dims))
+def _param(value, match: NormMatch, stem: str, names: FreshNames, reusable: dict[ParamKey, ir.Value],
+           created: list[ir.Value]) -> ir.Value:
+    dtype = ir.DataType(match.elem_type)
+    array = np.ascontiguousarray(np.broadcast_to(np.asarray(value).astype(dtype.numpy()), match.dims))
     key = (array.dtype.str, array.shape, array.tobytes())
     if key not in reusable:
         name = names.fresh(stem)
-        reusable[key] = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType(match.elem_type)),
+        reusable[key] = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
                                  const_value=ir.tensor(array, name=name))
         created.append(reusable[key])
     return reusable[key]
 
 
-def _fused_nodes(match: NormMatch, op_type: str, names: FreshNames, reusable: dict) -> tuple[list, list]:
+def _fused_nodes(match: NormMatch, op_type: str, names: FreshNames,
+                 reusable: dict[ParamKey, ir.Value]) -> tuple[list[ir.Node], list[ir.Value]]:
     stem = match.scope or match.output
-    created: list = []
+    created: list[ir.Value] = []
     inputs = [match.input, _param(1.0 if match.scale is None else match.scale, match, f"{stem}.scale", names, reusable,
                                   created)]
     if match.kind == "LayerNorm" and match.bias is not None:
@@ -106,7 +110,7 @@ def _fused_nodes(match: NormMatch, op_type: str, names: FreshNames, reusable: di
     return nodes, created
 
 
-def _node(op_type: str, inputs: list, name: str, names: FreshNames, output: str, **attributes) -> ir.Node:
+def _node(op_type: str, inputs: list[ir.Value], name: str, names: FreshNames, output: str, **attributes) -> ir.Node:
     node = ir.node(op_type, inputs, attributes=attributes, name=names.fresh(name))
     node.outputs[0].name = names.fresh(output)
     return node

@@ -13,12 +13,14 @@ say: that the axes are constant, that N is the element count, that the dims come
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter.pattern import ANY_VALUE, OrValue, Var
 
-from ticknorm.exporter.fusion.values import attribute, constant, dims, other_input, rank, scalar
+from ticknorm.exporter.fusion.norms import NotFused
+from ticknorm.exporter.fusion.values import attribute, constant, dims, other_input, producer, rank, scalar
 
 _OPEN = {"_allow_other_inputs": True, "_allow_other_attributes": True}
 
@@ -77,7 +79,7 @@ def divided(op, numerator, denominator, spelling: str):
 DIVISIONS = ("div", "mul", "mul-inverse-first")
 
 
-def inverse_problem(bindings: dict, root_value: ir.Value) -> str:
+def inverse_problem(bindings: dict[str, Any], root_value: ir.Value) -> str:
     """Why the bound `1/x` pieces are no inverse: a divided constant or a factor other than 1."""
     for name in ("one", "one_more"):
         value = bindings.get(name)
@@ -92,45 +94,59 @@ class Mean:
 
     source: ir.Value
     output: ir.Value
-    axes: tuple | None
-    nodes: list = field(default_factory=list)
+    axes: tuple[int, ...]  # () when they are not constant: `problem` says so
+    nodes: list[ir.Node] = field(default_factory=list)
     problem: str = ""
     problem_node: ir.Node | None = None  # where the report points, when not at the norm's first node
 
 
 def mean_of(output: ir.Value) -> Mean:
     """The mean a `mean` fragment bound, checked from the reduction forward."""
-    steps = []
-    node = output.producer()
-    while node.op_type not in ("ReduceMean", "ReduceSum"):
-        steps.append(node)
-        node = _chained(node).producer()
-    source, axes = node.inputs[0], reduce_axes(node)
-    found = Mean(source, output, axes, [node, *reversed(steps)])
+    found = _reduction(output)
+    if found is None:  # what a `mean` fragment binds starts at a reduction: this is no such value
+        raise NotFused("no reduction computes the mean", output.producer())
+    node, source, steps = found
+    axes = reduce_axes(node)
     if axes is None:
-        found.problem = "the reduction axes are not constant"
-        return found
-    found.problem, found.problem_node = _chain_problem(node, list(reversed(steps)), source, axes)
-    return found
+        return Mean(source, output, (), [node, *steps], "the reduction axes are not constant")
+    problem, problem_node = _chain_problem(node, steps, source, axes)
+    return Mean(source, output, axes, [node, *steps], problem, problem_node)
 
 
 _SHAPE_OPS = ("Reshape", "Unsqueeze", "Expand")
 _CHAIN_OPS = ("ReduceMean", "ReduceSum", *_SHAPE_OPS, "Div", "Mul")
+_UNBIASED = "(unbiased N-1 variance is not LayerNorm)"
 
 
-def _chained(step: ir.Node) -> ir.Value:
+def _reduction(value: ir.Value | None) -> tuple[ir.Node, ir.Value, list[ir.Node]] | None:
+    """The reduction that computes `value` through the steps a mean takes, its input, and those
+    steps from the reduction on; None when no such chain computes `value` (`mean_of` and `reduces`
+    walk it alike)."""
+    steps: list[ir.Node] = []
+    node = producer(value)
+    while node is not None and node.op_type in _CHAIN_OPS:
+        if node.op_type in ("ReduceMean", "ReduceSum"):
+            source = node.inputs[0]
+            return None if source is None else (node, source, steps[::-1])
+        steps.append(node)
+        node = producer(_chained(node))
+    return None
+
+
+def _chained(step: ir.Node) -> ir.Value | None:
     """The input of a step after a reduction that carries the reduced values (not N, not a shape)."""
     if step.op_type in _SHAPE_OPS:
         return step.inputs[0]
     first, second = step.inputs[:2]
-    producer = first.producer()
-    return first if producer is not None and producer.op_type in _CHAIN_OPS else second
+    before = producer(first)
+    return first if before is not None and before.op_type in _CHAIN_OPS else second
 
 
-def _chain_problem(reduce: ir.Node, steps: list, source: ir.Value, axes: tuple) -> tuple[str, ir.Node | None]:
+def _chain_problem(reduce: ir.Node, steps: list[ir.Node], source: ir.Value,
+                   axes: tuple[int, ...]) -> tuple[str, ir.Node | None]:
     """Follow a reduction through the shape ops that restore its dims and the division by N of a
     ReduceSum; why it is no mean ('' when it is), and the node to point at if not the first."""
-    restore = "done" if attribute(reduce, "keepdims", 1) else "pending"
+    restore: str | None = "done" if attribute(reduce, "keepdims", 1) else "pending"
     divide = reduce.op_type == "ReduceSum"
     current = reduce.outputs[0]
     for step in steps:
@@ -147,26 +163,21 @@ def _chain_problem(reduce: ir.Node, steps: list, source: ir.Value, axes: tuple) 
             factor = scalar(other_input(step, current), beside=current)
             amount = f"{factor:g}" if factor is not None else "a computed factor"
             if restore == "done":  # a mean already, then rescaled: TorchScript's unbiased variance
-                return (f"the variance is rescaled by {step.op_type} {amount} before epsilon "
-                        "(unbiased N-1 variance is not LayerNorm)"), step
-            return f"the reduction is rescaled by {step.op_type} {amount} (unbiased N-1 variance is not LayerNorm)", None
+                return f"the variance is rescaled by {step.op_type} {amount} before epsilon {_UNBIASED}", step
+            return f"the reduction is rescaled by {step.op_type} {amount} {_UNBIASED}", None
         current = step.outputs[0]
     if restore not in ("done", "compatible"):
         return "a reduction drops the reduced dims and nothing restores them", None
     return ("a ReduceSum is not divided by the element count" if divide else ""), None
 
 
-def reduces(value: ir.Value | None, source: ir.Value) -> bool:
+def reduces(value: ir.Value | None, source: ir.Value | None) -> bool:
     """Whether `value` is computed by a reduction of `source` through the steps a mean takes."""
-    node = None if value is None else value.producer()
-    while node is not None and node.op_type in _CHAIN_OPS:
-        if node.op_type in ("ReduceMean", "ReduceSum"):
-            return node.inputs[0] is source
-        node = _chained(node).producer()
-    return False
+    found = _reduction(value)
+    return found is not None and found[1] is source
 
 
-def reduce_axes(node: ir.Node) -> tuple | None:
+def reduce_axes(node: ir.Node) -> tuple[int, ...] | None:
     """Axes of a Reduce* node from its attribute (old opsets) or its second input (newer ones)."""
     axes = attribute(node, "axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -184,7 +195,7 @@ def reduce_axes(node: ir.Node) -> tuple | None:
     return tuple(sorted(int(a) % size for a in axes))
 
 
-def _restored(source: ir.Value, output: ir.Value, axes: tuple) -> str | None:
+def _restored(source: ir.Value, output: ir.Value, axes: tuple[int, ...]) -> str | None:
     """'done' when `output` has the source's dims with 1 at `axes`; 'compatible' when some kept
     dims are only known as fresh unknowns (numerical verification backs those); None otherwise."""
     before_dims, after_dims = dims(source), dims(output)
@@ -202,7 +213,7 @@ def _restored(source: ir.Value, output: ir.Value, axes: tuple) -> str | None:
     return verdict
 
 
-def _divisor_problem(source: ir.Value, axes: tuple, step: ir.Node, total: ir.Value) -> str:
+def _divisor_problem(source: ir.Value, axes: tuple[int, ...], step: ir.Node, total: ir.Value) -> str:
     count = _reduced_count(source, axes)
     divisor = scalar(other_input(step, total), beside=total)
     if step.op_type == "Div" and step.inputs[0] is not total:
@@ -218,23 +229,22 @@ def _divisor_problem(source: ir.Value, axes: tuple, step: ir.Node, total: ir.Val
     return f"the sum is divided by {divisor:g}, not by the element count {count}"
 
 
-def _reduced_count(source: ir.Value, axes: tuple) -> int | None:
+def _reduced_count(source: ir.Value, axes: tuple[int, ...]) -> int | None:
     sizes = dims(source)
     if sizes is None:
         return None
-    picked = [sizes[a] for a in axes]
-    return int(np.prod(picked)) if all(isinstance(s, int) for s in picked) else None
+    static = [size for size in (sizes[a] for a in axes) if isinstance(size, int)]
+    return int(np.prod(static)) if len(static) == len(axes) else None
 
 
-def tail_problem(bindings: dict, variance: ir.Value) -> tuple[str, ir.Node | None]:
+def tail_problem(bindings: dict[str, Any], variance: ir.Value) -> tuple[str, ir.Node | None]:
     """Why sqrt(variance + epsilon) as bound is no norm's, and at which node; ('', None) if it is."""
     top = bindings["root"].producer()
     if bindings.get("rescaled") is not None:
         node = bindings["rescaled"].producer()
         factor = scalar(bindings["factor"], beside=variance)
         amount = f"{factor:g}" if factor is not None else "a computed factor"
-        return (f"the variance is rescaled by {node.op_type} {amount} before epsilon "
-                "(unbiased N-1 variance is not LayerNorm)"), node
+        return f"the variance is rescaled by {node.op_type} {amount} before epsilon {_UNBIASED}", node
     if bindings["epsilon_at"] == "outside":
         return "epsilon is added outside the square root", top
     if bindings["epsilon_at"] == "none":
@@ -248,10 +258,16 @@ def tail_problem(bindings: dict, variance: ir.Value) -> tuple[str, ir.Node | Non
     return "", None
 
 
-def epsilon(bindings: dict, variance: ir.Value) -> float:
-    return 0.0 if bindings["epsilon_at"] == "none" else scalar(bindings["eps"], beside=variance)
+def epsilon(bindings: dict[str, Any], variance: ir.Value) -> float:
+    """The epsilon of a tail that `tail_problem` passed."""
+    if bindings["epsilon_at"] == "none":
+        return 0.0
+    value = scalar(bindings["eps"], beside=variance)
+    if value is None:  # refused by `tail_problem` before
+        raise NotFused("epsilon is not a scalar constant")
+    return value
 
 
-def square_problem(bindings: dict, base: ir.Value) -> bool:
+def square_problem(bindings: dict[str, Any], base: ir.Value) -> bool:
     """True when a bound Pow raises to something other than 2."""
     return bindings.get("square_by") == 0 and scalar(bindings["two"], beside=base) != 2.0

@@ -26,7 +26,7 @@ def typed_ir(model: onnx.ModelProto) -> ir.Model:
     return converted
 
 
-def _inferred_types(model: onnx.ModelProto) -> dict:
+def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     graph = model.graph
     inputs = {value.name for value in graph.input}
     weights = [t for t in graph.initializer if is_external(t) or t.ByteSize() > _SHAPE_RELEVANT_BYTES]
@@ -44,8 +44,8 @@ def _inferred_types(model: onnx.ModelProto) -> dict:
     return _value_types(skeleton.graph, {})
 
 
-def _value_types(graph: onnx.GraphProto, found: dict) -> dict:
-    """name -> TypeProto of every value `graph` and its subgraphs declare."""
+def _value_types(graph: onnx.GraphProto, found: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:
+    """The type of every value `graph` and its subgraphs declare, by name."""
     for value in [*graph.input, *graph.value_info, *graph.output]:
         found[value.name] = value.type
     for node in graph.node:

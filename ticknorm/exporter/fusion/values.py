@@ -2,6 +2,8 @@
 safe), its static dims, who reads it. A staged weight (an ExternalTensor) is never read: fusing
 must not pull a model's weights into memory, and a norm's scale on disk stays where it is."""
 
+from collections.abc import Iterable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -49,9 +51,12 @@ def scalar(value: ir.Value | None, beside: ir.Value) -> float | None:
     return float(array.reshape(-1)[0])
 
 
-def dims(value: ir.Value) -> tuple | None:
-    """Sizes as ints, symbolic names as str, unknown as None; None when the rank is unknown. What
-    shape inference says first: it refines what the file declares (dynamo's unknown dims)."""
+def dims(value: ir.Value | None) -> tuple[int | str | None, ...] | None:
+    """Sizes as ints, symbolic names as str, unknown as None; None when the rank is unknown (or
+    there is no value). What shape inference says first: it refines what the file declares
+    (dynamo's unknown dims)."""
+    if value is None:
+        return None
     tensor_type = _inferred(value)
     if tensor_type is not None and tensor_type.HasField("shape"):
         return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tensor_type.shape.dim)
@@ -60,12 +65,14 @@ def dims(value: ir.Value) -> tuple | None:
     return None
 
 
-def rank(value: ir.Value) -> int | None:
+def rank(value: ir.Value | None) -> int | None:
     sizes = dims(value)
     return None if sizes is None else len(sizes)
 
 
-def elem_type(value: ir.Value) -> int | None:
+def elem_type(value: ir.Value | None) -> int | None:
+    if value is None:
+        return None
     tensor_type = _inferred(value)
     if tensor_type is not None and tensor_type.elem_type:
         return tensor_type.elem_type
@@ -99,9 +106,14 @@ def escapes(value: ir.Value) -> bool:
                                            if value.graph is not None)
 
 
-def other_input(node: ir.Node, value: ir.Value) -> ir.Value:
+def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
     """The operand of a binary node that is not `value` (the first one when both are)."""
     return node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+
+
+def producer(value: ir.Value | None) -> ir.Node | None:
+    """The node computing `value`; None for a graph input, an initializer or a missing input."""
+    return None if value is None else value.producer()
 
 
 def attribute(node: ir.Node, name: str, default=None):
@@ -109,9 +121,12 @@ def attribute(node: ir.Node, name: str, default=None):
     return default if attr is None else attr.value
 
 
-class NodeNames(dict):
+class NodeNames(dict[ir.Node, str]):
     """Each node's name for the report (an unnamed one by its op and position), and its position."""
 
     def __init__(self, graph: ir.Graph):
         super().__init__((node, node.name or f"{node.op_type}#{i}") for i, node in enumerate(graph))
-        self.position = {node: i for i, node in enumerate(self)}
+        self.position: dict[ir.Node, int] = {node: i for i, node in enumerate(self)}
+
+    def in_graph_order(self, nodes: Iterable[ir.Node]) -> list[ir.Node]:
+        return sorted(nodes, key=self.position.__getitem__)

@@ -15,14 +15,14 @@ import onnx
 import onnx_ir as ir
 
 from ticknorm.base.graph import coarsest_float, typed
-from ticknorm.base.metrics import compare_arrays, dtype_tolerance
+from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 
 @dataclass
 class Verification:
-    checks: dict  # tensor -> ArrayComparison, fused vs original
-    outputs: list  # the fused graph's outputs on `feeds`, then on each of `also`
+    checks: dict[str, ArrayComparison]  # by tensor, fused vs original
+    outputs: list[dict[str, np.ndarray]]  # the fused graph's outputs on `feeds`, then on each of `also`
 
 
 def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dict[str, int],
