@@ -4,13 +4,12 @@ rounded to on its way (`coarsest_float`); and on protobuf, the subgraphs of If/L
 which the scope map walks."""
 
 import itertools
-import logging
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import shape_inference
 
 from ticknorm.base.errors import OnnxFileError
+from ticknorm.base.onnx_io import is_external
 
 # Mantissa bits of each float type: how finely it rounds.
 FLOAT_PRECISION: dict[int, int] = {onnx.TensorProto.BFLOAT16: 8, onnx.TensorProto.FLOAT16: 11,
@@ -65,30 +64,72 @@ def check_branches(model: onnx.ModelProto, source: str) -> None:
                     f"{onnx.TensorProto.DataType.Name(else_type)} in else_branch; the branches must agree")
 
 
+# Initializers above this size are weights, not shape tensors: shape inference does not need them.
+_SHAPE_RELEVANT_BYTES = 1024
+
+
 def typed(model: onnx.ModelProto, opset: int = 0) -> ir.Model:
-    """`model` in onnx-ir (its weights wrapped, not copied), every tensor typed and shaped by shape
-    inference where it succeeds and as declared elsewhere (a graph shape inference cannot read
-    still gets matched). Inference leaves the big weights out of what it serializes (it would fail
-    at 2 GiB, and weights are no shape tensors), and staged weights, small ones too, go to it as
-    typed inputs: ONNX cannot read their files. `opset` raises the view's default-domain opset for
-    inference alone (a caller that only reads the view asks how a newer opset would type it)."""
+    """`model` in onnx-ir (its weights wrapped, not copied), each value typed and shaped as shape
+    inference finds it (`inferred_types`) where it does, as declared elsewhere. onnx-ir's
+    ShapeInferencePass does the same from an onnx-ir model, but serializes it first and then
+    deserializes the whole inferred model a second time to copy the shapes over: 0.50 s against
+    0.25 s here on a 96-layer encoder, and every precision step, the plugin rewrite and each
+    check of a fusion ask for a typed view."""
     view = ir.from_proto(model)
-    if default_opset(view) < opset:
-        view.opset_imports[""] = opset
-    staged = {value: value.const_value for value in view.graph.initializers.values()
-              if isinstance(value.const_value, ir.ExternalTensor)}
-    for value in staged:
-        value.const_value = None
-    quiet = logging.getLogger(shape_inference.__name__)
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    try:
-        shape_inference.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(view)
-    finally:
-        quiet.setLevel(level)
-        for value, tensor in staged.items():
-            value.const_value = tensor
+    inferred = inferred_types(model, opset)
+    for graph in view.graphs():
+        values = [*graph.inputs, *graph.initializers.values(), *(v for node in graph for v in node.outputs)]
+        for value in values:
+            found = inferred.get(value.name or "")
+            if found is not None and found.HasField("tensor_type"):
+                _merge(value, found)
     return view
+
+
+def _merge(value: ir.Value, found: onnx.TypeProto) -> None:
+    """What inference says wins where it says something (it refines a declared unknown dim)."""
+    shape = ir.serde.deserialize_type_proto_for_shape(found)
+    if shape is not None:
+        value.shape = shape
+    if found.tensor_type.elem_type:
+        value.dtype = ir.DataType(found.tensor_type.elem_type)
+
+
+def inferred_types(model: onnx.ModelProto, opset: int = 0) -> dict[str, onnx.TypeProto]:
+    """The type ONNX shape inference gives each value of `model` and its subgraphs, by name. It
+    runs on a skeleton whose weights are typed inputs: serializing them fails at 2 GiB, staged ones
+    cannot be read at all, and weights are never shape tensors. `opset` raises the default-domain
+    opset for inference alone (how a newer opset would type the graph). A graph inference cannot
+    read keeps what it declares, silently: it is still matched and converted."""
+    graph = model.graph
+    inputs = {value.name for value in graph.input}
+    weights = [t for t in graph.initializer if is_external(t) or t.ByteSize() > _SHAPE_RELEVANT_BYTES]
+    heavy = {t.name for t in weights}
+    weight_inputs = [onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                     for t in weights if t.name not in inputs]
+    skeleton_graph = onnx.helper.make_graph(
+        graph.node, graph.name, list(graph.input) + weight_inputs, graph.output,
+        [t for t in graph.initializer if t.name not in heavy], value_info=graph.value_info)
+    opsets = [onnx.helper.make_opsetid(o.domain, max(o.version, opset) if o.domain in ("", "ai.onnx") else o.version)
+              for o in model.opset_import]
+    skeleton = onnx.helper.make_model(skeleton_graph, opset_imports=opsets, functions=model.functions,
+                                      ir_version=model.ir_version)
+    try:
+        skeleton = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - onnx raises bare errors; the declared types stay
+        pass
+    return _value_types(skeleton.graph, {})
+
+
+def _value_types(graph: onnx.GraphProto, found: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:
+    """The type of every value `graph` and its subgraphs declare, by name."""
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        found[value.name] = value.type
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                _value_types(body, found)
+    return found
 
 
 def node_name(node: ir.Node, position: int) -> str:
