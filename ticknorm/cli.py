@@ -325,9 +325,12 @@ def export_command(model, inputs, output, options, report):
               help="Opset of the result (17+ for LayerNormalization, 23+ for RMSNormalization).")
 @click.option("--report", type=OUTPUT_FILE, default=None, help="Write the fusion report as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime check of the fused graph (not recommended).")
+@click.option("--strict", is_flag=True,
+              help="Exit 1 when any decomposed norm is left (refused, or left at this opset); the file is still "
+                   "written, with the others fused.")
 @input_options
 @norm_target_options
-def fuse_command(source, output, opset, report, no_verify, inputs, targets):
+def fuse_command(source, output, opset, report, no_verify, strict, inputs, targets):
     """Rewrite decomposed LayerNorms (and RMSNorms) in an ONNX file into single nodes."""
     result, retargeted = api.fuse(source, output, inputs, opset=opset, verify=not no_verify, report=report,
                                    targets=targets)
@@ -335,6 +338,10 @@ def fuse_command(source, output, opset, report, no_verify, inputs, targets):
     click.echo(result.report.summary())
     if retargeted is not None:
         click.echo(retargeted.summary())
+    failure = result.report.strict_failure(output) if strict else None
+    if failure is not None:
+        click.echo(f"error: {failure}", err=True)
+        sys.exit(1)
 
 
 @main.command("convert")

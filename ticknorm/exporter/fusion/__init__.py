@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from ticknorm.base.errors import AccuracyError, FusionError, InputSpecError, RuntimeFailure, first_line
 from ticknorm.base.functions import called_functions, inline_functions
@@ -51,8 +52,8 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     if targets.rms not in RMS_TARGETS:
         raise FusionError(f"unknown RMSNorm target '{targets.rms}'; choose one of: {', '.join(RMS_TARGETS)}")
     model, inlined = _norms_reachable(model)
-    fused, before, target, records, matches = _fused(model, opset, targets)
-    report = FusionReport(before, target, records, inlined=inlined)
+    fused, report, matches = _fused(model, opset, targets)
+    report.inlined, records = inlined, report.records
     outputs = None
     if verify and any(r.status == "fused" for r in records):
         derived = feeds is None
@@ -88,9 +89,9 @@ def _collector_paused():
 
 @_collector_paused()
 def _fused(model: onnx.ModelProto, opset: int | None,
-           targets: NormTargets) -> tuple[onnx.ModelProto, int, int, list[NormRecord], list[NormMatch]]:
-    """The fused model (`model`, or the opset-raised one, when nothing was fused), the opset
-    before and after, every norm's record, and the main graph's matches."""
+           targets: NormTargets) -> tuple[onnx.ModelProto, FusionReport, list[NormMatch]]:
+    """The fused model (`model`, or the opset-raised one, when nothing was fused), its report
+    (opsets, every norm's record, the dead nodes removed), and the main graph's matches left to verify."""
     working, typed = model, typed_ir(model)
     before = default_opset(typed)
     if opset is not None and opset < before:
@@ -103,8 +104,36 @@ def _fused(model: onnx.ModelProto, opset: int | None,
         found = norms_in(typed)
     op_types = {kind: targets.op(kind, target)[0] for kind in FUSED_OPS}
     records, matches = _fuse(typed, found, target, targets, op_types)
-    fused = ir.to_proto(typed) if any(r.status == "fused" for r in records) else working
-    return fused, before, target, records, matches
+    report = FusionReport(before, target, records)
+    if not any(r.status == "fused" for r in records):
+        return working, report, matches
+    report.dead_removed, matches = _without_dead_nodes(typed, records, matches)
+    return ir.to_proto(typed), report, matches
+
+
+# Dead-code removal after fusing: onnx-ir's passes keep graph outputs and what any If/Loop body reads.
+_DEAD_CODE = ir.passes.Sequential(RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass(), RemoveUnusedOpsetsPass())
+
+
+def _without_dead_nodes(model: ir.Model, records: list[NormRecord],
+                        matches: list[NormMatch]) -> tuple[int, list[NormMatch]]:
+    """In place: every node nothing reads any more is removed, the Casts and Identities the fused
+    norms bypass first of all (a file is judged by what it runs, and dead nodes are read as work
+    left). How many went, and the matches still computed: a fused norm nothing read goes too,
+    unverified, and its record says so."""
+    before = _node_count(model)
+    _DEAD_CODE(model)
+    computed = {value.name for node in model.graph for value in node.outputs}
+    removed = {m.output for m in matches} - computed
+    for record in records:
+        if record.status == "fused" and record.output in removed:
+            record.notes.append("its output was read by nothing: removed as dead, so not verified")
+    return before - _node_count(model), [m for m in matches if m.output in computed]
+
+
+def _node_count(model: ir.Model) -> int:
+    return (sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+            + sum(1 for function in model.functions.values() for _ in function))
 
 
 def norms_in(model: ir.Model) -> list[GraphNorms]:

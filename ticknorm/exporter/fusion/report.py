@@ -38,18 +38,25 @@ class FusionReport:
     records: list[NormRecord] = field(default_factory=list)
     verified: bool = False
     inlined: dict[str, int] = field(default_factory=dict)  # calls inlined, by local function, to reach its norms
+    dead_removed: int = 0  # nodes (and functions) nothing read any more once the norms were fused
+
+    def not_fused(self) -> list[NormRecord]:
+        """The decomposed norms still in the graph (refused, or left at this opset)."""
+        return [r for r in self.records if r.status != "fused"]
 
     def count(self, status: str, kind: str | None = None) -> int:
         return sum(r.status == status and (kind is None or r.kind == kind) for r in self.records)
 
     def summary(self) -> str:
-        lines = []
+        """What is still decomposed comes first: a user reading "wrote" must not take the file for
+        fully fused while norms were refused or left."""
+        lines = self._not_fused_lines()
         for kind in ("LayerNorm", "RMSNorm"):
             found = sum(r.kind == kind for r in self.records)
             if found:
                 lines.append(f"{kind}: found {found}, fused {self.count('fused', kind)}, "
                              f"refused {self.count('refused', kind)}, left {self.count('left', kind)}")
-        if not lines:
+        if not self.records:
             lines.append("no decomposed LayerNorm or RMSNorm found")
         if self.opset_after != self.opset_before:
             lines.append(f"opset raised {self.opset_before} -> {self.opset_after}")
@@ -57,10 +64,9 @@ class FusionReport:
             lines.append("norms inside local functions: inlined " + ", ".join(
                 f"{name} ({calls} call{'s' * (calls > 1)})" for name, calls in self.inlined.items())
                          + ", as ONNX Runtime does when it loads the model")
-        for record in self.records:
-            if record.status != "fused":
-                where = record.scope or "(root)"
-                lines.append(f"  {record.status} {record.kind} at {where} ({record.node}): {record.reason}")
+        if self.dead_removed:
+            lines.append(f"removed {self.dead_removed} node{'s' * (self.dead_removed > 1)} nothing read any more "
+                         "(Casts and Identities the fused norms bypass, and any other dead node)")
         for op in sorted({r.op for r in self.records if r.status == "fused"}):
             lines.append(f"{op}: {NORM_OP_RUNTIMES.get(op, 'ONNX Runtime')}")
         if self.verified and self.count("fused"):
@@ -68,5 +74,28 @@ class FusionReport:
             lines.append(f"verified in ONNX Runtime: max |fused - original| = {worst:.3g}")
         return "\n".join(lines)
 
+    def strict_failure(self, output) -> str | None:
+        """`fuse --strict`'s one line when a norm is still decomposed (None when every one was
+        fused): the file is written all the same, since the fused ones are verified, but the job
+        asked for is not done."""
+        left = self.not_fused()
+        if not left:
+            return None
+        return (f"--strict: {len(left)} decomposed norm{'s' * (len(left) > 1)} not fused, the first "
+                f"{_described(left[0])}; {output} was written with the others fused")
+
+    def _not_fused_lines(self) -> list[str]:
+        left = self.not_fused()
+        if not left:
+            return []
+        many = f"{len(left)} decomposed norms remain, the first" if len(left) > 1 else "1 decomposed norm remains"
+        return [f"not fused: {many}: {_described(left[0])}: {left[0].reason}"] + [
+            f"  {_described(record)}: {record.reason}" for record in left[1:]]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+def _described(record: NormRecord) -> str:
+    """Where to look for a norm in the input graph: its module scope and first ONNX node."""
+    return f"{record.status} {record.kind} at {record.scope or '(root)'} ({record.node})"
