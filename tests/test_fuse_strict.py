@@ -81,3 +81,9 @@ def test_a_node_read_only_inside_an_if_body_and_the_graph_outputs_stay():
     result = fused(model(nodes, extra_outputs=("side",)))
     assert op_types(result.model) == ["LayerNormalization", "Neg", "Abs", "If", "Add"]
     assert [o.name for o in result.model.graph.output] == ["y", "side"] and result.report.dead_removed == 0
+
+
+def test_a_fused_norm_nothing_reads_is_removed_and_its_record_says_unverified():
+    result = fused(model([*layer_norm(out="unread"), node("Neg", ["x"], "y")]))
+    assert op_types(result.model) == ["Neg"] and result.report.records[0].status == "fused"
+    assert result.report.records[0].notes[-1] == "its output was read by nothing: removed as dead, so not verified"

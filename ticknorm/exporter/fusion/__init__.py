@@ -107,33 +107,35 @@ def _fused(model: onnx.ModelProto, opset: int | None,
     report = FusionReport(before, target, records)
     if not any(r.status == "fused" for r in records):
         return working, report, matches
-    report.dead_removed, matches = _without_dead_nodes(typed, records, matches)
+    report.dead_removed, matches = _without_dead_nodes(typed, [graph for _, graph, _ in found], records, matches)
     return ir.to_proto(typed), report, matches
 
 
-# Dead-code removal after fusing: onnx-ir's passes keep graph outputs and what any If/Loop body reads.
-_DEAD_CODE = ir.passes.Sequential(RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass(), RemoveUnusedOpsetsPass())
-
-
-def _without_dead_nodes(model: ir.Model, records: list[NormRecord],
+def _without_dead_nodes(model: ir.Model, graphs: list[ir.Graph], records: list[NormRecord],
                         matches: list[NormMatch]) -> tuple[int, list[NormMatch]]:
-    """In place: every node nothing reads any more is removed, the Casts and Identities the fused
-    norms bypass first of all (a file is judged by what it runs, and dead nodes are read as work
-    left). How many went, and the matches still computed: a fused norm nothing read goes too,
-    unverified, and its record says so."""
-    before = _node_count(model)
-    _DEAD_CODE(model)
+    """In place: every node nothing reads any more is removed by onnx-ir's passes, which keep the
+    graph outputs and what any If/Loop body reads: the Casts and Identities the fused norms bypass
+    first of all (a file is judged by what it runs, and dead nodes read as work left). `graphs`:
+    the main graph and every body, counted before and after. How many went, and the matches still
+    computed: a fused norm nothing read goes too, unverified, and its record says so."""
+    before = _node_count(model, graphs)
+    RemoveUnusedNodesPass()(model)
+    if model.functions:
+        RemoveUnusedFunctionsPass()(model)
+    removed = before - _node_count(model, graphs)
+    if removed:
+        RemoveUnusedOpsetsPass()(model)
     computed = {value.name for node in model.graph for value in node.outputs}
-    removed = {m.output for m in matches} - computed
+    unread = {m.output for m in matches} - computed
     for record in records:
-        if record.status == "fused" and record.output in removed:
+        if record.status == "fused" and record.output in unread:
             record.notes.append("its output was read by nothing: removed as dead, so not verified")
-    return before - _node_count(model), [m for m in matches if m.output in computed]
+    return removed, [m for m in matches if m.output in computed]
 
 
-def _node_count(model: ir.Model) -> int:
-    return (sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
-            + sum(1 for function in model.functions.values() for _ in function))
+def _node_count(model: ir.Model, graphs: list[ir.Graph]) -> int:
+    """The nodes of `graphs` and of the functions (those of a dead If's bodies go uncounted: only the If)."""
+    return sum(len(graph) for graph in graphs) + sum(len(function) for function in model.functions.values())
 
 
 def norms_in(model: ir.Model) -> list[GraphNorms]:

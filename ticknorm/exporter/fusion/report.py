@@ -38,7 +38,7 @@ class FusionReport:
     records: list[NormRecord] = field(default_factory=list)
     verified: bool = False
     inlined: dict[str, int] = field(default_factory=dict)  # calls inlined, by local function, to reach its norms
-    dead_removed: int = 0  # nodes (and functions) nothing read any more once the norms were fused
+    dead_removed: int = 0  # nodes nothing read any more once the norms were fused, removed
 
     def not_fused(self) -> list[NormRecord]:
         """The decomposed norms still in the graph (refused, or left at this opset)."""
