@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from fault_cases import handled
+from fault_cases import EXAMPLE, handled
 from ticknorm.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +64,7 @@ def made(tmp_path_factory):
     os.mkfifo(outer / "fifo")
     os.symlink(outer / "outside.bin", folder / "link.bin")
     os.symlink(outer, folder / "linked")
+    os.symlink(folder / "weights" / "w.bin", folder / "inside_link.bin")
     cases = {"climbs": "../outer/outside.bin", "absolute": str(outer / "outside.bin"), "link": "link.bin",
              "linked folder": "linked/outside.bin", "missing": "../outer/nope.bin",
              "windows drive": "C:\\weights\\w.bin", "fifo": "../outer/fifo"}
@@ -73,6 +74,8 @@ def made(tmp_path_factory):
         onnx.save(_model(location), str(files[name]))
     files["in a branch"] = folder / "branch.onnx"
     onnx.save(_model("../outer/outside.bin", in_body=True), str(files["in a branch"]))
+    files["inside link"] = folder / "inside_link.onnx"
+    onnx.save(_model("inside_link.bin"), str(files["inside link"]))
     files["inside"] = folder / "inside.onnx"
     onnx.save(_model("weights/w.bin"), str(files["inside"]))
     reference = _saved_run(root)
@@ -94,7 +97,7 @@ def _saved_run(root: Path) -> list[str]:
 
 
 def _commands(model: Path, root: Path, reference: list[str], bundle: Path) -> dict[str, tuple[list, Path | None]]:
-    """Every command that reads an ONNX file given alone, with the output it must not write."""
+    """Every command that reads an ONNX file, with the output it must not write."""
     out = root / "out"
     return {
         "inspect": (["inspect", str(model)], None),
@@ -104,6 +107,11 @@ def _commands(model: Path, root: Path, reference: list[str], bundle: Path) -> di
         "compare": (["compare", str(model), *reference, "--json", str(out / "c.json")], out / "c.json"),
         "drift snapshot": (["drift", "snapshot", str(model), *reference, "-o", str(out / "bundle")], out / "bundle"),
         "drift check": (["drift", "check", str(bundle), str(model), "--no-history"], None),
+        # refused before the PyTorch model is built
+        "profile": (["profile", str(model), "--model", EXAMPLE, "--runtime", "ort", "--json", str(out / "p.json")],
+                    out / "p.json"),
+        "report": (["report", str(model), "--model", EXAMPLE, "--runtime", "torch", "-o", str(out / "r.html")],
+                   out / "r.html"),
     }
 
 
@@ -152,3 +160,10 @@ def test_weights_in_a_subfolder_still_load(made):
     assert checked.exit_code == 0, checked.output
     fused = CliRunner().invoke(main, ["fuse", str(files["inside"]), "-o", str(root / "inside_fused.onnx")])
     assert fused.exit_code == 0, fused.output
+
+
+def test_a_link_that_stays_inside_is_onnx_s_own_one_line(made):
+    """Not outside, so not refused here; onnx's reader refuses every link when it loads the
+    weights, and says so in one line, not as an unexpected error."""
+    result = CliRunner().invoke(main, ["inspect", str(made[1]["inside link"])])
+    assert handled(result.exit_code, result.stderr, "is a symbolic link", None) is None, result.stderr
