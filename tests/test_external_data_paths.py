@@ -32,15 +32,22 @@ def _external(name: str, location: str) -> onnx.TensorProto:
     return tensor
 
 
-def _model(location: str, in_body: bool = False) -> onnx.ModelProto:
-    """y = x + w, w external at `location`; with `in_body`, the outside tensor is an initializer
-    of an If branch instead (the main graph's w stays inside)."""
+def _model(location: str, where: str = "graph") -> onnx.ModelProto:
+    """y = x + w, w external at `location`; `where` "branch" puts it in an If branch instead,
+    "function" in a Constant of a model-local function's body."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
-    if not in_body:
+    if where == "graph":
         graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y],
                                   [_external("w", location)])
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if where == "function":
+        body = [helper.make_node("Constant", [], ["c"], value=_external("c", location)),
+                helper.make_node("Add", ["a", "c"], ["out"])]
+        function = helper.make_function("local", "AddC", ["a"], ["out"], body, [helper.make_opsetid("", 17)])
+        graph = helper.make_graph([helper.make_node("AddC", ["x"], ["y"], domain="local")], "g", [x], [y])
+        return helper.make_model(graph, functions=[function], opset_imports=[helper.make_opsetid("", 17),
+                                                                             helper.make_opsetid("local", 1)])
     branch = helper.make_graph([helper.make_node("Identity", ["b"], ["out"])], "branch", [],
                                [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4])],
                                [_external("b", location)])
@@ -72,8 +79,9 @@ def made(tmp_path_factory):
     for name, location in cases.items():
         files[name] = folder / f"{name.replace(' ', '_')}.onnx"
         onnx.save(_model(location), str(files[name]))
-    files["in a branch"] = folder / "branch.onnx"
-    onnx.save(_model("../outer/outside.bin", in_body=True), str(files["in a branch"]))
+    for where in ("branch", "function"):
+        files[f"in a {where}"] = folder / f"{where}.onnx"
+        onnx.save(_model("../outer/outside.bin", where), str(files[f"in a {where}"]))
     files["inside link"] = folder / "inside_link.onnx"
     onnx.save(_model("inside_link.bin"), str(files["inside link"]))
     files["inside"] = folder / "inside.onnx"
@@ -115,7 +123,7 @@ def _commands(model: Path, root: Path, reference: list[str], bundle: Path) -> di
     }
 
 
-WAYS_OUT = ["climbs", "absolute", "link", "linked folder", "missing", "windows drive", "in a branch"]
+WAYS_OUT = ["climbs", "absolute", "link", "linked folder", "missing", "windows drive", "in a branch", "in a function"]
 
 
 @pytest.mark.parametrize("way", WAYS_OUT)
@@ -138,6 +146,8 @@ def test_the_line_names_the_tensor_and_its_location(made):
     assert "tensor 'w'" in line and "'../outer/outside.bin'" in line
     branch = CliRunner().invoke(main, ["inspect", str(files["in a branch"])]).stderr
     assert "tensor 'b'" in branch
+    function = CliRunner().invoke(main, ["inspect", str(files["in a function"])]).stderr
+    assert "tensor 'c'" in function
 
 
 @pytest.mark.parametrize("argv", [["inspect"], ["fuse", "-o", "{root}/fifo_fused.onnx"]], ids=["inspect", "fuse"])

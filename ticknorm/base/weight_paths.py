@@ -47,6 +47,8 @@ def _escape(location: str, folder: Path) -> str | None:
     lexical = posixpath.normpath(location.replace("\\", "/"))
     if lexical == ".." or lexical.startswith("../"):
         return "a path that climbs out of it"
+    if "\0" in location:
+        return "a name with a NUL byte (a reader in C would cut it short)"
     base = os.path.realpath(folder)
     target = os.path.realpath(folder / location)
     if os.path.commonpath([base, target]) != base:
