@@ -27,6 +27,11 @@ class OnnxFileError(TicknormError):
     """An ONNX file is missing, corrupt or cannot be written."""
 
 
+class WeightsOutsideError(OnnxFileError):
+    """An ONNX file whose external weights point outside its folder (`../x.bin`, an absolute path,
+    a link that leaves it): refused before any byte of that file is read."""
+
+
 class FusionError(TicknormError):
     """A fusion request cannot be carried out (for example the opset cannot hold the op)."""
 

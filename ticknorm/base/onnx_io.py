@@ -18,6 +18,7 @@ from ticknorm.base.atomic import check_writable
 from ticknorm.base.errors import OnnxFileError, first_line
 from ticknorm.base.graph_only import graph_bytes
 from ticknorm.base.manifest import describe, mismatch
+from ticknorm.base.weight_paths import check_inside
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of the limit.
 PROTOBUF_LIMIT = 2**31 - 2**26
@@ -35,12 +36,13 @@ def load_onnx(path, weights: bool = True) -> onnx.ModelProto:
         model = _parsed(path, weights)
     except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeError, ValueError) as exc:
         raise OnnxFileError(f"{path} is not a readable ONNX model ({first_line(exc)})") from exc
+    check_inside(model, path)  # before any weights file is looked at
     if has_external_weights(model):
         _check_weights_file(model, path)
         if weights:
             try:
                 onnx.load_external_data_for_model(model, str(path.parent))
-            except (OSError, ValueError, RuntimeError) as exc:
+            except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
                 raise OnnxFileError(f"cannot read the weights of {path} ({first_line(exc)})") from exc
     return model
 
