@@ -5,9 +5,9 @@ the statistics norms and reductions hold inside them.
 A node computes in the low type unless one of these keeps it in fp32, first reason wins:
 the user's `--keep-fp32` glob matches its module, node name or op type (see `keep`); it holds a
 subgraph or sets a type we do not lower; a float tensor it reads or writes exceeds the type's
-range; a norm's variance or a reduction's running sum would; more than `underflow_limit` of an output's nonzero values fall
-below the type's smallest normal; the ranges its norm module reached in training (a ticks file,
-`--calibration`) passed the type's largest number."""
+range; a norm's variance or a reduction's running sum would; more than `underflow_limit` of an
+output's nonzero values fall below the type's smallest normal; the ranges its norm module reached
+in training (a ticks file, `--calibration`) passed the type's largest number."""
 
 from dataclasses import replace
 
