@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+from ticknorm.base.scopes import SCOPE_KEY
 from ticknorm.cli import main
 
 TF2ONNX = ("model/dense_1/MatMul", "model/dense_1/BiasAdd", "model/softmax/Softmax")
@@ -29,13 +30,16 @@ def _classifier(names: tuple[str, ...]) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _cancelling() -> onnx.ModelProto:
-    """(x + 1e4) - 1e4: fp16 holds 1e4 + x only to 8, so the low graph loses x; no rule sees it."""
+def _cancelling(*scopes: str) -> onnx.ModelProto:
+    """(x + 1e4) - 1e4: fp16 holds 1e4 + x only to 8, so the low graph loses x; no rule sees it.
+    `scopes`: the two nodes' modules, as ticknorm's export records them."""
     big = numpy_helper.from_array(np.array(1e4, np.float32), "big")
     nodes = [helper.make_node("Add", ["x", "big"], ["shifted"], name="p2o.Add.0"),
              helper.make_node("Sub", ["shifted", "big"], ["y"], name="p2o.Sub.1")]
     graph = helper.make_graph(nodes, "cancel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])], [big])
+    for node, scope in zip(graph.node, scopes):
+        node.metadata_props.add(key=SCOPE_KEY, value=scope)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -93,3 +97,12 @@ def test_the_suggested_globs_match_nodes_of_the_graph_and_lead_to_a_pass(tmp_pat
     done = _convert(_cancelling(), tmp_path, *kept)
     assert done.exit_code == 0, done.output
     assert _computed_in(tmp_path / "out.onnx") == {"p2o.Add.0": TensorProto.FLOAT, "p2o.Sub.1": TensorProto.FLOAT}
+
+
+def test_on_a_graph_with_modules_the_suggestion_names_the_module(tmp_path):
+    failed = _convert(_cancelling("head.shift", "head.unshift"), tmp_path)
+    assert failed.exit_code == 1, failed.output
+    assert re.findall(r"--keep-fp32 (\S+)", failed.output) == ["head.unshift", "op:Sub"]
+    done = _convert(_cancelling("head.shift", "head.unshift"), tmp_path, "head.*")
+    assert done.exit_code == 0, done.output
+    assert "head.unshift [p2o.Sub.1]: --keep-fp32 head.*\n" in done.output

@@ -71,8 +71,8 @@ def convert(model: onnx.ModelProto, feeds: dict, precision: Precision, reference
         output = next(name for name in reference if failed.name.startswith(f"{name} ("))
         suggested = suggestion(typed(model).graph, lowering.low_nodes, output)
         raise AccuracyError(f"the {planned.dtype} graph disagrees with the fp32 reference on {failed.name}: "
-                            f"{failed.reason}; keep what drifts in fp32, e.g. {suggested or '--keep-fp32 GLOB'} "
-                            "(compare --per-layer names the module that drifts); nothing was written")
+                            f"{failed.reason}; keep what drifts in fp32, e.g. {suggested or '--keep-fp32 GLOB'}; "
+                            "compare --per-layer names the module that drifts; nothing was written")
     return conversion
 
 
