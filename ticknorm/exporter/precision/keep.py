@@ -18,6 +18,7 @@ from ticknorm.base.graph import node_name
 from ticknorm.base.scopes import node_scope
 
 OP_PREFIX = "op:"
+ROOT_ONLY = "(only the root module)"  # what a graph without module scopes shows for its modules
 _SHOWN = 3  # how many modules, node names and op types a refusal lists
 
 
@@ -53,7 +54,7 @@ def existing(graph: ir.Graph) -> str:
     scopes = example_scopes(graph)
     names = [node_name(node, position) for position, node in enumerate(graph)][:_SHOWN]
     types = [f"{OP_PREFIX}{op}" for op, _ in Counter(node.op_type for node in graph).most_common(_SHOWN)]
-    return (f"modules look like {_listed(scopes) or '(only the root module)'}, node names like {_listed(names)}, "
+    return (f"modules look like {_listed(scopes) or ROOT_ONLY}, node names like {_listed(names)}, "
             f"op types like {_listed(types)}")
 
 

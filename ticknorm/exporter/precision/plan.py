@@ -18,7 +18,7 @@ from ticknorm.base.graph import node_name, typed
 from ticknorm.base.precision import LARGEST, Fp32Island, Precision
 from ticknorm.base.scopes import node_scope
 from ticknorm.exporter.precision.calibration import calibrated_nodes
-from ticknorm.exporter.precision.keep import example_scopes, kept_by, refuse_unmatched
+from ticknorm.exporter.precision.keep import ROOT_ONLY, example_scopes, kept_by, refuse_unmatched
 from ticknorm.exporter.precision.measure import Measurement, measure, measurement
 
 # Ops whose float tensors are nobody's arithmetic: they take a tensor in whatever type it comes.
@@ -36,7 +36,7 @@ def plan_precision(model: onnx.ModelProto, feeds: dict, precision: Precision, we
     view = typed(model)
     graph = view.graph
     refuse_unmatched(graph, precision.keep_fp32)
-    recorded = calibrated_nodes(graph, precision, next(iter(example_scopes(graph)), "(only the root module)"))
+    recorded = calibrated_nodes(graph, precision, (example_scopes(graph) or [ROOT_ONLY])[0])
     measured = (measure(model, view, feeds, precision.dtype, weights_dir) if values is None
                 else measurement(view, values, precision.dtype))
     islands = []
