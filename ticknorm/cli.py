@@ -169,7 +169,9 @@ norm_target_options = grouped(
     _LN_TARGET, _RMS_TARGET)
 
 _KEEP_FP32 = click.option("--keep-fp32", multiple=True, metavar="GLOB",
-                          help="Keep the modules whose path matches in fp32 (repeat), e.g. 'encoder.layer.*.output'.")
+                          help="Keep in fp32 the nodes whose module path or ONNX node name matches (repeat), e.g. "
+                               "'encoder.layer.*.output' or 'model/dense_1/*'; op:GLOB matches op types, e.g. "
+                               "op:Softmax.")
 _CALIBRATION_HELP = "A ticks file recorded while the model trained (ticknorm.ticks.Recorder): {}"
 _PRECISION_OPTIONS = (
     click.option("--precision", "dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True,

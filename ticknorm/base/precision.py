@@ -41,7 +41,7 @@ class Fp32Island:
 class Precision:
     dtype: str = "fp32"  # fp32, fp16 or bf16
     io_types: str = "fp32"  # fp32: graph inputs and outputs stay fp32; low: they take the low type
-    keep_fp32: tuple[str, ...] = ()  # globs on module scopes the user keeps in fp32
+    keep_fp32: tuple[str, ...] = ()  # globs the user keeps in fp32: module scopes, node names, op:TYPE
     underflow_limit: float = 0.01  # share of a tensor's nonzero values the low type may flush to zero or subnormals
     islands: tuple[Fp32Island, ...] = ()  # measured
     # A ticks file (ticknorm.ticks.Recorder): norms whose training ranges overflow stay fp32.

@@ -13,9 +13,11 @@ import numpy as np
 import onnx
 
 from ticknorm.base.errors import AccuracyError
+from ticknorm.base.graph import typed
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.metrics import ArrayComparison, ResolvedTolerance, Tolerance, compare_arrays
 from ticknorm.base.precision import LOW_TYPES, TYPE_NAMES, Precision
+from ticknorm.exporter.precision.keep import suggestion
 from ticknorm.exporter.precision.lower import lay_out, low_array, write_emulated, write_low
 from ticknorm.exporter.precision.plan import plan_precision
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
@@ -66,9 +68,11 @@ def convert(model: onnx.ModelProto, feeds: dict, precision: Precision, reference
         conversion.checks += _judged(reference, actual, tolerance, "fp16 graph, ONNX Runtime CPU")
     failed = next((check for check in conversion.checks if not check.passed), None)
     if failed is not None:
+        output = next(name for name in reference if failed.name.startswith(f"{name} ("))
+        suggested = suggestion(typed(model).graph, lowering.low_nodes, output)
         raise AccuracyError(f"the {planned.dtype} graph disagrees with the fp32 reference on {failed.name}: "
-                            f"{failed.reason}; keep the module that drifts in fp32 with --keep-fp32 GLOB "
-                            "(compare --per-layer names it); nothing was written")
+                            f"{failed.reason}; keep what drifts in fp32, e.g. {suggested or '--keep-fp32 GLOB'}; "
+                            "compare --per-layer names the module that drifts; nothing was written")
     return conversion
 
 

@@ -3,23 +3,22 @@ run, in the spirit of ModelOpt AutoCast's data-magnitude rules, but with the typ
 the statistics norms and reductions hold inside them.
 
 A node computes in the low type unless one of these keeps it in fp32, first reason wins:
-the user's `--keep-fp32` glob matches its module; it holds a subgraph or sets a type we do not
-lower; a float tensor it reads or writes exceeds the type's range; a norm's variance or a
-reduction's running sum would; more than `underflow_limit` of an output's nonzero values fall
-below the type's smallest normal; the ranges its norm module reached in training (a ticks file,
-`--calibration`) passed the type's largest number."""
+the user's `--keep-fp32` glob matches its module, node name or op type (see `keep`); it holds a
+subgraph or sets a type we do not lower; a float tensor it reads or writes exceeds the type's
+range; a norm's variance or a reduction's running sum would; more than `underflow_limit` of an
+output's nonzero values fall below the type's smallest normal; the ranges its norm module reached
+in training (a ticks file, `--calibration`) passed the type's largest number."""
 
-import fnmatch
 from dataclasses import replace
 
 import onnx
 import onnx_ir as ir
 
-from ticknorm.base.errors import InputSpecError
 from ticknorm.base.graph import node_name, typed
 from ticknorm.base.precision import LARGEST, Fp32Island, Precision
 from ticknorm.base.scopes import node_scope
 from ticknorm.exporter.precision.calibration import calibrated_nodes
+from ticknorm.exporter.precision.keep import ROOT_ONLY, example_scopes, kept_by, refuse_unmatched
 from ticknorm.exporter.precision.measure import Measurement, measure, measurement
 
 # Ops whose float tensors are nobody's arithmetic: they take a tensor in whatever type it comes.
@@ -36,12 +35,8 @@ def plan_precision(model: onnx.ModelProto, feeds: dict, precision: Precision, we
         return precision
     view = typed(model)
     graph = view.graph
-    scopes = [node_scope(node) for node in graph]
-    unmatched = [glob for glob in precision.keep_fp32 if not any(fnmatch.fnmatchcase(s, glob) for s in scopes)]
-    if unmatched:
-        raise InputSpecError(f"--keep-fp32 '{unmatched[0]}' matches no module of the graph (modules look like "
-                             f"'{_example_scope(graph)}')")
-    recorded = calibrated_nodes(graph, precision, _example_scope(graph))
+    refuse_unmatched(graph, precision.keep_fp32)
+    recorded = calibrated_nodes(graph, precision, (example_scopes(graph) or [ROOT_ONLY])[0])
     measured = (measure(model, view, feeds, precision.dtype, weights_dir) if values is None
                 else measurement(view, values, precision.dtype))
     islands = []
@@ -64,9 +59,9 @@ def arithmetic(node: ir.Node) -> bool:
 
 def _reason(graph: ir.Graph, node: ir.Node, position: int, measured: Measurement, precision: Precision) -> str:
     dtype, largest = precision.dtype, LARGEST[precision.dtype]
-    matched = next((glob for glob in precision.keep_fp32 if fnmatch.fnmatchcase(node_scope(node), glob)), None)
+    matched = kept_by(precision.keep_fp32, node, position)
     if matched:
-        return f"--keep-fp32 {matched}"
+        return matched
     if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
         return "holds a subgraph (kept as exported)"
     typed_by = {"to", "dtype", "value"} & set(node.attributes)
@@ -87,7 +82,3 @@ def _reason(graph: ir.Graph, node: ir.Node, position: int, measured: Measurement
             return f"{found.underflow:.1%} of {name}'s nonzero values underflow {dtype}"
     return ""
 
-
-def _example_scope(graph: ir.Graph) -> str:
-    scopes = sorted({node_scope(node) for node in graph} - {""}, key=lambda s: (-s.count("."), s))
-    return scopes[0] if scopes else "(only the root module)"
