@@ -257,24 +257,62 @@ def graph_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
 
 
 def index_ranges(model: onnx.ModelProto) -> dict[str, int]:
-    """Integer inputs used as Gather indices into a weight table: input -> rows in that table, so
-    random token ids stay inside the vocabulary. Follows Cast/Reshape/Unsqueeze/Squeeze/Flatten."""
-    initializers = {t.name: t for t in model.graph.initializer}
+    """Integer inputs that index something of a fixed size: input -> how many valid indices (the
+    rows of a Gather's table, on its axis; a OneHot's depth; the smallest when it indexes several),
+    so random ids stay inside the vocabulary: ids of [0, 2) leave most of an embedding unmeasured.
+    Follows Cast/Identity/Reshape/Unsqueeze/Squeeze/Flatten on the way, and back from a table to
+    the initializer or Constant it is cast from. Masks (a name holding "mask") stay 0/1."""
+    graph = model.graph
+    tensors = {t.name: t for t in graph.initializer}
+    tensors.update({node.output[0]: attribute.t for node in graph.node if node.op_type == "Constant"
+                    for attribute in node.attribute if attribute.name == "value"})
+    producers = {output: node for node in graph.node for output in node.output}
     readers: dict[str, list] = {}
-    for node in model.graph.node:
+    for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     ranges: dict[str, int] = {}
     for value in graph_inputs(model):
-        frontier, seen = [value.name], set()
-        while frontier:
-            name = frontier.pop()
-            seen.add(name)
-            for node in readers.get(name, []):
-                if (node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name
-                        and node.input[0] in initializers):
-                    rows = initializers[node.input[0]].dims[0]
-                    ranges[value.name] = min(ranges.get(value.name, rows), rows)
-                elif node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten") and node.input[0] == name:
-                    frontier.extend(o for o in node.output if o not in seen)
+        if "mask" in value.name.lower():
+            continue
+        bounds = [bound for name in _carried(value.name, readers) for node in readers.get(name, [])
+                  if (bound := _index_bound(node, name, tensors, producers) or 0) > 0]
+        if bounds:
+            ranges[value.name] = min(bounds)
     return ranges
+
+
+_CARRIES = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten")  # values pass through unchanged
+
+
+def _carried(name: str, readers: dict[str, list]) -> list[str]:
+    """`name` and every value that holds its numbers unchanged."""
+    found, frontier = [], [name]
+    while frontier:
+        current = frontier.pop()
+        found.append(current)
+        frontier.extend(output for node in readers.get(current, []) if node.op_type in _CARRIES
+                        and node.input[0] == current for output in node.output
+                        if output not in found and output not in frontier)
+    return found
+
+
+def _index_bound(node: onnx.NodeProto, name: str, tensors: dict, producers: dict) -> int | None:
+    """How many indices `node` takes where `name` is its index operand; None when it does not say."""
+    if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
+        table = _constant(node.input[0], tensors, producers)
+        if table is not None and table.dims:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            return table.dims[axis % len(table.dims)]
+    if node.op_type == "OneHot" and node.input[0] == name and len(node.input) > 1:
+        depth = _constant(node.input[1], tensors, producers)
+        if depth is not None and depth.data_location != onnx.TensorProto.EXTERNAL:
+            return int(onnx.numpy_helper.to_array(depth).reshape(-1)[0])
+    return None
+
+
+def _constant(name: str, tensors: dict, producers: dict) -> onnx.TensorProto | None:
+    """The initializer or Constant `name` holds, through the Casts and Identities on the way."""
+    while name not in tensors and name in producers and producers[name].op_type in ("Cast", "Identity"):
+        name = producers[name].input[0]
+    return tensors.get(name)
