@@ -113,7 +113,7 @@ def convert(source, output, precision: Precision, inputs=None, report=None, prog
     own = Precision.of_graph(model)
     if own.low:
         raise InputSpecError(f"the graph is already {own.dtype}; convert its fp32 export")
-    feeds = _given_feeds(inputs, model) or feed_sets_for_graph(model)[0]
+    feeds = _given_feeds(inputs, model) or feed_sets_for_graph(model, _seed(inputs))[0]
     progress.step(f"measuring the fp32 run, converting to {precision.dtype} and checking it")
     conversion = convert_graph(model, feeds, precision)
     save_onnx(conversion.model, output)
@@ -265,7 +265,7 @@ def trtexec_line(source, inputs=None, prefix: str = "trtexec") -> str:
     if plugin_nodes(model):
         raise InputSpecError("the graph holds ticknorm::LayerNorm plugin nodes, which trtexec cannot load (the plugin "
                              "is registered from Python); export with --ln-target native for trtexec")
-    feeds = _given_feeds(inputs, model) or feed_sets_for_graph(model)[0]
+    feeds = _given_feeds(inputs, model) or feed_sets_for_graph(model, _seed(inputs))[0]
     shapes = profile_for(model, graph_feeds(model, feeds))
     line = ["trtexec", f"--onnx={_name(source)}", "--stronglyTyped"]
     if any(low != high for low, _, high in shapes.values()):
