@@ -44,7 +44,8 @@ def measurement(view: ir.Model, values: dict[str, np.ndarray], dtype: str) -> Me
     """The ranges and statistics of an fp32 run's float tensors (`values`: name -> array, from one
     session or from a graph run piece by piece)."""
     floats = fetched(view)
-    bad = [name for name in floats if name in values and not np.all(np.isfinite(values[name]))]
+    outputs = {value.name for value in view.graph.outputs}
+    bad = [name for name in floats if name in values and _unusable(values[name], name in outputs)]
     if bad:
         raise InputSpecError(f"the fp32 run already holds NaN or Inf (first in '{bad[0]}') on these inputs: there "
                              "is no reference to choose a precision from")
@@ -75,8 +76,19 @@ def fetched(view: ir.Model) -> list[str]:
             if name is not None and value.dtype == ir.DataType.FLOAT and name not in graph.initializers]
 
 
+def _unusable(array: np.ndarray, output: bool) -> bool:
+    """Whether an fp32 run's tensor leaves no reference: NaN anywhere, or an infinity in a graph
+    output. An infinity inside the graph is a mask by design (`Where(mask, 0, -inf)` before a
+    Softmax, whose outputs are finite), not a fault of the inputs."""
+    return bool(np.isnan(array).any() or (output and np.isinf(array).any()))
+
+
 def _range(array: np.ndarray, smallest: float) -> TensorRange:
+    """The range of the finite values: an infinity (a mask's -inf) is held exactly by fp16 and bf16,
+    so it is no reason to keep a tensor in fp32; a mask at float32's lowest finite value is (it
+    exceeds fp16's range), and keeps its readers in fp32."""
     magnitude = np.abs(array.astype(np.float64)).reshape(-1)
+    magnitude = magnitude[np.isfinite(magnitude)]
     nonzero = magnitude[magnitude > 0]
     underflow = float(np.mean(nonzero < smallest)) if nonzero.size else 0.0
     return TensorRange(float(magnitude.max()) if magnitude.size else 0.0, underflow)
