@@ -1,5 +1,5 @@
 """The fp32 reference run the precision policy is measured on: every float tensor of the graph,
-its largest magnitude and the share of its values the low type cannot hold as normal numbers, and
+its largest finite magnitude and the share of its values the low type cannot hold as normal numbers, and
 the statistics norms and reductions compute inside themselves (a variance can overflow fp16
 although every input fits: |x| > 256 already gives x^2 > 65504)."""
 
