@@ -96,7 +96,8 @@ def test_per_layer_says_in_one_line_that_no_module_maps(tmp_path):
         def build():
             return Net()
     """))
-    result = CliRunner().invoke(main, ["compare", str(tmp_path / "flat.onnx"), "--model", f"{tmp_path / 'net.py'}:build",
+    model = f"{tmp_path / 'net.py'}:build"
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "flat.onnx"), "--model", model,
                                        "--input", "x:2x4:float32", "--per-layer"])
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if line.startswith("--per-layer:")]
