@@ -41,8 +41,10 @@ def set_scope(node: onnx.NodeProto, scope: str) -> None:
 
 
 def scope_from_exporter(node: onnx.NodeProto, module_paths: frozenset[str] = frozenset()) -> str | None:
-    """The module path the exporter recorded, or None when it recorded none (see `exporter_scope`)."""
-    return exporter_scope(node.name, {prop.key: prop.value for prop in node.metadata_props}, module_paths)
+    """The module path the exporter recorded, or None when it recorded none (see `exporter_scope`);
+    a Paddle2ONNX node's from the tensor it makes when its name carries no layer."""
+    found = exporter_scope(node.name, {prop.key: prop.value for prop in node.metadata_props}, module_paths)
+    return found if found is not None else _paddle_scope(node)
 
 
 def exporter_scope(name: str, metadata: Mapping[str, str], module_paths: frozenset[str] = frozenset()) -> str | None:
@@ -50,7 +52,9 @@ def exporter_scope(name: str, metadata: Mapping[str, str], module_paths: frozens
 
     dynamo: `pkg.torch.onnx.name_scopes` lists cumulative paths, the last entry being the FX node
     (`['', 'layers.0', 'layers.0.ln', 'layer_norm']`). TorchScript: the node name is the module
-    path with `/` separators, the last part being the op (`/layers.0/ln/ReduceMean`).
+    path with `/` separators, the last part being the op (`/layers.0/ln/ReduceMean`). tf2onnx: the
+    Keras layer path, unrooted, under the function that called it
+    (`StatefulPartitionedCall/model/dense_1/MatMul` -> `model.dense_1`).
     """
     if _DYNAMO_KEY in metadata:
         try:
@@ -63,6 +67,8 @@ def exporter_scope(name: str, metadata: Mapping[str, str], module_paths: frozens
         return candidates[0] if candidates else ""
     if name.startswith("/"):
         return _resolve_torchscript(_module_parts(name), module_paths)
+    if _is_tf_name(name):
+        return _resolve_torchscript(_tf_parts(name), module_paths)
     return None
 
 
@@ -76,15 +82,55 @@ def _module_parts(name: str) -> list[str]:
     return _ORT_FUSIONS.sub("", name).split("/")[1:-1]
 
 
+# tf2onnx: the functions a SavedModel's graph runs in (left off), and the name scopes TensorFlow's
+# own ops open inside a layer (`LayerNorm_0/moments/mean`, `bn/batchnorm/add`): no Keras layer.
+_TF_CALLS = re.compile(r"^((Stateful)?PartitionedCall(_\d+)?/)+")
+_TF_OP_SCOPES = frozenset({"moments", "batchnorm", "Tensordot", "einsum", "Reshape", "transpose", "strided_slice"})
+
+
+def _is_tf_name(name: str) -> bool:
+    return "/" in name and not name.startswith("/") and ":" not in name
+
+
+def _tf_parts(name: str) -> list[str]:
+    """A tf2onnx node name's layer levels: the calling functions, the op, and TensorFlow's own
+    name scopes after the innermost layer off."""
+    parts = _TF_CALLS.sub("", _ORT_FUSIONS.sub("", name)).split("/")[:-1]
+    while parts and parts[-1] in _TF_OP_SCOPES:
+        parts.pop()
+    return parts
+
+
+# Paddle2ONNX: nodes are named by op and counter (`p2o.LayerNorm.3`), the tensors a layer makes by
+# the layer's unique name (`linear_3.tmp_0`, `layer_norm_2.tmp_1`), which is the better scope.
+_PADDLE_NODE = re.compile(r"^p2o\.([A-Za-z0-9_]+)\.(\d+)$")
+_PADDLE_TENSOR = re.compile(r"^([A-Za-z0-9_]+_\d+)\.tmp_\d+$")
+
+
+def _paddle_scope(node: onnx.NodeProto) -> str | None:
+    """The Paddle layer that made the node's first output (`linear_3`), else the node's own op
+    and counter (`p2o.LayerNorm.3` -> `LayerNorm.3`), else None."""
+    tensor = _PADDLE_TENSOR.match(node.output[0]) if node.output else None
+    if tensor:
+        return tensor.group(1)
+    named = _PADDLE_NODE.match(node.name)
+    return f"{named.group(1)}.{named.group(2)}" if named else None
+
+
 def _resolve_torchscript(parts: list[str], module_paths: frozenset[str]) -> str:
     """TorchScript names each level by a path that is sometimes relative to its parent
     (`layers.0/attention`), sometimes already full (`layers.0/layers.0.0`), and skips modules
     whose forward was never called (`norm` for `block.norm`). Resolve each level against the
-    model's real module paths; without them, join the parts."""
+    model's real module paths, leading levels that name no module (a wrapper the file was
+    exported through: `/m/encoder/...` for a model whose module is `encoder`) left off; without
+    them, join the parts."""
+    parts = [p for p in parts if p]
     if not module_paths:
-        return ".".join(part for part in parts if part)
+        return ".".join(parts)
+    while parts and not _names_module(parts[0], module_paths):
+        parts = parts[1:]
     path = ""
-    for part in (p for p in parts if p):
+    for part in parts:
         joined = f"{path}.{part}" if path else part
         if joined in module_paths:
             path = joined
@@ -96,16 +142,52 @@ def _resolve_torchscript(parts: list[str], module_paths: frozenset[str]) -> str:
     return path
 
 
+def _names_module(part: str, module_paths: frozenset[str]) -> bool:
+    return part in module_paths or any(m.endswith("." + part) for m in module_paths)
+
+
 def annotate_scopes(model: onnx.ModelProto, module_paths=()) -> None:
     """Give every node a `ticknorm.scope`, inside If/Loop/Scan bodies too: from the exporter where
     it said one, else borrowed from the node's first reader (constants and shape helpers serve the
     module that reads them), else from its producer, else (in a body) the node holding the body's,
     else the root module ''. `module_paths` (from `named_modules()`) lets TorchScript's partial
-    names be resolved to full module paths."""
+    names be resolved to full module paths. Without them, the Keras model's own name that roots
+    every tf2onnx name (`model/...`) is left off: it is the root, not a layer."""
     module_paths = frozenset(module_paths)
+    fresh = [node for node in all_nodes(model.graph) if get_scope(node) is None]
     _annotate(list(model.graph.node), module_paths, "")
     for holder, body in bodies(model.graph):  # outermost first: a holder has its scope before its body
         _annotate(list(body.node), module_paths, get_scope(holder) or "")
+    root = None if module_paths else _tf_root(fresh)
+    if root:
+        for node in fresh:
+            scope = get_scope(node) or ""
+            set_scope(node, "" if scope == root else scope.removeprefix(root + "."))
+
+
+def _tf_root(nodes: list[onnx.NodeProto]) -> str | None:
+    """The first level every tf2onnx-named node shares (the Keras model's name), or None: leaving
+    it off merges no two layers."""
+    roots = {(_tf_parts(node.name) or [""])[0] for node in nodes if _is_tf_name(node.name)}
+    return roots.pop() if len(roots) == 1 and "" not in roots else None
+
+
+def fit_scopes(model: onnx.ModelProto, module_paths) -> None:
+    """Move the scopes a file's names gave without the PyTorch model (`ensure_scopes`) onto the
+    model's real module paths once it is known: each scope that is no module path becomes what
+    its nodes' names resolve to against them (a wrapper prefix left off), where that is one."""
+    paths = frozenset(module_paths)
+    moved: dict[str, str] = {}
+    for node in all_nodes(model.graph):
+        scope = get_scope(node)
+        if scope and scope not in paths:
+            found = scope_from_exporter(node, paths)
+            if found is not None and found in paths:
+                moved.setdefault(scope, found)
+    for node in all_nodes(model.graph):
+        scope = get_scope(node)
+        if scope in moved:
+            set_scope(node, moved[scope])
 
 
 def _annotate(nodes: list[onnx.NodeProto], module_paths: frozenset[str], fallback: str) -> None:
@@ -147,8 +229,10 @@ def common_scope(scopes) -> str:
 # Where a node's module comes from, most trusted first: ticknorm's own record (resolved against the
 # model's module paths at export), the dynamo exporter's name scopes, a TorchScript-style node name
 # (`/model/layers.1/input_layernorm/Mul` -> `model.layers.1.input_layernorm`, what Optimum's and
-# most hand-made exports carry). Nodes none of them names borrow a neighbour's (see annotate_scopes).
-SCOPE_SOURCES = ("ticknorm", "dynamo name scopes", "torchscript node names")
+# most hand-made exports carry), a tf2onnx node name (`model/layer_0/LayerNorm_0/moments/mean` ->
+# `layer_0.LayerNorm_0`), Paddle2ONNX's tensor or node names (`linear_3.tmp_0` -> `linear_3`,
+# `p2o.LayerNorm.3` -> `LayerNorm.3`). Nodes none of them names borrow a neighbour's (see annotate_scopes).
+SCOPE_SOURCES = ("ticknorm", "dynamo name scopes", "torchscript node names", "tf2onnx names", "paddle names")
 
 
 def scope_source(node: onnx.NodeProto) -> str | None:
@@ -156,9 +240,11 @@ def scope_source(node: onnx.NodeProto) -> str | None:
         return SCOPE_SOURCES[0]
     if any(prop.key == _DYNAMO_KEY for prop in node.metadata_props):
         return SCOPE_SOURCES[1]
-    if node.name.startswith("/") and any(_module_parts(node.name)):
-        return SCOPE_SOURCES[2]
-    return None
+    if node.name.startswith("/"):
+        return SCOPE_SOURCES[2] if any(_module_parts(node.name)) else None
+    if _is_tf_name(node.name):
+        return SCOPE_SOURCES[3] if any(_tf_parts(node.name)) else None
+    return SCOPE_SOURCES[4] if _paddle_scope(node) is not None else None
 
 
 def scope_sources(model: onnx.ModelProto) -> dict[str, int]:
@@ -176,6 +262,14 @@ def scope_coverage(model: onnx.ModelProto) -> float:
     before neighbours lend theirs."""
     nodes = [node for node in all_nodes(model.graph) if node.op_type not in NON_COMPUTING]
     return sum(scope_source(n) is not None for n in nodes) / len(nodes) if len(nodes) else 1.0
+
+
+def module_coverage(model: onnx.ModelProto, module_paths) -> float:
+    """Fraction of the nodes that compute whose scope is one of the model's modules below the
+    root: what per-module rows can be drawn from."""
+    paths = frozenset(module_paths) - {""}
+    nodes = [node for node in all_nodes(model.graph) if node.op_type not in NON_COMPUTING]
+    return sum(get_scope(n) in paths for n in nodes) / len(nodes) if nodes else 0.0
 
 
 def ensure_scopes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -15,7 +15,7 @@ from ticknorm.base.errors import InputSpecError
 from ticknorm.base.run_results import SavedReference, saved_outputs
 from ticknorm.base.inputs import as_feed_sets, graph_feeds
 from ticknorm.base.metrics import ArrayComparison, ResolvedTolerance, Tolerance, compare_arrays, ensure_finite
-from ticknorm.base.scopes import LayerSelection, module_output_tensors
+from ticknorm.base.scopes import LayerSelection, fit_scopes, module_coverage, module_output_tensors
 from ticknorm.base.text_table import render
 from ticknorm.base.precision import TYPE_NAMES, Fp32Island
 from ticknorm.runtime.registry import RunnerSetup, judged_precision, make_runner
@@ -44,6 +44,7 @@ class CompareReport:
     fp32_islands: dict[str, list[Fp32Island]] = field(default_factory=dict)  # by low type: its targets kept in fp32
     tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)  # by runtime: (atol, rtol) judged at
     reference: str = "torch"  # what the final outputs were judged against
+    layers_note: str = ""  # why per-module rows were asked for and there are none
 
     @property
     def passed(self) -> bool:
@@ -72,6 +73,8 @@ class CompareReport:
                 warning = "  WARNING: tapped numbers may not be what an untapped run computes"
                 flag = warning if effect > TAP_EFFECT_LIMIT else ""
                 lines.append(f"{runtime}: tapping moved the final outputs by at most {effect:.3g}{flag}")
+        elif self.layers_note:
+            lines.append(self.layers_note)
         lines.append("PASS" if self.passed else "FAIL")
         return "\n".join(lines)
 
@@ -100,11 +103,7 @@ def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup
     tolerance = tolerance or Tolerance()
     feed_sets = as_feed_sets(feeds)
     output_names = [o.name for o in model.graph.output]
-    modules: list[str] = []
-    if layers:
-        if setup.module is None:
-            raise InputSpecError("per-module comparison taps the PyTorch model: give --model")
-        modules = layers.modules(model, (name for name, _ in setup.module.named_modules()))
+    modules, layers_note = _tapped_modules(model, setup, layers) if layers else ([], "")
     runners = {runtime: make_runner(runtime, model, setup) for runtime in runtimes}
     for runner in runners.values():
         runner.check_available()  # an unavailable runtime fails here, before any work, with its reason
@@ -119,7 +118,7 @@ def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup
     for outputs in references:
         ensure_finite(outputs, "the PyTorch reference" if saved is None else saved.label)
     own = module_precision(setup.module) if saved is None else "fp32"
-    report = CompareReport(reference=saved.label if saved else reference_label(own))
+    report = CompareReport(reference=saved.label if saved else reference_label(own), layers_note=layers_note)
     for runtime, runner in runners.items():
         progress(f"running {runtime}")
         runtime_sets = feed_sets if isinstance(runner, TorchRunner) else [graph_feeds(model, f) for f in feed_sets]
@@ -138,6 +137,24 @@ def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup
             report.tap_effect[runtime] = largest_difference(plain[0], tapped.outputs)
             _compare_layers(report, runtime, module_output_tensors(model), (taps, tapped.taps, others), judged)
     return report
+
+
+# Said instead of an empty per-module section, so a graph that names no module does not pass silently.
+NO_MODULE_NOTE = ("--per-layer: no node of the graph maps to a module (scope coverage {:.0%}): per-module rows need "
+                  "module scopes, TorchScript-style node names, dynamo name scopes, or tf2onnx or Paddle2ONNX names "
+                  "that name the model's modules")
+
+
+def _tapped_modules(model: onnx.ModelProto, setup: RunnerSetup, layers: LayerSelection) -> tuple[list[str], str]:
+    """The modules to tap, the graph's scopes first moved onto the model's module paths (a file
+    exported through a wrapper), and the line that says why there are none when no node maps."""
+    if setup.module is None:
+        raise InputSpecError("per-module comparison taps the PyTorch model: give --model")
+    paths = [name for name, _ in setup.module.named_modules()]
+    fit_scopes(model, paths)
+    modules = layers.modules(model, paths)
+    coverage = module_coverage(model, paths)
+    return modules, NO_MODULE_NOTE.format(coverage) if not modules and not coverage else ""
 
 
 def reference_label(precision: str) -> str:
