@@ -20,8 +20,9 @@ import onnx_ir as ir
 from onnxscript.rewriter.pattern import MatchResult, PatternBase
 
 from ticknorm.exporter.fusion.norms import Finding, NormRefusal, NotFused, complete_match, layout_of, refusal
-from ticknorm.exporter.fusion.spellings import (DIVISIONS, divided, epsilon, inverse_problem, mean, mean_of,
-                                                reduces, root, square, square_problem, tail_problem)
+from ticknorm.exporter.fusion.spellings import (DIVISIONS, divided, epsilon, floored, inverse_problem, mean, mean_of,
+                                                moments_problem, reduces, root, square, square_problem, squared_mean,
+                                                tail_problem)
 from ticknorm.exporter.fusion.values import NodeNames, producer, readers
 
 
@@ -73,6 +74,22 @@ class LayerNormRule(_NormRule):
         return mean_of(bindings["center"]).axes
 
 
+class MomentsLayerNormRule(LayerNormRule):
+    """LayerNorm with the variance taken as E[x^2] - E[x]^2 (Flax/JAX), maybe clamped at 0. The fused
+    LayerNormalization centers first: the two differ by rounding, which verification judges."""
+
+    def pattern(self, op, x):
+        centered = op.Sub(x, mean(op, x, "center"), _outputs=["centered"])
+        spread = op.Sub(mean(op, square(op, x), "variance"), squared_mean(op, mean(op, x, "center_v")))
+        return divided(op, centered, root(op, floored(op, spread)), self.division)
+
+    def check(self, context, x, center, center_v, variance, **bound):  # type: ignore[override]  # as LayerNormRule
+        problem = moments_problem(bound, x)
+        if problem:
+            raise NotFused(problem, mean_of(center).nodes[0], context.nodes)
+        return super().check(context, x, center, center_v, variance, **bound)
+
+
 class RMSNormRule(_NormRule):
     kind = "RMSNorm"
 
@@ -97,7 +114,8 @@ class RMSNormRule(_NormRule):
 
 # Which rules may match at a node, by how it divides: most nodes are no division by a root, and
 # asking every rule at every node cost fusion a 96-layer encoder's time again.
-_RULES_AT = {division: [LayerNormRule(division), RMSNormRule(division)] for division in DIVISIONS}
+_RULES_AT = {division: [LayerNormRule(division), MomentsLayerNormRule(division), RMSNormRule(division)]
+             for division in DIVISIONS}
 _ROOTS = ("Sqrt", "Add")
 
 

@@ -1,0 +1,62 @@
+"""Issue 29's spellings from other frameworks, each on a small hand-built graph fused and checked
+in ONNX Runtime like those of test_fusion_spellings: Flax/JAX's variance as E[x^2] - E[x]^2, and
+a scale and bias reached through an Identity."""
+
+import numpy as np
+import pytest
+
+from conftest import op_types, ort_run
+from test_fusion_spellings import (CONSTANTS, EPS, _const, _divide, _x, attribute, fused, fused_node, layer_norm,
+                                   model, node, reduce, reference_ln, refused, statuses)
+
+
+def flax_layer_norm(square="mul", mean_square="mul", clamp=True, divide="reciprocal"):
+    """flax.linen.LayerNorm as jax2onnx/tf2onnx write it: var = max(E[x^2] - E[x]^2, 0)."""
+    CONSTANTS["zero"] = _const("zero", 0.0)
+    nodes = reduce("ReduceMean", "x", "mean")
+    nodes += [node("Mul", ["x", "x"], "xx")] if square == "mul" else [node("Pow", ["x", "two"], "xx")]
+    nodes += reduce("ReduceMean", "xx", "mean2")
+    nodes += [node("Mul", ["mean", "mean"], "mm")] if mean_square == "mul" else [node("Pow", ["mean", "two"], "mm")]
+    nodes += [node("Sub", ["mean2", "mm"], "var0")]
+    nodes += [node("Max", ["var0", "zero"], "var")] if clamp else [node("Identity", ["var0"], "var")]
+    nodes += [node("Sub", ["x", "mean"], "d"), node("Add", ["var", "eps"], "ve"), node("Sqrt", ["ve"], "std")]
+    return nodes + _divide(divide, "d", "std", "normed") + [
+        node("Mul", ["normed", "scale"], "scaled"), node("Add", ["scaled", "bias"], "y")]
+
+
+FLAX_SPELLINGS = {
+    "mul-mul-max-reciprocal": {},
+    "pow-pow-max-div": {"square": "pow", "mean_square": "pow", "divide": "div"},
+    "no-clamp-one-div": {"clamp": False, "divide": "one-div"},
+}
+
+
+@pytest.mark.parametrize("spelling", FLAX_SPELLINGS.values(), ids=FLAX_SPELLINGS.keys())
+def test_flax_variance_as_mean_square_minus_squared_mean_is_one_layer_norm(spelling):
+    nodes = flax_layer_norm(**spelling)
+    if not spelling.get("clamp", True):  # no Identity either: the Sub feeds the epsilon's Add
+        nodes = [n for n in nodes if n.op_type != "Identity"]
+        nodes[[n.output[0] for n in nodes].index("ve")].input[0] = "var0"
+    result = fused(model(nodes))
+    assert statuses(result) == [("LayerNorm", "fused")] and op_types(result.model) == ["LayerNormalization"]
+    assert attribute(fused_node(result), "epsilon") == pytest.approx(EPS)
+    assert len(fused_node(result).input) == 3  # the scale and bias went inside
+    np.testing.assert_allclose(ort_run(result.model, {"x": _x()})["y"], reference_ln(_x()), atol=1e-5)
+
+
+def test_a_flax_variance_clamped_at_something_other_than_zero_is_refused():
+    CONSTANTS["floor"] = _const("floor", 0.5)
+    nodes = flax_layer_norm()
+    nodes[[n.output[0] for n in nodes].index("var")].input[1] = "floor"
+    assert refused(model(nodes)) == [("LayerNorm", "refused", "the variance is clamped at something other than 0")]
+
+
+def test_scale_and_bias_behind_an_identity_are_absorbed():
+    """Issue 29: an Identity between the initializer and the Mul/Add (values.constant follows it)."""
+    nodes = [node("Identity", ["scale"], "scale_i"), node("Identity", ["bias"], "bias_i"), *layer_norm()]
+    for n in nodes:
+        n.input[:] = [{"scale": "scale_i", "bias": "bias_i"}.get(i, i) if n.op_type != "Identity" else i
+                      for i in n.input]
+    result = fused(model(nodes))
+    assert op_types(result.model) == ["LayerNormalization"] and len(fused_node(result).input) == 3
+    np.testing.assert_allclose(ort_run(result.model, {"x": _x()})["y"], reference_ln(_x()), atol=1e-5)
