@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import op_types, ort_run
-from test_fusion_spellings import (CONSTANTS, EPS, _const, _divide, _x, attribute, fused, fused_node, layer_norm,
-                                   model, node, reduce, reference_ln, refused, statuses)
+from test_fusion_spellings import (BIAS, CONSTANTS, EPS, SCALE, _const, _divide, _x, attribute, fused, fused_node,
+                                   layer_norm, model, node, reduce, reference_ln, refused, statuses)
 
 
 def flax_layer_norm(square="mul", mean_square="mul", clamp=True, divide="reciprocal"):
@@ -60,3 +60,31 @@ def test_scale_and_bias_behind_an_identity_are_absorbed():
     result = fused(model(nodes))
     assert op_types(result.model) == ["LayerNormalization"] and len(fused_node(result).input) == 3
     np.testing.assert_allclose(ort_run(result.model, {"x": _x()})["y"], reference_ln(_x()), atol=1e-5)
+
+
+def keras_layer_norm(gamma=True, orders=False):
+    """tf.keras LayerNormalization through tf.nn.batch_normalization, as tf2onnx writes it: the
+    scale and bias folded into x * g + (beta - mean * g), g = gamma * rsqrt(var + eps)."""
+    # StopGradient(mean) is an Identity that tf2onnx's optimizer removes
+    nodes = reduce("ReduceMean", "x", "mean") + [node("Sub", ["x", "mean"], "d"), node("Mul", ["d", "d"], "sq")]
+    nodes += reduce("ReduceMean", "sq", "var") + [node("Add", ["var", "eps"], "ve"), node("Sqrt", ["ve"], "std"),
+                                                  node("Reciprocal", ["std"], "inv" if gamma else "g")]
+    nodes += [node("Mul", ["scale", "inv"] if orders else ["inv", "scale"], "g")] if gamma else []
+    return nodes + [node("Mul", ["g", "x"] if orders else ["x", "g"], "xg"), node("Mul", ["mean", "g"], "mg"),
+                    node("Sub", ["bias", "mg"], "off"), node("Add", ["off", "xg"] if orders else ["xg", "off"], "y")]
+
+
+@pytest.mark.parametrize("spelling", [{}, {"orders": True}, {"gamma": False}], ids=["tf2onnx", "swapped", "no-gamma"])
+def test_keras_folded_scale_and_offset_are_one_layer_norm(spelling):
+    result = fused(model(keras_layer_norm(**spelling)))
+    assert statuses(result) == [("LayerNorm", "fused")] and op_types(result.model) == ["LayerNormalization"]
+    expected = reference_ln(_x(), scale=SCALE if spelling.get("gamma", True) else 1.0)
+    np.testing.assert_allclose(ort_run(result.model, {"x": _x()})["y"], expected, atol=1e-5)
+
+
+def test_a_scale_after_the_folded_offset_is_composed_into_the_fused_one():
+    nodes = keras_layer_norm()
+    nodes[-1] = node("Add", ["xg", "off"], "y0")
+    result = fused(model(nodes + [node("Mul", ["y0", "scale"], "y1"), node("Add", ["y1", "bias"], "y")]))
+    assert op_types(result.model) == ["LayerNormalization"]
+    np.testing.assert_allclose(ort_run(result.model, {"x": _x()})["y"], reference_ln(_x()) * SCALE + BIAS, atol=1e-5)

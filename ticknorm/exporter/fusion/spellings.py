@@ -79,6 +79,21 @@ def inverse(op, value):
     return OrValue([one, op.Mul(one, Var("one_more")), op.Mul(Var("one_more"), one)])
 
 
+def either(op_type: str, op, a, b):
+    """a op b or b op a: a commutative node with its operands in either order."""
+    return OrValue([getattr(op, op_type)(a, b), getattr(op, op_type)(b, a)])
+
+
+def folded(op, x, center, root_value, offset_first: bool):
+    """x * g + (beta - mean * g) with g = gamma / root (TF/Keras's batch_normalization): the scale
+    and bias folded into one factor and one offset; gamma is optional, bound to `gamma` and `beta`.
+    The Add's order is the caller's: onnxscript matches no pattern whose output is an `OrValue`."""
+    inverted = OrValue([op.Reciprocal(root_value), op.Div(Var("one"), root_value)])
+    factor = OrValue([either("Mul", op, inverted, Var("gamma")), inverted])
+    terms = [either("Mul", op, x, factor), op.Sub(Var("beta"), either("Mul", op, center, factor))]
+    return op.Add(*terms[::-1] if offset_first else terms)
+
+
 def divided(op, numerator, denominator, spelling: str):
     """numerator / denominator as `Div`, or as `Mul` by its inverse on either side."""
     if spelling == "div":
