@@ -4,6 +4,7 @@ a scale and bias reached through an Identity."""
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
 from conftest import op_types, ort_run
 from test_fusion_spellings import (BIAS, CONSTANTS, EPS, SCALE, _const, _divide, _x, attribute, fused, fused_node,
@@ -88,3 +89,12 @@ def test_a_scale_after_the_folded_offset_is_composed_into_the_fused_one():
     result = fused(model(nodes + [node("Mul", ["y0", "scale"], "y1"), node("Add", ["y1", "bias"], "y")]))
     assert op_types(result.model) == ["LayerNormalization"]
     np.testing.assert_allclose(ort_run(result.model, {"x": _x()})["y"], reference_ln(_x()) * SCALE + BIAS, atol=1e-5)
+
+
+def test_a_folded_scale_that_is_fed_is_refused():
+    nodes = keras_layer_norm()
+    nodes[[n.output[0] for n in nodes].index("g")].input[:] = ["inv", "scale_in"]
+    fed = helper.make_tensor_value_info("scale_in", TensorProto.FLOAT, [8])
+    feeds = {"x": _x(), "scale_in": SCALE}
+    assert refused(model(nodes, inputs=[fed]), feeds) == [
+        ("LayerNorm", "refused", "the folded scale or offset is not a per-feature constant")]
