@@ -3,6 +3,9 @@
     LayerNorm: (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps)
     RMSNorm:   x / sqrt(mean(x^2) + eps)
 
+and the LayerNorms other frameworks write: the variance as mean(x^2) - mean(x)^2 (Flax/JAX), the
+scale and bias folded into x * g + (beta - mean * g), g = gamma / sqrt(var + eps) (TF/Keras).
+
 each piece in every spelling exporters write (`spellings`). `check` says why a structural match is
 refused (`NotFused`, with the reason the report keeps) or is no candidate at all (a failed
 `MatchResult`: a LayerNorm's tail is no RMSNorm). Only matching is the rewriter's: the rules are
