@@ -98,3 +98,21 @@ def test_a_folded_scale_that_is_fed_is_refused():
     feeds = {"x": _x(), "scale_in": SCALE}
     assert refused(model(nodes, inputs=[fed]), feeds) == [
         ("LayerNorm", "refused", "the folded scale or offset is not a per-feature constant")]
+
+
+def test_a_flax_mean_raised_to_another_power_is_refused():
+    CONSTANTS["three"] = _const("three", 3.0)
+    nodes = flax_layer_norm(mean_square="pow")
+    nodes[[n.output[0] for n in nodes].index("mm")].input[1] = "three"
+    assert refused(model(nodes)) == [("LayerNorm", "refused", "the mean is raised to a power other than 2")]
+
+
+def test_a_folded_layer_norm_in_an_fp32_island_is_one_fp16_node():
+    nodes = [node("Cast", ["x"], "x32", to=TensorProto.FLOAT), *keras_layer_norm()]
+    for n in nodes[1:]:
+        n.input[:] = ["x32" if i == "x" else i for i in n.input]
+    nodes[-1] = node("Add", ["xg", "off"], "y32")
+    nodes.append(node("Cast", ["y32"], "y", to=TensorProto.FLOAT16))
+    result = fused(model(nodes, dtype=TensorProto.FLOAT16), feeds={"x": _x(dtype=np.float16)})
+    assert op_types(result.model) == ["LayerNormalization"]
+    assert attribute(fused_node(result), "stash_type") == 1
