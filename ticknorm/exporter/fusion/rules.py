@@ -3,6 +3,9 @@
     LayerNorm: (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps)
     RMSNorm:   x / sqrt(mean(x^2) + eps)
 
+and the LayerNorms other frameworks write: the variance as mean(x^2) - mean(x)^2 (Flax/JAX), the
+scale and bias folded into x * g + (beta - mean * g), g = gamma / sqrt(var + eps) (TF/Keras).
+
 each piece in every spelling exporters write (`spellings`). `check` says why a structural match is
 refused (`NotFused`, with the reason the report keeps) or is no candidate at all (a failed
 `MatchResult`: a LayerNorm's tail is no RMSNorm). Only matching is the rewriter's: the rules are
@@ -14,15 +17,18 @@ once it has seen every norm.
 """
 
 import abc
+from dataclasses import replace
 from typing import Any
 
 import onnx_ir as ir
 from onnxscript.rewriter.pattern import MatchResult, PatternBase
 
-from ticknorm.exporter.fusion.norms import Finding, NormRefusal, NotFused, complete_match, layout_of, refusal
-from ticknorm.exporter.fusion.spellings import (DIVISIONS, divided, epsilon, inverse_problem, mean, mean_of,
-                                                reduces, root, square, square_problem, tail_problem)
-from ticknorm.exporter.fusion.values import NodeNames, producer, readers
+from ticknorm.exporter.fusion.norms import (Finding, NormMatch, NormRefusal, NotFused, complete_match, layout_of,
+                                            refusal)
+from ticknorm.exporter.fusion.spellings import (DIVISIONS, divided, epsilon, floored, folded, inverse_problem, mean,
+                                                mean_of, moments_problem, reduces, root, square, square_problem,
+                                                squared_mean, tail_problem)
+from ticknorm.exporter.fusion.values import NodeNames, constant, producer, readers
 
 
 class _NormRule(PatternBase):
@@ -37,6 +43,10 @@ class _NormRule(PatternBase):
     @abc.abstractmethod
     def axes(self, bindings: dict[str, Any]) -> tuple[int, ...]:
         """The normalized axes of a match that `check` passed."""
+
+    def completed(self, match: NormMatch, bindings: dict[str, Any]) -> NormMatch:
+        """`match` with what the rule itself bound of its scale and bias (`FoldedLayerNormRule`)."""
+        return match
 
 
 class LayerNormRule(_NormRule):
@@ -73,6 +83,44 @@ class LayerNormRule(_NormRule):
         return mean_of(bindings["center"]).axes
 
 
+class MomentsLayerNormRule(LayerNormRule):
+    """LayerNorm with the variance taken as E[x^2] - E[x]^2 (Flax/JAX), maybe clamped at 0. The fused
+    LayerNormalization centers first: the two differ by rounding, which verification judges."""
+
+    def pattern(self, op, x):
+        centered = op.Sub(x, mean(op, x, "center"), _outputs=["centered"])
+        spread = op.Sub(mean(op, square(op, x), "variance"), squared_mean(op, mean(op, x, "center_v")))
+        return divided(op, centered, root(op, floored(op, spread)), self.division)
+
+    def check(self, context, x, center, center_v, variance, **bound):  # type: ignore[override]  # as LayerNormRule
+        problem = moments_problem(bound, x)
+        if problem:
+            raise NotFused(problem, mean_of(center).nodes[0], context.nodes)
+        return super().check(context, x, center, center_v, variance, **bound)
+
+
+_FOLDED = ("folded", "folded-offset-first")  # the Add's operand orders, each a rule of its own (`folded`)
+
+
+class FoldedLayerNormRule(LayerNormRule):
+    """TF/Keras's LayerNorm: x * g + (beta - mean * g), g = gamma / sqrt(var + eps). Its output is no
+    normalized value times a scale, so the rule takes gamma and beta from its own bindings."""
+
+    def pattern(self, op, x):
+        variance = mean(op, square(op, op.Sub(x, mean(op, x, "center_v"))), "variance")
+        return folded(op, x, mean(op, x, "center"), root(op, variance), self.division == _FOLDED[1])
+
+    def completed(self, match: NormMatch, bindings: dict[str, Any]) -> NormMatch:
+        """gamma and beta composed with a scale and bias `complete_match` took after the offset."""
+        gamma, beta = (match.layout.feature_param(constant(bindings.get(name))) for name in ("gamma", "beta"))
+        if beta is None or gamma is None and bindings.get("gamma") is not None:
+            raise NotFused("the folded scale or offset is not a per-feature constant")
+        after = 1.0 if match.scale is None else match.scale
+        scale = match.scale if gamma is None else gamma * after
+        bias = beta * after + (0.0 if match.bias is None else match.bias)
+        return replace(match, scale=scale, bias=bias)
+
+
 class RMSNormRule(_NormRule):
     kind = "RMSNorm"
 
@@ -97,14 +145,18 @@ class RMSNormRule(_NormRule):
 
 # Which rules may match at a node, by how it divides: most nodes are no division by a root, and
 # asking every rule at every node cost fusion a 96-layer encoder's time again.
-_RULES_AT = {division: [LayerNormRule(division), RMSNormRule(division)] for division in DIVISIONS}
+_RULES_AT = {division: [LayerNormRule(division), MomentsLayerNormRule(division), RMSNormRule(division)]
+             for division in DIVISIONS} | {folded: [FoldedLayerNormRule(folded)] for folded in _FOLDED}
 _ROOTS = ("Sqrt", "Add")
 
 
 def _root_spellings(node: ir.Node) -> list[str]:
     """The division spellings `node` may be the last step of, from the ops just above it."""
-    if node.op_type not in ("Div", "Mul") or len(node.inputs) != 2 or None in node.inputs:
+    if node.op_type not in ("Div", "Mul", "Add") or len(node.inputs) != 2 or None in node.inputs:
         return []
+    if node.op_type == "Add":  # x * g + (beta - mean * g)
+        return [spelling for spelling, ops in zip(_FOLDED, (["Mul", "Sub"], ["Sub", "Mul"]))
+                if list(map(_op, node.inputs)) == ops]
     if node.op_type == "Div":
         return ["div"] if _op(node.inputs[1]) in _ROOTS else []
     return [spelling for spelling, value in zip(("mul-inverse-first", "mul"), node.inputs) if _inverts_a_root(value)]
@@ -161,8 +213,9 @@ def _try(rule: _NormRule, graph: ir.Graph, node: ir.Node, names: NodeNames) -> t
     source, nodes = bound["x"], list(match.nodes)
     try:
         layout = layout_of(source, rule.axes(bound))
-        return complete_match(rule.kind, source, layout, nodes, node.outputs[0], epsilon(bound, bound["variance"]),
-                              names), nodes
+        norm = complete_match(rule.kind, source, layout, nodes, node.outputs[0], epsilon(bound, bound["variance"]),
+                              names)
+        return rule.completed(norm, bound), nodes
     except NotFused as error:
         error.node = error.node or names.in_graph_order(nodes)[0]
         return refusal(rule.kind, error, names), nodes

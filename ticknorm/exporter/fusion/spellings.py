@@ -2,7 +2,8 @@
 
 A mean is `ReduceMean(keepdims=1)`, or `ReduceMean(keepdims=0)` then the Reshape/Unsqueeze/Expand
 that restore the dims (dynamo), or `ReduceSum / N` (`* 1/N`); a square is `Pow(t, 2)` or
-`Mul(t, t)`; `1/sqrt` is `Div`, `Reciprocal` (times 1.0 in TorchScript) or `Div(1, .)`, then `Mul`.
+`Mul(t, t)`; a variance is also `E[x^2] - E[x]^2`, maybe `Max(., 0)` (Flax/JAX); `1/sqrt` is
+`Div`, `Reciprocal` (times 1.0 in TorchScript) or `Div(1, .)`, then `Mul`.
 Each fragment is an `OrValue` of its spellings, so the norm rules read as the math they compute.
 
 The fragments are alternatives inside the norm patterns, not canonicalizing rewrites run before
@@ -49,6 +50,17 @@ def square(op, t):
     return OrValue([op.Pow(t, Var("two")), op.Mul(t, t)], tag_var="square_by")
 
 
+def squared_mean(op, m):
+    """mean(x)^2 in a variance taken as E[x^2] - E[x]^2 (Flax/JAX); tagged apart from `square`,
+    which squares x in the same pattern."""
+    return OrValue([op.Pow(m, Var("two_m")), op.Mul(m, m)], tag_var="mean_square_by")
+
+
+def floored(op, variance):
+    """E[x^2] - E[x]^2, maybe clamped at 0 (`Max(var, 0)`, Flax) against rounding below zero."""
+    return OrValue([variance, op.Max(variance, Var("floor")), op.Max(Var("floor"), variance)])
+
+
 def root(op, variance):
     """sqrt(variance + epsilon); also the look-alikes refused with a reason (`tail_problem`): the
     variance rescaled before epsilon, epsilon added outside the square root."""
@@ -65,6 +77,21 @@ def inverse(op, value):
     """1 / value, written by exporters as Reciprocal (times 1.0, TorchScript) or Div(1, .)."""
     one = OrValue([op.Reciprocal(value), op.Div(Var("one"), value)])
     return OrValue([one, op.Mul(one, Var("one_more")), op.Mul(Var("one_more"), one)])
+
+
+def either(op_type: str, op, a, b):
+    """a op b or b op a: a commutative node with its operands in either order."""
+    return OrValue([getattr(op, op_type)(a, b), getattr(op, op_type)(b, a)])
+
+
+def folded(op, x, center, root_value, offset_first: bool):
+    """x * g + (beta - mean * g) with g = gamma / root (TF/Keras's batch_normalization): the scale
+    and bias folded into one factor and one offset; gamma is optional, bound to `gamma` and `beta`.
+    The Add's order is the caller's: onnxscript matches no pattern whose output is an `OrValue`."""
+    inverted = OrValue([op.Reciprocal(root_value), op.Div(Var("one"), root_value)])
+    factor = OrValue([either("Mul", op, inverted, Var("gamma")), inverted])
+    terms = [either("Mul", op, x, factor), op.Sub(Var("beta"), either("Mul", op, center, factor))]
+    return op.Add(*terms[::-1] if offset_first else terms)
 
 
 def divided(op, numerator, denominator, spelling: str):
@@ -268,6 +295,16 @@ def epsilon(bindings: dict[str, Any], variance: ir.Value) -> float:
     return value
 
 
-def square_problem(bindings: dict[str, Any], base: ir.Value) -> bool:
+def square_problem(bindings: dict[str, Any], base: ir.Value, tag: str = "square_by", two: str = "two") -> bool:
     """True when a bound Pow raises to something other than 2."""
-    return bindings.get("square_by") == 0 and scalar(bindings["two"], beside=base) != 2.0
+    return bindings.get(tag) == 0 and scalar(bindings[two], beside=base) != 2.0
+
+
+def moments_problem(bindings: dict[str, Any], base: ir.Value) -> str:
+    """Why E[x^2] - E[x]^2 as bound (`squared_mean`, `floored`) is no variance ('' when it is)."""
+    if square_problem(bindings, base, "mean_square_by", "two_m"):
+        return "the mean is raised to a power other than 2"
+    floor = bindings.get("floor")
+    if floor is not None and scalar(floor, beside=base) != 0.0:
+        return "the variance is clamped at something other than 0"
+    return ""
