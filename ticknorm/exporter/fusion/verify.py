@@ -53,7 +53,7 @@ def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dic
         dtype = onnx.helper.tensor_dtype_to_np_dtype(coarsest) if coarsest else expected[name].dtype
         tolerances[name] = dtype_tolerance(dtype)
     checks = {name: compare_arrays(name, expected[name], found, *tolerances[name]) for name, found in actual.items()}
-    edges = edge_feeds({source: expected[source] for source in sources.values()})
+    edges = {row: {**feeds, **edge} for row, edge in edge_feeds({s: expected[s] for s in sources.values()}).items()}
     types = {name: onnx.helper.np_dtype_to_tensor_dtype(expected[name].dtype) for name in [*sources, *sources.values()]}
     for row, (reference, result) in zip(edges, _edge_runs((original, fused), sources, edges, weights_dir, types)):
         for name in sources:
@@ -66,14 +66,16 @@ def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dic
 
 def _edge_runs(models, sources: dict[str, str], edges: dict[str, dict[str, np.ndarray]], weights_dir, types):
     """(original's, fused's) outputs on each edge row: both graphs cut down to what lies between the
-    fused nodes' inputs and outputs (onnx's Extractor), so the rows reach the norms themselves.
+    fused nodes' inputs and outputs (onnx's Extractor), so the rows reach the norms themselves; the
+    graph inputs stay inputs, for what the cut still reads of them (shapes, a mask).
     `types`: each input's and output's element type, for those shape inference left untyped."""
     runs: list[list[dict[str, np.ndarray]]] = []
     for model, optimization in zip(models, ("disabled", "all") if edges else ()):
         extractor = onnx.utils.Extractor(model)
         for name, elem in types.items():
             extractor.value_infos.setdefault(name, onnx.helper.make_tensor_value_info(name, elem, None))
-        cut = extractor.extract_model(list(dict.fromkeys(sources.values())), list(sources))
+        cut = extractor.extract_model(list(dict.fromkeys([*sources.values(), *next(iter(edges.values()))])),
+                                      list(sources))
         with OrtRunner(cut, optimization=optimization, mapped=MappedWeights.staged(weights_dir)) as runner:
             runs.append([runner.infer(edge).outputs for edge in edges.values()])
     return list(zip(*runs))
