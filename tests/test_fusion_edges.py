@@ -81,3 +81,27 @@ def test_edge_feeds_keep_integer_inputs():
     assert list(edges) == ["an all-zero row", "a constant row", "a row around 1e4", "a row around 1e-6"]
     assert all(edge["ids"] is feeds["ids"] for edge in edges.values())
     assert edges["a row around 1e4"]["x"].max() == 1e4 and not edges["an all-zero row"]["x"].any()
+
+
+def _fed_ids(model):
+    """`model` with `x` looked up from a table by int64 ids, as a language model's norms are fed."""
+    fed = onnx.ModelProto()
+    fed.CopyFrom(model)
+    table = np.random.default_rng(6).standard_normal((10, SHAPE[-1])).astype(np.float32)
+    fed.graph.initializer.append(numpy_helper.from_array(table, "table"))
+    fed.graph.node.insert(0, helper.make_node("Gather", ["table", "ids"], ["x"], name="embed"))
+    del fed.graph.input[:]
+    fed.graph.input.append(helper.make_tensor_value_info("ids", TensorProto.INT64, SHAPE[:-1]))
+    return fed
+
+
+def test_edge_rows_reach_a_norm_fed_by_token_ids():
+    original = _fed_ids(_layer_norm())
+    fused = onnx.ModelProto()
+    fused.CopyFrom(original)
+    del fused.graph.node[1:]
+    fused.graph.node.append(helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], epsilon=0.0))
+    feeds = {"ids": np.arange(6).reshape(SHAPE[:-1])}
+    checks = verify_fused(original, fused, {"y": TensorProto.FLOAT}, feeds, sources={"y": "x"}).checks
+    assert not checks["y"].passed and checks["y"].reason.startswith("changes the numbers on an all-zero row")
+    assert fuse_norms(_fed_ids(_layer_norm()), feeds=feeds).report.verified
