@@ -241,7 +241,8 @@ def _records(found: list[Finding], target: int, targets: NormTargets) -> tuple[l
 
 def _verify(original, fused, matches: list[NormMatch], records: list[NormRecord], feeds, weights_dir,
             also) -> list[dict[str, np.ndarray]]:
-    verification = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds, weights_dir, also)
+    verification = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds, weights_dir, also,
+                                {m.output: m.input.name for m in matches})
     checks = verification.checks
     by_output = {r.output: r for r in records if r.status == "fused"}
     for name, check in checks.items():

@@ -147,6 +147,7 @@ def complete_match(kind: str, source: ir.Value, layout: Layout, front: list[ir.N
     """Add the affine part and the dtype casts, then check that the rewrite is safe."""
     if layout.rank is None and not layout.trailing:
         raise NotFused(f"the rank of '{source.name}' is unknown, so axes {list(layout.axes)} cannot be checked")
+    _check_fusable(layout, epsilon)
     cast_node, cast_source = _input_cast(source)
     cast_to = elem_type(cast_source) if cast_node is not None else None
     affine = _absorb_affine(normalized, layout, kind == "LayerNorm", cast_to)
@@ -172,6 +173,21 @@ def complete_match(kind: str, source: ir.Value, layout: Layout, front: list[ir.N
     scope = common_scope(scope_of(n) or "" for n in nodes)
     return NormMatch(kind, nodes, fused_input, output.name, layout, dims, epsilon, affine.scale, affine.bias,
                      fused_type, scope, names[nodes[0]], output, notes)
+
+
+def _check_fusable(layout: Layout, epsilon: float) -> None:
+    """What no run needs to show. The fused op's epsilon is a float attribute: one that float32
+    cannot hold is no longer the norm's (1e-50 becomes 0.0: NaN on an all-zero row, where the
+    original gives the bias). A mean over the batch axis mixes samples, which a LayerNormalization
+    over the trailing axes spells only with its scale broadcast over the batch: ORT leaves these
+    alone too, and so does fusion."""
+    held = float(np.float32(epsilon))
+    if epsilon and abs(held - epsilon) > 1e-3 * abs(epsilon):
+        lost = "underflows" if abs(held) < abs(epsilon) else "overflows"
+        raise NotFused(f"epsilon {epsilon:g} {lost} the fused op's float attribute (float32 holds {held:g})")
+    if layout.rank is not None and layout.rank > 1 and 0 in layout.axes:
+        where = "every axis" if len(layout.axes) == layout.rank else f"axes {list(layout.axes)}"
+        raise NotFused(f"the mean is over {where}, batch included")
 
 
 def _input_cast(source: ir.Value) -> tuple[ir.Node | None, ir.Value]:

@@ -6,9 +6,17 @@ reference for), the fused one as a deployment runs it (every optimization on). C
 graph output and the output of every fused normalization, which survives fusion under its
 original name. The fused run's graph outputs are returned too, so an export compares them with
 PyTorch instead of building a third session for the same numbers.
+
+Seeded inputs are ordinary rows; the rows where a fused op and its decomposition part are not.
+So both graphs, cut down to the norms, also run edge rows fed to the norms' inputs: all zeros,
+all one constant, the seeded input scaled to around 1e4 and to around 1e-6 (an epsilon the fused
+attribute cannot hold gives NaN on a zero row, where the original gives the bias). The fused
+norms' outputs must match there too, NaN and Inf in the same places; only where the original
+overflows (an fp16 square at 1e4) may the fused op be finite instead. A mismatch fails the
+check with the row it failed on.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -26,21 +34,75 @@ class Verification:
 
 
 def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dict[str, int],
-                 feeds: dict[str, np.ndarray], weights_dir=None, also=()) -> Verification:
-    """`tensors` maps each tensor to check (outputs of fused nodes) to its element type. The two
+                 feeds: dict[str, np.ndarray], weights_dir=None, also=(), sources=None) -> Verification:
+    """`tensors` maps each tensor to check (outputs of fused nodes) to its element type, `sources`
+    each of them to the fused node's input (edge rows are fed there; none without). The two
     sessions run one after the other, so only one holds the weights at a time; the fused one also
     runs each feed dict of `also` (an export's other checks) while it is open."""
+    sources = sources or {}
     with OrtRunner(original, optimization="disabled", mapped=MappedWeights.staged(weights_dir),
-                   extra_outputs=list(tensors)) as runner:
+                   extra_outputs=list(dict.fromkeys([*tensors, *sources.values()]))) as runner:
         expected = runner.infer(feeds).outputs
     with OrtRunner(fused, mapped=MappedWeights.staged(weights_dir), extra_outputs=list(tensors)) as runner:
         actual = runner.infer(feeds).outputs
         outputs = [actual] + [runner.infer(more).outputs for more in also]
     values = ir.convenience.create_value_mapping(typed(original).graph, include_subgraphs=False)
-    checks = {}
-    for name, reference in expected.items():
+    tolerances = {}
+    for name in actual:
         coarsest = (coarsest_float(values[name]) if name in values else None) or tensors.get(name)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(coarsest) if coarsest else reference.dtype
-        checks[name] = compare_arrays(name, reference, actual[name], *dtype_tolerance(dtype))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(coarsest) if coarsest else expected[name].dtype
+        tolerances[name] = dtype_tolerance(dtype)
+    checks = {name: compare_arrays(name, expected[name], found, *tolerances[name]) for name, found in actual.items()}
+    edges = {row: {**feeds, **edge} for row, edge in edge_feeds({s: expected[s] for s in sources.values()}).items()}
+    types = {name: onnx.helper.np_dtype_to_tensor_dtype(expected[name].dtype) for name in [*sources, *sources.values()]}
+    for row, (reference, result) in zip(edges, _edge_runs((original, fused), sources, edges, weights_dir, types)):
+        for name in sources:
+            check = _edge_check(name, reference[name], result[name], tolerances[name])
+            if checks[name].passed and not check.passed:
+                checks[name] = replace(check, reason=f"changes the numbers on {row}: {check.reason}")
     graph_outputs = [o.name for o in fused.graph.output]
     return Verification(checks, [{name: run[name] for name in graph_outputs} for run in outputs])
+
+
+def _edge_runs(models, sources: dict[str, str], edges: dict[str, dict[str, np.ndarray]], weights_dir, types):
+    """(original's, fused's) outputs on each edge row: both graphs cut down to what lies between the
+    fused nodes' inputs and outputs (onnx's Extractor), so the rows reach the norms themselves; the
+    graph inputs stay inputs, for what the cut still reads of them (shapes, a mask).
+    `types`: each input's and output's element type, for those shape inference left untyped."""
+    runs: list[list[dict[str, np.ndarray]]] = []
+    for model, optimization in zip(models, ("disabled", "all") if edges else ()):
+        extractor = onnx.utils.Extractor(model)
+        for name, elem in types.items():
+            extractor.value_infos.setdefault(name, onnx.helper.make_tensor_value_info(name, elem, None))
+        cut = extractor.extract_model(list(dict.fromkeys([*sources.values(), *next(iter(edges.values()))])),
+                                      list(sources))
+        with OrtRunner(cut, optimization=optimization, mapped=MappedWeights.staged(weights_dir)) as runner:
+            runs.append([runner.infer(edge).outputs for edge in edges.values()])
+    return list(zip(*runs))
+
+
+def edge_feeds(feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """`feeds` with every float input's rows made edge rows, by the row they are (other inputs
+    kept). Empty when no input is float."""
+    floats = [name for name, array in feeds.items() if np.asarray(array).dtype.kind == "f"]
+    if not floats:
+        return {}
+    rows = {"an all-zero row": lambda a: np.zeros_like(a), "a constant row": lambda a: np.full_like(a, 0.5),
+            "a row around 1e4": lambda a: _scaled(a, 1e4), "a row around 1e-6": lambda a: _scaled(a, 1e-6)}
+    return {row: {name: (make(np.asarray(array)) if name in floats else array) for name, array in feeds.items()}
+            for row, make in rows.items()}
+
+
+def _scaled(array: np.ndarray, peak: float) -> np.ndarray:
+    """`array` scaled so its largest magnitude is `peak`: 1e4 fits fp16 too, so the row is no inf."""
+    largest = float(np.abs(array).max()) if array.size else 0.0
+    return (array.astype(np.float64) * (peak / largest if largest else 0.0)).astype(array.dtype)
+
+
+def _edge_check(name: str, reference: np.ndarray, actual: np.ndarray,
+                tolerance: tuple[float, float]) -> ArrayComparison:
+    """Compared where the original is finite: where it overflowed, a fused op that did not is no fault."""
+    if reference.shape == actual.shape and reference.dtype.kind == "f":
+        finite = np.isfinite(reference)
+        reference, actual = reference[finite], actual[finite]
+    return compare_arrays(name, reference, actual, *tolerance)
