@@ -1,4 +1,4 @@
-"""`--keep-fp32` on graphs without module scopes (Paddle2ONNX, tf2onnx): globs match ONNX node names
+"""`--keep-fp32` on foreign graphs (Paddle2ONNX, tf2onnx, names that carry no module): globs match ONNX node names
 and `op:` op types, a glob that matches nothing is refused in one line, and the glob a drifting
 conversion suggests is one of this graph's."""
 
@@ -10,11 +10,12 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from ticknorm.base.scopes import SCOPE_KEY
+from ticknorm.base.scopes import SCOPE_KEY, ensure_scopes, get_scope
 from ticknorm.cli import main
 
 TF2ONNX = ("model/dense_1/MatMul", "model/dense_1/BiasAdd", "model/softmax/Softmax")
 PADDLE = ("p2o.MatMul.3", "p2o.Add.4", "p2o.Softmax.5")
+SCOPELESS = ("MatMul_0", "Add_1", "Softmax_2")  # names no scope source reads: the graph has only its root
 
 
 def _classifier(names: tuple[str, ...]) -> onnx.ModelProto:
@@ -64,8 +65,9 @@ def _computed_in(path) -> dict[str, int]:
 def test_globs_keep_nodes_by_name_and_op_type(names, glob, kept, key, tmp_path):
     done = _convert(_classifier(names), tmp_path, glob)
     assert done.exit_code == 0, done.output
-    for name in kept:
-        assert f"(root) [{name}]: --keep-fp32 {glob} ({key})" in done.output
+    scopes = {node.name: get_scope(node) or "(root)" for node in ensure_scopes(_classifier(names)).graph.node}
+    for name in kept:  # the module each name maps to (`scopes`: tf2onnx and Paddle2ONNX names carry one)
+        assert f"{scopes[name]} [{name}]: --keep-fp32 {glob} ({key})" in done.output
     types = _computed_in(tmp_path / "out.onnx")
     assert {name: types[name] for name in names} == {
         name: TensorProto.FLOAT if name in kept else TensorProto.FLOAT16 for name in names}
@@ -74,11 +76,11 @@ def test_globs_keep_nodes_by_name_and_op_type(names, glob, kept, key, tmp_path):
 @pytest.mark.parametrize("glob", ["encoder.*", "Softmax", "op:LayerNorm*"])
 def test_a_glob_that_matches_nothing_is_refused_in_one_line(glob, tmp_path):
     """A bare op type is no op: glob (it would keep a module or node of that name), so it is refused too."""
-    done = _convert(_classifier(PADDLE), tmp_path, glob)
+    done = _convert(_classifier(SCOPELESS), tmp_path, glob)
     assert done.exit_code == 2
     [line] = [line for line in done.output.splitlines() if line.startswith("error:")]
     assert f"--keep-fp32 '{glob}' matches no module of the graph" in line
-    assert ("modules look like (only the root module), node names like 'p2o.MatMul.3', 'p2o.Add.4', 'p2o.Softmax.5', "
+    assert ("modules look like (only the root module), node names like 'MatMul_0', 'Add_1', 'Softmax_2', "
             "op types like 'op:MatMul', 'op:Add', 'op:Softmax'") in line
     assert not (tmp_path / "out.onnx").exists()
 
@@ -87,11 +89,11 @@ def test_the_suggested_globs_match_nodes_of_the_graph_and_lead_to_a_pass(tmp_pat
     """Each failure suggests the last low node before the output by name, and its op type: both are
     accepted when fed back, and following the name upstream ends in a conversion that passes."""
     kept: list[str] = []
-    for expected in ("p2o.Sub.1", "p2o.Add.0"):
+    for expected, op in (("Sub.1", "Sub"), ("Add.0", "Add")):  # Paddle's p2o.Sub.1 maps to module Sub.1
         failed = _convert(_cancelling(), tmp_path, *kept)
         assert failed.exit_code == 1, failed.output
-        assert re.findall(r"--keep-fp32 (\S+)", failed.output) == [expected, f"op:{expected.split('.')[1]}"]
-        by_type = _convert(_cancelling(), tmp_path, *kept, f"op:{expected.split('.')[1]}")
+        assert re.findall(r"--keep-fp32 (\S+)", failed.output) == [expected, f"op:{op}"]
+        by_type = _convert(_cancelling(), tmp_path, *kept, f"op:{op}")
         assert by_type.exit_code in (0, 1) and "matches no" not in by_type.output
         kept.append(expected)
     done = _convert(_cancelling(), tmp_path, *kept)
