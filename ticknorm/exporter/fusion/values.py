@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
+from ticknorm.base.graph import node_name
+
 
 def constant(value: ir.Value | None) -> np.ndarray | None:
     """The value of `value` when fixed at export time: an initializer (not an overridable graph
@@ -125,7 +127,7 @@ class NodeNames(dict[ir.Node, str]):
     """Each node's name for the report (an unnamed one by its op and position), and its position."""
 
     def __init__(self, graph: ir.Graph):
-        super().__init__((node, node.name or f"{node.op_type}#{i}") for i, node in enumerate(graph))
+        super().__init__((node, node_name(node, i)) for i, node in enumerate(graph))
         self.position: dict[ir.Node, int] = {node: i for i, node in enumerate(self)}
 
     def in_graph_order(self, nodes: Iterable[ir.Node]) -> list[ir.Node]:
