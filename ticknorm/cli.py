@@ -128,11 +128,15 @@ def _model_options(required: bool):
         click.option("--model", "model_source", required=required, metavar="FACTORY|HF_DIR",
                      help="pkg.module:fn or path/file.py:fn returning an nn.Module, or a save_pretrained directory."),
         click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                     help="Weights: .pt/.pth/.bin state dict (wrappers and DDP prefixes handled), .safetensors, or a "
-                          "sharded checkpoint's model.safetensors.index.json (read a shard at a time); bf16/fp16 "
-                          "weights run the model in their type."),
+                     help="Weights: .pt/.pth/.bin state dict (wrappers, DDP and PEFT prefixes handled), .safetensors, "
+                          "or a sharded checkpoint's model.safetensors.index.json (read a shard at a time), for the "
+                          "factory's model or the HF_DIR's architecture; bf16/fp16 weights run the model in their "
+                          "type."),
         click.option("--adapter", type=click.Path(file_okay=False), default=None,
                      help="A PEFT/LoRA adapter folder (save_pretrained), merged into the model first."),
+        click.option("--adapter-config", type=click.Path(dir_okay=False), default=None,
+                     help="The adapter_config.json whose lora_alpha / r scale the LoRA weights of a --checkpoint saved "
+                          "from a PEFT-wrapped model (default: one beside the checkpoint); they are merged in."),
         click.option("--trust-pickle", is_flag=True,
                      help="Allow checkpoints that unpickle objects (whole models, TorchScript); this runs code from "
                           "the file."))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ticknorm.base.optional import require
 from ticknorm.base.errors import CheckpointError, first_line
-from ticknorm.exporter.lora import is_peft_state_dict, unwrap_peft_state_dict
+from ticknorm.exporter.lora import (adapter_config_file, is_peft_state_dict, listing, merge_lora_weights,
+                                    split_lora_state_dict, unwrap_peft_state_dict)
 from ticknorm.exporter.shards import INDEX_SUFFIX, ShardedCheckpoint, TensorInfo, checkpoint_precision
 from ticknorm.runtime.torch_runner import TORCH_DTYPES, module_precision
 
@@ -54,7 +55,7 @@ def _import_file(path: Path):
     return module
 
 
-def build_model(factory: str, checkpoint=None, trust_pickle: bool = False):
+def build_model(factory: str, checkpoint=None, trust_pickle: bool = False, adapter_config=None):
     """Call the factory, load the checkpoint into what it returns, and put it in eval mode."""
     torch = require("torch", "torch")
     try:
@@ -66,21 +67,29 @@ def build_model(factory: str, checkpoint=None, trust_pickle: bool = False):
     if not isinstance(model, torch.nn.Module):
         raise CheckpointError(f"factory '{factory}' returned {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
-        model = load_apply_checkpoint(model, checkpoint, trust_pickle)
+        model = load_apply_checkpoint(model, checkpoint, trust_pickle, adapter_config)
     return model.eval()
 
 
-def load_apply_checkpoint(model, checkpoint, trust_pickle: bool = False):
-    """`model` with the checkpoint's weights, or the whole module the checkpoint holds."""
+def load_apply_checkpoint(model, checkpoint, trust_pickle: bool = False, adapter_config=None):
+    """`model` with the checkpoint's weights, or the whole module the checkpoint holds. A state
+    dict saved from a PEFT-wrapped model with its LoRA weights is merged into the base weights
+    with the scaling of `adapter_config` (or the `adapter_config.json` beside the checkpoint)."""
     torch = require("torch", "torch")
     if str(checkpoint).endswith(INDEX_SUFFIX):
+        if adapter_config is not None:
+            raise CheckpointError("--adapter-config merges the LoRA weights of a one-file state dict, not of a sharded "
+                                  "checkpoint; merge first: peft_model.merge_and_unload(), then save_pretrained")
         apply_sharded(model, ShardedCheckpoint.read(checkpoint))
         return model
     loaded = load_checkpoint(checkpoint, trust_pickle)
     if isinstance(loaded, torch.nn.Module):
         return loaded
-    apply_state_dict(model, loaded, Path(checkpoint).name)
-    return model
+    source = Path(checkpoint).name
+    base, adapter = split_lora_state_dict(strip_wrapper_prefixes(loaded))
+    config = adapter_config_file(checkpoint, adapter_config, adapter, source)
+    apply_state_dict(model, base, source)
+    return model if config is None else merge_lora_weights(model, adapter, config, source)
 
 
 def load_checkpoint(path, trust_pickle: bool = False):
@@ -170,21 +179,36 @@ def apply_sharded(model, checkpoint: ShardedCheckpoint) -> None:
 def fitted_names(model, infos: dict, source: str) -> dict:
     """The model's parameter name -> the checkpoint's, once every key, shape and type fits: DDP
     and torch.compile prefixes and a PEFT wrapper's names taken off, and the model cast to the
-    checkpoint's floating type when that is bf16 or fp16."""
+    checkpoint's floating type when that is bf16 or fp16. A tied weight the checkpoint holds under
+    one of its names only (safetensors keeps one) is read from that one for every name."""
     names = strip_wrapper_prefixes({name: name for name in infos})
     if is_peft_state_dict(names):
         names = unwrap_peft_state_dict(names, source)
+    names = {**_tied_twins(model, names), **names}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(names))
     unexpected = sorted(set(names) - set(expected))
     wrong_shape = sorted(f"{k} {infos[names[k]].shape} vs model {tuple(expected[k].shape)}"
                          for k in set(expected) & set(names) if infos[names[k]].shape != tuple(expected[k].shape))
     if missing or unexpected or wrong_shape:
-        parts = [f"{label}: {_listing(keys)}" for label, keys in
+        parts = [f"{label}: {listing(keys)}" for label, keys in
                  (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
         raise CheckpointError(f"{source} does not fit the model; " + "; ".join(parts))
     _to_checkpoint_type(model, infos)
     return names
+
+
+def _tied_twins(model, names: dict) -> dict:
+    """Model name -> checkpoint name for each tied parameter the checkpoint names under a twin only."""
+    tied: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(parameter), []).append(name)
+    twins = {}
+    for group in tied.values():
+        stored = next((name for name in group if name in names), None)
+        if stored is not None:
+            twins.update({name: names[stored] for name in group if name not in names})
+    return twins
 
 
 def _to_checkpoint_type(model, infos: dict) -> None:
@@ -194,13 +218,23 @@ def _to_checkpoint_type(model, infos: dict) -> None:
         model.to(getattr(require("torch", "torch"), TORCH_DTYPES[precision]))
 
 
-def _listing(keys: list, limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def load_hf_directory(directory):
     """A `save_pretrained` directory, built from its own config and weights, never downloaded."""
+    return _from_hf_directory(directory, lambda model_class, _config: model_class.from_pretrained(
+        str(directory), local_files_only=True, use_safetensors=None))
+
+
+def hf_architecture(directory):
+    """The model a `save_pretrained` directory's config describes, before any fine-tuned state dict
+    is put in it: fp32, so the state dict's own type decides the type it runs in (see
+    `apply_state_dict`); the folder's weights are not read, as the state dict replaces them all."""
+    torch = require("torch", "torch")
+    return _from_hf_directory(directory, lambda model_class, config: model_class._from_config(
+        config, dtype=torch.float32))
+
+
+def _from_hf_directory(directory, build):
+    """`build(model class, config)` on the class and config of the folder's config.json, in eval mode."""
     transformers = require("transformers", "hf")
     directory = Path(directory)
     if not (directory / "config.json").is_file():
@@ -208,14 +242,12 @@ def load_hf_directory(directory):
     transformers.utils.logging.disable_progress_bar()  # ticknorm prints its own progress
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-        model = hf_model_class(transformers, config, directory).from_pretrained(str(directory), local_files_only=True,
-                                                                               use_safetensors=None)
+        model = build(hf_model_class(transformers, config, directory), config)
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"cannot load the Hugging Face model in {directory}: {first_line(exc)}") from exc
     return model.eval()
-
 
 
 def hf_model_class(transformers, config, directory):

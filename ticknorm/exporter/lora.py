@@ -7,6 +7,7 @@ put `base_model.model.` in front of every module scope. PEFT itself does the mer
 would in the user's own training code; ticknorm only checks that the adapter fits the base.
 """
 
+import re
 from pathlib import Path
 
 from ticknorm.base.optional import require
@@ -14,6 +15,8 @@ from ticknorm.base.errors import CheckpointError, first_line
 
 PEFT_PREFIX = "base_model.model."
 _LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
+# The adapter's name after a LoRA weight's own (`lora_A.default.weight`), as `PeftModel.state_dict()` has it
+_ADAPTER_NAME = re.compile(r"(\.lora_[A-Za-z_]+)\.(?!(?:weight|bias)$)[^.]+(?=\.|$)")
 
 
 def merge_adapter(model, directory):
@@ -23,19 +26,48 @@ def merge_adapter(model, directory):
         raise CheckpointError(f"{directory} is not a PEFT adapter folder (no adapter_config.json); save the "
                               "adapter with model.save_pretrained(DIR) on the PeftModel")
     peft = require("peft", "peft")
+    what = f"the adapter in {directory}"
     try:
         config = peft.PeftConfig.from_pretrained(str(directory))
-        wrapped = peft.get_peft_model(model, config)
-        result = peft.set_peft_model_state_dict(wrapped, peft.utils.load_peft_weights(str(directory), device="cpu"))
+        weights = peft.utils.load_peft_weights(str(directory), device="cpu")
     except Exception as exc:  # noqa: BLE001 - peft reports a foreign adapter in many ways
-        raise CheckpointError(f"the adapter in {directory} does not fit {type(model).__name__}: "
-                              f"{first_line(exc)}") from exc
+        raise CheckpointError(f"{what} does not fit {type(model).__name__}: {first_line(exc)}") from exc
+    return _merged(model, config, weights, what)
+
+
+def merge_lora_weights(model, weights: dict, config_file: Path, source: str):
+    """`model` with the LoRA weights of a PEFT-wrapped model's state dict (`split_lora_state_dict`)
+    merged into it, scaled as the adapter config of the training says."""
+    peft = require("peft", "peft")
+    try:
+        attributes = peft.PeftConfig.from_json_file(str(config_file))
+        config = peft.PeftConfig.from_peft_type(**peft.PeftConfig.check_kwargs(**attributes))
+    except Exception as exc:  # noqa: BLE001 - a foreign or damaged JSON file fails in many ways
+        raise CheckpointError(f"{config_file} is not a readable PEFT adapter config ({first_line(exc)})") from exc
+    return _merged(model, config, weights, f"the LoRA weights in {source}")
+
+
+def _merged(model, config, weights: dict, what: str):
+    """PEFT wraps `model` as `config` says, takes `weights` (keys as `save_pretrained` writes them)
+    and merges them: every weight the adapter's modules hold must be there, and none besides."""
+    peft = require("peft", "peft")
+    try:
+        wrapped = peft.get_peft_model(model, config)
+        result = peft.set_peft_model_state_dict(wrapped, weights)
+    except Exception as exc:  # noqa: BLE001 - peft reports a foreign adapter in many ways
+        raise CheckpointError(f"{what} does not fit {type(model).__name__}: {first_line(exc)}") from exc
     unexpected = sorted(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
-        more = f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else ""
-        raise CheckpointError(f"the adapter in {directory} has weights for modules {type(model).__name__} lacks: "
-                              + ", ".join(unexpected[:4]) + more)
+        raise CheckpointError(f"{what} has weights for modules {type(model).__name__} lacks: {listing(unexpected)}")
+    missing = sorted(key for key in getattr(result, "missing_keys", []) or [] if _is_lora(key))
+    if missing:
+        raise CheckpointError(f"{what} lacks LoRA weights the adapter config asks for: {listing(missing)}")
     return wrapped.merge_and_unload().eval()
+
+
+def listing(keys: list, limit: int = 8) -> str:
+    """Names for a one-line error: the first `limit`, and how many more."""
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def is_peft_state_dict(state_dict: dict) -> bool:
@@ -45,11 +77,55 @@ def is_peft_state_dict(state_dict: dict) -> bool:
 def unwrap_peft_state_dict(state_dict: dict, source: str) -> dict:
     """A state dict saved from a PEFT-wrapped model: without LoRA weights (a merged model saved
     while wrapped) it is the base's under a prefix; with them, the scaling alpha/r the merge needs
-    is not in the file, so it is refused with the two ways to merge it."""
-    lora = [key for key in state_dict if any(marker in key for marker in _LORA_MARKERS)]
+    is not in the file, so it is refused with the ways to merge it."""
+    lora = [key for key in state_dict if _is_lora(key)]
     if lora:
-        raise CheckpointError(f"{source} is the state dict of a PEFT-wrapped model with {len(lora)} LoRA weights "
-                              f"({lora[0]}, ...); their scaling (lora_alpha / r) is not in it. Save the adapter with "
-                              "peft_model.save_pretrained(DIR) and pass --adapter DIR with the base model, or merge "
-                              "first: torch.save(peft_model.merge_and_unload().state_dict(), PATH)")
+        raise _without_scaling(source, lora)
     return {key[len(PEFT_PREFIX):].replace(".base_layer.", "."): value for key, value in state_dict.items()}
+
+
+def split_lora_state_dict(state_dict: dict) -> tuple[dict, dict]:
+    """The base model's weights and the LoRA weights of a state dict saved from a PEFT-wrapped
+    model (`torch.save(peft_model.state_dict())`): the base's under their own names (PEFT's
+    `base_model.model.` and `base_layer.` taken off), the LoRA weights as `save_pretrained` names
+    them (no adapter name: `...q_proj.lora_A.weight`), which is what PEFT loads. A state dict
+    without LoRA weights is returned whole, as the base's."""
+    if not any(_is_lora(key) for key in state_dict):
+        return state_dict, {}
+    base, adapter = {}, {}
+    for key, value in state_dict.items():
+        plain = key.removeprefix(PEFT_PREFIX)
+        if _is_lora(key):
+            adapter[PEFT_PREFIX + _ADAPTER_NAME.sub(r"\1", plain)] = value
+        else:
+            base[plain.replace(".base_layer.", ".")] = value
+    return base, adapter
+
+
+def adapter_config_file(checkpoint, given, lora_weights: dict, source: str) -> Path | None:
+    """The adapter config that scales a checkpoint's LoRA weights: the one given, else the
+    `adapter_config.json` beside the checkpoint; None for a checkpoint without LoRA weights."""
+    if given is not None:
+        if not lora_weights:
+            raise CheckpointError(f"{source} holds no LoRA weights for --adapter-config {given} to scale; drop "
+                                  "--adapter-config")
+        if not Path(given).is_file():
+            raise CheckpointError(f"adapter config not found: {given}")
+        return Path(given)
+    beside = Path(checkpoint).parent / "adapter_config.json"
+    if lora_weights and not beside.is_file():
+        raise _without_scaling(source, sorted(lora_weights))
+    return beside if lora_weights else None
+
+
+def _without_scaling(source: str, lora: list) -> CheckpointError:
+    return CheckpointError(
+        f"{source} is the state dict of a PEFT-wrapped model with {len(lora)} LoRA weights ({lora[0]}, ...); their "
+        "scaling (lora_alpha / r) is not in it. Give the adapter_config.json of the training with --adapter-config "
+        "FILE (or put it beside the checkpoint), or save the adapter with peft_model.save_pretrained(DIR) and pass "
+        "--adapter DIR with the base model, or merge first: torch.save(peft_model.merge_and_unload().state_dict(), "
+        "PATH)")
+
+
+def _is_lora(key: str) -> bool:
+    return any(marker in key for marker in _LORA_MARKERS)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ticknorm.base.errors import InputSpecError
-from ticknorm.exporter.load import build_model, load_apply_checkpoint, load_hf_directory
+from ticknorm.exporter.load import build_model, hf_architecture, load_apply_checkpoint, load_hf_directory
 from ticknorm.exporter.lora import merge_adapter
 from ticknorm.exporter.tasks import DEFAULT, WITH_PAST
 
@@ -17,6 +17,7 @@ class ModelRef:
     checkpoint: str | None = None  # .pt/.pth/.bin state dict or .safetensors
     adapter: str | None = None  # a PEFT adapter folder, merged in
     trust_pickle: bool = False  # allow checkpoints that unpickle objects (runs code from the file)
+    adapter_config: str | None = None  # the adapter_config.json that scales a checkpoint's LoRA weights
 
     @property
     def owned(self) -> bool:
@@ -34,16 +35,17 @@ class ModelRef:
         return exportable(module.eval(), task)
 
     def _module(self):
+        if self.adapter_config is not None and self.checkpoint is None:
+            raise InputSpecError("--adapter-config scales the LoRA weights of a --checkpoint state dict; give the "
+                                 "checkpoint too (an adapter folder goes to --adapter)")
+        loading = (self.checkpoint, self.trust_pickle, self.adapter_config)
         if not isinstance(self.source, (str, Path)):
-            if self.checkpoint is not None:
-                return load_apply_checkpoint(self.source, self.checkpoint, self.trust_pickle)
-            return self.source
+            return self.source if self.checkpoint is None else load_apply_checkpoint(self.source, *loading)
         if Path(self.source).is_dir():
-            if self.checkpoint is not None:
-                raise InputSpecError(f"{self.source} is a Hugging Face directory with its own weights; "
-                                     "drop --checkpoint")
-            return load_hf_directory(self.source)
-        return build_model(str(self.source), self.checkpoint, self.trust_pickle)
+            if self.checkpoint is None:
+                return load_hf_directory(self.source)
+            return load_apply_checkpoint(hf_architecture(self.source), *loading)  # the folder's model, fine-tuned
+        return build_model(str(self.source), *loading)
 
 
 def task_feeds(module, feeds: dict, dynamic_axes: dict, seed: int = 0) -> tuple[dict, dict]:
