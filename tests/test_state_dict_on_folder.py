@@ -8,14 +8,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import save_file, save_model
 
 from conftest import ort_run
 from hf_models import build
-from ticknorm import Inputs, ModelRef, api
+from ticknorm import ModelRef
 from ticknorm.base.errors import CheckpointError, InputSpecError
 from ticknorm.cli import main
-from click.testing import CliRunner
 
 IDS = "input_ids:2x8:int64:0..128"
 TARGETS = ["q_proj", "v_proj"]
@@ -104,7 +104,7 @@ def lora_fine_tune(peft, **config):
     torch.manual_seed(7)
     with torch.no_grad():
         for name, parameter in wrapped.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "modules_to_save" in name:
                 parameter.normal_(std=0.5)  # peft starts B at zero: an untrained adapter changes nothing
     return wrapped.eval()
 
@@ -118,7 +118,8 @@ def peft_merged(peft, wrapped, state: dict) -> dict:
 
 @pytest.mark.parametrize("config, beside", [(dict(r=4, lora_alpha=8), True), (dict(r=4, lora_alpha=8), False),
                                             (dict(r=4, lora_alpha=16, rank_pattern={"v_proj": 2},
-                                                  alpha_pattern={"layers.1.self_attn.q_proj": 3}), True)])
+                                                  alpha_pattern={"layers.1.self_attn.q_proj": 3}), True),
+                                            (dict(r=4, lora_alpha=8, modules_to_save=["lm_head"]), True)])
 def test_lora_state_dict_is_merged_as_peft_merges_it(base_dir, tmp_path, config, beside):
     peft = pytest.importorskip("peft")
     wrapped = lora_fine_tune(peft, **config)

@@ -14,9 +14,13 @@ from ticknorm.base.optional import require
 from ticknorm.base.errors import CheckpointError, first_line
 
 PEFT_PREFIX = "base_model.model."
-_LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
+# A trained copy of a whole module (`modules_to_save`, a classifier's head) is the adapter's too
+_LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector",
+                 ".modules_to_save.")
 # The adapter's name after a LoRA weight's own (`lora_A.default.weight`), as `PeftModel.state_dict()` has it
 _ADAPTER_NAME = re.compile(r"(\.lora_[A-Za-z_]+)\.(?!(?:weight|bias)$)[^.]+(?=\.|$)")
+# `head.modules_to_save.default.weight`: the trained copy, which save_pretrained writes as `head.weight`
+_SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+\.")
 
 
 def merge_adapter(model, directory):
@@ -87,8 +91,9 @@ def unwrap_peft_state_dict(state_dict: dict, source: str) -> dict:
 def split_lora_state_dict(state_dict: dict) -> tuple[dict, dict]:
     """The base model's weights and the LoRA weights of a state dict saved from a PEFT-wrapped
     model (`torch.save(peft_model.state_dict())`): the base's under their own names (PEFT's
-    `base_model.model.` and `base_layer.` taken off), the LoRA weights as `save_pretrained` names
-    them (no adapter name: `...q_proj.lora_A.weight`), which is what PEFT loads. A state dict
+    `base_model.model.`, `base_layer.` and `original_module.` taken off), the LoRA weights and
+    trained module copies as `save_pretrained` names them (no adapter name: `...q_proj.lora_A.weight`,
+    `score.weight`), which is what PEFT loads. A state dict
     without LoRA weights is returned whole, as the base's."""
     if not any(_is_lora(key) for key in state_dict):
         return state_dict, {}
@@ -96,9 +101,9 @@ def split_lora_state_dict(state_dict: dict) -> tuple[dict, dict]:
     for key, value in state_dict.items():
         plain = key.removeprefix(PEFT_PREFIX)
         if _is_lora(key):
-            adapter[PEFT_PREFIX + _ADAPTER_NAME.sub(r"\1", plain)] = value
+            adapter[PEFT_PREFIX + _SAVED_COPY.sub(".", _ADAPTER_NAME.sub(r"\1", plain))] = value
         else:
-            base[plain.replace(".base_layer.", ".")] = value
+            base[plain.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
     return base, adapter
 
 
