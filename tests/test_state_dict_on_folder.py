@@ -111,7 +111,8 @@ def lora_fine_tune(peft, **config):
 
 def peft_merged(peft, wrapped, state: dict) -> dict:
     """PEFT's own merge_and_unload of the same weights (a fresh wrapper, loaded with `state`)."""
-    again = peft.get_peft_model(fine_tuned(seed=99), wrapped.peft_config["default"])
+    dtype = next(iter(state.values())).dtype
+    again = peft.get_peft_model(fine_tuned(seed=99).to(dtype), wrapped.peft_config["default"])
     again.load_state_dict(state, strict=True)
     return again.merge_and_unload().state_dict()
 
@@ -138,6 +139,16 @@ def test_lora_state_dict_is_merged_as_peft_merges_it(base_dir, tmp_path, config,
     by_hand = state[f"{prefix}.base_layer.weight"] + alpha / rank * (
         state[f"{prefix}.lora_B.default.weight"] @ state[f"{prefix}.lora_A.default.weight"])
     torch.testing.assert_close(model.model.layers[1].self_attn.q_proj.weight, by_hand)
+
+
+def test_bf16_lora_state_dict_merges_in_bf16(base_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    wrapped = lora_fine_tune(peft, r=2, lora_alpha=4).to(torch.bfloat16)
+    torch.save(wrapped.state_dict(), tmp_path / "tuned.pt")
+    wrapped.peft_config["default"].save_pretrained(str(tmp_path))
+    model = loaded(ModelRef(str(base_dir), str(tmp_path / "tuned.pt")))
+    assert model.dtype == torch.bfloat16
+    assert_weights_equal(model, peft_merged(peft, wrapped, wrapped.state_dict()))
 
 
 def test_lora_keys_without_the_adapter_name_merge_too(base_dir, tmp_path):
