@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
+from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedOpsetsPass
 
 from ticknorm.base.errors import AccuracyError, FusionError, InputSpecError, RuntimeFailure, first_line
 from ticknorm.base.functions import called_functions, inline_functions
@@ -18,7 +18,8 @@ from ticknorm.exporter.fusion.norms import Finding, NormMatch
 from ticknorm.exporter.fusion.report import FusionReport, NormRecord
 from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets, reusable_params, rewrite_matches
 from ticknorm.exporter.fusion.rules import find_norms
-from ticknorm.exporter.fusion.typed import typed_ir
+from ticknorm.base.write_back import written_back
+from ticknorm.exporter.fusion.typed import typed_ir, typed_read
 from ticknorm.exporter.fusion.verify import verify_fused
 
 __all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms", "norms_in",
@@ -92,7 +93,8 @@ def _fused(model: onnx.ModelProto, opset: int | None,
            targets: NormTargets) -> tuple[onnx.ModelProto, FusionReport, list[NormMatch]]:
     """The fused model (`model`, or the opset-raised one, when nothing was fused), its report
     (opsets, every norm's record, the dead nodes removed), and the main graph's matches left to verify."""
-    working, typed = model, typed_ir(model)
+    working, read = model, typed_read(model)
+    typed = read.model
     before = default_opset(typed)
     if opset is not None and opset < before:
         raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
@@ -100,7 +102,8 @@ def _fused(model: onnx.ModelProto, opset: int | None,
     target = _target_opset([m for _, _, results in found for m in results], before, opset, targets)
     if target != before:
         working = _convert(model, target)
-        typed = typed_ir(working)
+        read = typed_read(working)
+        typed = read.model
         found = norms_in(typed)
     op_types = {kind: targets.op(kind, target)[0] for kind in FUSED_OPS}
     records, matches = _fuse(typed, found, target, targets, op_types)
@@ -108,18 +111,20 @@ def _fused(model: onnx.ModelProto, opset: int | None,
     if not any(r.status == "fused" for r in records):
         return working, report, matches
     report.dead_removed, matches = _without_dead_nodes(typed, [graph for _, graph, _ in found], records, matches)
-    return ir.to_proto(typed), report, matches
+    return written_back(read), report, matches
 
 
 def _without_dead_nodes(model: ir.Model, graphs: list[ir.Graph], records: list[NormRecord],
                         matches: list[NormMatch]) -> tuple[int, list[NormMatch]]:
-    """In place: every node nothing reads any more is removed by onnx-ir's passes, which keep the
-    graph outputs and what any If/Loop body reads: the Casts and Identities the fused norms bypass
-    first of all (a file is judged by what it runs, and dead nodes read as work left). `graphs`:
-    the main graph and every body, counted before and after. How many went, and the matches still
-    computed: a fused norm nothing read goes too, unverified, and its record says so."""
+    """In place: every node nothing reads any more is removed (the graph outputs and what any
+    If/Loop body reads stay), and the functions and opsets nothing uses, by onnx-ir's passes: the
+    Casts and Identities the fused norms bypass first of all (a file is judged by what it runs,
+    and dead nodes read as work left). `graphs`: the main graph and every body, counted before and
+    after. How many went, and the matches still computed: a fused norm nothing read goes too,
+    unverified, and its record says so."""
     before = _node_count(model, graphs)
-    RemoveUnusedNodesPass()(model)
+    for graph in reversed(graphs):  # bodies first: what a dead body node read may die with it
+        _remove_unread(graph)
     if model.functions:
         RemoveUnusedFunctionsPass()(model)
     removed = before - _node_count(model, graphs)
@@ -131,6 +136,19 @@ def _without_dead_nodes(model: ir.Model, graphs: list[ir.Graph], records: list[N
         if record.status == "fused" and record.output in unread:
             record.notes.append("its output was read by nothing: removed as dead, so not verified")
     return removed, [m for m in matches if m.output in computed]
+
+
+def _remove_unread(graph: ir.Graph) -> None:
+    """Every node of `graph` whose outputs nothing reads, last first so a chain goes at once, and
+    then every initializer nothing reads. onnx-ir's RemoveUnusedNodesPass does this and also
+    trims the unused optional outputs of every node it keeps, looking up each node's schema: 0.04 s
+    on a 96-layer encoder, a sixth of fusing it, for nodes fusion never touched."""
+    for node in reversed(graph):
+        if not any(output.uses() or output.is_graph_output() for output in node.outputs):
+            graph.remove(node, safe=True)
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+            graph.initializers.pop(name)
 
 
 def _node_count(model: ir.Model, graphs: list[ir.Graph]) -> int:

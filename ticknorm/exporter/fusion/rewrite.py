@@ -51,9 +51,6 @@ def rewrite_matches(graph: ir.Graph, matches: list[NormMatch], op_types: dict[st
             graph.register_initializer(param)
         ir.convenience.replace_nodes_and_values(graph, match.nodes[-1], match.nodes, nodes, [match.output_value],
                                                 [nodes[-1].outputs[0]])
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
-            graph.initializers.pop(name)
 
 
 def reusable_params(graphs: list[ir.Graph], matches: list[NormMatch]) -> dict[ParamKey, ir.Value]:
