@@ -8,10 +8,13 @@ or metadata of a node in place (fusion replaces nodes, and its dead-node pass tr
 and outputs); a node holding a subgraph is always written anew, since its body may have changed.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import onnx
 import onnx_ir as ir
+
+from ticknorm.base.graph import held_graphs
 
 
 @dataclass
@@ -28,7 +31,7 @@ def read(proto: onnx.ModelProto) -> ReadModel:
     proto: onnx-ir keeps the file's node order."""
     model = ir.from_proto(proto)
     pairs = zip(model.graph, proto.graph.node, strict=True)
-    return ReadModel(model, proto, {node: node_proto for node, node_proto in pairs if not _holds_graph(node)})
+    return ReadModel(model, proto, {node: node_proto for node, node_proto in pairs if not held_graphs(node)})
 
 
 def written_back(read_model: ReadModel) -> onnx.ModelProto:
@@ -62,21 +65,25 @@ def _graph(out: onnx.GraphProto, read_model: ReadModel) -> None:
     read_tensors = {tensor.name: tensor for tensor in source.initializer}
     for name, value in graph.initializers.items():
         tensor = read_tensors.get(name)
-        if tensor is None or getattr(value.const_value, "raw", None) is not tensor:
-            value.const_value.name = name  # type: ignore[union-attr] - fusion's initializers hold tensors
-            tensor = ir.serde.serialize_tensor(value.const_value)  # type: ignore[arg-type]
+        held = value.const_value
+        if held is None:
+            continue  # nothing to write, as onnx-ir's serializer
+        if tensor is None or getattr(held, "raw", None) is not tensor:
+            held.name = name
+            tensor = ir.serde.serialize_tensor(held)
         out.initializer.append(tensor)
     names = set(graph.initializers)
+    node_protos = []
     for node in graph:
         node_proto = read_model.node_protos.get(node)
-        if node_proto is None or not _as_read(node, node_proto):
-            node_proto = ir.serde.serialize_node(node)
-        out.node.append(node_proto)
-        names.update(value.name for value in node.outputs)
+        node_protos.append(node_proto if node_proto is not None and _as_read(node, node_proto)
+                           else ir.serde.serialize_node(node))
+        names.update(value.name for value in node.outputs if value.name)
+    out.node.extend(node_protos)
     out.value_info.extend(info for info in source.value_info if info.name in names)
 
 
-def _values(values: list[ir.Value], read: list[onnx.ValueInfoProto]) -> list[onnx.ValueInfoProto]:
+def _values(values: Sequence[ir.Value], read: Sequence[onnx.ValueInfoProto]) -> list[onnx.ValueInfoProto]:
     """The graph's inputs or outputs: as read while their names are those read, else written."""
     if [value.name for value in values] == [info.name for info in read]:
         return list(read)
@@ -86,8 +93,3 @@ def _values(values: list[ir.Value], read: list[onnx.ValueInfoProto]) -> list[onn
 def _as_read(node: ir.Node, node_proto: onnx.NodeProto) -> bool:
     return (list(node_proto.input) == [value.name if value is not None else "" for value in node.inputs]
             and list(node_proto.output) == [value.name for value in node.outputs])
-
-
-def _holds_graph(node: ir.Node) -> bool:
-    return any(attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-               for attribute in node.attributes.values())

@@ -11,7 +11,7 @@ from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedOpsetsP
 
 from ticknorm.base.errors import AccuracyError, FusionError, InputSpecError, RuntimeFailure, first_line
 from ticknorm.base.functions import called_functions, inline_functions
-from ticknorm.base.graph import FreshNames, default_opset
+from ticknorm.base.graph import FreshNames, default_opset, nested_graphs
 from ticknorm.base.graph_feeds import feed_sets_for_graph, guessed_inputs
 from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
 from ticknorm.exporter.fusion.norms import Finding, NormMatch
@@ -159,17 +159,8 @@ def _node_count(model: ir.Model, graphs: list[ir.Graph]) -> int:
 def norms_in(model: ir.Model) -> list[GraphNorms]:
     """(node holding the graph or None, graph, its norms) for the main graph and each If/Loop/Scan
     body at any depth (Optimum's merged decoder keeps the whole decoder in both branches of one If)."""
-    return [(None, model.graph, find_norms(model.graph))] + _body_norms(model.graph)
-
-
-def _body_norms(graph: ir.Graph) -> list[GraphNorms]:
-    found: list[GraphNorms] = []
-    for node in graph:
-        for attribute in node.attributes.values():
-            if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                for body in attribute.value if attribute.type == ir.AttributeType.GRAPHS else [attribute.value]:
-                    found += [(node, body, find_norms(body))] + _body_norms(body)
-    return found
+    return [(None, model.graph, find_norms(model.graph)),
+            *((holder, body, find_norms(body)) for holder, body in nested_graphs(model.graph))]
 
 
 def _norms_reachable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
