@@ -168,11 +168,11 @@ class FreshNames:
     onnx-graphsurgeon does). onnx-ir names what is left unnamed, but a Cast that should say what it
     rounds (`x_round`, `x_fp32`) needs a name from a stem."""
 
-    def __init__(self, graph: ir.Graph):
-        """Names in `graph` and its subgraphs at any depth: a node added to a branch is named apart
-        from the outer graph's too."""
+    def __init__(self, graph: ir.Graph, bodies: list[tuple[ir.Node, ir.Graph]] | None = None):
+        """Names in `graph` and its subgraphs at any depth (`bodies`, when the caller has found
+        them already): a node added to a branch is named apart from the outer graph's too."""
         self.taken: set[str | None] = set()
-        for each in [graph, *(body for _, body in nested_graphs(graph))]:
+        for each in [graph, *(body for _, body in (nested_graphs(graph) if bodies is None else bodies))]:
             self.taken.update(each.initializers, (value.name for value in each.inputs))
             for node in each:
                 self.taken.add(node.name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_ir as ir
 
-from ticknorm.base.graph import held_graphs
+from ticknorm.base.graph import held_graphs, nested_graphs
 
 
 @dataclass
@@ -24,14 +24,20 @@ class ReadModel:
     model: ir.Model
     proto: onnx.ModelProto
     node_protos: dict[ir.Node, onnx.NodeProto] = field(default_factory=dict)
+    bodies: list[tuple[ir.Node, ir.Graph]] = field(default_factory=list)  # `graph.nested_graphs` of the main graph
 
 
 def read(proto: onnx.ModelProto) -> ReadModel:
     """`proto` in onnx-ir (its weights wrapped, not copied), each main-graph node paired with its
-    proto: onnx-ir keeps the file's node order."""
-    model = ir.from_proto(proto)
-    pairs = zip(model.graph, proto.graph.node, strict=True)
-    return ReadModel(model, proto, {node: node_proto for node, node_proto in pairs if not held_graphs(node)})
+    proto (onnx-ir keeps the file's node order), and the subgraphs found on the way."""
+    read_model = ReadModel(ir.from_proto(proto), proto)
+    for node, node_proto in zip(read_model.model.graph, proto.graph.node, strict=True):
+        held = held_graphs(node)
+        if not held:
+            read_model.node_protos[node] = node_proto
+        for body in held:
+            read_model.bodies += [(node, body), *nested_graphs(body)]
+    return read_model
 
 
 def written_back(read_model: ReadModel) -> onnx.ModelProto:

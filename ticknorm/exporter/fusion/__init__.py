@@ -98,13 +98,13 @@ def _fused(model: onnx.ModelProto, opset: int | None,
     before = default_opset(typed)
     if opset is not None and opset < before:
         raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
-    found = norms_in(typed)
+    found = norms_in(typed, read.bodies)
     target = _target_opset([m for _, _, results in found for m in results], before, opset, targets)
     if target != before:
         working = _convert(model, target)
         read = typed_read(working)
         typed = read.model
-        found = norms_in(typed)
+        found = norms_in(typed, read.bodies)
     op_types = {kind: targets.op(kind, target)[0] for kind in FUSED_OPS}
     records, matches = _fuse(typed, found, target, targets, op_types)
     report = FusionReport(before, target, records)
@@ -156,11 +156,13 @@ def _node_count(model: ir.Model, graphs: list[ir.Graph]) -> int:
     return sum(len(graph) for graph in graphs) + sum(len(function) for function in model.functions.values())
 
 
-def norms_in(model: ir.Model) -> list[GraphNorms]:
+def norms_in(model: ir.Model, bodies: list[tuple[ir.Node, ir.Graph]] | None = None) -> list[GraphNorms]:
     """(node holding the graph or None, graph, its norms) for the main graph and each If/Loop/Scan
-    body at any depth (Optimum's merged decoder keeps the whole decoder in both branches of one If)."""
+    body at any depth (Optimum's merged decoder keeps the whole decoder in both branches of one If).
+    `bodies`: the main graph's `nested_graphs`, when the caller has found them already."""
     return [(None, model.graph, find_norms(model.graph)),
-            *((holder, body, find_norms(body)) for holder, body in nested_graphs(model.graph))]
+            *((holder, body, find_norms(body))
+              for holder, body in (nested_graphs(model.graph) if bodies is None else bodies))]
 
 
 def _norms_reachable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
@@ -180,7 +182,9 @@ def _fuse(model: ir.Model, found: list[GraphNorms], target: int, targets: NormTa
           op_types: dict[str, str]) -> tuple[list[NormRecord], list[NormMatch]]:
     """Rewrite the fusable norms of every graph in place: their records, and the main graph's
     matches (fused norms in bodies are checked through the graph's outputs)."""
-    names, records, outer = FreshNames(model.graph), [], []
+    names = FreshNames(model.graph, [(holder, graph) for holder, graph, _ in found if holder is not None])
+    records: list[NormRecord] = []
+    outer: list[NormMatch] = []
     for holder, graph, results in found:
         graph_records, matches = _records(results, target, targets)
         if holder is not None:

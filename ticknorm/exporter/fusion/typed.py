@@ -6,7 +6,7 @@ writes is typed where the file was."""
 import onnx
 import onnx_ir as ir
 
-from ticknorm.base.graph import inferred_types, nested_graphs
+from ticknorm.base.graph import inferred_types
 from ticknorm.base.write_back import ReadModel, read
 
 
@@ -21,7 +21,6 @@ def typed_read(model: onnx.ModelProto) -> ReadModel:
     fusion writes is typed where the file was, and only the values fusion asks about are read."""
     inferred = inferred_types(model)
     converted = read(model)
-    main = converted.model.graph
-    for graph in [main, *(body for _, body in nested_graphs(main))]:
+    for graph in [converted.model.graph, *(body for _, body in converted.bodies)]:
         graph.meta["inferred"] = inferred
     return converted
