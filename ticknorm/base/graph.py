@@ -132,6 +132,28 @@ def _value_types(graph: onnx.GraphProto, found: dict[str, onnx.TypeProto]) -> di
     return found
 
 
+def held_graphs(node: ir.Node) -> list[ir.Graph]:
+    """The If branches and Loop/Scan bodies `node` holds, read from its attributes' plain dict:
+    onnx-ir's RecursiveGraphIterator and `Model.graphs()` go through every node's attributes by
+    generic Mapping iteration, 0.03 s over a 96-layer encoder that holds no subgraph at all."""
+    found: list[ir.Graph] = []
+    for attribute in node.attributes.data.values():
+        if attribute.type == ir.AttributeType.GRAPH:
+            found.append(attribute.as_graph())
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            found.extend(attribute.as_graphs())
+    return found
+
+
+def nested_graphs(graph: ir.Graph) -> list[tuple[ir.Node, ir.Graph]]:
+    """Every subgraph of `graph` at any depth, with the node holding it, outermost first."""
+    found: list[tuple[ir.Node, ir.Graph]] = []
+    for node in graph:
+        for body in held_graphs(node):
+            found += [(node, body), *nested_graphs(body)]
+    return found
+
+
 def node_name(node: ir.Node, position: int) -> str:
     """A node's name, or its op type and position for an unnamed one (how reports name it)."""
     return node.name or f"{node.op_type}#{position}"
@@ -146,13 +168,15 @@ class FreshNames:
     onnx-graphsurgeon does). onnx-ir names what is left unnamed, but a Cast that should say what it
     rounds (`x_round`, `x_fp32`) needs a name from a stem."""
 
-    def __init__(self, graph: ir.Graph):
-        """Names in `graph` and its subgraphs at any depth: a node added to a branch is named apart
-        from the outer graph's too."""
-        self.taken = {*graph.initializers, *(value.name for value in graph.inputs)}
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            self.taken.add(node.name)
-            self.taken.update(value.name for value in node.outputs)
+    def __init__(self, graph: ir.Graph, bodies: list[tuple[ir.Node, ir.Graph]] | None = None):
+        """Names in `graph` and its subgraphs at any depth (`bodies`, when the caller has found
+        them already): a node added to a branch is named apart from the outer graph's too."""
+        self.taken: set[str | None] = set()
+        for each in [graph, *(body for _, body in (nested_graphs(graph) if bodies is None else bodies))]:
+            self.taken.update(each.initializers, (value.name for value in each.inputs))
+            for node in each:
+                self.taken.add(node.name)
+                self.taken.update(value.name for value in node.outputs)
 
     def fresh(self, stem: str) -> str:
         candidates = itertools.chain([stem], (f"{stem}_{count}" for count in itertools.count(1)))

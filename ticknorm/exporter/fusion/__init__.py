@@ -7,18 +7,19 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
+from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedOpsetsPass
 
 from ticknorm.base.errors import AccuracyError, FusionError, InputSpecError, RuntimeFailure, first_line
 from ticknorm.base.functions import called_functions, inline_functions
-from ticknorm.base.graph import FreshNames, default_opset
+from ticknorm.base.graph import FreshNames, default_opset, nested_graphs
 from ticknorm.base.graph_feeds import feed_sets_for_graph, guessed_inputs
 from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
 from ticknorm.exporter.fusion.norms import Finding, NormMatch
 from ticknorm.exporter.fusion.report import FusionReport, NormRecord
 from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets, reusable_params, rewrite_matches
 from ticknorm.exporter.fusion.rules import find_norms
-from ticknorm.exporter.fusion.typed import typed_ir
+from ticknorm.base.write_back import written_back
+from ticknorm.exporter.fusion.typed import typed_ir, typed_read
 from ticknorm.exporter.fusion.verify import verify_fused
 
 __all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms", "norms_in",
@@ -92,34 +93,38 @@ def _fused(model: onnx.ModelProto, opset: int | None,
            targets: NormTargets) -> tuple[onnx.ModelProto, FusionReport, list[NormMatch]]:
     """The fused model (`model`, or the opset-raised one, when nothing was fused), its report
     (opsets, every norm's record, the dead nodes removed), and the main graph's matches left to verify."""
-    working, typed = model, typed_ir(model)
+    working, read = model, typed_read(model)
+    typed = read.model
     before = default_opset(typed)
     if opset is not None and opset < before:
         raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
-    found = norms_in(typed)
+    found = norms_in(typed, read.bodies)
     target = _target_opset([m for _, _, results in found for m in results], before, opset, targets)
     if target != before:
         working = _convert(model, target)
-        typed = typed_ir(working)
-        found = norms_in(typed)
+        read = typed_read(working)
+        typed = read.model
+        found = norms_in(typed, read.bodies)
     op_types = {kind: targets.op(kind, target)[0] for kind in FUSED_OPS}
     records, matches = _fuse(typed, found, target, targets, op_types)
     report = FusionReport(before, target, records)
     if not any(r.status == "fused" for r in records):
         return working, report, matches
     report.dead_removed, matches = _without_dead_nodes(typed, [graph for _, graph, _ in found], records, matches)
-    return ir.to_proto(typed), report, matches
+    return written_back(read), report, matches
 
 
 def _without_dead_nodes(model: ir.Model, graphs: list[ir.Graph], records: list[NormRecord],
                         matches: list[NormMatch]) -> tuple[int, list[NormMatch]]:
-    """In place: every node nothing reads any more is removed by onnx-ir's passes, which keep the
-    graph outputs and what any If/Loop body reads: the Casts and Identities the fused norms bypass
-    first of all (a file is judged by what it runs, and dead nodes read as work left). `graphs`:
-    the main graph and every body, counted before and after. How many went, and the matches still
-    computed: a fused norm nothing read goes too, unverified, and its record says so."""
+    """In place: every node nothing reads any more is removed (the graph outputs and what any
+    If/Loop body reads stay), and the functions and opsets nothing uses, by onnx-ir's passes: the
+    Casts and Identities the fused norms bypass first of all (a file is judged by what it runs,
+    and dead nodes read as work left). `graphs`: the main graph and every body, counted before and
+    after. How many went, and the matches still computed: a fused norm nothing read goes too,
+    unverified, and its record says so."""
     before = _node_count(model, graphs)
-    RemoveUnusedNodesPass()(model)
+    for graph in reversed(graphs):  # bodies first: what a dead body node read may die with it
+        _remove_unread(graph)
     if model.functions:
         RemoveUnusedFunctionsPass()(model)
     removed = before - _node_count(model, graphs)
@@ -133,25 +138,31 @@ def _without_dead_nodes(model: ir.Model, graphs: list[ir.Graph], records: list[N
     return removed, [m for m in matches if m.output in computed]
 
 
+def _remove_unread(graph: ir.Graph) -> None:
+    """Every node of `graph` whose outputs nothing reads, last first so a chain goes at once, and
+    then every initializer nothing reads. onnx-ir's RemoveUnusedNodesPass does this and also
+    trims the unused optional outputs of every node it keeps, looking up each node's schema: 0.04 s
+    on a 96-layer encoder, a sixth of fusing it, for nodes fusion never touched."""
+    for node in reversed(graph):
+        if not any(output.uses() or output.is_graph_output() for output in node.outputs):
+            graph.remove(node, safe=True)
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+            graph.initializers.pop(name)
+
+
 def _node_count(model: ir.Model, graphs: list[ir.Graph]) -> int:
     """The nodes of `graphs` and of the functions (those of a dead If's bodies go uncounted: only the If)."""
     return sum(len(graph) for graph in graphs) + sum(len(function) for function in model.functions.values())
 
 
-def norms_in(model: ir.Model) -> list[GraphNorms]:
+def norms_in(model: ir.Model, bodies: list[tuple[ir.Node, ir.Graph]] | None = None) -> list[GraphNorms]:
     """(node holding the graph or None, graph, its norms) for the main graph and each If/Loop/Scan
-    body at any depth (Optimum's merged decoder keeps the whole decoder in both branches of one If)."""
-    return [(None, model.graph, find_norms(model.graph))] + _body_norms(model.graph)
-
-
-def _body_norms(graph: ir.Graph) -> list[GraphNorms]:
-    found: list[GraphNorms] = []
-    for node in graph:
-        for attribute in node.attributes.values():
-            if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                for body in attribute.value if attribute.type == ir.AttributeType.GRAPHS else [attribute.value]:
-                    found += [(node, body, find_norms(body))] + _body_norms(body)
-    return found
+    body at any depth (Optimum's merged decoder keeps the whole decoder in both branches of one If).
+    `bodies`: the main graph's `nested_graphs`, when the caller has found them already."""
+    return [(None, model.graph, find_norms(model.graph)),
+            *((holder, body, find_norms(body))
+              for holder, body in (nested_graphs(model.graph) if bodies is None else bodies))]
 
 
 def _norms_reachable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
@@ -171,7 +182,9 @@ def _fuse(model: ir.Model, found: list[GraphNorms], target: int, targets: NormTa
           op_types: dict[str, str]) -> tuple[list[NormRecord], list[NormMatch]]:
     """Rewrite the fusable norms of every graph in place: their records, and the main graph's
     matches (fused norms in bodies are checked through the graph's outputs)."""
-    names, records, outer = FreshNames(model.graph), [], []
+    names = FreshNames(model.graph, [(holder, graph) for holder, graph, _ in found if holder is not None])
+    records: list[NormRecord] = []
+    outer: list[NormMatch] = []
     for holder, graph, results in found:
         graph_records, matches = _records(results, target, targets)
         if holder is not None:

@@ -17,8 +17,9 @@ ORT_RMS_NORM = "SimplifiedLayerNormalization"
 # auto: RMSNormalization at opset 23+, ONNX Runtime's op below; onnx: RMSNormalization only (left
 # decomposed below 23); ort: ONNX Runtime's op at any opset.
 RMS_TARGETS = ("auto", "onnx", "ort")
-# An initializer's contents as a dict key: dtype, shape, bytes.
-ParamKey = tuple[str, tuple[int, ...], bytes]
+# An initializer's contents as a dict key: its ONNX data type, shape, little-endian bytes (as the
+# file holds them: a weight is not decoded to be compared).
+ParamKey = tuple[int, tuple[int, ...], bytes]
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,6 @@ def rewrite_matches(graph: ir.Graph, matches: list[NormMatch], op_types: dict[st
             graph.register_initializer(param)
         ir.convenience.replace_nodes_and_values(graph, match.nodes[-1], match.nodes, nodes, [match.output_value],
                                                 [nodes[-1].outputs[0]])
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
-            graph.initializers.pop(name)
 
 
 def reusable_params(graphs: list[ir.Graph], matches: list[NormMatch]) -> dict[ParamKey, ir.Value]:
@@ -64,11 +62,11 @@ def reusable_params(graphs: list[ir.Graph], matches: list[NormMatch]) -> dict[Pa
     for graph in graphs:
         for value in graph.initializers.values():
             tensor = value.const_value
-            if (tensor is None or isinstance(tensor, ir.ExternalTensor) or value.is_graph_input()
-                    or tuple(tensor.shape) not in shapes):
+            if tensor is None or isinstance(tensor, ir.ExternalTensor) or value.is_graph_input():
                 continue
-            array = tensor.numpy()
-            found.setdefault((array.dtype.str, array.shape, array.tobytes()), value)
+            shape = tuple(tensor.shape.numpy())
+            if shape in shapes:
+                found.setdefault((int(tensor.dtype), shape, tensor.tobytes()), value)
     return found
 
 
@@ -76,7 +74,7 @@ def _param(value, match: NormMatch, stem: str, names: FreshNames, reusable: dict
            created: list[ir.Value]) -> ir.Value:
     dtype = ir.DataType(match.elem_type)
     array = np.ascontiguousarray(np.broadcast_to(np.asarray(value).astype(dtype.numpy()), match.dims))
-    key = (array.dtype.str, array.shape, array.tobytes())
+    key = (int(dtype), array.shape, array.tobytes())
     if key not in reusable:
         name = names.fresh(stem)
         reusable[key] = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),

@@ -7,13 +7,20 @@ import onnx
 import onnx_ir as ir
 
 from ticknorm.base.graph import inferred_types
+from ticknorm.base.write_back import ReadModel, read
+
 
 def typed_ir(model: onnx.ModelProto) -> ir.Model:
-    """`model` in onnx-ir, with what ONNX infers of each value's type kept beside it (each graph's
-    `meta["inferred"]`, read by `values`) rather than written into the values: what fusion
-    writes is typed where the file was, and only the values fusion asks about are read."""
+    return typed_read(model).model
+
+
+def typed_read(model: onnx.ModelProto) -> ReadModel:
+    """`model` in onnx-ir (paired with the protos it was read from, which fusion writes back
+    where nothing changed), with what ONNX infers of each value's type kept beside it (each
+    graph's `meta["inferred"]`, read by `values`) rather than written into the values: what
+    fusion writes is typed where the file was, and only the values fusion asks about are read."""
     inferred = inferred_types(model)
-    converted = ir.from_proto(model)
-    for graph in converted.graphs():
+    converted = read(model)
+    for graph in [converted.model.graph, *(body for _, body in converted.bodies)]:
         graph.meta["inferred"] = inferred
     return converted

@@ -33,7 +33,9 @@ def _read_constant(value: ir.Value) -> np.ndarray | None:
     if node is None:
         return None
     if node.op_type == "Constant":
-        tensor = ir.convenience.get_const_tensor(value)
+        held = node.attributes.get("value")  # read as it is: `get_const_tensor` checks it against
+        # TensorProtocol, a typing Protocol whose isinstance was a fifth of matching
+        tensor = held.value if held is not None else ir.convenience.get_const_tensor(value)
         return None if tensor is None else tensor.numpy()
     if node.op_type in ("Cast", "Identity"):
         inner = constant(node.inputs[0])
