@@ -248,7 +248,7 @@ def test_an_optimum_style_decoder_alone(decoder, tmp_path):
     command runs on its own module names."""
     compared = run("compare", decoder, "--per-layer", "--depth", "3")
     assert compared.exit_code == 0, compared.output
-    assert "present.1.value (iteration 2)" in compared.output and "model.layers.1.mlp" in compared.output
+    assert "present.1.value (iteration 2)" in compared.output and "  model.layers.1 " in compared.output
     profiled = run("profile", decoder, *FAST, "--depth", "3", "--json", tmp_path / "p.json")
     assert profiled.exit_code == 0, profiled.output
     rows = {row["module"] for row in json.loads((tmp_path / "p.json").read_text())["rows"]}

@@ -215,22 +215,31 @@ def _timings(onnx_model, feeds, runtimes: Runtimes, setup, timing: Timing, progr
     return result
 
 
-def report(source, model, inputs, output, runtimes=(), timing: Timing = Timing(),
-           tolerance: Tolerance | None = None, progress: Progress = QUIET,
-           reference: str | None = None) -> JoinedReport:
+@dataclasses.dataclass(frozen=True)
+class Judging:
+    """How `report` judges the outputs: at `tolerance` (None: each type's default), and without a
+    PyTorch model against `reference` (a runtime's name or an .onnx file; None: the file itself in
+    fp32 on ONNX Runtime CPU, optimizations off)."""
+
+    tolerance: Tolerance | None = None
+    reference: str | None = None
+
+
+def report(source, model, inputs, output, runtimes=(), timing: Timing = Timing(), judging: Judging = Judging(),
+           progress: Progress = QUIET) -> JoinedReport:
     """Latency and error per module on one row: profile every runtime, compare every non-torch
     runtime with PyTorch per module at the same depth (with the same precision policy and
     tolerances as `compare`), and write the HTML page to `output`. The report's `passed` is the
     comparison's verdict. The first iteration's feeds. With `model` None the file is reported
-    alone, judged as `compare` judges it (against itself in fp32, or what `reference` names)."""
+    alone, judged as `compare` judges it (against itself in fp32, or `judging.reference`)."""
     _writable(output)
     runtimes = _named(Runtimes.of(runtimes), model)
-    judged = _judged_setup(source, model, inputs, reference, runtimes, progress)
+    judged = _judged_setup(source, model, inputs, judging.reference, runtimes, progress)
     onnx_model, feeds, setup = judged.model, judged.feed_sets[0], judged.setup
     timings = _timings(onnx_model, feeds, runtimes, setup, timing, progress)
     progress.step(f"comparing every module with {'PyTorch' if model is not None else 'the reference'}")
     targets = [r for r in runtimes.names if r != "torch"]
-    accuracy = compare_runtimes(onnx_model, feeds, targets, setup, tolerance=tolerance,
+    accuracy = compare_runtimes(onnx_model, feeds, targets, setup, tolerance=judging.tolerance,
                                 layers=LayerSelection(timing.depth), progress=progress.step, reference=judged.reference)
     timings.unit = accuracy.unit
     meta = {"model": _name(source), "model_digest": model_digest(onnx_model, setup.weights_dir),

@@ -235,8 +235,7 @@ def _tolerance(atol: float, rtol: float, output_tol: tuple, check_mode: str = "t
     return Tolerance(atol, rtol, per_output, check_mode)
 
 
-tolerance_options = grouped(
-    "tolerance", _tolerance,
+_TOLERANCE = (
     click.option("--atol", type=float, default=None,
                  help="Default: by the type the runtime computes in: fp32 1e-4, fp16 2e-2, bf16 2e-1."),
     click.option("--rtol", type=float, default=None, help="Default: fp32 1e-3, fp16 2e-2, bf16 2e-1."),
@@ -244,6 +243,7 @@ tolerance_options = grouped(
     click.option("--check-mode", type=click.Choice(CHECK_RULES), default="ticknorm", show_default=True,
                  help="ticknorm: a value passes when |error| <= atol + rtol*|ref|; polygraphy: it fails only when "
                       "|error| > atol and |error|/|ref| > rtol (Polygraphy's default). A bundle keeps its mode."))
+tolerance_options = grouped("tolerance", _tolerance, *_TOLERANCE)
 
 _DEPTH = click.option("--depth", type=int, default=None, help="Only tap modules at most this many path segments deep.")
 _MODULES = click.option("--modules", "pattern", default=None, metavar="GLOB",
@@ -489,21 +489,21 @@ def profile_command(source, model, inputs, runtimes, timing, files):
 @main.command("report")
 @click.argument("source", type=click.Path(dir_okay=False))
 @_model_options(required=False)
-@_REFERENCE
 @input_options
 @runtime_options("", *_TRTEXEC, shown=_BY_MODEL)
 @timing_options
-@tolerance_options
+@grouped("judging", lambda reference_choice, **tolerance: api.Judging(_tolerance(**tolerance), reference_choice),
+         _REFERENCE, *_TOLERANCE)
 @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="The HTML file to write.")
 @click.option("--json", "json_path", type=OUTPUT_FILE, default=None,
               help="The same report as JSON (rows, verdict, tolerances, versions, model digest, inputs).")
-def report_command(source, model, reference_choice, inputs, runtimes, timing, tolerance, output, json_path):
+def report_command(source, model, inputs, runtimes, timing, judging, output, json_path):
     """One HTML page: per module, latency and error against PyTorch on every runtime (without
     --model, against the file itself in fp32, or --reference). Exit 1 when a runtime's outputs fail
     tolerance."""
     with TimingProgress(timing, runtimes) as progress:
-        report = api.report(source, model, inputs, output, runtimes=runtimes, timing=timing, tolerance=tolerance,
-                            progress=progress, reference=reference_choice)
+        report = api.report(source, model, inputs, output, runtimes=runtimes, timing=timing, judging=judging,
+                            progress=progress)
     if json_path is not None:
         joined.write_json(report, json_path)
     flagged = [row.module for row in report.rows if row.flagged]
