@@ -207,6 +207,7 @@ def test_snapshot_and_check_without_the_model(files, kind, tmp_path):
     assert done.exit_code == 0, done.output
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["reference"].startswith("the file in fp32 on ort") and meta["reference_precision"] == "fp32"
+    assert meta["rows"] == ("module" if kind == "plain" else "node")
     assert _norm_row(files[kind]) in meta["layers"]
     assert "bundle.json" in json.loads((bundle / "manifest.json").read_text())["files"]
     checked = run("drift", "check", bundle, files[kind])

@@ -53,8 +53,8 @@ from ticknorm.runtime.torch_runner import to_numpy
 from ticknorm.ticks.log import read_ticks
 from ticknorm.ticks.ranges import DEFAULT_HEADROOM, TickSummary, summarize_ticks
 from ticknorm.validate.compare import CompareReport, compare_runtimes
-from ticknorm.validate.drift import (DriftReport, GoldenSources, History, check_bundle, read_history, versions,
-                                     write_bundle)
+from ticknorm.validate.drift import (DriftReport, GoldenSources, History, check_bundle, read_history, rows_by_node,
+                                     versions, write_bundle)
 from ticknorm.validate.host_check import HostReport, check_host
 
 
@@ -273,7 +273,8 @@ def check(bundle, source, runtime: str = "ort", allow_model_change: bool = False
     """Re-run the model on the bundle's inputs and compare with its reference; the verdict is
     appended to the bundle's history unless `record` is False (a read-only checkout)."""
     model = _onnx(source, weights=needs_weights([runtime]))
-    by_node_where_unscoped(model)  # a bundle made from the file alone has its nodes as rows
+    if rows_by_node(bundle):  # made from the file alone, which names no module: its nodes are the rows
+        by_node_where_unscoped(model)
     return check_bundle(bundle, model, runtime=runtime, allow_model_change=allow_model_change,
                         progress=progress.step, record=record, weights_dir=_weights_folder(source, model))
 

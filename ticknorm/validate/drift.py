@@ -109,6 +109,7 @@ def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Toler
     meta = {
         "format": FORMAT, "model_hash": model_digest(model), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions(), "outputs": expected.names, "reference": expected.label,
+        "rows": "node" if isinstance(sources.reference, FileReference) and sources.reference.by_node else "module",
         # the type the reference computed in (a bf16 checkpoint's PyTorch: bf16), whose tolerance a check is judged at
         "reference_precision": expected.precision,
         "tolerances": {"atol": tolerance.atol, "rtol": tolerance.rtol, "per_output": tolerance.per_output,
@@ -122,6 +123,16 @@ def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Toler
     _write_unit(bundle, {"inputs.json": to_json(feed_sets), "outputs.json": results.to_json(),
                          "bundle.json": json.dumps(meta, indent=2)})
     return bundle
+
+
+def rows_by_node(bundle) -> bool:
+    """Whether the bundle's statistics are per node (made from a file alone that names no module):
+    the file checked against it is then read the same way, and hashed with those rows. A bundle
+    that says nothing (or cannot be read, which `load_bundle` then reports) is per module."""
+    try:
+        return json.loads((Path(bundle) / "bundle.json").read_text()).get("rows") == "node"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _write_unit(bundle: Path, files: dict) -> None:
