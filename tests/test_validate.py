@@ -408,7 +408,8 @@ def test_compare_against_outputs_polygraphy_saved(exported, tmp_path):
         (["--input-file", str(inputs), "--reference-outputs", str(tmp_path / "broken.json")], "is not a readable Polygraphy RunResults file"),
         (["--input-file", str(inputs), "--reference-outputs", str(tmp_path / "none.json")], "reference outputs file not found"),
         (["--input-file", str(inputs), "--reference-outputs", str(outputs), "--reference-runner", "trt"], "holds no runner 'trt'; it has onnxrt-runner-N0"),
-        (["--input-file", str(inputs)], "give the PyTorch model (--model) or saved outputs"),
+        (["--input-file", str(inputs), "--reference-outputs", str(outputs), "--reference", "ort"],
+         "--reference and --reference-outputs both name the reference"),
         (["--input-file", str(inputs), "--reference-outputs", str(outputs), "--per-layer"], "per-module comparison taps the PyTorch model"),
     ]:
         bad = CliRunner().invoke(main, ["compare", str(path), *args])

@@ -9,8 +9,8 @@ imported where used (a `Recorder` imports torch when it is built).
 
 __version__ = "0.1.0"
 
-from ticknorm.api import (check, check_runtimes, compare, convert, export, fuse, history, inspect, profile,  # noqa: E402
-                          report, runtimes, show_ticks, snapshot)
+from ticknorm.api import (Judging, check, check_runtimes, compare, convert, export, fuse, history,  # noqa: E402
+                          inspect, profile, report, runtimes, show_ticks, snapshot)
 from ticknorm.base.errors import TicknormError  # noqa: E402
 from ticknorm.base.inputs import Inputs  # noqa: E402
 from ticknorm.base.metrics import Tolerance  # noqa: E402
@@ -25,7 +25,7 @@ from ticknorm.profiler.profile import Timing  # noqa: E402
 from ticknorm.runtime.registry import Runtimes  # noqa: E402
 from ticknorm.ticks import Recorder  # noqa: E402
 
-__all__ = ["ExportOptions", "Inputs", "LayerSelection", "ModelRef", "NormTargets", "Precision", "Progress", "Recorder",
-           "Runtimes", "TicknormError", "Timing", "Tolerance", "__version__", "check", "check_runtimes", "compare",
-           "convert", "export", "fuse", "history", "inspect", "profile", "read_reference", "report", "runtimes",
-           "show_ticks", "snapshot"]
+__all__ = ["ExportOptions", "Inputs", "Judging", "LayerSelection", "ModelRef", "NormTargets", "Precision", "Progress",
+           "Recorder", "Runtimes", "TicknormError", "Timing", "Tolerance", "__version__", "check", "check_runtimes",
+           "compare", "convert", "export", "fuse", "history", "inspect", "profile", "read_reference", "report",
+           "runtimes", "show_ticks", "snapshot"]

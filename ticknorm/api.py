@@ -26,6 +26,7 @@ from ticknorm.base.onnx_io import has_external_weights, load_onnx, model_digest,
 from ticknorm.base.precision import Precision
 from ticknorm.base.progress import QUIET, Progress
 from ticknorm.base.run_results import SavedReference
+from ticknorm.base.node_scopes import by_node_where_unscoped
 from ticknorm.base.scopes import LayerSelection, ensure_scopes
 from ticknorm.exporter.export import ExportOptions, ExportResult, export_model, torch_reference
 from ticknorm.exporter.fusion import FusionResult, NormTargets, fuse_norms
@@ -46,13 +47,14 @@ from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.plugins import plugin_nodes
 from ticknorm.runtime.base import check_feeds, graph_input_meta
 from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, needs_weights, runtime_statuses
+from ticknorm.runtime.file_reference import FileReference, file_reference
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import to_numpy
 from ticknorm.ticks.log import read_ticks
 from ticknorm.ticks.ranges import DEFAULT_HEADROOM, TickSummary, summarize_ticks
 from ticknorm.validate.compare import CompareReport, compare_runtimes
-from ticknorm.validate.drift import (DriftReport, GoldenSources, History, check_bundle, read_history, versions,
-                                     write_bundle)
+from ticknorm.validate.drift import (DriftReport, GoldenSources, History, check_bundle, read_history, rows_by_node,
+                                     versions, write_bundle)
 from ticknorm.validate.host_check import HostReport, check_host
 
 
@@ -157,31 +159,50 @@ def check_runtimes(progress: Progress = QUIET) -> HostReport:
 
 def compare(source, model, inputs, runtimes=("ort",), tolerance: Tolerance | None = None,
             layers: LayerSelection | None = None, progress: Progress = QUIET,
-            reference: SavedReference | None = None) -> CompareReport:
+            reference: SavedReference | str | None = None) -> CompareReport:
     """PyTorch (fp32 CPU) vs each runtime (names, or a `Runtimes`), per output and, with `layers`,
     per module, each at the tolerance of the type it computes in unless `tolerance` says otherwise.
     Low-precision targets run with fp32 islands measured on these inputs (`report.fp32_islands`).
     With `reference` (`read_reference("outputs.json")`: Polygraphy's saved outputs) the outputs are
-    judged against it; `model` may then be None, and `inputs` must be those it was made from."""
+    judged against it; `model` may then be None, and `inputs` must be those it was made from.
+    With `model` None and no saved outputs, the file is judged alone (`file_reference`): against
+    itself in fp32 on ONNX Runtime CPU with optimizations off, or the runtime or .onnx file that
+    `reference` names; `inputs` may then be None (feeds made from the graph)."""
     runtimes = Runtimes.of(runtimes)
-    onnx_model, module, feed_sets = _reference_run(source, model, inputs, reference, progress,
-                                                   weights=needs_weights(runtimes.names))
-    setup = _setup(source, onnx_model, module, feed_sets[0], runtimes, progress)
-    report = compare_runtimes(onnx_model, feed_sets, runtimes.names, setup, tolerance=tolerance, layers=layers,
-                              progress=progress.step, saved=reference)
-    report.fp32_islands = {dtype: list(low.policy.islands) for dtype, low in setup.low.items()}
+    judged = _judged_setup(source, model, inputs, reference, runtimes, progress)
+    report = compare_runtimes(judged.model, judged.feed_sets, runtimes.names, judged.setup, tolerance=tolerance,
+                              layers=layers, progress=progress.step, reference=judged.reference)
+    report.fp32_islands = {dtype: list(low.policy.islands) for dtype, low in judged.setup.low.items()}
     return report
 
 
-def profile(source, model, inputs, runtimes=("torch", "ort"), timing: Timing = Timing(),
+def profile(source, model, inputs, runtimes=(), timing: Timing = Timing(),
             progress: Progress = QUIET) -> ProfileResult:
-    """Per-module latency on every runtime (names, or a `Runtimes`), aligned on PyTorch modules, on
-    the first iteration's feeds; `Runtimes.trtexec` adds the TensorRT layers trtexec timed on a
-    target GPU, mapped to the same modules."""
-    runtimes = Runtimes.of(runtimes)
-    onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress, weights=needs_weights(runtimes.names))
+    """Per-module latency on every runtime (names, or a `Runtimes`; none: torch and ort, or ort
+    alone without a model), aligned on PyTorch modules, on the first iteration's feeds;
+    `Runtimes.trtexec` adds the TensorRT layers trtexec timed on a target GPU, mapped to the same
+    modules. With `model` None the file is profiled alone: its own scopes are the modules, its
+    nodes where it names none, and `inputs` may be None (feeds made from the graph)."""
+    runtimes = _named(Runtimes.of(runtimes), model)
+    weights = needs_weights(runtimes.names)
+    if model is None:
+        alone = _file_alone(source, inputs, progress, weights)
+        onnx_model, module, feeds, by_node = alone.model, None, alone.feed_sets[0], alone.by_node
+    else:
+        onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress, weights)
+        by_node = False
     setup = _setup(source, onnx_model, module, feeds, runtimes, progress)
-    return _timings(onnx_model, feeds, runtimes, setup, timing, progress)
+    result = _timings(onnx_model, feeds, runtimes, setup, timing, progress)
+    result.unit = "node" if by_node else "module"
+    return result
+
+
+def _named(runtimes: Runtimes, model) -> Runtimes:
+    """`runtimes`, or when none are named the default: PyTorch and ONNX Runtime, ONNX Runtime alone
+    for a file without its model."""
+    if runtimes.names:
+        return runtimes
+    return dataclasses.replace(runtimes, names=("torch", "ort") if model is not None else ("ort",))
 
 
 def _timings(onnx_model, feeds, runtimes: Runtimes, setup, timing: Timing, progress: Progress) -> ProfileResult:
@@ -194,22 +215,35 @@ def _timings(onnx_model, feeds, runtimes: Runtimes, setup, timing: Timing, progr
     return result
 
 
-def report(source, model, inputs, output, runtimes=("torch", "ort"), timing: Timing = Timing(),
-           tolerance: Tolerance | None = None, progress: Progress = QUIET) -> JoinedReport:
+@dataclasses.dataclass(frozen=True)
+class Judging:
+    """How `report` judges the outputs: at `tolerance` (None: each type's default), and without a
+    PyTorch model against `reference` (a runtime's name or an .onnx file; None: the file itself in
+    fp32 on ONNX Runtime CPU, optimizations off)."""
+
+    tolerance: Tolerance | None = None
+    reference: str | None = None
+
+
+def report(source, model, inputs, output, runtimes=(), timing: Timing = Timing(), judging: Judging = Judging(),
+           progress: Progress = QUIET) -> JoinedReport:
     """Latency and error per module on one row: profile every runtime, compare every non-torch
     runtime with PyTorch per module at the same depth (with the same precision policy and
     tolerances as `compare`), and write the HTML page to `output`. The report's `passed` is the
-    comparison's verdict. The first iteration's feeds."""
+    comparison's verdict. The first iteration's feeds. With `model` None the file is reported
+    alone, judged as `compare` judges it (against itself in fp32, or `judging.reference`)."""
     _writable(output)
-    runtimes = Runtimes.of(runtimes)
-    onnx_model, module, (feeds, *_) = _judged(source, model, inputs, progress, weights=needs_weights(runtimes.names))
-    setup = _setup(source, onnx_model, module, feeds, runtimes, progress)
+    runtimes = _named(Runtimes.of(runtimes), model)
+    judged = _judged_setup(source, model, inputs, judging.reference, runtimes, progress)
+    onnx_model, feeds, setup = judged.model, judged.feed_sets[0], judged.setup
     timings = _timings(onnx_model, feeds, runtimes, setup, timing, progress)
-    progress.step("comparing every module with PyTorch")
+    progress.step(f"comparing every module with {'PyTorch' if model is not None else 'the reference'}")
     targets = [r for r in runtimes.names if r != "torch"]
-    accuracy = compare_runtimes(onnx_model, feeds, targets, setup, tolerance=tolerance,
-                                layers=LayerSelection(timing.depth), progress=progress.step)
+    accuracy = compare_runtimes(onnx_model, feeds, targets, setup, tolerance=judging.tolerance,
+                                layers=LayerSelection(timing.depth), progress=progress.step, reference=judged.reference)
+    timings.unit = accuracy.unit
     meta = {"model": _name(source), "model_digest": model_digest(onnx_model, setup.weights_dir),
+            "reference": accuracy.reference,
             "inputs": {name: f"{list(value.shape)} {value.dtype}" for name, value in feeds.items()},
             "tolerances": {r: {"atol": atol, "rtol": rtol} for r, (atol, rtol) in accuracy.tolerances.items()},
             "timing": asdict(timing), "created": time.strftime("%Y-%m-%d %H:%M:%S %z"), "versions": versions()}
@@ -224,11 +258,14 @@ def snapshot(source, model, inputs, output, tolerance: Tolerance | None = None,
     """Write a golden bundle: every iteration's inputs and PyTorch outputs, per-module statistics (of
     the first), tolerances, versions. `sources.saved` (Polygraphy's saved outputs of `inputs`) are
     then the reference outputs, and `model`, if given, adds the per-module statistics;
-    `sources.calibration` (a ticks file) adds the ranges each norm reached in training."""
+    `sources.calibration` (a ticks file) adds the ranges each norm reached in training. With
+    `model` None and no saved outputs the file is its own reference, as `compare` judges it alone
+    (`sources.reference` may name a runtime or an .onnx file instead); bundle.json says which."""
     check_writable_folder(output, "bundle")
-    onnx_model, module, feed_sets = _reference_run(source, model, inputs, sources.saved, progress)
-    return write_bundle(onnx_model, module, feed_sets, output, tolerance=tolerance, layers=layers,
-                        progress=progress.step, sources=sources)
+    judged = _judged_setup(source, model, inputs, sources.reference, Runtimes(()), progress, weights=True)
+    return write_bundle(judged.model, judged.setup.module, judged.feed_sets, output, tolerance=tolerance,
+                        layers=layers, progress=progress.step,
+                        sources=dataclasses.replace(sources, reference=judged.reference))
 
 
 def check(bundle, source, runtime: str = "ort", allow_model_change: bool = False,
@@ -236,6 +273,8 @@ def check(bundle, source, runtime: str = "ort", allow_model_change: bool = False
     """Re-run the model on the bundle's inputs and compare with its reference; the verdict is
     appended to the bundle's history unless `record` is False (a read-only checkout)."""
     model = _onnx(source, weights=needs_weights([runtime]))
+    if rows_by_node(bundle):  # made from the file alone, which names no module: its nodes are the rows
+        by_node_where_unscoped(model)
     return check_bundle(bundle, model, runtime=runtime, allow_model_change=allow_model_change,
                         progress=progress.step, record=record, weights_dir=_weights_folder(source, model))
 
@@ -377,8 +416,65 @@ def _reference_run(source, model, inputs, reference: SavedReference | None, prog
     if reference is None:
         raise InputSpecError("give the PyTorch model (--model) or saved outputs to judge against (--reference-outputs)")
     onnx_model = _onnx(source, weights)
-    feed_sets = inputs.feed_sets(onnx_model) if isinstance(inputs, Inputs) else [_feeds(inputs, None, onnx_model)[0]]
-    return onnx_model, None, _fitting(onnx_model, source, feed_sets)
+    return onnx_model, None, _fitting(onnx_model, source, _given_sets(inputs, onnx_model))
+
+
+def _given_sets(inputs, onnx_model: onnx.ModelProto) -> list[dict]:
+    """Every iteration's feeds as given, for a graph with no PyTorch model to complete them."""
+    return inputs.feed_sets(onnx_model) if isinstance(inputs, Inputs) else [_feeds(inputs, None, onnx_model)[0]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileAlone:
+    """A file without its PyTorch model: the graph (scopes ensured, its nodes as rows where it
+    names no module), every iteration's feeds, and whether its rows are nodes."""
+
+    model: onnx.ModelProto
+    feed_sets: list[dict]
+    by_node: bool
+
+
+def _file_alone(source, inputs, progress: Progress, weights: bool = True) -> _FileAlone:
+    """The file and its feeds: the inputs given, else feeds made from the graph alone."""
+    onnx_model = _onnx(source, weights)
+    by_node = by_node_where_unscoped(onnx_model)
+    if inputs is None or (isinstance(inputs, Inputs) and not inputs.given):
+        progress.step("no inputs given: feeds made from the graph's declared inputs")
+        feed_sets = feed_sets_for_graph(onnx_model, _seed(inputs))
+    else:
+        feed_sets = _given_sets(inputs, onnx_model)
+    return _FileAlone(onnx_model, _fitting(onnx_model, source, feed_sets), by_node)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Judged:
+    """What a judging command (compare, report, snapshot) runs: the graph, every iteration's
+    feeds, the runners' setup (its `module` PyTorch's, None without it) and the reference when it
+    is not PyTorch."""
+
+    model: onnx.ModelProto
+    feed_sets: list[dict]
+    setup: RunnerSetup
+    reference: SavedReference | FileReference | None
+
+
+def _judged_setup(source, model, inputs, reference, runtimes: Runtimes, progress: Progress,
+                  weights: bool | None = None) -> _Judged:
+    """The PyTorch model when given is the reference (or saved outputs, `reference` a
+    `SavedReference`); else the file alone is judged against `file_reference(reference)`. The
+    graph is read with its weights when `weights`, or (None) when the runtimes need them."""
+    weights = needs_weights(runtimes.names) if weights is None else weights
+    if model is None and not isinstance(reference, SavedReference):
+        alone = _file_alone(source, inputs, progress, weights)
+        setup = _setup(source, alone.model, None, alone.feed_sets[0], runtimes, progress)
+        return _Judged(alone.model, alone.feed_sets, setup,
+                       file_reference(alone.model, reference, setup, alone.by_node))
+    if isinstance(reference, str):
+        raise InputSpecError(f"--reference {reference} judges a file alone: with --model, PyTorch is the reference "
+                             "(leave out one of them)")
+    onnx_model, module, feed_sets = _reference_run(source, model, inputs, reference, progress, weights)
+    return _Judged(onnx_model, feed_sets, _setup(source, onnx_model, module, feed_sets[0], runtimes, progress),
+                   reference)
 
 
 def _setup(source, onnx_model, module, feeds, runtimes: Runtimes, progress: Progress) -> RunnerSetup:

@@ -144,9 +144,15 @@ def _model_options(required: bool):
 
 model_options = _model_options(required=True)
 
+_REFERENCE = click.option(
+    "--reference", "reference_choice", default=None, metavar="RUNTIME|FILE.onnx",
+    help="Without --model: what the file is judged against (default: the file itself in fp32 on ONNX Runtime CPU, "
+         "graph optimizations off): a runtime, or another .onnx file (e.g. the fp32 export beside an fp16 one).")
+
 reference_options = grouped(
-    "reference", lambda reference_outputs, reference_runner: (
-        read_reference(reference_outputs, reference_runner) if reference_outputs else _no_runner(reference_runner)),
+    "reference", lambda reference_outputs, reference_runner, reference_choice: _reference(
+        reference_outputs, reference_runner, reference_choice),
+    _REFERENCE,
     click.option("--reference-outputs", type=click.Path(dir_okay=False), default=None,
                  help="Judge the outputs against Polygraphy RunResults (polygraphy run --save-outputs) instead of "
                       "PyTorch; --model is then optional and --input-file gives the inputs they were made from."),
@@ -154,10 +160,15 @@ reference_options = grouped(
                  help="The runner in --reference-outputs to use (default: 'torch', else its only one)."))
 
 
-def _no_runner(runner):
+def _reference(outputs, runner, choice):
+    """Polygraphy's saved outputs, or what --reference names for a file judged alone, or None."""
+    if outputs is not None and choice is not None:
+        raise InputSpecError("--reference and --reference-outputs both name the reference: give one")
+    if outputs is not None:
+        return read_reference(outputs, runner)
     if runner is not None:
         raise InputSpecError("--reference-runner picks a runner in --reference-outputs: give that file too")
-    return None
+    return choice
 
 
 _LN_TARGET = click.option("--ln-target", type=click.Choice(LN_TARGETS), default="native", show_default=True,
@@ -228,8 +239,7 @@ def _tolerance(atol: float, rtol: float, output_tol: tuple, check_mode: str = "t
     return Tolerance(atol, rtol, per_output, check_mode)
 
 
-tolerance_options = grouped(
-    "tolerance", _tolerance,
+_TOLERANCE = (
     click.option("--atol", type=float, default=None,
                  help="Default: by the type the runtime computes in: fp32 1e-4, fp16 2e-2, bf16 2e-1."),
     click.option("--rtol", type=float, default=None, help="Default: fp32 1e-3, fp16 2e-2, bf16 2e-1."),
@@ -237,6 +247,7 @@ tolerance_options = grouped(
     click.option("--check-mode", type=click.Choice(CHECK_RULES), default="ticknorm", show_default=True,
                  help="ticknorm: a value passes when |error| <= atol + rtol*|ref|; polygraphy: it fails only when "
                       "|error| > atol and |error|/|ref| > rtol (Polygraphy's default). A bundle keeps its mode."))
+tolerance_options = grouped("tolerance", _tolerance, *_TOLERANCE)
 
 _DEPTH = click.option("--depth", type=int, default=None, help="Only tap modules at most this many path segments deep.")
 _MODULES = click.option("--modules", "pattern", default=None, metavar="GLOB",
@@ -282,11 +293,12 @@ _TRTEXEC = (click.option("--trtexec-profile", type=click.Path(dir_okay=False), d
                               "precision and the GPU compute time of its plain runs."))
 
 
-def runtime_options(default: str, *more):
-    """`--runtime` names and how they run: `--keep-fp32` for the low-precision targets."""
+def runtime_options(default: str, *more, shown: str | None = None):
+    """`--runtime` names and how they run: `--keep-fp32` for the low-precision targets. `shown`:
+    the default as help says it, where `default` is '' (the command's own choice)."""
     return grouped(
         "runtimes", _runtimes,
-        click.option("--runtime", "names", default=default, show_default=True,
+        click.option("--runtime", "names", default=default, show_default=shown or True,
                      help=f"Comma-separated: {runtime_patterns()}. An fp32 graph is converted for trt-fp16/-bf16 "
                           "with fp32 islands measured on the inputs."),
         _KEEP_FP32, *more)
@@ -407,7 +419,8 @@ def runtimes_command(check, as_json):
 @click.option("--json", "json_path", type=OUTPUT_FILE, default=None, help="Write the report as JSON.")
 def compare_command(source, model, reference, inputs, runtimes, tolerance, layers, json_path):
     """Compare runtimes with the PyTorch model (or with saved Polygraphy outputs), per output and
-    per module. Exit 1 on failure."""
+    per module; without --model, with the file itself in fp32 (or --reference), per module or node.
+    Exit 1 on failure."""
     report = api.compare(source, model, inputs, runtimes=runtimes, tolerance=tolerance, layers=layers,
                          progress=Progress(_say), reference=reference)
     click.echo(report.text())
@@ -451,11 +464,14 @@ class TimingProgress:
         self.bar.update(1)
 
 
+_BY_MODEL = "torch,ort; ort without --model"
+
+
 @main.command("profile")
 @click.argument("source", type=click.Path(dir_okay=False))
-@model_options
+@_model_options(required=False)
 @input_options
-@runtime_options("torch,ort", *_TRTEXEC)
+@runtime_options("", *_TRTEXEC, shown=_BY_MODEL)
 @timing_options
 @grouped("files", lambda **paths: {kind: path for kind, path in paths.items() if path},
          click.option("--json", type=OUTPUT_FILE, default=None, help="Write the table as JSON."),
@@ -464,7 +480,8 @@ class TimingProgress:
                       help="Chrome/Perfetto trace, one track per runtime."),
          click.option("--plot", type=OUTPUT_FILE, default=None, help="Bars per module, PNG."))
 def profile_command(source, model, inputs, runtimes, timing, files):
-    """Per-module latency on every runtime, aligned on PyTorch modules."""
+    """Per-module latency on every runtime, aligned on PyTorch modules (without --model, on the
+    file's own modules, or its nodes where it names none)."""
     with TimingProgress(timing, runtimes) as progress:
         result = api.profile(source, model, inputs, runtimes=runtimes, timing=timing, progress=progress)
     click.echo(profile_outputs.table(result))
@@ -475,19 +492,21 @@ def profile_command(source, model, inputs, runtimes, timing, files):
 
 @main.command("report")
 @click.argument("source", type=click.Path(dir_okay=False))
-@model_options
+@_model_options(required=False)
 @input_options
-@runtime_options("torch,ort", *_TRTEXEC)
+@runtime_options("", *_TRTEXEC, shown=_BY_MODEL)
 @timing_options
-@tolerance_options
+@grouped("judging", lambda reference_choice, **tolerance: api.Judging(_tolerance(**tolerance), reference_choice),
+         _REFERENCE, *_TOLERANCE)
 @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="The HTML file to write.")
 @click.option("--json", "json_path", type=OUTPUT_FILE, default=None,
               help="The same report as JSON (rows, verdict, tolerances, versions, model digest, inputs).")
-def report_command(source, model, inputs, runtimes, timing, tolerance, output, json_path):
-    """One HTML page: per module, latency and error against PyTorch on every runtime. Exit 1 when a
-    runtime's outputs fail tolerance."""
+def report_command(source, model, inputs, runtimes, timing, judging, output, json_path):
+    """One HTML page: per module, latency and error against PyTorch on every runtime (without
+    --model, against the file itself in fp32, or --reference). Exit 1 when a runtime's outputs fail
+    tolerance."""
     with TimingProgress(timing, runtimes) as progress:
-        report = api.report(source, model, inputs, output, runtimes=runtimes, timing=timing, tolerance=tolerance,
+        report = api.report(source, model, inputs, output, runtimes=runtimes, timing=timing, judging=judging,
                             progress=progress)
     if json_path is not None:
         joined.write_json(report, json_path)
@@ -513,9 +532,9 @@ def drift():
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None, metavar="TICKS.jsonl",
               help=_CALIBRATION_HELP.format("each norm's peak ranges are kept in bundle.json beside the statistics."))
 def drift_snapshot(source, model, reference, inputs, tolerance, layers, output, calibration):
-    """Write a golden bundle: inputs, PyTorch outputs (or Polygraphy's saved ones), per-module
-    statistics, tolerances, versions, the norms' training ranges with --calibration, and the
-    manifest that makes it one unit."""
+    """Write a golden bundle: inputs, PyTorch outputs (or Polygraphy's saved ones, or without
+    --model the file's own in fp32, or --reference's), per-module statistics, tolerances, versions,
+    the norms' training ranges with --calibration, and the manifest that makes it one unit."""
     bundle = api.snapshot(source, model, inputs, output, tolerance=tolerance, layers=layers, progress=Progress(_say),
                           sources=GoldenSources(reference, calibration))
     click.echo(f"wrote bundle {bundle}")

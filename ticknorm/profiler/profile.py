@@ -1,4 +1,5 @@
-"""Profile a model on several runtimes and align the results per PyTorch module."""
+"""Profile a model on several runtimes and align the results per PyTorch module (per module the
+file's scopes name when it is profiled alone, per node where it names none)."""
 
 import contextlib
 import gc
@@ -38,6 +39,7 @@ class ProfileResult:
     depth: int | None
     logs: dict[str, TickLog] = field(default_factory=dict)  # by runtime
     order: list[str] = field(default_factory=list)  # row keys in model order
+    unit: str = "module"  # what a row is: a module, or a node of a file that names none (`node_scopes`)
 
     def rows(self) -> list[tuple[str, dict]]:
         """(module, {runtime: ModuleTiming}) in model order; group rows and (unattributed) last."""
@@ -61,6 +63,9 @@ def profile_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: Runne
     result = ProfileResult(timing.depth)
     result.order = list(dict.fromkeys(roll_up(m, timing.depth) or ROOT for m in table.module_order))
     names = [o.name for o in model.graph.output]
+    if "torch" in runtimes and setup.module is None:
+        raise InputSpecError("the torch runtime runs the PyTorch model: give --model, or profile the file alone on "
+                             "ONNX runtimes (--runtime ort,ort-cuda,trt)")
     runners = {r: TorchRunner(setup.module, names) if r == "torch" else make_runner(r, model, setup) for r in runtimes}
     for runner in runners.values():
         runner.check_available()

@@ -1,5 +1,7 @@
 """The view nobody else has: per PyTorch module, latency on each runtime and numeric error
-against PyTorch on each runtime, on the same row. As JSON and as one self-contained HTML file."""
+against PyTorch on each runtime, on the same row. As JSON and as one self-contained HTML file.
+A file reported alone has the file's own modules (or nodes) as rows and its reference's name
+(`CompareReport.reference`) where PyTorch's would be."""
 
 import html
 import json
@@ -87,6 +89,13 @@ def _latency(timing) -> str:
     return f"{timing.median_ms:.3f}<small> ({timing.p10_ms:.3f}&ndash;{timing.p90_ms:.3f})</small>{mark}"
 
 
+def _rows_are(accuracy: CompareReport) -> str:
+    """What the rows of the page are: PyTorch's modules, or the modules (nodes) a file alone names."""
+    if accuracy.reference.startswith("torch"):
+        return "PyTorch modules"
+    return "the file's modules" if accuracy.unit == "module" else "the file's nodes (it names no module)"
+
+
 def write_html(report: JoinedReport, path, title: str) -> None:
     profile, accuracy = report.profile, report.accuracy
     runtimes = list(profile.logs)
@@ -107,7 +116,9 @@ def write_html(report: JoinedReport, path, title: str) -> None:
         css = " class='flag'" if row.flagged else ""
         body.append(f"<tr{css}><td>{html.escape(row.module)}</td>{cells}</tr>")
     summary = "".join(f"<li>{html.escape(runtime_line(r, log))}</li>" for r, log in profile.logs.items())
-    summary += "".join(f"<li class='{'ok' if c.passed else 'bad'}'>{html.escape(r)} vs torch, {html.escape(c.name)}: "
+    against = html.escape(accuracy.reference)
+    summary += "".join(f"<li class='{'ok' if c.passed else 'bad'}'>{html.escape(r)} vs {against}, "
+                       f"{html.escape(c.name)}: "
                        f"max abs {c.max_abs:.3g}, cosine {_cosine(c.cosine)}, at atol {accuracy.tolerances[r][0]:g} "
                        f"rtol {accuracy.tolerances[r][1]:g}: {'ok' if c.passed else 'FAIL'}</li>"
                        for r, checks in accuracy.outputs.items() for c in checks)
@@ -123,9 +134,9 @@ td.bad,li.bad{{color:#b00;font-weight:bold}}
 dl{{display:grid;grid-template-columns:max-content auto;gap:2px 12px;font-size:0.9em}} dt{{font-weight:bold}}
 dd{{margin:0;font-family:monospace}} small{{color:#666}}</style></head><body><h1>{html.escape(title)}</h1>
 <p class="verdict">{verdict}</p><dl>{meta}</dl><ul>{summary}</ul>
-<p>Rows are PyTorch modules in model order, with each runtime's median latency and its p10&ndash;p90 spread
+<p>Rows are {_rows_are(accuracy)} in model order, with each runtime's median latency and its p10&ndash;p90 spread
 (<b>!</b>: wider than half the median, no figure to take a ratio of). Highlighted: slow (at or above the median
-share of time) and over tolerance against PyTorch on some runtime (max abs in red).</p>
-<img alt="latency per module" src="data:image/png;base64,{png_base64(draw_bars(profile))}">
-<table><tr><th>module</th>{head}</tr>{''.join(body)}</table></body></html>"""
+share of time) and over tolerance against {against} on some runtime (max abs in red).</p>
+<img alt="latency per {accuracy.unit}" src="data:image/png;base64,{png_base64(draw_bars(profile))}">
+<table><tr><th>{accuracy.unit}</th>{head}</tr>{''.join(body)}</table></body></html>"""
     write_text(path, page)

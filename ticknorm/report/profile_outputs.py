@@ -16,7 +16,7 @@ def table(result: ProfileResult) -> str:
     spread makes them meaningless), then one line per runtime."""
     runtimes = list(result.logs)
     base = runtimes[0]
-    columns = ["module"] + [f"{r} ms (p10-p90)" for r in runtimes] + [f"{r}/{base}" for r in runtimes[1:]]
+    columns = [result.unit] + [f"{r} ms (p10-p90)" for r in runtimes] + [f"{r}/{base}" for r in runtimes[1:]]
     rows, unstable = [], 0
     for module, timings in result.rows():
         cells = [module]
@@ -54,6 +54,7 @@ def runtime_line(runtime: str, log) -> str:
 def to_dict(result: ProfileResult) -> dict:
     return {
         "depth": result.depth,
+        "unit": result.unit,  # each row's "module" is a node where the file names no module
         "runtimes": {r: {"end_to_end_ms": log.end_to_end_ms, "gpu_compute_ms": log.device_ms if log.device_ns else None,
                          "coverage": log.coverage(), "overhead": log.overhead, "iterations": log.iterations,
                          "clock": log.clock, "source": log.source or None} for r, log in result.logs.items()},
@@ -116,7 +117,7 @@ def draw_bars(result: ProfileResult, top: int = 30):
     if left_out:
         total = sum(max(t.median_ms for t in timings.values()) for _, timings in everything)
         hidden = total - sum(max(t.median_ms for t in timings.values()) for _, timings in rows)
-        axes.set_title(f"the {len(rows)} slowest of {len(everything)} modules; {left_out} not drawn "
+        axes.set_title(f"the {len(rows)} slowest of {len(everything)} {result.unit}s; {left_out} not drawn "
                        f"({hidden / total:.1%} of the time)" if total else "", fontsize="small")
     axes.legend()
     figure.tight_layout()

@@ -18,12 +18,17 @@ from ticknorm.base.metrics import ArrayComparison, ResolvedTolerance, Tolerance,
 from ticknorm.base.scopes import LayerSelection, fit_scopes, module_coverage, module_output_tensors
 from ticknorm.base.text_table import render
 from ticknorm.base.precision import TYPE_NAMES, Fp32Island
+from ticknorm.runtime.file_reference import FileReference
 from ticknorm.runtime.registry import RunnerSetup, judged_precision, make_runner
 from ticknorm.runtime.torch_runner import TorchRunner, module_precision
 
 
 # Above this, tapping changed what the runtime computes (it could not fuse across a tap).
 TAP_EFFECT_LIMIT = 1e-5
+
+# What the final outputs are judged against, besides PyTorch: saved outputs, or the file alone.
+Reference = SavedReference | FileReference
+FILE_RUNNER = "reference"  # a file reference's runner name in a bundle's outputs.json
 
 
 @dataclass
@@ -45,6 +50,7 @@ class CompareReport:
     tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)  # by runtime: (atol, rtol) judged at
     reference: str = "torch"  # what the final outputs were judged against
     layers_note: str = ""  # why per-module rows were asked for and there are none
+    unit: str = "module"  # what a per-layer row is: a module, or a node of a file that names none
 
     @property
     def passed(self) -> bool:
@@ -62,13 +68,13 @@ class CompareReport:
             lines.append(f"{runtime} vs {self.reference}{judged_at}:")
             lines += ["  " + check.line() for check in checks]
         if self.layers:
-            lines.append(f"per module ({len({r.module for r in self.layers})} tapped):")
+            lines.append(f"per {self.unit} ({len({r.module for r in self.layers})} tapped):")
             cells = [_cells(row) for row in self.layers]
-            table = render(["module", "runtime", "max abs", "cosine", "verdict"], cells, 2)
+            table = render([self.unit, "runtime", "max abs", "cosine", "verdict"], cells, 2)
             lines += ["  " + line for line in table.splitlines()]
             for runtime, module in self.first_failure.items():
-                lines.append(f"{runtime}: first module over tolerance: {module}" if module else
-                             f"{runtime}: every tapped module within tolerance")
+                lines.append(f"{runtime}: first {self.unit} over tolerance: {module}" if module else
+                             f"{runtime}: every tapped {self.unit} within tolerance")
             for runtime, effect in self.tap_effect.items():
                 warning = "  WARNING: tapped numbers may not be what an untapped run computes"
                 flag = warning if effect > TAP_EFFECT_LIMIT else ""
@@ -93,50 +99,102 @@ def _cells(row: LayerRow) -> list[str]:
 
 def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup,
                      tolerance: Tolerance | None = None, layers: LayerSelection | None = None,
-                     progress=lambda message: None, saved: SavedReference | None = None) -> CompareReport:
+                     progress=lambda message: None, reference: Reference | None = None) -> CompareReport:
     """PyTorch (`setup.module`, fp32 CPU) vs each runtime on `feeds` (one feed dict, or one per
     iteration, each output compared per iteration), and, with `layers`, per module on the first.
-    With `saved`, the final outputs are judged against it instead (PyTorch then runs only for the
-    per-module taps, when asked). Every runtime is checked for availability before any work; then
-    one runner at a time holds the model, for every iteration: the plain one, then (with `layers`)
-    the tapped one."""
+    `reference` judges the final outputs instead: saved outputs (PyTorch then runs only for the
+    per-module taps, when asked), or, with no PyTorch model, the file itself (`FileReference`),
+    whose per-module (or per-node) tensors are tapped too. Every runtime is checked for
+    availability before any work; then one runner at a time holds the model, for every
+    iteration: the plain one, then (with `layers`) the tapped one."""
     tolerance = tolerance or Tolerance()
     feed_sets = as_feed_sets(feeds)
-    output_names = [o.name for o in model.graph.output]
-    modules, layers_note = _tapped_modules(model, setup, layers) if layers else ([], "")
+    modules, layers_note = _tapped_modules(model, setup, layers, reference) if layers else ([], "")
     runners = {runtime: make_runner(runtime, model, setup) for runtime in runtimes}
     for runner in runners.values():
         runner.check_available()  # an unavailable runtime fails here, before any work, with its reason
-    references = saved_outputs(saved, output_names, len(feed_sets)) if saved else []
-    taps, others = [], {}
-    if saved is None or modules:
-        progress("running the PyTorch reference")
-        with TorchRunner(setup.module, output_names, taps=modules) as torch_runner:
-            torch_runs = [torch_runner.infer(feed_set) for feed_set in feed_sets[:1 if saved else None]]
-        taps, others = torch_runs[0].taps, torch_runs[0].tap_others
-        references = references or [run.outputs for run in torch_runs]
-    for outputs in references:
-        ensure_finite(outputs, "the PyTorch reference" if saved is None else saved.label)
-    own = module_precision(setup.module) if saved is None else "fp32"
-    report = CompareReport(reference=saved.label if saved else reference_label(own), layers_note=layers_note)
+    expected = reference_run(model, feed_sets, setup, reference, modules, progress)
+    report = CompareReport(reference=expected.label, layers_note=layers_note,
+                           unit="node" if isinstance(reference, FileReference) and reference.by_node else "module")
     for runtime, runner in runners.items():
         progress(f"running {runtime}")
         runtime_sets = feed_sets if isinstance(runner, TorchRunner) else [graph_feeds(model, f) for f in feed_sets]
         with runner:
             plain = [runner.infer(feed_set).outputs for feed_set in runtime_sets]
-        judged = tolerance.at(TYPE_NAMES[judged_precision(runtime, model, own)])
+        judged = tolerance.at(TYPE_NAMES[judged_precision(runtime, model, expected.precision)])
         report.tolerances[runtime] = (judged.atol, judged.rtol)
         report.outputs[runtime] = [compare_arrays(iteration_name(name, number, len(feed_sets)), reference[name],
                                                   outputs[name], *judged.of(name))
-                                   for number, (reference, outputs) in enumerate(zip(references, plain), start=1)
-                                   for name in output_names]
+                                   for number, (reference, outputs) in enumerate(zip(expected.outputs, plain), start=1)
+                                   for name in expected.names]
         if modules:
             progress(f"running {runtime} with {len(modules)} taps")
-            with make_runner(runtime, model, setup, taps=[m for m in modules if m in taps]) as tapped_runner:
+            with make_runner(runtime, model, setup, taps=[m for m in modules if m in expected.taps]) as tapped_runner:
                 tapped = tapped_runner.infer(runtime_sets[0])
             report.tap_effect[runtime] = largest_difference(plain[0], tapped.outputs)
-            _compare_layers(report, runtime, module_output_tensors(model), (taps, tapped.taps, others), judged)
+            _compare_layers(report, runtime, module_output_tensors(model), (expected.taps, tapped.taps,
+                                                                            expected.others), judged)
     return report
+
+
+@dataclass
+class ReferenceRun:
+    """What every runtime is judged against: each iteration's outputs, the first one's tapped
+    tensors by module (and PyTorch's further tensors of modules that returned several), what made
+    them, and the type they were computed in (a runtime is judged at the coarser of it and its own)."""
+
+    names: list[str]
+    outputs: list[dict[str, np.ndarray]]
+    taps: dict[str, np.ndarray]
+    others: dict[str, list[np.ndarray]]
+    label: str
+    precision: str = "fp32"
+    runner: str = "torch"  # the runner name its outputs are saved under (a bundle's RunResults)
+
+
+def reference_run(model: onnx.ModelProto, feed_sets: list[dict], setup: RunnerSetup, reference: Reference | None,
+                  modules: list[str], progress) -> ReferenceRun:
+    """The reference's outputs, and its tensors of `modules` on the first iteration: PyTorch's
+    (`setup.module`), the saved ones (PyTorch tapped for the modules), or the file's as the
+    reference runs it."""
+    names = [o.name for o in model.graph.output]
+    if isinstance(reference, FileReference):
+        return _file_reference_run(names, feed_sets, reference, modules, progress)
+    saved = reference
+    outputs = saved_outputs(saved, names, len(feed_sets)) if saved else []
+    taps, others = {}, {}
+    if saved is None or modules:
+        progress("running the PyTorch reference")
+        with TorchRunner(setup.module, names, taps=modules) as torch_runner:
+            torch_runs = [torch_runner.infer(feed_set) for feed_set in feed_sets[:1 if saved else None]]
+        taps, others = torch_runs[0].taps, torch_runs[0].tap_others
+        outputs = outputs or [run.outputs for run in torch_runs]
+    for found in outputs:
+        ensure_finite(found, "the PyTorch reference" if saved is None else saved.label)
+    own = module_precision(setup.module) if saved is None else "fp32"
+    if saved is None:
+        return ReferenceRun(names, outputs, taps, others, reference_label(own), own)
+    return ReferenceRun(names, outputs, taps, others, saved.label, own, saved.runner)
+
+
+def _file_reference_run(names: list[str], feed_sets: list[dict], reference: FileReference, modules: list[str],
+                        progress) -> ReferenceRun:
+    """The file's reference on every iteration, `modules` tapped on the first (a runtime's taps
+    of an unoptimized graph change nothing it computes)."""
+    progress(f"running the reference: {reference.label}")
+    with reference.runner() as runner:
+        runner.check_available()
+        outputs = [runner.infer(reference.feeds(feed_set)).outputs for feed_set in feed_sets]
+    taps = {}
+    if modules:
+        with reference.runner(taps=modules) as runner:
+            taps = runner.infer(reference.feeds(feed_sets[0])).taps
+    for found in outputs:
+        missing = [name for name in names if name not in found]
+        if missing:
+            raise InputSpecError(f"the reference ({reference.label}) has no output {', '.join(missing)}")
+        ensure_finite(found, f"the reference ({reference.label})")
+    return ReferenceRun(names, outputs, taps, {}, reference.label, reference.precision, FILE_RUNNER)
 
 
 # Said instead of an empty per-module section, so a graph that names no module does not pass silently.
@@ -145,16 +203,30 @@ NO_MODULE_NOTE = ("--per-layer: no node of the graph maps to a module (scope cov
                   "that name the model's modules")
 
 
-def _tapped_modules(model: onnx.ModelProto, setup: RunnerSetup, layers: LayerSelection) -> tuple[list[str], str]:
+def _tapped_modules(model: onnx.ModelProto, setup: RunnerSetup, layers: LayerSelection,
+                    reference: Reference | None) -> tuple[list[str], str]:
     """The modules to tap, the graph's scopes first moved onto the model's module paths (a file
-    exported through a wrapper), and the line that says why there are none when no node maps."""
+    exported through a wrapper), and the line that says why there are none when no node maps.
+    Judged alone (a `FileReference`), the file's own scopes are the modules (or its nodes)."""
+    if isinstance(reference, FileReference):
+        return finishing_order(model, layers.modules(model, module_output_tensors(model))), ""
     if setup.module is None:
-        raise InputSpecError("per-module comparison taps the PyTorch model: give --model")
+        raise InputSpecError("per-module comparison taps the PyTorch model: give --model (or leave out "
+                             "--reference-outputs to judge the file against itself)")
     paths = [name for name, _ in setup.module.named_modules()]
     fit_scopes(model, paths)
     modules = layers.modules(model, paths)
     coverage = module_coverage(model, paths)
     return modules, NO_MODULE_NOTE.format(coverage) if not modules and not coverage else ""
+
+
+def finishing_order(model: onnx.ModelProto, modules: list[str]) -> list[str]:
+    """`modules` in the order a run finishes them, as PyTorch's hooks see them: by where the graph
+    makes each one's output tensor, a submodule before the module whose output is the same tensor
+    (so the first over tolerance is the innermost, earliest); modules inside If branches last."""
+    made = {name: index for index, node in enumerate(model.graph.node) for name in node.output}
+    tensors = module_output_tensors(model)
+    return sorted(modules, key=lambda module: (made.get(tensors.get(module, ""), len(made)), -module.count(".")))
 
 
 def reference_label(precision: str) -> str:

@@ -2,9 +2,10 @@
 
 A bundle is a folder: `inputs.json` (Polygraphy's input format, a list of feed dicts, so
 `polygraphy run --load-inputs` reads it), `outputs.json` (Polygraphy RunResults holding the PyTorch
-reference, readable by `polygraphy run --load-outputs`), `bundle.json` (model hash, versions,
-tolerances, per-module output statistics and, when a ticks file was given, under `calibration` the
-ranges each norm reached in training) and `history.jsonl` (one line per check).
+reference, or with no PyTorch model the file's own, readable by `polygraphy run --load-outputs`),
+`bundle.json` (model hash, versions, the reference it holds, tolerances, per-module output
+statistics and, when a ticks file was given, under `calibration` the ranges each norm reached in
+training) and `history.jsonl` (one line per check).
 """
 
 import contextlib
@@ -28,17 +29,18 @@ from ticknorm.base.scopes import module_output_tensors
 from ticknorm.base.onnx_io import model_digest
 from ticknorm.base.inputs import as_feed_sets, graph_feeds, load_feed_sets
 from ticknorm.base.json_lines import append_lines, read_lines
-from ticknorm.base.run_results import SavedReference, load_run_results, polygraphy_quiet, runner_outputs, saved_outputs
-from ticknorm.base.metrics import CHECK_RULES, ArrayComparison, Tolerance, compare_arrays, ensure_finite, passes
+from ticknorm.base.run_results import SavedReference, load_run_results, polygraphy_quiet, runner_outputs
+from ticknorm.base.metrics import CHECK_RULES, ArrayComparison, Tolerance, compare_arrays, passes
 from ticknorm.base.scopes import LayerSelection
 from ticknorm.base.text_table import render
 from ticknorm.base.precision import TYPE_NAMES
 from ticknorm.exporter.precision.targets import runner_setup
-from ticknorm.runtime.registry import Runtimes, judged_precision, make_runner, runs_module
-from ticknorm.runtime.torch_runner import TorchRunner, module_precision
+from ticknorm.runtime.file_reference import FileReference
+from ticknorm.runtime.registry import RunnerSetup, Runtimes, judged_precision, make_runner, runs_module
 from ticknorm.ticks.log import read_ticks
 from ticknorm.ticks.ranges import module_ranges, present_ranges
-from ticknorm.validate.compare import TAP_EFFECT_LIMIT, iteration_name, largest_difference
+from ticknorm.validate.compare import (TAP_EFFECT_LIMIT, Reference, finishing_order, iteration_name, largest_difference,
+                                       reference_run)
 
 FORMAT = 1
 STATS = ("mean", "std", "absmax")
@@ -62,69 +64,75 @@ def layer_stats(array: np.ndarray) -> dict:
 
 @dataclass(frozen=True)
 class GoldenSources:
-    """What a bundle takes from elsewhere than this PyTorch run: Polygraphy's saved outputs (the
-    reference), a ticks file recorded in training (the norms' ranges)."""
+    """What a bundle takes from elsewhere than a PyTorch run: the reference when it is not PyTorch
+    (Polygraphy's saved outputs, or with no PyTorch model the file itself, `FileReference`), a
+    ticks file recorded in training (the norms' ranges)."""
 
-    saved: SavedReference | None = None
+    reference: Reference | None = None
     calibration: str | None = None
+
+    @property
+    def saved(self) -> SavedReference | None:
+        return self.reference if isinstance(self.reference, SavedReference) else None
 
 
 def write_bundle(model: onnx.ModelProto, module, feeds, bundle, tolerance: Tolerance | None = None,
                  layers: LayerSelection = LayerSelection(), progress=lambda message: None,
                  sources: GoldenSources | None = None) -> Path:
-    """Run the PyTorch reference on `feeds` (one feed dict, or one per iteration) and write the
-    bundle; the per-module statistics are the first iteration's. `sources` adds what was recorded
-    elsewhere: Polygraphy's saved outputs of these feeds (then the reference, and PyTorch, when
-    given, runs only for the per-module statistics), a ticks file whose per-module peaks are kept
-    too (the ranges of the training data beside those of these inputs)."""
+    """Run the reference on `feeds` (one feed dict, or one per iteration) and write the bundle; the
+    per-module statistics are the first iteration's. The reference is PyTorch (`module`), or what
+    `sources` names: Polygraphy's saved outputs of these feeds (PyTorch, when given, then runs only
+    for the per-module statistics), or the file itself (its own scopes, or nodes, are the rows).
+    A ticks file in `sources` adds the per-module peaks of the training data beside those of these
+    inputs. bundle.json says which reference it holds."""
     from polygraphy.comparator import RunResults
     from polygraphy.json import to_json
 
     tolerance = tolerance or Tolerance()
     sources = sources or GoldenSources()
-    saved = sources.saved
     bundle = check_writable_folder(bundle, "bundle")
-    if module is None and saved is None:
+    if module is None and sources.reference is None:
         raise InputSpecError("a bundle needs a reference: give the PyTorch model or saved outputs "
                              "(--reference-outputs)")
     calibration = sources.calibration
     trained = _calibration(calibration, model, module) if calibration is not None else None  # refused before the run
-    names = [o.name for o in model.graph.output]
     scope_map = module_output_tensors(model)
     feed_sets = as_feed_sets(feeds)
-    runner_name, outputs = "torch", []
-    taps: dict[str, np.ndarray] = {}
-    others: dict[str, list[np.ndarray]] = {}
-    if saved is not None:
-        runner_name, outputs = saved.runner, saved_outputs(saved, names, len(feed_sets))
-    if module is not None:
-        progress(f"running the PyTorch reference on {len(feed_sets)} iteration(s), every module tapped")
-        tapped = layers.modules(model, (name for name, _ in module.named_modules()))
-        with TorchRunner(module, names, taps=tapped) as runner:
-            references = [runner.infer(feed_set) for feed_set in feed_sets[:1 if saved else None]]
-        outputs = outputs or [reference.outputs for reference in references]
-        taps, others = references[0].taps, references[0].tap_others
-    for reference in outputs:
-        ensure_finite(reference, "the PyTorch reference" if saved is None else saved.label)
+    if isinstance(sources.reference, FileReference):  # the file's own modules (or nodes), as a run finishes them
+        modules = finishing_order(model, layers.modules(model, scope_map))
+    else:
+        modules = layers.modules(model, [name for name, _ in module.named_modules()] if module is not None else [])
+    expected = reference_run(model, feed_sets, RunnerSetup(module), sources.reference, modules, progress)
     results = RunResults()
     with polygraphy_quiet():  # its warning on outputs over 1 GiB is about its own memory, not the bundle
-        results.add(outputs, runner_name=runner_name)
+        results.add(expected.outputs, runner_name=expected.runner)
     meta = {
         "format": FORMAT, "model_hash": model_digest(model), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": versions(), "outputs": names,
+        "versions": versions(), "outputs": expected.names, "reference": expected.label,
+        "rows": "node" if isinstance(sources.reference, FileReference) and sources.reference.by_node else "module",
         # the type the reference computed in (a bf16 checkpoint's PyTorch: bf16), whose tolerance a check is judged at
-        "reference_precision": module_precision(module) if module is not None and saved is None else "fp32",
+        "reference_precision": expected.precision,
         "tolerances": {"atol": tolerance.atol, "rtol": tolerance.rtol, "per_output": tolerance.per_output,
                        "rule": tolerance.rule},
         "layers": {m: {"tensor": scope_map[m], **layer_stats(v),
-                       **({"others": [layer_stats(o) for o in others[m]]} if m in others else {})}
-                   for m, v in taps.items()},
+                       **({"others": [layer_stats(o) for o in expected.others[m]]} if m in expected.others else {})}
+                   for m, v in expected.taps.items()},
     }
     if trained is not None:
         meta["calibration"] = trained
     _write_unit(bundle, {"inputs.json": to_json(feed_sets), "outputs.json": results.to_json(),
                          "bundle.json": json.dumps(meta, indent=2)})
     return bundle
+
+
+def rows_by_node(bundle) -> bool:
+    """Whether the bundle's statistics are per node (made from a file alone that names no module):
+    the file checked against it is then read the same way, and hashed with those rows. A bundle
+    that says nothing (or cannot be read, which `load_bundle` then reports) is per module."""
+    try:
+        return json.loads((Path(bundle) / "bundle.json").read_text()).get("rows") == "node"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _write_unit(bundle: Path, files: dict) -> None:
