@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ticknorm.base.functions import called_functions, inline_functions
 from ticknorm.base.graph import coarsest_float, typed
-from ticknorm.base.onnx_io import (WEIGHTS_RECORD, external_entries, has_external_weights, load_onnx, save_onnx,
+from ticknorm.base.external_data import external_entries
+from ticknorm.base.onnx_io import (WEIGHTS_RECORD, has_external_weights, load_onnx, save_onnx,
                                    stage_weights)
 from ticknorm.base.scopes import get_scope, set_scope
 

@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 
 from ticknorm.base.errors import OnnxFileError
-from ticknorm.base.onnx_io import is_external
+from ticknorm.base.external_data import is_external
 
 # Mantissa bits of each float type: how finely it rounds.
 FLOAT_PRECISION: dict[int, int] = {onnx.TensorProto.BFLOAT16: 8, onnx.TensorProto.FLOAT16: 11,

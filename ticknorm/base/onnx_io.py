@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from ticknorm.base.atomic import check_writable
 from ticknorm.base.errors import OnnxFileError, first_line
+from ticknorm.base.external_data import external_entries, is_external
 from ticknorm.base.graph_only import graph_bytes
 from ticknorm.base.manifest import describe, mismatch
 from ticknorm.base.weight_paths import check_inside
@@ -92,15 +93,6 @@ def _check_weights_file(model: onnx.ModelProto, path: Path) -> None:
 
 def external_locations(model: onnx.ModelProto) -> set[str]:
     return {external_entries(tensor)["location"] for tensor in model.graph.initializer if is_external(tensor)}
-
-
-def external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
-    """An external tensor's `location`, `offset`, `length` (as ONNX stores them: strings)."""
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
-def is_external(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
 def has_external_weights(model: onnx.ModelProto) -> bool:

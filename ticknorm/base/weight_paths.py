@@ -19,20 +19,20 @@ import posixpath
 from pathlib import Path
 
 import onnx
-from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
 from ticknorm.base.errors import WeightsOutsideError
+from ticknorm.base.external_data import all_tensors, external_entries, is_external
 
 
 def check_inside(model: onnx.ModelProto, path: Path) -> None:
     """Refuse `model` (read from `path`) if any of its external tensors lies outside `path`'s folder."""
-    for tensor in _get_all_tensors(model):
-        if uses_external_data(tensor):
+    for tensor in all_tensors(model):
+        if is_external(tensor):
             _check_tensor(tensor, path)
 
 
 def _check_tensor(tensor: onnx.TensorProto, path: Path) -> None:
-    location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+    location = external_entries(tensor).get("location", "")
     why = _escape(location, path.parent)
     if why:
         raise WeightsOutsideError(f"weights outside the model's folder are refused: {path} keeps tensor "
