@@ -86,7 +86,7 @@ def _norm_row(path) -> str:
 
 
 def test_the_files_are_what_they_stand_for(files):
-    assert _norm_row(files["plain"]) == "inner.inner.0.norm"
+    assert _norm_row(files["plain"]) == "inner.0.norm"  # `/inner/inner.0/norm`: Sequential's full level
     counts = scope_sources(onnx.load(str(files["bare"])))
     assert sum(counts.values()) == counts["none"]  # no source names any node's module
 

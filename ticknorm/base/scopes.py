@@ -123,10 +123,11 @@ def _resolve_torchscript(parts: list[str], module_paths: frozenset[str]) -> str:
     whose forward was never called (`norm` for `block.norm`). Resolve each level against the
     model's real module paths, leading levels that name no module (a wrapper the file was
     exported through: `/m/encoder/...` for a model whose module is `encoder`) left off; without
-    them, join the parts."""
+    them, join the parts, a level already full taking its parent's place (`inner/inner.0/fc` is
+    `inner.0.fc`, as torchvision's `layer1/layer1.0/conv1` is `layer1.0.conv1`)."""
     parts = [p for p in parts if p]
     if not module_paths:
-        return ".".join(parts)
+        return _joined(parts)
     while parts and not _names_module(parts[0], module_paths):
         parts = parts[1:]
     path = ""
@@ -139,6 +140,17 @@ def _resolve_torchscript(parts: list[str], module_paths: frozenset[str]) -> str:
         else:
             below = [m for m in module_paths if m.startswith(path) and (m == part or m.endswith("." + part))]
             path = min(below, key=len) if below else joined
+    return path
+
+
+def _joined(parts: list[str]) -> str:
+    path, previous = "", ""
+    for part in parts:
+        if previous and part.startswith(previous + ".") and path.endswith(previous):
+            path = path[:len(path) - len(previous)] + part
+        else:
+            path = f"{path}.{part}" if path else part
+        previous = part
     return path
 
 
