@@ -12,6 +12,7 @@ import onnx_ir as ir
 from ticknorm.base.errors import InputSpecError
 from ticknorm.base.graph import typed
 from ticknorm.base.precision import SMALLEST_NORMAL
+from ticknorm.exporter.precision.bodies import planned_graphs, planned_nodes
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
@@ -29,7 +30,8 @@ class TensorRange:
 @dataclass
 class Measurement:
     tensors: dict[str, TensorRange]  # by float tensor (node outputs, graph inputs, initializers)
-    statistics: dict[int, tuple[str, float]]  # by node index: (what, largest): a norm's variance, a reduction's sum
+    # by index in `planned_nodes`: (what, largest): a norm's variance, a reduction's sum
+    statistics: dict[int, tuple[str, float]]
 
 
 def measure(model: onnx.ModelProto, view: ir.Model, feeds: dict, dtype: str, weights_dir=None) -> Measurement:
@@ -51,12 +53,13 @@ def measurement(view: ir.Model, values: dict[str, np.ndarray], dtype: str) -> Me
                              "is no reference to choose a precision from")
     smallest = SMALLEST_NORMAL.get(dtype, 0.0)
     tensors = {name: _range(values[name], smallest) for name in floats if name in values}
-    for name, weight in view.graph.initializers.items():
-        tensor = weight.const_value
-        if tensor is not None and tensor.dtype == ir.DataType.FLOAT and not isinstance(tensor, ir.ExternalTensor):
-            tensors[name] = _range(tensor.numpy(), smallest)
+    for graph in planned_graphs(view.graph):
+        for name, weight in graph.initializers.items():
+            tensor = weight.const_value
+            if tensor is not None and tensor.dtype == ir.DataType.FLOAT and not isinstance(tensor, ir.ExternalTensor):
+                tensors[name] = _range(tensor.numpy(), smallest)
     statistics: dict[int, tuple[str, float]] = {}
-    for position, node in enumerate(view.graph):
+    for position, (node, _) in enumerate(planned_nodes(view.graph)):
         found = _statistic(node, values)
         if found is not None:
             statistics[position] = found
