@@ -19,14 +19,20 @@ BF16, FLOAT = TensorProto.BFLOAT16, TensorProto.FLOAT
 
 
 def upcast_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The fp32 emulation of a bf16 graph (see the module's docstring), edited on onnx-ir. Its bf16
-    weights are not read: each is widened by a Cast to fp32 in the graph, so they stay references
-    into their file (mapped by the session, which folds the Cast once as it loads)."""
+    """The fp32 emulation of a bf16 graph (see the module's docstring), edited on onnx-ir, If, Loop
+    and Scan bodies too (a converted merged decoder computes in its branches). Its bf16 weights are
+    not read: each is widened by a Cast to fp32 in its graph, so they stay references into their
+    file (mapped by the session, which folds the Cast once as it loads)."""
     types = {name: value.dtype for name, value in ir.convenience.create_value_mapping(
-        typed(model).graph, include_subgraphs=False).items()}
+        typed(model).graph, include_subgraphs=True).items()}
     upcast = ir.from_proto(model)
-    graph = upcast.graph
-    names = FreshNames(graph)
+    names = FreshNames(upcast.graph)
+    for graph in list(upcast.graphs()):  # the graph and its bodies at any depth
+        _upcast_graph(graph, names, types)
+    return ir.to_proto(upcast)
+
+
+def _upcast_graph(graph: ir.Graph, names: FreshNames, types: dict[str, ir.DataType | None]) -> None:
     nodes = list(graph)
     widened = [_widening(graph, names, weight) for weight in graph.initializers.values() if weight.dtype == BF16]
     if widened and nodes:  # first in the graph
@@ -44,16 +50,15 @@ def upcast_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
     for value in [*graph.inputs, *graph.outputs, *(v for node in nodes for v in node.outputs)]:
         if value.dtype == BF16:
             value.type = ir.TensorType(ir.DataType.FLOAT)
-    return ir.to_proto(upcast)
 
 
 def _widening(graph: ir.Graph, names: FreshNames, weight: ir.Value) -> ir.Node:
-    """A Cast to fp32 of a bf16 weight, read in its place by every node of the graph (a subgraph's
-    reads are left as they were)."""
+    """A Cast to fp32 of a bf16 weight, read in its place by every node, a body's too (the Cast,
+    first in the weight's graph, is in scope there)."""
     cast = ir.node("Cast", [weight], {"to": FLOAT}, name=names.fresh(f"{weight.name}_widen"))
     cast.outputs[0].name = names.fresh(f"{weight.name}_fp32")
     for user, index in list(weight.uses()):
-        if user.graph is graph:
+        if user is not cast:
             user.replace_input_with(index, cast.outputs[0])
     return cast
 
