@@ -4,6 +4,7 @@ the refusal of a conversion that converts less than half, and the verdict of the
 graph in ONNX Runtime with the emulation as the fallback."""
 
 import json
+import zlib
 
 import numpy as np
 import onnx
@@ -12,19 +13,20 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ort_run
-from ticknorm import Precision
+from ticknorm import Inputs, Precision, api
 from ticknorm.base.graph import bodies
 from ticknorm.cli import main
 from ticknorm.exporter.precision.convert import convert
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 WIDTH = 16
-RNG = np.random.default_rng(0)
-X = RNG.standard_normal((2, WIDTH)).astype(np.float32)
+X = np.random.default_rng(0).standard_normal((2, WIDTH)).astype(np.float32)
 
 
 def _weight(name: str, scale: float = 0.3) -> onnx.TensorProto:
-    return numpy_helper.from_array((RNG.standard_normal((WIDTH, WIDTH)) * scale).astype(np.float32), name)
+    """The same values for the same name in every model built (a reference is built apart)."""
+    values = np.random.default_rng(zlib.crc32(name.encode())).standard_normal((WIDTH, WIDTH)) * scale
+    return numpy_helper.from_array(values.astype(np.float32), name)
 
 
 def _vector(name: str, value: float) -> onnx.TensorProto:
@@ -88,3 +90,110 @@ def _weight_types(graph: onnx.GraphProto) -> dict[str, int]:
     found = {t.name: t.data_type for t in graph.initializer}
     found.update({n.output[0]: a.t.data_type for n in graph.node for a in n.attribute if a.name == "value"})
     return found
+
+
+def _branches(model: onnx.ModelProto) -> dict[str, onnx.GraphProto]:
+    return {body.name: body for _, body in bodies(model.graph)}
+
+
+def _fp32_readers(graph: onnx.GraphProto, kept: set[str]) -> bool:
+    """Whether the `kept` nodes read only fp32: from a Cast to fp32, an fp32 weight or one another."""
+    fp32 = {t.name for t in graph.initializer if t.data_type == FLOAT}
+    fp32 |= {n.output[0] for n in graph.node if n.name in kept or (n.op_type == "Cast" and n.attribute[0].i == FLOAT)}
+    return all(name in fp32 for n in graph.node if n.name in kept for name in n.input)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_the_network_in_an_if_is_converted_with_its_islands(flag, tmp_path):
+    """Both branches' weights, their Constants and the outer weights they read take fp16; a node
+    kept by --keep-fp32 inside a branch stays fp32 with its own weight; both branches give fp32."""
+    source, output = tmp_path / "merged.onnx", tmp_path / "merged16.onnx"
+    onnx.save(if_model(), source)
+    feeds = {"x": X, "flag": np.array(flag)}
+    conversion = api.convert(source, output, Precision("fp16", keep_fp32=("t_relu", "t_out")), Inputs(arrays=feeds))
+    assert [(i.node, i.reason) for i in conversion.precision.islands] == [
+        ("t_relu", "--keep-fp32 t_relu (node name)"), ("t_out", "--keep-fp32 t_out (node name)")]
+    written = onnx.load(str(output))
+    onnx.checker.check_model(written, full_check=True)
+    branches = _branches(written)
+    assert _weight_types(written.graph) == {"w_outer": HALF, "w_head": HALF}
+    assert _weight_types(branches["then"]) == {"t_scale": HALF, "t_shift": HALF, "t_bias": HALF, "t_w": FLOAT,
+                                               "t_half": HALF}
+    assert set(_weight_types(branches["else"]).values()) == {HALF}
+    assert _fp32_readers(branches["then"], {"t_relu", "t_out"})
+    assert [[o.type.tensor_type.elem_type for o in b.output] for b in branches.values()] == [[FLOAT], [FLOAT]]
+    share = conversion.weights
+    assert (share.low_tensors, share.tensors, share.elements - share.low_elements) == (11, 12, WIDTH * WIDTH)
+    reference = ort_run(if_model(), feeds)["out"]
+    np.testing.assert_allclose(ort_run(written, feeds)["out"], reference, atol=2e-2, rtol=2e-2)
+
+
+def test_a_loop_body_is_converted_and_carries_fp32():
+    low = convert(loop_model(), {"x": X}, Precision("fp16"))
+    onnx.checker.check_model(low.model, full_check=True)
+    body = _branches(low.model)["body"]
+    assert set(_weight_types(body).values()) == {HALF}
+    assert [o.type.tensor_type.elem_type for o in body.output] == [TensorProto.BOOL, FLOAT]
+    assert "LayerNormalization" in {n.op_type for n in body.node}
+    np.testing.assert_allclose(ort_run(low.model, {"x": X})["out"], ort_run(loop_model(), {"x": X})["out"],
+                               atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_a_partial_conversion_exits_1_unless_allowed_and_is_written_either_way(allowed, tmp_path):
+    """Every MatMul kept fp32 keeps 4 of the 12 float weights but 91% of their size in fp32."""
+    source, output = tmp_path / "merged.onnx", tmp_path / "partial.onnx"
+    onnx.save(if_model(), source)
+    np.savez(tmp_path / "feeds.npz", x=X, flag=np.array(True))
+    args = ["convert", str(source), "-o", str(output), "--precision", "fp16", "--keep-fp32", "op:MatMul",
+            "--input-file", str(tmp_path / "feeds.npz"), "--report", str(tmp_path / "r.json")]
+    done = CliRunner().invoke(main, args + (["--allow-partial"] if allowed else []))
+    assert done.exit_code == (0 if allowed else 1), done.output
+    assert output.exists() and (tmp_path / "r.json").exists()
+    assert "weights in fp16: 8.7% of the float weights by size (fp32 bytes), 8 of 12 tensors" in done.output
+    assert ("--allow-partial accepts" in done.output) != allowed
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["weights"]["partial"] and report["weights"]["low_tensors"] == 8
+    kept = {n.input[1] for g in [onnx.load(str(output)).graph, *_branches(onnx.load(str(output))).values()]
+            for n in g.node if n.op_type == "MatMul"}
+    assert kept == {"w_outer", "w_head", "t_w", "e_w"}  # read by fp32 MatMuls straight from fp32 weights
+
+
+def test_a_whole_conversion_is_no_partial_one(tmp_path):
+    source = tmp_path / "merged.onnx"
+    onnx.save(if_model(), source)
+    np.savez(tmp_path / "feeds.npz", x=X, flag=np.array(False))
+    done = CliRunner().invoke(main, ["convert", str(source), "-o", str(tmp_path / "m16.onnx"), "--precision", "fp16",
+                                     "--input-file", str(tmp_path / "feeds.npz")])
+    assert done.exit_code == 0, done.output
+    assert "weights in fp16: 100.0% of the float weights by size (fp32 bytes), 12 of 12 tensors" in done.output
+
+
+def test_the_real_fp16_graph_in_onnx_runtime_is_the_verdict(tmp_path):
+    """Its check is the fp16 file's own error, not an emulation's."""
+    feeds = {"x": X, "flag": np.array(True)}
+    source = tmp_path / "merged.onnx"
+    onnx.save(if_model(), source)
+    conversion = api.convert(source, tmp_path / "m16.onnx", Precision("fp16"), Inputs(arrays=feeds))
+    assert conversion.judged_by == "the fp16 graph itself, run by ONNX Runtime (CPU)"
+    assert [c.name for c in conversion.checks] == ["out (fp16 graph, ONNX Runtime CPU)"]
+    error = np.abs(ort_run(onnx.load(str(tmp_path / "m16.onnx")), feeds)["out"].astype(np.float32)
+                   - ort_run(if_model(), feeds)["out"]).max()
+    assert conversion.checks[0].max_abs == pytest.approx(float(error), rel=1e-6)
+    assert "judged by the fp16 graph itself" in conversion.summary()
+
+
+def test_where_onnx_runtime_cannot_run_the_graph_the_emulation_judges(tmp_path):
+    """The CPU provider has no bf16 MatMul: the session is refused, the fp32 emulation judges, and
+    the report says so and why; the bf16 file then runs upcast (branches too) in ONNX Runtime."""
+    feeds = {"x": X, "flag": np.array(False)}
+    source, output = tmp_path / "merged.onnx", tmp_path / "mb16.onnx"
+    onnx.save(if_model(), source)
+    conversion = api.convert(source, output, Precision("bf16"), Inputs(arrays=feeds), report=tmp_path / "r.json")
+    assert conversion.judged_by.startswith("its emulation in fp32 (ONNX Runtime cannot run the bf16 graph: ")
+    assert "NOT_IMPLEMENTED" in conversion.judged_by
+    assert [c.name for c in conversion.checks] == ["out (bf16 emulated in fp32)"] and conversion.passed
+    assert json.loads((tmp_path / "r.json").read_text())["judged_by"] == conversion.judged_by
+    written = onnx.load(str(output))
+    assert set(_weight_types(_branches(written)["else"]).values()) == {TensorProto.BFLOAT16}
+    np.testing.assert_allclose(ort_run(written, feeds)["out"], ort_run(if_model(), feeds)["out"], atol=0.2, rtol=0.2)

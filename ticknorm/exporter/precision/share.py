@@ -19,8 +19,10 @@ PARTIAL_BELOW = 0.5
 
 @dataclass(frozen=True)
 class WeightShare:
-    """Float weights (initializers and Constants, in the graph and its bodies) in the low type,
-    counted as tensors and by size: their elements, which is their share of the fp32 graph's bytes."""
+    """Float weights (initializers a node reads and Constants, in the graph and its bodies) in the
+    low type, counted as tensors and by size: their elements, which is their share of the fp32
+    graph's bytes. An initializer nothing reads (an attention mask's unused `zero`) is no weight
+    of the network, and is left as it was."""
 
     dtype: str
     low_tensors: int
@@ -38,6 +40,8 @@ class WeightShare:
         return self.fraction < PARTIAL_BELOW
 
     def line(self) -> str:
+        if not self.tensors:
+            return f"weights in {self.dtype}: the graph reads no float weights"
         return (f"weights in {self.dtype}: {self.fraction:.1%} of the float weights by size (fp32 bytes), "
                 f"{self.low_tensors} of {self.tensors} tensors")
 
@@ -45,8 +49,10 @@ class WeightShare:
 def weight_share(model: onnx.ModelProto, dtype: str) -> WeightShare:
     """Counted from the tensors' types and dims (a staged weight is not read)."""
     graphs = [model.graph, *(body for _, body in bodies(model.graph))]
-    tensors = [tensor for graph in graphs for tensor in graph.initializer]
-    tensors += [attribute.t for node in all_nodes(model.graph) if node.op_type == "Constant"
+    nodes = all_nodes(model.graph)
+    read = {name for node in nodes for name in node.input} | {value.name for graph in graphs for value in graph.output}
+    tensors = [tensor for graph in graphs for tensor in graph.initializer if tensor.name in read]
+    tensors += [attribute.t for node in nodes if node.op_type == "Constant"
                 for attribute in node.attribute if attribute.name == "value"]
     floats = [(tensor.data_type == LOW_TYPES[dtype], math.prod(tensor.dims)) for tensor in tensors
               if tensor.data_type in FLOATS]
