@@ -197,3 +197,61 @@ def test_where_onnx_runtime_cannot_run_the_graph_the_emulation_judges(tmp_path):
     written = onnx.load(str(output))
     assert set(_weight_types(_branches(written)["else"]).values()) == {TensorProto.BFLOAT16}
     np.testing.assert_allclose(ort_run(written, feeds)["out"], ort_run(if_model(), feeds)["out"], atol=0.2, rtol=0.2)
+
+
+def test_the_real_run_passes_what_the_emulation_rejects_and_the_summary_notes_it(tmp_path):
+    """(x + 1e4) - 1e4: the emulation rounds x + 1e4 to fp16 (steps of 8) and loses x; ONNX
+    Runtime's CPU provider computes the fp16 Add and Sub in fp32 and gets x back. Its run is the
+    verdict (the issue's conversion rejected at 0.034 by the emulation ran at 0.0034); the
+    emulation's disagreement is printed beside it, as what a strongly typed engine would hold."""
+    big = numpy_helper.from_array(np.array(1e4, np.float32), "big")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "big"], ["shifted"], name="shift"),
+                               helper.make_node("Sub", ["shifted", "big"], ["y"], name="unshift")], "cancel",
+                              [helper.make_tensor_value_info("x", FLOAT, [2, WIDTH])],
+                              [helper.make_tensor_value_info("y", FLOAT, [2, WIDTH])], [big])
+    conversion = convert(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {"x": X},
+                         Precision("fp16"))
+    assert conversion.passed and conversion.checks[0].max_abs < 1e-3
+    [emulated] = conversion.emulation
+    assert not emulated.passed and emulated.max_abs > 1
+    assert "note: the fp16 emulation in fp32" in conversion.summary()
+    assert "y (fp16 emulated in fp32)" in conversion.summary()
+
+
+def _scaled_norm_in_a_branch() -> onnx.ModelProto:
+    """then: x * 300 -> LayerNorm (its mean of squares passes fp16's max inside the branch);
+    else: LayerNorm of x; the scale is the outer graph's."""
+    def branch(tag: str, nodes: list) -> onnx.GraphProto:
+        return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(f"{tag}_n", FLOAT, [2, WIDTH])],
+                                 [_vector(f"{tag}_g", 1.0), _vector(f"{tag}_b", 0.0)])
+
+    then = branch("then", [helper.make_node("Mul", ["x", "big"], ["scaled"], "scale"),
+                           helper.make_node("LayerNormalization", ["scaled", "then_g", "then_b"], ["then_n"], "then_ln")])
+    other = branch("else", [helper.make_node("LayerNormalization", ["x", "else_g", "else_b"], ["else_n"], "else_ln")])
+    graph = helper.make_graph([helper.make_node("If", ["flag"], ["out"], "gate", then_branch=then, else_branch=other)],
+                              "scaled", [helper.make_tensor_value_info("x", FLOAT, [2, WIDTH]),
+                                         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("out", FLOAT, [2, WIDTH])],
+                              [numpy_helper.from_array(np.array(300.0, np.float32), "big")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_the_island_rules_measure_the_branch_the_run_took():
+    """The fp32 run reaches inside the taken branch: its norm's mean of squares keeps it in fp32;
+    the other branch is not measured."""
+    taken = convert(_scaled_norm_in_a_branch(), {"x": X, "flag": np.array(True)}, Precision("fp16"))
+    [island] = taken.precision.islands
+    assert island.node == "then_ln" and island.reason.startswith("mean of squares reaches")
+    other = convert(_scaled_norm_in_a_branch(), {"x": X, "flag": np.array(False)}, Precision("fp16"))
+    assert other.precision.islands == ()
+
+
+def test_a_loop_body_is_measured_on_its_first_step():
+    """A body LayerNorm fed h * 300 keeps its mean of squares in fp32 from the first step on."""
+    model = loop_model()
+    body = model.graph.node[0].attribute[0].g
+    body.initializer.append(numpy_helper.from_array(np.array(300.0, np.float32), "l_big"))
+    body.node.insert(0, helper.make_node("Mul", ["h_in", "l_big"], ["l_scaled"], "l_scale"))
+    body.node[1].input[0] = "l_scaled"
+    islands = convert(model, {"x": X}, Precision("fp16")).precision.islands
+    assert [(i.node, i.reason.split(" reaches")[0]) for i in islands] == [("l_ln", "mean of squares")]
