@@ -2,14 +2,17 @@
 so the island rules would see nothing of a network held in a branch (a VAD model's If, a merged
 decoder). A body is measured as a model of its own, run on the values the outer run gave what it
 reads: the branch the run took, and a Loop's first step (its carried values as they came in). A
-Scan's body, an If whose condition or a Loop whose inputs the run did not give, stay unmeasured:
-the check of the converted graph judges them."""
+Scan's body, an If whose condition or a Loop whose inputs the run did not give (or gave as no
+tensor: a sequence), and a body ONNX Runtime does not run alone, stay unmeasured: the check of the
+converted graph judges them."""
 
 from collections.abc import Callable
 
 import numpy as np
 import onnx
 from onnx import helper
+
+from ticknorm.base.errors import OnnxFileError, RuntimeFailure
 
 # A run of a model on feeds: every tensor the measurement reads, by name (`measure.values_of`).
 Run = Callable[[onnx.ModelProto, dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -48,9 +51,13 @@ def body_values(model: onnx.ModelProto, values: dict[str, np.ndarray], run: Run)
             continue
         body, own = step
         reads = outer_reads(body)
-        if all(name in values or name in weights for name in reads):  # else it reads what the run did not give
-            given = {**own, **{name: values[name] for name in reads if name not in weights}}
-            found.update(run(_alone(model, body, given, [weights[name] for name in reads if name in weights]), given))
+        given = {**own, **{name: values.get(name) for name in reads if name not in weights}}
+        if all(isinstance(value, np.ndarray) for value in given.values()):  # else the run gave it not, or no tensor
+            alone = _alone(model, body, given, [weights[name] for name in reads if name in weights])
+            try:
+                found.update(run(alone, given))
+            except (OnnxFileError, RuntimeFailure):  # a body ONNX Runtime does not run alone stays unmeasured
+                continue
     return found
 
 
