@@ -255,3 +255,14 @@ def test_a_loop_body_is_measured_on_its_first_step():
     body.node[1].input[0] = "l_scaled"
     islands = convert(model, {"x": X}, Precision("fp16")).precision.islands
     assert [(i.node, i.reason.split(" reaches")[0]) for i in islands] == [("l_ln", "mean of squares")]
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_export_reports_the_share_and_refuses_a_partial_conversion_the_same_way(allowed, tmp_path):
+    """The projection kept fp32 holds most of the model's weights: written, exit 1 unless allowed."""
+    args = ["export", "--model", "tests/factories.py:overflowing", "--input", "x:2x6x16", "--exporter", "torchscript",
+            "-o", str(tmp_path / "e16.onnx"), "--precision", "fp16", "--keep-fp32", "proj"]
+    done = CliRunner().invoke(main, args + (["--allow-partial"] if allowed else []))
+    assert done.exit_code == (0 if allowed else 1), done.output
+    assert (tmp_path / "e16.onnx").exists()
+    assert "weights in fp16: " in done.output and ("--allow-partial accepts" in done.output) != allowed
