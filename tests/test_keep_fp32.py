@@ -32,21 +32,25 @@ def _classifier(names: tuple[str, ...]) -> onnx.ModelProto:
 
 
 def _cancelling(*scopes: str) -> onnx.ModelProto:
-    """(x + 1e4) - 1e4: fp16 holds 1e4 + x only to 8, so the low graph loses x; no rule sees it.
+    """(x + 1000.3) - 1000: fp16 holds 1000.3 as 1000.5 and x + 1000.3 only to 0.5, so the low graph is
+    off by up to 0.45; no rule sees it. (Not (x + 1e4) - 1e4: ONNX Runtime's CPU provider, whose
+    run of the fp16 graph is the verdict, computes that Add and Sub in fp32 and gets x back.)
     `scopes`: the two nodes' modules, as ticknorm's export records them."""
-    big = numpy_helper.from_array(np.array(1e4, np.float32), "big")
-    nodes = [helper.make_node("Add", ["x", "big"], ["shifted"], name="p2o.Add.0"),
-             helper.make_node("Sub", ["shifted", "big"], ["y"], name="p2o.Sub.1")]
+    weights = [numpy_helper.from_array(np.array(1000.3, np.float32), "shift"),
+               numpy_helper.from_array(np.array(1000.0, np.float32), "unshift")]
+    nodes = [helper.make_node("Add", ["x", "shift"], ["shifted"], name="p2o.Add.0"),
+             helper.make_node("Sub", ["shifted", "unshift"], ["y"], name="p2o.Sub.1")]
     graph = helper.make_graph(nodes, "cancel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])], [big])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])], weights)
     for node, scope in zip(graph.node, scopes):
         node.metadata_props.add(key=SCOPE_KEY, value=scope)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _convert(model: onnx.ModelProto, tmp_path, *globs: str):
+def _convert(model: onnx.ModelProto, tmp_path, *globs: str, allow_partial: bool = False):
     onnx.save(model, str(tmp_path / "in.onnx"))
     arguments = ["convert", str(tmp_path / "in.onnx"), "-o", str(tmp_path / "out.onnx"), "--precision", "fp16"]
+    arguments += ["--allow-partial"] if allow_partial else []
     return CliRunner().invoke(main, [*arguments, *(a for glob in globs for a in ("--keep-fp32", glob))])
 
 
@@ -63,7 +67,8 @@ def _computed_in(path) -> dict[str, int]:
     (PADDLE, "op:Softmax", PADDLE[2:], "op type"),
     (TF2ONNX, "op:MatMul", TF2ONNX[:1], "op type")])
 def test_globs_keep_nodes_by_name_and_op_type(names, glob, kept, key, tmp_path):
-    done = _convert(_classifier(names), tmp_path, glob)
+    # keeping the classifier's only weighted layer in fp32 is a partial conversion (exit 1 without this)
+    done = _convert(_classifier(names), tmp_path, glob, allow_partial=True)
     assert done.exit_code == 0, done.output
     scopes = {node.name: get_scope(node) or "(root)" for node in ensure_scopes(_classifier(names)).graph.node}
     for name in kept:  # the module each name maps to (`scopes`: tf2onnx and Paddle2ONNX names carry one)
@@ -96,7 +101,7 @@ def test_the_suggested_globs_match_nodes_of_the_graph_and_lead_to_a_pass(tmp_pat
         by_type = _convert(_cancelling(), tmp_path, *kept, f"op:{op}")
         assert by_type.exit_code in (0, 1) and "matches no" not in by_type.output
         kept.append(expected)
-    done = _convert(_cancelling(), tmp_path, *kept)
+    done = _convert(_cancelling(), tmp_path, *kept, allow_partial=True)  # both weights kept fp32: all of them
     assert done.exit_code == 0, done.output
     assert _computed_in(tmp_path / "out.onnx") == {"p2o.Add.0": TensorProto.FLOAT, "p2o.Sub.1": TensorProto.FLOAT}
 
@@ -105,6 +110,6 @@ def test_on_a_graph_with_modules_the_suggestion_names_the_module(tmp_path):
     failed = _convert(_cancelling("head.shift", "head.unshift"), tmp_path)
     assert failed.exit_code == 1, failed.output
     assert re.findall(r"--keep-fp32 (\S+)", failed.output) == ["head.unshift", "op:Sub"]
-    done = _convert(_cancelling("head.shift", "head.unshift"), tmp_path, "head.*")
+    done = _convert(_cancelling("head.shift", "head.unshift"), tmp_path, "head.*", allow_partial=True)
     assert done.exit_code == 0, done.output
     assert "head.unshift [p2o.Sub.1]: --keep-fp32 head.*\n" in done.output

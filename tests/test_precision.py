@@ -59,7 +59,8 @@ def test_fp16_export_keeps_the_overflowing_norm_in_fp32(io_types, tmp_path):
     assert _types(model) == {"inputs": [io], "outputs": [io], "weights": [FLOAT, HALF]}  # the island keeps its scale fp32
     norm = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
     assert next((a.i for a in norm.attribute if a.name == "stash_type"), 1) == 1
-    assert {c.name.split(" (")[1] for c in result.conversion.checks} == {"fp16 emulated in fp32)", "fp16 graph, ONNX Runtime CPU)"}
+    # the fp16 graph itself in ONNX Runtime is the verdict (issue 29: the emulation is the fallback)
+    assert {c.name.split(" (")[1] for c in result.conversion.checks} == {"fp16 graph, ONNX Runtime CPU)"}
     assert result.conversion.passed
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["precision"]["islands"][0]["module"] == "norm" and written["records"]  # fusion report and islands

@@ -28,6 +28,7 @@ from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS, ExportOptions
 from ticknorm.exporter.fusion import RMS_TARGETS, NormTargets
 from ticknorm.exporter.model_ref import ModelRef
 from ticknorm.exporter.plugin_target import LN_TARGETS
+from ticknorm.exporter.precision.convert import Conversion
 from ticknorm.exporter.streaming import STREAMING
 from ticknorm.exporter.tasks import TASKS
 from ticknorm.profiler.profile import Timing
@@ -187,6 +188,10 @@ _KEEP_FP32 = click.option("--keep-fp32", multiple=True, metavar="GLOB",
                           help="Keep in fp32 the nodes whose module path or ONNX node name matches (repeat), e.g. "
                                "'encoder.layer.*.output' or 'model/dense_1/*'; op:GLOB matches op types, e.g. "
                                "op:Softmax.")
+_ALLOW_PARTIAL = click.option(
+    "--allow-partial", is_flag=True,
+    help="With --precision: exit 0 though less than half of the float weights (by size) took the low type; "
+         "without it such a conversion exits 1, the file still written.")
 _CALIBRATION_HELP = "A ticks file recorded while the model trained (ticknorm.ticks.Recorder): {}"
 _PRECISION_OPTIONS = (
     click.option("--precision", "dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
@@ -317,7 +322,8 @@ def main():
 @export_options
 @click.option("--report", type=OUTPUT_FILE, default=None,
               help="Write the fusion report (and, with --precision, the fp32 islands and checks) as JSON.")
-def export_command(model, inputs, output, options, report):
+@_ALLOW_PARTIAL
+def export_command(model, inputs, output, options, report, allow_partial):
     """Export a model to ONNX, fuse every LayerNorm, verify, and compare with PyTorch."""
     result = api.export(model, inputs, output, options=options, report=report, progress=Progress(_say))
     click.echo(f"wrote {', '.join(str(f) for f in result.files)} ({result.exporter} exporter, opset {result.opset})")
@@ -334,6 +340,7 @@ def export_command(model, inputs, output, options, report):
         click.echo("PyTorch vs ONNX Runtime (CPU):")
         for check in result.accuracy:
             click.echo(f"  {check.line()} (atol {check.atol:g}, rtol {check.rtol:g})")
+    _refuse_partial(result.conversion, output, allow_partial)
 
 
 @main.command("fuse")
@@ -369,12 +376,22 @@ def fuse_command(source, output, opset, report, no_verify, strict, inputs, targe
 @input_options
 @click.option("--report", type=OUTPUT_FILE, default=None,
               help="Write the islands and the checks as JSON.")
-def convert_command(source, output, precision, inputs, report):
+@_ALLOW_PARTIAL
+def convert_command(source, output, precision, inputs, report, allow_partial):
     """Convert an fp32 ONNX file to fp16 or bf16 with fp32 islands measured on the inputs (or
     seeded random ones), checked against the fp32 graph before anything is written."""
     result = api.convert(source, output, precision, inputs, report=report, progress=Progress(_say))
     click.echo(f"wrote {output}")
     click.echo(result.summary())
+    _refuse_partial(result, output, allow_partial)
+
+
+def _refuse_partial(conversion: Conversion | None, output: str, allowed: bool) -> None:
+    """Exit 1 after a conversion that left most of the float weights fp32 (written, as fuse --strict)."""
+    failure = conversion.partial_failure(output) if conversion is not None and not allowed else None
+    if failure is not None:
+        click.echo(f"error: {failure}", err=True)
+        sys.exit(1)
 
 
 @main.command("inspect")

@@ -8,6 +8,8 @@ in fp32 on those values, and each value the graph holds in bf16 is rounded to bf
 made (a Cast to bf16 and back), as `convert` emulates a precision before it writes one.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -33,14 +35,27 @@ def widened(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _upcast(model: onnx.ModelProto, lows: frozenset[int], rounded: bool) -> onnx.ModelProto:
     """`model` with every value of the `lows` types held in fp32 (`rounded`: rounded to its type
-    where it is made). Its low weights are not read: each is widened by a Cast to fp32 in the
-    graph, so they stay references into their file (mapped by the session, which folds the Cast
-    once as it loads)."""
+    where it is made), If, Loop and Scan bodies too (a converted merged decoder computes in its
+    branches). Its low weights are not read: each is widened by a Cast to fp32 in its graph, so
+    they stay references into their file (mapped by the session, which folds the Cast once as it
+    loads)."""
     types = {name: value.dtype for name, value in ir.convenience.create_value_mapping(
-        typed(model).graph, include_subgraphs=False).items()}
+        typed(model).graph, include_subgraphs=True).items()}
     upcast = ir.from_proto(model)
-    graph = upcast.graph
-    names = FreshNames(graph)
+    names = FreshNames(upcast.graph)
+    for graph in list(upcast.graphs()):  # the graph and its bodies at any depth
+        _upcast_graph(graph, names, types, _Upcast(lows, rounded))
+    return ir.to_proto(upcast)
+
+
+@dataclass(frozen=True)
+class _Upcast:
+    lows: frozenset[int]  # the types held in fp32
+    rounded: bool  # each value rounded to its type where it is made
+
+
+def _upcast_graph(graph: ir.Graph, names: FreshNames, types: dict[str, ir.DataType | None], how: _Upcast) -> None:
+    lows, rounded = how.lows, how.rounded
     nodes = list(graph)
     casts = [_widening(graph, names, weight) for weight in graph.initializers.values() if weight.dtype in lows]
     if casts and nodes:  # first in the graph
@@ -59,16 +74,15 @@ def _upcast(model: onnx.ModelProto, lows: frozenset[int], rounded: bool) -> onnx
     for value in [*graph.inputs, *graph.outputs, *(v for node in nodes for v in node.outputs)]:
         if value.dtype in lows:
             value.type = ir.TensorType(ir.DataType.FLOAT)
-    return ir.to_proto(upcast)
 
 
 def _widening(graph: ir.Graph, names: FreshNames, weight: ir.Value) -> ir.Node:
-    """A Cast to fp32 of a low weight, read in its place by every node of the graph (a subgraph's
-    reads are left as they were)."""
+    """A Cast to fp32 of a low weight, read in its place by every node, a body's too (the Cast,
+    first in the weight's graph, is in scope there)."""
     cast = ir.node("Cast", [weight], {"to": FLOAT}, name=names.fresh(f"{weight.name}_widen"))
     cast.outputs[0].name = names.fresh(f"{weight.name}_fp32")
     for user, index in list(weight.uses()):
-        if user.graph is graph:
+        if user is not cast:
             user.replace_input_with(index, cast.outputs[0])
     return cast
 

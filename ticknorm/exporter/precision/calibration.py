@@ -9,17 +9,18 @@ import onnx_ir as ir
 
 from ticknorm.base.precision import LARGEST, Precision
 from ticknorm.base.scopes import node_scope
+from ticknorm.exporter.precision.bodies import planned_nodes
 from ticknorm.ticks.log import read_ticks
 from ticknorm.ticks.ranges import module_ranges, present_ranges
 
 
 def calibrated_nodes(graph: ir.Graph, precision: Precision, example: str) -> dict[int, str]:
-    """Node position -> why the recorded ranges keep it in fp32 (nothing without a calibration).
+    """Node index (in `planned_nodes`) -> why the recorded ranges keep it in fp32 (nothing without a calibration).
     `example` is a module scope of the graph, for the refusal of a file recorded on another model."""
     if precision.calibration is None:
         return {}
     source = Path(precision.calibration).name
-    scopes = [node_scope(node) for node in graph]
+    scopes = [node_scope(node) for node, _ in planned_nodes(graph)]
     ranges = present_ranges(module_ranges(read_ticks(precision.calibration)),
                             lambda module: any(_inside(scope, module) for scope in scopes), source, example)
     largest = LARGEST[precision.dtype]

@@ -2,24 +2,28 @@
 
 The plan is measured on the caller's feeds; the converted graph is judged against the reference
 (PyTorch's fp32 outputs in an export, the fp32 graph's own in `convert`) at the low type's
-tolerance: always through the fp32 emulation, which ONNX Runtime's CPU provider runs for both
-types and where an overflow cannot hide (the CPU provider computes many fp16 ops in fp32 and drops
-the Casts between them); for fp16 also as the strongly typed graph itself."""
+tolerance. The verdict is the strongly typed graph itself run in ONNX Runtime (its CPU provider
+runs most fp16 graphs): an emulation in fp32 rounds where the real graph does not (a foreign
+graph's conversion was rejected at 0.034 by it while its fp16 graph ran at 0.0034). Where ONNX
+Runtime cannot run the graph (no bf16 kernels on the CPU provider, an op without a kernel in the
+type) the fp32 emulation, which it runs for both types, is the verdict, and the report says so."""
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
-from ticknorm.base.errors import AccuracyError
+from ticknorm.base.errors import AccuracyError, OnnxFileError, RuntimeFailure
 from ticknorm.base.graph import typed
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.metrics import ArrayComparison, ResolvedTolerance, Tolerance, compare_arrays
-from ticknorm.base.precision import LOW_TYPES, TYPE_NAMES, Precision
+from ticknorm.base.precision import LOW_TYPES, PRECISION_KEY, TYPE_NAMES, Precision
 from ticknorm.exporter.precision.keep import suggestion
-from ticknorm.exporter.precision.lower import lay_out, low_array, write_emulated, write_low
+from ticknorm.exporter.precision.lower import Lowering, lay_out, low_array, write_emulated, write_low
 from ticknorm.exporter.precision.plan import plan_precision
+from ticknorm.exporter.precision.share import WeightShare, weight_share
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 
@@ -27,22 +31,52 @@ from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 class Conversion:
     model: onnx.ModelProto  # the strongly typed low-precision graph
     precision: Precision  # with the measured islands
-    checks: list[ArrayComparison] = field(default_factory=list)  # per output and way of running
+    checks: list[ArrayComparison] = field(default_factory=list)  # per output, of the run that judged
+    judged_by: str = ""  # that run: the graph itself in ONNX Runtime, or its fp32 emulation and why
+    # Beside a real run's verdict, the emulation's checks: where they fail, ONNX Runtime's CPU provider
+    # computed in fp32 what a strongly typed engine (TensorRT, the CUDA provider) holds in the low type.
+    emulation: list[ArrayComparison] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return all(check.passed for check in self.checks)
 
+    @property
+    def weights(self) -> WeightShare:
+        return weight_share(self.model, self.precision.dtype)
+
     def summary(self) -> str:
         precision = self.precision
         io_type = "fp32" if precision.io_types == "fp32" else precision.dtype
-        lines = [f"{precision.dtype}: {len(precision.islands)} node(s) kept in fp32, I/O {io_type}"]
+        lines = [f"{precision.dtype}: {len(precision.islands)} node(s) kept in fp32, I/O {io_type}",
+                 f"  {self.weights.line()}"]
         lines += ["  " + line for line in precision.island_lines()]
+        lines += [f"  judged by {self.judged_by}"] if self.judged_by else []
         lines += ["  " + check.line() for check in self.checks]
+        disagreeing = [check for check in self.emulation if not check.passed]
+        if disagreeing:
+            lines += [f"  note: the {precision.dtype} emulation in fp32 (every value rounded as a strongly typed "
+                      "engine holds it; ONNX Runtime's CPU provider computes some of these ops in fp32) disagrees, "
+                      "not the verdict:"]
+            lines += ["    " + check.line() for check in disagreeing]
         return "\n".join(lines)
 
+    def partial_failure(self, output) -> str | None:
+        """Why a conversion that left most of the float weights in fp32 fails (`--allow-partial`
+        accepts it); None for one that converted at least half."""
+        share = self.weights
+        if not share.partial:
+            return None
+        return (f"only {share.fraction:.1%} of the float weights (by size) are {share.dtype} in {output} "
+                f"({share.low_tensors} of {share.tensors} tensors; the islands above say what stayed fp32); "
+                "the file is written: --allow-partial accepts a partial conversion")
+
     def to_dict(self) -> dict:
-        return {"precision": asdict(self.precision), "checks": [asdict(check) for check in self.checks]}
+        share = self.weights
+        return {"precision": asdict(self.precision), "judged_by": self.judged_by,
+                "weights": {**asdict(share), "fraction": share.fraction, "partial": share.partial},
+                "checks": [asdict(check) for check in self.checks],
+                "emulation": [asdict(check) for check in self.emulation]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=float)
@@ -59,13 +93,7 @@ def convert(model: onnx.ModelProto, feeds: dict, precision: Precision, reference
         reference = _run(model, feeds, weights_dir, "all")
     lowering = lay_out(model, planned)  # one layout for both graphs
     conversion = Conversion(write_low(lowering, weights_dir), planned)
-    tolerance = Tolerance().at(TYPE_NAMES[planned.dtype])
-    emulated = _run(write_emulated(lowering, weights_dir), feeds, weights_dir, "disabled")
-    conversion.checks += _judged(reference, emulated, tolerance, f"{planned.dtype} emulated in fp32")
-    if planned.dtype == "fp16":  # ONNX Runtime's CPU provider runs fp16 graphs (not bf16 ones)
-        low_feeds = {name: _fed(value, conversion.model, name, planned.dtype) for name, value in feeds.items()}
-        actual = _run(conversion.model, low_feeds, weights_dir, "all")
-        conversion.checks += _judged(reference, actual, tolerance, "fp16 graph, ONNX Runtime CPU")
+    _judge(conversion, lowering, feeds, reference, weights_dir)
     failed = next((check for check in conversion.checks if not check.passed), None)
     if failed is not None:
         output = next(name for name in reference if failed.name.startswith(f"{name} ("))
@@ -76,9 +104,50 @@ def convert(model: onnx.ModelProto, feeds: dict, precision: Precision, reference
     return conversion
 
 
+def _judge(conversion: Conversion, lowering: Lowering, feeds: dict[str, np.ndarray],
+           reference: dict[str, np.ndarray], weights_dir) -> None:
+    """The real graph's run is the verdict where ONNX Runtime runs it, else the emulation's."""
+    dtype = conversion.precision.dtype
+    tolerance = Tolerance().at(TYPE_NAMES[dtype])
+    emulated = _run(write_emulated(lowering, weights_dir), feeds, weights_dir, "disabled")
+    emulation = _judged(reference, emulated, tolerance, f"{dtype} emulated in fp32")
+    actual, refused = _real_run(conversion.model, feeds, weights_dir, dtype)
+    if actual is None:
+        conversion.judged_by, conversion.checks = f"its emulation in fp32 ({refused})", emulation
+        return
+    conversion.judged_by = f"the {dtype} graph itself, run by ONNX Runtime (CPU)"
+    conversion.checks = _judged(reference, actual, tolerance, f"{dtype} graph, ONNX Runtime CPU")
+    conversion.emulation = emulation
+
+
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], weights_dir, optimization: str) -> dict[str, np.ndarray]:
     with OrtRunner(model, optimization=optimization, mapped=MappedWeights.staged(weights_dir)) as runner:
         return runner.infer(feeds).outputs
+
+
+def _real_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], weights_dir,
+              dtype: str) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The low-precision graph's outputs from ONNX Runtime's CPU provider, or None and why it
+    cannot run it (a session it cannot create: no kernel for an op in the type; a run that fails)."""
+    low_feeds = {name: _fed(value, model, name, dtype) for name, value in feeds.items()}
+    try:
+        with _as_itself(model):
+            return _run(model, low_feeds, weights_dir, "all"), ""
+    except (OnnxFileError, RuntimeFailure) as exc:
+        return None, f"ONNX Runtime cannot run the {dtype} graph: {exc}"
+
+
+@contextlib.contextmanager
+def _as_itself(model: onnx.ModelProto):
+    """`model` without its precision metadata while it runs: the runner runs a graph marked bf16 as
+    its fp32 emulation (`upcast`), and the verdict asks for the graph itself."""
+    marks = [prop for prop in model.metadata_props if prop.key == PRECISION_KEY]
+    for prop in marks:
+        model.metadata_props.remove(prop)
+    try:
+        yield
+    finally:
+        model.metadata_props.extend(marks)
 
 
 def _judged(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], tolerance: ResolvedTolerance,

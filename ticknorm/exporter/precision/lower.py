@@ -5,8 +5,10 @@ either type, so a conversion is judged even where no runtime computes in that ty
 
 Every float32 tensor has a home type: a node computing in the low type writes it low, an fp32
 island writes fp32; a graph input is fp32 unless the I/O types are low; a weight is low when every
-reader computes low. Where a reader wants the other type, one Cast per tensor and type is placed
-before its first reader. Graph outputs keep their names and take the I/O type."""
+reader computes low. Where a reader wants the other type, one Cast per tensor, type and graph is
+placed before its first reader. Graph outputs keep their names and take the I/O type. If, Loop and
+Scan bodies are written alike (see `bodies`): their own weights and Constants, the outer weights
+they read, and their nodes; their inputs and outputs stay fp32."""
 
 import contextlib
 import os
@@ -19,10 +21,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ticknorm.base.graph import FreshNames, node_name, typed
+from ticknorm.base.graph import FreshNames, bodies, typed
 from ticknorm.base.precision import PRECISION_KEY, Precision
 from ticknorm.base.scopes import SCOPE_KEY, node_scope
 from ticknorm.base.upcast import round_trip
+from ticknorm.exporter.precision.bodies import planned_graphs, planned_nodes
 from ticknorm.exporter.precision.plan import NEUTRAL_OPS, arithmetic
 
 FLOAT = ir.DataType.FLOAT
@@ -36,7 +39,7 @@ class Lowering:
 
     model: onnx.ModelProto  # each graph written from the plan edits its own onnx-ir copy of it
     precision: Precision
-    low_nodes: set[int]  # node positions
+    low_nodes: set[int]  # node indices in `planned_nodes`
     home: dict[str, ir.DataType]  # by float32 tensor name: FLOAT or the low type
 
     @property
@@ -67,24 +70,33 @@ class Lowering:
 def lay_out(model: onnx.ModelProto, precision: Precision) -> Lowering:
     graph = typed(model).graph
     islands = set(precision.nodes)
-    low_nodes = {p for p, node in enumerate(graph) if arithmetic(node) and node_name(node, p) not in islands}
+    nodes = planned_nodes(graph)
+    low_nodes = {p for p, (node, name) in enumerate(nodes) if arithmetic(node) and name not in islands}
     lowering = Lowering(model, precision, low_nodes, {})
     low = lowering.low
     for value in graph.inputs:
         if value.name and value.dtype == FLOAT:
             lowering.home[value.name] = low if precision.io_types == "low" else FLOAT
-    for position, node in enumerate(graph):
+    for body in planned_graphs(graph)[1:]:  # a body's boundary is fp32
+        lowering.home.update({value.name: FLOAT for value in body.inputs if value.name and value.dtype == FLOAT})
+    for position, (node, _) in enumerate(nodes):
         for value in node.outputs:
             if value.name and value.dtype == FLOAT:
                 lowering.home[value.name] = low if position in low_nodes else FLOAT
-    positions = {node: position for position, node in enumerate(graph)}
-    for name, weight in graph.initializers.items():
-        if weight.const_value is not None and weight.const_value.dtype == FLOAT:
-            lowering.home[name] = FLOAT
-            readers = [(use.node, use.idx) for use in weight.uses() if use.node in positions]
-            if readers and all(lowering.wanted(node, positions[node], slot) == low for node, slot in readers):
-                lowering.home[name] = low
+    _lay_out_weights(lowering, graph, {node: position for position, (node, _) in enumerate(nodes)})
     return lowering
+
+
+def _lay_out_weights(lowering: Lowering, graph: ir.Graph, positions: dict[ir.Node, int]) -> None:
+    """A weight (of the graph or a body) is held low when every reader computes low; one read
+    where the plan does not reach (a contrib op's body) stays fp32."""
+    for body in planned_graphs(graph):
+        for name, weight in body.initializers.items():
+            if weight.const_value is not None and weight.const_value.dtype == FLOAT:
+                readers = [(use.node, use.idx) for use in weight.uses()]
+                low = readers and all(node in positions and lowering.wanted(node, positions[node], slot) == lowering.low
+                                      for node, slot in readers)
+                lowering.home[name] = lowering.low if low else FLOAT
 
 
 def low_precision_graph(model: onnx.ModelProto, precision: Precision, weights_dir=None) -> onnx.ModelProto:
@@ -97,23 +109,25 @@ def write_low(lowering: Lowering, weights_dir=None, progress=lambda done, total:
     model, precision = lowering.editable(weights_dir), lowering.precision
     graph = model.graph
     names = FreshNames(graph)
-    weights = list(graph.initializers.items())
+    graphs, nodes = planned_graphs(graph), planned_nodes(graph)  # before any Cast is added
+    weights = [weight for body in graphs for weight in body.initializers.items()]
     with _low_weights_file(weights_dir) as sink:
         for done, (name, weight) in enumerate(weights, start=1):
             tensor = weight.const_value
             if tensor is not None:
                 weight.const_value = _held(tensor, lowering.home.get(name, tensor.dtype), precision.dtype, sink)
             progress(done, len(weights))
-    casts: dict[tuple[str | None, ir.DataType], ir.Value] = {}  # by (tensor name, type): its Cast's output
-    for position, node in enumerate(list(graph)):
+    casts: dict[tuple, ir.Value] = {}  # by (graph, tensor name, type): its Cast's output
+    for position, (node, _) in enumerate(nodes):
         for slot, value in enumerate(node.inputs):
             if value is not None and value.name in lowering.home:
                 to = lowering.wanted(node, position, slot)
                 if to != lowering.held_in(value):
-                    node.replace_input_with(slot, _cast(casts, names, value, to, graph, node))
+                    node.replace_input_with(slot, _cast(casts, names, value, to, node))
         if position in lowering.low_nodes:
             _lower_attributes(node, lowering.low, precision.dtype)
-    _type_outputs(graph, lowering, names)
+    for typed_graph in graphs:
+        _type_outputs(typed_graph, lowering, names, body=typed_graph is not graph)
     for value in graph.inputs:
         held = lowering.held_in(value)
         if held is not None:
@@ -121,7 +135,8 @@ def write_low(lowering: Lowering, weights_dir=None, progress=lambda done, total:
     model.metadata_props.pop(PRECISION_KEY, None)
     model.metadata_props[PRECISION_KEY] = precision.to_json()
     lowered = ir.to_proto(model)
-    del lowered.graph.value_info[:]  # the fp32 graph's annotations: many of those tensors are now low
+    for annotated in [lowered.graph, *(body for _, body in bodies(lowered.graph))]:
+        del annotated.value_info[:]  # the fp32 graph's annotations: many of those tensors are now low
     return lowered
 
 
@@ -132,26 +147,27 @@ def write_emulated(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
     model, low = lowering.editable(weights_dir), lowering.low
     graph = model.graph
     names = FreshNames(graph)
-    nodes = list(graph)
+    nodes = [node for node, _ in planned_nodes(graph)]
     low_outputs = {value.name for p in lowering.low_nodes for value in nodes[p].outputs
                    if lowering.held_in(value) == low}
-    rounded_at_source = low_outputs | _round_low_weights(graph, lowering)
-    rounded = {}
+    rounded_at_source = low_outputs | _round_low_weights(planned_graphs(graph), lowering)
+    rounded: dict[tuple, ir.Value] = {}  # by (graph, tensor name): a body rounds what it reads itself
     for position, node in enumerate(nodes):
         for slot, value in enumerate(node.inputs):
             if (value is not None and value.name in lowering.home and value.name not in rounded_at_source
                     and lowering.wanted(node, position, slot) == low):
-                if value.name not in rounded:
-                    rounded[value.name] = ir.Value(name=names.fresh(f"{value.name}_rounded"))
-                    graph.insert_before(node, round_trip(names, value, rounded[value.name], low, node_scope(node)))
-                node.replace_input_with(slot, rounded[value.name])
+                key = (node.graph, value.name)
+                if key not in rounded:
+                    rounded[key] = ir.Value(name=names.fresh(f"{value.name}_rounded"))
+                    _graph_of(node).insert_before(node, round_trip(names, value, rounded[key], low, node_scope(node)))
+                node.replace_input_with(slot, rounded[key])
         last = node
         for value in node.outputs:
             if value.name in low_outputs:  # its readers and the graph outputs take it rounded, under its name
                 made = _renamed_unrounded(names, value)
                 ir.convenience.replace_all_uses_with(value, made, replace_graph_outputs=True)
                 trip = round_trip(names, value, made, low, node_scope(node))
-                graph.insert_after(last, trip)
+                _graph_of(node).insert_after(last, trip)
                 last = trip[-1]  # the Cast back, which makes `made`
     if lowering.precision.io_types == "low":  # fp32 outputs leave the low graph through a Cast to the low type
         for index, value in enumerate(list(graph.outputs)):
@@ -161,27 +177,38 @@ def write_emulated(lowering: Lowering, weights_dir=None) -> onnx.ModelProto:
     return ir.to_proto(model)
 
 
-def _round_low_weights(graph: ir.Graph, lowering: Lowering) -> set:
-    """The weights the low graph holds low, rounded in place (their names)."""
-    held_low = {name for name in graph.initializers if lowering.home.get(name) == lowering.low}
-    for name in held_low:
-        weight = graph.initializers[name]
-        tensor = weight.const_value  # held low only with a value (`lay_out`)
-        if tensor is not None:
-            weight.const_value = ir.Tensor(_lowered(tensor, lowering.precision.dtype).astype(np.float32), name=name)
+def _round_low_weights(graphs: list[ir.Graph], lowering: Lowering) -> set:
+    """The weights the low graph holds low (of the graph and its bodies), rounded in place (their names)."""
+    held_low = set()
+    for graph in graphs:
+        for name, weight in graph.initializers.items():
+            tensor = weight.const_value  # held low only with a value (`lay_out`)
+            if lowering.home.get(name) == lowering.low and tensor is not None:
+                weight.const_value = ir.Tensor(_lowered(tensor, lowering.precision.dtype).astype(np.float32), name=name)
+                held_low.add(name)
     return held_low
 
 
-def _cast(casts: dict[tuple[str | None, ir.DataType], ir.Value], names: FreshNames, value: ir.Value,
-          to: ir.DataType, graph: ir.Graph, reader: ir.Node) -> ir.Value:
-    """`value` cast to `to`, the Cast placed once in `graph`, before its first reader."""
-    if (value.name, to) not in casts:
+def _cast(casts: dict[tuple, ir.Value], names: FreshNames, value: ir.Value, to: ir.DataType,
+          reader: ir.Node) -> ir.Value:
+    """`value` cast to `to`, the Cast placed once in the reader's graph (a body's Cast is not seen
+    outside it), before its first reader there."""
+    graph = _graph_of(reader)
+    key = (graph, value.name, to)
+    if key not in casts:
         suffix = "fp32" if to == FLOAT else to.numpy().name
         cast = ir.node("Cast", [value], {"to": to}, outputs=[ir.Value(name=names.fresh(f"{value.name}_{suffix}"))],
                        name=names.fresh(f"{value.name}_cast_{suffix}"), metadata_props={SCOPE_KEY: node_scope(reader)})
         graph.insert_before(reader, cast)
-        casts[(value.name, to)] = cast.outputs[0]
-    return casts[(value.name, to)]
+        casts[key] = cast.outputs[0]
+    return casts[key]
+
+
+def _graph_of(node: ir.Node) -> ir.Graph:
+    """The graph (or body) holding `node`, which every node of a graph read from a file has."""
+    if node.graph is None:
+        raise AssertionError(f"node {node.name} belongs to no graph")
+    return node.graph
 
 
 def _renamed_unrounded(names: FreshNames, value: ir.Value) -> ir.Value:
@@ -204,16 +231,21 @@ def _lower_attributes(node: ir.Node, low: ir.DataType, dtype: str) -> None:
             node.attributes[name] = ir.AttrTensor(name, _low_tensor(tensor.numpy(), tensor.name, dtype))
 
 
-def _type_outputs(graph: ir.Graph, lowering: Lowering, names: FreshNames) -> None:
-    """Graph outputs under their own names in the I/O type, cast where their home differs."""
-    io_type = lowering.low if lowering.precision.io_types == "low" else FLOAT
+def _type_outputs(graph: ir.Graph, lowering: Lowering, names: FreshNames, body: bool) -> None:
+    """Graph outputs under their own names in the I/O type, cast where their home differs; a
+    body's outputs in fp32 (an If's branches then agree), the Cast's output named anew (what a
+    branch returns may be an outer tensor, whose name stays its own)."""
+    io_type = lowering.low if lowering.precision.io_types == "low" and not body else FLOAT
     for index, value in enumerate(list(graph.outputs)):
         home = lowering.held_in(value)
         if home is None:
             continue
         if home != io_type:
             output = ir.Value(name=value.name, shape=value.shape, type=ir.TensorType(io_type))
-            value.name = names.fresh(f"{output.name}_{'low' if home != FLOAT else 'fp32'}")
+            if body:  # its io_type is fp32
+                output.name = names.fresh(f"{value.name}_fp32")
+            else:
+                value.name = names.fresh(f"{output.name}_{'low' if home != FLOAT else 'fp32'}")
             producer = value.producer()
             graph.append(ir.node("Cast", [value], {"to": io_type}, outputs=[output],
                                  name=names.fresh(f"{output.name}_cast"),

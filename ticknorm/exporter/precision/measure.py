@@ -12,6 +12,8 @@ import onnx_ir as ir
 from ticknorm.base.errors import InputSpecError
 from ticknorm.base.graph import typed
 from ticknorm.base.precision import SMALLEST_NORMAL
+from ticknorm.exporter.precision.bodies import planned_graphs, planned_nodes
+from ticknorm.exporter.precision.measure_bodies import body_reads, body_values
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
@@ -29,21 +31,33 @@ class TensorRange:
 @dataclass
 class Measurement:
     tensors: dict[str, TensorRange]  # by float tensor (node outputs, graph inputs, initializers)
-    statistics: dict[int, tuple[str, float]]  # by node index: (what, largest): a norm's variance, a reduction's sum
+    # by index in `planned_nodes`: (what, largest): a norm's variance, a reduction's sum
+    statistics: dict[int, tuple[str, float]]
 
 
 def measure(model: onnx.ModelProto, view: ir.Model, feeds: dict, dtype: str, weights_dir=None) -> Measurement:
     """Run `model` in fp32 (ONNX Runtime, optimizations off, every float tensor of its typed
-    `view` an output)."""
+    `view` an output), and the bodies the run went through (`measure_bodies`)."""
+    return measurement(view, values_of(model, fetched(view), feeds, weights_dir), dtype)
+
+
+def values_of(model: onnx.ModelProto, fetch: list[str], feeds: dict, weights_dir=None) -> dict[str, np.ndarray]:
+    """The feeds, the `fetch` tensors and what the bodies read of one fp32 run, with the tensors of
+    the bodies it went through, each run alone the same way."""
     with OrtRunner(model, optimization="disabled", mapped=MappedWeights.staged(weights_dir),
-                   extra_outputs=fetched(view)) as runner:
-        return measurement(view, runner.infer(feeds).outputs, dtype)
+                   extra_outputs=[*fetch, *body_reads(model)]) as runner:
+        values = {**feeds, **runner.infer(feeds).outputs}
+
+    def run(alone: onnx.ModelProto, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return values_of(alone, fetched(typed(alone)), given, weights_dir)
+
+    return {**values, **body_values(model, values, run)}
 
 
 def measurement(view: ir.Model, values: dict[str, np.ndarray], dtype: str) -> Measurement:
     """The ranges and statistics of an fp32 run's float tensors (`values`: name -> array, from one
     session or from a graph run piece by piece)."""
-    floats = fetched(view)
+    floats = [*fetched(view), *_body_floats(view)]
     outputs = {value.name for value in view.graph.outputs}
     bad = [name for name in floats if name in values and _unusable(values[name], name in outputs)]
     if bad:
@@ -51,12 +65,13 @@ def measurement(view: ir.Model, values: dict[str, np.ndarray], dtype: str) -> Me
                              "is no reference to choose a precision from")
     smallest = SMALLEST_NORMAL.get(dtype, 0.0)
     tensors = {name: _range(values[name], smallest) for name in floats if name in values}
-    for name, weight in view.graph.initializers.items():
-        tensor = weight.const_value
-        if tensor is not None and tensor.dtype == ir.DataType.FLOAT and not isinstance(tensor, ir.ExternalTensor):
-            tensors[name] = _range(tensor.numpy(), smallest)
+    for graph in planned_graphs(view.graph):
+        for name, weight in graph.initializers.items():
+            tensor = weight.const_value
+            if tensor is not None and tensor.dtype == ir.DataType.FLOAT and not isinstance(tensor, ir.ExternalTensor):
+                tensors[name] = _range(tensor.numpy(), smallest)
     statistics: dict[int, tuple[str, float]] = {}
-    for position, node in enumerate(view.graph):
+    for position, (node, _) in enumerate(planned_nodes(view.graph)):
         found = _statistic(node, values)
         if found is not None:
             statistics[position] = found
@@ -74,6 +89,13 @@ def fetched(view: ir.Model) -> list[str]:
     values = [*graph.inputs, *(out for node in graph for out in node.outputs if out.name)]
     return [name for name, value in {v.name: v for v in values}.items()
             if name is not None and value.dtype == ir.DataType.FLOAT and name not in graph.initializers]
+
+
+def _body_floats(view: ir.Model) -> list[str]:
+    """The float tensors of the graph's If, Loop and Scan bodies (those a body run gives)."""
+    values = [value for body in planned_graphs(view.graph)[1:]
+              for value in [*body.inputs, *(out for node in body for out in node.outputs)]]
+    return [value.name for value in values if value.name and value.dtype == ir.DataType.FLOAT]
 
 
 def _unusable(array: np.ndarray, output: bool) -> bool:

@@ -4,7 +4,8 @@ the statistics norms and reductions hold inside them.
 
 A node computes in the low type unless one of these keeps it in fp32, first reason wins:
 the user's `--keep-fp32` glob matches its module, node name or op type (see `keep`); it holds a
-subgraph or sets a type we do not lower; a float tensor it reads or writes exceeds the type's
+subgraph other than an If, Loop or Scan body (those are converted, see `bodies`) or sets a type
+we do not lower; a float tensor it reads or writes exceeds the type's
 range; a norm's variance or a reduction's running sum would; more than `underflow_limit` of an
 output's nonzero values fall below the type's smallest normal; the ranges its norm module reached
 in training (a ticks file, `--calibration`) passed the type's largest number."""
@@ -14,9 +15,10 @@ from dataclasses import replace
 import onnx
 import onnx_ir as ir
 
-from ticknorm.base.graph import node_name, typed
+from ticknorm.base.graph import typed
 from ticknorm.base.precision import LARGEST, Fp32Island, Precision
 from ticknorm.base.scopes import node_scope
+from ticknorm.exporter.precision.bodies import control_flow, planned_nodes
 from ticknorm.exporter.precision.calibration import calibrated_nodes
 from ticknorm.exporter.precision.keep import ROOT_ONLY, example_scopes, kept_by, refuse_unmatched
 from ticknorm.exporter.precision.measure import Measurement, measure, measurement
@@ -40,26 +42,28 @@ def plan_precision(model: onnx.ModelProto, feeds: dict, precision: Precision, we
     measured = (measure(model, view, feeds, precision.dtype, weights_dir) if values is None
                 else measurement(view, values, precision.dtype))
     islands = []
-    for position, node in enumerate(graph):
+    for position, (node, name) in enumerate(planned_nodes(graph)):
         if not arithmetic(node):
             continue
-        reason = _reason(graph, node, position, measured, precision) or recorded.get(position, "")
+        reason = _reason(node, name, position, measured, precision) or recorded.get(position, "")
         if reason:
-            islands.append(Fp32Island(node_scope(node), node_name(node, position), reason))
+            islands.append(Fp32Island(node_scope(node), name, reason))
     return replace(precision, islands=tuple(islands))
 
 
 def arithmetic(node: ir.Node) -> bool:
-    """Whether a node computes on float32 tensors (what a low precision changes)."""
-    if node.op_type in NEUTRAL_OPS:
+    """Whether a node computes on float32 tensors (what a low precision changes). A control-flow
+    node computes nothing itself: its bodies' nodes do, and its boundary stays fp32."""
+    if node.op_type in NEUTRAL_OPS or control_flow(node):
         return False
     return any(value is not None and value.name and value.dtype == ir.DataType.FLOAT
                for value in (*node.inputs, *node.outputs))
 
 
-def _reason(graph: ir.Graph, node: ir.Node, position: int, measured: Measurement, precision: Precision) -> str:
+def _reason(node: ir.Node, name: str, position: int, measured: Measurement,
+            precision: Precision) -> str:
     dtype, largest = precision.dtype, LARGEST[precision.dtype]
-    matched = kept_by(precision.keep_fp32, node, position)
+    matched = kept_by(precision.keep_fp32, node, name)
     if matched:
         return matched
     if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
@@ -68,17 +72,17 @@ def _reason(graph: ir.Graph, node: ir.Node, position: int, measured: Measurement
     if typed_by and TYPED_BY_ATTRIBUTE.get(node.op_type) not in typed_by:
         return f"{node.op_type} sets its type by an attribute ticknorm does not lower"
     for role, values in (("input", node.inputs), ("output", node.outputs)):
-        for name in (value.name for value in values if value is not None and value.name):
-            found = measured.tensors.get(name)
+        for value in (value for value in values if value is not None and value.name):
+            found = measured.tensors.get(value.name or "")
             if found is not None and found.absmax > largest:
-                what = "weight" if name in graph.initializers else role
-                return f"{what} {name} reaches {found.absmax:.4g} > {dtype} max {largest:g}"
-    what, value = measured.statistics.get(position, ("", 0.0))
-    if value > largest:
-        return f"{what} reaches {value:.4g} > {dtype} max {largest:g}"
-    for name in (value.name for value in node.outputs if value.name):
-        found = measured.tensors.get(name)
+                what = "weight" if value.is_initializer() else role
+                return f"{what} {value.name} reaches {found.absmax:.4g} > {dtype} max {largest:g}"
+    what, statistic = measured.statistics.get(position, ("", 0.0))
+    if statistic > largest:
+        return f"{what} reaches {statistic:.4g} > {dtype} max {largest:g}"
+    for output in (value.name for value in node.outputs if value.name):
+        found = measured.tensors.get(output)
         if found is not None and found.underflow > precision.underflow_limit:
-            return f"{found.underflow:.1%} of {name}'s nonzero values underflow {dtype}"
+            return f"{found.underflow:.1%} of {output}'s nonzero values underflow {dtype}"
     return ""
 
