@@ -229,3 +229,30 @@ def test_export_draws_integer_inputs_again_inside_the_graph_index_range(tmp_path
     api.export(pinned, Inputs(("input_ids:4x64:int64:0..2",)), tmp_path / "pinned.onnx",
                api.ExportOptions(exporter="torchscript"))
     assert pinned.largest == 1  # a range the user gave is kept
+
+
+@pytest.fixture(scope="module")
+def optimum_llama(tmp_path_factory):
+    """A tiny Llama's folder and its `text-generation-with-past` file as Optimum spells its inputs:
+    with `position_ids`, which the model computes itself from the cache when not given."""
+    from hf_models import build
+
+    folder = tmp_path_factory.mktemp("llama")
+    build("LlamaForCausalLM").save_pretrained(folder / "hf")
+    path = folder / "decoder.onnx"
+    api.export(str(folder / "hf"), Inputs(("input_ids:batch=1xseq=4:int64",)), path,
+               api.ExportOptions(task="text-generation-with-past", fuse=False))
+    model = onnx.load(str(path))
+    model.graph.input.insert(2, helper.make_tensor_value_info("position_ids", TensorProto.INT64,
+                                                              ["batch_size", "sequence_length"]))
+    onnx.save(model, str(path))
+    return path, folder / "hf"
+
+
+@pytest.mark.parametrize("given", [(), ("--input", "input_ids:1x4")])
+def test_compare_runs_an_optimum_decoder_file_against_its_folder(optimum_llama, given):
+    """It exited 2 (inputs do not match the model: missing position_ids)."""
+    path, folder = optimum_llama
+    result = run("compare", path, "--model", folder, *given)
+    assert result.exit_code == 0, result.output
+    assert "logits (iteration 2)" in result.output if not given else "logits" in result.output

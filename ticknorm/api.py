@@ -80,8 +80,9 @@ def export(model, inputs, output, options: ExportOptions = ExportOptions(), repo
         for number, more in enumerate(inputs.feed_sets()[1:], start=2):
             more = task_feeds(module, more, {}, inputs.seed)[0]
             extra_checks.append((f"iteration {number}", more, torch_reference(module, more)[1]))
+    redraw = inputs.in_index_ranges if isinstance(inputs, Inputs) else None
     result = export_model(module, feeds, output, options=options, dynamic_axes=dynamic_axes, extra_checks=extra_checks,
-                          progress=progress.step)
+                          progress=progress.step, redraw=redraw)
     _write_export_report(report, result)
     return result
 
