@@ -47,11 +47,16 @@ def feeds_for_file(model: onnx.ModelProto, inputs: Inputs | None = None,
     """Every iteration's feeds for `model`: the ones `inputs` give (none: the graph's alone), each
     passed through `complete` (a PyTorch model's task adds its mask and a real KV cache), then
     every graph input still missing built from the graph's shapes, index ranges and decoder
-    conventions, sized by what was given."""
+    conventions, sized by what was given. Feeds that name an input the graph lacks stay as given,
+    for the runner to name what is missing and what it did not expect."""
     given_sets = inputs.feed_sets(model) if inputs is not None and inputs.given else [{}]
     seed = inputs.seed if inputs is not None else 0
+    declared = {value.name for value in graph_inputs(model)}
     found = GraphFeeds([])
     for given in given_sets:
+        if not given.keys() <= declared:  # a name the graph does not know: misspelt, not to be made up around
+            found.feed_sets.append(complete(given) if complete is not None else given)
+            continue
         given = complete(given) if complete is not None else given
         pasts = _past_lengths(model, given)
         for past in pasts:
@@ -130,7 +135,7 @@ _CONVENTIONAL = ("attention_mask", "position_ids", USE_CACHE_BRANCH)  # sized by
 def _drawn(value: onnx.ValueInfoProto, sizes: dict[str, int], rng: np.random.Generator, limit: int | None,
            chosen: dict[str, int]) -> np.ndarray:
     """One input of the declared shape, each symbolic dim at `sizes`' size (else DYNAMIC_SIZE,
-    noted in `chosen`): a mask all ones, ids in [0, `limit`), other values random."""
+    noted in `chosen`): ids in [0, `limit`), other values random."""
     tensor_type = value.type.tensor_type
     shape = []
     for axis, dim in enumerate(tensor_type.shape.dim):
@@ -138,8 +143,6 @@ def _drawn(value: onnx.ValueInfoProto, sizes: dict[str, int], rng: np.random.Gen
         fixed = dim.HasField("dim_value")
         shape.append(dim.dim_value if fixed else chosen.setdefault(key, sizes.get(key, DYNAMIC_SIZE)))
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-    if "mask" in value.name.lower():
-        return np.ones(shape, dtype)
     return random_array(shape, dtype, rng, 0, limit) if limit else random_array(shape, dtype, rng)
 
 
