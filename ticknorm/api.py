@@ -26,7 +26,7 @@ from ticknorm.base.onnx_io import has_external_weights, load_onnx, model_digest,
 from ticknorm.base.precision import Precision
 from ticknorm.base.progress import QUIET, Progress
 from ticknorm.base.run_results import SavedReference
-from ticknorm.base.scopes import LayerSelection, ensure_scopes
+from ticknorm.base.scopes import LayerSelection, ensure_scopes, fit_scopes
 from ticknorm.exporter.export import ExportOptions, ExportResult, export_model, torch_reference
 from ticknorm.exporter.fusion import FusionResult, NormTargets, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
@@ -359,13 +359,15 @@ def _array(value) -> np.ndarray:
 
 
 def _judged(source, model, inputs, progress: Progress, weights: bool = True):
-    """The ONNX model, the PyTorch model it came from (built for the graph's task), and every
-    iteration's feeds for both: what every command that judges an export against PyTorch starts
-    with. Commands that run one input (profile, report) take the first iteration. Without
-    `weights`, a file's graph alone, for runtimes that read the file themselves."""
+    """The ONNX model (its scopes moved onto the PyTorch model's module paths), the PyTorch model
+    it came from (built for the graph's task), and every iteration's feeds for both: what every
+    command that judges an export against PyTorch starts with. Commands that run one input
+    (profile, report) take the first iteration. Without `weights`, a file's graph alone, for
+    runtimes that read the file themselves."""
     onnx_model = _onnx(source, weights)
     progress.step("loading the model")
     module = _model_ref(model).load(task_of_graph(i.name for i in onnx_model.graph.input))
+    fit_scopes(onnx_model, [name for name, _ in module.named_modules()])  # a wrapper's prefix off its names
     graph_only = {value.name for value in onnx_model.graph.input}
     feed_sets = [torch_feeds(module, feeds, graph_only)
                  for feeds in _file_feeds(onnx_model, inputs, progress, module).feed_sets]

@@ -9,7 +9,6 @@ import onnx
 
 from ticknorm.base.errors import InputSpecError, RuntimeUnavailable
 from ticknorm.base.progress import QUIET, Progress
-from ticknorm.base.scopes import fit_scopes
 from ticknorm.profiler.align import ScopeTable
 from ticknorm.profiler.ticks import ROOT, UNATTRIBUTED, TickLog, roll_up
 from ticknorm.runtime.registry import RunnerSetup, make_runner, runtime_kind
@@ -55,13 +54,9 @@ class ProfileResult:
 def profile_runtimes(model: onnx.ModelProto, feeds: dict, runtimes, setup: RunnerSetup, timing: Timing = Timing(),
                      progress: Progress = QUIET) -> ProfileResult:
     """Every runtime timed per module, one after the other (`torch` is `setup.module` itself).
-    Every runtime is checked for availability before any of them is timed. With the model, the
-    graph's scopes are first moved onto its module paths (a file exported through a wrapper), as
-    compare does, so the rows name the model's modules."""
+    Every runtime is checked for availability before any of them is timed."""
     if timing.iterations < 1 or timing.warmup < 0:
         raise InputSpecError("--iterations must be at least 1 and --warmup at least 0")
-    if setup.module is not None:
-        fit_scopes(model, [name for name, _ in setup.module.named_modules()])
     table = ScopeTable(model)
     result = ProfileResult(timing.depth)
     result.order = list(dict.fromkeys(roll_up(m, timing.depth) or ROOT for m in table.module_order))
