@@ -139,10 +139,13 @@ def tiny_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("command", ["compare", "profile", "snapshot", "trtexec"])
+@pytest.mark.parametrize("command", ["compare", "profile", "report", "snapshot", "convert", "trtexec"])
 def test_every_command_runs_a_file_without_input_and_says_the_sizes(tiny_file, tmp_path, command):
+    timing = ["--iterations", "2", "--warmup", "0"]
     args = {"compare": ["compare", tiny_file, *EXAMPLE],
-            "profile": ["profile", tiny_file, *EXAMPLE, "--runtime", "ort", "--iterations", "2", "--warmup", "0"],
+            "profile": ["profile", tiny_file, *EXAMPLE, "--runtime", "ort", *timing],
+            "report": ["report", tiny_file, *EXAMPLE, "--runtime", "ort", *timing, "-o", tmp_path / "r.html"],
+            "convert": ["convert", tiny_file, "--precision", "fp16", "-o", tmp_path / "half.onnx"],
             "snapshot": ["drift", "snapshot", tiny_file, *EXAMPLE, "-o", tmp_path / "bundle"],
             "trtexec": ["trtexec-command", tiny_file]}[command]
     result = run(*args)
