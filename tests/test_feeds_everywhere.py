@@ -259,3 +259,22 @@ def test_compare_runs_an_optimum_decoder_file_against_its_folder(optimum_llama, 
     result = run("compare", path, "--model", folder, *given)
     assert result.exit_code == 0, result.output
     assert "logits (iteration 2)" in result.output if not given else "logits" in result.output
+
+
+def test_a_bert_file_with_token_types_runs_against_its_folder_without_input(tmp_path):
+    """Token types had to be spelled out; now they are built from the file, for the model and the
+    graph alike (the bundle keeps them for `drift check`)."""
+    from hf_models import build
+
+    build("BertModel").save_pretrained(tmp_path / "hf")
+    path = tmp_path / "bert.onnx"
+    spec = ("input_ids:batch=2xseq=8:int64", "token_type_ids:batch=2xseq=8:int64")
+    api.export(str(tmp_path / "hf"), Inputs(spec), path, api.ExportOptions(exporter="torchscript"))
+    assert "token_type_ids" in [value.name for value in onnx.load(str(path)).graph.input]
+    for command in (["compare"], ["profile", "--runtime", "torch,ort", "--iterations", "2", "--warmup", "0"],
+                    ["drift", "snapshot", "-o", tmp_path / "bundle"]):
+        result = run(*command[:2 if command[0] == "drift" else 1], path, "--model", tmp_path / "hf",
+                     *command[2 if command[0] == "drift" else 1:])
+        assert result.exit_code == 0, result.output
+        assert "its symbolic dims at batch=2, seq=2" in result.output
+    assert "token_type_ids" in (tmp_path / "bundle" / "inputs.json").read_text()

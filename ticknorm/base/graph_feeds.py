@@ -82,12 +82,9 @@ def _past_lengths(model: onnx.ModelProto, given: dict) -> Sequence[int | None]:
     (or a given mask's beyond the given tokens); else a decode step's, then a prefill's."""
     if not is_decoder(model):
         return [None]
-    bound = _bound_dims(model, given)
-    for value in graph_inputs(model):
-        if is_decoder_cache(value.name):
-            lengths = [bound[d.dim_param] for d in value.type.tensor_type.shape.dim[1:] if d.dim_param in bound]
-            if lengths:
-                return lengths[:1]
+    cache = [value for name, value in given.items() if is_decoder_cache(name) and np.ndim(value) > 2]
+    if cache:
+        return [cache[0].shape[2]]
     tokens, mask = given.get("input_ids"), given.get("attention_mask")
     if tokens is not None and mask is not None and tokens.ndim == mask.ndim == 2 and mask.shape[1] >= tokens.shape[1]:
         return [mask.shape[1] - tokens.shape[1]]
