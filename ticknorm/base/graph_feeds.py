@@ -38,7 +38,7 @@ class GraphFeeds:
             return ""
         sizes = ", ".join(f"{dim}={' then '.join(map(str, dict.fromkeys(values)))}"
                           for dim, values in self.chosen.items())
-        steps = " (a decode step, then a prefill)" if len(self.feed_sets) > 1 else ""
+        steps = " (a decode step, then a prefill)" if any(len(set(v)) > 1 for v in self.chosen.values()) else ""
         return f"inputs built from the graph, its symbolic dims at {sizes}{steps}; --input NAME:DIMS sets them"
 
 
