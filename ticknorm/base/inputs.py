@@ -3,7 +3,8 @@
 DIMS are sizes joined by `x`; a size may carry a dynamic axis name (`batch=2xseq=16`): the export
 makes that axis dynamic and uses the number as the example size. Integer inputs draw from
 [LOW, HIGH), default [0, 2) so token ids, token types and attention masks are all valid (with an
-ONNX model at hand, inputs that index an embedding table draw from the whole vocabulary); floats
+ONNX model at hand, inputs that index an embedding table draw from the whole vocabulary, and an
+export draws them again once its graph exists); a spec without DTYPE takes the graph's; floats
 draw from a standard normal, or uniformly from [LOW, HIGH) when given.
 """
 
@@ -241,7 +242,6 @@ class Inputs:
         limits = index_ranges(onnx_model) if onnx_model is not None else None
         axes = {spec.name: spec.dynamic_axes for spec in parsed if spec.dynamic_axes}
         return feeds_from_specs(parsed, self.seed, limits), {**axes, **self.dynamic_axes}
-
 
     def in_index_ranges(self, onnx_model: onnx.ModelProto) -> dict[str, np.ndarray]:
         """The integer inputs of specs that name no range, drawn again inside `onnx_model`'s index
