@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from ticknorm.base.graph_feeds import feeds_for_graph
+from ticknorm.base.graph_feeds import feed_sets_for_graph
 from ticknorm.base.inputs import Inputs, index_ranges
 from ticknorm.cli import main
 
@@ -34,6 +34,10 @@ def _out(name: str = "y") -> onnx.ValueInfoProto:
 def _embedding(rows: int = 256) -> onnx.ModelProto:
     return _graph([helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)], [_ids()], [_table("table", rows)],
                   [_out()])
+
+
+def feeds_for_graph(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return feed_sets_for_graph(model)[0]
 
 
 def _spans(values: np.ndarray, rows: int) -> bool:

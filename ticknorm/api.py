@@ -19,7 +19,7 @@ import onnx
 from ticknorm.base.atomic import check_writable, check_writable_folder, write_text
 from ticknorm.base.errors import InputSpecError
 from ticknorm.base.graph import check_branches
-from ticknorm.base.graph_feeds import feed_sets_for_graph
+from ticknorm.base.graph_feeds import GraphFeeds, feeds_for_file
 from ticknorm.base.inputs import Inputs, graph_feeds
 from ticknorm.base.metrics import Tolerance
 from ticknorm.base.onnx_io import has_external_weights, load_onnx, model_digest, save_onnx
@@ -27,11 +27,11 @@ from ticknorm.base.precision import Precision
 from ticknorm.base.progress import QUIET, Progress
 from ticknorm.base.run_results import SavedReference
 from ticknorm.base.node_scopes import by_node_where_unscoped
-from ticknorm.base.scopes import LayerSelection, ensure_scopes
+from ticknorm.base.scopes import LayerSelection, ensure_scopes, fit_scopes
 from ticknorm.exporter.export import ExportOptions, ExportResult, export_model, torch_reference
 from ticknorm.exporter.fusion import FusionResult, NormTargets, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
-from ticknorm.exporter.model_ref import ModelRef, task_feeds
+from ticknorm.exporter.model_ref import ModelRef, task_feeds, torch_feeds
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
 from ticknorm.exporter.streaming import StreamedModel, export_streamed, streams
 from ticknorm.exporter.tasks import WITH_PAST, task_of_graph
@@ -82,8 +82,9 @@ def export(model, inputs, output, options: ExportOptions = ExportOptions(), repo
         for number, more in enumerate(inputs.feed_sets()[1:], start=2):
             more = task_feeds(module, more, {}, inputs.seed)[0]
             extra_checks.append((f"iteration {number}", more, torch_reference(module, more)[1]))
+    redraw = inputs.in_index_ranges if isinstance(inputs, Inputs) else None
     result = export_model(module, feeds, output, options=options, dynamic_axes=dynamic_axes, extra_checks=extra_checks,
-                          progress=progress.step)
+                          progress=progress.step, redraw=redraw)
     _write_export_report(report, result)
     return result
 
@@ -115,7 +116,7 @@ def convert(source, output, precision: Precision, inputs=None, report=None, prog
     own = Precision.of_graph(model)
     if own.low:
         raise InputSpecError(f"the graph is already {own.dtype}; convert its fp32 export")
-    feeds = _given_feeds(inputs, model) or feed_sets_for_graph(model, _seed(inputs))[0]
+    feeds = _file_feeds(model, inputs, progress).feed_sets[0]
     progress.step(f"measuring the fp32 run, converting to {precision.dtype} and checking it")
     conversion = convert_graph(model, feeds, precision)
     save_onnx(conversion.model, output)
@@ -131,8 +132,8 @@ def fuse(source, output, inputs=None, opset=None, verify: bool = True, report=No
     `targets.plugin`: the plugin result comes second, None for the native target."""
     _writable(output, report)
     model = _onnx(source)
-    feeds = _given_feeds(inputs, model)
-    result = fuse_norms(model, opset=opset, verify=verify, feeds=feeds, targets=targets)
+    feeds, *more = _file_feeds(model, inputs).feed_sets if _given(inputs) else [None]
+    result = fuse_norms(model, opset=opset, verify=verify, feeds=feeds, targets=targets, also=more)
     retargeted = to_plugin_target(result.model) if targets.plugin else None
     save_onnx(retargeted.model if retargeted else result.model, output)
     if report is not None:
@@ -304,8 +305,8 @@ def trtexec_line(source, inputs=None, prefix: str = "trtexec") -> str:
     if plugin_nodes(model):
         raise InputSpecError("the graph holds ticknorm::LayerNorm plugin nodes, which trtexec cannot load (the plugin "
                              "is registered from Python); export with --ln-target native for trtexec")
-    feeds = _given_feeds(inputs, model) or feed_sets_for_graph(model, _seed(inputs))[0]
-    shapes = profile_for(model, graph_feeds(model, feeds))
+    found = _file_feeds(model, inputs)
+    shapes = profile_for(model, graph_feeds(model, found.feed_sets[0]))
     line = ["trtexec", f"--onnx={_name(source)}", "--stronglyTyped"]
     if any(low != high for low, _, high in shapes.values()):
         for flag, which in (("minShapes", 0), ("optShapes", 1), ("maxShapes", 2)):
@@ -313,9 +314,11 @@ def trtexec_line(source, inputs=None, prefix: str = "trtexec") -> str:
                                                  for name, dims in shapes.items()))
     line += ["--profilingVerbosity=detailed", "--separateProfileRun", f"--exportProfile={prefix}.profile.json",
              f"--exportLayerInfo={prefix}.layers.json", "2>&1", "|", "tee", f"{prefix}.log"]
-    return (" ".join(line) + f"\n# then: ticknorm profile ... --trtexec-profile {prefix}.profile.json --trtexec-layers "
-            f"{prefix}.layers.json --trtexec-log {prefix}.log"
-            "\n# TensorRT 11 builds every network strongly typed: drop --stronglyTyped there if it refuses it")
+    stated = [f"# {found.note}"] if found.note else []  # the sizes --*Shapes were drawn from
+    return "\n".join([" ".join(line), *stated,
+                      f"# then: ticknorm profile ... --trtexec-profile {prefix}.profile.json --trtexec-layers "
+                      f"{prefix}.layers.json --trtexec-log {prefix}.log",
+                      "# TensorRT 11 builds every network strongly typed: drop --stronglyTyped there if it refuses it"])
 
 
 def _writable(*outputs) -> None:
@@ -341,25 +344,35 @@ def _name(source) -> str:
     return source.graph.name if isinstance(source, onnx.ModelProto) else Path(source).name
 
 
-def _given_feeds(inputs, model: onnx.ModelProto) -> dict | None:
-    """The first iteration's feeds for a graph-only command, or None when no inputs were given."""
-    if inputs is None or (isinstance(inputs, Inputs) and not inputs.given):
-        return None
-    return _feeds(inputs, onnx_model=model)[0]
+def _given(inputs) -> bool:
+    return inputs is not None and (not isinstance(inputs, Inputs) or inputs.given)
+
+
+def _file_feeds(model: onnx.ModelProto, inputs, progress: Progress = QUIET, module=None) -> GraphFeeds:
+    """Every iteration's feeds for a file: the given ones (`Inputs`, or what a Python caller
+    holds), completed by `module`'s task, then from the graph; the sizes chosen for symbolic dims
+    nothing fixed are said on `progress`."""
+    if _given(inputs) and not isinstance(inputs, Inputs):
+        inputs = Inputs(arrays=_named_arrays(inputs, module))
+    complete = (lambda feeds: task_feeds(module, feeds, {}, _seed(inputs))[0]) if module is not None else None
+    found = feeds_for_file(model, inputs, complete)
+    if found.note:
+        progress.step(found.note)
+    return found
 
 
 def _seed(inputs) -> int:
     return inputs.seed if isinstance(inputs, Inputs) else 0
 
 
-def _feeds(inputs, module=None, onnx_model=None) -> tuple[dict, dict]:
-    """Feeds (name -> array) and dynamic axes from `Inputs`, or from what a Python caller holds:
-    one tensor or array, a tuple of them in forward()'s order, or a dict by name. With `module`,
-    the feeds are completed with what its task needs (masks, decoder ids, a KV cache)."""
+def _feeds(inputs, module) -> tuple[dict, dict]:
+    """An export's feeds (name -> array) and dynamic axes from `Inputs`, or from what a Python
+    caller holds: one tensor or array, a tuple of them in forward()'s order, or a dict by name;
+    completed with what `module`'s task needs (masks, decoder ids, a KV cache)."""
     if not isinstance(inputs, Inputs):
         inputs = Inputs(arrays=_named_arrays(inputs, module))
-    feeds, axes = inputs.feeds(onnx_model)
-    return task_feeds(module, feeds, axes, inputs.seed) if module is not None else (feeds, axes)
+    feeds, axes = inputs.feeds()
+    return task_feeds(module, feeds, axes, inputs.seed)
 
 
 def _named_arrays(values, module) -> dict[str, np.ndarray]:
@@ -385,17 +398,18 @@ def _array(value) -> np.ndarray:
 
 
 def _judged(source, model, inputs, progress: Progress, weights: bool = True):
-    """The ONNX model, the PyTorch model it came from (built for the graph's task), and every
-    iteration's feeds for both: what every command that judges an export against PyTorch starts
-    with. Commands that run one input (profile, report) take the first iteration. Without
-    `weights`, a file's graph alone, for runtimes that read the file themselves."""
+    """The ONNX model (its scopes moved onto the PyTorch model's module paths), the PyTorch model
+    it came from (built for the graph's task), and every iteration's feeds for both: what every
+    command that judges an export against PyTorch starts with. Commands that run one input
+    (profile, report) take the first iteration. Without `weights`, a file's graph alone, for
+    runtimes that read the file themselves."""
     onnx_model = _onnx(source, weights)
     progress.step("loading the model")
     module = _model_ref(model).load(task_of_graph(i.name for i in onnx_model.graph.input))
-    if not isinstance(inputs, Inputs):
-        feed_sets = [_feeds(inputs, module, onnx_model)[0]]
-    else:
-        feed_sets = [task_feeds(module, feeds, {}, inputs.seed)[0] for feeds in inputs.feed_sets(onnx_model)]
+    fit_scopes(onnx_model, [name for name, _ in module.named_modules()])  # a wrapper's prefix off its names
+    graph_only = {value.name for value in onnx_model.graph.input}
+    feed_sets = [torch_feeds(module, feeds, graph_only)
+                 for feeds in _file_feeds(onnx_model, inputs, progress, module).feed_sets]
     return onnx_model, module, _fitting(onnx_model, source, feed_sets)
 
 
@@ -415,13 +429,10 @@ def _reference_run(source, model, inputs, reference: SavedReference | None, prog
         return _judged(source, model, inputs, progress, weights)
     if reference is None:
         raise InputSpecError("give the PyTorch model (--model) or saved outputs to judge against (--reference-outputs)")
+    if not _given(inputs):
+        raise InputSpecError(f"{reference.label} is judged on the inputs it was made from: give them (--input-file)")
     onnx_model = _onnx(source, weights)
-    return onnx_model, None, _fitting(onnx_model, source, _given_sets(inputs, onnx_model))
-
-
-def _given_sets(inputs, onnx_model: onnx.ModelProto) -> list[dict]:
-    """Every iteration's feeds as given, for a graph with no PyTorch model to complete them."""
-    return inputs.feed_sets(onnx_model) if isinstance(inputs, Inputs) else [_feeds(inputs, None, onnx_model)[0]]
+    return onnx_model, None, _fitting(onnx_model, source, _file_feeds(onnx_model, inputs, progress).feed_sets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,11 +449,7 @@ def _file_alone(source, inputs, progress: Progress, weights: bool = True) -> _Fi
     """The file and its feeds: the inputs given, else feeds made from the graph alone."""
     onnx_model = _onnx(source, weights)
     by_node = by_node_where_unscoped(onnx_model)
-    if inputs is None or (isinstance(inputs, Inputs) and not inputs.given):
-        progress.step("no inputs given: feeds made from the graph's declared inputs")
-        feed_sets = feed_sets_for_graph(onnx_model, _seed(inputs))
-    else:
-        feed_sets = _given_sets(inputs, onnx_model)
+    feed_sets = _file_feeds(onnx_model, inputs, progress).feed_sets
     return _FileAlone(onnx_model, _fitting(onnx_model, source, feed_sets), by_node)
 
 

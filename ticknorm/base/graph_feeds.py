@@ -1,80 +1,170 @@
-"""Feeds derived from a graph alone, for files that come without a PyTorch model or inputs: random
-values of the declared shapes, except where a decoder's inputs must fit together.
+"""Feeds derived from a graph: every command's feeds are the user's (`--input`, `--input-file`)
+completed from the file, so a file that declares its inputs runs without any.
 
 A decoder exported with its KV cache (Optimum's `*-with-past`, ticknorm's
 `text-generation-with-past`, ONNX Runtime GenAI's builder) takes past keys/values of a past length
 P, tokens of a sequence length S, an `attention_mask` of P+S, `position_ids` P..P+S-1 and, in a
 merged decoder, a `use_cache_branch` flag. Random sizes break it (a mask shorter than the cache
 makes a Gather index out of range); these feeds keep the sizes consistent, for a decode step (P>0)
-and a prefill (P=0)."""
+and a prefill (P=0), unless what was given fixes P. A symbolic dim takes the size a given array
+has on it; one nothing gives is chosen here, and said (`GraphFeeds.note`)."""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from ticknorm.base.inputs import PAST, USE_CACHE_BRANCH, graph_inputs, index_ranges, is_decoder_cache, random_array
+from ticknorm.base.inputs import (PAST, USE_CACHE_BRANCH, Inputs, assumed_feeds, graph_inputs, index_ranges,
+                                  is_decoder_cache, random_array)
 
 DECODE_PAST, SEQUENCE = 3, 2  # a decode step's past length and sequence length when nothing says otherwise
+DYNAMIC_SIZE = 2  # any other symbolic dim nothing gives
+
+
+@dataclass
+class GraphFeeds:
+    """Every iteration's feeds, and the size chosen for each symbolic dim that nothing given fixed
+    (dim -> its sizes, one per iteration where they differ: a decode step's past, then a prefill's)."""
+
+    feed_sets: list[dict[str, np.ndarray]]
+    chosen: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def note(self) -> str:
+        """The one line that says the sizes chosen, so a run on them is not mistaken for one on the
+        sizes the model serves; empty when the given arrays fixed every dim."""
+        if not self.chosen:
+            return ""
+        sizes = ", ".join(f"{dim}={' then '.join(map(str, dict.fromkeys(values)))}"
+                          for dim, values in self.chosen.items())
+        steps = " (a decode step, then a prefill)" if any(len(set(v)) > 1 for v in self.chosen.values()) else ""
+        return f"inputs built from the graph, its symbolic dims at {sizes}{steps}; --input NAME:DIMS sets them"
+
+
+def feeds_for_file(model: onnx.ModelProto, inputs: Inputs | None = None,
+                   complete: Callable[[dict], dict] | None = None) -> GraphFeeds:
+    """Every iteration's feeds for `model`: the ones `inputs` give (none: the graph's alone), each
+    passed through `complete` (a PyTorch model's task adds its mask and a real KV cache), then
+    every graph input still missing built from the graph's shapes, index ranges and decoder
+    conventions, sized by what was given. Feeds that name an input the graph lacks stay as given,
+    for the runner to name what is missing and what it did not expect."""
+    given_sets = inputs.feed_sets(model) if inputs is not None and inputs.given else [{}]
+    seed = inputs.seed if inputs is not None else 0
+    declared = {value.name for value in graph_inputs(model)}
+    found = GraphFeeds([])
+    for given in given_sets:
+        if not given.keys() <= declared:  # a name the graph does not know: misspelt, not to be made up around
+            found.feed_sets.append(complete(given) if complete is not None else given)
+            continue
+        given = complete(given) if complete is not None else given
+        pasts = _past_lengths(model, given)
+        for past in pasts:
+            feeds, chosen = _completed(model, given, seed, past, fixed=len(pasts) == 1)
+            found.feed_sets.append(feeds)
+            for dim, size in chosen.items():
+                found.chosen.setdefault(dim, []).append(size)
+    return found
+
+
+def feed_sets_for_graph(model: onnx.ModelProto, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """One feed dict for most graphs; for a decoder with a KV cache a decode step (past length
+    DECODE_PAST), then a prefill (an empty cache)."""
+    return feeds_for_file(model, Inputs(seed=seed)).feed_sets
 
 
 def is_decoder(model: onnx.ModelProto) -> bool:
     return any(PAST.match(value.name) for value in graph_inputs(model))
 
 
-def feed_sets_for_graph(model: onnx.ModelProto, seed: int = 0, dynamic_size: int = 2) -> list[dict[str, np.ndarray]]:
-    """One feed dict for most graphs; for a decoder with a KV cache a decode step (past length
-    DECODE_PAST), then a prefill (an empty cache)."""
+def _past_lengths(model: onnx.ModelProto, given: dict) -> Sequence[int | None]:
+    """The past lengths to build feeds for: None for a graph without a KV cache; a given cache's
+    (or a given mask's beyond the given tokens); else a decode step's, then a prefill's."""
     if not is_decoder(model):
-        return [feeds_for_graph(model, seed, dynamic_size)]
-    return [feeds_for_graph(model, seed, dynamic_size, past) for past in (DECODE_PAST, 0)]
+        return [None]
+    cache = [value for name, value in given.items() if is_decoder_cache(name) and np.ndim(value) > 2]
+    if cache:
+        return [cache[0].shape[2]]
+    tokens, mask = given.get("input_ids"), given.get("attention_mask")
+    if tokens is not None and mask is not None and tokens.ndim == mask.ndim == 2 and mask.shape[1] >= tokens.shape[1]:
+        return [mask.shape[1] - tokens.shape[1]]
+    return [DECODE_PAST, 0]
 
 
-def feeds_for_graph(model: onnx.ModelProto, seed: int = 0, dynamic_size: int = 2, past: int | None = None
-                    ) -> dict[str, np.ndarray]:
-    """Seeded random feeds for every graph input; named or unknown dims get `dynamic_size`, token
-    ids stay inside the table they index. With `past` (a decoder), the cache, mask and position
-    inputs fit a step of SEQUENCE tokens after `past` cached ones."""
-    rng = np.random.default_rng(seed)
-    sizes = _decoder_sizes(model, past) if past is not None else {}
-    limits = index_ranges(model)
-    feeds = {}
+def _bound_dims(model: onnx.ModelProto, given: dict) -> dict[str, int]:
+    """Symbolic dim -> the size a given array has on it."""
+    bound: dict[str, int] = {}
     for value in graph_inputs(model):
-        tensor_type = value.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else sizes.get(d.dim_param, dynamic_size)
-                 for d in tensor_type.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        feeds[value.name] = _value(value.name, shape, dtype, rng, limits, past)
-    return feeds
+        if value.name in given:
+            for dim, size in zip(value.type.tensor_type.shape.dim, np.shape(given[value.name])):
+                if dim.dim_param:
+                    bound.setdefault(dim.dim_param, size)
+    return bound
 
 
-def _decoder_sizes(model: onnx.ModelProto, past: int) -> dict[str, int]:
-    """Dim name -> size: the cache's length axis P, the tokens' axis S, the mask's axis P+S."""
+def _completed(model: onnx.ModelProto, given: dict, seed: int, past: int | None,
+               fixed: bool) -> tuple[dict, dict[str, int]]:
+    """`given` with every graph input it lacks: seeded random values, token ids inside the table
+    they index; then the mask, positions and branch flag a model assumes (`assumed_feeds`), sized
+    by those tokens and that cache. Also the sizes chosen for symbolic dims nothing given fixed
+    (a `past` that what was given `fixed` is not one)."""
+    rng = np.random.default_rng(seed)
+    bound = _bound_dims(model, given)
+    if fixed and past is not None:
+        bound.update(dict.fromkeys(_cache_dims(model), past))
+    sizes = {**(_decoder_sizes(model, past, bound) if past is not None else {}), **bound}
+    limits = index_ranges(model)
+    feeds, chosen = dict(given), dict[str, int]()
+    missing = {value.name: value for value in graph_inputs(model) if value.name not in given}
+    for name, value in missing.items():
+        if name not in _CONVENTIONAL:
+            feeds[name] = _drawn(value, sizes, rng, limits.get(name), chosen)
+    feeds.update(assumed_feeds({n: v for n, v in missing.items() if n in _CONVENTIONAL}, feeds))
+    for name, value in missing.items():
+        if name not in feeds:  # no tokens to size it by
+            feeds[name] = _drawn(value, sizes, rng, limits.get(name), chosen)
+    return feeds, {dim: size for dim, size in chosen.items() if dim not in bound}
+
+
+_CONVENTIONAL = ("attention_mask", "position_ids", USE_CACHE_BRANCH)  # sized by the tokens and the cache
+
+
+def _drawn(value: onnx.ValueInfoProto, sizes: dict[str, int], rng: np.random.Generator, limit: int | None,
+           chosen: dict[str, int]) -> np.ndarray:
+    """One input of the declared shape, each symbolic dim at `sizes`' size (else DYNAMIC_SIZE,
+    noted in `chosen`): ids in [0, `limit`), other values random."""
+    tensor_type = value.type.tensor_type
+    shape = []
+    for axis, dim in enumerate(tensor_type.shape.dim):
+        key = dim.dim_param or f"{value.name}[{axis}]"
+        fixed = dim.HasField("dim_value")
+        shape.append(dim.dim_value if fixed else chosen.setdefault(key, sizes.get(key, DYNAMIC_SIZE)))
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+    return random_array(shape, dtype, rng, 0, limit) if limit else random_array(shape, dtype, rng)
+
+
+def _decoder_sizes(model: onnx.ModelProto, past: int, bound: dict[str, int]) -> dict[str, int]:
+    """Dim name -> size: the cache's length axis P, the tokens' axis S (a given one's, else
+    SEQUENCE), the mask's axis P+S."""
     dims = {value.name: [d.dim_param if not d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
             for value in graph_inputs(model)}
-    sizes = {}
-    for name, axes in dims.items():
-        if is_decoder_cache(name):
-            for axis in axes[1:]:  # axis 0 is the batch
-                if axis:
-                    sizes[axis] = past
+    sizes = dict.fromkeys(_cache_dims(model), past)
+    sequence = None
     for name in ("input_ids", "inputs_embeds", "position_ids"):  # [batch, sequence(, hidden)], or [sequence]
         axes = dims.get(name) or [None]
-        if axes[min(1, len(axes) - 1)]:
-            sizes.setdefault(axes[min(1, len(axes) - 1)], SEQUENCE)
+        axis = axes[min(1, len(axes) - 1)]
+        if axis:
+            sizes.setdefault(axis, SEQUENCE)
+            sequence = sequence or bound.get(axis, sizes[axis])
     if "attention_mask" in dims and dims["attention_mask"] and dims["attention_mask"][-1]:
-        sizes.setdefault(dims["attention_mask"][-1], past + SEQUENCE)
+        sizes.setdefault(dims["attention_mask"][-1], past + (sequence or SEQUENCE))
     return sizes
 
 
-def _value(name: str, shape: list[int], dtype, rng, limits: dict[str, int], past: int | None) -> np.ndarray:
-    if past is not None and name == "attention_mask":
-        return np.ones(shape, dtype)
-    if past is not None and name == "position_ids":
-        return np.broadcast_to(np.arange(past, past + shape[-1], dtype=dtype), shape).copy()
-    if past is not None and name == USE_CACHE_BRANCH:
-        return np.full(shape, past > 0, dtype)
-    if name in limits:
-        return random_array(shape, dtype, rng, 0, limits[name])
-    return random_array(shape, dtype, rng)
+def _cache_dims(model: onnx.ModelProto) -> list[str]:
+    """The symbolic dims of the decoder's KV cache past its batch axis: its length P."""
+    return [d.dim_param for value in graph_inputs(model) if is_decoder_cache(value.name)
+            for d in value.type.tensor_type.shape.dim[1:] if d.dim_param]
 
 
 def guessed_inputs(model: onnx.ModelProto) -> list[str]:

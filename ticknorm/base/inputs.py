@@ -3,7 +3,8 @@
 DIMS are sizes joined by `x`; a size may carry a dynamic axis name (`batch=2xseq=16`): the export
 makes that axis dynamic and uses the number as the example size. Integer inputs draw from
 [LOW, HIGH), default [0, 2) so token ids, token types and attention masks are all valid (with an
-ONNX model at hand, inputs that index an embedding table draw from the whole vocabulary); floats
+ONNX model at hand, inputs that index an embedding table draw from the whole vocabulary, and an
+export draws them again once its graph exists); a spec without DTYPE takes the graph's; floats
 draw from a standard normal, or uniformly from [LOW, HIGH) when given.
 """
 
@@ -70,13 +71,18 @@ class InputSpec:
         return random_array(self.shape, self.dtype, rng, self.low, self.high)
 
 
-def parse_input_spec(text: str) -> InputSpec:
+def parse_input_spec(text: str, declared: dict[str, np.dtype] | None = None) -> InputSpec:
+    """`declared` (input -> the graph's dtype, from `declared_dtypes`) types a spec that names no
+    dtype: with a graph at hand, `input_ids:1x8` means its int64 ids, not floats."""
     parts = text.split(":")
     if len(parts) < 2 or len(parts) > 4 or not parts[0]:
         raise InputSpecError(f"bad input spec '{text}': expected {_SPEC_FORMAT}")
     name, dims_text = parts[0], parts[1]
     dims = _parse_dims(text, dims_text)
-    dtype_name = parts[2] if len(parts) > 2 and parts[2] else "float32"
+    dtype_name = parts[2] if len(parts) > 2 and parts[2] else ""
+    if not dtype_name:
+        default = (declared or {}).get(name)
+        dtype_name = default.name if default is not None and default.name in DTYPES else "float32"
     if dtype_name.lower() not in DTYPES:
         raise InputSpecError(f"bad input spec '{text}': unknown dtype '{dtype_name}' "
                              f"(known: {', '.join(sorted(DTYPES))})")
@@ -231,10 +237,28 @@ class Inputs:
         if not self.specs:
             raise InputSpecError("no inputs: give --input NAME:DIMS:DTYPE (e.g. input_ids:batch=2xseq=16:int64) "
                                  "or --input-file")
-        parsed = [parse_input_spec(spec) for spec in self.specs]
+        declared = declared_dtypes(onnx_model) if onnx_model is not None else None
+        parsed = [parse_input_spec(spec, declared) for spec in self.specs]
         limits = index_ranges(onnx_model) if onnx_model is not None else None
         axes = {spec.name: spec.dynamic_axes for spec in parsed if spec.dynamic_axes}
         return feeds_from_specs(parsed, self.seed, limits), {**axes, **self.dynamic_axes}
+
+    def in_index_ranges(self, onnx_model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        """The integer inputs of specs that name no range, drawn again inside `onnx_model`'s index
+        ranges: an export draws its example before the graph exists, in [0, 2), which leaves most
+        of an embedding unread by every check that follows."""
+        if not self.specs or self.file is not None or self.arrays is not None:
+            return {}
+        limits = index_ranges(onnx_model)
+        drawn = [spec for spec in map(parse_input_spec, self.specs)
+                 if spec.low is None and spec.name in limits and np.issubdtype(spec.dtype, np.integer)]
+        return feeds_from_specs(drawn, self.seed, limits) if drawn else {}
+
+
+def declared_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
+    """Input -> the dtype the graph declares for it."""
+    return {value.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+            for value in graph_inputs(model) if value.type.tensor_type.elem_type}
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -245,15 +269,43 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 def graph_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
     """The feeds an ONNX graph takes: exporters drop forward() arguments the model never reads,
-    so PyTorch may be fed more than the graph. A merged decoder (Optimum's) also takes the flag
-    choosing its branch: the cache's branch when the past is not empty."""
-    names = {value.name for value in graph_inputs(model)}
-    taken = {name: value for name, value in feeds.items() if name in names}
-    if USE_CACHE_BRANCH in names and USE_CACHE_BRANCH not in taken:  # a merged decoder's, which no model takes
-        past = [value for name, value in feeds.items() if is_decoder_cache(name) and np.ndim(value) > 2]
-        if past:
-            taken[USE_CACHE_BRANCH] = np.array([past[0].shape[2] > 0])
-    return taken
+    so PyTorch may be fed more than the graph. Where the graph takes an input that PyTorch was not
+    fed (a file exported elsewhere: Optimum's `position_ids`, a merged decoder's branch flag), it
+    gets the value the model assumes without it (`assumed_feeds`)."""
+    declared = {value.name: value for value in graph_inputs(model)}
+    taken = {name: value for name, value in feeds.items() if name in declared}
+    missing = {name: value for name, value in declared.items() if name not in taken}
+    return {**taken, **assumed_feeds(missing, feeds)} if missing else taken
+
+
+def assumed_feeds(missing: dict[str, onnx.ValueInfoProto], feeds: dict) -> dict[str, np.ndarray]:
+    """What a transformers model assumes for an input it is not given, for the `missing` graph
+    inputs that have such a default, sized by the tokens and the KV cache in `feeds`: positions
+    that continue the cache, a mask of ones over cache and tokens, token type 0, and a merged
+    decoder's flag choosing the cache's branch when the cache is not empty."""
+    tokens = next((feeds[name] for name in ("input_ids", "inputs_embeds")
+                   if name in feeds and np.ndim(feeds[name]) >= 2), None)
+    cache = [value for name, value in feeds.items() if is_decoder_cache(name) and np.ndim(value) > 2]
+    past = cache[0].shape[2] if cache else 0
+    found = {}
+    for name, value in missing.items():
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        if name == USE_CACHE_BRANCH and cache:
+            found[name] = np.array([past > 0], dtype)
+        elif tokens is not None and name in _ASSUMED:
+            batch, sequence = tokens.shape[:2]
+            found[name] = _ASSUMED[name](batch, sequence, past, dtype)
+            if len(value.type.tensor_type.shape.dim) == 1:  # one row for the whole batch
+                found[name] = found[name][0]
+    return found
+
+
+_ASSUMED = {
+    "position_ids": lambda batch, sequence, past, dtype: np.tile(np.arange(past, past + sequence, dtype=dtype),
+                                                                 (batch, 1)),
+    "attention_mask": lambda batch, sequence, past, dtype: np.ones((batch, past + sequence), dtype),
+    "token_type_ids": lambda batch, sequence, past, dtype: np.zeros((batch, sequence), dtype),
+}
 
 
 def index_ranges(model: onnx.ModelProto) -> dict[str, int]:

@@ -14,7 +14,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, overload
@@ -45,6 +45,8 @@ from ticknorm.runtime.torch_runner import (as_tensors, forward, from_numpy, modu
 TORCHSCRIPT_NEWEST_OPSET = 17
 EXPORTERS: dict[str, tuple[int, int | None]] = {"dynamo": (18, None), "torchscript": (13, TORCHSCRIPT_NEWEST_OPSET)}
 DEFAULT_EXPORTER = "dynamo"
+# The feeds to draw again once the exported graph says how (name -> array; empty: none).
+Redraw = Callable[[onnx.ModelProto], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -106,13 +108,14 @@ class ExportResult:
 
 def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOptions = ExportOptions(),
                  dynamic_axes: dict[str, dict[int, str]] | None = None, extra_checks=(),
-                 progress=lambda message: None) -> ExportResult:
+                 progress=lambda message: None, redraw: Redraw | None = None) -> ExportResult:
     """Export `model` on `feeds` (name -> example array) and write `output` only if every step
     passed: export, LayerNorm fusion with its verification, and the torch-vs-ORT comparison, on
     `feeds` and on each `(label, feeds, PyTorch outputs)` of `extra_checks` (a decoder's prefill
     and decode steps, whose PyTorch outputs the step chain already computed).
     With `options.ln_target="plugin"` the checked graph's LayerNorms then become the TensorRT plugin op
-    (ONNX Runtime cannot run that graph, so every check runs before the rewrite)."""
+    (ONNX Runtime cannot run that graph, so every check runs before the rewrite). `redraw` gives
+    feeds drawn again once the graph exists (ids inside its index ranges): every check runs on those."""
     torch = require("torch", "torch")
     _check_input_names(model, feeds)
     model.eval()
@@ -144,6 +147,8 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
             except ExportError as exc:
                 raise ExportError(f"{failed}; {exc} too, tried instead") from None
             notes.append(f"{failed}: exported with the TorchScript exporter instead (opset {TORCHSCRIPT_NEWEST_OPSET})")
+        if redraw is not None and not checkpoint.low:  # a low checkpoint's own outputs are gone with its types
+            feeds, reference = _redrawn(model, feeds, redraw(proto), reference)
         expanded = expand_rotary_caches(proto)
         if expanded:
             notes.append(f"RotaryEmbedding: the cos/sin caches of {expanded} node(s) expanded to the batch, as the "
@@ -185,6 +190,15 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
     opset_now = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return ExportResult(files, options.exporter, opset_now, report, accuracy, retargeted, conversion,
                         checkpoint.precision, options.precision.dtype, notes)
+
+
+def _redrawn(model, feeds: dict[str, np.ndarray], drawn: dict[str, np.ndarray],
+             reference: list[np.ndarray]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """`feeds` with the `drawn` arrays in place, and PyTorch's outputs on them."""
+    if not drawn:
+        return feeds, reference
+    feeds = {**feeds, **drawn}
+    return feeds, torch_reference(model, feeds)[1]
 
 
 def _torchscript_may_stand_in(options: ExportOptions, failure: ExportError) -> bool:

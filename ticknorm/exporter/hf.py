@@ -98,6 +98,13 @@ class HfGraph(nn.Module):
         outputs = self.hf.forward(**arguments, return_dict=True)
         return self._named_outputs(outputs)
 
+    def takes(self, name: str) -> bool:
+        """Whether forward passes input `name` on to the model (the cache, flat or nested, included)."""
+        if self.task == SEQ2SEQ_WITH_PAST:
+            return name in ("input_ids", "encoder_hidden_states", "encoder_attention_mask") or bool(
+                _SEQ2SEQ_PAST.fullmatch(name))
+        return (name in TENSOR_ARGUMENTS and name in self.accepts) or bool(_PAST.fullmatch(name))
+
     def _cache_argument(self) -> str:
         return "cache" if "cache" in self.accepts else "past_key_values"  # transformers 5.24 renames it
 

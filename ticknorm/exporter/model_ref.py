@@ -2,6 +2,8 @@
 `file.py:fn`) or a Hugging Face `save_pretrained` folder, with the checkpoint and LoRA adapter
 that make it the fine-tuned model."""
 
+import inspect
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +58,22 @@ def task_feeds(module, feeds: dict, dynamic_axes: dict, seed: int = 0) -> tuple[
     if isinstance(module, HfGraph):
         return complete_inputs(module, feeds, dynamic_axes, seed=seed)
     return feeds, dynamic_axes
+
+
+def torch_feeds(module, feeds: dict, graph_inputs: Collection[str]) -> dict:
+    """`feeds` less the graph inputs that `module`'s forward does not take: a file exported
+    elsewhere may take more than the model (a merged decoder's `use_cache_branch`, positions a
+    model computes itself), and ONNX runners get those again as the model assumes them
+    (`graph_feeds`). Any other name stays, for forward() to refuse."""
+    from ticknorm.exporter.hf import HfGraph
+
+    if isinstance(module, HfGraph):
+        return {name: value for name, value in feeds.items() if name not in graph_inputs or module.takes(name)}
+    parameters = inspect.signature(module.forward).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return feeds
+    names = {p.name for p in parameters}
+    return {name: value for name, value in feeds.items() if name not in graph_inputs or name in names}
 
 
 def exportable(module, task: str = DEFAULT):
