@@ -148,8 +148,9 @@ def complete_match(kind: str, source: ir.Value, layout: Layout, front: list[ir.N
     if layout.rank is None and not layout.trailing:
         raise NotFused(f"the rank of '{source.name}' is unknown, so axes {list(layout.axes)} cannot be checked")
     _check_fusable(layout, epsilon)
+    lifts = _lifts(front, source)
     cast_node, cast_source = _input_cast(source)
-    cast_to = elem_type(cast_source) if cast_node is not None else None
+    cast_to = elem_type(cast_source) if cast_node is not None or lifts else None
     affine = _absorb_affine(normalized, layout, kind == "LayerNorm", cast_to)
     members = set(front) | set(affine.nodes)
     if cast_node is not None and affine.cast_back and all(r in members for r in readers(source)):
@@ -165,9 +166,13 @@ def complete_match(kind: str, source: ir.Value, layout: Layout, front: list[ir.N
         raise NotFused(f"the element type of '{fused_input.name}' is unknown, so scale and bias cannot be built")
     if output.name is None:
         raise NotFused("the normalized output has no name, so verification cannot check it")
+    _check_output_type(fused_input, output)
     notes = []
     if layout.permutation is not None:
         notes.append(f"axes {list(layout.axes)} moved last with Transpose {layout.permutation}")
+    if lifts:
+        notes.append(f"Casts inside absorbed ({', '.join(names[n] for n in lifts)}): the {_type_name(fused_type)} "
+                     "norm computed in fp32 via stash_type=1, as those Casts had it")
     if affine.cast_back:
         notes.append("Cast pair absorbed: computed in fp32 via stash_type=1")
     scope = common_scope(scope_of(n) or "" for n in nodes)
@@ -188,6 +193,34 @@ def _check_fusable(layout: Layout, epsilon: float) -> None:
     if layout.rank is not None and layout.rank > 1 and 0 in layout.axes:
         where = "every axis" if len(layout.axes) == layout.rank else f"axes {list(layout.axes)}"
         raise NotFused(f"the mean is over {where}, batch included")
+
+
+def _lifts(front: list[ir.Node], source: ir.Value) -> list[ir.Node]:
+    """The Casts inside a match (a mixed-precision norm): each must lift an fp16/bf16 tensor to
+    fp32, go back to the norm's own type, or change nothing, since the fused op computes in its
+    input's type or, with stash_type=1, in fp32; any other Cast rounds where the fused op would not."""
+    casts = [node for node in front if node.op_type == "Cast"]
+    own = elem_type(source)
+    for cast in casts:
+        to, before = attribute(cast, "to"), elem_type(cast.inputs[0])
+        if to in (before, own) or to == int(ir.DataType.FLOAT) and before in _LOW_PRECISION:
+            continue
+        raise NotFused(f"a Cast from {_type_name(before)} to {_type_name(to)} inside the norm: the fused op computes "
+                       f"in its input's {_type_name(own)} or in float32, so fusing would change the numbers", cast)
+    return casts
+
+
+def _check_output_type(fused_input: ir.Value, output: ir.Value) -> None:
+    """The fused op gives its input's type: a norm whose output is of another type (an fp16 one
+    computed in fp32 with no Cast back) is no such op."""
+    before, after = elem_type(fused_input), elem_type(output)
+    if before and after and before != after:
+        raise NotFused(f"the norm's output '{output.name}' is {_type_name(after)} but its input '{fused_input.name}' "
+                       f"is {_type_name(before)}, and no Cast back follows: the fused op gives its input's type")
+
+
+def _type_name(elem: int | None) -> str:
+    return "an unknown type" if not elem else ir.DataType(elem).name.lower()
 
 
 def _input_cast(source: ir.Value) -> tuple[ir.Node | None, ir.Value]:

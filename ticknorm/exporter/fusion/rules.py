@@ -25,9 +25,9 @@ from onnxscript.rewriter.pattern import MatchResult, PatternBase
 
 from ticknorm.exporter.fusion.norms import (Finding, NormMatch, NormRefusal, NotFused, complete_match, layout_of,
                                             refusal)
-from ticknorm.exporter.fusion.spellings import (DIVISIONS, divided, epsilon, floored, folded, inverse_problem, mean,
-                                                mean_of, moments_problem, reduces, root, square, square_problem,
-                                                squared_mean, tail_problem)
+from ticknorm.exporter.fusion.spellings import (DIVISIONS, divided, epsilon, floored, folded, inverse_problem, lifted,
+                                                mean, mean_of, moments_problem, reduces, root, square, square_problem,
+                                                squared_mean, tail_problem, uncast)
 from ticknorm.exporter.fusion.values import NodeNames, constant, producer, readers
 
 
@@ -54,9 +54,10 @@ class LayerNormRule(_NormRule):
 
     def pattern(self, op, x):
         # Two means of x may center it (TorchScript's var_mean): one for the variance, one for
-        # the numerator; mostly they are one node.
-        centered = op.Sub(x, mean(op, x, "center"), _outputs=["centered"])
-        variance = mean(op, square(op, op.Sub(x, mean(op, x, "center_v"))), "variance")
+        # the numerator; mostly they are one node. A mixed-precision one lifts the centered fp16
+        # tensor into fp32 for the variance and the division (`lifted`).
+        centered = lifted(op, op.Sub(x, mean(op, x, "center"), _outputs=["centered"]))
+        variance = mean(op, square(op, lifted(op, op.Sub(x, mean(op, x, "center_v")))), "variance")
         return divided(op, centered, root(op, variance), self.division)
 
     # The rewriter passes the pattern's bindings by name, and onnxscript's own rules name them as
@@ -68,7 +69,8 @@ class LayerNormRule(_NormRule):
         if square_problem(bound, means[1].output) or inverse_problem(bound, bound["root"]):
             return MatchResult().fail("not a square root's inverse")
         anchor, axes, spread = means[1].nodes[0], means[1].axes, mean_of(variance)
-        first = next(n for n in readers(x) if n in (means[0].nodes[0], anchor))  # where x is first centered
+        # where x is first centered; a reduction of x Cast up reads no x itself
+        first = next((n for n in readers(x) if n in (means[0].nodes[0], anchor)), means[0].nodes[0])
         if spread.problem:
             raise NotFused(spread.problem, spread.problem_node or first, context.nodes)
         if spread.axes != axes:
@@ -128,7 +130,7 @@ class RMSNormRule(_NormRule):
         return divided(op, x, root(op, mean(op, square(op, x), "variance")), self.division)
 
     def check(self, context, x, variance, **bound):  # type: ignore[override]  # bindings by name, as in LayerNormRule
-        before = x.producer()
+        before = producer(uncast(x))
         if before is not None and before.op_type == "Sub" and reduces(before.inputs[1], before.inputs[0]):
             return MatchResult().fail("a LayerNorm's tail")
         spread = mean_of(variance)
@@ -240,6 +242,7 @@ def _uncentered(graph: ir.Graph, claimed: set[ir.Node], names: NodeNames) -> lis
 
 def _averaged_square(centered: ir.Node) -> bool:
     d = centered.outputs[0]
-    squares = [use.node for use in d.uses() if use.node.op_type in ("Pow", "Mul")]
+    lifts = [d] + [use.node.outputs[0] for use in d.uses() if use.node.op_type == "Cast"]
+    squares = [use.node for value in lifts for use in value.uses() if use.node.op_type in ("Pow", "Mul")]
     means = ("ReduceMean", "ReduceSum")
     return any(use.node.op_type in means for square in squares for use in square.outputs[0].uses())
