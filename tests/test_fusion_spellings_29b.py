@@ -7,8 +7,10 @@ import pytest
 from onnx import TensorProto
 
 from conftest import op_types, ort_run
-from test_fusion_spellings import (CONSTANTS, _const, _divide, _x, attribute, fused, fused_node, model, node, reduce,
-                                   refused, statuses)
+from test_fusion_spellings import (CONSTANTS, _const, _divide, _x, attribute, fused, fused_node, layer_norm, model, node,
+                                   reduce, reference_ln, refused, statuses)
+from ticknorm.base.errors import OnnxFileError
+from ticknorm.exporter.fusion import fuse_norms
 
 SCALE16, BIAS16 = (np.random.default_rng(5).standard_normal(8).astype(np.float16) for _ in range(2))
 
@@ -67,3 +69,26 @@ def test_a_cast_down_inside_a_layer_norm_is_refused():
              node("Div", ["d16", "std"], "n16"), node("Cast", ["n16"], "y", to=TensorProto.FLOAT)]
     assert refused(model(nodes)) == [("LayerNorm", "refused", "a Cast from float to float16 inside the norm: the fused "
                                       "op computes in its input's float or in float32, so fusing would change the numbers")]
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int32])
+def test_an_integer_exponent_onnx_runtime_has_no_kernel_for_is_verified_in_the_reference_evaluator(dtype):
+    """ONNX Runtime has no Pow kernel for an int8 or uint8 exponent: the original runs in onnx's
+    reference evaluator instead, and the fused graph, which has no such Pow left, in ONNX Runtime."""
+    name = f"two_{np.dtype(dtype).name}"
+    CONSTANTS[name] = _const(name, 2, dtype)
+    nodes = layer_norm()
+    nodes[[n.output[0] for n in nodes].index("sq")].input[1] = name
+    result = fuse_norms(model(nodes), feeds={"x": _x()})
+    assert result.report.verified and op_types(result.model) == ["LayerNormalization"]
+    notes = " ".join(result.report.records[0].notes)
+    assert ("reference evaluator" in notes) == (dtype != np.int32)  # ORT's Pow takes int32 exponents
+    np.testing.assert_allclose(ort_run(result.model, {"x": _x()})["y"], reference_ln(_x()), atol=1e-5)
+
+
+def test_an_original_that_neither_runtime_can_run_is_one_clear_error():
+    """The int8 Pow outside any norm: the fused graph still holds it, so ONNX Runtime cannot run it."""
+    CONSTANTS["two_int8"] = _const("two_int8", 2, np.int8)
+    nodes = [*layer_norm(out="y0"), node("Pow", ["y0", "two_int8"], "y")]
+    with pytest.raises(OnnxFileError, match="NOT_IMPLEMENTED"):
+        fuse_norms(model(nodes), feeds={"x": _x()})

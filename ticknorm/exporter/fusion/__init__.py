@@ -248,6 +248,8 @@ def _verify(original, fused, matches: list[NormMatch], records: list[NormRecord]
     for name, check in checks.items():
         if name in by_output:
             by_output[name].max_abs_error = check.max_abs
+            if verification.reference != "ONNX Runtime":
+                by_output[name].notes.append(f"the original was run in {verification.reference}")
     failed = [c for c in checks.values() if not c.passed]
     if failed:
         where = by_output.get(failed[0].name)
