@@ -4,13 +4,15 @@ shape inference cannot give, integer exponents ONNX Runtime has no kernel for.""
 
 import numpy as np
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from conftest import op_types, ort_run
-from test_fusion_spellings import (CONSTANTS, _const, _divide, _x, attribute, fused, fused_node, layer_norm, model, node,
-                                   reduce, reference_ln, refused, statuses)
+from test_fusion_spellings import (BIAS, CONSTANTS, SCALE, _const, _divide, _x, attribute, fused, fused_node,
+                                   layer_norm, model, node, reduce, reference_ln, reference_rms, refused, rms_norm,
+                                   statuses)
 from ticknorm.base.errors import OnnxFileError
-from ticknorm.exporter.fusion import fuse_norms
+from ticknorm.exporter.fusion import find_norms, fuse_norms, typed_ir
+from ticknorm.exporter.fusion.norms import NormMatch
 
 SCALE16, BIAS16 = (np.random.default_rng(5).standard_normal(8).astype(np.float16) for _ in range(2))
 
@@ -92,3 +94,87 @@ def test_an_original_that_neither_runtime_can_run_is_one_clear_error():
     nodes = [*layer_norm(out="y0"), node("Pow", ["y0", "two_int8"], "y")]
     with pytest.raises(OnnxFileError, match="NOT_IMPLEMENTED"):
         fuse_norms(model(nodes), feeds={"x": _x()})
+
+
+def _fed(name, dims, dtype=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, dtype, dims)
+
+
+def test_plain_length_c_scale_and_bias_fuse_when_the_rank_is_unknown():
+    """Paddle2ONNX: the input's shape is unknown to shape inference, the scale and bias are plain
+    length-C initializers: they are the normalized dims."""
+    m = model(layer_norm())
+    m.graph.input[0].type.tensor_type.ClearField("shape")
+    result = fused(m)
+    assert statuses(result) == [("LayerNorm", "fused")] and op_types(result.model) == ["LayerNormalization"]
+    assert len(fused_node(result).input) == 3
+    np.testing.assert_allclose(ort_run(result.model, {"x": _x()})["y"], reference_ln(_x()), atol=1e-5)
+
+
+def test_a_scale_and_bias_fed_as_graph_inputs_are_read_by_the_fused_node():
+    nodes = layer_norm()
+    for n in nodes:
+        n.input[:] = [{"scale": "gamma", "bias": "beta"}.get(i, i) for i in n.input]
+    m = model(nodes, shape=("batch", "seq", "hidden"), inputs=[_fed("gamma", ["hidden"]), _fed("beta", ["hidden"])])
+    feeds = {"x": _x(), "gamma": SCALE, "beta": BIAS}
+    result = fused(m, feeds=feeds)
+    assert op_types(result.model) == ["LayerNormalization"] and list(fused_node(result).input) == ["x", "gamma", "beta"]
+    assert not result.model.graph.initializer or "gamma" not in [t.name for t in result.model.graph.initializer]
+    np.testing.assert_allclose(ort_run(result.model, feeds)["y"], reference_ln(_x()), atol=1e-5)
+
+
+def test_a_fed_scale_of_other_dims_stays_its_own_mul():
+    nodes = layer_norm(affine="scale")
+    nodes[-1].input[1] = "gamma"
+    m = model(nodes, shape=("batch", "seq", "hidden"), inputs=[_fed("gamma", [1])])
+    feeds = {"x": _x(), "gamma": np.full(1, 2.0, np.float32)}
+    result = fused(m, feeds=feeds)
+    assert op_types(result.model) == ["Shape", "ConstantOfShape", "LayerNormalization", "Mul"]
+
+
+@pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
+def test_no_scale_over_unknown_dims_is_a_scale_of_ones_from_the_input_shape(kind):
+    nodes = layer_norm(affine="none") if kind == "LayerNorm" else rms_norm(scale=False)
+    result = fused(model(nodes, shape=("batch", "seq", "hidden")))
+    op = "LayerNormalization" if kind == "LayerNorm" else "SimplifiedLayerNormalization"
+    assert op_types(result.model) == ["Shape", "ConstantOfShape", op]
+    shape = next(n for n in result.model.graph.node if n.op_type == "Shape")
+    assert attribute(shape, "start") == -1
+    for x in (_x(), _x((1, 5, 16))):  # any hidden size
+        expected = reference_ln(x, 1.0, 0.0) if kind == "LayerNorm" else reference_rms(x, 1.0)
+        np.testing.assert_allclose(ort_run(result.model, {"x": x})["y"], expected, atol=1e-5)
+
+
+def test_unknown_dims_below_opset_15_are_refused_for_an_rms_norm():
+    m = model(rms_norm(scale=False), opset=13, shape=("batch", "seq", "hidden"))
+    assert refused(m) == [("RMSNorm", "refused", "the normalized dims of 'x' are not static, and opset 13 has no "
+                                                 "Shape(start) to build the scale of ones from (fuse with --opset 15 "
+                                                 "or above)")]
+
+
+def _behind_contrib_gelu(nodes):
+    """`x` through ONNX Runtime's com.microsoft Gelu first: ONNX's shape inference knows nothing
+    of what comes out of it, ONNX Runtime's symbolic one does."""
+    for n in nodes:
+        n.input[:] = ["h" if i == "x" else i for i in n.input]
+    m = model([helper.make_node("Gelu", ["x"], ["h"], name="/Gelu", domain="com.microsoft"), *nodes])
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return m
+
+
+def test_symbolic_shape_inference_gives_the_rank_onnx_could_not():
+    """Channels-first axes need the rank to be moved last: only symbolic inference has it here."""
+    CONSTANTS["scale_c"] = _const("scale_c", SCALE[:3].reshape(3, 1))
+    nodes = [*reduce("ReduceMean", "x", "mean", axes=(1,)), node("Sub", ["x", "mean"], "d"),
+             node("Pow", ["d", "two"], "sq"), *reduce("ReduceMean", "sq", "var", axes=(1,)),
+             node("Add", ["var", "eps"], "ve"), node("Sqrt", ["ve"], "std"), node("Div", ["d", "std"], "normed"),
+             node("Mul", ["normed", "scale_c"], "y")]
+    result = fused(_behind_contrib_gelu(nodes))
+    assert op_types(result.model) == ["Gelu", "Transpose", "LayerNormalization", "Transpose"]
+
+
+def test_symbolic_shape_inference_runs_only_when_onnxs_left_a_needed_dim_unknown():
+    typed = typed_ir(model(layer_norm()))
+    assert isinstance(find_norms(typed.graph)[0], NormMatch) and not typed.graph.meta["symbolic"].ran
+    typed = typed_ir(_behind_contrib_gelu(layer_norm()))
+    assert isinstance(find_norms(typed.graph)[0], NormMatch) and typed.graph.meta["symbolic"].ran

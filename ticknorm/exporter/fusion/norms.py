@@ -32,6 +32,7 @@ class Layout:
     rank: int | None
     axes: tuple[int, ...]
     dims: tuple[int | None, ...]  # sizes of the normalized axes; None where not static
+    symbols: tuple[int | str | None, ...] = ()  # the same, symbolic names kept: what a fed scale must have
 
     @property
     def trailing(self) -> bool:
@@ -51,6 +52,8 @@ class Layout:
 
     def feature_param(self, value: np.ndarray | None) -> np.ndarray | None:
         """`value` as an array over the normalized dims, or None when it varies along other axes."""
+        if value is not None and self.rank is None:
+            return self._unranked_param(value)
         if value is None or self.rank is None or value.ndim > self.rank:
             return None
         aligned = value.reshape((1,) * (self.rank - value.ndim) + value.shape)
@@ -68,6 +71,21 @@ class Layout:
         except ValueError:
             return None  # does not broadcast over the normalized dims: not a scale of this norm
 
+    def _unranked_param(self, value: np.ndarray) -> np.ndarray | None:
+        """With the input's rank unknown, a parameter over trailing axes only, none of its dims
+        broadcast (Paddle2ONNX's plain length-C scale): its leading 1s dropped down to those axes."""
+        shape = value.shape
+        while len(shape) > len(self.axes) and shape[0] == 1:
+            shape = shape[1:]
+        if not self.trailing or len(shape) != len(self.axes) or 1 in shape:
+            return None
+        return value.reshape(shape)
+
+    def fits_fed(self, value: ir.Value) -> bool:
+        """Whether a graph input's declared dims are the normalized ones (symbols included), so that
+        the fused node can read it as its scale or bias."""
+        return self.trailing and None not in self.symbols and dims_of(value) == self.symbols
+
     @property
     def known_dims(self) -> tuple[int, ...] | None:
         """`dims` when every one is static."""
@@ -78,15 +96,20 @@ class Layout:
         """The normalized dims: static ones, else the one shape that the scale and bias share."""
         if self.known_dims is not None:
             return self.known_dims
-        shapes = {p.shape for p in params if p is not None}
+        shapes = {p.shape for p in params if isinstance(p, np.ndarray)}
         return next(iter(shapes)) if len(shapes) == 1 else None
 
 
 def layout_of(source: ir.Value, axes: tuple[int, ...]) -> Layout:
+    """Where the normalized `axes` of `source` sit. Where ONNX's inference left its rank or one of
+    those dims unknown, ONNX Runtime's symbolic shape inference is asked (`values.dims`)."""
     sizes = dims_of(source)
+    if sizes is None or any(sizes[a] is None for a in axes if -len(sizes) <= a < len(sizes)):
+        sizes = dims_of(source, deep=True)
     rank = None if sizes is None else len(sizes)
-    picked = [sizes[a] for a in axes] if sizes else [None] * len(axes)
-    return Layout(rank, axes, tuple(size if isinstance(size, int) else None for size in picked))
+    axes = axes if rank is None else tuple(sorted(a % rank for a in axes))
+    picked = tuple(sizes[a] for a in axes) if sizes else (None,) * len(axes)
+    return Layout(rank, axes, tuple(size if isinstance(size, int) else None for size in picked), picked)
 
 
 @dataclass
@@ -98,10 +121,10 @@ class NormMatch:
     input: ir.Value
     output: str  # the name of `output_value`
     layout: Layout
-    dims: tuple[int, ...]  # the normalized dims, static: the shape of the fused node's scale and bias
+    dims: tuple[int, ...] | None  # the normalized dims, static: the shape of the scale and bias built (None: unknown)
     epsilon: float
-    scale: np.ndarray | None
-    bias: np.ndarray | None
+    scale: "Param"
+    bias: "Param"
     elem_type: int
     scope: str
     anchor: str  # name of the first original node, for the report
@@ -120,6 +143,9 @@ class NormRefusal:
 
 
 Finding = NormMatch | NormRefusal  # what fusion makes of something that looks like a normalization
+# A norm's scale or bias: a per-feature constant over the normalized dims, a graph input the
+# fused node reads itself, or none.
+Param = np.ndarray | ir.Value | None
 
 
 def scope_of(node: ir.Node) -> str | None:
@@ -137,8 +163,8 @@ def refusal(kind: str, error: NotFused, names: NodeNames) -> NormRefusal:
 class _Affine:
     nodes: list[ir.Node]
     output: ir.Value
-    scale: np.ndarray | None = None
-    bias: np.ndarray | None = None
+    scale: Param = None
+    bias: Param = None
     cast_back: bool = False
 
 
@@ -158,10 +184,10 @@ def complete_match(kind: str, source: ir.Value, layout: Layout, front: list[ir.N
     nodes = names.in_graph_order(_with_plumbing(members))
     dims = layout.static_dims(affine.scale, affine.bias)
     if dims is None:
-        raise NotFused(f"the normalized dims of '{source.name}' are not static, so scale and bias cannot be built")
+        _check_dynamic_scale(source, affine, kind)
     _check_private(nodes, affine.output, kind, names)
     fused_input = cast_source if affine.cast_back else source
-    fused_type, output = elem_type(fused_input), affine.output
+    fused_type, output = elem_type(fused_input, deep=True), affine.output
     if not fused_type:  # unknown, or UNDEFINED: the rewrite could not type the scale and bias
         raise NotFused(f"the element type of '{fused_input.name}' is unknown, so scale and bias cannot be built")
     if output.name is None:
@@ -178,6 +204,19 @@ def complete_match(kind: str, source: ir.Value, layout: Layout, front: list[ir.N
     scope = common_scope(scope_of(n) or "" for n in nodes)
     return NormMatch(kind, nodes, fused_input, output.name, layout, dims, epsilon, affine.scale, affine.bias,
                      fused_type, scope, names[nodes[0]], output, notes)
+
+
+def _check_dynamic_scale(source: ir.Value, affine: _Affine, kind: str) -> None:
+    """With the normalized dims unknown, a scale of ones is built from the input's shape
+    (`rewrite`: Shape(start=-k), ConstantOfShape), which takes opset 15, below the 17 every
+    LayerNormalization gets; a fed scale is read as it is."""
+    if any(isinstance(p, np.ndarray) for p in (affine.scale, affine.bias)):
+        raise NotFused(f"the normalized dims of '{source.name}' are not static and the scale and bias do not "
+                       "share one shape, so they cannot be built")
+    opset = None if source.graph is None else source.graph.opset_imports.get("")
+    if kind == "RMSNorm" and affine.scale is None and opset is not None and opset < 15:
+        raise NotFused(f"the normalized dims of '{source.name}' are not static, and opset {opset} has no "
+                       "Shape(start) to build the scale of ones from (fuse with --opset 15 or above)")
 
 
 def _check_fusable(layout: Layout, epsilon: float) -> None:
@@ -245,17 +284,27 @@ def _absorb_affine(start: ir.Value, layout: Layout, allow_bias: bool, cast_to: i
         if node.op_type == "Cast" and cast_to is not None and not affine.cast_back and attribute(node, "to") == cast_to:
             affine.cast_back = True
         elif node.op_type == "Mul" and affine.scale is None and affine.bias is None:
-            affine.scale = layout.feature_param(constant(other_input(node, affine.output)))
+            affine.scale = _param(other_input(node, affine.output), layout, affine, cast_to is None)
             if affine.scale is None:
                 return affine
         elif node.op_type == "Add" and allow_bias and affine.bias is None:
-            affine.bias = layout.feature_param(constant(other_input(node, affine.output)))
+            affine.bias = _param(other_input(node, affine.output), layout, affine, cast_to is None)
             if affine.bias is None:
                 return affine
         else:
             return affine
         affine.nodes.append(node)
         affine.output = node.outputs[0]
+
+
+def _param(operand: ir.Value | None, layout: Layout, affine: _Affine, own_type: bool) -> Param:
+    """The per-feature constant `operand` holds, or `operand` itself when it is a graph input of
+    the normalized dims and of the fused node's type (`own_type`, or after the Cast back)."""
+    found = layout.feature_param(constant(operand))
+    if found is not None or operand is None or not operand.is_graph_input():
+        return found
+    fits = (own_type or affine.cast_back) and elem_type(operand) == elem_type(affine.output, deep=True)
+    return operand if fits and layout.fits_fed(operand) else None
 
 
 def _with_plumbing(members: set[ir.Node]) -> set[ir.Node]:

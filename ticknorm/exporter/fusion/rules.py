@@ -114,6 +114,8 @@ class FoldedLayerNormRule(LayerNormRule):
 
     def completed(self, match: NormMatch, bindings: dict[str, Any]) -> NormMatch:
         """gamma and beta composed with a scale and bias `complete_match` took after the offset."""
+        if isinstance(match.scale, ir.Value) or isinstance(match.bias, ir.Value):
+            raise NotFused("a fed scale or bias after the folded offset cannot be composed with it")
         gamma, beta = (match.layout.feature_param(constant(bindings.get(name))) for name in ("gamma", "beta"))
         if beta is None or gamma is None and bindings.get("gamma") is not None:
             raise NotFused("the folded scale or offset is not a per-feature constant")
