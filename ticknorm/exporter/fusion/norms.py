@@ -92,7 +92,7 @@ class Layout:
         static = tuple(d for d in self.dims if isinstance(d, int))
         return static if len(static) == len(self.dims) else None
 
-    def static_dims(self, *params: np.ndarray | None) -> tuple[int, ...] | None:
+    def static_dims(self, *params: "Param") -> tuple[int, ...] | None:
         """The normalized dims: static ones, else the one shape that the scale and bias share."""
         if self.known_dims is not None:
             return self.known_dims

@@ -76,6 +76,7 @@ def _param(value, match: NormMatch, stem: str, names: FreshNames, reusable: dict
            created: list[ir.Value]) -> ir.Value:
     if isinstance(value, ir.Value):  # a graph input of the normalized dims: read as it is
         return value
+    assert match.dims is not None  # `norms.complete_match`: static whenever a param is built
     dtype = ir.DataType(match.elem_type)
     array = np.ascontiguousarray(np.broadcast_to(np.asarray(value).astype(dtype.numpy()), match.dims))
     key = (array.dtype.str, array.shape, array.tobytes())
