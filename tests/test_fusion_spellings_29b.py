@@ -13,6 +13,7 @@ from test_fusion_spellings import (BIAS, CONSTANTS, SCALE, _const, _divide, _x, 
 from ticknorm.base.errors import OnnxFileError
 from ticknorm.exporter.fusion import find_norms, fuse_norms, typed_ir
 from ticknorm.exporter.fusion.norms import NormMatch
+from ticknorm.exporter.fusion.verify import verify_fused
 
 SCALE16, BIAS16 = (np.random.default_rng(5).standard_normal(8).astype(np.float16) for _ in range(2))
 
@@ -178,3 +179,30 @@ def test_symbolic_shape_inference_runs_only_when_onnxs_left_a_needed_dim_unknown
     assert isinstance(find_norms(typed.graph)[0], NormMatch) and not typed.graph.meta["symbolic"].ran
     typed = typed_ir(_behind_contrib_gelu(layer_norm()))
     assert isinstance(find_norms(typed.graph)[0], NormMatch) and typed.graph.meta["symbolic"].ran
+
+
+def _in_a_loop(body_nodes):
+    """`x` normalized inside a Loop body (twice, stacked, summed): the body reads x, scale, bias,
+    eps, two from the main graph."""
+    body = helper.make_graph(body_nodes + [node("Identity", ["cond_in"], "cond_out")], "loop_body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("ln_out", TensorProto.FLOAT, None)])
+    CONSTANTS.update(trips=_const("trips", 2, np.int64), cond=_const("cond", True, np.bool_),
+                     axis0=_const("axis0", [0], np.int64))
+    m = model([node("Loop", ["trips", "cond"], "stacked", body=body),
+               node("ReduceSum", ["stacked", "axis0"], "y", keepdims=0)])
+    m.graph.initializer.extend([CONSTANTS[n] for n in ("scale", "bias", "eps", "two", "trips", "cond", "axis0")])
+    return m
+
+
+def test_a_norm_fused_inside_a_loop_body_is_checked_on_edge_rows():
+    """Epsilon 0 agrees with the original on seeded rows and gives NaN on an all-zero row, where
+    the original gives the bias: caught inside the body too."""
+    original = _in_a_loop(layer_norm(out="ln_out"))
+    result = fuse_norms(original, feeds={"x": _x()})
+    assert result.report.verified and [r.input for r in result.report.records] == ["x"]
+    broken = _in_a_loop([node("LayerNormalization", ["x", "scale", "bias"], "ln_out", epsilon=0.0)])
+    checks = verify_fused(original, broken, {}, {"x": _x()}, inner={"ln_out": "x"}).checks
+    assert checks["ln_out"].reason.startswith("changes the numbers on an all-zero row")

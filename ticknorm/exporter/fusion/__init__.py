@@ -228,7 +228,7 @@ def _records(found: list[Finding], target: int, targets: NormTargets) -> tuple[l
             continue
         op_type, needs = targets.op(item.kind, target)
         record = NormRecord(item.kind, item.scope, "fused", "", item.anchor, item.output, item.epsilon, item.notes,
-                            op=op_type)
+                            op=op_type, input=item.input.name or "")
         if target < needs:
             record.status = "left"
             record.reason = (f"{op_type} needs opset {needs}, the target is {target} (fuse with --opset {needs}"
@@ -241,8 +241,9 @@ def _records(found: list[Finding], target: int, targets: NormTargets) -> tuple[l
 
 def _verify(original, fused, matches: list[NormMatch], records: list[NormRecord], feeds, weights_dir,
             also) -> list[dict[str, np.ndarray]]:
+    inner = {r.output: r.input for r in records if r.status == "fused" and r.output not in {m.output for m in matches}}
     verification = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds, weights_dir, also,
-                                {m.output: m.input.name for m in matches})
+                                {m.output: m.input.name for m in matches}, inner)
     checks = verification.checks
     by_output = {r.output: r for r in records if r.status == "fused"}
     for name, check in checks.items():

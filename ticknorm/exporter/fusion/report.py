@@ -29,6 +29,7 @@ class NormRecord:
     notes: list[str] = field(default_factory=list)
     max_abs_error: float | None = None  # fused vs original, from verification
     op: str = ""  # the op it became (or would become at a higher opset)
+    input: str = ""  # the tensor the fused op normalizes
 
 
 @dataclass
