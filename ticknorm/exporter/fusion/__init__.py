@@ -15,7 +15,7 @@ from ticknorm.base.graph import FreshNames, default_opset
 from ticknorm.base.graph_feeds import feed_sets_for_graph, guessed_inputs
 from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
 from ticknorm.exporter.fusion.norms import Finding, NormMatch
-from ticknorm.exporter.fusion.report import FusionReport, NormRecord
+from ticknorm.exporter.fusion.report import ORIGINAL_RUN_IN, FusionReport, NormRecord
 from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets, reusable_params, rewrite_matches
 from ticknorm.exporter.fusion.rules import find_norms
 from ticknorm.exporter.fusion.typed import typed_ir
@@ -250,7 +250,7 @@ def _verify(original, fused, matches: list[NormMatch], records: list[NormRecord]
         if name in by_output:
             by_output[name].max_abs_error = check.max_abs
             if verification.reference != "ONNX Runtime":
-                by_output[name].notes.append(f"the original was run in {verification.reference}")
+                by_output[name].notes.append(ORIGINAL_RUN_IN + verification.reference)
     failed = [c for c in checks.values() if not c.passed]
     if failed:
         where = by_output.get(failed[0].name)
