@@ -241,7 +241,8 @@ def _records(found: list[Finding], target: int, targets: NormTargets) -> tuple[l
 
 def _verify(original, fused, matches: list[NormMatch], records: list[NormRecord], feeds, weights_dir,
             also) -> list[dict[str, np.ndarray]]:
-    inner = {r.output: r.input for r in records if r.status == "fused" and r.output not in {m.output for m in matches}}
+    outer = {m.output for m in matches}
+    inner = {r.output: r.input for r in records if r.status == "fused" and r.output not in outer}
     verification = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds, weights_dir, also,
                                 {m.output: m.input.name for m in matches}, inner)
     checks = verification.checks
