@@ -7,6 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import op_types, ort_run
+from test_fusion_spellings_29 import keras_layer_norm
 from test_fusion_spellings import (BIAS, CONSTANTS, SCALE, _const, _divide, _x, attribute, fused, fused_node,
                                    layer_norm, model, node, reduce, reference_ln, reference_rms, refused, rms_norm,
                                    statuses)
@@ -207,3 +208,14 @@ def test_a_norm_fused_inside_a_loop_body_is_checked_on_edge_rows():
     broken = _in_a_loop([node("LayerNormalization", ["x", "scale", "bias"], "ln_out", epsilon=0.0)])
     checks = verify_fused(original, broken, {}, {"x": _x()}, inner={"ln_out": "x"}).checks
     assert checks["ln_out"].reason.startswith("changes the numbers on an all-zero row")
+
+
+def test_a_fed_scale_after_a_folded_offset_stays_its_own_mul():
+    """TF/Keras's folded form composes constant scales only: the fed one stays outside, the norm fuses."""
+    nodes = keras_layer_norm()
+    nodes[-1] = node("Add", ["xg", "off"], "y0")
+    m = model([*nodes, node("Mul", ["y0", "gamma"], "y")], shape=("batch", "seq", "hidden"),
+              inputs=[_fed("gamma", ["hidden"])])
+    feeds = {"x": _x(), "gamma": SCALE}
+    result = fused(m, feeds=feeds)
+    assert op_types(result.model) == ["LayerNormalization", "Mul"]

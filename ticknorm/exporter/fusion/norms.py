@@ -169,15 +169,16 @@ class _Affine:
 
 
 def complete_match(kind: str, source: ir.Value, layout: Layout, front: list[ir.Node], normalized: ir.Value,
-                   epsilon: float, names: NodeNames) -> NormMatch:
-    """Add the affine part and the dtype casts, then check that the rewrite is safe."""
+                   epsilon: float, names: NodeNames, fed: bool = True) -> NormMatch:
+    """Add the affine part and the dtype casts, then check that the rewrite is safe. `fed`: a
+    scale or bias fed as a graph input may be taken (not where the rule composes them itself)."""
     if layout.rank is None and not layout.trailing:
         raise NotFused(f"the rank of '{source.name}' is unknown, so axes {list(layout.axes)} cannot be checked")
     _check_fusable(layout, epsilon)
     lifts = _lifts(front, source)
     cast_node, cast_source = _input_cast(source)
     cast_to = elem_type(cast_source) if cast_node is not None or lifts else None
-    affine = _absorb_affine(normalized, layout, kind == "LayerNorm", cast_to)
+    affine = _absorb_affine(normalized, layout, kind == "LayerNorm", cast_to, fed)
     members = set(front) | set(affine.nodes)
     if cast_node is not None and affine.cast_back and all(r in members for r in readers(source)):
         members.add(cast_node)
@@ -272,7 +273,7 @@ def _input_cast(source: ir.Value) -> tuple[ir.Node | None, ir.Value]:
     return None, source
 
 
-def _absorb_affine(start: ir.Value, layout: Layout, allow_bias: bool, cast_to: int | None) -> _Affine:
+def _absorb_affine(start: ir.Value, layout: Layout, allow_bias: bool, cast_to: int | None, fed: bool) -> _Affine:
     """Take the per-feature Mul (scale), Add (bias) and the Cast back to the input's dtype that
     follow a normalization, while each is the only reader and its operand is a constant.
     A non-constant or non-per-feature operand stays outside as its own node."""
@@ -281,14 +282,15 @@ def _absorb_affine(start: ir.Value, layout: Layout, allow_bias: bool, cast_to: i
         node = sole_reader(affine.output)
         if node is None:
             return affine
+        fed_here = fed and (cast_to is None or affine.cast_back)  # the type here is the fused node's
         if node.op_type == "Cast" and cast_to is not None and not affine.cast_back and attribute(node, "to") == cast_to:
             affine.cast_back = True
         elif node.op_type == "Mul" and affine.scale is None and affine.bias is None:
-            affine.scale = _param(other_input(node, affine.output), layout, affine, cast_to is None)
+            affine.scale = _param(other_input(node, affine.output), layout, affine, fed_here)
             if affine.scale is None:
                 return affine
         elif node.op_type == "Add" and allow_bias and affine.bias is None:
-            affine.bias = _param(other_input(node, affine.output), layout, affine, cast_to is None)
+            affine.bias = _param(other_input(node, affine.output), layout, affine, fed_here)
             if affine.bias is None:
                 return affine
         else:
@@ -297,13 +299,14 @@ def _absorb_affine(start: ir.Value, layout: Layout, allow_bias: bool, cast_to: i
         affine.output = node.outputs[0]
 
 
-def _param(operand: ir.Value | None, layout: Layout, affine: _Affine, own_type: bool) -> Param:
+def _param(operand: ir.Value | None, layout: Layout, affine: _Affine, fed: bool) -> Param:
     """The per-feature constant `operand` holds, or `operand` itself when it is a graph input of
-    the normalized dims and of the fused node's type (`own_type`, or after the Cast back)."""
+    the normalized dims and of the fused node's type, where `fed` ones may be taken (the rule
+    allows it, and the type here is the fused node's: no Cast into fp32, or after the Cast back)."""
     found = layout.feature_param(constant(operand))
     if found is not None or operand is None or not operand.is_graph_input():
         return found
-    fits = (own_type or affine.cast_back) and elem_type(operand) == elem_type(affine.output, deep=True)
+    fits = fed and elem_type(operand) == elem_type(affine.output, deep=True)
     return operand if fits and layout.fits_fed(operand) else None
 
 

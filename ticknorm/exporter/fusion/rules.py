@@ -35,6 +35,7 @@ class _NormRule(PatternBase):
     """A norm family matched where its division is spelled `division` (`spellings.DIVISIONS`)."""
 
     kind = ""
+    takes_fed = True  # a scale or bias fed as a graph input may be the fused node's (`norms.complete_match`)
 
     def __init__(self, division: str):
         super().__init__(f"{self.kind}/{division}")
@@ -106,7 +107,10 @@ _FOLDED = ("folded", "folded-offset-first")  # the Add's operand orders, each a 
 
 class FoldedLayerNormRule(LayerNormRule):
     """TF/Keras's LayerNorm: x * g + (beta - mean * g), g = gamma / sqrt(var + eps). Its output is no
-    normalized value times a scale, so the rule takes gamma and beta from its own bindings."""
+    normalized value times a scale, so the rule takes gamma and beta from its own bindings, and
+    composes constants only: a fed scale after the offset stays its own Mul."""
+
+    takes_fed = False
 
     def pattern(self, op, x):
         variance = mean(op, square(op, op.Sub(x, mean(op, x, "center_v"))), "variance")
@@ -114,15 +118,16 @@ class FoldedLayerNormRule(LayerNormRule):
 
     def completed(self, match: NormMatch, bindings: dict[str, Any]) -> NormMatch:
         """gamma and beta composed with a scale and bias `complete_match` took after the offset."""
-        if isinstance(match.scale, ir.Value) or isinstance(match.bias, ir.Value):
-            raise NotFused("a fed scale or bias after the folded offset cannot be composed with it")
         gamma, beta = (match.layout.feature_param(constant(bindings.get(name))) for name in ("gamma", "beta"))
         if beta is None or gamma is None and bindings.get("gamma") is not None:
             raise NotFused("the folded scale or offset is not a per-feature constant")
         after = 1.0 if match.scale is None else match.scale
         scale = match.scale if gamma is None else gamma * after
         bias = beta * after + (0.0 if match.bias is None else match.bias)
-        return replace(match, scale=scale, bias=bias)
+        dims = match.dims or match.layout.static_dims(scale, bias)
+        if dims is None:
+            raise NotFused("the folded scale and offset do not share one shape over the normalized dims")
+        return replace(match, scale=scale, bias=bias, dims=dims)
 
 
 class RMSNormRule(_NormRule):
@@ -218,7 +223,7 @@ def _try(rule: _NormRule, graph: ir.Graph, node: ir.Node, names: NodeNames) -> t
     try:
         layout = layout_of(source, rule.axes(bound))
         norm = complete_match(rule.kind, source, layout, nodes, node.outputs[0], epsilon(bound, bound["variance"]),
-                              names)
+                              names, rule.takes_fed)
         return rule.completed(norm, bound), nodes
     except NotFused as error:
         error.node = error.node or names.in_graph_order(nodes)[0]
