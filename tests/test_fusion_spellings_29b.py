@@ -4,9 +4,10 @@ shape inference cannot give, integer exponents ONNX Runtime has no kernel for.""
 
 import numpy as np
 import pytest
+import torch
 from onnx import TensorProto, helper
 
-from conftest import op_types, ort_run
+from conftest import export, op_types, ort_run
 from test_fusion_spellings_29 import keras_layer_norm
 from test_fusion_spellings import (BIAS, CONSTANTS, SCALE, _const, _divide, _x, attribute, fused, fused_node,
                                    layer_norm, model, node, reduce, reference_ln, reference_rms, refused, rms_norm,
@@ -55,6 +56,33 @@ def test_casts_inside_a_mixed_precision_layer_norm_are_one_fp16_node(lift_mean):
     assert "Casts inside absorbed" in notes and "/Cast_d32" in notes and "Cast pair absorbed" in notes
     np.testing.assert_allclose(ort_run(result.model, feeds)["y"].astype(np.float32),
                                _fp16_reference(feeds["x"]).astype(np.float32), atol=1e-2)
+
+
+class MixedLayerNorm(torch.nn.Module):
+    """The mixed-precision LayerNorm of hand-written fp16 models: the variance and the division in
+    fp32; `lift_mean`: the mean too, of x Cast up, Cast back."""
+
+    def __init__(self, lift_mean):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.from_numpy(SCALE16))
+        self.bias = torch.nn.Parameter(torch.from_numpy(BIAS16))
+        self.lift_mean = lift_mean
+
+    def forward(self, x):
+        mean = x.float().mean(-1, keepdim=True).to(x.dtype) if self.lift_mean else x.mean(-1, keepdim=True)
+        centered = (x - mean).float()
+        normed = centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return self.weight * normed.to(x.dtype) + self.bias
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("lift_mean", [False, True], ids=["fp16-mean", "mean-of-x-cast-up"])
+def test_an_exported_mixed_precision_layer_norm_is_one_fp16_node(exporter, lift_mean):
+    x = np.random.default_rng(0).standard_normal((2, 6, 8)).astype(np.float16)
+    result = fuse_norms(export(MixedLayerNorm(lift_mean), {"x": x}, exporter), feeds={"x": x})
+    assert op_types(result.model) == ["LayerNormalization"] and result.report.verified
+    np.testing.assert_allclose(ort_run(result.model, {"x": x})[result.model.graph.output[0].name].astype(np.float32),
+                               _fp16_reference(x).astype(np.float32), atol=1e-2)
 
 
 def test_a_mixed_precision_layer_norm_left_in_fp32_is_refused_with_its_type():

@@ -175,7 +175,7 @@ def complete_match(kind: str, source: ir.Value, layout: Layout, front: list[ir.N
     if layout.rank is None and not layout.trailing:
         raise NotFused(f"the rank of '{source.name}' is unknown, so axes {list(layout.axes)} cannot be checked")
     _check_fusable(layout, epsilon)
-    lifts = _lifts(front, source)
+    lifts = names.in_graph_order(_lifts(front, source))
     cast_node, cast_source = _input_cast(source)
     cast_to = elem_type(cast_source) if cast_node is not None or lifts else None
     affine = _absorb_affine(normalized, layout, kind == "LayerNorm", cast_to, fed)
@@ -235,11 +235,11 @@ def _check_fusable(layout: Layout, epsilon: float) -> None:
         raise NotFused(f"the mean is over {where}, batch included")
 
 
-def _lifts(front: list[ir.Node], source: ir.Value) -> list[ir.Node]:
+def _lifts(front: list[ir.Node], source: ir.Value) -> set[ir.Node]:
     """The Casts inside a match (a mixed-precision norm): each must lift an fp16/bf16 tensor to
     fp32, go back to the norm's own type, or change nothing, since the fused op computes in its
     input's type or, with stash_type=1, in fp32; any other Cast rounds where the fused op would not."""
-    casts = [node for node in front if node.op_type == "Cast"]
+    casts = {node for node in front if node.op_type == "Cast"}
     own = elem_type(source)
     for cast in casts:
         to, before = attribute(cast, "to"), elem_type(cast.inputs[0])
