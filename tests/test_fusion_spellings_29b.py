@@ -7,6 +7,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+import norm_modules as nm
 from conftest import export, op_types, ort_run
 from test_fusion_spellings_29 import keras_layer_norm
 from test_fusion_spellings import (BIAS, CONSTANTS, SCALE, _const, _divide, _x, attribute, fused, fused_node,
@@ -247,3 +248,27 @@ def test_a_fed_scale_after_a_folded_offset_stays_its_own_mul():
     feeds = {"x": _x(), "gamma": SCALE}
     result = fused(m, feeds=feeds)
     assert op_types(result.model) == ["LayerNormalization", "Mul"]
+
+
+class HalfT5RMSNorm(torch.nn.Module):
+    """T5's RMSNorm in fp16: the variance of x Cast up, x * rsqrt(variance) back in fp16
+    (TorchScript Casts the inverse down), then the fp16 weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nm.T5RMSNorm(8).half()
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_an_fp16_t5_rms_norm_is_one_fp16_node(exporter):
+    x = np.random.default_rng(0).standard_normal((2, 6, 8)).astype(np.float16)
+    module = HalfT5RMSNorm()
+    result = fuse_norms(export(module, {"x": x}, exporter), feeds={"x": x})
+    assert op_types(result.model) == ["SimplifiedLayerNormalization"] and result.report.verified
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).float().numpy()
+    np.testing.assert_allclose(ort_run(result.model, {"x": x})[result.model.graph.output[0].name].astype(np.float32),
+                               expected, atol=1e-2)

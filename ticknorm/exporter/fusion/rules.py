@@ -58,7 +58,7 @@ class LayerNormRule(_NormRule):
         # the numerator; mostly they are one node. A mixed-precision one lifts the centered fp16
         # tensor into fp32 for the variance and the division (`lifted`).
         centered = lifted(op, op.Sub(x, mean(op, x, "center"), _outputs=["centered"]))
-        variance = mean(op, square(op, lifted(op, op.Sub(x, mean(op, x, "center_v")))), "variance")
+        variance = mean(op, square(op, op.Sub(x, mean(op, x, "center_v"))), "variance")
         return divided(op, centered, root(op, variance), self.division)
 
     # The rewriter passes the pattern's bindings by name, and onnxscript's own rules name them as
@@ -152,10 +152,21 @@ class RMSNormRule(_NormRule):
         return mean_of(bindings["variance"]).axes
 
 
+class LiftedRMSNormRule(RMSNormRule):
+    """RMSNorm of an fp16 x Cast up twice, once for the variance and once for the numerator
+    (TorchScript's T5 RMSNorm in fp16: x.to(float32).pow(2).mean(), then x * rsqrt(.) promotes
+    x again): x binds to the fp16 tensor both Casts read."""
+
+    def pattern(self, op, x):
+        numerator = op.Cast(x, _allow_other_attributes=True)
+        return divided(op, numerator, root(op, mean(op, square(op, x), "variance")), self.division)
+
+
 # Which rules may match at a node, by how it divides: most nodes are no division by a root, and
 # asking every rule at every node cost fusion a 96-layer encoder's time again.
-_RULES_AT = {division: [LayerNormRule(division), MomentsLayerNormRule(division), RMSNormRule(division)]
-             for division in DIVISIONS} | {folded: [FoldedLayerNormRule(folded)] for folded in _FOLDED}
+_RULES_AT = {division: [LayerNormRule(division), MomentsLayerNormRule(division), RMSNormRule(division),
+                        LiftedRMSNormRule(division)] for division in DIVISIONS}
+_RULES_AT |= {folded: [FoldedLayerNormRule(folded)] for folded in _FOLDED}
 _ROOTS = ("Sqrt", "Add")
 
 
@@ -177,8 +188,8 @@ def _op(value: ir.Value | None) -> str:
 
 
 def _inverts_a_root(value: ir.Value | None) -> bool:
-    """Reciprocal(root) or Div(1, root), maybe times 1.0, as far as the ops say."""
-    node = producer(value)
+    """Reciprocal(root) or Div(1, root), maybe times 1.0, maybe Cast, as far as the ops say."""
+    node = producer(uncast(value))
     if node is not None and node.op_type == "Mul" and len(node.inputs) == 2:
         node = next((producer(v) for v in node.inputs if _op(v) in ("Reciprocal", "Div")), None)
     if node is None or node.op_type not in ("Reciprocal", "Div") or _op(node.inputs[-1]) not in _ROOTS:

@@ -58,7 +58,10 @@ def mean(op, x, name: str):
 
 
 def square(op, t):
-    return OrValue([op.Pow(t, Var("two")), op.Mul(t, t)], tag_var="square_by")
+    """t^2, maybe of t Cast up (a mixed-precision norm squares in fp32); tagged 0 for a Pow."""
+    up = op.Cast(t, _allow_other_attributes=True)
+    return OrValue([op.Pow(t, Var("two")), op.Mul(t, t), op.Pow(up, Var("two")), op.Mul(up, up)],
+                   tag_var="square_by", tag_values=[0, 1, 0, 1])
 
 
 def squared_mean(op, m):
@@ -85,9 +88,11 @@ def root(op, variance):
 
 
 def inverse(op, value):
-    """1 / value, written by exporters as Reciprocal (times 1.0, TorchScript) or Div(1, .)."""
+    """1 / value, written by exporters as Reciprocal (times 1.0, TorchScript) or Div(1, .), maybe
+    Cast back down (TorchScript's fp16 T5 RMSNorm: x * rsqrt(fp32 variance))."""
     one = OrValue([op.Reciprocal(value), op.Div(Var("one"), value)])
-    return OrValue([one, op.Mul(one, Var("one_more")), op.Mul(Var("one_more"), one)])
+    scaled = OrValue([one, op.Mul(one, Var("one_more")), op.Mul(Var("one_more"), one)])
+    return OrValue([scaled, op.Cast(scaled, _allow_other_attributes=True)])
 
 
 def either(op_type: str, op, a, b):
@@ -217,7 +222,7 @@ def reduces(value: ir.Value | None, source: ir.Value | None) -> bool:
     return found is not None and source is not None and source in (found[1], uncast(found[1]))
 
 
-def uncast(value: ir.Value) -> ir.Value | None:
+def uncast(value: ir.Value | None) -> ir.Value | None:
     """What a Cast turned into `value`; `value` itself when no Cast computes it."""
     node = producer(value)
     return node.inputs[0] if node is not None and node.op_type == "Cast" else value
