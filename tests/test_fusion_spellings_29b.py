@@ -272,3 +272,17 @@ def test_an_fp16_t5_rms_norm_is_one_fp16_node(exporter):
         expected = module(torch.from_numpy(x)).float().numpy()
     np.testing.assert_allclose(ort_run(result.model, {"x": x})[result.model.graph.output[0].name].astype(np.float32),
                                expected, atol=1e-2)
+
+
+def test_an_rms_norm_whose_fp32_inverse_is_cast_down_is_one_fp16_node():
+    """x * Cast(1/sqrt(mean(Cast(x)^2) + eps), fp16): the variance in fp32, the product in fp16."""
+    nodes = [node("Cast", ["x"], "x32", to=TensorProto.FLOAT), node("Pow", ["x32", "two"], "sq"),
+             *reduce("ReduceMean", "sq", "var"), node("Add", ["var", "eps"], "ve"), node("Sqrt", ["ve"], "std"),
+             node("Reciprocal", ["std"], "inv32"), node("Cast", ["inv32"], "inv", to=TensorProto.FLOAT16),
+             node("Mul", ["x", "inv"], "y")]
+    feeds = {"x": _x(dtype=np.float16)}
+    result = fused(model(nodes, dtype=TensorProto.FLOAT16), feeds=feeds)
+    assert op_types(result.model) == ["SimplifiedLayerNormalization"] and fused_node(
+        result, "SimplifiedLayerNormalization").input[0] == "x"
+    np.testing.assert_allclose(ort_run(result.model, feeds)["y"].astype(np.float32),
+                               reference_rms(feeds["x"].astype(np.float32), 1.0), atol=1e-2)
