@@ -138,7 +138,7 @@ class CenteredReusedInside(nn.Module):
 
 
 class InputScale(nn.Module):
-    """adaLN-style: the scale is an input, so it is not absorbed; the normalization still fuses."""
+    """adaLN-style: the scale is an input of the normalized dims, which the fused node reads."""
 
     def forward(self, x, gamma):
         return pow_sqrt_div(x) * gamma

@@ -15,7 +15,7 @@ from ticknorm.base.graph import FreshNames, default_opset, nested_graphs
 from ticknorm.base.graph_feeds import feed_sets_for_graph, guessed_inputs
 from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
 from ticknorm.exporter.fusion.norms import Finding, NormMatch
-from ticknorm.exporter.fusion.report import FusionReport, NormRecord
+from ticknorm.exporter.fusion.report import ORIGINAL_RUN_IN, FusionReport, NormRecord
 from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets, reusable_params, rewrite_matches
 from ticknorm.exporter.fusion.rules import find_norms
 from ticknorm.base.write_back import written_back
@@ -241,7 +241,7 @@ def _records(found: list[Finding], target: int, targets: NormTargets) -> tuple[l
             continue
         op_type, needs = targets.op(item.kind, target)
         record = NormRecord(item.kind, item.scope, "fused", "", item.anchor, item.output, item.epsilon, item.notes,
-                            op=op_type)
+                            op=op_type, input=item.input.name or "")
         if target < needs:
             record.status = "left"
             record.reason = (f"{op_type} needs opset {needs}, the target is {target} (fuse with --opset {needs}"
@@ -254,13 +254,17 @@ def _records(found: list[Finding], target: int, targets: NormTargets) -> tuple[l
 
 def _verify(original, fused, matches: list[NormMatch], records: list[NormRecord], feeds, weights_dir,
             also) -> list[dict[str, np.ndarray]]:
+    outer = {m.output for m in matches}
+    inner = {r.output: r.input for r in records if r.status == "fused" and r.output not in outer}
     verification = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds, weights_dir, also,
-                                {m.output: m.input.name for m in matches})
+                                {m.output: m.input.name for m in matches}, inner)
     checks = verification.checks
     by_output = {r.output: r for r in records if r.status == "fused"}
     for name, check in checks.items():
         if name in by_output:
             by_output[name].max_abs_error = check.max_abs
+            if verification.reference != "ONNX Runtime":
+                by_output[name].notes.append(ORIGINAL_RUN_IN + verification.reference)
     failed = [c for c in checks.values() if not c.passed]
     if failed:
         where = by_output.get(failed[0].name)

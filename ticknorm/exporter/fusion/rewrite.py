@@ -72,6 +72,9 @@ def reusable_params(graphs: list[ir.Graph], matches: list[NormMatch]) -> dict[Pa
 
 def _param(value, match: NormMatch, stem: str, names: FreshNames, reusable: dict[ParamKey, ir.Value],
            created: list[ir.Value]) -> ir.Value:
+    if isinstance(value, ir.Value):  # a graph input of the normalized dims: read as it is
+        return value
+    assert match.dims is not None  # `norms.complete_match`: static whenever a param is built
     dtype = ir.DataType(match.elem_type)
     array = np.ascontiguousarray(np.broadcast_to(np.asarray(value).astype(dtype.numpy()), match.dims))
     key = (int(dtype), array.shape, array.tobytes())
@@ -87,8 +90,9 @@ def _fused_nodes(match: NormMatch, op_type: str, names: FreshNames,
                  reusable: dict[ParamKey, ir.Value]) -> tuple[list[ir.Node], list[ir.Value]]:
     stem = match.scope or match.output
     created: list[ir.Value] = []
-    inputs = [match.input, _param(1.0 if match.scale is None else match.scale, match, f"{stem}.scale", names, reusable,
-                                  created)]
+    ones = match.scale is None and match.dims is None  # built from the input's shape, below
+    inputs = [match.input, match.input if ones else _param(1.0 if match.scale is None else match.scale, match,
+                                                            f"{stem}.scale", names, reusable, created)]
     if match.kind == "LayerNorm" and match.bias is not None:
         inputs.append(_param(match.bias, match, f"{stem}.bias", names, reusable, created))
     node_stem = "/" + stem.replace(".", "/") if match.scope else stem
@@ -98,6 +102,9 @@ def _fused_nodes(match: NormMatch, op_type: str, names: FreshNames,
         nodes.append(_node("Transpose", [match.input], f"{node_stem}/Transpose", names, f"{stem}.to_last",
                            perm=permutation))
         inputs[0] = nodes[-1].outputs[0]
+    if ones:
+        nodes += _ones(inputs[0], match, node_stem, stem, names)
+        inputs[1] = nodes[-1].outputs[0]
     nodes.append(_node(op_type, inputs, f"{node_stem}/{op_type}", names, f"{stem}.normalized_last",
                        axis=-len(match.layout.axes), epsilon=float(match.epsilon), stash_type=1))
     if permutation is not None:
@@ -106,6 +113,16 @@ def _fused_nodes(match: NormMatch, op_type: str, names: FreshNames,
     for node in nodes:
         node.metadata_props[SCOPE_KEY] = match.scope
     return nodes, created
+
+
+def _ones(source: ir.Value, match: NormMatch, node_stem: str, stem: str, names: FreshNames) -> list[ir.Node]:
+    """A scale of ones over normalized dims known only when the graph runs: ConstantOfShape of
+    the trailing dims of `source`'s Shape (opset 15's `start`: no Slice)."""
+    one = ir.tensor(np.ones(1, ir.DataType(match.elem_type).numpy()))
+    shape = _node("Shape", [source], f"{node_stem}/Shape", names, f"{stem}.normalized_shape",
+                  start=-len(match.layout.axes))
+    return [shape, _node("ConstantOfShape", [shape.outputs[0]], f"{node_stem}/ConstantOfShape", names,
+                         f"{stem}.ones", value=one)]
 
 
 def _node(op_type: str, inputs: list[ir.Value], name: str, names: FreshNames, output: str, **attributes) -> ir.Node:

@@ -25,9 +25,9 @@ from onnxscript.rewriter.pattern import MatchResult, PatternBase
 
 from ticknorm.exporter.fusion.norms import (Finding, NormMatch, NormRefusal, NotFused, complete_match, layout_of,
                                             refusal)
-from ticknorm.exporter.fusion.spellings import (DIVISIONS, divided, epsilon, floored, folded, inverse_problem, mean,
-                                                mean_of, moments_problem, reduces, root, square, square_problem,
-                                                squared_mean, tail_problem)
+from ticknorm.exporter.fusion.spellings import (DIVISIONS, divided, epsilon, floored, folded, inverse_problem, lifted,
+                                                mean, mean_of, moments_problem, reduces, root, square, square_problem,
+                                                squared_mean, tail_problem, uncast)
 from ticknorm.exporter.fusion.values import NodeNames, constant, producer, readers
 
 
@@ -35,6 +35,7 @@ class _NormRule(PatternBase):
     """A norm family matched where its division is spelled `division` (`spellings.DIVISIONS`)."""
 
     kind = ""
+    takes_fed = True  # a scale or bias fed as a graph input may be the fused node's (`norms.complete_match`)
 
     def __init__(self, division: str):
         super().__init__(f"{self.kind}/{division}")
@@ -54,8 +55,9 @@ class LayerNormRule(_NormRule):
 
     def pattern(self, op, x):
         # Two means of x may center it (TorchScript's var_mean): one for the variance, one for
-        # the numerator; mostly they are one node.
-        centered = op.Sub(x, mean(op, x, "center"), _outputs=["centered"])
+        # the numerator; mostly they are one node. A mixed-precision one lifts the centered fp16
+        # tensor into fp32 for the variance and the division (`lifted`).
+        centered = lifted(op, op.Sub(x, mean(op, x, "center"), _outputs=["centered"]))
         variance = mean(op, square(op, op.Sub(x, mean(op, x, "center_v"))), "variance")
         return divided(op, centered, root(op, variance), self.division)
 
@@ -68,7 +70,8 @@ class LayerNormRule(_NormRule):
         if square_problem(bound, means[1].output) or inverse_problem(bound, bound["root"]):
             return MatchResult().fail("not a square root's inverse")
         anchor, axes, spread = means[1].nodes[0], means[1].axes, mean_of(variance)
-        first = next(n for n in readers(x) if n in (means[0].nodes[0], anchor))  # where x is first centered
+        # where x is first centered; a reduction of x Cast up reads no x itself
+        first = next((n for n in readers(x) if n in (means[0].nodes[0], anchor)), means[0].nodes[0])
         if spread.problem:
             raise NotFused(spread.problem, spread.problem_node or first, context.nodes)
         if spread.axes != axes:
@@ -104,7 +107,10 @@ _FOLDED = ("folded", "folded-offset-first")  # the Add's operand orders, each a 
 
 class FoldedLayerNormRule(LayerNormRule):
     """TF/Keras's LayerNorm: x * g + (beta - mean * g), g = gamma / sqrt(var + eps). Its output is no
-    normalized value times a scale, so the rule takes gamma and beta from its own bindings."""
+    normalized value times a scale, so the rule takes gamma and beta from its own bindings, and
+    composes constants only: a fed scale after the offset stays its own Mul."""
+
+    takes_fed = False
 
     def pattern(self, op, x):
         variance = mean(op, square(op, op.Sub(x, mean(op, x, "center_v"))), "variance")
@@ -118,7 +124,10 @@ class FoldedLayerNormRule(LayerNormRule):
         after = 1.0 if match.scale is None else match.scale
         scale = match.scale if gamma is None else gamma * after
         bias = beta * after + (0.0 if match.bias is None else match.bias)
-        return replace(match, scale=scale, bias=bias)
+        dims = match.dims or match.layout.static_dims(scale, bias)
+        if dims is None:
+            raise NotFused("the folded scale and offset do not share one shape over the normalized dims")
+        return replace(match, scale=scale, bias=bias, dims=dims)
 
 
 class RMSNormRule(_NormRule):
@@ -128,7 +137,7 @@ class RMSNormRule(_NormRule):
         return divided(op, x, root(op, mean(op, square(op, x), "variance")), self.division)
 
     def check(self, context, x, variance, **bound):  # type: ignore[override]  # bindings by name, as in LayerNormRule
-        before = x.producer()
+        before = producer(uncast(x))
         if before is not None and before.op_type == "Sub" and reduces(before.inputs[1], before.inputs[0]):
             return MatchResult().fail("a LayerNorm's tail")
         spread = mean_of(variance)
@@ -143,10 +152,21 @@ class RMSNormRule(_NormRule):
         return mean_of(bindings["variance"]).axes
 
 
+class LiftedRMSNormRule(RMSNormRule):
+    """RMSNorm of an fp16 x Cast up twice, once for the variance and once for the numerator
+    (TorchScript's T5 RMSNorm in fp16: x.to(float32).pow(2).mean(), then x * rsqrt(.) promotes
+    x again): x binds to the fp16 tensor both Casts read."""
+
+    def pattern(self, op, x):
+        numerator = op.Cast(x, _allow_other_attributes=True)
+        return divided(op, numerator, root(op, mean(op, square(op, x), "variance")), self.division)
+
+
 # Which rules may match at a node, by how it divides: most nodes are no division by a root, and
 # asking every rule at every node cost fusion a 96-layer encoder's time again.
-_RULES_AT = {division: [LayerNormRule(division), MomentsLayerNormRule(division), RMSNormRule(division)]
-             for division in DIVISIONS} | {folded: [FoldedLayerNormRule(folded)] for folded in _FOLDED}
+_RULES_AT = {division: [LayerNormRule(division), MomentsLayerNormRule(division), RMSNormRule(division),
+                        LiftedRMSNormRule(division)] for division in DIVISIONS}
+_RULES_AT |= {folded: [FoldedLayerNormRule(folded)] for folded in _FOLDED}
 _ROOTS = ("Sqrt", "Add")
 
 
@@ -168,8 +188,8 @@ def _op(value: ir.Value | None) -> str:
 
 
 def _inverts_a_root(value: ir.Value | None) -> bool:
-    """Reciprocal(root) or Div(1, root), maybe times 1.0, as far as the ops say."""
-    node = producer(value)
+    """Reciprocal(root) or Div(1, root), maybe times 1.0, maybe Cast, as far as the ops say."""
+    node = producer(uncast(value))
     if node is not None and node.op_type == "Mul" and len(node.inputs) == 2:
         node = next((producer(v) for v in node.inputs if _op(v) in ("Reciprocal", "Div")), None)
     if node is None or node.op_type not in ("Reciprocal", "Div") or _op(node.inputs[-1]) not in _ROOTS:
@@ -214,7 +234,7 @@ def _try(rule: _NormRule, graph: ir.Graph, node: ir.Node, names: NodeNames) -> t
     try:
         layout = layout_of(source, rule.axes(bound))
         norm = complete_match(rule.kind, source, layout, nodes, node.outputs[0], epsilon(bound, bound["variance"]),
-                              names)
+                              names, rule.takes_fed)
         return rule.completed(norm, bound), nodes
     except NotFused as error:
         error.node = error.node or names.in_graph_order(nodes)[0]
@@ -240,6 +260,7 @@ def _uncentered(graph: ir.Graph, claimed: set[ir.Node], names: NodeNames) -> lis
 
 def _averaged_square(centered: ir.Node) -> bool:
     d = centered.outputs[0]
-    squares = [use.node for use in d.uses() if use.node.op_type in ("Pow", "Mul")]
+    lifts = [d] + [use.node.outputs[0] for use in d.uses() if use.node.op_type == "Cast"]
+    squares = [use.node for value in lifts for use in value.uses() if use.node.op_type in ("Pow", "Mul")]
     means = ("ReduceMean", "ReduceSum")
     return any(use.node.op_type in means for square in squares for use in square.outputs[0].uses())

@@ -36,18 +36,32 @@ def _per_count(op, value):
     return OrValue([op.Div(value, ANY_VALUE), op.Mul(value, ANY_VALUE), op.Mul(ANY_VALUE, value)])
 
 
+def lifted(op, value):
+    """`value`, or `value` Cast: a mixed-precision norm lifts an fp16 tensor into fp32 for the
+    part it computes there (`norms.complete_match` checks where each Cast goes)."""
+    return OrValue([value, op.Cast(value, _allow_other_attributes=True)])
+
+
 def mean(op, x, name: str):
     """x averaged over some axes, the reduced dims kept, bound to `name` (read by `mean_of`): a
-    reduction, the dims it dropped restored, divided by N (a sum), the dims restored after."""
-    reduced = OrValue([op.ReduceMean(x, **_OPEN), op.ReduceSum(x, **_OPEN)])
+    reduction (of x, or of x Cast up), the dims it dropped restored, divided by N (a sum), the
+    dims restored after, maybe Cast back."""
+    # x Cast up spelled per reduction: an OrValue over x itself would not match an x from outside
+    # an If/Loop body (onnxscript matches only Vars across graphs)
+    reduced = OrValue([reduction(source, **_OPEN) for source in (x, op.Cast(x, _allow_other_attributes=True))
+                       for reduction in (op.ReduceMean, op.ReduceSum)])
     kept = OrValue([reduced, _restore(op, reduced), _restore(op, _restore(op, reduced))])
     # scaled twice: dynamo's unbiased variance, a mean times N / (N-1), refused with the reason
     scaled = OrValue([kept, _per_count(op, kept), _per_count(op, _per_count(op, kept))])
-    return OrValue([scaled, _restore(op, scaled), _restore(op, _restore(op, scaled))], name=name)
+    restored = OrValue([scaled, _restore(op, scaled), _restore(op, _restore(op, scaled))])
+    return OrValue([restored, op.Cast(restored, _allow_other_attributes=True)], name=name)
 
 
 def square(op, t):
-    return OrValue([op.Pow(t, Var("two")), op.Mul(t, t)], tag_var="square_by")
+    """t^2, maybe of t Cast up (a mixed-precision norm squares in fp32); tagged 0 for a Pow."""
+    up = op.Cast(t, _allow_other_attributes=True)
+    return OrValue([op.Pow(t, Var("two")), op.Mul(t, t), op.Pow(up, Var("two")), op.Mul(up, up)],
+                   tag_var="square_by", tag_values=[0, 1, 0, 1])
 
 
 def squared_mean(op, m):
@@ -74,9 +88,11 @@ def root(op, variance):
 
 
 def inverse(op, value):
-    """1 / value, written by exporters as Reciprocal (times 1.0, TorchScript) or Div(1, .)."""
+    """1 / value, written by exporters as Reciprocal (times 1.0, TorchScript) or Div(1, .), maybe
+    Cast back down (TorchScript's fp16 T5 RMSNorm: x * rsqrt(fp32 variance))."""
     one = OrValue([op.Reciprocal(value), op.Div(Var("one"), value)])
-    return OrValue([one, op.Mul(one, Var("one_more")), op.Mul(Var("one_more"), one)])
+    scaled = OrValue([one, op.Mul(one, Var("one_more")), op.Mul(Var("one_more"), one)])
+    return OrValue([scaled, op.Cast(scaled, _allow_other_attributes=True)])
 
 
 def either(op_type: str, op, a, b):
@@ -141,7 +157,7 @@ def mean_of(output: ir.Value) -> Mean:
 
 
 _SHAPE_OPS = ("Reshape", "Unsqueeze", "Expand")
-_CHAIN_OPS = ("ReduceMean", "ReduceSum", *_SHAPE_OPS, "Div", "Mul")
+_CHAIN_OPS = ("ReduceMean", "ReduceSum", *_SHAPE_OPS, "Div", "Mul", "Cast")
 _UNBIASED = "(unbiased N-1 variance is not LayerNorm)"
 
 
@@ -162,7 +178,7 @@ def _reduction(value: ir.Value | None) -> tuple[ir.Node, ir.Value, list[ir.Node]
 
 def _chained(step: ir.Node) -> ir.Value | None:
     """The input of a step after a reduction that carries the reduced values (not N, not a shape)."""
-    if step.op_type in _SHAPE_OPS:
+    if step.op_type in (*_SHAPE_OPS, "Cast"):
         return step.inputs[0]
     first, second = step.inputs[:2]
     before = producer(first)
@@ -177,7 +193,9 @@ def _chain_problem(reduce: ir.Node, steps: list[ir.Node], source: ir.Value,
     divide = reduce.op_type == "ReduceSum"
     current = reduce.outputs[0]
     for step in steps:
-        if step.op_type in _SHAPE_OPS:
+        if step.op_type == "Cast":
+            pass  # a mean Cast back: where it goes is the match's to check
+        elif step.op_type in _SHAPE_OPS:
             restore = _restored(source, step.outputs[0], axes)
             if restore is None:
                 break
@@ -201,7 +219,13 @@ def _chain_problem(reduce: ir.Node, steps: list[ir.Node], source: ir.Value,
 def reduces(value: ir.Value | None, source: ir.Value | None) -> bool:
     """Whether `value` is computed by a reduction of `source` through the steps a mean takes."""
     found = _reduction(value)
-    return found is not None and found[1] is source
+    return found is not None and source is not None and source in (found[1], uncast(found[1]))
+
+
+def uncast(value: ir.Value | None) -> ir.Value | None:
+    """What a Cast turned into `value`; `value` itself when no Cast computes it."""
+    node = producer(value)
+    return node.inputs[0] if node is not None and node.op_type == "Cast" else value
 
 
 def reduce_axes(node: ir.Node) -> tuple[int, ...] | None:

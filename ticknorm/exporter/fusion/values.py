@@ -55,18 +55,25 @@ def scalar(value: ir.Value | None, beside: ir.Value) -> float | None:
     return float(array.reshape(-1)[0])
 
 
-def dims(value: ir.Value | None) -> tuple[int | str | None, ...] | None:
+def dims(value: ir.Value | None, deep: bool = False) -> tuple[int | str | None, ...] | None:
     """Sizes as ints, symbolic names as str, unknown as None; None when the rank is unknown (or
     there is no value). What shape inference says first: it refines what the file declares
-    (dynamo's unknown dims)."""
+    (dynamo's unknown dims). `deep`: where that leaves a dim unknown, ask ONNX Runtime's symbolic
+    shape inference (`typed.SymbolicTypes`: slow, so only for the dims a fused node needs)."""
     if value is None:
         return None
-    tensor_type = _inferred(value)
-    if tensor_type is not None and tensor_type.HasField("shape"):
-        return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tensor_type.shape.dim)
-    if value.shape is not None:
-        return tuple(d if isinstance(d, int) else d.value for d in value.shape)
-    return None
+    found = _dims(_inferred(value))
+    if found is None and value.shape is not None:
+        found = tuple(d if isinstance(d, int) else d.value for d in value.shape)
+    if deep and (found is None or None in found):
+        return _dims(_inferred(value, "symbolic")) or found
+    return found
+
+
+def _dims(tensor_type) -> tuple[int | str | None, ...] | None:
+    if tensor_type is None or not tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tensor_type.shape.dim)
 
 
 def rank(value: ir.Value | None) -> int | None:
@@ -74,7 +81,9 @@ def rank(value: ir.Value | None) -> int | None:
     return None if sizes is None else len(sizes)
 
 
-def elem_type(value: ir.Value | None) -> int | None:
+def elem_type(value: ir.Value | None, deep: bool = False) -> int | None:
+    """The element type; `deep`: from ONNX Runtime's symbolic shape inference where nothing else
+    says (as in `dims`)."""
     if value is None:
         return None
     tensor_type = _inferred(value)
@@ -83,13 +92,18 @@ def elem_type(value: ir.Value | None) -> int | None:
     if value.dtype is not None:
         return int(value.dtype)
     array = constant(value)
-    return None if array is None else int(ir.DataType.from_numpy(array.dtype))
+    if array is not None:
+        return int(ir.DataType.from_numpy(array.dtype))
+    tensor_type = _inferred(value, "symbolic") if deep else None
+    return tensor_type.elem_type or None if tensor_type is not None else None
 
 
-def _inferred(value: ir.Value):
-    """What ONNX shape inference said of `value` (`typed.typed_ir`), a TypeProto's tensor_type."""
+def _inferred(value: ir.Value, by: str = "inferred"):
+    """What shape inference said of `value` (`typed.typed_ir`), a TypeProto's tensor_type: ONNX's,
+    or ONNX Runtime's symbolic one."""
     graph = value.graph
-    found = None if graph is None else graph.meta.get("inferred", {}).get(value.name)
+    types = None if graph is None else graph.meta.get(by)
+    found = None if types is None else types.get(value.name)
     return found.tensor_type if found is not None and found.HasField("tensor_type") else None
 
 

@@ -14,6 +14,10 @@ attribute cannot hold gives NaN on a zero row, where the original gives the bias
 norms' outputs must match there too, NaN and Inf in the same places; only where the original
 overflows (an fp16 square at 1e4) may the fused op be finite instead. A mismatch fails the
 check with the row it failed on.
+
+Where ONNX Runtime has no kernel for a node of the original (a Pow with an int8 exponent) and
+fusion took that node away, the original runs in onnx's reference evaluator instead: slower, but
+the reference it is meant to be. The fused graph always runs in ONNX Runtime.
 """
 
 from dataclasses import dataclass, replace
@@ -21,9 +25,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
 
-from ticknorm.base.graph import coarsest_float, typed
+from ticknorm.base.errors import OnnxFileError, RuntimeFailure, first_line
+from ticknorm.base.graph import coarsest_float, inferred_types, typed
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
+from ticknorm.base.scopes import exposed
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 
 
@@ -31,18 +38,22 @@ from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
 class Verification:
     checks: dict[str, ArrayComparison]  # by tensor, fused vs original
     outputs: list[dict[str, np.ndarray]]  # the fused graph's outputs on `feeds`, then on each of `also`
+    reference: str = "ONNX Runtime"  # what ran the original
+
+
+REFERENCE_EVALUATOR = "onnx's reference evaluator (ONNX Runtime has no kernel for a node of the original)"
 
 
 def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dict[str, int],
-                 feeds: dict[str, np.ndarray], weights_dir=None, also=(), sources=None) -> Verification:
+                 feeds: dict[str, np.ndarray], weights_dir=None, also=(), sources=None,
+                 inner: dict[str, str] | None = None) -> Verification:
     """`tensors` maps each tensor to check (outputs of fused nodes) to its element type, `sources`
     each of them to the fused node's input (edge rows are fed there; none without). The two
     sessions run one after the other, so only one holds the weights at a time; the fused one also
-    runs each feed dict of `also` (an export's other checks) while it is open."""
+    runs each feed dict of `also` (an export's other checks) while it is open. `inner`: the same
+    for norms fused inside If/Loop bodies, which only edge rows check here (`_body_edge_checks`)."""
     sources = sources or {}
-    with OrtRunner(original, optimization="disabled", mapped=MappedWeights.staged(weights_dir),
-                   extra_outputs=list(dict.fromkeys([*tensors, *sources.values()]))) as runner:
-        expected = runner.infer(feeds).outputs
+    (expected,), reference_by = _original_runs(original, [feeds], [*tensors, *sources.values()], weights_dir)
     with OrtRunner(fused, mapped=MappedWeights.staged(weights_dir), extra_outputs=list(tensors)) as runner:
         actual = runner.infer(feeds).outputs
         outputs = [actual] + [runner.infer(more).outputs for more in also]
@@ -60,8 +71,34 @@ def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dic
             check = _edge_check(name, reference[name], result[name], tolerances[name])
             if checks[name].passed and not check.passed:
                 checks[name] = replace(check, reason=f"changes the numbers on {row}: {check.reason}")
+    if inner:
+        checks.update(_body_edge_checks(original, fused, inner, weights_dir))
     graph_outputs = [o.name for o in fused.graph.output]
-    return Verification(checks, [{name: run[name] for name in graph_outputs} for run in outputs])
+    return Verification(checks, [{name: run[name] for name in graph_outputs} for run in outputs], reference_by)
+
+
+def _original_runs(model: onnx.ModelProto, feed_sets: list[dict[str, np.ndarray]], extra: list[str],
+                   weights_dir) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The original's outputs and `extra` tensors on each feed dict, and what computed them: ONNX
+    Runtime with its optimizations off, or, where it has no kernel for a node (and the weights
+    are in the model), onnx's reference evaluator."""
+    extra = list(dict.fromkeys(extra))
+    try:
+        with OrtRunner(model, optimization="disabled", mapped=MappedWeights.staged(weights_dir),
+                       extra_outputs=extra) as runner:
+            return [runner.infer(feeds).outputs for feeds in feed_sets], "ONNX Runtime"
+    except OnnxFileError as exc:
+        if "NOT_IMPLEMENTED" not in str(exc) or weights_dir is not None:
+            raise
+    names = list(dict.fromkeys([*(o.name for o in model.graph.output), *extra]))
+    with exposed(model, [name for name in names if name not in {o.name for o in model.graph.output}]):
+        evaluator = ReferenceEvaluator(model)
+    try:
+        runs = [dict(zip(names, evaluator.run(names, feeds))) for feeds in feed_sets]
+    except Exception as exc:  # noqa: BLE001 - the evaluator raises whatever its kernels do
+        raise RuntimeFailure(f"neither ONNX Runtime nor onnx's reference evaluator runs the original: "
+                             f"{first_line(exc)}") from exc
+    return runs, REFERENCE_EVALUATOR
 
 
 def _edge_runs(models, sources: dict[str, str], edges: dict[str, dict[str, np.ndarray]], weights_dir, types):
@@ -69,16 +106,75 @@ def _edge_runs(models, sources: dict[str, str], edges: dict[str, dict[str, np.nd
     fused nodes' inputs and outputs (onnx's Extractor), so the rows reach the norms themselves; the
     graph inputs stay inputs, for what the cut still reads of them (shapes, a mask).
     `types`: each input's and output's element type, for those shape inference left untyped."""
-    runs: list[list[dict[str, np.ndarray]]] = []
-    for model, optimization in zip(models, ("disabled", "all") if edges else ()):
+    if not edges:
+        return []
+    cuts = []
+    for model in models:
         extractor = onnx.utils.Extractor(model)
         for name, elem in types.items():
             extractor.value_infos.setdefault(name, onnx.helper.make_tensor_value_info(name, elem, None))
-        cut = extractor.extract_model(list(dict.fromkeys([*sources.values(), *next(iter(edges.values()))])),
-                                      list(sources))
-        with OrtRunner(cut, optimization=optimization, mapped=MappedWeights.staged(weights_dir)) as runner:
-            runs.append([runner.infer(edge).outputs for edge in edges.values()])
-    return list(zip(*runs))
+        cuts.append(extractor.extract_model(list(dict.fromkeys([*sources.values(), *next(iter(edges.values()))])),
+                                            list(sources)))
+    reference, _ = _original_runs(cuts[0], list(edges.values()), [], weights_dir)
+    with OrtRunner(cuts[1], mapped=MappedWeights.staged(weights_dir)) as runner:
+        return list(zip(reference, [runner.infer(edge).outputs for edge in edges.values()]))
+
+
+def _body_edge_checks(original: onnx.ModelProto, fused: onnx.ModelProto, inner: dict[str, str],
+                      weights_dir) -> dict[str, ArrayComparison]:
+    """Edge rows for norms fused inside If/Loop bodies, whose tensors no session can return: each
+    body, in both graphs, cut down to the norm (`_body_cut`) and fed edge rows made from a seeded
+    tensor of the input's static dims (a norm whose input dims are not static is checked through
+    the graph's outputs only). The first failing row of each norm, by its output."""
+    types = inferred_types(original)
+    failed: dict[str, ArrayComparison] = {}
+    for output, source in inner.items():
+        cuts = [_body_cut(model, source, output, types) for model in (original, fused)]
+        tensor_type = types[source].tensor_type if source in types else onnx.TypeProto.Tensor()
+        sizes = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor_type.shape.dim]
+        if cuts[0] is None or cuts[1] is None or not sizes or 0 in sizes or not tensor_type.elem_type:
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        seeded = np.random.default_rng(0).standard_normal(sizes).astype(dtype)
+        edges = edge_feeds({source: seeded})
+        reference, _ = _original_runs(cuts[0], list(edges.values()), [], weights_dir)
+        with OrtRunner(cuts[1], mapped=MappedWeights.staged(weights_dir)) as runner:
+            results = [runner.infer(edge).outputs for edge in edges.values()]
+        for row, expected, actual in zip(edges, reference, results):
+            check = _edge_check(output, expected[output], actual[output], dtype_tolerance(dtype))
+            if not check.passed:
+                failed[output] = replace(check, reason=f"changes the numbers on {row}: {check.reason}")
+                break
+    return failed
+
+
+def _body_cut(model: onnx.ModelProto, source: str, output: str, types) -> onnx.ModelProto | None:
+    """The nodes between `source` and `output` of the If/Loop body that computes `output`, as a
+    model of their own, with the initializers they read from any graph; None where none does or
+    the cut fails (a value from an enclosing body's node)."""
+    body = next((graph for graph in _bodies(model.graph) if any(output in n.output for n in graph.node)), None)
+    if body is None:
+        return None
+    read = {name for node in body.node for name in node.input}
+    weights = [t for graph in [model.graph, *_bodies(model.graph)] for t in graph.initializer if t.name in read]
+    infos = [onnx.helper.make_tensor_value_info(name, types[name].tensor_type.elem_type, None)
+             for name in (source, output) if name in types]
+    graph = onnx.helper.make_graph(body.node, "body", infos[:1], infos[1:], weights)
+    whole = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    try:
+        return onnx.utils.Extractor(whole).extract_model([source], [output])
+    except Exception:  # noqa: BLE001 - onnx raises bare errors; the norm is checked through the outputs
+        return None
+
+
+def _bodies(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """Every If/Loop/Scan body under `graph`, at any depth."""
+    found = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+                found += [body, *_bodies(body)]
+    return found
 
 
 def edge_feeds(feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
