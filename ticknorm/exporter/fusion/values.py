@@ -61,6 +61,15 @@ def dims(value: ir.Value | None) -> tuple[int | str | None, ...] | None:
     (dynamo's unknown dims)."""
     if value is None:
         return None
+    if _DIMS not in value.meta:
+        value.meta[_DIMS] = _read_dims(value)
+    return value.meta[_DIMS]
+
+
+_DIMS = "ticknorm.fusion.dims"
+
+
+def _read_dims(value: ir.Value) -> tuple[int | str | None, ...] | None:
     tensor_type = _inferred(value)
     if tensor_type is not None and tensor_type.HasField("shape"):
         return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tensor_type.shape.dim)
