@@ -78,15 +78,15 @@ def _graph(out: onnx.GraphProto, read_model: ReadModel) -> None:
             held.name = name
             tensor = ir.serde.serialize_tensor(held)
         out.initializer.append(tensor)
-    names = set(graph.initializers)
     node_protos = []
     for node in graph:
         node_proto = read_model.node_protos.get(node)
         node_protos.append(node_proto if node_proto is not None and _as_read(node, node_proto)
                            else ir.serde.serialize_node(node))
-        names.update(value.name for value in node.outputs if value.name)
     out.node.extend(node_protos)
-    out.value_info.extend(info for info in source.value_info if info.name in names)
+    if source.value_info:  # those of values still in the graph
+        names = {*graph.initializers, *(value.name for node in graph for value in node.outputs)}
+        out.value_info.extend(info for info in source.value_info if info.name in names)
 
 
 def _values(values: Sequence[ir.Value], read: Sequence[onnx.ValueInfoProto]) -> list[onnx.ValueInfoProto]:

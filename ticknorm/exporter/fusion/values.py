@@ -62,12 +62,18 @@ def dims(value: ir.Value | None, deep: bool = False) -> tuple[int | str | None, 
     shape inference (`typed.SymbolicTypes`: slow, so only for the dims a fused node needs)."""
     if value is None:
         return None
-    found = _dims(_inferred(value))
-    if found is None and value.shape is not None:
-        found = tuple(d if isinstance(d, int) else d.value for d in value.shape)
+    if _DIMS not in value.meta:  # read once: the rules ask of the same values again and again
+        found = _dims(_inferred(value))
+        if found is None and value.shape is not None:
+            found = tuple(d if isinstance(d, int) else d.value for d in value.shape)
+        value.meta[_DIMS] = found
+    found = value.meta[_DIMS]
     if deep and (found is None or None in found):
         return _dims(_inferred(value, "symbolic")) or found
     return found
+
+
+_DIMS = "ticknorm.fusion.dims"
 
 
 def _dims(tensor_type) -> tuple[int | str | None, ...] | None:
