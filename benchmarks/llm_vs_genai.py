@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,22 +117,33 @@ def histogram(path: Path) -> str:
     return f"{len(nodes)} nodes (" + ", ".join(f"{count} {op}" for op, count in sorted(fused.items())) + ")"
 
 
-def max_error(model, runner: ort.InferenceSession, prefill: int) -> float:
-    """Worst |logits - PyTorch's| over a prefill of `prefill` tokens and the decode step after it,
-    the file fed its own cache and PyTorch its own."""
-    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (1, prefill))
-    names = [o.name for o in runner.get_outputs()]
-    empty = step_feeds(model.config, ids, past_length=0)
-    outputs = dict(zip(names, runner.run(None, empty)))
-    with torch.no_grad():
-        expected = model(input_ids=torch.from_numpy(ids), use_cache=True)
-    worst = float(np.abs(outputs["logits"] - expected.logits.numpy()).max())
-    token = expected.logits[:, -1:].argmax(-1)
-    past = {n.replace("present", "past_key_values", 1): v for n, v in outputs.items() if n.startswith("present.")}
-    decoded = runner.run(["logits"], step_feeds(model.config, token.numpy(), past))[0]
-    with torch.no_grad():
-        step = model(input_ids=token, cache=expected.cache, use_cache=True).logits
-    return max(worst, float(np.abs(decoded - step.numpy()).max()))
+@dataclass
+class Reference:
+    """PyTorch's logits on a prefill and on the greedy decode step after it, taken before the
+    exports so that the model is freed while they run (at 8B width it is 6 GB)."""
+
+    config: transformers.LlamaConfig
+    ids: np.ndarray
+    prefill: np.ndarray
+    token: np.ndarray
+    step: np.ndarray
+
+    @classmethod
+    def of(cls, model, prefill: int) -> "Reference":
+        ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (1, prefill))
+        with torch.no_grad():
+            first = model(input_ids=torch.from_numpy(ids), use_cache=True)
+            token = first.logits[:, -1:].argmax(-1)
+            step = model(input_ids=token, cache=first.cache, use_cache=True).logits
+        return cls(model.config, ids, first.logits.numpy(), token.numpy(), step.numpy())
+
+    def max_error(self, runner: ort.InferenceSession) -> float:
+        """Worst |logits - PyTorch's| over the prefill and the decode step, the file fed its own cache."""
+        names = [o.name for o in runner.get_outputs()]
+        outputs = dict(zip(names, runner.run(None, step_feeds(self.config, self.ids, past_length=0))))
+        past = {n.replace("present", "past_key_values", 1): v for n, v in outputs.items() if n.startswith("present.")}
+        decoded = runner.run(["logits"], step_feeds(self.config, self.token, past))[0]
+        return max(float(np.abs(outputs["logits"] - self.prefill).max()), float(np.abs(decoded - self.step).max()))
 
 
 def time_alternately(runners: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray],
@@ -150,11 +162,11 @@ def time_alternately(runners: dict[str, ort.InferenceSession], feeds: dict[str, 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def report(model, files: dict[str, Path], args) -> None:
+def report(reference: Reference, files: dict[str, Path], args) -> None:
     runners = {name: session(path) for name, path in files.items()}
     for name, path in files.items():
-        print(f"{name}: {histogram(path)}; max |logits - PyTorch| {max_error(model, runners[name], args.prefill):.2e}")
-    config = model.config
+        print(f"{name}: {histogram(path)}; max |logits - PyTorch| {reference.max_error(runners[name]):.2e}")
+    config = reference.config
     cases = [(f"decode step, past {past}", step_feeds(config, np.ones((1, 1), np.int64), past_length=past))
              for past in args.pasts]
     prefill = np.random.default_rng(2).integers(0, config.vocab_size, (1, args.prefill))
@@ -179,12 +191,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         root = args.workdir or Path(temporary)
         model = build_folder(root / "llama", args.width)
-        print(f"Llama {args.width}: {WIDTHS[args.width]}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"Llama {args.width}: {WIDTHS[args.width]}, {params:.1f}M params")
+        reference = Reference.of(model, args.prefill)
+        del model
         files = {"ticknorm": export_ticknorm(root / "llama", root / "ticknorm" / "model.onnx")}
         built = export_builder(root / "llama", root / "builder")
         if built is not None:
             files["builder"] = built
-        report(model, files, args)
+        report(reference, files, args)
 
 
 if __name__ == "__main__":
