@@ -6,7 +6,7 @@ and fused ops, and each file's max error against PyTorch's logits (a prefill, th
 fed by the file's own cache). Issue 31's table; this measures the gap, it closes nothing.
 
     python benchmarks/llm_vs_genai.py                      # hidden 512, 4 layers (issue 31's model)
-    python benchmarks/llm_vs_genai.py --width 8b           # Llama-3-8B width, 2 layers (~6 GB of fp32 each)
+    python benchmarks/llm_vs_genai.py --width 8b           # Llama-3-8B width, 2 layers: 3 x 5.6 GB on disk, ~4 min
     python benchmarks/llm_vs_genai.py --width tiny --pasts 16 64 --prefill 8 --rounds 3   # a smoke run
 
 The builder needs a tokenizer in the folder: a word-level one over the vocabulary is written beside
