@@ -24,11 +24,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
 from ticknorm.base.errors import OnnxFileError, RuntimeFailure, first_line
-from ticknorm.base.graph import coarsest_float, inferred_types, typed
+from ticknorm.base.graph import coarsest_floats, inferred_types, typed
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
 from ticknorm.base.scopes import exposed
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
@@ -57,10 +56,10 @@ def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dic
     with OrtRunner(fused, mapped=MappedWeights.staged(weights_dir), extra_outputs=list(tensors)) as runner:
         actual = runner.infer(feeds).outputs
         outputs = [actual] + [runner.infer(more).outputs for more in also]
-    values = ir.convenience.create_value_mapping(typed(original).graph, include_subgraphs=False)
+    floats = {value.name: found for value, found in coarsest_floats(typed(original).graph).items()}
     tolerances = {}
     for name in actual:
-        coarsest = (coarsest_float(values[name]) if name in values else None) or tensors.get(name)
+        coarsest = floats.get(name) or tensors.get(name)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(coarsest) if coarsest else expected[name].dtype
         tolerances[name] = dtype_tolerance(dtype)
     checks = {name: compare_arrays(name, expected[name], found, *tolerances[name]) for name, found in actual.items()}
