@@ -6,7 +6,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ticknorm.exporter.fusion import fuse_norms
-from ticknorm.exporter.fusion.verify import edge_feeds, verify_fused
+from ticknorm.exporter.fusion.verify import Checked, edge_feeds, verify_fused
 
 SHAPE = [2, 3, 8]
 
@@ -71,7 +71,7 @@ def test_edge_rows_catch_a_fused_op_that_differs_only_there():
     fused.CopyFrom(original)
     del fused.graph.node[:]
     fused.graph.node.append(helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], epsilon=0.0))
-    checks = verify_fused(original, fused, {"y": TensorProto.FLOAT}, _feeds(), sources={"y": "x"}).checks
+    checks = verify_fused(original, fused, Checked({"y": TensorProto.FLOAT}, sources={"y": "x"}), _feeds()).checks
     assert not checks["y"].passed and checks["y"].reason.startswith("changes the numbers on an all-zero row")
 
 
@@ -102,6 +102,6 @@ def test_edge_rows_reach_a_norm_fed_by_token_ids():
     del fused.graph.node[1:]
     fused.graph.node.append(helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], epsilon=0.0))
     feeds = {"ids": np.arange(6).reshape(SHAPE[:-1])}
-    checks = verify_fused(original, fused, {"y": TensorProto.FLOAT}, feeds, sources={"y": "x"}).checks
+    checks = verify_fused(original, fused, Checked({"y": TensorProto.FLOAT}, sources={"y": "x"}), feeds).checks
     assert not checks["y"].passed and checks["y"].reason.startswith("changes the numbers on an all-zero row")
     assert fuse_norms(_fed_ids(_layer_norm()), feeds=feeds).report.verified

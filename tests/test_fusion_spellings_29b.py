@@ -16,7 +16,7 @@ from test_fusion_spellings import (BIAS, CONSTANTS, SCALE, _const, _divide, _x, 
 from ticknorm.base.errors import OnnxFileError
 from ticknorm.exporter.fusion import find_norms, fuse_norms, typed_ir
 from ticknorm.exporter.fusion.norms import NormMatch
-from ticknorm.exporter.fusion.verify import verify_fused
+from ticknorm.exporter.fusion.verify import Checked, verify_fused
 
 SCALE16, BIAS16 = (np.random.default_rng(5).standard_normal(8).astype(np.float16) for _ in range(2))
 
@@ -235,7 +235,7 @@ def test_a_norm_fused_inside_a_loop_body_is_checked_on_edge_rows():
     result = fuse_norms(original, feeds={"x": _x()})
     assert result.report.verified and [r.input for r in result.report.records] == ["x"]
     broken = _in_a_loop([node("LayerNormalization", ["x", "scale", "bias"], "ln_out", epsilon=0.0)])
-    checks = verify_fused(original, broken, {}, {"x": _x()}, inner={"ln_out": "x"}).checks
+    checks = verify_fused(original, broken, Checked({}, inner={"ln_out": "x"}), {"x": _x()}).checks
     assert checks["ln_out"].reason.startswith("changes the numbers on an all-zero row")
 
 

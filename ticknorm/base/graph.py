@@ -4,6 +4,7 @@ rounded to on its way (`coarsest_float`); and on protobuf, the subgraphs of If/L
 which the scope map walks."""
 
 import itertools
+from collections.abc import Callable
 
 import onnx
 import onnx_ir as ir
@@ -193,17 +194,24 @@ def coarsest_float(value: ir.Value) -> int | None:
     return _own_float(value) if graph is None else coarsest_floats(graph).get(value, _own_float(value))
 
 
-def coarsest_floats(graph: ir.Graph) -> dict[ir.Value, int | None]:
+def coarsest_floats(graph: ir.Graph, type_of: Callable[[ir.Value], int | None] | None = None,
+                    ) -> dict[ir.Value, int | None]:
     """`coarsest_float` of every value of `graph`, in one pass in graph order (each node's
     outputs from its inputs'), not a walk up the graph per value: a check of every fused norm of a
-    96-layer encoder asks for 200 values."""
-    found: dict[ir.Value, int | None] = {value: _own_float(value) for value in [*graph.inputs,
-                                                                               *graph.initializers.values()]}
+    96-layer encoder asks for 200 values. `type_of`: each value's element type where the values
+    themselves are not typed (fusion keeps what inference says beside them)."""
+    def own(value: ir.Value) -> int | None:
+        found = type_of(value) if type_of is not None else _own_float(value)
+        return found if found in FLOAT_PRECISION else None
+
+    floats: dict[ir.Value, int | None] = {value: own(value) for value in [*graph.inputs,
+                                                                          *graph.initializers.values()]}
     for node in graph:
-        upstream = _coarser(*(found.get(value, _own_float(value)) for value in node.inputs if value is not None))
+        upstream = _coarser(*(floats[value] if value in floats else own(value)
+                              for value in node.inputs if value is not None))
         for output in node.outputs:
-            found[output] = _coarser(_own_float(output), upstream)
-    return found
+            floats[output] = _coarser(own(output), upstream)
+    return floats
 
 
 def _own_float(value: ir.Value) -> int | None:

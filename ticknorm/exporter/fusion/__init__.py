@@ -11,16 +11,17 @@ from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedOpsetsP
 
 from ticknorm.base.errors import AccuracyError, FusionError, InputSpecError, RuntimeFailure, first_line
 from ticknorm.base.functions import called_functions, inline_functions
-from ticknorm.base.graph import FreshNames, default_opset, nested_graphs
+from ticknorm.base.graph import FreshNames, coarsest_floats, default_opset, nested_graphs
 from ticknorm.base.graph_feeds import feed_sets_for_graph, guessed_inputs
 from ticknorm.base.scopes import annotate_scopes, get_scope, set_scope
+from ticknorm.base.write_back import written_back
 from ticknorm.exporter.fusion.norms import Finding, NormMatch
 from ticknorm.exporter.fusion.report import ORIGINAL_RUN_IN, FusionReport, NormRecord
 from ticknorm.exporter.fusion.rewrite import FUSED_OPS, RMS_TARGETS, NormTargets, reusable_params, rewrite_matches
 from ticknorm.exporter.fusion.rules import find_norms
-from ticknorm.base.write_back import written_back
 from ticknorm.exporter.fusion.typed import typed_ir, typed_read
-from ticknorm.exporter.fusion.verify import verify_fused
+from ticknorm.exporter.fusion.values import elem_type
+from ticknorm.exporter.fusion.verify import Checked, verify_fused
 
 __all__ = ["FusionResult", "FusionReport", "NormTargets", "RMS_TARGETS", "find_norms", "fuse_norms", "norms_in",
            "typed_ir"]
@@ -53,7 +54,7 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     if targets.rms not in RMS_TARGETS:
         raise FusionError(f"unknown RMSNorm target '{targets.rms}'; choose one of: {', '.join(RMS_TARGETS)}")
     model, inlined = _norms_reachable(model)
-    fused, report, matches = _fused(model, opset, targets)
+    fused, report, matches, floats = _fused(model, opset, targets, judged=verify)
     report.inlined, records = inlined, report.records
     outputs = None
     if verify and any(r.status == "fused" for r in records):
@@ -62,7 +63,7 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
             feeds, *more = feed_sets_for_graph(model)
             also = [*more, *also]
         try:
-            outputs = _verify(model, fused, matches, records, feeds, weights_dir, also)
+            outputs = _verify(model, fused, matches, records, feeds, weights_dir, also, floats)
         except RuntimeFailure as exc:
             if not derived:
                 raise
@@ -89,12 +90,16 @@ def _collector_paused():
 
 
 @_collector_paused()
-def _fused(model: onnx.ModelProto, opset: int | None,
-           targets: NormTargets) -> tuple[onnx.ModelProto, FusionReport, list[NormMatch]]:
+def _fused(model: onnx.ModelProto, opset: int | None, targets: NormTargets,
+           judged: bool) -> tuple[onnx.ModelProto, FusionReport, list[NormMatch], dict[str, int | None] | None]:
     """The fused model (`model`, or the opset-raised one, when nothing was fused), its report
-    (opsets, every norm's record, the dead nodes removed), and the main graph's matches left to verify."""
+    (opsets, every norm's record, the dead nodes removed), the main graph's matches left to verify
+    and, when it is to be `judged`, the float type each tensor of `model` is judged at, found on
+    the graph already read (verification would otherwise read and infer the original again)."""
     working, read = model, typed_read(model)
     typed = read.model
+    floats = {value.name: found for value, found in coarsest_floats(typed.graph, elem_type).items()
+              if value.name} if judged else None
     before = default_opset(typed)
     if opset is not None and opset < before:
         raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
@@ -109,9 +114,9 @@ def _fused(model: onnx.ModelProto, opset: int | None,
     records, matches = _fuse(typed, found, target, targets, op_types)
     report = FusionReport(before, target, records)
     if not any(r.status == "fused" for r in records):
-        return working, report, matches
+        return working, report, matches, floats
     report.dead_removed, matches = _without_dead_nodes(typed, [graph for _, graph, _ in found], records, matches)
-    return written_back(read), report, matches
+    return written_back(read), report, matches, floats
 
 
 def _without_dead_nodes(model: ir.Model, graphs: list[ir.Graph], records: list[NormRecord],
@@ -253,11 +258,12 @@ def _records(found: list[Finding], target: int, targets: NormTargets) -> tuple[l
 
 
 def _verify(original, fused, matches: list[NormMatch], records: list[NormRecord], feeds, weights_dir,
-            also) -> list[dict[str, np.ndarray]]:
+            also, floats: dict[str, int | None] | None) -> list[dict[str, np.ndarray]]:
     outer = {m.output for m in matches}
     inner = {r.output: r.input for r in records if r.status == "fused" and r.output not in outer}
-    verification = verify_fused(original, fused, {m.output: m.elem_type for m in matches}, feeds, weights_dir, also,
-                                {m.output: m.input.name for m in matches}, inner)
+    sources = {m.output: m.input.name for m in matches if m.input.name}
+    checked = Checked({m.output: m.elem_type for m in matches}, sources, inner, floats)
+    verification = verify_fused(original, fused, checked, feeds, weights_dir, also)
     checks = verification.checks
     by_output = {r.output: r for r in records if r.status == "fused"}
     for name, check in checks.items():

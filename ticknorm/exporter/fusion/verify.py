@@ -20,7 +20,7 @@ fusion took that node away, the original runs in onnx's reference evaluator inst
 the reference it is meant to be. The fused graph always runs in ONNX Runtime.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -43,20 +43,34 @@ class Verification:
 REFERENCE_EVALUATOR = "onnx's reference evaluator (ONNX Runtime has no kernel for a node of the original)"
 
 
-def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, tensors: dict[str, int],
-                 feeds: dict[str, np.ndarray], weights_dir=None, also=(), sources=None,
-                 inner: dict[str, str] | None = None) -> Verification:
-    """`tensors` maps each tensor to check (outputs of fused nodes) to its element type, `sources`
-    each of them to the fused node's input (edge rows are fed there; none without). The two
-    sessions run one after the other, so only one holds the weights at a time; the fused one also
-    runs each feed dict of `also` (an export's other checks) while it is open. `inner`: the same
-    for norms fused inside If/Loop bodies, which only edge rows check here (`_body_edge_checks`)."""
-    sources = sources or {}
+@dataclass(frozen=True)
+class Checked:
+    """What a fused graph is checked on. `tensors` maps each tensor to check (outputs of fused
+    nodes) to its element type, `sources` each of them to the fused node's input (edge rows are
+    fed there; none without), `inner` the same for norms fused inside If/Loop bodies, which only
+    edge rows check here (`_body_edge_checks`). `floats`: the float type each tensor of the
+    original was rounded to on its way (`base.graph.coarsest_floats`), the type it is judged at,
+    when the caller found them already; else they are found from the original."""
+
+    tensors: dict[str, int]
+    sources: dict[str, str] = field(default_factory=dict)
+    inner: dict[str, str] = field(default_factory=dict)
+    floats: dict[str, int | None] | None = None
+
+
+def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, checked: Checked,
+                 feeds: dict[str, np.ndarray], weights_dir=None, also=()) -> Verification:
+    """The two sessions run one after the other, so only one holds the weights at a time; the
+    fused one also runs each feed dict of `also` (an export's other checks) while it is open."""
+    tensors, sources, inner = checked.tensors, checked.sources, checked.inner
     (expected,), reference_by = _original_runs(original, [feeds], [*tensors, *sources.values()], weights_dir)
     with OrtRunner(fused, mapped=MappedWeights.staged(weights_dir), extra_outputs=list(tensors)) as runner:
         actual = runner.infer(feeds).outputs
         outputs = [actual] + [runner.infer(more).outputs for more in also]
-    floats = {value.name: found for value, found in coarsest_floats(typed(original).graph).items()}
+    floats = checked.floats
+    if floats is None:
+        floats = {value.name: found for value, found in coarsest_floats(typed(original).graph).items()
+                  if value.name}
     tolerances = {}
     for name in actual:
         coarsest = floats.get(name) or tensors.get(name)
