@@ -1,0 +1,131 @@
+"""Issue 29: a file from each other exporter (made here the way it makes them, see every_exporter)
+runs every ticknorm command, each judging the file alone against its own fp32 run on ONNX Runtime
+CPU with inputs built from the graph: no --model, no --input."""
+
+import json
+import re
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import every_exporter as made
+from conftest import ort_run
+from ticknorm.base.graph_feeds import feed_sets_for_graph
+from ticknorm.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+FAST = ["--iterations", "2", "--warmup", "1"]
+
+
+def _transformers():
+    pytest.importorskip("transformers", reason="transformers is not installed (the BERT families)")
+
+
+def _spox():
+    pytest.importorskip("spox", reason="spox is not installed (`pip install spox`, in the test extra)")
+
+
+# family: (needs, build, norms inspect reports, where the first norm is, norms fuse finds)
+FAMILIES = {
+    "spox-vad": (_spox, lambda p: made.spox_model(p, vad=True), "0 fused, 2 decomposed", "(root): fusable (in", 2),
+    "spox-plain": (_spox, lambda p: made.spox_model(p, vad=False), "0 fused, 1 decomposed", "(root): fusable", 1),
+    "sentence-transformers": (_transformers, made.sentence_transformer_model, "0 fused, 5 decomposed",
+                              "bert.encoder.layer.0.attention.output.LayerNorm: fusable", 5),
+    "paddle2onnx": (lambda: None, made.paddle_model, "0 fused, 1 decomposed", "layer_norm_0: fusable", 1),
+    "tf2onnx": (lambda: None, made.tf2onnx_model, "0 fused, 2 decomposed", "encoder.layer_0.LayerNorm_0: fusable", 2),
+    "torch-bert-torchscript": (_transformers, lambda p: made.bert_model(p, dynamo=False), "5 fused, 0 decomposed",
+                               None, 0),
+    "torch-bert-dynamo": (_transformers, lambda p: made.bert_model(p, dynamo=True), "5 fused, 0 decomposed", None, 0),
+}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    needs, build, *expected = FAMILIES[request.param]
+    needs()
+    folder = tmp_path_factory.mktemp(request.param)
+    return build(folder / f"{request.param}.onnx"), *expected
+
+
+def run(*args):
+    """One CLI call that exits by its code, never by an exception (a traceback)."""
+    done = CliRunner().invoke(main, [str(a) for a in args])
+    assert done.exception is None or isinstance(done.exception, SystemExit), done.output
+    assert "Traceback" not in done.output
+    return done
+
+
+def test_inspect(family):
+    path, norms, where, _ = family
+    done = run("inspect", path)
+    assert done.exit_code == 0, done.output
+    assert f"LayerNorm/RMSNorm: {norms}" in done.output
+    assert where is None or f"decomposed LayerNorm at {where}" in done.output
+
+
+def test_fuse_fuses_every_norm_and_the_file_runs(family, tmp_path):
+    path, _, _, found = family
+    done = run("fuse", path, "-o", tmp_path / "fused.onnx")
+    assert done.exit_code == 0, done.output
+    if found:
+        assert f"LayerNorm: found {found}, fused {found}, refused 0, left 0" in done.output
+        assert "verified in ONNX Runtime" in done.output
+    else:
+        assert "no decomposed LayerNorm or RMSNorm found" in done.output
+    original = onnx.load(str(path))
+    fused = onnx.load(str(tmp_path / "fused.onnx"))
+    for feeds in feed_sets_for_graph(original):
+        for name, value in ort_run(original, feeds).items():
+            np.testing.assert_allclose(ort_run(fused, feeds)[name], value, atol=1e-5, rtol=1e-4)
+
+
+def test_convert_to_fp16_converts_most_weights(family, tmp_path):
+    path = family[0]
+    done = run("convert", path, "--precision", "fp16", "-o", tmp_path / "half.onnx")
+    assert done.exit_code == 0, done.output
+    share = re.search(r"weights in fp16: ([\d.]+)% of the float weights", done.output)
+    assert share and float(share.group(1)) >= 50, done.output
+    assert "judged by the fp16 graph itself, run by ONNX Runtime (CPU)" in done.output
+    half = onnx.load(str(tmp_path / "half.onnx"))
+    assert all(v.name in ort_run(half, feeds) for feeds in feed_sets_for_graph(half) for v in half.graph.output)
+
+
+def test_compare_per_layer(family):
+    done = run("compare", family[0], "--runtime", "ort", "--per-layer")
+    assert done.exit_code == 0, done.output
+    assert "ort vs the file in fp32 on ort (CPU, graph optimizations off)" in done.output
+    assert re.search(r"ort: every tapped (module|node) within tolerance", done.output)
+    assert done.output.rstrip().endswith("PASS")
+
+
+def test_profile(family, tmp_path):
+    done = run("profile", family[0], "--runtime", "ort", *FAST, "--json", tmp_path / "p.json")
+    assert done.exit_code == 0, done.output
+    assert "ort: end-to-end" in done.output
+    assert json.loads((tmp_path / "p.json").read_text())["rows"]
+
+
+def test_report(family, tmp_path):
+    done = run("report", family[0], "--runtime", "ort", *FAST, "-o", tmp_path / "x.html")
+    assert done.exit_code == 0, done.output
+    assert "PASS" in done.output and "vs the file in fp32 on ort" in (tmp_path / "x.html").read_text()
+
+
+def test_drift_snapshot_then_check(family, tmp_path):
+    snapped = run("drift", "snapshot", family[0], "-o", tmp_path / "bundle")
+    assert snapped.exit_code == 0, snapped.output
+    checked = run("drift", "check", tmp_path / "bundle", family[0])
+    assert checked.exit_code == 0, checked.output
+    assert re.search(r"\d+ modules checked, 0 drifted", checked.output) and checked.output.rstrip().endswith("PASS")
+
+
+def test_trtexec_command(family):
+    done = run("trtexec-command", family[0])
+    assert done.exit_code == 0, done.output
+    line = done.output.splitlines()[0]
+    assert line.startswith(f"trtexec --onnx={family[0].name} ")  # the name alone: it runs on the target host
+    dynamic = [v.name for v in onnx.load(str(family[0]), load_external_data=False).graph.input
+               if any(d.dim_param or not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)]
+    assert all(f"{name}:" in line for name in dynamic)
