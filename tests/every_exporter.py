@@ -112,13 +112,29 @@ def paddle_model(path: Path) -> Path:
 
     tensors: dict[str, str] = {"scale": "layer_norm_0.w_0", "bias": "layer_norm_0.b_0"}
     renamed = placed(layer_norm(), lambda t: tensors.setdefault(t, f"layer_norm_0.tmp_{len(tensors)}"),
-                     linear(0, "x", WIDTH), "layer_norm_0.tmp_0", lambda node, _: p2o(node.op_type))
+                     _runtime_reshape(graph, linear(0, "x", WIDTH), p2o), "layer_norm_0.tmp_0",
+                     lambda node, _: p2o(node.op_type))
     graph.add(renamed)
     graph.nodes.append(helper.make_node("Relu", ["layer_norm_0.tmp_0"], ["relu_0.tmp_0"], name=p2o("Relu")))
     graph.nodes.append(helper.make_node("Softmax", [linear(1, "relu_0.tmp_0", 6)], ["softmax_0.tmp_0"], axis=-1,
                                         name=p2o("Softmax")))
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", WIDTH])
     return graph.save(path, [x], "softmax_0.tmp_0")
+
+
+def _runtime_reshape(graph: _Graph, source: str, p2o: Callable[[str], str]) -> str:
+    """`paddle.reshape(h, [0, 0, -1])` to a shape computed at run time (Shape, Slice, Concat):
+    onnx's shape inference no longer knows the normalized dim that follows."""
+    graph.weight("reshape_0.starts", np.array([0], np.int64))
+    graph.weight("reshape_0.ends", np.array([2], np.int64))
+    graph.weight("reshape_0.rest", np.array([-1], np.int64))
+    graph.nodes += [
+        helper.make_node("Shape", [source], ["shape_0.tmp_0"], name=p2o("Shape")),
+        helper.make_node("Slice", ["shape_0.tmp_0", "reshape_0.starts", "reshape_0.ends"], ["slice_0.tmp_0"],
+                         name=p2o("Slice")),
+        helper.make_node("Concat", ["slice_0.tmp_0", "reshape_0.rest"], ["concat_0.tmp_0"], axis=0, name=p2o("Concat")),
+        helper.make_node("Reshape", [source, "concat_0.tmp_0"], ["reshape_0.tmp_0"], name=p2o("Reshape"))]
+    return "reshape_0.tmp_0"
 
 
 def tf2onnx_model(path: Path) -> Path:

@@ -4,18 +4,24 @@ CPU with inputs built from the graph: no --model, no --input."""
 
 import json
 import re
+from collections import Counter
 
 import numpy as np
 import onnx
 import pytest
+import torch  # noqa: F401 - the warnings filter names torch.jit.TracerWarning
 from click.testing import CliRunner
 
 import every_exporter as made
 from conftest import ort_run
+from ticknorm.base.graph import bodies
 from ticknorm.base.graph_feeds import feed_sets_for_graph
 from ticknorm.cli import main
+from ticknorm.exporter.fusion import fuse_norms
+from ticknorm.exporter.fusion.verify import verify_fused
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::UserWarning",
+                                        "ignore::DeprecationWarning")
 FAST = ["--iterations", "2", "--warmup", "1"]
 
 
@@ -89,7 +95,21 @@ def test_convert_to_fp16_converts_most_weights(family, tmp_path):
     assert share and float(share.group(1)) >= 50, done.output
     assert "judged by the fp16 graph itself, run by ONNX Runtime (CPU)" in done.output
     half = onnx.load(str(tmp_path / "half.onnx"))
+    sizes = _float_weights(half)
+    assert sizes[onnx.TensorProto.FLOAT16] > sizes[onnx.TensorProto.FLOAT], sizes  # If bodies too (spox-vad's)
     assert all(v.name in ort_run(half, feeds) for feeds in feed_sets_for_graph(half) for v in half.graph.output)
+
+
+def _float_weights(model: onnx.ModelProto) -> Counter:
+    """Elements of the float initializers and Constant values by type, in the graph and every body."""
+    graphs = [model.graph, *(body for _, body in bodies(model.graph))]
+    tensors = [t for g in graphs for t in g.initializer]
+    tensors += [a.t for g in graphs for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    sizes: Counter = Counter()
+    for tensor in tensors:
+        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            sizes[tensor.data_type] += int(np.prod(tensor.dims))
+    return sizes
 
 
 def test_compare_per_layer(family):
@@ -129,3 +149,20 @@ def test_trtexec_command(family):
     dynamic = [v.name for v in onnx.load(str(family[0]), load_external_data=False).graph.input
                if any(d.dim_param or not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)]
     assert all(f"{name}:" in line for name in dynamic)
+
+
+def test_a_norm_fused_in_the_branch_the_feeds_do_not_take_is_checked_on_edge_rows(tmp_path):
+    """The VAD's feeds take one branch of its If (`sr` is not 16000), and the norms' inputs have a
+    symbolic batch: the other branch's norm is still cut out and fed edge rows, the batch sized as
+    the feeds size it. Epsilon 0 there agrees on ordinary rows and gives NaN on an all-zero row."""
+    _spox()
+    original = onnx.load(str(made.spox_model(tmp_path / "vad.onnx", vad=True)))
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32), "sr": np.array(0, np.int64)}
+    result = fuse_norms(original, feeds=feeds)
+    assert result.report.verified and [r.status for r in result.report.records] == ["fused", "fused"]
+    then_norm = next(n for holder, body in bodies(result.model.graph) if body.name.endswith("then_branch")
+                     for n in body.node if n.op_type == "LayerNormalization")
+    next(a for a in then_norm.attribute if a.name == "epsilon").f = 0.0
+    inner = {r.output: r.input for r in result.report.records}
+    checks = verify_fused(original, result.model, {}, feeds, inner=inner).checks
+    assert checks[then_norm.output[0]].reason.startswith("changes the numbers on an all-zero row")
