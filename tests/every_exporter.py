@@ -86,9 +86,8 @@ class _Graph:
         return name
 
     def save(self, path: Path, inputs: list, output: str) -> Path:
-        graph = helper.make_graph(self.nodes, "model", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT,
-                                                                                              None)],
-                                  self.initializers)
+        out = helper.make_tensor_value_info(output, TensorProto.FLOAT, None)
+        graph = helper.make_graph(self.nodes, "model", inputs, [out], self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name=path.stem)
         onnx.checker.check_model(onnx.shape_inference.infer_shapes(model, strict_mode=True))
         onnx.save(model, str(path))
@@ -97,7 +96,8 @@ class _Graph:
 
 def paddle_model(path: Path) -> Path:
     """An OCR recognizer's head as Paddle2ONNX writes it: nodes `p2o.Op.N`, tensors `layer_0.tmp_N`,
-    1-D `layer_norm_0.w_0`/`b_0`, batch and sequence dynamic."""
+    1-D `layer_norm_0.w_0`/`b_0`, batch and sequence dynamic, the norm's input reshaped to a shape
+    computed at run time."""
     graph, counter = _Graph(), iter(range(1000))
 
     def p2o(op: str) -> str:
@@ -106,9 +106,10 @@ def paddle_model(path: Path) -> Path:
     def linear(layer: int, source: str, width: int) -> str:
         w = graph.weight(f"linear_{layer}.w_0", _weights(WIDTH, width))
         b = graph.weight(f"linear_{layer}.b_0", _weights(width))
-        graph.nodes += [helper.make_node("MatMul", [source, w], [f"linear_{layer}.tmp_0"], name=p2o("MatMul")),
-                        helper.make_node("Add", [f"linear_{layer}.tmp_0", b], [f"linear_{layer}.tmp_1"], name=p2o("Add"))]
-        return f"linear_{layer}.tmp_1"
+        product, out = f"linear_{layer}.tmp_0", f"linear_{layer}.tmp_1"
+        graph.nodes += [helper.make_node("MatMul", [source, w], [product], name=p2o("MatMul")),
+                        helper.make_node("Add", [product, b], [out], name=p2o("Add"))]
+        return out
 
     tensors: dict[str, str] = {"scale": "layer_norm_0.w_0", "bias": "layer_norm_0.b_0"}
     renamed = placed(layer_norm(), lambda t: tensors.setdefault(t, f"layer_norm_0.tmp_{len(tensors)}"),
@@ -142,8 +143,8 @@ def tf2onnx_model(path: Path) -> Path:
     write it: int32 bytes in, an embedding Gather, two norms, mean over the sequence, softmax."""
     graph, scope = _Graph(), "StatefulPartitionedCall/model"
     table = graph.weight(f"{scope}/embed/embedding:0", _weights(256, WIDTH))
-    graph.nodes.append(helper.make_node("Gather", [table, "bytes"], [f"{scope}/embed/Gather:0"], name=f"{scope}/embed/Gather"))
     source = f"{scope}/embed/Gather:0"
+    graph.nodes.append(helper.make_node("Gather", [table, "bytes"], [source], name=f"{scope}/embed/Gather"))
     for layer, (norm, within) in enumerate([(keras_layer_norm(), "batchnorm"), (flax_layer_norm(), "")]):
         prefix = f"{scope}/encoder/layer_{layer}/LayerNorm_0/{within + '/' if within else ''}"
         out = f"{prefix}out:0"
