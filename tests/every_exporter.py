@@ -1,9 +1,9 @@
 """ONNX files as other exporters write them, one small complete model per family, made here the
 way that exporter makes it (nothing downloaded): spox's graph API (a VAD-like model whose `If`
-holds the network, and a plain one), a sentence-transformers encoder (BertModel, mean pooling,
-normalize) through a plain `torch.onnx.export`, Paddle2ONNX's and tf2onnx's naming and norm
-spellings (the hand-built spellings of test_fusion_spellings placed in a model), and a user's
-`torch.onnx.export` of a BERT by both exporters."""
+holds the network, and a plain one), the same VAD by dynamo (`torch.cond`), a sentence-transformers
+encoder (BertModel, mean pooling, normalize) through a plain `torch.onnx.export`, Paddle2ONNX's and
+tf2onnx's naming and norm spellings (the hand-built spellings of test_fusion_spellings placed in a
+model), and a user's `torch.onnx.export` of a BERT by both exporters."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -212,6 +212,30 @@ def bert_model(path: Path, dynamo: bool) -> Path:
 
     return _export(UserBert().eval(), path, ["input_ids", "attention_mask", "token_type_ids"],
                    ["last_hidden_state", "pooler_output"], dynamo)
+
+
+def torch_vad_model(path: Path) -> Path:
+    """The spox VAD's shape by dynamo: `torch.cond` on the sample rate, one network per rate (its
+    norm an nn.LayerNorm), exported as an If whose branches hold the networks."""
+    import torch
+
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32), torch.nn.ReLU(),
+                                   torch.nn.Linear(32, 1), torch.nn.Sigmoid())
+
+    class Vad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rate16k, self.rate8k = net(), net()
+
+        def forward(self, x, sr):
+            return torch.cond(sr == 16000, lambda x: self.rate16k(x), lambda x: self.rate8k(x), (x,))
+
+    torch.manual_seed(0)
+    torch.onnx.export(Vad().eval(), (torch.randn(2, 64), torch.tensor(16000)), str(path), dynamo=True,
+                      input_names=["x", "sr"], output_names=["prob"],
+                      dynamic_shapes=({0: torch.export.Dim("batch")}, None))
+    return path
 
 
 def sentence_transformer_model(path: Path) -> Path:

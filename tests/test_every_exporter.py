@@ -46,7 +46,10 @@ FAMILIES = {
     "torch-bert-torchscript": (_transformers, lambda p: made.bert_model(p, dynamo=False), "5 fused, 0 decomposed",
                                None, 0),
     "torch-bert-dynamo": (_transformers, lambda p: made.bert_model(p, dynamo=True), "5 fused, 0 decomposed", None, 0),
+    "torch-vad-dynamo": (lambda: None, made.torch_vad_model, "2 fused, 0 decomposed", None, 0),
 }
+# spox names no module, and dynamo's name scopes inside torch.cond's branches name only the op
+NODE_ROWS = {"spox-vad", "spox-plain", "torch-vad-dynamo"}
 
 
 class Made(NamedTuple):
@@ -126,7 +129,7 @@ def test_compare_per_layer(family):
     done = run("compare", family.path, "--runtime", "ort", "--per-layer")
     assert done.exit_code == 0, done.output
     assert "ort vs the file in fp32 on ort (CPU, graph optimizations off)" in done.output
-    unit = "node" if family.name.startswith("spox") else "module"  # spox names no module
+    unit = "node" if family.name in NODE_ROWS else "module"
     assert f"ort: every tapped {unit} within tolerance" in done.output
     if unit == "module" and family.where:  # the norm's row is its exporter's layer
         assert f"\n  {family.where.split(':')[0]} " in done.output
