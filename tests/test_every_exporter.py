@@ -182,3 +182,9 @@ def test_a_norm_fused_in_the_branch_the_feeds_do_not_take_is_checked_on_edge_row
     inner = {r.output: r.input for r in result.report.records}
     checks = verify_fused(original, result.model, {}, feeds, inner=inner).checks
     assert checks[then_norm.output[0]].reason.startswith("changes the numbers on an all-zero row")
+
+
+def test_the_byte_classifiers_feeds_are_drawn_from_its_embedding_table(tmp_path):
+    """Issue 29: its int32 bytes index a 256-row table; feeds in [0, 2) left most rows unread."""
+    [feeds] = feed_sets_for_graph(onnx.load(str(made.tf2onnx_model(tmp_path / "bytes.onnx"))))
+    assert feeds["bytes"].dtype == np.int32 and 2 <= feeds["bytes"].max() < 256 and feeds["bytes"].min() >= 0
