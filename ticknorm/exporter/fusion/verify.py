@@ -85,7 +85,7 @@ def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, checked: Che
             if checks[name].passed and not check.passed:
                 checks[name] = replace(check, reason=f"changes the numbers on {row}: {check.reason}")
     if inner:
-        checks.update(_body_edge_checks(original, fused, inner, weights_dir))
+        checks.update(_body_edge_checks(original, fused, inner, weights_dir, _fed_sizes(original, feeds)))
     graph_outputs = [o.name for o in fused.graph.output]
     return Verification(checks, [{name: run[name] for name in graph_outputs} for run in outputs], reference_by)
 
@@ -133,18 +133,30 @@ def _edge_runs(models, sources: dict[str, str], edges: dict[str, dict[str, np.nd
         return list(zip(reference, [runner.infer(edge).outputs for edge in edges.values()]))
 
 
+def _fed_sizes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """The size `feeds` gave each symbolic dim of the graph's inputs (`batch` -> 2)."""
+    sizes = {}
+    for value in model.graph.input:
+        if value.name in feeds:
+            for dim, size in zip(value.type.tensor_type.shape.dim, np.shape(feeds[value.name])):
+                if dim.dim_param:
+                    sizes[dim.dim_param] = int(size)
+    return sizes
+
+
 def _body_edge_checks(original: onnx.ModelProto, fused: onnx.ModelProto, inner: dict[str, str],
-                      weights_dir) -> dict[str, ArrayComparison]:
-    """Edge rows for norms fused inside If/Loop bodies, whose tensors no session can return: each
-    body, in both graphs, cut down to the norm (`_body_cut`) and fed edge rows made from a seeded
-    tensor of the input's static dims (a norm whose input dims are not static is checked through
-    the graph's outputs only). The first failing row of each norm, by its output."""
+                      weights_dir, fed: dict[str, int]) -> dict[str, ArrayComparison]:
+    """Edge rows for norms fused inside If/Loop bodies, whose tensors no session can return, nor
+    any run of a branch the feeds do not take (a VAD's If on its sample rate): each body, in both
+    graphs, cut down to the norm (`_body_cut`) and fed edge rows made from a seeded tensor of the
+    input's dims, a symbolic one sized as `fed` sizes it (a norm whose input dims are still not
+    known is checked through the graph's outputs only). The first failing row of each norm, by its output."""
     types = inferred_types(original)
     failed: dict[str, ArrayComparison] = {}
     for output, source in inner.items():
         cuts = [_body_cut(model, source, output, types) for model in (original, fused)]
         tensor_type = types[source].tensor_type if source in types else onnx.TypeProto.Tensor()
-        sizes = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor_type.shape.dim]
+        sizes = [d.dim_value if d.HasField("dim_value") else fed.get(d.dim_param, 0) for d in tensor_type.shape.dim]
         if cuts[0] is None or cuts[1] is None or not sizes or 0 in sizes or not tensor_type.elem_type:
             continue
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
