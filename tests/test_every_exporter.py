@@ -20,7 +20,7 @@ from ticknorm.base.graph import bodies
 from ticknorm.base.graph_feeds import feed_sets_for_graph
 from ticknorm.cli import main
 from ticknorm.exporter.fusion import fuse_norms
-from ticknorm.exporter.fusion.verify import verify_fused
+from ticknorm.exporter.fusion.verify import Checked, verify_fused
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::UserWarning",
                                         "ignore::DeprecationWarning")
@@ -180,7 +180,7 @@ def test_a_norm_fused_in_the_branch_the_feeds_do_not_take_is_checked_on_edge_row
                      for n in body.node if n.op_type == "LayerNormalization")
     next(a for a in then_norm.attribute if a.name == "epsilon").f = 0.0
     inner = {r.output: r.input for r in result.report.records}
-    checks = verify_fused(original, result.model, {}, feeds, inner=inner).checks
+    checks = verify_fused(original, result.model, Checked({}, inner=inner), feeds).checks
     assert checks[then_norm.output[0]].reason.startswith("changes the numbers on an all-zero row")
 
 
