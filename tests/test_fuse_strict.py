@@ -88,3 +88,23 @@ def test_a_fused_norm_nothing_reads_is_removed_and_its_record_says_unverified():
     result = fused(model([*layer_norm(out="unread"), node("Neg", ["x"], "y")]))
     assert op_types(result.model) == ["Neg"] and result.report.records[0].status == "fused"
     assert result.report.records[0].notes[-1] == "its output was read by nothing: removed as dead, so not verified"
+
+
+def test_what_fusion_did_not_touch_is_written_back_as_it_was_read():
+    """`base.write_back` copies the protos of untouched nodes, the graph's value_info of tensors
+    still there, its metadata and its quantization annotations (onnx-ir's serializer kept those)."""
+    nodes = [*layer_norm(out="ln"), node("Relu", ["ln"], "r"), node("Neg", ["r"], "y")]
+    nodes[-1].doc_string = "kept as written"
+    m = model(nodes)
+    m.graph.value_info.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    m.graph.value_info.append(helper.make_tensor_value_info("gone", TensorProto.FLOAT, None))
+    m.graph.metadata_props.append(onnx.StringStringEntryProto(key="who", value="a test"))
+    annotation = m.graph.quantization_annotation.add()
+    annotation.tensor_name = "r"
+    annotation.quant_parameter_tensor_names.add(key="SCALE_TENSOR", value="scale")
+    result = fused(m)
+    graph = result.model.graph
+    assert op_types(result.model) == ["LayerNormalization", "Relu", "Neg"]
+    assert graph.node[-1] == nodes[-1] and graph.node[-1].doc_string == "kept as written"
+    assert [v.name for v in graph.value_info] == ["r"] and graph.metadata_props[0].value == "a test"
+    assert [a.tensor_name for a in graph.quantization_annotation] == ["r"]

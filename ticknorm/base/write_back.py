@@ -66,6 +66,7 @@ def _graph(out: onnx.GraphProto, read_model: ReadModel) -> None:
     for name in ("name", "doc_string"):
         setattr(out, name, getattr(source, name))
     out.metadata_props.extend(source.metadata_props)
+    out.sparse_initializer.extend(source.sparse_initializer)  # onnx-ir reads none; fusion touches none
     out.input.extend(_values(graph.inputs, source.input))
     out.output.extend(_values(graph.outputs, source.output))
     read_tensors = {tensor.name: tensor for tensor in source.initializer}
@@ -84,9 +85,11 @@ def _graph(out: onnx.GraphProto, read_model: ReadModel) -> None:
         node_protos.append(node_proto if node_proto is not None and _as_read(node, node_proto)
                            else ir.serde.serialize_node(node))
     out.node.extend(node_protos)
-    if source.value_info:  # those of values still in the graph
-        names = {*graph.initializers, *(value.name for node in graph for value in node.outputs)}
+    if source.value_info or source.quantization_annotation:  # of the tensors still in the graph
+        names = {*graph.initializers, *(value.name for value in graph.inputs),
+                 *(value.name for node in graph for value in node.outputs)}
         out.value_info.extend(info for info in source.value_info if info.name in names)
+        out.quantization_annotation.extend(a for a in source.quantization_annotation if a.tensor_name in names)
 
 
 def _values(values: Sequence[ir.Value], read: Sequence[onnx.ValueInfoProto]) -> list[onnx.ValueInfoProto]:

@@ -27,7 +27,7 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 
 from ticknorm.base.errors import OnnxFileError, RuntimeFailure, first_line
-from ticknorm.base.graph import coarsest_floats, inferred_types, typed
+from ticknorm.base.graph import bodies, coarsest_floats, inferred_types, typed
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
 from ticknorm.base.scopes import exposed
 from ticknorm.runtime.ort_runner import MappedWeights, OrtRunner
@@ -123,7 +123,7 @@ def _edge_runs(models, sources: dict[str, str], edges: dict[str, dict[str, np.nd
         return []
     cuts = []
     for model in models:
-        extractor = onnx.utils.Extractor(model)
+        extractor = onnx.utils.Extractor(_extractable(model))
         for name, elem in types.items():
             extractor.value_infos.setdefault(name, onnx.helper.make_tensor_value_info(name, elem, None))
         cuts.append(extractor.extract_model(list(dict.fromkeys([*sources.values(), *next(iter(edges.values()))])),
@@ -131,6 +131,18 @@ def _edge_runs(models, sources: dict[str, str], edges: dict[str, dict[str, np.nd
     reference, _ = _original_runs(cuts[0], list(edges.values()), [], weights_dir)
     with OrtRunner(cuts[1], mapped=MappedWeights.staged(weights_dir)) as runner:
         return list(zip(reference, [runner.infer(edge).outputs for edge in edges.values()]))
+
+
+def _extractable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` as onnx's Extractor takes it: it refuses a graph with quantization annotations or
+    sparse initializers, which the cut around the norms does not need."""
+    if not model.graph.quantization_annotation and not model.graph.sparse_initializer:
+        return model
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    bare.graph.ClearField("quantization_annotation")
+    bare.graph.ClearField("sparse_initializer")
+    return bare
 
 
 def _fed_sizes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, int]:
@@ -177,11 +189,12 @@ def _body_cut(model: onnx.ModelProto, source: str, output: str, types) -> onnx.M
     """The nodes between `source` and `output` of the If/Loop body that computes `output`, as a
     model of their own, with the initializers they read from any graph; None where none does or
     the cut fails (a value from an enclosing body's node)."""
-    body = next((graph for graph in _bodies(model.graph) if any(output in n.output for n in graph.node)), None)
+    nested = [graph for _, graph in bodies(model.graph)]
+    body = next((graph for graph in nested if any(output in n.output for n in graph.node)), None)
     if body is None:
         return None
     read = {name for node in body.node for name in node.input}
-    weights = [t for graph in [model.graph, *_bodies(model.graph)] for t in graph.initializer if t.name in read]
+    weights = [t for graph in [model.graph, *nested] for t in graph.initializer if t.name in read]
     infos = [onnx.helper.make_tensor_value_info(name, types[name].tensor_type.elem_type, None)
              for name in (source, output) if name in types]
     graph = onnx.helper.make_graph(body.node, "body", infos[:1], infos[1:], weights)
@@ -190,16 +203,6 @@ def _body_cut(model: onnx.ModelProto, source: str, output: str, types) -> onnx.M
         return onnx.utils.Extractor(whole).extract_model([source], [output])
     except Exception:  # noqa: BLE001 - onnx raises bare errors; the norm is checked through the outputs
         return None
-
-
-def _bodies(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """Every If/Loop/Scan body under `graph`, at any depth."""
-    found = []
-    for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
-                found += [body, *_bodies(body)]
-    return found
 
 
 def edge_feeds(feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
