@@ -266,3 +266,34 @@ def test_export_reports_the_share_and_refuses_a_partial_conversion_the_same_way(
     assert done.exit_code == (0 if allowed else 1), done.output
     assert (tmp_path / "e16.onnx").exists()
     assert "weights in fp16: " in done.output and ("--allow-partial accepts" in done.output) != allowed
+
+
+def _decomposed_norm_after_a_matmul() -> onnx.ModelProto:
+    """A MatMul then a LayerNorm written out of primitive ops, unfused, as many files hold it."""
+    rng = np.random.default_rng(3)
+    weights = [numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+               numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+               numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+               numpy_helper.from_array(rng.random(8).astype(np.float32), "gamma"),
+               numpy_helper.from_array(rng.random(8).astype(np.float32), "beta"),
+               numpy_helper.from_array(10 * rng.random((8, 8)).astype(np.float32), "w")]
+    steps = [("MatMul", ["x", "w"], "h"), ("ReduceMean", ["h", "axes"], "mu"), ("Sub", ["h", "mu"], "d"),
+             ("Pow", ["d", "two"], "sq"), ("ReduceMean", ["sq", "axes"], "var"), ("Add", ["var", "eps"], "ve"),
+             ("Sqrt", ["ve"], "sd"), ("Div", ["d", "sd"], "n"), ("Mul", ["n", "gamma"], "g"), ("Add", ["g", "beta"], "y")]
+    nodes = [helper.make_node(op, inputs, [out]) for op, inputs, out in steps]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+
+
+def test_a_file_onnx_runtimes_own_optimizer_refuses_is_judged_unoptimized_and_the_summary_warns(tmp_path):
+    """ORT's LayerNorm fusion binds the fp16 norm after the fp32 MatMul island to two types and
+    fails to load the file at its default level: the verdict comes from the graph with
+    optimizations off, and the summary says a default load fails and how to avoid it."""
+    source = tmp_path / "m.onnx"
+    onnx.save(_decomposed_norm_after_a_matmul(), source)
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(tmp_path / "m16.onnx"), "--precision", "fp16",
+                                       "--keep-fp32", "op:MatMul", "--allow-partial"])
+    assert result.exit_code == 0, result.output
+    assert "run by ONNX Runtime (CPU) with graph optimizations off; WARNING: with them on, as by default, it fails" \
+        in result.output and "fuse the norms first (ticknorm fuse)" in result.output
