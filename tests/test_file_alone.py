@@ -144,6 +144,22 @@ def test_an_fp16_file_is_judged_against_its_fp32_widening_or_the_fp32_file_besid
     assert "ort vs plain.onnx in fp32" in beside.output and "every tapped module within tolerance" in beside.output
 
 
+def test_rows_without_a_twin_in_another_file_are_said_not_silently_dropped(files, tmp_path):
+    """A file without scopes has its nodes as rows, by name (an unnamed one by its position): a
+    copy whose nodes lost their names, one more in front, has no row in common with the original,
+    and the output says so."""
+    shifted = onnx.load(str(files["bare"]))
+    for node in shifted.graph.node:
+        node.name = ""
+    first = shifted.graph.node[0]
+    first.input[0], moved = "x_copy", first.input[0]
+    shifted.graph.node.insert(0, onnx.helper.make_node("Identity", [moved], ["x_copy"]))
+    onnx.save(shifted, str(tmp_path / "shifted.onnx"))
+    done = run("compare", tmp_path / "shifted.onnx", "--reference", files["bare"], "--per-layer")
+    assert done.exit_code == 0, done.output
+    assert "--per-layer: none of the file's" in done.output and "has a twin in the reference" in done.output
+
+
 def test_the_reference_is_refused_in_one_line_where_it_cannot_serve(files):
     for args, message in [
         (["--reference", "torch"], "--reference torch runs the PyTorch model"),

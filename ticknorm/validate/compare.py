@@ -114,8 +114,9 @@ def compare_runtimes(model: onnx.ModelProto, feeds, runtimes, setup: RunnerSetup
     for runner in runners.values():
         runner.check_available()  # an unavailable runtime fails here, before any work, with its reason
     expected = reference_run(model, feed_sets, setup, reference, modules, progress)
-    report = CompareReport(reference=expected.label, layers_note=layers_note,
-                           unit="node" if isinstance(reference, FileReference) and reference.by_node else "module")
+    unit = "node" if isinstance(reference, FileReference) and reference.by_node else "module"
+    modules, layers_note = _twinned(modules, expected, unit, progress) if modules else (modules, layers_note)
+    report = CompareReport(reference=expected.label, layers_note=layers_note, unit=unit)
     for runtime, runner in runners.items():
         progress(f"running {runtime}")
         runtime_sets = feed_sets if isinstance(runner, TorchRunner) else [graph_feeds(model, f) for f in feed_sets]
@@ -201,6 +202,21 @@ def _file_reference_run(names: list[str], feed_sets: list[dict], reference: File
 NO_MODULE_NOTE = ("--per-layer: no node of the graph maps to a module (scope coverage {:.0%}): per-module rows need "
                   "module scopes, TorchScript-style node names, dynamo name scopes, or tf2onnx or Paddle2ONNX names "
                   "that name the model's modules")
+
+
+def _twinned(modules: list[str], expected: ReferenceRun, unit: str, progress) -> tuple[list[str], str]:
+    """The rows the reference has a twin of (rows are matched by name: another file's nodes may be
+    named otherwise, an unnamed one by its position), and the line that says so where none has."""
+    twinned = [m for m in modules if m in expected.taps]
+    if not twinned:
+        return [], (f"--per-layer: none of the file's {len(modules)} {unit}s has a twin in the reference "
+                    f"({expected.label}); rows are matched by name: judge the file against itself, or against a "
+                    "reference that names its modules or nodes alike")
+    if len(twinned) < len(modules):
+        left = [m for m in modules if m not in expected.taps]
+        progress(f"--per-layer: {len(left)} of {len(modules)} {unit}s have no twin in the reference, left out: "
+                 + ", ".join(left[:5]) + (", ..." if len(left) > 5 else ""))
+    return twinned, ""
 
 
 def _tapped_modules(model: onnx.ModelProto, setup: RunnerSetup, layers: LayerSelection,
