@@ -228,10 +228,10 @@ def test_snapshot_and_check_without_the_model(files, kind, tmp_path):
     assert "bundle.json" in json.loads((bundle / "manifest.json").read_text())["files"]
     checked = run("drift", "check", bundle, files[kind])
     assert checked.exit_code == 0, checked.output
-    assert f"{len(meta['layers'])} modules checked, 0 drifted" in checked.output
+    assert f"{len(meta['layers'])} {meta['rows']}s checked, 0 drifted" in checked.output  # rows said as they are
     planted = "planted" if kind == "plain" else "bare_planted"
     drifted = run("drift", "check", bundle, files[planted], "--allow-model-change", "--no-history")
-    assert drifted.exit_code == 1 and f"first drifted module: {_norm_row(files[kind])}" in drifted.output
+    assert drifted.exit_code == 1 and f"first drifted {meta['rows']}: {_norm_row(files[kind])}" in drifted.output
 
 
 @pytest.mark.parametrize("kind", ["plain", "bare"])

@@ -528,7 +528,7 @@ def report_command(source, model, inputs, runtimes, timing, judging, output, jso
     if json_path is not None:
         joined.write_json(report, json_path)
     flagged = [row.module for row in report.rows if row.flagged]
-    click.echo(f"wrote {output}: {len(report.rows)} modules, {len(flagged)} slow and inaccurate"
+    click.echo(f"wrote {output}: {len(report.rows)} {report.accuracy.unit}s, {len(flagged)} slow and inaccurate"
                + (f" ({', '.join(flagged[:5])})" if flagged else "") + f"; {'PASS' if report.passed else 'FAIL'}")
     sys.exit(0 if report.passed else 1)
 

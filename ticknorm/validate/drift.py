@@ -182,6 +182,7 @@ class DriftReport:
     unmatched: list[str] = field(default_factory=list)  # bundle modules this graph has no output tensor for
     tolerance: tuple[float, float, str] | tuple[()] = ()  # (atol, rtol, rule) the check used
     tap_effect: float = 0.0  # max |tapped - untapped| of the outputs: what tapping changed in this runtime
+    unit: str = "module"  # what a row is: "node" for a bundle made from a file that names no module
 
     @property
     def drifted_modules(self) -> list[str]:
@@ -200,8 +201,9 @@ class DriftReport:
         judged_at = f" (atol {atol:g}, rtol {rtol:g}, {rule} rule)" if atol is not None else ""
         lines = [f"{self.runtime} vs golden reference{judged_at}:"] + ["  " + c.line() for c in self.outputs]
         drifted = self.drifted_modules
-        first = f" ({len(self.layers)} statistics); first drifted module: {drifted[0] or '(root)'}" if drifted else ""
-        lines.append(f"per-module statistics: {self.layers_checked} modules checked, {len(drifted)} drifted{first}")
+        unit = self.unit
+        first = f" ({len(self.layers)} statistics); first drifted {unit}: {drifted[0] or '(root)'}" if drifted else ""
+        lines.append(f"per-{unit} statistics: {self.layers_checked} {unit}s checked, {len(drifted)} drifted{first}")
         if drifted:
             rows = []
             for module in drifted:
@@ -323,7 +325,8 @@ def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_mod
     progress(f"running {runtime} on the bundle's {len(feed_sets)} input iteration(s), as deployed")
     with make_runner(runtime, model, setup) as runner:  # the verdict: the graph as it runs, no taps
         plain = [runner.infer(feeds).outputs for feeds in feed_sets]
-    progress(f"running {runtime} again with {len(layers)} modules tapped, for their statistics")
+    unit = meta.get("rows", "module")
+    progress(f"running {runtime} again with {len(layers)} {unit}s tapped, for their statistics")
     with make_runner(runtime, model, setup, taps=list(layers)) as runner:
         result = runner.infer(feed_sets[0])
     count = len(feed_sets)
@@ -332,7 +335,7 @@ def check_bundle(bundle, model: onnx.ModelProto, runtime: str = "ort", allow_mod
                                    for number, (reference, outputs) in enumerate(zip(golden, plain), start=1)
                                    for name in meta["outputs"]],
                          tolerance=(tolerance.atol, tolerance.rtol, tolerance.rule),
-                         tap_effect=largest_difference(plain[0], result.outputs))
+                         tap_effect=largest_difference(plain[0], result.outputs), unit=unit)
     current = {module: layer_stats(value) for module, value in result.taps.items()}
     report.unmatched = [module for module in layers if module not in current]
     for module, stats in current.items():
