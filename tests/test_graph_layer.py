@@ -10,7 +10,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from ticknorm.base.functions import called_functions, inline_functions
-from ticknorm.base.graph import coarsest_float, typed
+from ticknorm.base.graph import coarsest_floats, typed
 from ticknorm.base.external_data import external_entries
 from ticknorm.base.onnx_io import (WEIGHTS_RECORD, has_external_weights, load_onnx, save_onnx,
                                    stage_weights)
@@ -89,8 +89,8 @@ def test_shape_information_skips_big_weights_and_keeps_their_types():
          helper.make_node("Cast", ["r"], ["y"], to=F)],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", 64])],
         [helper.make_tensor_value_info("y", F, None)], [big, shape])
-    values = ir.convenience.create_value_mapping(
-        typed(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])).graph)
+    view = typed(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    values = ir.convenience.create_value_mapping(view.graph)
 
     def dims(name):
         return tuple(d if isinstance(d, int) else d.value for d in values[name].shape)
@@ -99,7 +99,7 @@ def test_shape_information_skips_big_weights_and_keeps_their_types():
     assert dims("r") == (1, 64, 64)  # data propagation through the small shape constant
     assert dims("w") == (64, 64) and values["w"].dtype == TensorProto.FLOAT16
     assert values["shape"].const_value.numpy().tolist() == [1, 64, 64] and values["y"].dtype == F
-    assert coarsest_float(values["y"]) == TensorProto.FLOAT16
+    assert coarsest_floats(view.graph)[values["y"]] == TensorProto.FLOAT16
 
 
 def _weights_model(rows=64):

@@ -1,6 +1,6 @@
 """What every step asks of a graph, on onnx-ir: each value typed and shaped by onnx-ir's shape
 inference (`typed`), names a graph does not hold yet (`FreshNames`), the float type a value was
-rounded to on its way (`coarsest_float`); and on protobuf, the subgraphs of If/Loop/Scan nodes,
+rounded to on its way (`coarsest_floats`); and on protobuf, the subgraphs of If/Loop/Scan nodes,
 which the scope map walks."""
 
 import itertools
@@ -186,20 +186,15 @@ class FreshNames:
         return name
 
 
-def coarsest_float(value: ir.Value) -> int | None:
-    """The float type with the fewest mantissa bits among `value` and every tensor it is computed
-    from: once a value was rounded to fp16 or bf16 on its way, a change before that rounding
-    can move it by one step of that type, and it is judged at that type's tolerance."""
-    graph = value.graph
-    return _own_float(value) if graph is None else coarsest_floats(graph).get(value, _own_float(value))
-
-
 def coarsest_floats(graph: ir.Graph, type_of: Callable[[ir.Value], int | None] | None = None,
                     ) -> dict[ir.Value, int | None]:
-    """`coarsest_float` of every value of `graph`, in one pass in graph order (each node's
-    outputs from its inputs'), not a walk up the graph per value: a check of every fused norm of a
-    96-layer encoder asks for 200 values. `type_of`: each value's element type where the values
-    themselves are not typed (fusion keeps what inference says beside them)."""
+    """For every value of `graph`, the float type with the fewest mantissa bits among it and every
+    tensor it is computed from: once a value was rounded to fp16 or bf16 on its way, a change
+    before that rounding can move it by one step of that type, and it is judged at that type's
+    tolerance. One pass in graph order (each node's outputs from its inputs'), not a walk up the
+    graph per value: a check of every fused norm of a 96-layer encoder asks for 200 values.
+    `type_of`: each value's element type where the values themselves are not typed (fusion keeps
+    what inference says beside them)."""
     def own(value: ir.Value) -> int | None:
         found = type_of(value) if type_of is not None else _own_float(value)
         return found if found in FLOAT_PRECISION else None

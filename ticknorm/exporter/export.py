@@ -21,10 +21,9 @@ from typing import Any, overload
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from ticknorm.base.errors import AccuracyError, ExportError, InputSpecError, first_line
-from ticknorm.base.graph import coarsest_float, typed
+from ticknorm.base.graph import coarsest_floats, typed
 from ticknorm.base.inputs import graph_feeds
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance, ensure_finite, within_own_rounding
 from ticknorm.base.onnx_io import PROTOBUF_LIMIT, save_onnx, stage_weights, staged
@@ -269,10 +268,10 @@ def judge(proto: onnx.ModelProto, checks: list[Check], outputs: list[dict[str, n
           reference: str = "fp32") -> list[ArrayComparison]:
     """Each check's PyTorch outputs against ONNX Runtime's, at the tolerance of the coarser of the
     type the output is computed through and the `reference`'s (the type PyTorch ran in)."""
-    values = ir.convenience.create_value_mapping(typed(proto).graph, include_subgraphs=False)
+    floats = {value.name: found for value, found in coarsest_floats(typed(proto).graph).items()}
     against = "" if reference == "fp32" else f"vs PyTorch {TYPE_NAMES[reference]}"
     return [compare_arrays(_check_name(name, label, against), expected, actual[name],
-                           *dtype_tolerance(_coarsest_dtype(values.get(name), expected.dtype, reference)))
+                           *dtype_tolerance(_coarsest_dtype(floats.get(name), expected.dtype, reference)))
             for (label, _, expected_outputs), actual in zip(checks, outputs)
             for name, expected in zip([o.name for o in proto.graph.output], expected_outputs)]
 
@@ -293,10 +292,10 @@ def _check_name(name: str, label: str, against: str) -> str:
     return f"{name} ({qualifiers})" if qualifiers else name
 
 
-def _coarsest_dtype(output, dtype, reference: str = "fp32") -> np.dtype:
-    """An output (an onnx-ir value, if the graph has it) computed through an fp16/bf16 tensor, or
-    judged against PyTorch computing in one (`reference`), is judged at that type's tolerance."""
-    coarsest = coarsest_float(output) if output is not None else None
+def _coarsest_dtype(coarsest: int | None, dtype, reference: str = "fp32") -> np.dtype:
+    """An output computed through an fp16/bf16 tensor (`coarsest`: the float type with the fewest
+    mantissa bits on its way, `base.graph.coarsest_floats`), or judged against PyTorch computing in
+    one (`reference`), is judged at that type's tolerance."""
     found = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(coarsest) if coarsest else dtype)
     short = {name: short for short, name in TYPE_NAMES.items()}
     return np.dtype(TYPE_NAMES[coarser(short[found.name], reference)]) if found.name in short else found

@@ -124,12 +124,15 @@ def adapter_config_file(checkpoint, given, lora_weights: dict, source: str) -> P
 
 
 def _without_scaling(source: str, lora: list) -> CheckpointError:
+    """The refusal with every way out that applies: --adapter-config merges a one-file state dict
+    only (a sharded checkpoint is copied in shard by shard, never held whole to merge)."""
+    config = ("" if source.endswith(".index.json") else "Give the adapter_config.json of the training with "
+              "--adapter-config FILE (or put it beside the checkpoint), or s")
     return CheckpointError(
         f"{source} is the state dict of a PEFT-wrapped model with {len(lora)} LoRA weights ({lora[0]}, ...); their "
-        "scaling (lora_alpha / r) is not in it. Give the adapter_config.json of the training with --adapter-config "
-        "FILE (or put it beside the checkpoint), or save the adapter with peft_model.save_pretrained(DIR) and pass "
-        "--adapter DIR with the base model, or merge first: torch.save(peft_model.merge_and_unload().state_dict(), "
-        "PATH)")
+        f"scaling (lora_alpha / r) is not in it. {config or 'S'}ave the adapter with peft_model.save_pretrained(DIR) "
+        "and pass --adapter DIR with the base model, or merge first: "
+        "torch.save(peft_model.merge_and_unload().state_dict(), PATH)")
 
 
 def _is_lora(key: str) -> bool:
