@@ -166,10 +166,12 @@ def _body_edge_checks(original: onnx.ModelProto, fused: onnx.ModelProto, inner: 
     types = inferred_types(original)
     failed: dict[str, ArrayComparison] = {}
     for output, source in inner.items():
-        cuts = [_body_cut(model, source, output, types) for model in (original, fused)]
         tensor_type = types[source].tensor_type if source in types else onnx.TypeProto.Tensor()
         sizes = [d.dim_value if d.HasField("dim_value") else fed.get(d.dim_param, 0) for d in tensor_type.shape.dim]
-        if cuts[0] is None or cuts[1] is None or not sizes or 0 in sizes or not tensor_type.elem_type:
+        if not sizes or 0 in sizes or not tensor_type.elem_type:
+            continue
+        cuts = [_body_cut(model, source, output, types) for model in (original, fused)]
+        if cuts[0] is None or cuts[1] is None:
             continue
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         seeded = np.random.default_rng(0).standard_normal(sizes).astype(dtype)
@@ -187,22 +189,31 @@ def _body_edge_checks(original: onnx.ModelProto, fused: onnx.ModelProto, inner: 
 
 def _body_cut(model: onnx.ModelProto, source: str, output: str, types) -> onnx.ModelProto | None:
     """The nodes between `source` and `output` of the If/Loop body that computes `output`, as a
-    model of their own, with the initializers they read from any graph; None where none does or
-    the cut fails (a value from an enclosing body's node)."""
+    model of their own, with the initializers those nodes read from any graph (a merged decoder's
+    branches read every weight of the model: only the norm's are copied); None where none does or
+    the cut reads what it cannot hold (a graph input, a value from an enclosing body's node)."""
     nested = [graph for _, graph in bodies(model.graph)]
     body = next((graph for graph in nested if any(output in n.output for n in graph.node)), None)
     if body is None:
         return None
-    read = {name for node in body.node for name in node.input}
+    made_by = {name: index for index, node in enumerate(body.node) for name in node.output}
+    kept: set[int] = set()
+    pending = [output]
+    while pending:
+        name = pending.pop()
+        if name != source and name in made_by and made_by[name] not in kept:
+            kept.add(made_by[name])
+            pending.extend(body.node[made_by[name]].input)
+    nodes = [node for index, node in enumerate(body.node) if index in kept]
+    read = {name for node in nodes for name in node.input if name}
     weights = [t for graph in [model.graph, *nested] for t in graph.initializer if t.name in read]
-    infos = [onnx.helper.make_tensor_value_info(name, types[name].tensor_type.elem_type, None)
-             for name in (source, output) if name in types]
-    graph = onnx.helper.make_graph(body.node, "body", infos[:1], infos[1:], weights)
-    whole = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    try:
-        return onnx.utils.Extractor(whole).extract_model([source], [output])
-    except Exception:  # noqa: BLE001 - onnx raises bare errors; the norm is checked through the outputs
+    held = {source, *(t.name for t in weights), *(name for node in nodes for name in node.output)}
+    if not read <= held or source not in types or output not in types:
         return None
+    infos = [onnx.helper.make_tensor_value_info(name, types[name].tensor_type.elem_type, None)
+             for name in (source, output)]
+    graph = onnx.helper.make_graph(nodes, "body", infos[:1], infos[1:], weights)
+    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
 def edge_feeds(feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
