@@ -102,6 +102,18 @@ def inferred_types(model: onnx.ModelProto, opset: int = 0) -> dict[str, onnx.Typ
     cannot be read at all, and weights are never shape tensors. `opset` raises the default-domain
     opset for inference alone (how a newer opset would type the graph). A graph inference cannot
     read keeps what it declares, silently: it is still matched and converted."""
+    skeleton = weightless(model, opset)
+    try:
+        skeleton = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - onnx raises bare errors; the declared types stay
+        pass
+    return _value_types(skeleton.graph, {})
+
+
+def weightless(model: onnx.ModelProto, opset: int = 0) -> onnx.ModelProto:
+    """`model` with its weights as typed graph inputs, what shape inference (onnx's, ONNX Runtime's
+    symbolic one) reads instead: small tensors stay, as they may be shapes. `opset` raises the
+    default-domain opset."""
     graph = model.graph
     inputs = {value.name for value in graph.input}
     weights = [t for t in graph.initializer if is_external(t) or t.ByteSize() > _SHAPE_RELEVANT_BYTES]
@@ -113,13 +125,8 @@ def inferred_types(model: onnx.ModelProto, opset: int = 0) -> dict[str, onnx.Typ
         [t for t in graph.initializer if t.name not in heavy], value_info=graph.value_info)
     opsets = [onnx.helper.make_opsetid(o.domain, max(o.version, opset) if o.domain in ("", "ai.onnx") else o.version)
               for o in model.opset_import]
-    skeleton = onnx.helper.make_model(skeleton_graph, opset_imports=opsets, functions=model.functions,
-                                      ir_version=model.ir_version)
-    try:
-        skeleton = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - onnx raises bare errors; the declared types stay
-        pass
-    return _value_types(skeleton.graph, {})
+    return onnx.helper.make_model(skeleton_graph, opset_imports=opsets, functions=model.functions,
+                                  ir_version=model.ir_version)
 
 
 def _value_types(graph: onnx.GraphProto, found: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:

@@ -10,7 +10,7 @@ import logging
 import onnx
 import onnx_ir as ir
 
-from ticknorm.base.graph import inferred_types
+from ticknorm.base.graph import inferred_types, weightless
 from ticknorm.base.write_back import ReadModel, read
 
 
@@ -53,21 +53,25 @@ class SymbolicTypes:
 
 def _symbolic_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Its `infer_shapes` loop without the last step, which saves a partly inferred model (weights
-    and all) into the working directory: partial answers are what fusion wants."""
+    and all) into the working directory: partial answers are what fusion wants. It runs on the
+    weightless skeleton onnx's inference reads (`base.graph.weightless`): it copies what it is
+    given. Private methods, so any change of them in ONNX Runtime leaves the dims unknown, never
+    a crash; its logger is quieted while it runs only."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
-    logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
+    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        inference._preprocess(model)
+        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_rank, verbose
+        inference._preprocess(weightless(model))
+        with contextlib.suppress(Exception):  # it raises on ops it does not know: what it found before stays
+            while inference.run_:
+                inference._infer_impl()
+        inference._update_output_from_vi()
+        graph = inference.out_mp_.graph
     except Exception:  # noqa: BLE001 - it raises bare errors
         return {}
-    with contextlib.suppress(Exception):  # it raises on ops it does not know: what it found before stays
-        while inference.run_:
-            inference._infer_impl()
-    try:
-        inference._update_output_from_vi()
-    except Exception:  # noqa: BLE001
-        return {}
-    graph = inference.out_mp_.graph
+    finally:
+        logger.setLevel(level)
     return {value.name: value.type for value in [*graph.input, *graph.value_info, *graph.output]}
