@@ -128,24 +128,8 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
         extra_checks = [(label, more, torch_reference(model, more)[1]) for label, more, _ in extra_checks]
     tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
     with weights_stage(Path(output).parent) as weights_dir:
-        progress(f"exporting with the {options.exporter} exporter")
-        notes: list[str] = []
-        failed: ExportError | None = None
-        try:
-            proto = torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes or {}, names,
-                                  weights_dir)
-        except ExportError as exc:
-            if not _torchscript_may_stand_in(options, exc):
-                raise
-            failed = exc
-        if failed is not None:  # outside the handler: TorchScript's own failure chains to nothing of dynamo's
-            progress(f"{failed}; exporting with the TorchScript exporter instead")
-            options = replace(options, exporter="torchscript")
-            try:
-                proto = torch_to_onnx(model, tensors, "torchscript", None, dynamic_axes or {}, names, weights_dir)
-            except ExportError as exc:
-                raise ExportError(f"{failed}; {exc} too, tried instead") from None
-            notes.append(f"{failed}: exported with the TorchScript exporter instead (opset {TORCHSCRIPT_NEWEST_OPSET})")
+        proto, options, notes = _exported_graph(model, tensors, options, dynamic_axes or {}, names, weights_dir,
+                                                progress)
         if redraw is not None and not checkpoint.low:  # a low checkpoint's own outputs are gone with its types
             feeds, reference = _redrawn(model, feeds, redraw(proto), reference)
         expanded = expand_rotary_caches(proto)
@@ -165,17 +149,7 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
             fused = fuse_norms(proto, opset=options.opset, feeds=graph_feeds(proto, feeds), targets=options.targets,
                                weights_dir=weights_dir, also=[graph_feeds(proto, f) for _, f, _ in checks[1:]])
             proto, report, outputs = fused.model, fused.report, fused.outputs
-        accuracy = []
-        if options.check:
-            progress("comparing PyTorch and ONNX Runtime outputs")
-            outputs = ort_outputs(proto, checks, outputs, weights_dir)
-            accuracy = judge(proto, checks, outputs)
-            if checkpoint.low:
-                accuracy += judge_checkpoint(proto, checkpoint, checks, outputs)
-            disagreeing = [c for c in accuracy if not c.passed]
-            if disagreeing:
-                raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {disagreeing[0].name}: "
-                                    f"{disagreeing[0].reason}; nothing was written")
+        accuracy = _compared(proto, checks, outputs, checkpoint, weights_dir, progress) if options.check else []
         conversion = None
         if options.precision.low:
             progress(f"measuring the fp32 run, converting to {options.precision.dtype} and checking it against PyTorch")
@@ -198,6 +172,45 @@ def _redrawn(model, feeds: dict[str, np.ndarray], drawn: dict[str, np.ndarray],
         return feeds, reference
     feeds = {**feeds, **drawn}
     return feeds, torch_reference(model, feeds)[1]
+
+
+def _compared(proto: onnx.ModelProto, checks: "list[Check]", outputs, checkpoint: "CheckpointChecks", weights_dir,
+              progress) -> list[ArrayComparison]:
+    """PyTorch against ONNX Runtime on every check (the fused graph's outputs when fusion ran them
+    already); raises AccuracyError, and nothing is written, where they disagree."""
+    progress("comparing PyTorch and ONNX Runtime outputs")
+    outputs = ort_outputs(proto, checks, outputs, weights_dir)
+    accuracy = judge(proto, checks, outputs)
+    if checkpoint.low:
+        accuracy += judge_checkpoint(proto, checkpoint, checks, outputs)
+    disagreeing = [c for c in accuracy if not c.passed]
+    if disagreeing:
+        raise AccuracyError(f"ONNX Runtime disagrees with PyTorch on output {disagreeing[0].name}: "
+                            f"{disagreeing[0].reason}; nothing was written")
+    return accuracy
+
+
+def _exported_graph(model, tensors, options: ExportOptions, dynamic_axes: dict, names: list[str], weights_dir,
+                    progress) -> tuple[onnx.ModelProto, ExportOptions, list[str]]:
+    """The graph from the exporter asked for, or from TorchScript where dynamo cannot capture the
+    model and TorchScript may stand in (`options` then say so, and a note says why)."""
+    progress(f"exporting with the {options.exporter} exporter")
+    failed: ExportError | None = None
+    try:
+        return torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes, names, weights_dir), \
+            options, []
+    except ExportError as exc:
+        if not _torchscript_may_stand_in(options, exc):
+            raise
+        failed = exc
+    # outside the handler: TorchScript's own failure chains to nothing of dynamo's
+    progress(f"{failed}; exporting with the TorchScript exporter instead")
+    try:
+        proto = torch_to_onnx(model, tensors, "torchscript", None, dynamic_axes, names, weights_dir)
+    except ExportError as exc:
+        raise ExportError(f"{failed}; {exc} too, tried instead") from None
+    return proto, replace(options, exporter="torchscript"), [
+        f"{failed}: exported with the TorchScript exporter instead (opset {TORCHSCRIPT_NEWEST_OPSET})"]
 
 
 def _torchscript_may_stand_in(options: ExportOptions, failure: ExportError) -> bool:
