@@ -47,7 +47,7 @@ from ticknorm.exporter.precision.targets import runner_setup
 from ticknorm.plugins import plugin_nodes
 from ticknorm.runtime.base import check_feeds, graph_input_meta
 from ticknorm.runtime.registry import RunnerSetup, Runtimes, RuntimeStatus, needs_weights, runtime_statuses
-from ticknorm.runtime.file_reference import FileReference, file_reference
+from ticknorm.runtime.file_reference import FileReference, check_reference, file_reference
 from ticknorm.runtime.trt_runner import profile_for
 from ticknorm.runtime.torch_runner import to_numpy
 from ticknorm.ticks.log import read_ticks
@@ -472,6 +472,7 @@ def _judged_setup(source, model, inputs, reference, runtimes: Runtimes, progress
     graph is read with its weights when `weights`, or (None) when the runtimes need them."""
     weights = needs_weights(runtimes.names) if weights is None else weights
     if model is None and not isinstance(reference, SavedReference):
+        check_reference(reference)
         alone = _file_alone(source, inputs, progress, weights)
         setup = _setup(source, alone.model, None, alone.feed_sets[0], runtimes, progress)
         return _Judged(alone.model, alone.feed_sets, setup,

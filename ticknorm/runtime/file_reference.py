@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ticknorm.base.errors import InputSpecError
+from ticknorm.base.errors import InputSpecError, OnnxFileError
 from ticknorm.base.inputs import graph_feeds, graph_inputs
 from ticknorm.base.node_scopes import by_node_where_unscoped
 from ticknorm.base.onnx_io import load_onnx
@@ -64,16 +64,32 @@ def file_reference(model: onnx.ModelProto, choice: str | None, setup: RunnerSetu
     precision = computing_type(model)
     if choice is None:
         return FileReference(_fp32(model), DEFAULT, precision, setup=setup, by_node=by_node)
-    if choice.endswith(".onnx") or Path(choice).is_file():
+    if names_file(choice):
         other = ensure_scopes(load_onnx(choice))
         by_node_where_unscoped(other)
         return FileReference(_fp32(other), f"{Path(choice).name} in fp32 on ort (CPU, graph optimizations off)",
                              precision, by_node=by_node)
+    check_reference(choice)
+    return FileReference(model, f"{choice} (the file as it runs there)", precision, choice, setup, by_node)
+
+
+def names_file(choice: str) -> bool:
+    return choice.endswith(".onnx") or Path(choice).is_file()
+
+
+def check_reference(choice: str | None) -> None:
+    """Refuse a `--reference` that cannot serve before any work is done: a runtime name that is
+    unknown, or one that runs the PyTorch model; an .onnx file that is not there."""
+    if choice is None:
+        return
+    if names_file(choice):
+        if not Path(choice).is_file():
+            raise OnnxFileError(f"ONNX file not found: {choice}")
+        return
     runtime_kind(choice)  # an unknown name is refused here, naming the known ones
     if runs_module(choice):
         raise InputSpecError(f"--reference {choice} runs the PyTorch model: give --model (then PyTorch is the "
                              "reference), or name an ONNX runtime or an .onnx file")
-    return FileReference(model, f"{choice} (the file as it runs there)", precision, choice, setup, by_node)
 
 
 def _fp32(model: onnx.ModelProto) -> onnx.ModelProto:
