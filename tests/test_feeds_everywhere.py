@@ -278,3 +278,20 @@ def test_a_bert_file_with_token_types_runs_against_its_folder_without_input(tmp_
         assert result.exit_code == 0, result.output
         assert "its symbolic dims at batch=2, seq=2" in result.output
     assert "token_type_ids" in (tmp_path / "bundle" / "inputs.json").read_text()
+
+
+class _ScaledIds(_RecordsIds):
+    """Ids after a float input: drawn from one generator, the ids depend on what was drawn first."""
+
+    def forward(self, scale, input_ids):  # type: ignore[override]
+        self.last = input_ids.detach().numpy().copy()
+        return super().forward(input_ids) * scale.sum()
+
+
+def test_the_ids_export_checks_are_those_every_later_command_draws(tmp_path):
+    specs = ("scale:4x3:float32", "input_ids:4x64:int64")
+    model = _ScaledIds()
+    result = api.export(model, Inputs(specs), tmp_path / "ids.onnx", api.ExportOptions(exporter="torchscript"))
+    later = Inputs(specs).feeds(onnx.load(str(tmp_path / "ids.onnx")))[0]
+    assert result.passed and later["input_ids"].max() > 2
+    np.testing.assert_array_equal(model.last, later["input_ids"])

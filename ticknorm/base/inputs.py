@@ -250,9 +250,12 @@ class Inputs:
         if not self.specs or self.file is not None or self.arrays is not None:
             return {}
         limits = index_ranges(onnx_model)
-        drawn = [spec for spec in map(parse_input_spec, self.specs)
+        drawn = [spec.name for spec in map(parse_input_spec, self.specs)
                  if spec.low is None and spec.name in limits and np.issubdtype(spec.dtype, np.integer)]
-        return feeds_from_specs(drawn, self.seed, limits) if drawn else {}
+        if not drawn:
+            return {}
+        feeds = self.feeds(onnx_model)[0]  # every spec drawn as every later command draws them, so the same ids
+        return {name: feeds[name] for name in drawn}
 
 
 def declared_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
