@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 from torch import nn
 
-from ticknorm.base.scopes import ensure_scopes, get_scope, scope_sources
+from ticknorm.base.scopes import LayerSelection, ensure_scopes, get_scope, scope_sources
 from ticknorm.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::UserWarning",
@@ -274,3 +274,13 @@ def test_an_optimum_style_decoder_alone(decoder, tmp_path):
     assert run("drift", "check", tmp_path / "b", decoder).exit_code == 0
     reported = run("report", decoder, *FAST, "--depth", "3", "-o", tmp_path / "r.html")
     assert reported.exit_code == 0, reported.output
+
+
+def test_a_callers_model_proto_is_judged_without_being_written_into(files):
+    """The scopes and node rows ticknorm reads into a file stay in its own copy."""
+    from ticknorm import api
+
+    bare = onnx.load(str(files["bare"]))
+    before = bare.SerializeToString()
+    report = api.compare(bare, None, None, runtimes=["ort"], layers=LayerSelection(depth=None))
+    assert report.passed and bare.SerializeToString() == before

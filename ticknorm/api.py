@@ -334,8 +334,14 @@ def _model_ref(model) -> ModelRef:
 
 def _onnx(source, weights: bool = True) -> onnx.ModelProto:
     """The model, every node mapped to its module (a foreign file's from its exporter's records),
-    its If branches checked against their node; without `weights`, a file's graph alone."""
-    model = source if isinstance(source, onnx.ModelProto) else load_onnx(source, weights)
+    its If branches checked against their node; without `weights`, a file's graph alone. A
+    caller's ModelProto is copied first: the scopes written here are ticknorm's reading of it, and
+    a later save or call would take them for the file's own."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+    else:
+        model = load_onnx(source, weights)
     check_branches(model, _name(source))
     return ensure_scopes(model)
 
