@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 
-from ticknorm.base.errors import OnnxFileError, RuntimeFailure, first_line
+from ticknorm.base.errors import FusionError, OnnxFileError, RuntimeFailure, first_line
 from ticknorm.base.graph import bodies, coarsest_floats, inferred_types, typed
 from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_tolerance
 from ticknorm.base.scopes import exposed
@@ -116,33 +116,18 @@ def _original_runs(model: onnx.ModelProto, feed_sets: list[dict[str, np.ndarray]
 
 def _edge_runs(models, sources: dict[str, str], edges: dict[str, dict[str, np.ndarray]], weights_dir, types):
     """(original's, fused's) outputs on each edge row: both graphs cut down to what lies between the
-    fused nodes' inputs and outputs (onnx's Extractor), so the rows reach the norms themselves; the
-    graph inputs stay inputs, for what the cut still reads of them (shapes, a mask).
-    `types`: each input's and output's element type, for those shape inference left untyped."""
+    fused nodes' inputs and outputs (`_cut`), so the rows reach the norms themselves; the graph
+    inputs stay inputs, for what the cut still reads of them (shapes, a mask). `types`: each
+    input's and output's element type, for those shape inference left untyped."""
     if not edges:
         return []
-    cuts = []
-    for model in models:
-        extractor = onnx.utils.Extractor(_extractable(model))
-        for name, elem in types.items():
-            extractor.value_infos.setdefault(name, onnx.helper.make_tensor_value_info(name, elem, None))
-        cuts.append(extractor.extract_model(list(dict.fromkeys([*sources.values(), *next(iter(edges.values()))])),
-                                            list(sources)))
+    ends = (list(dict.fromkeys(sources.values())), list(sources))
+    cuts = [_cut(model, model.graph, ends, types, list(model.graph.input)) for model in models]
+    if cuts[0] is None or cuts[1] is None:
+        raise FusionError("the graph cannot be cut down to its fused norms for the edge-row check")
     reference, _ = _original_runs(cuts[0], list(edges.values()), [], weights_dir)
     with OrtRunner(cuts[1], mapped=MappedWeights.staged(weights_dir)) as runner:
         return list(zip(reference, [runner.infer(edge).outputs for edge in edges.values()]))
-
-
-def _extractable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` as onnx's Extractor takes it: it refuses a graph with quantization annotations or
-    sparse initializers, which the cut around the norms does not need."""
-    if not model.graph.quantization_annotation and not model.graph.sparse_initializer:
-        return model
-    bare = onnx.ModelProto()
-    bare.CopyFrom(model)
-    bare.graph.ClearField("quantization_annotation")
-    bare.graph.ClearField("sparse_initializer")
-    return bare
 
 
 def _fed_sizes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, int]:
@@ -188,32 +173,44 @@ def _body_edge_checks(original: onnx.ModelProto, fused: onnx.ModelProto, inner: 
 
 
 def _body_cut(model: onnx.ModelProto, source: str, output: str, types) -> onnx.ModelProto | None:
-    """The nodes between `source` and `output` of the If/Loop body that computes `output`, as a
-    model of their own, with the initializers those nodes read from any graph (a merged decoder's
-    branches read every weight of the model: only the norm's are copied); None where none does or
-    the cut reads what it cannot hold (a graph input, a value from an enclosing body's node)."""
-    nested = [graph for _, graph in bodies(model.graph)]
-    body = next((graph for graph in nested if any(output in n.output for n in graph.node)), None)
-    if body is None:
-        return None
-    made_by = {name: index for index, node in enumerate(body.node) for name in node.output}
+    """The norm computing `output` inside an If/Loop body, cut out (`_cut`); None where no body
+    computes it or the cut reads what it cannot hold (a value from an enclosing body's node)."""
+    body = next((graph for _, graph in bodies(model.graph) if any(output in n.output for n in graph.node)), None)
+    elem_types = {name: types[name].tensor_type.elem_type for name in (source, output) if name in types}
+    return None if body is None else _cut(model, body, ([source], [output]), elem_types)
+
+
+def _cut(model: onnx.ModelProto, graph: onnx.GraphProto, ends: tuple[list[str], list[str]],
+         elem_types: dict[str, int], inputs: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto | None:
+    """The nodes of `graph` (the main graph or a body of `model`) between `ends` (sources, outputs)
+    as a model of their own, with only the initializers they read, from any graph of `model` (a
+    merged decoder's branches read every weight: only the norms' are copied), and `inputs` (graph
+    inputs the cut may still read). No shape inference runs: onnx's Extractor infers the whole
+    model, which cannot be serialized past 2 GiB. None where the cut reads anything else."""
+    sources, outputs = ends
+    made_by = {name: index for index, node in enumerate(graph.node) for name in node.output}
     kept: set[int] = set()
-    pending = [output]
+    pending = list(outputs)
     while pending:
         name = pending.pop()
-        if name != source and name in made_by and made_by[name] not in kept:
+        if name not in sources and name in made_by and made_by[name] not in kept:
             kept.add(made_by[name])
-            pending.extend(body.node[made_by[name]].input)
-    nodes = [node for index, node in enumerate(body.node) if index in kept]
+            pending.extend(graph.node[made_by[name]].input)
+    nodes = [node for index, node in enumerate(graph.node) if index in kept]
     read = {name for node in nodes for name in node.input if name}
-    weights = [t for graph in [model.graph, *nested] for t in graph.initializer if t.name in read]
-    held = {source, *(t.name for t in weights), *(name for node in nodes for name in node.output)}
-    if not read <= held or source not in types or output not in types:
+    weights = [t for each in [model.graph, *(body for _, body in bodies(model.graph))] for t in each.initializer
+               if t.name in read]
+    given = [value for value in inputs or () if value.name not in sources]
+    held = {*sources, *(value.name for value in given), *(t.name for t in weights),
+            *(name for node in nodes for name in node.output)}
+    if not read <= held or any(name not in elem_types for name in [*sources, *outputs]):
         return None
-    infos = [onnx.helper.make_tensor_value_info(name, types[name].tensor_type.elem_type, None)
-             for name in (source, output)]
-    graph = onnx.helper.make_graph(nodes, "body", infos[:1], infos[1:], weights)
-    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    def declared(names: list[str]) -> list[onnx.ValueInfoProto]:
+        return [onnx.helper.make_tensor_value_info(name, elem_types[name], None) for name in names]
+
+    cut = onnx.helper.make_graph(nodes, "cut", declared(sources) + given, declared(outputs), weights)
+    return onnx.helper.make_model(cut, opset_imports=model.opset_import, ir_version=model.ir_version,
+                                  functions=model.functions)
 
 
 def edge_feeds(feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
