@@ -33,7 +33,6 @@ resolve), so B is made the way Optimum makes it:
 """
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ from onnxruntime.transformers.optimizer import optimize_model
 from ticknorm import ExportOptions, Inputs, api
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_vs_genai import session  # noqa: E402  (one ORT CPU session at 1 thread, as the LLM table's)
+from llm_vs_genai import session, time_alternately  # noqa: E402  (1-thread ORT CPU sessions taking turns, as the LLM table's)
 
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
 SHOWN = ("LayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization", "Attention",
@@ -127,22 +126,6 @@ def max_error(runner: ort.InferenceSession, feeds: dict[str, np.ndarray], expect
     return float(np.abs(got - expected).max())
 
 
-def time_alternately(runners: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray],
-                     rounds: int) -> dict[str, float]:
-    """Median milliseconds of each file, A and B taking turns (the order flipping each round), so a
-    machine that slows down slows both."""
-    order = list(runners)
-    for name in order:
-        runners[name].run(None, feeds)  # warm-up: first-run allocations are no one's cost
-    times: dict[str, list[float]] = {name: [] for name in order}
-    for turn in range(rounds):
-        for name in order if turn % 2 == 0 else order[::-1]:
-            started = time.perf_counter()
-            runners[name].run(None, feeds)
-            times[name].append((time.perf_counter() - started) * 1000)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def report(model: transformers.BertModel, files: dict[str, Path], args) -> None:
     runners = {name: session(path) for name, path in files.items()}
     for name, path in files.items():
@@ -165,25 +148,28 @@ def shape(text: str) -> tuple[int, int]:
     return int(batch), int(length)
 
 
+def run(args: argparse.Namespace, root: Path) -> None:
+    model = build_folder(root / "bert", args.layers)
+    print(f"BERT, {args.layers} layers: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    (root / "optimized").mkdir(parents=True, exist_ok=True)
+    files = {"ticknorm": export_ticknorm(root / "bert", root / "ticknorm" / "model.onnx"),
+             "optimized": export_optimized(model, root / "optimized" / "model.onnx", args.attention)}
+    report(model, files, args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, help="where the folder and both files go (default: a temporary one)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--shapes", type=shape, nargs="+", default=[(1, 128), (8, 32)], help="BATCHxSEQ")
-    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--attention", choices=("eager", "sdpa"), default="eager",
                         help="the attention B is exported with (ORT's optimizer fuses only eager's into Attention)")
-    parser.add_argument("--workdir", type=Path, help="where the folder and both files go (default: a temporary one)")
+    parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as temporary:
-        root = args.workdir or Path(temporary)
-        model = build_folder(root / "bert", args.layers)
-        print(f"BERT, {args.layers} layers: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-              f"torch {torch.__version__}, transformers {transformers.__version__}")
-        (root / "optimized").mkdir(parents=True, exist_ok=True)
-        files = {"ticknorm": export_ticknorm(root / "bert", root / "ticknorm" / "model.onnx"),
-                 "optimized": export_optimized(model, root / "optimized" / "model.onnx", args.attention)}
-        report(model, files, args)
+        run(args, args.workdir or Path(temporary))
 
 
 if __name__ == "__main__":
