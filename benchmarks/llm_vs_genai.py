@@ -152,7 +152,7 @@ def time_alternately(runners: dict[str, ort.InferenceSession], feeds: dict[str, 
     each round), so a machine that slows down slows both."""
     order = list(runners)
     for name in order:
-        runners[name].run(["logits"], feeds)  # warm-up: first-run allocations are no step's cost
+        runners[name].run(None, feeds)  # warm-up: first-run allocations are no step's cost
     times: dict[str, list[float]] = {name: [] for name in order}
     for turn in range(rounds):
         for name in order if turn % 2 == 0 else order[::-1]:
