@@ -116,7 +116,9 @@ input_options = grouped(
     "inputs", lambda inputs, input_file, seed: Inputs(tuple(inputs), input_file, seed),
     click.option("--input", "inputs", multiple=True, metavar="NAME:DIMS[:DTYPE[:LOW..HIGH]]",
                  help="e.g. input_ids:batch=2xseq=16:int64:0..30522 (repeat per input; NAME=SIZE makes an axis "
-                      "dynamic)."),
+                      "dynamic; on an ONNX file the dtype defaults to the graph's). Commands that read an ONNX file "
+                      "build the inputs not given from the graph: its shapes, index ranges and a decoder's cache, "
+                      "the sizes chosen said in one line."),
     click.option("--input-file", type=click.Path(), default=None,
                  help=".npz with one array per input name, Polygraphy's inputs JSON (every iteration), or a bundle "
                       "folder."),
