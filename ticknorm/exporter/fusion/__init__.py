@@ -98,12 +98,13 @@ def _fused(model: onnx.ModelProto, opset: int | None, targets: NormTargets,
     the graph already read (verification would otherwise read and infer the original again)."""
     working, read = model, typed_read(model)
     typed = read.model
-    floats = {value.name: found for value, found in coarsest_floats(typed.graph, elem_type).items()
-              if value.name} if judged else None
     before = default_opset(typed)
     if opset is not None and opset < before:
         raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
     found = norms_in(typed, read.bodies)
+    fusable = any(isinstance(m, NormMatch) for _, _, results in found for m in results)
+    floats = {value.name: coarsest for value, coarsest in coarsest_floats(typed.graph, elem_type).items()
+              if value.name} if judged and fusable else None  # before any rewrite: the original's types
     target = _target_opset([m for _, _, results in found for m in results], before, opset, targets)
     if target != before:
         working = _convert(model, target)
