@@ -78,7 +78,7 @@ def typed(model: onnx.ModelProto, opset: int = 0) -> ir.Model:
     check of a fusion ask for a typed view."""
     view = ir.from_proto(model)
     inferred = inferred_types(model, opset)
-    for graph in view.graphs():
+    for graph in [view.graph, *(body for _, body in nested_graphs(view.graph))]:
         values = [*graph.inputs, *graph.initializers.values(), *(v for node in graph for v in node.outputs)]
         for value in values:
             found = inferred.get(value.name or "")
@@ -107,7 +107,7 @@ def inferred_types(model: onnx.ModelProto, opset: int = 0) -> dict[str, onnx.Typ
         skeleton = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - onnx raises bare errors; the declared types stay
         pass
-    return _value_types(skeleton.graph, {})
+    return _value_types(skeleton.graph)
 
 
 def weightless(model: onnx.ModelProto, opset: int = 0) -> onnx.ModelProto:
@@ -129,15 +129,10 @@ def weightless(model: onnx.ModelProto, opset: int = 0) -> onnx.ModelProto:
                                   ir_version=model.ir_version)
 
 
-def _value_types(graph: onnx.GraphProto, found: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:
+def _value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
     """The type of every value `graph` and its subgraphs declare, by name."""
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        found[value.name] = value.type
-    for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                _value_types(body, found)
-    return found
+    return {value.name: value.type for each in [graph, *(body for _, body in bodies(graph))]
+            for value in [*each.input, *each.value_info, *each.output]}
 
 
 def held_graphs(node: ir.Node) -> list[ir.Graph]:
