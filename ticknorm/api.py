@@ -358,8 +358,8 @@ def _file_feeds(model: onnx.ModelProto, inputs, progress: Progress = QUIET, modu
     """Every iteration's feeds for a file: the given ones (`Inputs`, or what a Python caller
     holds), completed by `module`'s task, then from the graph; the sizes chosen for symbolic dims
     nothing fixed are said on `progress`."""
-    if _given(inputs) and not isinstance(inputs, Inputs):
-        inputs = Inputs(arrays=_named_arrays(inputs, module))
+    if _given(inputs):
+        inputs = _as_inputs(inputs, module)
     complete = (lambda feeds: task_feeds(module, feeds, {}, _seed(inputs))[0]) if module is not None else None
     found = feeds_for_file(model, inputs, complete)
     if found.note:
@@ -375,10 +375,14 @@ def _feeds(inputs, module) -> tuple[dict, dict]:
     """An export's feeds (name -> array) and dynamic axes from `Inputs`, or from what a Python
     caller holds: one tensor or array, a tuple of them in forward()'s order, or a dict by name;
     completed with what `module`'s task needs (masks, decoder ids, a KV cache)."""
-    if not isinstance(inputs, Inputs):
-        inputs = Inputs(arrays=_named_arrays(inputs, module))
+    inputs = _as_inputs(inputs, module)
     feeds, axes = inputs.feeds()
     return task_feeds(module, feeds, axes, inputs.seed)
+
+
+def _as_inputs(values, module) -> Inputs:
+    """`Inputs` as given, or what a Python caller holds as named arrays."""
+    return values if isinstance(values, Inputs) else Inputs(arrays=_named_arrays(values, module))
 
 
 def _named_arrays(values, module) -> dict[str, np.ndarray]:
