@@ -24,6 +24,7 @@ from ticknorm.base.precision import PRECISIONS, Precision
 from ticknorm.base.progress import Progress
 from ticknorm.base.run_results import read_reference
 from ticknorm.base.scopes import LayerSelection
+from ticknorm.exporter.attention_target import ATTENTION_TARGETS, PLAIN
 from ticknorm.exporter.export import DEFAULT_EXPORTER, EXPORTERS, ExportOptions
 from ticknorm.exporter.fusion import RMS_TARGETS, NormTargets
 from ticknorm.exporter.model_ref import ModelRef
@@ -227,6 +228,12 @@ export_options = grouped(
                       "past_key_values.N.key/value in and present.N.* out) or text2text-generation-with-past (an "
                       "encoder-decoder's decoder step: encoder_hidden_states, encoder_attention_mask and "
                       "past_key_values.N.decoder/encoder.key/value in), as Optimum names them."),
+    click.option("--target", type=click.Choice(ATTENTION_TARGETS), default=PLAIN, show_default=True,
+                 help="A decoder's graph for its runtime: plain (its attention as the exporter writes it); ort (ONNX "
+                      "Runtime's fused ops: GroupQueryAttention with the KV cache and rotary inside, residual Add + "
+                      "RMSNorm as SkipSimplifiedLayerNormalization, Q/K/V packed into one MatMul); onnx (ONNX's own "
+                      "Attention with the KV cache inside, opset 23, Q/K/V packed). Each fused op is checked against "
+                      "PyTorch on a prefill and decode steps."),
     click.option("--streaming", type=click.Choice(STREAMING), default="auto", show_default=True,
                  help="A Hugging Face folder exported from its shards on the meta device and checked block by "
                       "block against PyTorch (each module's weights read as it runs): for models larger than "

@@ -29,6 +29,7 @@ from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_toleran
 from ticknorm.base.onnx_io import PROTOBUF_LIMIT, save_onnx, stage_weights, staged
 from ticknorm.base.optional import require
 from ticknorm.base.scopes import annotate_scopes
+from ticknorm.exporter.attention_target import ATTENTION_OPSET, ONNX, ORT, PLAIN, runnable_feeds
 from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
 from ticknorm.exporter.isolated import run_isolated
 from ticknorm.base.precision import TYPE_NAMES, Precision, coarser
@@ -70,10 +71,14 @@ class ExportOptions:
     # A Hugging Face folder exported from its shards, checked block by block (`streaming`): on, off,
     # or auto (when its fp32 weights would not fit in the memory available).
     streaming: str = "auto"
+    # A decoder's attention (and what surrounds it) as the runtime's fused ops: plain (as the
+    # exporter writes it), ort or onnx (see fused_attention)
+    target: str = PLAIN
 
     @property
     def targets(self) -> NormTargets:
-        return NormTargets(rms=self.rms_target, plugin=self.ln_target == "plugin")
+        rms = "ort" if self.target == ORT and self.rms_target == "auto" else self.rms_target
+        return NormTargets(rms=rms, plugin=self.ln_target == "plugin", skip=self.target == ORT)
 
 
 @dataclass
@@ -117,7 +122,10 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
     feeds drawn again once the graph exists (ids inside its index ranges): every check runs on those."""
     torch = require("torch", "torch")
     _check_input_names(model, feeds)
+    options = target_options(options)
     model.eval()
+    tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}  # traced as given
+    feeds, extra_checks = runnable_checks(model, feeds, extra_checks, options.target)
     progress("running the PyTorch model")
     names, reference = torch_reference(model, feeds)
     checkpoint = CheckpointChecks(module_precision(model), [("", feeds, reference), *extra_checks])
@@ -126,12 +134,11 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
         model.float()  # in place: bf16 and fp16 values are all fp32 values, so this loses nothing
         reference = torch_reference(model, feeds)[1]
         extra_checks = [(label, more, torch_reference(model, more)[1]) for label, more, _ in extra_checks]
-    tensors = {name: from_numpy(torch, array) for name, array in feeds.items()}
     with weights_stage(Path(output).parent) as weights_dir:
         proto, options, notes = _exported_graph(model, tensors, options, dynamic_axes or {}, names, weights_dir,
                                                 progress)
         if redraw is not None and not checkpoint.low:  # a low checkpoint's own outputs are gone with its types
-            feeds, reference = _redrawn(model, feeds, redraw(proto), reference)
+            feeds, reference = _redrawn(model, feeds, redraw(proto), reference, options.target)
         expanded = expand_rotary_caches(proto)
         if expanded:
             notes.append(f"RotaryEmbedding: the cos/sin caches of {expanded} node(s) expanded to the batch, as the "
@@ -165,12 +172,38 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
                         checkpoint.precision, options.precision.dtype, notes)
 
 
+def target_options(options: ExportOptions) -> ExportOptions:
+    """`options` with the opset `--target` needs; refused where its ops cannot be written."""
+    if options.target == PLAIN:
+        return options
+    if options.exporter != "dynamo":
+        raise InputSpecError(f"--target {options.target} writes its ops through the dynamo exporter; "
+                             f"--exporter {options.exporter} writes the plain form only")
+    if options.target == ONNX:
+        if options.opset is not None and options.opset < ATTENTION_OPSET:
+            raise InputSpecError(f"--target onnx writes ONNX's Attention, which opset {ATTENTION_OPSET} brought; "
+                                 f"--opset {options.opset} has none")
+        return replace(options, opset=options.opset or ATTENTION_OPSET)
+    return options
+
+
+def runnable_checks(model, feeds: dict[str, np.ndarray], extra_checks, target: str):
+    """The feeds and extra checks as `target`'s fused ops take them (`runnable_feeds`), each cut
+    one with PyTorch's outputs on what it became."""
+    checks = []
+    for label, more, expected in extra_checks:
+        runnable = runnable_feeds(more, target)
+        checks.append((label, runnable, expected if runnable is more else torch_reference(model, runnable)[1]))
+    return runnable_feeds(feeds, target), checks
+
+
 def _redrawn(model, feeds: dict[str, np.ndarray], drawn: dict[str, np.ndarray],
-             reference: list[np.ndarray]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """`feeds` with the `drawn` arrays in place, and PyTorch's outputs on them."""
+             reference: list[np.ndarray], target: str) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """`feeds` with the `drawn` arrays in place (as `target`'s ops run them), and PyTorch's outputs
+    on them."""
     if not drawn:
         return feeds, reference
-    feeds = {**feeds, **drawn}
+    feeds = runnable_feeds({**feeds, **drawn}, target)
     return feeds, torch_reference(model, feeds)[1]
 
 
@@ -194,11 +227,14 @@ def _exported_graph(model, tensors, options: ExportOptions, dynamic_axes: dict, 
                     progress) -> tuple[onnx.ModelProto, ExportOptions, list[str]]:
     """The graph from the exporter asked for, or from TorchScript where dynamo cannot capture the
     model and TorchScript may stand in (`options` then say so, and a note says why)."""
+    from ticknorm.exporter.fused_attention import fused_attention
+
     progress(f"exporting with the {options.exporter} exporter")
     failed: ExportError | None = None
     try:
-        return torch_to_onnx(model, tensors, options.exporter, options.opset, dynamic_axes, names, weights_dir), \
-            options, []
+        with fused_attention(model, options.target) as traced:
+            return torch_to_onnx(traced, tensors, options.exporter, options.opset, dynamic_axes, names,
+                                 weights_dir), options, []
     except ExportError as exc:
         if not _torchscript_may_stand_in(options, exc):
             raise

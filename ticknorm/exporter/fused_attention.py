@@ -1,0 +1,315 @@
+"""Each decoder layer's attention written as one op with its KV cache, while the dynamo exporter
+traces the model.
+
+Matching a decomposed attention after the export (onnxscript's `ort_fusions` does) depends on how
+each transformers version and exporter spelled it, and it found MultiHeadAttention where ONNX
+Runtime's fast decode op is GroupQueryAttention (it then decoded slower than the plain graph).
+Here the attention modules themselves (Llama's form: q/k/v/o projections, rotary position
+embeddings, a cache layer per module; Llama, Qwen2/3, Mistral, Gemma 1/2, Granite and their kin)
+are traced through a forward that calls one op, while the model's own mask and rotary code go
+dead and leave the graph:
+
+- `ort`: ONNX Runtime's `com.microsoft` GroupQueryAttention on the packed Q/K/V projection, the
+  rotary embedding inside it (from cos/sin caches of the model's own rotary module), the cache
+  concatenated inside it; the attention mask as its additive `attention_bias`, so left-padded
+  batches keep PyTorch's numbers. Its CPU kernel takes a prompt continued on a cache at batch 1
+  only (`attention_target.runnable_feeds`).
+- `onnx`: ONNX's own `Attention` (opset 23): past and present inside it, grouped KV heads, the
+  mask as a boolean input; Q/K/V packed, rotary left to the exporter (RotaryEmbedding at 23).
+
+The op keeps its module scope (it is called inside the attention module's forward): profiles and
+per-module checks map it to `model.layers.N.self_attn`. The PyTorch model is patched only while
+the exporter traces it; every reference output comes from the untouched model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ticknorm.base.errors import InputSpecError
+from ticknorm.exporter.attention_target import ATTENTION_TARGETS, ORT, PLAIN
+
+_GQA = "com.microsoft::GroupQueryAttention"
+_ROTARY_MULTIPLE = 16  # GroupQueryAttention's rotary takes head sizes in multiples of 16
+# rotary types whose cos/sin depend on the sequence seen so far: no one cache serves every step
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What one attention module's fused op needs to know about it."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    softcap: float  # 0: none
+    window: int  # sliding window in tokens, the current one included; 0: none
+    normed: bool  # Qwen3/OLMo-style q_norm and k_norm on each head before the rotary
+
+
+@dataclass
+class StepValues:
+    """What every layer's op takes, computed once per traced step from the graph's inputs."""
+
+    total: object  # SymInt: past + sequence
+    total_int32: torch.Tensor  # a scalar
+    seqlens_k: torch.Tensor  # (batch,) int32: total - 1, the cache is read through the mask
+    bias: torch.Tensor  # (batch, 1, sequence, total) float, 0 or the type's lowest: padding only
+    allowed: torch.Tensor  # (batch, 1, sequence, total) bool: causal and padding (ONNX Attention)
+    rows: torch.Tensor  # (sequence, 1): each query's position
+    position_ids: torch.Tensor | None  # the graph's own, when it takes them
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules written in Llama's form that this module can fuse."""
+    return [module for module in model.modules()
+            if all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "head_dim"))
+            and isinstance(module.q_proj, nn.Linear)]
+
+
+def _rotary_module(model: nn.Module, architecture: str) -> nn.Module:
+    found = [module for name, module in model.named_modules() if name.endswith("rotary_emb")]
+    if len(found) != 1:
+        raise InputSpecError(f"{architecture}: {len(found)} rotary embedding modules where one serves every layer; "
+                             "export it with --target plain")
+    rope = getattr(found[0], "rope_type", "default")
+    if rope in _DYNAMIC_ROPE:
+        raise InputSpecError(f"{architecture}'s rotary embedding is '{rope}' (its cos/sin depend on the sequence); "
+                             "export it with --target plain")
+    return found[0]
+
+
+def _layer_shape(module: nn.Module) -> LayerShape:
+    config = module.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    window = getattr(module, "sliding_window", None)
+    if window is None and not hasattr(module, "layer_type"):  # Mistral: the config's, every layer
+        window = getattr(config, "sliding_window", None)
+    normed = hasattr(module, "q_norm") and hasattr(module, "k_norm")
+    return LayerShape(heads, kv_heads, module.head_dim, float(module.scaling),
+                      float(getattr(module, "attn_logit_softcapping", None) or 0.0), int(window or 0), normed)
+
+
+def _check_fusable(modules: list[nn.Module], architecture: str) -> None:
+    if not modules:
+        raise InputSpecError(f"{architecture} has no attention written as q/k/v/o projections with rotary position "
+                             "embeddings (Llama's form): export it with --target plain")
+    for module in modules:
+        if not getattr(module, "is_causal", True):
+            raise InputSpecError(f"{architecture}'s attention is bidirectional: the fused ops are causal; "
+                                 "export it with --target plain")
+
+
+@contextlib.contextmanager
+def fused_attention(graph: nn.Module, target: str) -> Iterator[nn.Module]:
+    """`graph` (an `HfGraph`) to trace with each attention written as `target`'s op; the model is
+    itself again on leaving. `plain` gives `graph` back untouched."""
+    if target not in ATTENTION_TARGETS:
+        raise InputSpecError(f"unknown attention target '{target}'; choose one of: {', '.join(ATTENTION_TARGETS)}")
+    if target == PLAIN:
+        yield graph
+        return
+    if not hasattr(graph, "hf"):
+        raise InputSpecError(f"--target {target} fuses the attention of Hugging Face decoders; this model is a "
+                             f"{type(graph).__name__}: export it with --target plain")
+    architecture = type(graph.hf).__name__
+    modules = attention_modules(graph.hf)
+    _check_fusable(modules, architecture)
+    rotary = _rotary_module(graph.hf, architecture)
+    tracer = FusedAttentionGraph(graph)
+    with contextlib.ExitStack() as stack:
+        caches = stack.enter_context(_rotary_caches(rotary)) if target == ORT else None
+        for module in modules:
+            stack.enter_context(_patched(module, tracer, target, caches))
+        yield tracer
+
+
+class FusedAttentionGraph(nn.Module):
+    """`graph` as the exporter traces it: each step's shared values computed from its inputs
+    first, for every layer's op. Holds `graph`'s modules under their own names, so scopes and
+    weights keep theirs."""
+
+    def __init__(self, graph: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "graph", graph)
+        self._modules, self._parameters, self._buffers = graph._modules, graph._parameters, graph._buffers
+        self.step: StepValues | None = None
+
+    def export_arguments(self, tensors: dict, dynamic_axes: dict):
+        return self.graph.export_arguments(tensors, dynamic_axes)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None):
+        """A decoder step's inputs, named (not `**kwargs`: torch.export guards a dict of tensors by a
+        name its guard code cannot resolve)."""
+        self.step = _step_values(input_ids, attention_mask, position_ids, past_key_values)
+        try:
+            return self.graph(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values)
+        finally:
+            self.step = None
+
+
+def _step_values(input_ids, attention_mask, position_ids, past) -> StepValues:
+    sequence = input_ids.shape[1]
+    if attention_mask is None:  # no mask: every token of the past and of the step is seen
+        past_length = past[0][0].shape[2] if past else 0
+        attention_mask = torch.ones((input_ids.shape[0], past_length + sequence), dtype=torch.int64)
+    total_int32 = torch.ones_like(attention_mask[0]).sum().to(torch.int32)
+    seen = attention_mask[:, None, None, :].bool()
+    total = attention_mask.shape[1]
+    rows = torch.arange(sequence)[:, None] + (total - sequence)
+    causal = torch.arange(total)[None, :] <= rows
+    lowest = torch.finfo(torch.float32).min
+    bias = torch.where(seen, 0.0, lowest).expand(-1, 1, sequence, -1)
+    return StepValues(total, total_int32, (torch.ones_like(attention_mask).sum(-1) - 1).to(torch.int32),
+                      bias, seen & causal, rows, position_ids)
+
+
+@contextlib.contextmanager
+def _rotary_caches(rotary: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """GroupQueryAttention's cos and sin caches, (max positions, rotary dim / 2): the model's own
+    rotary module's values (its scaling included) at every position it was made for, held as its
+    buffers while the exporter traces, so one initializer each serves every layer."""
+    positions = int(rotary.max_seq_len_cached)
+    inv_freq = rotary.inv_freq
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros((), dtype=inv_freq.dtype), torch.arange(positions)[None])
+    half = cos.shape[-1] // 2
+    names = ("cos_cache", "sin_cache")
+    for name, values in zip(names, (cos, sin)):
+        rotary.register_buffer(name, values[0, :, :half].float().contiguous(), persistent=False)
+    try:
+        yield rotary.cos_cache, rotary.sin_cache
+    finally:
+        for name in names:
+            delattr(rotary, name)
+
+
+@contextlib.contextmanager
+def _patched(module: nn.Module, tracer: FusedAttentionGraph, target: str, caches) -> Iterator[None]:
+    """`module` traced through the fused forward for `target`, its Q/K/V weights packed into one
+    buffer of its own (one MatMul, named after the module)."""
+    shape = _layer_shape(module)
+    projections = (module.q_proj, module.k_proj, module.v_proj)
+    module.register_buffer("qkv_weight", torch.cat([p.weight for p in projections]).detach(), persistent=False)
+    biases = [p.bias for p in projections]
+    if any(b is not None for b in biases):
+        module.register_buffer("qkv_bias", torch.cat([b if b is not None else p.weight.new_zeros(p.out_features)
+                                                      for b, p in zip(biases, projections)]).detach(),
+                               persistent=False)
+    forward = _gqa_forward if target == ORT else _onnx_forward
+    def traced(self, hidden_states, position_embeddings=None, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        return forward(self, hidden_states, Layer(tracer.step, shape, caches or position_embeddings, cache))
+
+    module.forward = types.MethodType(traced, module)
+    try:
+        yield
+    finally:
+        del module.forward
+        for name in ("qkv_weight", "qkv_bias"):
+            if hasattr(module, name):
+                delattr(module, name)
+
+
+def _packed(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return F.linear(hidden_states, module.qkv_weight, getattr(module, "qkv_bias", None))
+
+
+def _split_heads(module: nn.Module, shape: LayerShape, qkv: torch.Tensor):
+    """Q, K, V as (batch, sequence, heads, head_dim), each head normed where the model norms it."""
+    batch, sequence = qkv.shape[:2]
+    q, k, v = qkv.split([shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim,
+                         shape.kv_heads * shape.head_dim], dim=-1)
+    q, k, v = (t.reshape(batch, sequence, -1, shape.head_dim) for t in (q, k, v))
+    if shape.normed:
+        q, k = module.q_norm(q), module.k_norm(k)
+    return q, k, v
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One attention call as the fused forward sees it."""
+
+    step: StepValues
+    shape: LayerShape
+    rotary: tuple  # ort: the cos/sin caches by position; onnx: the model's cos/sin for this step
+    cache: object  # the model's cache (None without one)
+
+    def cache_layer(self, module: nn.Module):
+        """`module`'s layer of the cache (None without one): its keys and values are the past in,
+        and are set to the op's present."""
+        return None if self.cache is None else self.cache.layers[module.layer_idx]
+
+
+def _gqa_forward(module, hidden_states, call: Layer):
+    step, shape, caches = call.step, call.shape, call.rotary
+    batch, sequence = hidden_states.shape[:2]
+    qkv = _packed(module, hidden_states)
+    rotate_inside = shape.head_dim % _ROTARY_MULTIPLE == 0
+    if shape.normed or not rotate_inside:
+        q, k, v = _split_heads(module, shape, qkv)
+        if not rotate_inside:  # the model's own rotary, on this step's positions, outside the op
+            q, k = _rotated(q, k, caches, step, sequence)
+        query, key, value = (t.reshape(batch, sequence, -1) for t in (q, k, v))
+    else:
+        query, key, value = qkv, None, None
+    layer = call.cache_layer(module)
+    past = (layer.keys, layer.values) if layer is not None else (None, None)
+    cos, sin = caches
+    attributes = dict(num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scale,
+                      do_rotary=int(rotate_inside), rotary_interleaved=0, softcap=shape.softcap,
+                      local_window_size=shape.window - 1 if shape.window else -1)
+    present = (batch, shape.kv_heads, step.total, shape.head_dim)
+    output, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
+        _GQA, [query, key, value, *past, step.seqlens_k, step.total_int32,
+               cos if rotate_inside else None, sin if rotate_inside else None,
+               step.position_ids if rotate_inside else None, step.bias],
+        attributes, dtypes=[hidden_states.dtype] * 3,
+        shapes=[(batch, sequence, shape.heads * shape.head_dim), present, present], version=1)
+    if layer is not None:
+        layer.keys, layer.values = present_key, present_value
+    return module.o_proj(output), None
+
+
+def _rotated(q, k, caches, step: StepValues, sequence: int):
+    """Q and K (batch, sequence, heads, head_dim) rotated by the caches at this step's positions
+    (half-split rotation, as Llama's `rotate_half`)."""
+    cos, sin = caches
+    positions = step.position_ids if step.position_ids is not None else step.rows.reshape(1, sequence)
+    cos, sin = (torch.cat([c[positions], c[positions]], dim=-1)[:, :, None, :] for c in (cos, sin))
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _onnx_forward(module, hidden_states, call: Layer):
+    """ONNX's Attention: past and present inside it, grouped KV heads by their count, the mask
+    (causal, padding, the sliding window) as a boolean input; the model's own rotary before it."""
+    step, shape = call.step, call.shape
+    batch, sequence = hidden_states.shape[:2]
+    q, k, v = (t.transpose(1, 2) for t in _split_heads(module, shape, _packed(module, hidden_states)))
+    cos, sin = (t.unsqueeze(1) for t in call.rotary)
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    allowed = step.allowed
+    if shape.window:
+        allowed = allowed & (torch.arange(step.total)[None, :] > step.rows - shape.window)
+    layer = call.cache_layer(module)
+    past = (layer.keys, layer.values) if layer is not None else (None, None)
+    output, present_key, present_value, _ = torch.onnx.ops.attention(
+        q, k, v, allowed, *past, scale=shape.scale, softcap=shape.softcap)
+    if layer is not None:
+        layer.keys, layer.values = present_key, present_value
+    return module.o_proj(output.transpose(1, 2).reshape(batch, sequence, -1)), None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
