@@ -127,7 +127,7 @@ def fused_attention(graph: nn.Module, target: str) -> Iterator[nn.Module]:
     rotary = _rotary_module(graph.hf, architecture)
     tracer = FusedAttentionGraph(graph)
     with contextlib.ExitStack() as stack:
-        caches = stack.enter_context(_rotary_caches(rotary)) if target == ORT else None
+        caches = stack.enter_context(_rotary_caches(rotary))
         for module in modules:
             stack.enter_context(_patched(module, tracer, target, caches))
         yield tracer
@@ -209,7 +209,7 @@ def _patched(module: nn.Module, tracer: FusedAttentionGraph, target: str, caches
     forward = _gqa_forward if target == ORT else _onnx_forward
     def traced(self, hidden_states, position_embeddings=None, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        return forward(self, hidden_states, Layer(tracer.step, shape, caches or position_embeddings, cache))
+        return forward(self, hidden_states, Layer(tracer.step, shape, caches, cache))
 
     module.forward = types.MethodType(traced, module)
     try:
@@ -242,7 +242,7 @@ class Layer:
 
     step: StepValues
     shape: LayerShape
-    rotary: tuple  # ort: the cos/sin caches by position; onnx: the model's cos/sin for this step
+    rotary: tuple[torch.Tensor, torch.Tensor]  # the cos/sin caches by position
     cache: object  # the model's cache (None without one)
 
     def cache_layer(self, module: nn.Module):
@@ -257,10 +257,9 @@ def _gqa_forward(module, hidden_states, call: Layer):
     qkv = _packed(module, hidden_states)
     rotate_inside = shape.head_dim % _ROTARY_MULTIPLE == 0
     if shape.normed or not rotate_inside:
-        q, k, v = _split_heads(module, shape, qkv)
-        if not rotate_inside:  # the model's own rotary, on this step's positions, outside the op
-            q, k = _rotated(q, k, caches, step, sequence)
-        query, key, value = (t.reshape(batch, sequence, -1) for t in (q, k, v))
+        query, key, value = (t.reshape(batch, sequence, -1) for t in _split_heads(module, shape, qkv))
+        if not rotate_inside:  # ONNX Runtime's own rotary op, outside the attention
+            query, key = (_ort_rotary(t, heads, call) for t, heads in ((query, shape.heads), (key, shape.kv_heads)))
     else:
         query, key, value = qkv, None, None
     layer = call.cache_layer(module)
@@ -281,13 +280,19 @@ def _gqa_forward(module, hidden_states, call: Layer):
     return module.o_proj(output), None
 
 
-def _rotated(q, k, caches, step: StepValues, sequence: int):
-    """Q and K (batch, sequence, heads, head_dim) rotated by the caches at this step's positions
-    (half-split rotation, as Llama's `rotate_half`)."""
-    cos, sin = caches
-    positions = step.position_ids if step.position_ids is not None else step.rows.reshape(1, sequence)
-    cos, sin = (torch.cat([c[positions], c[positions]], dim=-1)[:, :, None, :] for c in (cos, sin))
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+def _positions(step: StepValues, batch: int, sequence: int) -> torch.Tensor:
+    """(batch, sequence) int64: the graph's position_ids, or each token's place after the past."""
+    if step.position_ids is not None:
+        return step.position_ids
+    return step.rows.reshape(1, sequence).expand(batch, sequence)
+
+
+def _ort_rotary(x: torch.Tensor, heads: int, call: Layer) -> torch.Tensor:
+    """ONNX Runtime's RotaryEmbedding on (batch, sequence, heads * head_dim)."""
+    cos, sin = call.rotary
+    return torch.onnx.ops.symbolic(
+        "com.microsoft::RotaryEmbedding", [x, _positions(call.step, *x.shape[:2]), cos, sin],
+        dict(num_heads=heads, interleaved=0), dtype=x.dtype, shape=x.shape, version=1)
 
 
 def _onnx_forward(module, hidden_states, call: Layer):
@@ -296,8 +301,8 @@ def _onnx_forward(module, hidden_states, call: Layer):
     step, shape = call.step, call.shape
     batch, sequence = hidden_states.shape[:2]
     q, k, v = (t.transpose(1, 2) for t in _split_heads(module, shape, _packed(module, hidden_states)))
-    cos, sin = (t.unsqueeze(1) for t in call.rotary)
-    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    positions = _positions(step, batch, sequence)
+    q, k = (torch.onnx.ops.rotary_embedding(t, *call.rotary, positions) for t in (q, k))
     allowed = step.allowed
     if shape.window:
         allowed = allowed & (torch.arange(step.total)[None, :] > step.rows - shape.window)
@@ -308,8 +313,3 @@ def _onnx_forward(module, hidden_states, call: Layer):
     if layer is not None:
         layer.keys, layer.values = present_key, present_value
     return module.o_proj(output.transpose(1, 2).reshape(batch, sequence, -1)), None
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
