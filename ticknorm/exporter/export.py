@@ -31,6 +31,7 @@ from ticknorm.base.optional import require
 from ticknorm.base.scopes import annotate_scopes
 from ticknorm.exporter.attention_target import ATTENTION_OPSET, ONNX, ORT, PLAIN, runnable_feeds
 from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
+from ticknorm.exporter.fusion.skip import skip_fused
 from ticknorm.exporter.isolated import run_isolated
 from ticknorm.base.precision import TYPE_NAMES, Precision, coarser
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
@@ -78,7 +79,7 @@ class ExportOptions:
     @property
     def targets(self) -> NormTargets:
         rms = "ort" if self.target == ORT and self.rms_target == "auto" else self.rms_target
-        return NormTargets(rms=rms, plugin=self.ln_target == "plugin", skip=self.target == ORT)
+        return NormTargets(rms=rms, plugin=self.ln_target == "plugin")
 
 
 @dataclass
@@ -156,6 +157,9 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
             fused = fuse_norms(proto, opset=options.opset, feeds=graph_feeds(proto, feeds), targets=options.targets,
                                weights_dir=weights_dir, also=[graph_feeds(proto, f) for _, f, _ in checks[1:]])
             proto, report, outputs = fused.model, fused.report, fused.outputs
+            if options.target == ORT:
+                proto, report.skips = skip_fused(proto)
+                outputs = outputs if not report.skips else None  # the graph changed: checked anew
         accuracy = _compared(proto, checks, outputs, checkpoint, weights_dir, progress) if options.check else []
         conversion = None
         if options.precision.low:

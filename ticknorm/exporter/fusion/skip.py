@@ -1,0 +1,78 @@
+"""A residual Add that feeds a fused norm, fused into it: ONNX Runtime's SkipLayerNormalization and
+SkipSimplifiedLayerNormalization (`com.microsoft`), for graphs meant for ONNX Runtime only.
+
+ONNX Runtime fuses these itself when a session starts at its extended level, but only there: a
+graph written with them states what runs (the GenAI builder writes them), and a session with
+basic optimizations still runs one kernel instead of two. The node takes the Add's two inputs and
+gives the sum as its fourth output, to every other reader of the Add (the next residual).
+"""
+
+import onnx
+import onnx_ir as ir
+
+from ticknorm.base.graph import FreshNames
+from ticknorm.base.scopes import SCOPE_KEY
+from ticknorm.base.write_back import written_back
+from ticknorm.exporter.fusion.typed import typed_read
+
+ORT_DOMAIN = "com.microsoft"
+SKIP_OPS = {"LayerNormalization": "SkipLayerNormalization",
+            "SimplifiedLayerNormalization": "SkipSimplifiedLayerNormalization"}
+_INPUT_RANK = 3  # (batch, sequence, hidden): the Skip ops' input
+
+
+def skip_fused(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """`model` with its residual Adds fused into the norms they feed, and how many. Run after the
+    norms' own verification, which cuts the graph at each norm's input: the Skip node computes
+    that input itself; what checks the result is the run of the whole graph against PyTorch."""
+    read = typed_read(model)
+    graph = read.model.graph
+    fused = fuse_skips(graph, FreshNames(graph, []))
+    return (written_back(read), fused) if fused else (model, 0)
+
+
+def fuse_skips(graph: ir.Graph, names: FreshNames) -> int:
+    """Rewrite, in place, each norm over the last axis of a rank-3 Add of two same-shaped tensors;
+    returns how many. The fused node keeps the norm's name stem, outputs and scope."""
+    fused = 0
+    for node in list(graph):
+        add = _residual_add(node)
+        if add is None:
+            continue
+        epsilon = node.attributes.get("epsilon")
+        attributes = {} if epsilon is None else {"epsilon": epsilon.as_float()}
+        skip = ir.node(SKIP_OPS[node.op_type], [*add.inputs, *node.inputs[1:]], attributes=attributes,
+                       domain=ORT_DOMAIN, num_outputs=4, name=names.fresh(f"{node.name}_skip"))
+        for output in skip.outputs[1:3]:
+            output.name = ""  # mean and inverse std: not written
+        skip.metadata_props[SCOPE_KEY] = node.metadata_props.get(SCOPE_KEY, add.metadata_props.get(SCOPE_KEY, ""))
+        ir.convenience.replace_nodes_and_values(graph, add, [add, node], [skip], [add.outputs[0], node.outputs[0]],
+                                                [skip.outputs[3], skip.outputs[0]])
+        fused += 1
+    if fused:
+        graph.opset_imports.setdefault(ORT_DOMAIN, 1)
+    return fused
+
+
+def _residual_add(node: ir.Node) -> ir.Node | None:
+    """The Add a norm `node` can take in, or None: a plain norm over the last axis whose scale
+    (and bias) are weights, fed by an Add of two rank-3 tensors of one shape (the Skip ops
+    broadcast nothing else)."""
+    if node.op_type not in SKIP_OPS or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+        return None
+    axis = node.attributes.get("axis")
+    if axis is not None and axis.as_int() not in (-1, _INPUT_RANK - 1):
+        return None
+    if any(value is None or value.const_value is None or value.shape is None or value.shape.rank() != 1
+           for value in node.inputs[1:]):
+        return None
+    add = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None
+    first, second = add.inputs
+    shapes = [value.shape if value is not None else None for value in (first, second)]
+    if shapes[0] is None or shapes[0].rank() != _INPUT_RANK or shapes[0] != shapes[1]:
+        return None
+    if any(value.const_value is not None for value in (first, second)):
+        return None
+    return add
