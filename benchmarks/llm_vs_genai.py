@@ -3,7 +3,8 @@
 timed alternately in one run on ONNX Runtime CPU, 1 thread: a decode step at past 256 and at past
 2048, and a prefill of 128 tokens. Prints the three ratios ticknorm/builder, each file's node count
 and fused ops, and each file's max error against PyTorch's logits (a prefill, then a decode step
-fed by the file's own cache). Issue 31's table; this measures the gap, it closes nothing.
+fed by the file's own cache). Issue 31's table: ticknorm's file is `export --target ort` (the
+fused form); `--targets ort plain` times the plain form beside it.
 
     python benchmarks/llm_vs_genai.py                      # hidden 512, 4 layers (issue 31's model)
     python benchmarks/llm_vs_genai.py --width 8b           # Llama-3-8B width, 2 layers: 3 x 5.6 GB on disk, ~4 min
@@ -33,6 +34,7 @@ import torch
 import transformers
 
 from ticknorm import ExportOptions, Inputs, api
+from ticknorm.exporter.attention_target import ATTENTION_TARGETS, ORT
 
 WIDTHS = {
     "table": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
@@ -65,12 +67,12 @@ def build_folder(folder: Path, width: str) -> transformers.LlamaForCausalLM:
     return model
 
 
-def export_ticknorm(folder: Path, out: Path) -> Path:
+def export_ticknorm(folder: Path, out: Path, target: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result = api.export(str(folder), Inputs(("input_ids:batch=2xseq=8:int64",)), out,
-                        ExportOptions(task="text-generation-with-past"))
-    print(f"ticknorm export: {time.perf_counter() - started:.1f} s, passed {result.passed}")
+                        ExportOptions(task="text-generation-with-past", target=target))
+    print(f"ticknorm export --target {target}: {time.perf_counter() - started:.1f} s, passed {result.passed}")
     return out
 
 
@@ -175,8 +177,9 @@ def report(reference: Reference, files: dict[str, Path], args) -> None:
     for label, feeds in cases:
         medians = time_alternately(runners, feeds, args.rounds)
         line = ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
-        ratio = f" = ticknorm / builder x{medians['ticknorm'] / medians['builder']:.2f}" if len(medians) == 2 else ""
-        print(f"{label}: {line}{ratio}")
+        ratios = "".join(f"; {name} / builder x{ms / medians['builder']:.2f}" for name, ms in medians.items()
+                         if name != "builder" and "builder" in medians)
+        print(f"{label}: {line}{ratios}")
 
 
 def main() -> None:
@@ -185,6 +188,8 @@ def main() -> None:
     parser.add_argument("--pasts", type=int, nargs="+", default=[256, 2048])
     parser.add_argument("--prefill", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--targets", nargs="+", choices=ATTENTION_TARGETS, default=[ORT],
+                        help="ticknorm's forms to time (export --target)")
     parser.add_argument("--workdir", type=Path, help="where the folder and both files go (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -195,7 +200,8 @@ def main() -> None:
         print(f"Llama {args.width}: {WIDTHS[args.width]}, {params:.1f}M params")
         reference = Reference.of(model, args.prefill)
         del model
-        files = {"ticknorm": export_ticknorm(root / "llama", root / "ticknorm" / "model.onnx")}
+        files = {f"ticknorm {target}": export_ticknorm(root / "llama", root / f"ticknorm-{target}" / "model.onnx",
+                                                       target) for target in args.targets}
         built = export_builder(root / "llama", root / "builder")
         if built is not None:
             files["builder"] = built

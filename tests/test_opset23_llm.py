@@ -8,12 +8,10 @@ Face model's and the same tokens."""
 
 from collections import Counter
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-import torch
 from click.testing import CliRunner
+from decoding import assert_cached_decode, assert_recomputed_decode
 from hf_models import build
 
 from ticknorm.cli import main
@@ -21,7 +19,6 @@ from ticknorm.cli import main
 ARCHITECTURES = ["LlamaForCausalLM", "Qwen2ForCausalLM"]
 TASKS = ["default", "text-generation-with-past"]
 STEPS = 3
-ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -45,28 +42,6 @@ def exported(tmp_path_factory):
     return get
 
 
-def _mask(batch: int, length: int) -> np.ndarray:
-    """Ones, except the second row's first two tokens: a left-padded batch, as generation pads."""
-    mask = np.ones((batch, length), np.int64)
-    mask[1:, :2] = 0
-    return mask
-
-
-def _ids(model, batch: int, length: int) -> np.ndarray:
-    return np.random.default_rng(batch).integers(0, model.config.vocab_size, (batch, length))
-
-
-def _assert_logits(actual: np.ndarray, expected: np.ndarray, mask: np.ndarray) -> None:
-    """Logits agree on every position that is a token (a padded position's row is masked out
-    entirely, and what a runtime writes there is no one's answer)."""
-    kept = mask[:, -actual.shape[1]:].astype(bool)
-    np.testing.assert_allclose(actual[kept], expected[kept], atol=ATOL, rtol=0)
-
-
-def _session(path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("task", TASKS)
 def test_the_export_keeps_opset_23s_ops_and_says_what_it_rewrote(exported, architecture, task):
@@ -84,25 +59,7 @@ def test_the_export_keeps_opset_23s_ops_and_says_what_it_rewrote(exported, archi
 @pytest.mark.parametrize("batch", [1, 2])
 def test_with_past_greedy_decode_matches_pytorch(exported, architecture, batch):
     model, path, _ = exported(architecture, "text-generation-with-past")
-    runner, config = _session(path), model.config
-    outputs = [o.name for o in runner.get_outputs()]
-    ids, mask = _ids(model, batch, 6), _mask(batch, 6)
-    head = config.hidden_size // config.num_attention_heads
-    past = {f"past_key_values.{layer}.{kind}": np.zeros((batch, config.num_key_value_heads, 0, head), np.float32)
-            for layer in range(config.num_hidden_layers) for kind in ("key", "value")}
-    cache, tokens = None, ids
-    for _ in range(1 + STEPS):  # the prefill, then each decode step
-        got = dict(zip(outputs, runner.run(None, {"input_ids": tokens, "attention_mask": mask, **past})))
-        with torch.no_grad():
-            expected = model(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask),
-                             cache=cache, use_cache=True)
-        _assert_logits(got["logits"], expected.logits.numpy(), mask)
-        tokens, cache = got["logits"][:, -1:].argmax(-1), expected.cache
-        assert np.array_equal(tokens, expected.logits[:, -1:].argmax(-1).numpy())
-        past = {name.replace("present", "past_key_values", 1): value for name, value in got.items()
-                if name.startswith("present.")}
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-    assert next(iter(past.values())).shape[2] == 6 + STEPS
+    assert_cached_decode(model, path, batch, STEPS)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -110,14 +67,4 @@ def test_with_past_greedy_decode_matches_pytorch(exported, architecture, batch):
 def test_without_cache_greedy_decode_matches_pytorch(exported, architecture, batch):
     """The task without a cache decodes by running the whole sequence again each step."""
     model, path, _ = exported(architecture, "default")
-    runner = _session(path)
-    ids = _ids(model, batch, 5)
-    for _ in range(STEPS):
-        mask = _mask(batch, ids.shape[1])
-        logits = runner.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
-        with torch.no_grad():
-            expected = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
-        _assert_logits(logits, expected, mask)
-        token = logits[:, -1:].argmax(-1)
-        assert np.array_equal(token, expected[:, -1:].argmax(-1))
-        ids = np.concatenate([ids, token], axis=1)
+    assert_recomputed_decode(model, path, batch, STEPS)

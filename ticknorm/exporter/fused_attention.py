@@ -61,7 +61,7 @@ class StepValues:
 
     total: object  # SymInt: past + sequence
     total_int32: torch.Tensor  # a scalar
-    seqlens_k: torch.Tensor  # (batch,) int32: total - 1, the cache is read through the mask
+    seqlens_k: torch.Tensor  # (batch,) int32: total - 1, every row's cache read to its end
     bias: torch.Tensor  # (batch, 1, sequence, total) float, 0 or the type's lowest: padding only
     allowed: torch.Tensor  # (batch, 1, sequence, total) bool: causal and padding (ONNX Attention)
     rows: torch.Tensor  # (sequence, 1): each query's position
@@ -127,9 +127,9 @@ def fused_attention(graph: nn.Module, target: str) -> Iterator[nn.Module]:
     rotary = _rotary_module(graph.hf, architecture)
     tracer = FusedAttentionGraph(graph)
     with contextlib.ExitStack() as stack:
-        caches = stack.enter_context(_rotary_caches(rotary))
+        holder = stack.enter_context(_rotary_caches(rotary))
         for module in modules:
-            stack.enter_context(_patched(module, tracer, target, caches))
+            stack.enter_context(_patched(module, tracer, target, holder))
         yield tracer
 
 
@@ -159,26 +159,28 @@ class FusedAttentionGraph(nn.Module):
 
 
 def _step_values(input_ids, attention_mask, position_ids, past) -> StepValues:
-    sequence = input_ids.shape[1]
+    """Written with the fewest nodes each (a decode step runs them all): the total length from the
+    mask's shape, every row's cache read to its end (padding is the bias's job), the bias one
+    Cast, Sub and Mul of the mask."""
+    batch, sequence = input_ids.shape
     if attention_mask is None:  # no mask: every token of the past and of the step is seen
         past_length = past[0][0].shape[2] if past else 0
-        attention_mask = torch.ones((input_ids.shape[0], past_length + sequence), dtype=torch.int64)
-    total_int32 = torch.ones_like(attention_mask[0]).sum().to(torch.int32)
-    seen = attention_mask[:, None, None, :].bool()
+        attention_mask = torch.ones((batch, past_length + sequence), dtype=torch.int64)
     total = attention_mask.shape[1]
+    seen = attention_mask[:, None, None, :].to(torch.float32)
+    bias = ((seen - 1.0) * torch.finfo(torch.float32).max).expand(-1, 1, sequence, -1)  # its rows, as GQA asks
     rows = torch.arange(sequence)[:, None] + (total - sequence)
     causal = torch.arange(total)[None, :] <= rows
-    lowest = torch.finfo(torch.float32).min
-    bias = torch.where(seen, 0.0, lowest).expand(-1, 1, sequence, -1)
-    return StepValues(total, total_int32, (torch.ones_like(attention_mask).sum(-1) - 1).to(torch.int32),
-                      bias, seen & causal, rows, position_ids)
+    return StepValues(total, torch.scalar_tensor(total, dtype=torch.int32),
+                      torch.full((batch,), total - 1, dtype=torch.int32), bias, seen.bool() & causal, rows, position_ids)
 
 
 @contextlib.contextmanager
-def _rotary_caches(rotary: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """GroupQueryAttention's cos and sin caches, (max positions, rotary dim / 2): the model's own
-    rotary module's values (its scaling included) at every position it was made for, held as its
-    buffers while the exporter traces, so one initializer each serves every layer."""
+def _rotary_caches(rotary: nn.Module) -> Iterator[nn.Module]:
+    """`rotary` holding the fused ops' cos and sin caches, (max positions, rotary dim / 2): its own
+    values (its scaling included) at every position it was made for, as its buffers while the
+    exporter traces (read through the module, so that one initializer each, named after it, serves
+    every layer)."""
     positions = int(rotary.max_seq_len_cached)
     inv_freq = rotary.inv_freq
     with torch.no_grad():
@@ -188,14 +190,14 @@ def _rotary_caches(rotary: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tens
     for name, values in zip(names, (cos, sin)):
         rotary.register_buffer(name, values[0, :, :half].float().contiguous(), persistent=False)
     try:
-        yield rotary.cos_cache, rotary.sin_cache
+        yield rotary
     finally:
         for name in names:
             delattr(rotary, name)
 
 
 @contextlib.contextmanager
-def _patched(module: nn.Module, tracer: FusedAttentionGraph, target: str, caches) -> Iterator[None]:
+def _patched(module: nn.Module, tracer: FusedAttentionGraph, target: str, rotary: nn.Module) -> Iterator[None]:
     """`module` traced through the fused forward for `target`, its Q/K/V weights packed into one
     buffer of its own (one MatMul, named after the module)."""
     shape = _layer_shape(module)
@@ -209,7 +211,7 @@ def _patched(module: nn.Module, tracer: FusedAttentionGraph, target: str, caches
     forward = _gqa_forward if target == ORT else _onnx_forward
     def traced(self, hidden_states, position_embeddings=None, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        return forward(self, hidden_states, Layer(tracer.step, shape, caches, cache))
+        return forward(self, hidden_states, Layer(tracer.step, shape, rotary, cache))
 
     module.forward = types.MethodType(traced, module)
     try:
@@ -242,7 +244,11 @@ class Layer:
 
     step: StepValues
     shape: LayerShape
-    rotary: tuple[torch.Tensor, torch.Tensor]  # the cos/sin caches by position
+    rotary: nn.Module  # the model's rotary module, holding the cos/sin caches by position
+
+    @property
+    def caches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary.cos_cache, self.rotary.sin_cache
     cache: object  # the model's cache (None without one)
 
     def cache_layer(self, module: nn.Module):
@@ -252,7 +258,7 @@ class Layer:
 
 
 def _gqa_forward(module, hidden_states, call: Layer):
-    step, shape, caches = call.step, call.shape, call.rotary
+    step, shape = call.step, call.shape
     batch, sequence = hidden_states.shape[:2]
     qkv = _packed(module, hidden_states)
     rotate_inside = shape.head_dim % _ROTARY_MULTIPLE == 0
@@ -264,7 +270,7 @@ def _gqa_forward(module, hidden_states, call: Layer):
         query, key, value = qkv, None, None
     layer = call.cache_layer(module)
     past = (layer.keys, layer.values) if layer is not None else (None, None)
-    cos, sin = caches
+    cos, sin = call.caches
     attributes = dict(num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scale,
                       do_rotary=int(rotate_inside), rotary_interleaved=0, softcap=shape.softcap,
                       local_window_size=shape.window - 1 if shape.window else -1)
@@ -289,7 +295,7 @@ def _positions(step: StepValues, batch: int, sequence: int) -> torch.Tensor:
 
 def _ort_rotary(x: torch.Tensor, heads: int, call: Layer) -> torch.Tensor:
     """ONNX Runtime's RotaryEmbedding on (batch, sequence, heads * head_dim)."""
-    cos, sin = call.rotary
+    cos, sin = call.caches
     return torch.onnx.ops.symbolic(
         "com.microsoft::RotaryEmbedding", [x, _positions(call.step, *x.shape[:2]), cos, sin],
         dict(num_heads=heads, interleaved=0), dtype=x.dtype, shape=x.shape, version=1)
@@ -302,7 +308,7 @@ def _onnx_forward(module, hidden_states, call: Layer):
     batch, sequence = hidden_states.shape[:2]
     q, k, v = (t.transpose(1, 2) for t in _split_heads(module, shape, _packed(module, hidden_states)))
     positions = _positions(step, batch, sequence)
-    q, k = (torch.onnx.ops.rotary_embedding(t, *call.rotary, positions) for t in (q, k))
+    q, k = (torch.onnx.ops.rotary_embedding(t, *call.caches, positions) for t in (q, k))
     allowed = step.allowed
     if shape.window:
         allowed = allowed & (torch.arange(step.total)[None, :] > step.rows - shape.window)

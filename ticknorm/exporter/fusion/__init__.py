@@ -54,7 +54,7 @@ def fuse_norms(model: onnx.ModelProto, opset: int | None = None, verify: bool = 
     if targets.rms not in RMS_TARGETS:
         raise FusionError(f"unknown RMSNorm target '{targets.rms}'; choose one of: {', '.join(RMS_TARGETS)}")
     model, inlined = _norms_reachable(model)
-    fused, report, matches, floats = _fused(model, opset, targets, judged=verify)
+    fused, report, matches, floats = _fused(model, opset, targets, judged=verify, weights_dir=weights_dir)
     report.inlined, records = inlined, report.records
     outputs = None
     if verify and any(r.status == "fused" for r in records):
@@ -90,14 +90,14 @@ def _collector_paused():
 
 
 @_collector_paused()
-def _fused(model: onnx.ModelProto, opset: int | None, targets: NormTargets,
-           judged: bool) -> tuple[onnx.ModelProto, FusionReport, list[NormMatch], dict[str, int | None] | None]:
+def _fused(model: onnx.ModelProto, opset: int | None, targets: NormTargets, judged: bool,
+           weights_dir=None) -> tuple[onnx.ModelProto, FusionReport, list[NormMatch], dict[str, int | None] | None]:
     """The fused model (`model`, or the opset-raised one, when nothing was fused), its report
     (opsets, every norm's record, the dead nodes removed), the main graph's matches left to verify
     and, when it is to be `judged`, the float type each tensor of `model` is judged at, found on
     the graph already read (verification would otherwise read and infer the original again)."""
     working, read = model, typed_read(model)
-    typed = read.model
+    typed = _weights_found(read.model, weights_dir)
     before = default_opset(typed)
     if opset is not None and opset < before:
         raise FusionError(f"--opset {opset} is below the model's opset {before}; fusion never lowers an opset")
@@ -109,7 +109,7 @@ def _fused(model: onnx.ModelProto, opset: int | None, targets: NormTargets,
     if target != before:
         working = _convert(model, target)
         read = typed_read(working)
-        typed = read.model
+        typed = _weights_found(read.model, weights_dir)
         found = norms_in(typed, read.bodies)
     op_types = {kind: targets.op(kind, target)[0] for kind in FUSED_OPS}
     records, matches = _fuse(typed, found, target, targets, op_types)
@@ -118,6 +118,18 @@ def _fused(model: onnx.ModelProto, opset: int | None, targets: NormTargets,
         return working, report, matches, floats
     report.dead_removed, matches = _without_dead_nodes(typed, [graph for _, graph, _ in found], records, matches)
     return written_back(read), report, matches, floats
+
+
+def _weights_found(model: ir.Model, weights_dir) -> ir.Model:
+    """`model` with each weight on disk told the folder its location is relative to (a staged
+    export's: `onnx_io.stage_weights`), so that a small one, a norm's scale, reads as a constant
+    and is taken into the fused node (`values.constant`)."""
+    if weights_dir is not None:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and not tensor.base_dir:
+                tensor.base_dir = str(weights_dir)
+    return model
 
 
 def _without_dead_nodes(model: ir.Model, graphs: list[ir.Graph], records: list[NormRecord],

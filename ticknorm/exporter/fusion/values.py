@@ -12,7 +12,8 @@ from ticknorm.base.graph import node_name
 
 def constant(value: ir.Value | None) -> np.ndarray | None:
     """The value of `value` when fixed at export time: an initializer (not an overridable graph
-    input, not on disk), a Constant node, or a Cast/Identity of one. Read once per value."""
+    input; on disk only when small, as a norm's scale of a staged export is), a Constant node, or
+    a Cast/Identity of one. Read once per value."""
     if value is None:
         return None
     if _CONSTANT not in value.meta:
@@ -21,6 +22,9 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
 
 
 _CONSTANT = "ticknorm.fusion.constant"
+# The largest tensor on disk read as a constant: a per-feature scale or bias of the widest models
+# (hidden 16384 in fp32 is 64 KiB), never a weight matrix.
+_SMALL_ON_DISK = 1 << 18
 
 
 def _read_constant(value: ir.Value) -> np.ndarray | None:
@@ -28,7 +32,12 @@ def _read_constant(value: ir.Value) -> np.ndarray | None:
         return None
     tensor = value.const_value
     if tensor is not None:
-        return None if isinstance(tensor, ir.ExternalTensor) else tensor.numpy()
+        if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes > _SMALL_ON_DISK:
+            return None  # a weight matrix: no rule reads one
+        try:
+            return tensor.numpy()
+        except OSError:  # its file is not where the graph says
+            return None
     node = value.producer()
     if node is None:
         return None

@@ -1,0 +1,147 @@
+"""`export --target ort|onnx`: each decoder layer's attention written as one op with its KV cache
+(ONNX Runtime's GroupQueryAttention, or ONNX's own Attention at opset 23), checked against
+PyTorch by the export and then driven as a deployer drives it: a prefill and 3 greedy decode
+steps, batch 1 and a left-padded batch 2, logits within 1e-4 and the same tokens.
+
+The tiny folders cover what the fused forward reads off each family: Llama (the plain form),
+Qwen2 (Q/K/V biases packed), Mistral (a sliding window shorter than the decode), Gemma (its own
+scale and norms), Qwen3 (a norm on each head before the rotary, and a head size of 8, which
+GroupQueryAttention's rotary refuses: ONNX Runtime's RotaryEmbedding op before it instead)."""
+
+from collections import Counter
+
+import onnx
+import pytest
+import torch
+import transformers as T
+from click.testing import CliRunner
+from decoding import assert_cached_decode, assert_recomputed_decode
+
+from ticknorm.base.scopes import SCOPE_KEY
+from ticknorm.cli import main
+
+WITH_PAST = "text-generation-with-past"
+SHAPE = dict(vocab_size=128, max_position_embeddings=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+CONFIGS = {
+    "LlamaForCausalLM": lambda: T.LlamaConfig(**SHAPE),
+    "Qwen2ForCausalLM": lambda: T.Qwen2Config(**SHAPE),
+    "MistralForCausalLM": lambda: T.MistralConfig(**SHAPE, sliding_window=5),
+    "GemmaForCausalLM": lambda: T.GemmaConfig(**SHAPE, head_dim=16),
+    "Qwen3ForCausalLM": lambda: T.Qwen3Config(**{**SHAPE, "hidden_size": 32}, head_dim=8),
+}
+STEPS = 3
+
+
+def _model(architecture: str):
+    """Random weights, every norm's scale perturbed so that no two norms share one."""
+    torch.manual_seed(0)
+    model = getattr(T, architecture)(CONFIGS[architecture]()).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(architecture, target, task) -> (the model, the file, the export's output), made once each
+    through the CLI."""
+    made = {}
+
+    def get(architecture: str, target: str = "ort", task: str = WITH_PAST):
+        key = (architecture, target, task)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"{architecture}-{target}")
+            model = _model(architecture)
+            model.save_pretrained(root / "model")
+            result = CliRunner().invoke(main, ["export", "--model", str(root / "model"), "--target", target,
+                                               "--task", task, "--input", "input_ids:batch=2xseq=8:int64",
+                                               "-o", str(root / "m.onnx")])
+            assert result.exit_code == 0, result.output
+            made[key] = (model, root / "m.onnx", result.output)
+        return made[key]
+
+    return get
+
+
+def _ops(path) -> Counter:
+    return Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def test_the_ort_form_is_one_op_per_attention_and_per_residual_norm(exported):
+    model, path, output = exported("LlamaForCausalLM")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = Counter(node.op_type for node in graph.node)
+    layers = model.config.num_hidden_layers
+    # per layer: packed Q/K/V, the output projection, gate, up, down; and the head
+    assert {op: ops[op] for op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization",
+                                   "SimplifiedLayerNormalization", "MatMul")} == {
+        "GroupQueryAttention": layers, "SkipSimplifiedLayerNormalization": 2 * layers,
+        "SimplifiedLayerNormalization": 1, "MatMul": 5 * layers + 1}
+    assert not ops.keys() & {"Softmax", "Transpose", "RotaryEmbedding", "Tile"}
+    attention = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    assert {node.domain for node in attention} == {"com.microsoft"}
+    scopes = [{p.key: p.value for p in node.metadata_props}[SCOPE_KEY] for node in attention]
+    assert scopes == [f"model.layers.{i}.self_attn" for i in range(layers)]
+    assert "residual Add + norm: 4 fused into ONNX Runtime's Skip norms" in output
+
+
+@pytest.mark.parametrize("architecture", list(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_ort_form_decodes_as_pytorch(exported, architecture, batch):
+    model, path, _ = exported(architecture)
+    assert _ops(path)["GroupQueryAttention"] == model.config.num_hidden_layers
+    assert_cached_decode(model, path, batch, STEPS)
+
+
+def test_a_head_size_grouped_query_attention_cannot_rotate_gets_onnx_runtimes_rotary_op(exported):
+    model, path, _ = exported("Qwen3ForCausalLM")
+    ops = _ops(path)
+    assert ops["RotaryEmbedding"] == 2 * model.config.num_hidden_layers  # Q and K of each layer
+    assert ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"] == 9  # q_norm, k_norm too
+
+
+def test_the_ort_form_without_a_cache_recomputes_as_pytorch(exported):
+    model, path, _ = exported("LlamaForCausalLM", task="default")
+    assert _ops(path)["GroupQueryAttention"] == model.config.num_hidden_layers
+    assert_recomputed_decode(model, path, 2, STEPS)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_onnx_form_is_opset_23s_attention_and_decodes_as_pytorch(exported, batch):
+    model, path, output = exported("LlamaForCausalLM", target="onnx")
+    ops, layers = _ops(path), model.config.num_hidden_layers
+    assert "opset 23" in output
+    assert {op: ops[op] for op in ("Attention", "RotaryEmbedding", "RMSNormalization", "MatMul")} == {
+        "Attention": layers, "RotaryEmbedding": 2 * layers, "RMSNormalization": 2 * layers + 1,
+        "MatMul": 5 * layers + 1}
+    assert "Softmax" not in ops
+    assert_cached_decode(model, path, batch, STEPS)
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--target", "onnx", "--opset", "20"], "--target onnx writes ONNX's Attention, which opset 23 brought"),
+    (["--target", "ort", "--exporter", "torchscript"], "--target ort writes its ops through the dynamo exporter"),
+])
+def test_a_target_its_ops_cannot_be_written_for_is_refused_in_one_line(tmp_path, arguments, expected):
+    _model("LlamaForCausalLM").save_pretrained(tmp_path / "model")
+    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "model"), "--task", WITH_PAST,
+                                       "--input", "input_ids:batch=1xseq=4:int64", "-o", str(tmp_path / "m.onnx"),
+                                       *arguments])
+    assert result.exit_code == 2 and expected in result.output
+    assert len(result.output.strip().splitlines()) <= 2 and "Traceback" not in result.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_model_without_llamas_attention_is_refused_in_one_line(tmp_path):
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(
+        tmp_path / "model")
+    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "model"), "--task", WITH_PAST,
+                                       "--target", "ort", "--input", "input_ids:batch=1xseq=4:int64",
+                                       "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2, result.output
+    assert "GPT2LMHeadModel has no attention written as q/k/v/o projections" in result.output
+    assert not (tmp_path / "m.onnx").exists()
