@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,20 @@ class StepValues:
     allowed: torch.Tensor  # (batch, 1, sequence, total) bool: causal and padding (ONNX Attention)
     rows: torch.Tensor  # (sequence, 1): each query's position
     position_ids: torch.Tensor | None  # the graph's own, when it takes them
+    windowed: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def masks(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bias and the allowed mask of a layer seeing the last `window` tokens (0: all),
+        each made once per step and window, shared by the layers that see as far. The window
+        goes in the mask, not in GroupQueryAttention's `local_window_size`, whose count ONNX
+        Runtime's kernels do not agree on with the model's: the mask says exactly what it sees."""
+        if not window:
+            return self.bias, self.allowed
+        if window not in self.windowed:
+            near = torch.arange(self.total)[None, :] > self.rows - window
+            self.windowed[window] = (torch.where(near, self.bias, -torch.finfo(torch.float32).max),
+                                     self.allowed & near)
+        return self.windowed[window]
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -272,13 +286,12 @@ def _gqa_forward(module, hidden_states, call: Layer):
     past = (layer.keys, layer.values) if layer is not None else (None, None)
     cos, sin = call.caches
     attributes = dict(num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scale,
-                      do_rotary=int(rotate_inside), rotary_interleaved=0, softcap=shape.softcap,
-                      local_window_size=shape.window - 1 if shape.window else -1)
+                      do_rotary=int(rotate_inside), rotary_interleaved=0, softcap=shape.softcap)
     present = (batch, shape.kv_heads, step.total, shape.head_dim)
     output, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
         _GQA, [query, key, value, *past, step.seqlens_k, step.total_int32,
                cos if rotate_inside else None, sin if rotate_inside else None,
-               step.position_ids if rotate_inside else None, step.bias],
+               step.position_ids if rotate_inside else None, step.masks(shape.window)[0]],
         attributes, dtypes=[hidden_states.dtype] * 3,
         shapes=[(batch, sequence, shape.heads * shape.head_dim), present, present], version=1)
     if layer is not None:
@@ -309,9 +322,7 @@ def _onnx_forward(module, hidden_states, call: Layer):
     q, k, v = (t.transpose(1, 2) for t in _split_heads(module, shape, _packed(module, hidden_states)))
     positions = _positions(step, batch, sequence)
     q, k = (torch.onnx.ops.rotary_embedding(t, *call.caches, positions) for t in (q, k))
-    allowed = step.allowed
-    if shape.window:
-        allowed = allowed & (torch.arange(step.total)[None, :] > step.rows - shape.window)
+    allowed = step.masks(shape.window)[1]
     layer = call.cache_layer(module)
     past = (layer.keys, layer.values) if layer is not None else (None, None)
     output, present_key, present_value, _ = torch.onnx.ops.attention(

@@ -64,6 +64,10 @@ class HfGraph(nn.Module):
         object.__setattr__(self, "hf", model)  # not a child: its children are ours, under their own names
         self._modules, self._parameters, self._buffers = model._modules, model._parameters, model._buffers
         self.task = task
+        # Every cache layer keeps every token: a sliding-window layer's too (transformers keeps the
+        # last window of those), its window applied by the mask. The fused attention's present is
+        # that cache (GroupQueryAttention and ONNX's Attention append, they do not trim).
+        self.full_cache = False
         self.accepts = set(inspect.signature(model.forward).parameters)
         if task == WITH_PAST and not model.can_generate():
             raise InputSpecError(f"{type(model).__name__} takes no KV cache; --task {WITH_PAST} needs a decoder")
@@ -111,7 +115,8 @@ class HfGraph(nn.Module):
     def _cache(self, past: list):
         from transformers import DynamicCache
 
-        return DynamicCache(ddp_cache_data=[tuple(pair) for pair in past], config=self.hf.config)
+        config = None if self.full_cache else self.hf.config
+        return DynamicCache(ddp_cache_data=[tuple(pair) for pair in past], config=config)
 
     def _decoder_step(self, input_ids, encoder_hidden_states, encoder_attention_mask, past: list) -> dict:
         """An encoder-decoder's decoder on the encoder's states (as Optimum's decoder files take
