@@ -18,6 +18,6 @@ def runnable_feeds(feeds: dict[str, np.ndarray], target: str) -> dict[str, np.nd
     ids = feeds.get("input_ids")
     past = [value for name, value in feeds.items() if PAST_INPUT.fullmatch(name)]
     chunked = ids is not None and ids.ndim == 2 and ids.shape[1] > 1 and any(p.shape[2] for p in past)
-    if target != ORT or not chunked or ids.shape[0] == 1:
+    if target != ORT or not chunked or ids is None or ids.shape[0] == 1:
         return feeds
     return {name: value[:1] for name, value in feeds.items()}

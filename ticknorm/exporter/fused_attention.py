@@ -28,6 +28,7 @@ import contextlib
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ class LayerShape:
 class StepValues:
     """What every layer's op takes, computed once per traced step from the graph's inputs."""
 
-    total: object  # SymInt: past + sequence
+    total: Any  # a SymInt while traced: past + sequence
     total_int32: torch.Tensor  # a scalar
     seqlens_k: torch.Tensor  # (batch,) int32: total - 1, every row's cache read to its end
     bias: torch.Tensor  # (batch, 1, sequence, total) float, 0 or the type's lowest: padding only
@@ -82,14 +83,14 @@ class StepValues:
         return self.windowed[window]
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
+def attention_modules(model: Any) -> list[Any]:
     """The modules written in Llama's form that this module can fuse."""
     return [module for module in model.modules()
             if all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "head_dim"))
             and isinstance(module.q_proj, nn.Linear)]
 
 
-def _rotary_module(model: nn.Module, architecture: str) -> nn.Module:
+def _rotary_module(model: Any, architecture: str) -> Any:
     found = [module for name, module in model.named_modules() if name.endswith("rotary_emb")]
     if len(found) != 1:
         raise InputSpecError(f"{architecture}: {len(found)} rotary embedding modules where one serves every layer; "
@@ -101,7 +102,7 @@ def _rotary_module(model: nn.Module, architecture: str) -> nn.Module:
     return found[0]
 
 
-def _layer_shape(module: nn.Module) -> LayerShape:
+def _layer_shape(module: Any) -> LayerShape:
     config = module.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -113,7 +114,7 @@ def _layer_shape(module: nn.Module) -> LayerShape:
                       float(getattr(module, "attn_logit_softcapping", None) or 0.0), int(window or 0), normed)
 
 
-def _check_fusable(modules: list[nn.Module], architecture: str) -> None:
+def _check_fusable(modules: list[Any], architecture: str) -> None:
     if not modules:
         raise InputSpecError(f"{architecture} has no attention written as q/k/v/o projections with rotary position "
                              "embeddings (Llama's form): export it with --target plain")
@@ -124,7 +125,7 @@ def _check_fusable(modules: list[nn.Module], architecture: str) -> None:
 
 
 @contextlib.contextmanager
-def fused_attention(graph: nn.Module, target: str) -> Iterator[nn.Module]:
+def fused_attention(graph: Any, target: str) -> Iterator[nn.Module]:
     """`graph` (an `HfGraph`) to trace with each attention written as `target`'s op; the model is
     itself again on leaving. `plain` gives `graph` back untouched."""
     if target not in ATTENTION_TARGETS:
@@ -151,6 +152,8 @@ class FusedAttentionGraph(nn.Module):
     """`graph` as the exporter traces it: each step's shared values computed from its inputs
     first, for every layer's op. Holds `graph`'s modules under their own names, so scopes and
     weights keep theirs."""
+
+    graph: Any  # set past nn.Module's __setattr__: not a child module
 
     def __init__(self, graph: nn.Module):
         super().__init__()
@@ -186,11 +189,12 @@ def _step_values(input_ids, attention_mask, position_ids, past) -> StepValues:
     rows = torch.arange(sequence)[:, None] + (total - sequence)
     causal = torch.arange(total)[None, :] <= rows
     return StepValues(total, torch.scalar_tensor(total, dtype=torch.int32),
-                      torch.full((batch,), total - 1, dtype=torch.int32), bias, seen.bool() & causal, rows, position_ids)
+                      torch.full((batch,), total - 1, dtype=torch.int32), bias, seen.bool() & causal, rows,
+                      position_ids)
 
 
 @contextlib.contextmanager
-def _rotary_caches(rotary: nn.Module) -> Iterator[nn.Module]:
+def _rotary_caches(rotary: Any) -> Iterator[Any]:
     """`rotary` holding the fused ops' cos and sin caches, (max positions, rotary dim / 2): its own
     values (its scaling included) at every position it was made for, as its buffers while the
     exporter traces (read through the module, so that one initializer each, named after it, serves
@@ -211,7 +215,7 @@ def _rotary_caches(rotary: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def _patched(module: nn.Module, tracer: FusedAttentionGraph, target: str, rotary: nn.Module) -> Iterator[None]:
+def _patched(module: Any, tracer: FusedAttentionGraph, target: str, rotary: Any) -> Iterator[None]:
     """`module` traced through the fused forward for `target`, its Q/K/V weights packed into one
     buffer of its own (one MatMul, named after the module)."""
     shape = _layer_shape(module)
@@ -223,8 +227,10 @@ def _patched(module: nn.Module, tracer: FusedAttentionGraph, target: str, rotary
                                                       for b, p in zip(biases, projections)]).detach(),
                                persistent=False)
     forward = _gqa_forward if target == ORT else _onnx_forward
+
     def traced(self, hidden_states, position_embeddings=None, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        assert tracer.step is not None  # set by the tracer's forward around the model's
         return forward(self, hidden_states, Layer(tracer.step, shape, rotary, cache))
 
     module.forward = types.MethodType(traced, module)
@@ -237,11 +243,11 @@ def _patched(module: nn.Module, tracer: FusedAttentionGraph, target: str, rotary
                 delattr(module, name)
 
 
-def _packed(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+def _packed(module: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden_states, module.qkv_weight, getattr(module, "qkv_bias", None))
 
 
-def _split_heads(module: nn.Module, shape: LayerShape, qkv: torch.Tensor):
+def _split_heads(module: Any, shape: LayerShape, qkv: torch.Tensor):
     """Q, K, V as (batch, sequence, heads, head_dim), each head normed where the model norms it."""
     batch, sequence = qkv.shape[:2]
     q, k, v = qkv.split([shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim,
@@ -258,14 +264,14 @@ class Layer:
 
     step: StepValues
     shape: LayerShape
-    rotary: nn.Module  # the model's rotary module, holding the cos/sin caches by position
+    rotary: Any  # the model's rotary module, holding the cos/sin caches by position
+    cache: Any  # the model's cache (None without one)
 
     @property
     def caches(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary.cos_cache, self.rotary.sin_cache
-    cache: object  # the model's cache (None without one)
 
-    def cache_layer(self, module: nn.Module):
+    def cache_layer(self, module: Any):
         """`module`'s layer of the cache (None without one): its keys and values are the past in,
         and are set to the op's present."""
         return None if self.cache is None else self.cache.layers[module.layer_idx]
@@ -285,8 +291,8 @@ def _gqa_forward(module, hidden_states, call: Layer):
     layer = call.cache_layer(module)
     past = (layer.keys, layer.values) if layer is not None else (None, None)
     cos, sin = call.caches
-    attributes = dict(num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scale,
-                      do_rotary=int(rotate_inside), rotary_interleaved=0, softcap=shape.softcap)
+    attributes: dict[str, Any] = dict(num_heads=shape.heads, kv_num_heads=shape.kv_heads, scale=shape.scale,
+                                      do_rotary=int(rotate_inside), rotary_interleaved=0, softcap=shape.softcap)
     present = (batch, shape.kv_heads, step.total, shape.head_dim)
     output, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
         _GQA, [query, key, value, *past, step.seqlens_k, step.total_int32,
@@ -316,7 +322,8 @@ def _ort_rotary(x: torch.Tensor, heads: int, call: Layer) -> torch.Tensor:
 
 def _onnx_forward(module, hidden_states, call: Layer):
     """ONNX's Attention: past and present inside it, grouped KV heads by their count, the mask
-    (causal, padding, the sliding window) as a boolean input; the model's own rotary before it."""
+    (causal, padding, the sliding window) as a boolean input; ONNX's RotaryEmbedding before it,
+    on the positions of this step."""
     step, shape = call.step, call.shape
     batch, sequence = hidden_states.shape[:2]
     q, k, v = (t.transpose(1, 2) for t in _split_heads(module, shape, _packed(module, hidden_states)))

@@ -74,7 +74,8 @@ class FusionReport:
             lines.append(f"removed {self.dead_removed} node{'s' * (self.dead_removed > 1)} nothing read any more "
                          "(Casts and Identities the fused norms bypass, and any other dead node)")
         if self.skips:
-            lines.append(f"residual Add + norm: {self.skips} fused into ONNX Runtime's Skip norms (--target ort; checked with the whole graph against PyTorch)")
+            lines.append(f"residual Add + norm: {self.skips} fused into ONNX Runtime's Skip norms (--target ort; "
+                         "checked with the whole graph against PyTorch)")
         for op in sorted({r.op for r in self.records if r.status == "fused"}):
             lines.append(f"{op}: {NORM_OP_RUNTIMES.get(op, 'ONNX Runtime')}")
         if self.verified and self.count("fused"):

@@ -73,6 +73,6 @@ def _residual_add(node: ir.Node) -> ir.Node | None:
     shapes = [value.shape if value is not None else None for value in (first, second)]
     if shapes[0] is None or shapes[0].rank() != _INPUT_RANK or shapes[0] != shapes[1]:
         return None
-    if any(value.const_value is not None for value in (first, second)):
+    if first is None or second is None or first.const_value is not None or second.const_value is not None:
         return None
     return add
