@@ -19,6 +19,7 @@ from ticknorm.base.inputs import (PAST, USE_CACHE_BRANCH, Inputs, assumed_feeds,
                                   is_decoder_cache, random_array)
 
 DECODE_PAST, SEQUENCE = 3, 2  # a decode step's past length and sequence length when nothing says otherwise
+GROUPED_QUERY_ATTENTION = "GroupQueryAttention"  # ONNX Runtime's (com.microsoft): see `grouped_query_cut`
 DYNAMIC_SIZE = 2  # any other symbolic dim nothing gives
 
 
@@ -29,17 +30,23 @@ class GraphFeeds:
 
     feed_sets: list[dict[str, np.ndarray]]
     chosen: dict[str, list[int]] = field(default_factory=dict)
+    cut: bool = False  # a feed set cut to its first row: `grouped_query_cut`
 
     @property
     def note(self) -> str:
         """The one line that says the sizes chosen, so a run on them is not mistaken for one on the
         sizes the model serves; empty when the given arrays fixed every dim."""
-        if not self.chosen:
-            return ""
-        sizes = ", ".join(f"{dim}={' then '.join(map(str, dict.fromkeys(values)))}"
-                          for dim, values in self.chosen.items())
-        steps = " (a decode step, then a prefill)" if any(len(set(v)) > 1 for v in self.chosen.values()) else ""
-        return f"inputs built from the graph, its symbolic dims at {sizes}{steps}; --input NAME:DIMS sets them"
+        notes = []
+        if self.chosen:
+            sizes = ", ".join(f"{dim}={' then '.join(map(str, dict.fromkeys(values)))}"
+                              for dim, values in self.chosen.items())
+            steps = " (a decode step, then a prefill)" if any(len(set(v)) > 1 for v in self.chosen.values()) else ""
+            notes.append(f"inputs built from the graph, its symbolic dims at {sizes}{steps}; --input NAME:DIMS sets "
+                         "them")
+        if self.cut:
+            notes.append("GroupQueryAttention continues a prompt on a cache at batch 1 only: those feeds run on "
+                         "their first row")
+        return "; ".join(notes)
 
 
 def feeds_for_file(model: onnx.ModelProto, inputs: Inputs | None = None,
@@ -61,6 +68,10 @@ def feeds_for_file(model: onnx.ModelProto, inputs: Inputs | None = None,
         pasts = _past_lengths(model, given)
         for past in pasts:
             feeds, chosen = _completed(model, given, seed, past, fixed=len(pasts) == 1)
+            if _runs_grouped_query_attention(model):
+                runnable = grouped_query_cut(feeds)
+                found.cut = found.cut or runnable is not feeds
+                feeds = runnable
             found.feed_sets.append(feeds)
             for dim, size in chosen.items():
                 found.chosen.setdefault(dim, []).append(size)
@@ -71,6 +82,23 @@ def feed_sets_for_graph(model: onnx.ModelProto, seed: int = 0) -> list[dict[str,
     """One feed dict for most graphs; for a decoder with a KV cache a decode step (past length
     DECODE_PAST), then a prefill (an empty cache)."""
     return feeds_for_file(model, Inputs(seed=seed)).feed_sets
+
+
+def grouped_query_cut(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`feeds` as ONNX Runtime's GroupQueryAttention takes them: its CPU kernel continues a prompt
+    on a cache (tokens > 1 and a past) at batch 1 only, so such feeds keep their first row, which
+    checks the same graph (a prompt on an empty cache and every decode step run at any batch)."""
+    ids = feeds.get("input_ids")
+    chunked = (ids is not None and np.ndim(ids) == 2 and ids.shape[1] > 1
+               and any(np.shape(value)[2] for name, value in feeds.items() if is_decoder_cache(name)
+                       and np.ndim(value) > 2))
+    if not chunked or ids is None or ids.shape[0] == 1:
+        return feeds
+    return {name: value[:1] for name, value in feeds.items()}
+
+
+def _runs_grouped_query_attention(model: onnx.ModelProto) -> bool:
+    return any(node.op_type == GROUPED_QUERY_ATTENTION and node.domain == "com.microsoft" for node in model.graph.node)
 
 
 def is_decoder(model: onnx.ModelProto) -> bool:
