@@ -10,9 +10,11 @@ The folder: `BertModel(BertConfig())` (hidden 768, 12 layers unless `--layers`, 
 intermediate 3072, vocab 30522; random weights, seed 0, built from the config, nothing downloaded),
 written with `save_pretrained`.
 
-File A: `ticknorm.api.export` of the folder, as `ticknorm export --model FOLDER --input ...` runs it:
-the default exporter, fp32, norms fused, checked against PyTorch; inputs `input_ids`,
-`attention_mask` and `token_type_ids`, batch and sequence dynamic.
+File A: `ticknorm.api.export` of the folder, as `ticknorm export --model FOLDER --target ort
+--input ...` runs it: the default exporter, fp32, each self-attention as ONNX Runtime's `Attention`,
+residual Add + LayerNorm as `SkipLayerNormalization`, checked against PyTorch; inputs `input_ids`,
+`attention_mask` and `token_type_ids`, batch and sequence dynamic. `--target plain` times the
+plain form instead.
 
 File B: what `optimum-cli export onnx --model FOLDER --task feature-extraction --optimize O2` writes.
 Optimum is not installed here (optimum 2.3.0 and optimum-onnx have no common release pip can
@@ -48,6 +50,7 @@ from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
 
 from ticknorm import ExportOptions, Inputs, api
+from ticknorm.exporter.attention_target import ATTENTION_TARGETS, ORT
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_vs_genai import session, time_alternately  # noqa: E402  (1-thread ORT CPU sessions taking turns, as the LLM table's)
@@ -64,12 +67,12 @@ def build_folder(folder: Path, layers: int) -> transformers.BertModel:
     return model
 
 
-def export_ticknorm(folder: Path, out: Path) -> Path:
+def export_ticknorm(folder: Path, out: Path, target: str) -> Path:
     specs = ("input_ids:batch=1xseq=128:int64:0..30522", "attention_mask:batch=1xseq=128:int64:1..2",
              "token_type_ids:batch=1xseq=128:int64:0..2")
     started = time.perf_counter()
-    result = api.export(str(folder), Inputs(specs), out, ExportOptions())
-    print(f"A, ticknorm export: {time.perf_counter() - started:.1f} s, passed {result.passed}")
+    result = api.export(str(folder), Inputs(specs), out, ExportOptions(target=target))
+    print(f"A, ticknorm export --target {target}: {time.perf_counter() - started:.1f} s, passed {result.passed}")
     return out
 
 
@@ -127,20 +130,24 @@ def max_error(runner: ort.InferenceSession, feeds: dict[str, np.ndarray], expect
 
 
 def report(model: transformers.BertModel, files: dict[str, Path], args) -> None:
-    runners = {name: session(path) for name, path in files.items()}
     for name, path in files.items():
         print(f"{name}: {histogram(path)}")
-    print(f"\nONNX Runtime {ort.__version__} CPU, 1 thread, fp32, median of {args.rounds} alternating runs")
+    print(f"\nONNX Runtime {ort.__version__} CPU, 1 thread, fp32, median of {args.rounds} alternating runs "
+          "(half with the sessions made in each order)")
+    cases, errors = [], {}
     for batch, length in args.shapes:
         feeds = bert_feeds(batch, length, model.config.vocab_size)
         with torch.no_grad():
             expected = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
-        errors = ", ".join(f"{name} {max_error(r, feeds, expected):.2e}" for name, r in runners.items())
-        medians = time_alternately(runners, feeds, args.rounds)
+        label = f"batch {batch} x seq {length}"
+        errors[label] = ", ".join(f"{name} {max_error(session(path), feeds, expected):.2e}"
+                                  for name, path in files.items())
+        cases.append((label, feeds))
+    for label, medians in time_alternately(files, cases, args.rounds).items():
         line = ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
         ratio = medians["ticknorm"] / medians["optimized"]
-        print(f"batch {batch} x seq {length}: {line} = ticknorm / optimized x{ratio:.3f}; "
-              f"max |last_hidden_state - PyTorch|: {errors}")
+        print(f"{label}: {line} = ticknorm / optimized x{ratio:.3f}; max |last_hidden_state - PyTorch|: "
+              f"{errors[label]}")
 
 
 def shape(text: str) -> tuple[int, int]:
@@ -153,7 +160,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
     print(f"BERT, {args.layers} layers: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
     (root / "optimized").mkdir(parents=True, exist_ok=True)
-    files = {"ticknorm": export_ticknorm(root / "bert", root / "ticknorm" / "model.onnx"),
+    files = {"ticknorm": export_ticknorm(root / "bert", root / "ticknorm" / "model.onnx", args.target),
              "optimized": export_optimized(model, root / "optimized" / "model.onnx", args.attention)}
     report(model, files, args)
 
@@ -166,6 +173,7 @@ def main() -> None:
     parser.add_argument("--attention", choices=("eager", "sdpa"), default="eager",
                         help="the attention B is exported with (ORT's optimizer fuses only eager's into Attention)")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--target", choices=ATTENTION_TARGETS, default=ORT, help="A's form (export --target)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as temporary:

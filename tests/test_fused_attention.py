@@ -10,12 +10,13 @@ GroupQueryAttention's rotary refuses: ONNX Runtime's RotaryEmbedding op before i
 
 from collections import Counter
 
+import numpy as np
 import onnx
 import pytest
 import torch
 import transformers as T
 from click.testing import CliRunner
-from decoding import assert_cached_decode, assert_recomputed_decode
+from decoding import assert_cached_decode, assert_recomputed_decode, session
 
 from ticknorm.base.scopes import SCOPE_KEY
 from ticknorm.cli import main
@@ -145,3 +146,53 @@ def test_a_model_without_llamas_attention_is_refused_in_one_line(tmp_path):
     assert result.exit_code == 2, result.output
     assert "GPT2LMHeadModel has no attention written as q/k/v/o projections" in result.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+ENCODER_SHAPE = dict(vocab_size=128, max_position_embeddings=64, hidden_size=64, intermediate_size=96,
+                     num_hidden_layers=2, num_attention_heads=4)
+ENCODERS = {
+    "BertModel": (lambda: T.BertConfig(**ENCODER_SHAPE), "last_hidden_state"),
+    "RobertaForSequenceClassification": (lambda: T.RobertaConfig(**ENCODER_SHAPE), "logits"),
+}
+
+
+@pytest.mark.parametrize("architecture", list(ENCODERS))
+def test_an_encoders_ort_form_is_onnx_runtimes_attention_and_matches_pytorch_on_a_padded_batch(tmp_path, architecture):
+    """BERT's family: each self-attention as ONNX Runtime's `Attention` (what its transformers
+    optimizer makes of BERT), residual Add + LayerNorm as SkipLayerNormalization; a batch whose
+    second row is padded at its end runs as PyTorch runs it."""
+    config, output = ENCODERS[architecture]
+    torch.manual_seed(0)
+    model = getattr(T, architecture)(config()).eval()
+    model.save_pretrained(tmp_path / "model")
+    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "model"), "--target", "ort",
+                                       "--input", "input_ids:batch=2xseq=8:int64", "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph
+    ops, layers = Counter(node.op_type for node in graph.node), model.config.num_hidden_layers
+    assert (ops["Attention"], ops["Softmax"]) == (layers, 0)
+    # every residual norm takes its Add in; the embeddings' norm too where its Add is of two same-shaped tensors
+    assert ops["SkipLayerNormalization"] >= 2 * layers
+    assert ops["SkipLayerNormalization"] + ops["LayerNormalization"] == 2 * layers + 1
+    scopes = [{p.key: p.value for p in node.metadata_props}[SCOPE_KEY] for node in graph.node
+              if node.op_type == "Attention"]
+    assert scopes == [f"{'roberta.' if 'Roberta' in architecture else ''}encoder.layer.{i}.attention.self"
+                      for i in range(layers)]
+    ids = np.random.default_rng(0).integers(3, 128, (2, 7))
+    mask = np.ones((2, 7), np.int64)
+    mask[1, 4:] = 0
+    got = session(tmp_path / "m.onnx").run([output], {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.no_grad():
+        expected = getattr(model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)), output)
+    if output == "last_hidden_state":  # a padded position's row is no one's answer
+        got, expected = got[mask.astype(bool)], expected.numpy()[mask.astype(bool)]
+    np.testing.assert_allclose(got, np.asarray(expected), atol=1e-4, rtol=0)
+
+
+def test_an_encoder_for_the_onnx_form_is_refused_in_one_line(tmp_path):
+    torch.manual_seed(0)
+    T.BertModel(T.BertConfig(**ENCODER_SHAPE)).save_pretrained(tmp_path / "model")
+    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "model"), "--target", "onnx",
+                                       "--input", "input_ids:batch=1xseq=4:int64", "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2, result.output
+    assert "BertModel's bidirectional attention is fused for ONNX Runtime only (--target ort)" in result.output

@@ -38,6 +38,7 @@ from ticknorm.base.errors import InputSpecError
 from ticknorm.exporter.attention_target import ATTENTION_TARGETS, ORT, PLAIN
 
 _GQA = "com.microsoft::GroupQueryAttention"
+_ORT_ATTENTION = "com.microsoft::Attention"
 _ROTARY_MULTIPLE = 16  # GroupQueryAttention's rotary takes head sizes in multiples of 16
 # rotary types whose cos/sin depend on the sequence seen so far: no one cache serves every step
 _DYNAMIC_ROPE = ("dynamic", "longrope")
@@ -67,6 +68,7 @@ class StepValues:
     allowed: torch.Tensor  # (batch, 1, sequence, total) bool: causal and padding (ONNX Attention)
     rows: torch.Tensor  # (sequence, 1): each query's position
     position_ids: torch.Tensor | None  # the graph's own, when it takes them
+    mask: torch.Tensor  # (batch, total) int32, 1 where a token is seen: ONNX Runtime's Attention's mask_index
     windowed: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def masks(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +90,16 @@ def attention_modules(model: Any) -> list[Any]:
     return [module for module in model.modules()
             if all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "head_dim"))
             and isinstance(module.q_proj, nn.Linear)]
+
+
+def encoder_attention_modules(model: Any) -> list[Any]:
+    """Bidirectional self-attention written as BERT's (query/key/value projections, the heads'
+    count and size): BERT, RoBERTa, XLM-R, ELECTRA and their kin."""
+    return [module for module in model.modules()
+            if all(hasattr(module, name) for name in ("query", "key", "value", "num_attention_heads",
+                                                       "attention_head_size"))
+            and isinstance(module.query, nn.Linear) and not getattr(module, "is_causal", False)
+            and not getattr(module, "is_decoder", False)]
 
 
 def _rotary_module(model: Any, architecture: str) -> Any:
@@ -137,10 +149,20 @@ def fused_attention(graph: Any, target: str) -> Iterator[nn.Module]:
         raise InputSpecError(f"--target {target} fuses the attention of Hugging Face decoders; this model is a "
                              f"{type(graph).__name__}: export it with --target plain")
     architecture = type(graph.hf).__name__
+    tracer = FusedAttentionGraph(graph)
+    encoders = [] if attention_modules(graph.hf) else encoder_attention_modules(graph.hf)
+    if encoders:
+        if target != ORT:
+            raise InputSpecError(f"--target {target}: {architecture}'s bidirectional attention is fused for ONNX "
+                                 "Runtime only (--target ort); export it with --target plain")
+        with contextlib.ExitStack() as stack:
+            for module in encoders:
+                stack.enter_context(_patched_encoder(module, tracer))
+            yield tracer
+        return
     modules = attention_modules(graph.hf)
     _check_fusable(modules, architecture)
     rotary = _rotary_module(graph.hf, architecture)
-    tracer = FusedAttentionGraph(graph)
     with contextlib.ExitStack() as stack:
         holder = stack.enter_context(_rotary_caches(rotary))
         for module in modules:
@@ -164,13 +186,14 @@ class FusedAttentionGraph(nn.Module):
     def export_arguments(self, tensors: dict, dynamic_axes: dict):
         return self.graph.export_arguments(tensors, dynamic_axes)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None):
-        """A decoder step's inputs, named (not `**kwargs`: torch.export guards a dict of tensors by a
-        name its guard code cannot resolve)."""
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                past_key_values=None):
+        """A step's inputs, named (not `**kwargs`: torch.export guards a dict of tensors by a name
+        its guard code cannot resolve)."""
         self.step = _step_values(input_ids, attention_mask, position_ids, past_key_values)
         try:
-            return self.graph(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values)
+            return self.graph(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                              position_ids=position_ids, past_key_values=past_key_values)
         finally:
             self.step = None
 
@@ -190,7 +213,7 @@ def _step_values(input_ids, attention_mask, position_ids, past) -> StepValues:
     causal = torch.arange(total)[None, :] <= rows
     return StepValues(total, torch.scalar_tensor(total, dtype=torch.int32),
                       torch.full((batch,), total - 1, dtype=torch.int32), bias, seen.bool() & causal, rows,
-                      position_ids)
+                      position_ids, attention_mask.to(torch.int32))
 
 
 @contextlib.contextmanager
@@ -219,13 +242,7 @@ def _patched(module: Any, tracer: FusedAttentionGraph, target: str, rotary: Any)
     """`module` traced through the fused forward for `target`, its Q/K/V weights packed into one
     buffer of its own (one MatMul, named after the module)."""
     shape = _layer_shape(module)
-    projections = (module.q_proj, module.k_proj, module.v_proj)
-    module.register_buffer("qkv_weight", torch.cat([p.weight for p in projections]).detach(), persistent=False)
-    biases = [p.bias for p in projections]
-    if any(b is not None for b in biases):
-        module.register_buffer("qkv_bias", torch.cat([b if b is not None else p.weight.new_zeros(p.out_features)
-                                                      for b, p in zip(biases, projections)]).detach(),
-                               persistent=False)
+    weight, bias = _packed_projections((module.q_proj, module.k_proj, module.v_proj))
     forward = _gqa_forward if target == ORT else _onnx_forward
 
     def traced(self, hidden_states, position_embeddings=None, *args, **kwargs):
@@ -233,14 +250,59 @@ def _patched(module: Any, tracer: FusedAttentionGraph, target: str, rotary: Any)
         assert tracer.step is not None  # set by the tracer's forward around the model's
         return forward(self, hidden_states, Layer(tracer.step, shape, rotary, cache))
 
-    module.forward = types.MethodType(traced, module)
+    with _traced_as(module, traced, qkv_weight=weight, qkv_bias=bias):
+        yield
+
+
+@contextlib.contextmanager
+def _patched_encoder(module: Any, tracer: FusedAttentionGraph) -> Iterator[None]:
+    """BERT's self-attention traced as ONNX Runtime's `Attention` (what its transformers optimizer
+    makes of BERT): the Q/K/V projections packed into its weights (input x 3 * hidden) and bias, the
+    2-D mask as its `mask_index`."""
+    weight, bias = _packed_projections((module.query, module.key, module.value))
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[0])
+    heads, size = int(module.num_attention_heads), int(module.attention_head_size)
+    scale = float(getattr(module, "scaling", size ** -0.5))
+
+    def traced(self, hidden_states, *args, **kwargs):
+        assert tracer.step is not None  # set by the tracer's forward around the model's
+        batch, sequence = hidden_states.shape[:2]
+        output = torch.onnx.ops.symbolic(
+            _ORT_ATTENTION, [hidden_states, self.qkv_weight, self.qkv_bias, tracer.step.mask],
+            dict(num_heads=heads, scale=scale), dtype=hidden_states.dtype, shape=(batch, sequence, heads * size),
+            version=1)
+        return output, None
+
+    with _traced_as(module, traced, qkv_weight=weight.t().contiguous(), qkv_bias=bias):
+        yield
+
+
+def _packed_projections(projections) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The projections' weights stacked (out x in, as nn.Linear holds them), and their biases (a
+    missing one as zeros; None when none has one)."""
+    weight = torch.cat([p.weight for p in projections]).detach()
+    if all(p.bias is None for p in projections):
+        return weight, None
+    return weight, torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features)
+                              for p in projections]).detach()
+
+
+@contextlib.contextmanager
+def _traced_as(module: Any, forward, **buffers: torch.Tensor | None) -> Iterator[None]:
+    """`module` running `forward`, holding `buffers` (None: not held) while the exporter traces
+    it: they are read through the module, so their initializers are named after it. The module
+    is itself again on leaving."""
+    held = [name for name, value in buffers.items() if value is not None]
+    for name in held:
+        module.register_buffer(name, buffers[name], persistent=False)
+    module.forward = types.MethodType(forward, module)
     try:
         yield
     finally:
         del module.forward
-        for name in ("qkv_weight", "qkv_bias"):
-            if hasattr(module, name):
-                delattr(module, name)
+        for name in held:
+            delattr(module, name)
 
 
 def _packed(module: Any, hidden_states: torch.Tensor) -> torch.Tensor:
