@@ -19,6 +19,8 @@ ORT_DOMAIN = "com.microsoft"
 SKIP_OPS = {"LayerNormalization": "SkipLayerNormalization",
             "SimplifiedLayerNormalization": "SkipSimplifiedLayerNormalization"}
 _INPUT_RANK = 3  # (batch, sequence, hidden): the Skip ops' input
+# where each Skip op reads the bias of the projection before it: after gamma and beta / after gamma
+_BIAS_INPUT = {"LayerNormalization": 2, "SimplifiedLayerNormalization": 1}  # index among the norm's params
 
 
 def skip_fused(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -41,17 +43,44 @@ def fuse_skips(graph: ir.Graph, names: FreshNames) -> int:
             continue
         epsilon = node.attributes.get("epsilon")
         attributes = {} if epsilon is None else {"epsilon": epsilon.as_float()}
-        skip = ir.node(SKIP_OPS[node.op_type], [*add.inputs, *node.inputs[1:]], attributes=attributes,
+        first, second, bias, bias_add = _unbiased(add)
+        params = list(node.inputs[1:])
+        if bias is not None:  # the projection's bias, the Skip op's last input
+            params += [None] * (_BIAS_INPUT[node.op_type] - len(params)) + [bias]
+        skip = ir.node(SKIP_OPS[node.op_type], [first, second, *params], attributes=attributes,
                        domain=ORT_DOMAIN, num_outputs=4, name=names.fresh(f"{node.name}_skip"))
         for output in skip.outputs[1:3]:
             output.name = ""  # mean and inverse std: not written
         skip.metadata_props[SCOPE_KEY] = node.metadata_props.get(SCOPE_KEY, add.metadata_props.get(SCOPE_KEY, ""))
-        ir.convenience.replace_nodes_and_values(graph, add, [add, node], [skip], [add.outputs[0], node.outputs[0]],
-                                                [skip.outputs[3], skip.outputs[0]])
+        folded = [bias_add] if bias_add is not None else []  # read by the residual Add only
+        ir.convenience.replace_nodes_and_values(graph, add, [*folded, add, node], [skip],
+                                                [add.outputs[0], node.outputs[0]], [skip.outputs[3], skip.outputs[0]])
         fused += 1
     if fused:
         graph.opset_imports.setdefault(ORT_DOMAIN, 1)
     return fused
+
+
+def _unbiased(add: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value | None, ir.Node | None]:
+    """The residual Add's two operands, and the bias of the projection feeding one of them with
+    the Add that adds it, taken out of it (as ONNX Runtime's optimizer folds it: BERT's `dense`
+    then `+ bias`): that operand is then the projection's output. The bias is a 1-D constant of
+    the hidden size, its Add read by the residual one only."""
+    first, second = add.inputs
+    assert first is not None and second is not None  # `_residual_add` checked them
+    hidden = first.shape[-1] if first.shape is not None else None
+    for index, operand in enumerate((first, second)):
+        producer = operand.producer()
+        if (producer is None or producer.op_type != "Add" or producer.domain not in ("", "ai.onnx")
+                or len(operand.uses()) != 1 or operand.is_graph_output()):
+            continue
+        for position, candidate in enumerate(producer.inputs):
+            other = producer.inputs[1 - position]
+            if (candidate is not None and other is not None and candidate.const_value is not None
+                    and candidate.shape is not None and candidate.shape.rank() == 1 and candidate.shape[0] == hidden
+                    and other.shape == operand.shape):
+                return (other, second, candidate, producer) if index == 0 else (first, other, candidate, producer)
+    return first, second, None, None
 
 
 def _residual_add(node: ir.Node) -> ir.Node | None:
