@@ -87,6 +87,8 @@ def test_the_ort_form_is_one_op_per_attention_and_per_residual_norm(exported):
     scopes = [{p.key: p.value for p in node.metadata_props}[SCOPE_KEY] for node in attention]
     assert scopes == [f"model.layers.{i}.self_attn" for i in range(layers)]
     assert "residual Add + norm: 4 fused into ONNX Runtime's Skip norms" in output
+    # each op against its PyTorch module on the example step, the prefill and 2 decode steps
+    assert "fused attention checked per module against PyTorch: 2 modules x 4 steps, worst max abs" in output
 
 
 @pytest.mark.parametrize("architecture", list(CONFIGS))

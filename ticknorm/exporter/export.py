@@ -30,6 +30,7 @@ from ticknorm.base.onnx_io import PROTOBUF_LIMIT, save_onnx, stage_weights, stag
 from ticknorm.base.optional import require
 from ticknorm.base.scopes import annotate_scopes
 from ticknorm.exporter.attention_target import ATTENTION_OPSET, ONNX, ORT, PLAIN, runnable_feeds
+from ticknorm.exporter.fused_checks import check_fused_modules
 from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
 from ticknorm.exporter.fusion.skip import skip_fused
 from ticknorm.exporter.isolated import run_isolated
@@ -144,6 +145,9 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
         if expanded:
             notes.append(f"RotaryEmbedding: the cos/sin caches of {expanded} node(s) expanded to the batch, as the "
                          "standard shapes them (the exporter broadcasts a batch of 1, which ONNX Runtime refuses)")
+        if options.target != PLAIN and options.check:
+            steps = [("", feeds, None), *extra_checks]
+            notes.append(_fused_modules_checked(proto, model, steps, weights_dir, progress))
         if options.release_model:
             # every parameter and buffer moved off the CPU, and so freed: the exporter ran in a child process,
             # nothing of it holds them here
@@ -174,6 +178,15 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
     opset_now = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return ExportResult(files, options.exporter, opset_now, report, accuracy, retargeted, conversion,
                         checkpoint.precision, options.precision.dtype, notes)
+
+
+def _fused_modules_checked(proto: onnx.ModelProto, model, checks, weights_dir, progress) -> str:
+    """Each fused attention against its PyTorch module on every check (`fused_checks`): its line."""
+    from ticknorm.exporter.fused_attention import fused_module_paths
+
+    progress("checking each fused attention against its PyTorch module")
+    return check_fused_modules(proto, model, fused_module_paths(model), [(label, more) for label, more, _ in checks],
+                               weights_dir).line()
 
 
 def target_options(options: ExportOptions) -> ExportOptions:

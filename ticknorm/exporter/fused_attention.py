@@ -102,6 +102,12 @@ def encoder_attention_modules(model: Any) -> list[Any]:
             and not getattr(module, "is_decoder", False)]
 
 
+def fused_module_paths(graph: Any) -> list[str]:
+    """The paths (in `graph`, an `HfGraph`) of the attention modules a fused target writes as one op."""
+    fused = set(attention_modules(graph.hf) or encoder_attention_modules(graph.hf))
+    return [name for name, module in graph.named_modules() if module in fused]
+
+
 def _rotary_module(model: Any, architecture: str) -> Any:
     found = [module for name, module in model.named_modules() if name.endswith("rotary_emb")]
     if len(found) != 1:
