@@ -40,6 +40,9 @@ from ticknorm.exporter.attention_target import ATTENTION_TARGETS, ORT, PLAIN
 _GQA = "com.microsoft::GroupQueryAttention"
 _ORT_ATTENTION = "com.microsoft::Attention"
 _ROTARY_MULTIPLE = 16  # GroupQueryAttention's rotary takes head sizes in multiples of 16
+# The bias of a position not seen: fp16's lowest, which fp32 and bf16 hold too (a --precision fp16
+# graph keeps it finite) and which softmax takes to 0 in each.
+_MASKED = -65504.0
 # rotary types whose cos/sin depend on the sequence seen so far: no one cache serves every step
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 
@@ -80,7 +83,7 @@ class StepValues:
             return self.bias, self.allowed
         if window not in self.windowed:
             near = torch.arange(self.total)[None, :] > self.rows - window
-            self.windowed[window] = (torch.where(near, self.bias, -torch.finfo(torch.float32).max),
+            self.windowed[window] = (torch.where(near, self.bias, _MASKED),
                                      self.allowed & near)
         return self.windowed[window]
 
@@ -214,7 +217,7 @@ def _step_values(input_ids, attention_mask, position_ids, past) -> StepValues:
         attention_mask = torch.ones((batch, past_length + sequence), dtype=torch.int64)
     total = attention_mask.shape[1]
     seen = attention_mask[:, None, None, :].to(torch.float32)
-    bias = ((seen - 1.0) * torch.finfo(torch.float32).max).expand(-1, 1, sequence, -1)  # its rows, as GQA asks
+    bias = ((seen - 1.0) * -_MASKED).expand(-1, 1, sequence, -1)  # its rows, as GroupQueryAttention asks
     rows = torch.arange(sequence)[:, None] + (total - sequence)
     causal = torch.arange(total)[None, :] <= rows
     return StepValues(total, torch.scalar_tensor(total, dtype=torch.int32),
