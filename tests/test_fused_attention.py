@@ -198,3 +198,10 @@ def test_an_encoder_for_the_onnx_form_is_refused_in_one_line(tmp_path):
                                        "--input", "input_ids:batch=1xseq=4:int64", "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2, result.output
     assert "BertModel's bidirectional attention is fused for ONNX Runtime only (--target ort)" in result.output
+
+
+def test_the_trt_target_writes_the_plain_form_and_says_why(exported):
+    model, path, output = exported("LlamaForCausalLM", target="trt")
+    ops = _ops(path)
+    assert "GroupQueryAttention" not in ops and "Attention" not in ops and ops["Softmax"] == 2
+    assert "--target trt: the attention as the exporter writes it, which TensorRT fuses itself" in output

@@ -28,7 +28,7 @@ from ticknorm.base.progress import QUIET, Progress
 from ticknorm.base.run_results import SavedReference
 from ticknorm.base.node_scopes import by_node_where_unscoped
 from ticknorm.base.scopes import LayerSelection, ensure_scopes, fit_scopes
-from ticknorm.exporter.attention_target import PLAIN
+from ticknorm.exporter.attention_target import FUSED
 from ticknorm.exporter.export import ExportOptions, ExportResult, export_model, torch_reference
 from ticknorm.exporter.fusion import FusionResult, NormTargets, fuse_norms
 from ticknorm.exporter.inspect import ModelSummary, summarize
@@ -70,7 +70,7 @@ def export(model, inputs, output, options: ExportOptions = ExportOptions(), repo
     progress.step("loading the model")
     reference = _model_ref(model)
     if streams(reference.source, reference.checkpoint, reference.adapter, options.streaming):
-        if options.target != PLAIN:
+        if options.target in FUSED:
             raise InputSpecError(f"--target {options.target}: the streamed export (a folder larger than memory) "
                                  "writes the plain form only; export with --target plain, or on a machine whose "
                                  "memory holds the fp32 model with --streaming off")
@@ -78,7 +78,7 @@ def export(model, inputs, output, options: ExportOptions = ExportOptions(), repo
         _write_export_report(report, result)
         return result
     module = reference.load(options.task)
-    if options.target != PLAIN and hasattr(module, "full_cache"):
+    if options.target in FUSED and hasattr(module, "full_cache"):
         module.full_cache = True  # the fused ops' cache: every token kept
     options = dataclasses.replace(options, release_model=options.release_model or reference.owned)
     feeds, dynamic_axes = _feeds(inputs, module)

@@ -232,8 +232,9 @@ export_options = grouped(
                  help="A decoder's graph for its runtime: plain (its attention as the exporter writes it); ort (ONNX "
                       "Runtime's fused ops: GroupQueryAttention with the KV cache and rotary inside, residual Add + "
                       "RMSNorm as SkipSimplifiedLayerNormalization, Q/K/V packed into one MatMul); onnx (ONNX's own "
-                      "Attention with the KV cache inside, opset 23, Q/K/V packed). Each fused op is checked against "
-                      "PyTorch on a prefill and decode steps."),
+                      "Attention with the KV cache inside, opset 23, Q/K/V packed); trt (the plain form, which "
+                      "TensorRT fuses itself). Each fused op is checked against its PyTorch module on a prefill and "
+                      "decode steps."),
     click.option("--streaming", type=click.Choice(STREAMING), default="auto", show_default=True,
                  help="A Hugging Face folder exported from its shards on the meta device and checked block by "
                       "block against PyTorch (each module's weights read as it runs): for models larger than "

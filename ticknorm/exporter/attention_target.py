@@ -5,8 +5,11 @@ import numpy as np
 
 from ticknorm.base.graph_feeds import grouped_query_cut
 
-PLAIN, ORT, ONNX = "plain", "ort", "onnx"
-ATTENTION_TARGETS = (PLAIN, ORT, ONNX)
+PLAIN, ORT, ONNX, TRT = "plain", "ort", "onnx", "trt"
+ATTENTION_TARGETS = (PLAIN, ORT, ONNX, TRT)
+FUSED = (ORT, ONNX)  # the targets whose attention is written as one op; TensorRT fuses the plain form itself
+TRT_NOTE = ("--target trt: the attention as the exporter writes it, which TensorRT fuses itself (its ONNX parser "
+            "takes no com.microsoft op; ONNX's opset-23 Attention is not checked on TensorRT here)")
 ATTENTION_OPSET = 23  # ONNX's Attention
 
 

@@ -29,7 +29,7 @@ from ticknorm.base.metrics import ArrayComparison, compare_arrays, dtype_toleran
 from ticknorm.base.onnx_io import PROTOBUF_LIMIT, save_onnx, stage_weights, staged
 from ticknorm.base.optional import require
 from ticknorm.base.scopes import annotate_scopes
-from ticknorm.exporter.attention_target import ATTENTION_OPSET, ONNX, ORT, PLAIN, runnable_feeds
+from ticknorm.exporter.attention_target import ATTENTION_OPSET, FUSED, ONNX, ORT, PLAIN, TRT, TRT_NOTE, runnable_feeds
 from ticknorm.exporter.fused_checks import check_fused_modules
 from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
 from ticknorm.exporter.fusion.skip import skip_fused
@@ -141,11 +141,13 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
                                                 progress)
         if redraw is not None and not checkpoint.low:  # a low checkpoint's own outputs are gone with its types
             feeds, reference = _redrawn(model, feeds, redraw(proto), reference, options.target)
+        if options.target == TRT:
+            notes.append(TRT_NOTE)
         expanded = expand_rotary_caches(proto)
         if expanded:
             notes.append(f"RotaryEmbedding: the cos/sin caches of {expanded} node(s) expanded to the batch, as the "
                          "standard shapes them (the exporter broadcasts a batch of 1, which ONNX Runtime refuses)")
-        if options.target != PLAIN and options.check:
+        if options.target in FUSED and options.check:
             steps = [("", feeds, None), *extra_checks]
             notes.append(_fused_modules_checked(proto, model, steps, weights_dir, progress))
         if options.release_model:
@@ -191,7 +193,7 @@ def _fused_modules_checked(proto: onnx.ModelProto, model, checks, weights_dir, p
 
 def target_options(options: ExportOptions) -> ExportOptions:
     """`options` with the opset `--target` needs; refused where its ops cannot be written."""
-    if options.target == PLAIN:
+    if options.target not in FUSED:
         return options
     if options.exporter != "dynamo":
         raise InputSpecError(f"--target {options.target} writes its ops through the dynamo exporter; "

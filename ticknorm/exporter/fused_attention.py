@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ticknorm.base.errors import InputSpecError
-from ticknorm.exporter.attention_target import ATTENTION_TARGETS, ORT, PLAIN
+from ticknorm.exporter.attention_target import ATTENTION_TARGETS, FUSED, ORT
 
 _GQA = "com.microsoft::GroupQueryAttention"
 _ORT_ATTENTION = "com.microsoft::Attention"
@@ -148,10 +148,10 @@ def _check_fusable(modules: list[Any], architecture: str) -> None:
 @contextlib.contextmanager
 def fused_attention(graph: Any, target: str) -> Iterator[nn.Module]:
     """`graph` (an `HfGraph`) to trace with each attention written as `target`'s op; the model is
-    itself again on leaving. `plain` gives `graph` back untouched."""
+    itself again on leaving. `plain` and `trt` give `graph` back untouched."""
     if target not in ATTENTION_TARGETS:
         raise InputSpecError(f"unknown attention target '{target}'; choose one of: {', '.join(ATTENTION_TARGETS)}")
-    if target == PLAIN:
+    if target not in FUSED:
         yield graph
         return
     if not hasattr(graph, "hf"):
