@@ -6,7 +6,9 @@ steps, batch 1 and a left-padded batch 2, logits within 1e-4 and the same tokens
 The tiny folders cover what the fused forward reads off each family: Llama (the plain form),
 Qwen2 (Q/K/V biases packed), Mistral (a sliding window shorter than the decode), Gemma (its own
 scale and norms), Qwen3 (a norm on each head before the rotary, and a head size of 8, which
-GroupQueryAttention's rotary refuses: ONNX Runtime's RotaryEmbedding op before it instead)."""
+GroupQueryAttention's rotary refuses: ONNX Runtime's RotaryEmbedding op before it instead), Gemma 2
+(soft-capped logits, a window on every other layer), OLMo 2 (norms over all heads at once); and
+BERT's family, whose self-attention becomes ONNX Runtime's Attention."""
 
 from collections import Counter
 
@@ -30,6 +32,9 @@ CONFIGS = {
     "MistralForCausalLM": lambda: T.MistralConfig(**SHAPE, sliding_window=5),
     "GemmaForCausalLM": lambda: T.GemmaConfig(**SHAPE, head_dim=16),
     "Qwen3ForCausalLM": lambda: T.Qwen3Config(**{**SHAPE, "hidden_size": 32}, head_dim=8),
+    # its own scale, logit soft-capping, and a sliding window on every other layer
+    "Gemma2ForCausalLM": lambda: T.Gemma2Config(**SHAPE, head_dim=16, sliding_window=4, query_pre_attn_scalar=24),
+    "Olmo2ForCausalLM": lambda: T.Olmo2Config(**SHAPE),  # q_norm and k_norm over all heads at once
 }
 STEPS = 3
 

@@ -57,7 +57,7 @@ class LayerShape:
     scale: float
     softcap: float  # 0: none
     window: int  # sliding window in tokens, the current one included; 0: none
-    normed: bool  # Qwen3/OLMo-style q_norm and k_norm on each head before the rotary
+    normed: bool  # q_norm and k_norm before the rotary: on each head (Qwen3) or on all heads (OLMo 2)
 
 
 @dataclass
@@ -323,8 +323,11 @@ def _split_heads(module: Any, shape: LayerShape, qkv: torch.Tensor):
     batch, sequence = qkv.shape[:2]
     q, k, v = qkv.split([shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim,
                          shape.kv_heads * shape.head_dim], dim=-1)
+    whole = shape.normed and module.q_norm.weight.numel() != shape.head_dim  # OLMo 2: over all heads at once
+    if whole:
+        q, k = module.q_norm(q), module.k_norm(k)
     q, k, v = (t.reshape(batch, sequence, -1, shape.head_dim) for t in (q, k, v))
-    if shape.normed:
+    if shape.normed and not whole:
         q, k = module.q_norm(q), module.k_norm(k)
     return q, k, v
 
