@@ -161,7 +161,7 @@ def time_alternately(files: dict[str, Path], cases: list[tuple[str, dict[str, np
         for label, feeds in cases:
             for name in order:
                 runners[name].run(None, feeds)  # warm-up: first-run allocations are no step's cost
-            for turn in range(rounds // 2):
+            for turn in range(max(1, rounds // 2)):
                 for name in order if turn % 2 == 0 else order[::-1]:
                     started = time.perf_counter()
                     runners[name].run(None, feeds)

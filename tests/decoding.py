@@ -30,8 +30,10 @@ def session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def assert_cached_decode(model, path, batch: int, steps: int, prompt: int = 6) -> None:
-    """A prefill on an empty cache, then `steps` one-token steps, each fed the file's own cache."""
+def assert_cached_decode(model, path, batch: int, steps: int, prompt: int = 6, positions: bool = False) -> None:
+    """A prefill on an empty cache, then `steps` one-token steps, each fed the file's own cache;
+    with `positions`, each step also fed generate()'s position_ids (a padded row's count from its
+    first token)."""
     runner, config = session(path), model.config
     outputs = [o.name for o in runner.get_outputs()]
     ids, mask = _ids(model, batch, prompt), _mask(batch, prompt)
@@ -40,10 +42,13 @@ def assert_cached_decode(model, path, batch: int, steps: int, prompt: int = 6) -
             for layer in range(config.num_hidden_layers) for kind in ("key", "value")}
     cache, tokens = None, ids
     for _ in range(1 + steps):
-        got = dict(zip(outputs, runner.run(None, {"input_ids": tokens, "attention_mask": mask, **past})))
+        given = {"input_ids": tokens, "attention_mask": mask}
+        if positions:
+            given["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -tokens.shape[1]:]
+        got = dict(zip(outputs, runner.run(None, {**given, **past})))
         with torch.no_grad():
-            expected = model(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask),
-                             cache=cache, use_cache=True)
+            expected = model(**{name: torch.from_numpy(value) for name, value in given.items()}, cache=cache,
+                             use_cache=True)
         _assert_logits(got["logits"], expected.logits.numpy(), mask)
         tokens, cache = got["logits"][:, -1:].argmax(-1), expected.cache
         assert np.array_equal(tokens, expected.logits[:, -1:].argmax(-1).numpy())

@@ -104,6 +104,22 @@ def test_the_ort_form_decodes_as_pytorch(exported, architecture, batch):
     assert_cached_decode(model, path, batch, STEPS)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_graph_taking_position_ids_rotates_each_row_by_its_own(tmp_path, batch):
+    """generate()'s positions for a left-padded batch count each row from its first token:
+    GroupQueryAttention's rotary reads a prompt's from its first row only, so ONNX Runtime's
+    RotaryEmbedding turns Q and K before it, by each row's own."""
+    model = _model("LlamaForCausalLM")
+    model.save_pretrained(tmp_path / "model")
+    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "model"), "--target", "ort", "--task",
+                                       WITH_PAST, "--input", "input_ids:batch=2xseq=8:int64", "--input",
+                                       "position_ids:batch=2xseq=8:int64:0..8", "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    ops = _ops(tmp_path / "m.onnx")
+    assert (ops["GroupQueryAttention"], ops["RotaryEmbedding"]) == (2, 4)
+    assert_cached_decode(model, tmp_path / "m.onnx", batch, STEPS, positions=True)
+
+
 def test_a_head_size_grouped_query_attention_cannot_rotate_gets_onnx_runtimes_rotary_op(exported):
     model, path, _ = exported("Qwen3ForCausalLM")
     ops = _ops(path)
@@ -132,6 +148,8 @@ def test_the_onnx_form_is_opset_23s_attention_and_decodes_as_pytorch(exported, b
 @pytest.mark.parametrize("arguments, expected", [
     (["--target", "onnx", "--opset", "20"], "--target onnx writes ONNX's Attention, which opset 23 brought"),
     (["--target", "ort", "--exporter", "torchscript"], "--target ort writes its ops through the dynamo exporter"),
+    (["--target", "ort", "--no-check"], "--target ort writes each fused op only with its check against PyTorch"),
+    (["--target", "ort", "--ln-target", "plugin"], "--ln-target plugin TensorRT's: give one"),
 ])
 def test_a_target_its_ops_cannot_be_written_for_is_refused_in_one_line(tmp_path, arguments, expected):
     _model("LlamaForCausalLM").save_pretrained(tmp_path / "model")
@@ -210,3 +228,21 @@ def test_the_trt_target_writes_the_plain_form_and_says_why(exported):
     ops = _ops(path)
     assert "GroupQueryAttention" not in ops and "Attention" not in ops and ops["Softmax"] == 2
     assert "--target trt: the attention as the exporter writes it, which TensorRT fuses itself" in output
+
+
+def test_feeds_cut_for_grouped_query_attention_keep_what_is_not_batched():
+    """A prompt continued on a cache runs at batch 1 in GroupQueryAttention: the batched feeds
+    keep their first row; a 1-D position_ids and a scalar stay as given; a decode step and a
+    prompt on an empty cache are not cut."""
+    from ticknorm.base.graph_feeds import grouped_query_cut
+
+    feeds = {"input_ids": np.zeros((2, 3), np.int64), "attention_mask": np.ones((2, 7), np.int64),
+             "past_key_values.0.key": np.zeros((2, 2, 4, 8), np.float32), "position_ids": np.arange(3),
+             "scale": np.float32(1)}
+    cut = grouped_query_cut(feeds)
+    assert {name: np.shape(value) for name, value in cut.items()} == {
+        "input_ids": (1, 3), "attention_mask": (1, 7), "past_key_values.0.key": (1, 2, 4, 8), "position_ids": (3,),
+        "scale": ()}
+    decode = {**feeds, "input_ids": np.zeros((2, 1), np.int64)}
+    prompt = {**feeds, "past_key_values.0.key": np.zeros((2, 2, 0, 8), np.float32)}
+    assert grouped_query_cut(decode) is decode and grouped_query_cut(prompt) is prompt

@@ -94,7 +94,9 @@ def grouped_query_cut(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                        and np.ndim(value) > 2))
     if not chunked or ids is None or ids.shape[0] == 1:
         return feeds
-    return {name: value[:1] for name, value in feeds.items()}
+    batch = ids.shape[0]  # what is batched has it first and a second axis (a 1-D position_ids does not)
+    return {name: value[:1] if np.ndim(value) >= 2 and np.shape(value)[0] == batch else value
+            for name, value in feeds.items()}
 
 
 def _runs_grouped_query_attention(model: onnx.ModelProto) -> bool:

@@ -198,6 +198,12 @@ def target_options(options: ExportOptions) -> ExportOptions:
     if options.exporter != "dynamo":
         raise InputSpecError(f"--target {options.target} writes its ops through the dynamo exporter; "
                              f"--exporter {options.exporter} writes the plain form only")
+    if not options.check:
+        raise InputSpecError(f"--target {options.target} writes each fused op only with its check against PyTorch; "
+                             "drop --no-check (or export --target plain)")
+    if options.ln_target == "plugin":
+        raise InputSpecError(f"--target {options.target} writes ONNX Runtime's or ONNX's fused ops, --ln-target plugin "
+                             "TensorRT's: give one (--target trt with the plugin)")
     if options.target == ONNX:
         if options.opset is not None and options.opset < ATTENTION_OPSET:
             raise InputSpecError(f"--target onnx writes ONNX's Attention, which opset {ATTENTION_OPSET} brought; "
@@ -275,7 +281,7 @@ def _torchscript_may_stand_in(options: ExportOptions, failure: ExportError) -> b
     TorchScript would not know the op either."""
     capture = f"while {_STEPS['1']}" in str(failure)  # the failure crossed the exporter's process as its line
     opset_fits = options.opset is None or options.opset <= TORCHSCRIPT_NEWEST_OPSET
-    return options.exporter == "dynamo" and capture and opset_fits
+    return options.exporter == "dynamo" and capture and opset_fits and options.target not in FUSED
 
 
 @contextlib.contextmanager

@@ -117,6 +117,8 @@ def _rotary_module(model: Any, architecture: str) -> Any:
         raise InputSpecError(f"{architecture}: {len(found)} rotary embedding modules where one serves every layer; "
                              "export it with --target plain")
     rope = getattr(found[0], "rope_type", "default")
+    if not isinstance(rope, str) or not hasattr(found[0], "inv_freq"):  # Gemma 3: one per layer type
+        raise InputSpecError(f"{architecture}'s rotary embedding differs by layer type; export it with --target plain")
     if rope in _DYNAMIC_ROPE:
         raise InputSpecError(f"{architecture}'s rotary embedding is '{rope}' (its cos/sin depend on the sequence); "
                              "export it with --target plain")
@@ -127,8 +129,12 @@ def _layer_shape(module: Any) -> LayerShape:
     config = module.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    window = getattr(module, "sliding_window", None)
-    if window is None and not hasattr(module, "layer_type"):  # Mistral: the config's, every layer
+    types = getattr(config, "layer_types", None)
+    if types is not None:  # each layer says whether it slides (Qwen2, Gemma 2, Cohere 2, SmolLM3, ...)
+        window = config.sliding_window if types[module.layer_idx] == "sliding_attention" else None
+    elif hasattr(module, "sliding_window"):
+        window = module.sliding_window
+    else:  # Mistral: the config's, every layer
         window = getattr(config, "sliding_window", None)
     normed = hasattr(module, "q_norm") and hasattr(module, "k_norm")
     return LayerShape(heads, kv_heads, module.head_dim, float(module.scaling),
@@ -158,6 +164,9 @@ def fused_attention(graph: Any, target: str) -> Iterator[nn.Module]:
         raise InputSpecError(f"--target {target} fuses the attention of Hugging Face decoders; this model is a "
                              f"{type(graph).__name__}: export it with --target plain")
     architecture = type(graph.hf).__name__
+    if "input_ids" not in graph.accepts:
+        raise InputSpecError(f"--target {target} fuses the attention of text models (input_ids); {architecture} "
+                             "takes none: export it with --target plain")
     tracer = FusedAttentionGraph(graph)
     encoders = [] if attention_modules(graph.hf) else encoder_attention_modules(graph.hf)
     if encoders:
@@ -174,6 +183,10 @@ def fused_attention(graph: Any, target: str) -> Iterator[nn.Module]:
     rotary = _rotary_module(graph.hf, architecture)
     with contextlib.ExitStack() as stack:
         holder = stack.enter_context(_rotary_caches(rotary))
+        rotated = 2 * holder.cos_cache.shape[-1]
+        if any(module.head_dim != rotated for module in modules):
+            raise InputSpecError(f"{architecture}'s rotary embedding turns {rotated} of each head's dims, not all: "
+                                 "export it with --target plain")
         for module in modules:
             stack.enter_context(_patched(module, tracer, target, holder))
         yield tracer
@@ -303,15 +316,20 @@ def _traced_as(module: Any, forward, **buffers: torch.Tensor | None) -> Iterator
     it: they are read through the module, so their initializers are named after it. The module
     is itself again on leaving."""
     held = [name for name, value in buffers.items() if value is not None]
-    for name in held:
-        module.register_buffer(name, buffers[name], persistent=False)
-    module.forward = types.MethodType(forward, module)
+    own = module.__dict__.get("forward")  # an instance's own forward (a hook's wrapper) comes back too
     try:
+        for name in held:
+            module.register_buffer(name, buffers[name], persistent=False)
+        module.forward = types.MethodType(forward, module)
         yield
     finally:
-        del module.forward
+        if own is not None:
+            module.forward = own
+        else:
+            module.__dict__.pop("forward", None)
         for name in held:
-            delattr(module, name)
+            if name in module._buffers:
+                delattr(module, name)
 
 
 def _packed(module: Any, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -355,7 +373,9 @@ def _gqa_forward(module, hidden_states, call: Layer):
     step, shape = call.step, call.shape
     batch, sequence = hidden_states.shape[:2]
     qkv = _packed(module, hidden_states)
-    rotate_inside = shape.head_dim % _ROTARY_MULTIPLE == 0
+    # GroupQueryAttention's rotary reads a prompt's positions from its first row only: a graph taking
+    # position_ids (a left-padded batch's own) rotates with ONNX Runtime's RotaryEmbedding before it
+    rotate_inside = shape.head_dim % _ROTARY_MULTIPLE == 0 and step.position_ids is None
     if shape.normed or not rotate_inside:
         query, key, value = (t.reshape(batch, sequence, -1) for t in _split_heads(module, shape, qkv))
         if not rotate_inside:  # ONNX Runtime's own rotary op, outside the attention
@@ -371,7 +391,7 @@ def _gqa_forward(module, hidden_states, call: Layer):
     output, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
         _GQA, [query, key, value, *past, step.seqlens_k, step.total_int32,
                cos if rotate_inside else None, sin if rotate_inside else None,
-               step.position_ids if rotate_inside else None, step.masks(shape.window)[0]],
+               None, step.masks(shape.window)[0]],
         attributes, dtypes=[hidden_states.dtype] * 3,
         shapes=[(batch, sequence, shape.heads * shape.head_dim), present, present], version=1)
     if layer is not None:

@@ -50,6 +50,11 @@ def check_fused_modules(proto: onnx.ModelProto, model, paths: list[str], checks:
             step = label or "the example step"
             comparisons += [compare_arrays(f"{path} ({step})", expected[path], got[path], atol, rtol)
                             for path in paths if path in expected and path in got]
+    untapped = [path for path in paths if f"{path} ({checks[0][0] or 'the example step'})" not in
+                {c.name for c in comparisons}]
+    if not paths or untapped:
+        raise AccuracyError(f"a fused attention could not be checked: {', '.join(untapped) or 'no module'} has no "
+                            "output of its own in the graph; nothing was written (export with --target plain)")
     failed = next((c for c in comparisons if not c.passed), None)
     if failed is not None:
         raise AccuracyError(f"a fused attention disagrees with its PyTorch module: {failed.line()}; nothing was "

@@ -30,7 +30,6 @@ class NormTargets:
 
     rms: str = "auto"
     plugin: bool = False
-    skip: bool = False  # a residual Add feeding a norm fused into it: ONNX Runtime's Skip norms
 
     def op(self, kind: str, opset: int) -> tuple[str, int]:
         """The op a `kind` of norm becomes in a graph of `opset`, and the opset that op needs."""

@@ -19,6 +19,7 @@ ORT_DOMAIN = "com.microsoft"
 SKIP_OPS = {"LayerNormalization": "SkipLayerNormalization",
             "SimplifiedLayerNormalization": "SkipSimplifiedLayerNormalization"}
 _INPUT_RANK = 3  # (batch, sequence, hidden): the Skip ops' input
+_NORM_EPSILON = 1e-5  # LayerNormalization's and SimplifiedLayerNormalization's default
 # where each Skip op reads the bias of the projection before it: after gamma and beta / after gamma
 _BIAS_INPUT = {"LayerNormalization": 2, "SimplifiedLayerNormalization": 1}  # index among the norm's params
 
@@ -41,8 +42,8 @@ def fuse_skips(graph: ir.Graph, names: FreshNames) -> int:
         add = _residual_add(node)
         if add is None:
             continue
-        epsilon = node.attributes.get("epsilon")
-        attributes = {} if epsilon is None else {"epsilon": epsilon.as_float()}
+        epsilon = node.attributes.get("epsilon")  # the Skip ops' own default (1e-12) is not the norms' (1e-5)
+        attributes = {"epsilon": _NORM_EPSILON if epsilon is None else epsilon.as_float()}
         first, second, bias, bias_add = _unbiased(add)
         params = list(node.inputs[1:])
         if bias is not None:  # the projection's bias, the Skip op's last input

@@ -32,8 +32,8 @@ def _read_constant(value: ir.Value) -> np.ndarray | None:
         return None
     tensor = value.const_value
     if tensor is not None:
-        if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes > _SMALL_ON_DISK:
-            return None  # a weight matrix: no rule reads one
+        if isinstance(tensor, ir.ExternalTensor) and (tensor.nbytes > _SMALL_ON_DISK or not tensor.base_dir):
+            return None  # a weight matrix (no rule reads one), or a file whose folder nobody said
         try:
             return tensor.numpy()
         except OSError:  # its file is not where the graph says
