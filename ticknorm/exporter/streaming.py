@@ -133,7 +133,8 @@ def export_streamed(streamed: StreamedModel, feeds: dict[str, np.ndarray], dynam
         fused = None
         if options.fuse:
             progress.step("fusing norms (checked below, block by block against PyTorch)")
-            fused = fuse_norms(proto, opset=options.opset, verify=False, targets=options.targets)
+            fused = fuse_norms(proto, opset=options.opset, verify=False, targets=options.targets,
+                               weights_dir=weights_dir)  # its norms' scales read from there, taken in
             proto = fused.model
         blocks = repeated_blocks(name for name, _ in graph.named_modules())
         checker = _Checker(streamed, feeds, blocks, weights_dir, progress)
