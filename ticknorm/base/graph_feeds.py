@@ -60,6 +60,7 @@ def feeds_for_file(model: onnx.ModelProto, inputs: Inputs | None = None,
     seed = inputs.seed if inputs is not None else 0
     declared = {value.name for value in graph_inputs(model)}
     found = GraphFeeds([])
+    grouped_query = _runs_grouped_query_attention(model)
     for given in given_sets:
         if not given.keys() <= declared:  # a name the graph does not know: misspelt, not to be made up around
             found.feed_sets.append(complete(given) if complete is not None else given)
@@ -68,7 +69,7 @@ def feeds_for_file(model: onnx.ModelProto, inputs: Inputs | None = None,
         pasts = _past_lengths(model, given)
         for past in pasts:
             feeds, chosen = _completed(model, given, seed, past, fixed=len(pasts) == 1)
-            if _runs_grouped_query_attention(model):
+            if grouped_query:
                 runnable = grouped_query_cut(feeds)
                 found.cut = found.cut or runnable is not feeds
                 feeds = runnable

@@ -15,7 +15,9 @@ dead and leave the graph:
   batches keep PyTorch's numbers. Its CPU kernel takes a prompt continued on a cache at batch 1
   only (`attention_target.runnable_feeds`).
 - `onnx`: ONNX's own `Attention` (opset 23): past and present inside it, grouped KV heads, the
-  mask as a boolean input; Q/K/V packed, rotary left to the exporter (RotaryEmbedding at 23).
+  mask as a boolean input; Q/K/V packed, ONNX's RotaryEmbedding (opset 23) on this step's positions.
+- BERT's family (bidirectional, `--target ort` only): ONNX Runtime's `Attention`, Q/K/V packed into
+  its weights, the 2-D mask as its `mask_index`.
 
 The op keeps its module scope (it is called inside the attention module's forward): profiles and
 per-module checks map it to `model.layers.N.self_attn`. The PyTorch model is patched only while
@@ -105,9 +107,15 @@ def encoder_attention_modules(model: Any) -> list[Any]:
             and not getattr(module, "is_decoder", False)]
 
 
+def _fusable(model: Any) -> tuple[list[Any], list[Any]]:
+    """The decoder attentions in Llama's form, else (none of those) the encoder attentions in BERT's."""
+    decoders = attention_modules(model)
+    return decoders, [] if decoders else encoder_attention_modules(model)
+
+
 def fused_module_paths(graph: Any) -> list[str]:
     """The paths (in `graph`, an `HfGraph`) of the attention modules a fused target writes as one op."""
-    fused = set(attention_modules(graph.hf) or encoder_attention_modules(graph.hf))
+    fused = {module for modules in _fusable(graph.hf) for module in modules}
     return [name for name, module in graph.named_modules() if module in fused]
 
 
@@ -168,7 +176,7 @@ def fused_attention(graph: Any, target: str) -> Iterator[nn.Module]:
         raise InputSpecError(f"--target {target} fuses the attention of text models (input_ids); {architecture} "
                              "takes none: export it with --target plain")
     tracer = FusedAttentionGraph(graph)
-    encoders = [] if attention_modules(graph.hf) else encoder_attention_modules(graph.hf)
+    modules, encoders = _fusable(graph.hf)
     if encoders:
         if target != ORT:
             raise InputSpecError(f"--target {target}: {architecture}'s bidirectional attention is fused for ONNX "
@@ -178,7 +186,6 @@ def fused_attention(graph: Any, target: str) -> Iterator[nn.Module]:
                 stack.enter_context(_patched_encoder(module, tracer))
             yield tracer
         return
-    modules = attention_modules(graph.hf)
     _check_fusable(modules, architecture)
     rotary = _rotary_module(graph.hf, architecture)
     with contextlib.ExitStack() as stack:

@@ -26,12 +26,12 @@ class FusedChecks:
     """Every fused module's output on every check, PyTorch vs ONNX Runtime."""
 
     comparisons: list[ArrayComparison]
+    modules: int
+    steps: int
 
     def line(self) -> str:
         worst = max(self.comparisons, key=lambda c: c.max_abs)
-        modules = len({c.name.split(" (")[0] for c in self.comparisons})
-        steps = len(self.comparisons) // max(modules, 1)
-        return (f"fused attention checked per module against PyTorch: {modules} modules x {steps} steps, "
+        return (f"fused attention checked per module against PyTorch: {self.modules} modules x {self.steps} steps, "
                 f"worst max abs {worst.max_abs:.3g} at {worst.name}")
 
 
@@ -41,22 +41,23 @@ def check_fused_modules(proto: onnx.ModelProto, model, paths: list[str], checks:
     (nothing is written) where one disagrees beyond fp32's tolerance."""
     atol, rtol = dtype_tolerance(np.float32)
     names = [output.name for output in proto.graph.output]
-    comparisons = []
+    comparisons: list[ArrayComparison] = []
+    untapped = set(paths)
     with TorchRunner(model, names, taps=paths) as torch_runner, \
             OrtRunner(proto, mapped=MappedWeights.staged(weights_dir), taps=paths) as ort_runner:
         for label, feeds in checks:
             expected = torch_runner.infer(feeds).taps
             got = ort_runner.infer(graph_feeds(proto, feeds)).taps
-            step = label or "the example step"
-            comparisons += [compare_arrays(f"{path} ({step})", expected[path], got[path], atol, rtol)
-                            for path in paths if path in expected and path in got]
-    untapped = [path for path in paths if f"{path} ({checks[0][0] or 'the example step'})" not in
-                {c.name for c in comparisons}]
+            tapped = [path for path in paths if path in expected and path in got]
+            untapped -= set(tapped)
+            comparisons += [compare_arrays(f"{path} ({label or 'the example step'})", expected[path], got[path],
+                                           atol, rtol) for path in tapped]
     if not paths or untapped:
-        raise AccuracyError(f"a fused attention could not be checked: {', '.join(untapped) or 'no module'} has no "
-                            "output of its own in the graph; nothing was written (export with --target plain)")
+        missing = ", ".join(sorted(untapped)) or "no module"
+        raise AccuracyError(f"a fused attention could not be checked: {missing} has no output of its own in the "
+                            "graph; nothing was written (export with --target plain)")
     failed = next((c for c in comparisons if not c.passed), None)
     if failed is not None:
         raise AccuracyError(f"a fused attention disagrees with its PyTorch module: {failed.line()}; nothing was "
                             "written (export with --target plain)")
-    return FusedChecks(comparisons)
+    return FusedChecks(comparisons, len(paths), len(checks))

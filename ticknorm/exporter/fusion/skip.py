@@ -100,9 +100,8 @@ def _residual_add(node: ir.Node) -> ir.Node | None:
     if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
         return None
     first, second = add.inputs
-    shapes = [value.shape if value is not None else None for value in (first, second)]
-    if shapes[0] is None or shapes[0].rank() != _INPUT_RANK or shapes[0] != shapes[1]:
-        return None
     if first is None or second is None or first.const_value is not None or second.const_value is not None:
+        return None
+    if first.shape is None or first.shape.rank() != _INPUT_RANK or first.shape != second.shape:
         return None
     return add
