@@ -295,3 +295,20 @@ def test_the_ids_export_checks_are_those_every_later_command_draws(tmp_path):
     later = Inputs(specs).feeds(onnx.load(str(tmp_path / "ids.onnx")))[0]
     assert result.passed and later["input_ids"].max() > 2
     np.testing.assert_array_equal(model.last, later["input_ids"])
+
+
+def test_a_cache_whose_head_size_is_symbolic_takes_it_from_a_given_past():
+    """ONNX Runtime GenAI's builder names the cache's head size too (`kv_cache_dim`): only axis 2
+    is the cache's length, so one given past sizes every other's head like its own."""
+    cache = ["batch_size", 4, "past_sequence_length", "kv_cache_dim"]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                            ["batch_size", "total_sequence_length"])]
+    inputs += [helper.make_tensor_value_info(f"past_key_values.0.{kind}", TensorProto.FLOAT, cache)
+               for kind in ("key", "value")]
+    graph = helper.make_graph([helper.make_node("Identity", ["past_key_values.0.value"], ["out"])], "builder", inputs,
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, cache)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = feeds_for_file(model, Inputs(("past_key_values.0.key:1x4x3x64",))).feed_sets
+    assert [(f["past_key_values.0.value"].shape, f["attention_mask"].shape[1] - f["input_ids"].shape[1])
+            for f in feeds] == [((1, 4, 3, 64), 3)]

@@ -192,10 +192,20 @@ def _decoder_sizes(model: onnx.ModelProto, past: int, bound: dict[str, int]) -> 
     return sizes
 
 
+_CACHE_RANK, _CACHE_LENGTH_AXIS = 4, 2  # (batch, heads, length, head size), as every exporter writes it now
+
+
 def _cache_dims(model: onnx.ModelProto) -> list[str]:
-    """The symbolic dims of the decoder's KV cache past its batch axis: its length P."""
-    return [d.dim_param for value in graph_inputs(model) if is_decoder_cache(value.name)
-            for d in value.type.tensor_type.shape.dim[1:] if d.dim_param]
+    """The symbolic dims of the decoder's KV cache that are its length P: axis 2 of a rank-4 cache
+    (the GenAI builder names its head size too, `kv_cache_dim`, which is no length), else every
+    symbolic dim past the batch axis (a rank-3 cache of a model folding heads into the batch)."""
+    names = []
+    for value in graph_inputs(model):
+        if is_decoder_cache(value.name):
+            dims = value.type.tensor_type.shape.dim
+            axes = dims[_CACHE_LENGTH_AXIS:_CACHE_LENGTH_AXIS + 1] if len(dims) == _CACHE_RANK else dims[1:]
+            names += [d.dim_param for d in axes if d.dim_param]
+    return names
 
 
 def guessed_inputs(model: onnx.ModelProto) -> list[str]:
