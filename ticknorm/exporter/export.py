@@ -33,6 +33,7 @@ from ticknorm.exporter.attention_target import ATTENTION_OPSET, FUSED, ONNX, ORT
 from ticknorm.exporter.fused_checks import check_fused_modules
 from ticknorm.exporter.fusion import FusionReport, NormTargets, fuse_norms
 from ticknorm.exporter.fusion.skip import skip_fused
+from ticknorm.exporter.fusion.token_rows import token_rows
 from ticknorm.exporter.isolated import run_isolated
 from ticknorm.base.precision import TYPE_NAMES, Precision, coarser
 from ticknorm.exporter.plugin_target import PluginTargetResult, to_plugin_target
@@ -76,6 +77,9 @@ class ExportOptions:
     # A decoder's attention (and what surrounds it) as the runtime's fused ops: plain (as the
     # exporter writes it), ort or onnx (see fused_attention)
     target: str = PLAIN
+    # --target ort: residual Add + norm as ONNX Runtime's Skip norms (one CUDA kernel) rather than in
+    # the form its CPU kernels run fastest (fusion.token_rows)
+    skip_norms: bool = False
 
     @property
     def targets(self) -> NormTargets:
@@ -164,8 +168,11 @@ def export_model(model, feeds: dict[str, np.ndarray], output, options: ExportOpt
                                weights_dir=weights_dir, also=[graph_feeds(proto, f) for _, f, _ in checks[1:]])
             proto, report, outputs = fused.model, fused.report, fused.outputs
             if options.target == ORT:
-                proto, report.skips = skip_fused(proto)
-                outputs = outputs if not report.skips else None  # the graph changed: checked anew
+                if options.skip_norms:
+                    proto, report.skips = skip_fused(proto)
+                else:
+                    proto, report.token_rows = token_rows(proto)
+                outputs = outputs if not (report.skips or report.token_rows) else None  # changed: checked anew
         accuracy = _compared(proto, checks, outputs, checkpoint, weights_dir, progress) if options.check else []
         conversion = None
         if options.precision.low:
@@ -193,6 +200,9 @@ def _fused_modules_checked(proto: onnx.ModelProto, model, checks, weights_dir, p
 
 def target_options(options: ExportOptions) -> ExportOptions:
     """`options` with the opset `--target` needs; refused where its ops cannot be written."""
+    if options.skip_norms and options.target != ORT:
+        raise InputSpecError(f"--skip-norms writes ONNX Runtime's Skip norms, for --target ort only "
+                             f"(not --target {options.target})")
     if options.target not in FUSED:
         return options
     if options.exporter != "dynamo":

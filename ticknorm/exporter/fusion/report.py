@@ -45,6 +45,7 @@ class FusionReport:
     inlined: dict[str, int] = field(default_factory=dict)  # calls inlined, by local function, to reach its norms
     dead_removed: int = 0  # nodes nothing read any more once the norms were fused, removed
     skips: int = 0  # residual Adds fused into the norm they feed (ONNX Runtime's Skip norms)
+    token_rows: int = 0  # post-LN residuals written over token rows, which ONNX Runtime keeps unfused
 
     def not_fused(self) -> list[NormRecord]:
         """The decomposed norms still in the graph (refused, or left at this opset)."""
@@ -74,8 +75,12 @@ class FusionReport:
             lines.append(f"removed {self.dead_removed} node{'s' * (self.dead_removed > 1)} nothing read any more "
                          "(Casts and Identities the fused norms bypass, and any other dead node)")
         if self.skips:
-            lines.append(f"residual Add + norm: {self.skips} fused into ONNX Runtime's Skip norms (--target ort; "
+            lines.append(f"residual Add + norm: {self.skips} fused into ONNX Runtime's Skip norms (--skip-norms; "
                          "checked with the whole graph against PyTorch)")
+        if self.token_rows:
+            lines.append(f"residual Add + LayerNorm: {self.token_rows} written over token rows, which ONNX Runtime "
+                         "runs as Add + LayerNormalization, not as its SkipLayerNormalization (a scalar CPU kernel, "
+                         "4.5x slower); checked with the whole graph against PyTorch")
         for op in sorted({r.op for r in self.records if r.status == "fused"}):
             lines.append(f"{op}: {NORM_OP_RUNTIMES.get(op, 'ONNX Runtime')}")
         if self.verified and self.count("fused"):

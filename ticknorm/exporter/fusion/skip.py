@@ -39,7 +39,7 @@ def fuse_skips(graph: ir.Graph, names: FreshNames) -> int:
     returns how many. The fused node keeps the norm's name stem, outputs and scope."""
     fused = 0
     for node in list(graph):
-        add = _residual_add(node)
+        add = residual_add(node)
         if add is None:
             continue
         epsilon = node.attributes.get("epsilon")  # the Skip ops' own default (1e-12) is not the norms' (1e-5)
@@ -50,12 +50,15 @@ def fuse_skips(graph: ir.Graph, names: FreshNames) -> int:
             params += [None] * (_BIAS_INPUT[node.op_type] - len(params)) + [bias]
         skip = ir.node(SKIP_OPS[node.op_type], [first, second, *params], attributes=attributes,
                        domain=ORT_DOMAIN, num_outputs=4, name=names.fresh(f"{node.name}_skip"))
-        for output in skip.outputs[1:3]:
-            output.name = ""  # mean and inverse std: not written
+        for output in skip.outputs[1:]:
+            output.name = ""  # mean and inverse std; the sum too unless read (ONNX Runtime writes a named output)
         skip.metadata_props[SCOPE_KEY] = node.metadata_props.get(SCOPE_KEY, add.metadata_props.get(SCOPE_KEY, ""))
         folded = [bias_add] if bias_add is not None else []  # read by the residual Add only
-        ir.convenience.replace_nodes_and_values(graph, add, [*folded, add, node], [skip],
-                                                [add.outputs[0], node.outputs[0]], [skip.outputs[3], skip.outputs[0]])
+        replaced = [(node.outputs[0], skip.outputs[0])]
+        if len(add.outputs[0].uses()) > 1 or add.outputs[0].is_graph_output():  # the next residual reads the sum
+            replaced.append((add.outputs[0], skip.outputs[3]))
+        old_values, new_values = zip(*replaced, strict=True)
+        ir.convenience.replace_nodes_and_values(graph, add, [*folded, add, node], [skip], old_values, new_values)
         fused += 1
     if fused:
         graph.opset_imports.setdefault(ORT_DOMAIN, 1)
@@ -68,7 +71,7 @@ def _unbiased(add: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value | None, ir.Nod
     then `+ bias`): that operand is then the projection's output. The bias is a 1-D constant of
     the hidden size, its Add read by the residual one only."""
     first, second = add.inputs
-    assert first is not None and second is not None  # `_residual_add` checked them
+    assert first is not None and second is not None  # `residual_add` checked them
     hidden = first.shape[-1] if first.shape is not None else None
     for index, operand in enumerate((first, second)):
         producer = operand.producer()
@@ -84,7 +87,7 @@ def _unbiased(add: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value | None, ir.Nod
     return first, second, None, None
 
 
-def _residual_add(node: ir.Node) -> ir.Node | None:
+def residual_add(node: ir.Node) -> ir.Node | None:
     """The Add a norm `node` can take in, or None: a plain norm over the last axis whose scale
     (and bias) are weights, fed by an Add of two rank-3 tensors of one shape (the Skip ops
     broadcast nothing else)."""
