@@ -12,9 +12,10 @@ written with `save_pretrained`.
 
 File A: `ticknorm.api.export` of the folder, as `ticknorm export --model FOLDER --target ort
 --input ...` runs it: the default exporter, fp32, each self-attention as ONNX Runtime's `Attention`,
-residual Add + LayerNorm as `SkipLayerNormalization`, checked against PyTorch; inputs `input_ids`,
-`attention_mask` and `token_type_ids`, batch and sequence dynamic. `--target plain` times the
-plain form instead.
+each residual Add + LayerNorm over token rows (kept from ONNX Runtime's scalar SkipLayerNormalization
+kernel; `--skip-norms` writes that op instead, as B has it), checked against PyTorch; inputs
+`input_ids`, `attention_mask` and `token_type_ids`, batch and sequence dynamic. `--target plain`
+times the plain form instead.
 
 File B: what `optimum-cli export onnx --model FOLDER --task feature-extraction --optimize O2` writes.
 Optimum is not installed here (optimum 2.3.0 and optimum-onnx have no common release pip can
@@ -67,12 +68,13 @@ def build_folder(folder: Path, layers: int) -> transformers.BertModel:
     return model
 
 
-def export_ticknorm(folder: Path, out: Path, target: str) -> Path:
+def export_ticknorm(folder: Path, out: Path, target: str, skip_norms: bool) -> Path:
     specs = ("input_ids:batch=1xseq=128:int64:0..30522", "attention_mask:batch=1xseq=128:int64:1..2",
              "token_type_ids:batch=1xseq=128:int64:0..2")
     started = time.perf_counter()
-    result = api.export(str(folder), Inputs(specs), out, ExportOptions(target=target))
-    print(f"A, ticknorm export --target {target}: {time.perf_counter() - started:.1f} s, passed {result.passed}")
+    result = api.export(str(folder), Inputs(specs), out, ExportOptions(target=target, skip_norms=skip_norms))
+    flags = " --skip-norms" if skip_norms else ""
+    print(f"A, ticknorm export --target {target}{flags}: {time.perf_counter() - started:.1f} s, passed {result.passed}")
     return out
 
 
@@ -160,7 +162,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
     print(f"BERT, {args.layers} layers: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
     (root / "optimized").mkdir(parents=True, exist_ok=True)
-    files = {"ticknorm": export_ticknorm(root / "bert", root / "ticknorm" / "model.onnx", args.target),
+    files = {"ticknorm": export_ticknorm(root / "bert", root / "ticknorm" / "model.onnx", args.target, args.skip_norms),
              "optimized": export_optimized(model, root / "optimized" / "model.onnx", args.attention)}
     report(model, files, args)
 
@@ -174,6 +176,7 @@ def main() -> None:
                         help="the attention B is exported with (ORT's optimizer fuses only eager's into Attention)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--target", choices=ATTENTION_TARGETS, default=ORT, help="A's form (export --target)")
+    parser.add_argument("--skip-norms", action="store_true", help="A's residual norms as SkipLayerNormalization")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as temporary:
