@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ticknorm.base.graph import inferred_types
 from ticknorm.base.inputs import (PAST, USE_CACHE_BRANCH, Inputs, assumed_feeds, graph_inputs, index_ranges,
                                   is_decoder_cache, random_array)
 
@@ -143,7 +144,7 @@ def _completed(model: onnx.ModelProto, given: dict, seed: int, past: int | None,
     bound = _bound_dims(model, given)
     if fixed and past is not None:
         bound.update(dict.fromkeys(_cache_dims(model), past))
-    sizes = {**(_decoder_sizes(model, past, bound) if past is not None else {}), **bound}
+    sizes = {**(_decoder_sizes(model, past, bound) if past is not None else {}), **_head_sizes(model), **bound}
     limits = index_ranges(model)
     feeds, chosen = dict(given), dict[str, int]()
     missing = {value.name: value for value in graph_inputs(model) if value.name not in given}
@@ -206,6 +207,38 @@ def _cache_dims(model: onnx.ModelProto) -> list[str]:
             axes = dims[_CACHE_LENGTH_AXIS:_CACHE_LENGTH_AXIS + 1] if len(dims) == _CACHE_RANK else dims[1:]
             names += [d.dim_param for d in axes if d.dim_param]
     return names
+
+
+def _head_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Dim name -> size for a symbolic head size of a cache GroupQueryAttention reads (the GenAI
+    builder's `kv_cache_dim`): the width of the op's query, from shape inference, over its heads
+    (its query, keys and values when Q/K/V come packed in it)."""
+    found: dict[str, int] = {}
+    declared = {value.name: value for value in graph_inputs(model)}
+    attention = [node for node in model.graph.node if node.op_type == GROUPED_QUERY_ATTENTION
+                 and node.domain == "com.microsoft" and len(node.input) > _PAST_KEY_INPUT]
+    wanted = {node.name: dims[_HEAD_AXIS].dim_param for node in attention
+              if node.input[_PAST_KEY_INPUT] in declared
+              and len(dims := declared[node.input[_PAST_KEY_INPUT]].type.tensor_type.shape.dim) == _CACHE_RANK
+              and dims[_HEAD_AXIS].dim_param}
+    if not wanted:
+        return found
+    types = inferred_types(model)
+    for node in attention:
+        query = types.get(node.input[0])
+        if node.name not in wanted or query is None or not query.tensor_type.shape.dim:
+            continue
+        width = query.tensor_type.shape.dim[-1]
+        attributes = {a.name: a.i for a in node.attribute}
+        heads = attributes.get("num_heads", 0)
+        if len(node.input) < 2 or not node.input[1]:  # packed: the query's heads, then the keys' and the values'
+            heads += 2 * attributes.get("kv_num_heads", 0)
+        if width.HasField("dim_value") and heads and width.dim_value % heads == 0:
+            found.setdefault(wanted[node.name], width.dim_value // heads)
+    return found
+
+
+_PAST_KEY_INPUT, _HEAD_AXIS = 3, 3  # GroupQueryAttention's past_key; a (batch, heads, length, head size) cache's
 
 
 def guessed_inputs(model: onnx.ModelProto) -> list[str]:
