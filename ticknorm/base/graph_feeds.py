@@ -213,20 +213,19 @@ def _head_sizes(model: onnx.ModelProto) -> dict[str, int]:
     """Dim name -> size for a symbolic head size of a cache GroupQueryAttention reads (the GenAI
     builder's `kv_cache_dim`): the width of the op's query, from shape inference, over its heads
     (its query, keys and values when Q/K/V come packed in it)."""
+    declared = {value.name: value.type.tensor_type.shape.dim for value in graph_inputs(model)}
+    wanted = []  # (the op, its cache's head-size dim)
+    for node in model.graph.node:
+        if (node.op_type == GROUPED_QUERY_ATTENTION and node.domain == "com.microsoft"
+                and len(node.input) > _PAST_KEY_INPUT and node.input[_PAST_KEY_INPUT] in declared):
+            dims = declared[node.input[_PAST_KEY_INPUT]]
+            if len(dims) == _CACHE_RANK and dims[_HEAD_AXIS].dim_param:
+                wanted.append((node, dims[_HEAD_AXIS].dim_param))
     found: dict[str, int] = {}
-    declared = {value.name: value for value in graph_inputs(model)}
-    attention = [node for node in model.graph.node if node.op_type == GROUPED_QUERY_ATTENTION
-                 and node.domain == "com.microsoft" and len(node.input) > _PAST_KEY_INPUT]
-    wanted = {node.name: dims[_HEAD_AXIS].dim_param for node in attention
-              if node.input[_PAST_KEY_INPUT] in declared
-              and len(dims := declared[node.input[_PAST_KEY_INPUT]].type.tensor_type.shape.dim) == _CACHE_RANK
-              and dims[_HEAD_AXIS].dim_param}
-    if not wanted:
-        return found
-    types = inferred_types(model)
-    for node in attention:
+    types = inferred_types(model) if wanted else {}
+    for node, dim in wanted:
         query = types.get(node.input[0])
-        if node.name not in wanted or query is None or not query.tensor_type.shape.dim:
+        if query is None or not query.tensor_type.shape.dim:
             continue
         width = query.tensor_type.shape.dim[-1]
         attributes = {a.name: a.i for a in node.attribute}
@@ -234,7 +233,7 @@ def _head_sizes(model: onnx.ModelProto) -> dict[str, int]:
         if len(node.input) < 2 or not node.input[1]:  # packed: the query's heads, then the keys' and the values'
             heads += 2 * attributes.get("kv_num_heads", 0)
         if width.HasField("dim_value") and heads and width.dim_value % heads == 0:
-            found.setdefault(wanted[node.name], width.dim_value // heads)
+            found.setdefault(dim, width.dim_value // heads)
     return found
 
 
