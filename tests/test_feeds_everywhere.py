@@ -314,50 +314,64 @@ def test_a_cache_whose_head_size_is_symbolic_takes_it_from_a_given_past():
             for f in feeds] == [((1, 4, 3, 64), 3)]
 
 
-def _builder_like_decoder(heads=2, kv_heads=1, head=8, hidden=16, vocab=32) -> onnx.ModelProto:
-    """The GenAI builder's decoder in small: packed Q/K/V into GroupQueryAttention, the cache's
-    head size symbolic (`kv_cache_dim`), the mask read as lengths (`seqlens_k`, total length)."""
+def _builder_like_decoder(layers=1, quantized=False, heads=2, kv_heads=1, head=8, hidden=16,
+                          vocab=32) -> onnx.ModelProto:
+    """The GenAI builder's decoder in small: each layer's Q/K/V packed into GroupQueryAttention
+    (nodes unnamed), the cache's head size symbolic (`kv_cache_dim`), the mask read as lengths
+    (`seqlens_k`, total length); `quantized`: the projection ONNX Runtime's 4-bit MatMulNBits, as
+    the builder's int4 files have it, which ONNX's shape inference does not type."""
     rng = np.random.default_rng(0)
+    width = (heads + 2 * kv_heads) * head
     cache = ["batch_size", kv_heads, "past_sequence_length", "kv_cache_dim"]
     present = ["batch_size", kv_heads, "total_sequence_length", "kv_cache_dim"]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
                                             ["batch_size", "total_sequence_length"])]
-    inputs += [helper.make_tensor_value_info(f"past_key_values.0.{kind}", TensorProto.FLOAT, cache)
-               for kind in ("key", "value")]
-    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch_size", "sequence_length", hidden])]
-    outputs += [helper.make_tensor_value_info(f"present.0.{kind}", TensorProto.FLOAT, present)
-                for kind in ("key", "value")]
-    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
-               (("embed", (vocab, hidden)), ("qkv", (hidden, (heads + 2 * kv_heads) * head)))]
-    weights.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+    outputs = []
+    weights = [numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "embed"),
+               numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    if quantized:  # K = hidden in one block of 16: 8 bytes of 4-bit values per output column
+        weights += [numpy_helper.from_array(rng.integers(0, 256, (width, 1, hidden // 2)).astype(np.uint8), "qkv"),
+                    numpy_helper.from_array(np.full(width, 0.05, np.float32), "qkv_scales")]
+    else:
+        weights.append(numpy_helper.from_array(rng.standard_normal((hidden, width)).astype(np.float32), "qkv"))
     nodes = [
         helper.make_node("Gather", ["embed", "input_ids"], ["x"]),
-        helper.make_node("MatMul", ["x", "qkv"], ["packed"]),
         helper.make_node("ReduceSum", ["attention_mask", "axis1"], ["lengths"], keepdims=0),
         helper.make_node("Sub", ["lengths", "axis1"], ["last"]),
         helper.make_node("Cast", ["last"], ["seqlens_k"], to=TensorProto.INT32),
         helper.make_node("Shape", ["attention_mask"], ["mask_shape"], start=1, end=2),
         helper.make_node("Squeeze", ["mask_shape"], ["total"]),
         helper.make_node("Cast", ["total"], ["total_sequence_length"], to=TensorProto.INT32),
-        helper.make_node("GroupQueryAttention", ["packed", "", "", "past_key_values.0.key", "past_key_values.0.value",
-                                                "seqlens_k", "total_sequence_length"],
-                         ["out", "present.0.key", "present.0.value"], domain="com.microsoft", num_heads=heads,
-                         kv_num_heads=kv_heads),
     ]
+    for layer in range(layers):
+        past = [f"past_key_values.{layer}.{kind}" for kind in ("key", "value")]
+        inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, cache) for name in past]
+        outputs += [helper.make_tensor_value_info(f"out{layer}", TensorProto.FLOAT, None)]
+        outputs += [helper.make_tensor_value_info(f"present.{layer}.{kind}", TensorProto.FLOAT, present)
+                    for kind in ("key", "value")]
+        nodes.append(helper.make_node("MatMulNBits", ["x", "qkv", "qkv_scales"], [f"packed{layer}"],
+                                      domain="com.microsoft", K=hidden, N=width, bits=4, block_size=hidden)
+                     if quantized else helper.make_node("MatMul", ["x", "qkv"], [f"packed{layer}"]))
+        nodes.append(helper.make_node(
+            "GroupQueryAttention", [f"packed{layer}", "", "", *past, "seqlens_k", "total_sequence_length"],
+            [f"out{layer}", f"present.{layer}.key", f"present.{layer}.value"], domain="com.microsoft",
+            num_heads=heads, kv_num_heads=kv_heads))
     graph = helper.make_graph(nodes, "builder", inputs, outputs, weights)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets)
 
 
-def test_a_symbolic_head_size_of_grouped_query_attentions_cache_comes_from_its_query_width():
+@pytest.mark.parametrize("layers, quantized", [(1, False), (2, False), (2, True)])
+def test_a_symbolic_head_size_of_grouped_query_attentions_cache_comes_from_its_query_width(layers, quantized):
     """With nothing given, the builder's `kv_cache_dim` is the packed query's width over its heads
-    (2 query + 2 x 1 KV heads of 8 = 32 wide): the feeds run in ONNX Runtime as built."""
-    model = _builder_like_decoder()
+    (2 query + 2 x 1 KV heads of 8 = 32 wide; a MatMulNBits' width is its N): the feeds run in
+    ONNX Runtime as built."""
+    model = _builder_like_decoder(layers, quantized)
     found = feeds_for_file(model)
     assert found.chosen["kv_cache_dim"] == [8, 8]
     with OrtRunner(model) as runner:
         for feeds in found.feed_sets:
             assert feeds["past_key_values.0.key"].shape[3] == 8
             out = runner.infer(feeds).outputs
-            assert out["present.0.key"].shape[2] == feeds["attention_mask"].shape[1]
+            assert out[f"present.{layers - 1}.key"].shape[2] == feeds["attention_mask"].shape[1]

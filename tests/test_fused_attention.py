@@ -168,6 +168,7 @@ def test_the_onnx_form_is_opset_23s_attention_and_decodes_as_pytorch(exported, b
     (["--target", "ort", "--no-check"], "--target ort writes each fused op only with its check against PyTorch"),
     (["--target", "ort", "--ln-target", "plugin"], "--ln-target plugin TensorRT's: give one"),
     (["--target", "plain", "--skip-norms"], "--skip-norms writes ONNX Runtime's Skip norms, for --target ort only"),
+    (["--target", "ort", "--skip-norms", "--no-fuse"], "--skip-norms fuses each residual Add into its norm"),
 ])
 def test_a_target_its_ops_cannot_be_written_for_is_refused_in_one_line(tmp_path, arguments, expected):
     _model("LlamaForCausalLM").save_pretrained(tmp_path / "model")

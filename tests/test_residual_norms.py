@@ -23,33 +23,38 @@ def _weight(name: str, *shape: int) -> onnx.TensorProto:
     return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), name)
 
 
-def _graph(nodes, inputs=("x", "r"), outputs=("y",), rank=3, opset=17) -> onnx.ModelProto:
-    """`nodes` over float inputs of shape (batch, seq, HIDDEN) (rank 3) or (tokens, HIDDEN), with a
-    projection weight `w`, its bias `b`, and norm scales `g`, `beta`."""
-    dims = ["batch", "seq", HIDDEN][3 - rank:]
+BLOCK, NORM = "encoder.layer.0.output", "encoder.layer.0.output.LayerNorm"  # the scopes: BERT's
+
+
+def _graph(nodes, inputs=("x", "r"), outputs=("y",), rank=3, dims=None) -> onnx.ModelProto:
+    """`nodes` over float inputs of shape (batch, seq, HIDDEN) (rank 3) or (tokens, HIDDEN) (or
+    `dims`), with a projection weight `w`, its bias `b`, and norm scales `g`, `beta`; the norm in
+    its module's scope, the rest in the block's."""
+    dims = dims or ["batch", "seq", HIDDEN][3 - rank:]
     graph = helper.make_graph(
         nodes, "residual", [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in inputs],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
         [_weight("w", HIDDEN, HIDDEN), _weight("b", HIDDEN), _weight("g", HIDDEN), _weight("beta", HIDDEN)])
     for node in graph.node:
-        node.metadata_props.add(key=SCOPE_KEY, value="encoder.layer.0.output")
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        node.metadata_props.add(key=SCOPE_KEY, value=NORM if "Normalization" in node.op_type else BLOCK)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return onnx.shape_inference.infer_shapes(model)
 
 
-def _post_ln(bias=True, norm="LayerNormalization", axis=-1, extra_reader=False) -> onnx.ModelProto:
+def _post_ln(bias=True, norm="LayerNormalization", axis=-1, extra_reader=False, name="ln",
+             dims=None) -> onnx.ModelProto:
     """BERT's output block: projection (+ bias), residual Add, norm of the sum."""
     nodes = [helper.make_node("MatMul", ["x", "w"], ["p"])]
     if bias:
         nodes.append(helper.make_node("Add", ["p", "b"], ["pb"]))
     nodes.append(helper.make_node("Add", ["pb" if bias else "p", "r"], ["s"]))
     params = ["g", "beta"] if norm == "LayerNormalization" else ["g"]
-    nodes.append(helper.make_node(norm, ["s", *params], ["y"], name="ln", axis=axis, epsilon=1e-12))
+    nodes.append(helper.make_node(norm, ["s", *params], ["y"], name=name, axis=axis, epsilon=1e-12))
     outputs = ("y",)
     if extra_reader:  # pre-LN: the sum goes on to the next residual
         nodes.append(helper.make_node("Relu", ["s"], ["next"]))
         outputs = ("y", "next")
-    return _graph(nodes, outputs=outputs)
+    return _graph(nodes, outputs=outputs, dims=dims)
 
 
 def _feeds(batch=2, seq=5) -> dict[str, np.ndarray]:
@@ -69,9 +74,9 @@ def _ops(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_a_post_ln_residual_goes_over_rows_and_onnx_runtime_keeps_its_layer_norm(tmp_path, bias):
-    model = _post_ln(bias=bias)
+@pytest.mark.parametrize("bias, name", [(True, "ln"), (False, "ln"), (True, "")])
+def test_a_post_ln_residual_goes_over_rows_and_onnx_runtime_keeps_its_layer_norm(tmp_path, bias, name):
+    model = _post_ln(bias=bias, name=name)
     # the premise: ONNX Runtime's session fuses the graph as written into SkipLayerNormalization
     original, fused_ops = _session(model, tmp_path)
     assert fused_ops["SkipLayerNormalization"] == 1 and fused_ops["LayerNormalization"] == 0
@@ -80,16 +85,20 @@ def test_a_post_ln_residual_goes_over_rows_and_onnx_runtime_keeps_its_layer_norm
     assert _ops(rewritten)["Flatten"] == 2 and _ops(rewritten)["Reshape"] == 1
     session, ops = _session(rewritten, tmp_path)
     assert (ops["SkipLayerNormalization"], ops["LayerNormalization"]) == (0, 1)
-    for batch, seq in ((2, 5), (1, 9)):  # the shape comes back from the input, whatever it is
+    for batch, seq in ((2, 5), (1, 9), (2, 0)):  # the shape comes back from the input, an empty sequence too
         feeds = _feeds(batch, seq)
         got, expected = session.run(None, feeds)[0], original.run(None, feeds)[0]
         assert got.shape == (batch, seq, HIDDEN)
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     norm = next(node for node in rewritten.graph.node if node.op_type == "LayerNormalization")
-    assert norm.name == "ln"  # the norm keeps its name; its output, the graph's, is the Reshape's now
+    assert norm.name == name  # the norm keeps its name; its output, the graph's, is the Reshape's now
     assert [node.op_type for node in rewritten.graph.node if "y" in node.output] == ["Reshape"]
-    scopes = {p.value for node in rewritten.graph.node for p in node.metadata_props if p.key == SCOPE_KEY}
-    assert scopes == {"encoder.layer.0.output"}
+    names = [value for node in rewritten.graph.node for value in (node.name, *node.output)]
+    assert len(names) - names.count("") == len(set(names) - {""})  # every name its own
+    scopes = {node.op_type: {p.value for p in node.metadata_props if p.key == SCOPE_KEY}
+              for node in rewritten.graph.node}
+    assert scopes == {"MatMul": {BLOCK}, "Flatten": {BLOCK}, "Add": {BLOCK}, "LayerNormalization": {NORM},
+                      "Shape": {NORM}, "Reshape": {NORM}}  # the sum stays the block's, the norm the norm's
     assert {a.name: helper.get_attribute_value(a) for a in norm.attribute}["epsilon"] == pytest.approx(1e-12)
 
 
@@ -97,6 +106,7 @@ def test_a_post_ln_residual_goes_over_rows_and_onnx_runtime_keeps_its_layer_norm
     pytest.param(_post_ln(extra_reader=True), id="pre-LN: the sum read again"),
     pytest.param(_post_ln(norm="SimplifiedLayerNormalization"), id="RMSNorm: ONNX Runtime fuses none"),
     pytest.param(_post_ln(axis=1), id="a norm over another axis"),
+    pytest.param(_post_ln(dims=[None, None, HIDDEN]), id="unknown dims: the Add may broadcast"),
     pytest.param(_graph([helper.make_node("Add", ["x", "r"], ["s"]),
                          helper.make_node("LayerNormalization", ["s", "g", "beta"], ["y"])], rank=2),
                  id="rank-2 rows already"),

@@ -62,6 +62,7 @@ def feeds_for_file(model: onnx.ModelProto, inputs: Inputs | None = None,
     declared = {value.name for value in graph_inputs(model)}
     found = GraphFeeds([])
     grouped_query = _runs_grouped_query_attention(model)
+    heads = _head_sizes(model) if grouped_query else {}
     for given in given_sets:
         if not given.keys() <= declared:  # a name the graph does not know: misspelt, not to be made up around
             found.feed_sets.append(complete(given) if complete is not None else given)
@@ -69,7 +70,7 @@ def feeds_for_file(model: onnx.ModelProto, inputs: Inputs | None = None,
         given = complete(given) if complete is not None else given
         pasts = _past_lengths(model, given)
         for past in pasts:
-            feeds, chosen = _completed(model, given, seed, past, fixed=len(pasts) == 1)
+            feeds, chosen = _completed(model, given, seed, past, fixed=len(pasts) == 1, heads=heads)
             if grouped_query:
                 runnable = grouped_query_cut(feeds)
                 found.cut = found.cut or runnable is not feeds
@@ -135,16 +136,16 @@ def _bound_dims(model: onnx.ModelProto, given: dict) -> dict[str, int]:
 
 
 def _completed(model: onnx.ModelProto, given: dict, seed: int, past: int | None,
-               fixed: bool) -> tuple[dict, dict[str, int]]:
+               fixed: bool, heads: dict[str, int]) -> tuple[dict, dict[str, int]]:
     """`given` with every graph input it lacks: seeded random values, token ids inside the table
     they index; then the mask, positions and branch flag a model assumes (`assumed_feeds`), sized
-    by those tokens and that cache. Also the sizes chosen for symbolic dims nothing given fixed
-    (a `past` that what was given `fixed` is not one)."""
+    by those tokens and that cache (`heads`: a cache's head size, `_head_sizes`). Also the sizes
+    chosen for symbolic dims nothing given fixed (a `past` that what was given `fixed` is not one)."""
     rng = np.random.default_rng(seed)
     bound = _bound_dims(model, given)
     if fixed and past is not None:
         bound.update(dict.fromkeys(_cache_dims(model), past))
-    sizes = {**(_decoder_sizes(model, past, bound) if past is not None else {}), **_head_sizes(model), **bound}
+    sizes = {**(_decoder_sizes(model, past, bound) if past is not None else {}), **heads, **bound}
     limits = index_ranges(model)
     feeds, chosen = dict(given), dict[str, int]()
     missing = {value.name: value for value in graph_inputs(model) if value.name not in given}
@@ -223,18 +224,27 @@ def _head_sizes(model: onnx.ModelProto) -> dict[str, int]:
                 wanted.append((node, dims[_HEAD_AXIS].dim_param))
     found: dict[str, int] = {}
     types = inferred_types(model) if wanted else {}
+    producers = {output: node for node in model.graph.node for output in node.output}
     for node, dim in wanted:
-        query = types.get(node.input[0])
-        if query is None or not query.tensor_type.shape.dim:
-            continue
-        width = query.tensor_type.shape.dim[-1]
+        width = _last_dim(types.get(node.input[0]), producers.get(node.input[0]))
         attributes = {a.name: a.i for a in node.attribute}
         heads = attributes.get("num_heads", 0)
         if len(node.input) < 2 or not node.input[1]:  # packed: the query's heads, then the keys' and the values'
             heads += 2 * attributes.get("kv_num_heads", 0)
-        if width.HasField("dim_value") and heads and width.dim_value % heads == 0:
-            found.setdefault(dim, width.dim_value // heads)
+        if width and heads and width % heads == 0:
+            found.setdefault(dim, width // heads)
     return found
+
+
+def _last_dim(inferred: onnx.TypeProto | None, producer: onnx.NodeProto | None) -> int | None:
+    """A value's last dim: what ONNX's inference gave it, else, made by ONNX Runtime's MatMulNBits
+    (an int4 builder file's projection, which that inference does not know), the op's `N`."""
+    dims = inferred.tensor_type.shape.dim if inferred is not None else []
+    if dims and dims[-1].HasField("dim_value"):
+        return dims[-1].dim_value
+    if producer is not None and producer.op_type == "MatMulNBits" and producer.domain == "com.microsoft":
+        return next((a.i for a in producer.attribute if a.name == "N"), None)
+    return None
 
 
 _PAST_KEY_INPUT, _HEAD_AXIS = 3, 3  # GroupQueryAttention's past_key; a (batch, heads, length, head size) cache's

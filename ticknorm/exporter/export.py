@@ -203,6 +203,8 @@ def target_options(options: ExportOptions) -> ExportOptions:
     if options.skip_norms and options.target != ORT:
         raise InputSpecError(f"--skip-norms writes ONNX Runtime's Skip norms, for --target ort only "
                              f"(not --target {options.target})")
+    if options.skip_norms and not options.fuse:
+        raise InputSpecError("--skip-norms fuses each residual Add into its norm, which --no-fuse leaves: give one")
     if options.target not in FUSED:
         return options
     if options.exporter != "dynamo":

@@ -105,6 +105,14 @@ def residual_add(node: ir.Node) -> ir.Node | None:
     first, second = add.inputs
     if first is None or second is None or first.const_value is not None or second.const_value is not None:
         return None
-    if first.shape is None or first.shape.rank() != _INPUT_RANK or first.shape != second.shape:
+    if first.shape is None or first.shape.rank() != _INPUT_RANK or not _same_known_shape(first.shape, second.shape):
         return None
     return add
+
+
+def _same_known_shape(first: ir.Shape, second: ir.Shape | None) -> bool:
+    """Whether every dim of the two is known to be the same: equal sizes or one named dim. Two
+    unknown dims compare equal in onnx-ir, yet may be 1 and 5 (an Add that broadcasts)."""
+    if second is None or first.rank() != second.rank():
+        return False
+    return all(a == b and (isinstance(a, int) or a.value is not None) for a, b in zip(first, second, strict=True))

@@ -33,8 +33,8 @@ def token_rows(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 def rewrite_residuals(graph: ir.Graph, names: FreshNames) -> int:
     """Rewrite, in place, each LayerNormalization of a residual sum nothing else reads; returns
-    how many. The norm keeps its node name, its output's name and its scope, which the added
-    nodes take too (a profile's rows stay on the module)."""
+    how many. The norm keeps its node name, its output's name and its scope; the Flattens and
+    the Add keep the Add's (a profile's rows stay on their modules)."""
     rewritten = 0
     for node in list(graph):
         add = _post_norm_residual(node)
@@ -43,22 +43,34 @@ def rewrite_residuals(graph: ir.Graph, names: FreshNames) -> int:
         first, second = add.inputs
         assert first is not None and second is not None  # `residual_add` checked them
         stem = node.name or "layer_norm"
-        rows = [ir.node("Flatten", [value], attributes={"axis": 2}, name=names.fresh(f"{stem}_rows"))
+        rows = [_named(ir.node("Flatten", [value], attributes={"axis": 2}), names, f"{stem}_rows")
                 for value in (first, second)]
-        total = ir.node("Add", [rows[0].outputs[0], rows[1].outputs[0]], name=names.fresh(f"{stem}_residual"))
+        total = _named(ir.node("Add", [rows[0].outputs[0], rows[1].outputs[0]]), names, f"{stem}_residual")
         attributes = {name: attr for name, attr in node.attributes.items() if name != "axis"}
         norm = ir.node("LayerNormalization", [total.outputs[0], *node.inputs[1:]],
                        attributes={**attributes, "axis": _LAST}, name=node.name)
-        shape = ir.node("Shape", [first], name=names.fresh(f"{stem}_shape"))
-        back = ir.node("Reshape", [norm.outputs[0], shape.outputs[0]], name=names.fresh(f"{stem}_tokens"))
+        norm.outputs[0].name = names.fresh(f"{stem}_rows_normalized")
+        shape = _named(ir.node("Shape", [first]), names, f"{stem}_shape")
+        # allowzero: a dim of 0 (an empty sequence) is that size, not "copy the input's"
+        back = ir.node("Reshape", [norm.outputs[0], shape.outputs[0]], attributes={"allowzero": 1},
+                       name=names.fresh(f"{stem}_tokens"))
+        sum_scope, norm_scope = (n.metadata_props.get(SCOPE_KEY, "") for n in (add, node))
+        for new_node in (*rows, total):  # the sum stays its module's (the block's), as the Add was
+            new_node.metadata_props[SCOPE_KEY] = sum_scope or norm_scope
+        for new_node in (norm, shape, back):
+            new_node.metadata_props[SCOPE_KEY] = norm_scope or sum_scope
         new_nodes = [*rows, total, norm, shape, back]
-        scope = node.metadata_props.get(SCOPE_KEY, add.metadata_props.get(SCOPE_KEY, ""))
-        for new_node in new_nodes:
-            new_node.metadata_props[SCOPE_KEY] = scope
         ir.convenience.replace_nodes_and_values(graph, add, [add, node], new_nodes, [node.outputs[0]],
                                                 [back.outputs[0]])
         rewritten += 1
     return rewritten
+
+
+def _named(node: ir.Node, names: FreshNames, stem: str) -> ir.Node:
+    """`node`, it and its one output named from `stem`: values a reader of the graph can place."""
+    node.name = names.fresh(stem)
+    node.outputs[0].name = names.fresh(stem)
+    return node
 
 
 def _post_norm_residual(node: ir.Node) -> ir.Node | None:
