@@ -222,8 +222,10 @@ def _head_sizes(model: onnx.ModelProto) -> dict[str, int]:
             dims = declared[node.input[_PAST_KEY_INPUT]]
             if len(dims) == _CACHE_RANK and dims[_HEAD_AXIS].dim_param:
                 wanted.append((node, dims[_HEAD_AXIS].dim_param))
+    if not wanted:
+        return {}
     found: dict[str, int] = {}
-    types = inferred_types(model) if wanted else {}
+    types = inferred_types(model)
     producers = {output: node for node in model.graph.node for output in node.output}
     for node, dim in wanted:
         width = _last_dim(types.get(node.input[0]), producers.get(node.input[0]))

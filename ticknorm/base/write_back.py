@@ -8,7 +8,7 @@ or metadata of a node in place (fusion replaces nodes, and its dead-node pass tr
 and outputs); a node holding a subgraph is always written anew, since its body may have changed.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -38,6 +38,14 @@ def read(proto: onnx.ModelProto) -> ReadModel:
         for body in held:
             read_model.bodies += [(node, body), *nested_graphs(body)]
     return read_model
+
+
+def rewritten(proto: onnx.ModelProto, rewrite: Callable[[ir.Graph], int]) -> tuple[onnx.ModelProto, int]:
+    """`proto` after `rewrite` changed its main graph in place, and how many places it changed
+    (its return): written back where it changed any, else `proto` itself."""
+    read_model = read(proto)
+    changed = rewrite(read_model.model.graph)
+    return (written_back(read_model), changed) if changed else (proto, 0)
 
 
 def written_back(read_model: ReadModel) -> onnx.ModelProto:

@@ -12,8 +12,7 @@ import onnx_ir as ir
 
 from ticknorm.base.graph import FreshNames
 from ticknorm.base.scopes import SCOPE_KEY
-from ticknorm.base.write_back import written_back
-from ticknorm.exporter.fusion.typed import typed_read
+from ticknorm.base.write_back import rewritten
 
 ORT_DOMAIN = "com.microsoft"
 SKIP_OPS = {"LayerNormalization": "SkipLayerNormalization",
@@ -28,10 +27,7 @@ def skip_fused(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """`model` with its residual Adds fused into the norms they feed, and how many. Run after the
     norms' own verification, which cuts the graph at each norm's input: the Skip node computes
     that input itself; what checks the result is the run of the whole graph against PyTorch."""
-    read = typed_read(model)
-    graph = read.model.graph
-    fused = fuse_skips(graph, FreshNames(graph, []))
-    return (written_back(read), fused) if fused else (model, 0)
+    return rewritten(model, lambda graph: fuse_skips(graph, FreshNames(graph, [])))
 
 
 def fuse_skips(graph: ir.Graph, names: FreshNames) -> int:

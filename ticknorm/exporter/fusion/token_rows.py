@@ -15,9 +15,8 @@ import onnx_ir as ir
 
 from ticknorm.base.graph import FreshNames
 from ticknorm.base.scopes import SCOPE_KEY
-from ticknorm.base.write_back import written_back
+from ticknorm.base.write_back import rewritten
 from ticknorm.exporter.fusion.skip import residual_add
-from ticknorm.exporter.fusion.typed import typed_read
 
 _LAST = -1
 
@@ -25,10 +24,7 @@ _LAST = -1
 def token_rows(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """`model` with each post-LN residual over token rows, and how many. Run after the norms'
     verification: what checks the result is the run of the whole graph against PyTorch."""
-    read = typed_read(model)
-    graph = read.model.graph
-    rewritten = rewrite_residuals(graph, FreshNames(graph, []))
-    return (written_back(read), rewritten) if rewritten else (model, 0)
+    return rewritten(model, lambda graph: rewrite_residuals(graph, FreshNames(graph, [])))
 
 
 def rewrite_residuals(graph: ir.Graph, names: FreshNames) -> int:
