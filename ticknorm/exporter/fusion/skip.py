@@ -78,7 +78,7 @@ def _unbiased(add: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value | None, ir.Nod
             other = producer.inputs[1 - position]
             if (candidate is not None and other is not None and candidate.const_value is not None
                     and candidate.shape is not None and candidate.shape.rank() == 1 and candidate.shape[0] == hidden
-                    and other.shape == operand.shape):
+                    and other.shape is not None and _same_known_shape(other.shape, operand.shape)):
                 return (other, second, candidate, producer) if index == 0 else (first, other, candidate, producer)
     return first, second, None, None
 
